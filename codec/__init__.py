@@ -1,0 +1,16 @@
+"""codec — how one block of bytes becomes a self-describing, checksummed container and back.
+
+Layers, each depending only on the ones above it:
+    container.py  the versioned byte format (header + payload) and its typed errors
+    registry.py   permanent one-byte codec ids, the raw and zstd codecs, "smallest wins" encoding,
+                  verified decoding
+    lm/           the language-model codec: model loading, the exact integer engine, tokenization,
+                  arithmetic coding (issue 3)
+The filesystem (llmfs/) uses this package; this package never imports llmfs.
+"""
+from .container import (ChecksumMismatch, ContainerError, Header, ModelMismatch, Truncated,
+                        UnknownCodec, UnsupportedVersion, BadMagic)
+from .registry import RAW, ZSTD, LM, Registry, CODEC_NAMES
+
+__all__ = ["ContainerError", "BadMagic", "UnsupportedVersion", "UnknownCodec", "ModelMismatch",
+           "ChecksumMismatch", "Truncated", "Header", "Registry", "RAW", "ZSTD", "LM", "CODEC_NAMES"]

@@ -1,0 +1,48 @@
+"""`llmfs` command line: one subcommand per module; each module has `register(subparsers)`, which adds
+its parser and sets `func` to a `run(args) -> int`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Modules that provide subcommands, in the order `llmfs --help` lists them.
+COMMAND_MODULES = [
+    "llmfs.mkfs",
+    "llmfs.mount",
+    "llmfs.umount",
+    "llmfs.statcmd",
+    "llmfs.fsck",
+    "codec.tool",
+    "codec.bench",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmfs", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="verbose logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # a command module not written yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="llmfs: %(levelname)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
