@@ -1,0 +1,251 @@
+"""The LM codec: bytes -> tokens -> independent segments -> arithmetic-coded words, and back.
+
+It implements the registry's `ModelCodec` protocol (codec/registry.py): `fingerprint`, `encode(data)`,
+`decode_many([(payload, length)])`. The container around the payload (magic, length, checksum, model
+fingerprint) is codec/container.py's; this module owns only the payload.
+
+Payload format (version PAYLOAD_VERSION; varint = unsigned LEB128):
+
+    u8       payload version (1)
+    varint   total token count N
+    varint   segment length S in tokens, BOS excluded (every segment but the last holds S tokens)
+    varint × ceil(N / S)   number of 32-bit words of each segment's coded stream
+    u32le ×  ...           the segments' words, concatenated in segment order
+
+Invariants:
+  * a segment is coded independently: its tokens are predicted from BOS + the segment's own earlier
+    tokens only, so segments encode in one parallel pass and decode many at a time;
+  * the token stream is the tokenizer's encoding of the whole block, cut every S tokens (an escape
+    sequence of the tokenizer may straddle a cut — tokens are detokenized per block, not per segment);
+  * the words depend only on the bytes, the model and S — never on batch size, threads or device
+    (the engine's frequency rows are bit-identical across those; tests pin it);
+  * a payload that is truncated, has trailing bytes, or decodes to the wrong length raises a
+    ContainerError subclass; the registry then also checks the plaintext checksum.
+
+Threading: one engine is shared by every thread that uses this codec; engine work is serialized by a
+lock (the engine parallelizes inside a call with torch's intra-op threads, and one big batch uses the
+cores better than two interleaved small ones). Tokenization, payload parsing and encoding's arithmetic
+coding run outside the lock; a decode batch holds it from `start` to its last `step`.
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..container import ChecksumMismatch, Truncated, UnsupportedVersion
+from . import coder
+from .tokenizer import ByteTokenizer, from_json
+
+PAYLOAD_VERSION = 1
+
+# Tokens per segment, BOS included. Longer segments give the model more context (fewer bits per byte)
+# and amortize the per-segment overhead (~1 coded word + a 2-byte table entry); shorter ones decode in
+# smaller batches. Measured on GPL-3 with SmolLM2-135M (see the report in the commit / bench):
+# bits/byte at 256 / 512 / 1024 tokens — filled in by the measurement below.
+SEGMENT_TOKENS = 1024
+
+# Bound on the (rows × positions × vocab) int32 frequency tensor of one encode pass: at 1024 positions
+# and 49,152 tokens a row is 201 MB, so this allows 5 rows per pass; the tiny test model takes whole
+# batches. The output does not depend on it.
+ENCODE_FREQ_BYTES = 1 << 30
+
+# Binary-looking data is not worth a model pass: if more than this fraction of a sample is invalid
+# UTF-8 or control characters other than \t \n \r \f, encode() returns None at once and the
+# registry keeps zstd/raw. Text (incl. source code and man-page groff) stays far below 1 %.
+BINARY_FRACTION = 0.10
+_BINARY_SAMPLE = 4096
+_TEXT_CONTROLS = frozenset(b"\t\n\r\f\x1b")
+
+
+def _looks_binary(data: bytes) -> bool:
+    sample = data[:_BINARY_SAMPLE]
+    if not sample:
+        return False
+    text = sample.decode("utf-8", "surrogateescape")
+    bad = sum(1 for c in text if (ord(c) < 32 and ord(c) not in _TEXT_CONTROLS)
+              or 0xDC80 <= ord(c) <= 0xDCFF)
+    return bad > BINARY_FRACTION * len(text)
+
+
+# -- varints ------------------------------------------------------------------------------------
+def _put_varint(out: bytearray, value: int) -> None:
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return
+
+
+def _get_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise Truncated("LM payload truncated inside its segment table")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ChecksumMismatch("LM payload is corrupt: malformed segment table")
+
+
+@dataclass
+class _Segment:
+    item: int            # which payload of decode_many it belongs to
+    tokens: int          # token count, BOS excluded
+    words: np.ndarray    # its coded stream
+
+
+class LMCodec:
+    def __init__(self, model, batch: int = 16, threads: int | None = None,
+                 segment_tokens: int = SEGMENT_TOKENS):
+        """`model` is a loader.LoadedModel (.engine, .tokenizer_json) or an (engine, tokenizer) pair."""
+        if isinstance(model, tuple):
+            self.engine, self.tokenizer = model
+        else:
+            self.engine, self.tokenizer = model.engine, from_json(model.tokenizer_json)
+        if self.tokenizer.vocab_size > self.engine.vocab_size:
+            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} ids, the model only "
+                             f"{self.engine.vocab_size}")
+        self.batch = max(1, int(batch))
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.segment_tokens = min(segment_tokens, self.engine.max_seq_len)  # BOS included
+        if self.segment_tokens < 2:
+            raise ValueError("segments need room for BOS and one token")
+        self.fingerprint = hashlib.blake2b(
+            b"llmfs-lm-payload-%d\0" % PAYLOAD_VERSION + bytes(self.engine.fingerprint)
+            + b"\0" + self.tokenizer.identity, digest_size=16).digest()
+        self._engine_lock = threading.Lock()
+
+    # -- encode ---------------------------------------------------------------------------------
+    def encode(self, data: bytes) -> bytes | None:
+        """The payload, or None for binary-looking data (the registry then keeps zstd or raw; it
+        also keeps whichever container is smallest, so None is only a shortcut)."""
+        data = bytes(data)
+        if _looks_binary(data):
+            return None
+        return self.encode_payload(data)
+
+    def encode_payload(self, data: bytes) -> bytes:
+        """Always LM-code `data` (tests use it on adversarial bytes that encode() would skip)."""
+        tokens = self.tokenizer.encode(bytes(data))
+        per_seg = self.segment_tokens - 1
+        segments = [tokens[i:i + per_seg] for i in range(0, len(tokens), per_seg)]
+        streams = self._encode_segments(segments)
+        head = bytearray([PAYLOAD_VERSION])
+        _put_varint(head, len(tokens))
+        _put_varint(head, per_seg)
+        for words in streams:
+            _put_varint(head, len(words))
+        return bytes(head) + b"".join(w.astype("<u4").tobytes() for w in streams)
+
+    def _encode_segments(self, segments: list[list[int]]) -> list[np.ndarray]:
+        engine = self.engine
+        row_bytes = self.segment_tokens * engine.vocab_size * 4
+        rows = max(1, min(self.batch, ENCODE_FREQ_BYTES // row_bytes))
+        streams: list[np.ndarray] = []
+        for lo in range(0, len(segments), rows):
+            group = segments[lo:lo + rows]
+            width = 1 + max(len(s) for s in group)
+            # BOS + tokens, right-padded with BOS (padding never affects real positions)
+            batch = torch.full((len(group), width), engine.bos_id, dtype=torch.long)
+            for r, seg in enumerate(group):
+                batch[r, 1:1 + len(seg)] = torch.tensor(seg, dtype=torch.long)
+            with self._engine_lock:
+                freqs = engine.freqs(batch.to(engine.device))
+            freqs = freqs.cpu().numpy()  # (B, T, V): row t predicts token t+1
+            for r, seg in enumerate(group):
+                streams.append(coder.encode_segment(seg, freqs[r, :len(seg)]))
+            del freqs
+        return streams
+
+    # -- decode ---------------------------------------------------------------------------------
+    def decode_many(self, items: list[tuple[bytes, int]]) -> list[bytes]:
+        """Decode (payload, plaintext length) pairs; all their segments share engine batches."""
+        segments: list[_Segment] = []
+        for i, (payload, _length) in enumerate(items):
+            segments.extend(self._parse(bytes(payload), i))
+        tokens = self._decode_segments(segments)
+        per_item: list[list[int]] = [[] for _ in items]
+        for seg, toks in zip(segments, tokens):
+            per_item[seg.item].extend(toks)
+        out = []
+        for (_payload, length), toks in zip(items, per_item):
+            try:
+                data = self.tokenizer.decode(toks)
+            except (ValueError, IndexError) as e:  # a token the tokenizer cannot have produced
+                raise ChecksumMismatch(f"LM payload is corrupt: {e}") from None
+            if len(data) != length:
+                raise ChecksumMismatch(
+                    f"LM payload decoded to {len(data)} bytes, container says {length}")
+            out.append(data)
+        return out
+
+    def _parse(self, buf: bytes, item: int) -> list[_Segment]:
+        if not buf:
+            raise Truncated("LM payload is empty")
+        if buf[0] != PAYLOAD_VERSION:
+            raise UnsupportedVersion(f"LM payload version {buf[0]} is not supported (this llmfs "
+                                     f"reads version {PAYLOAD_VERSION})")
+        total, pos = _get_varint(buf, 1)
+        per_seg, pos = _get_varint(buf, pos)
+        if per_seg < 1 or per_seg + 1 > self.engine.max_seq_len:
+            raise ChecksumMismatch(f"LM payload is corrupt: segment length {per_seg}")
+        count = -(-total // per_seg)
+        if count > len(buf):  # each segment needs at least one table byte
+            raise Truncated("LM payload truncated inside its segment table")
+        sizes = []
+        for _ in range(count):
+            n, pos = _get_varint(buf, pos)
+            sizes.append(n)
+        need = pos + 4 * sum(sizes)
+        if len(buf) < need:
+            raise Truncated(f"LM payload truncated: {len(buf)} bytes, its table needs {need}")
+        if len(buf) > need:
+            raise ChecksumMismatch(f"LM payload is corrupt: {len(buf) - need} trailing bytes")
+        words = np.frombuffer(buf, dtype="<u4", count=sum(sizes), offset=pos).astype(np.uint32)
+        segs, start = [], 0
+        for k, n in enumerate(sizes):
+            ntok = min(per_seg, total - k * per_seg)
+            segs.append(_Segment(item, ntok, words[start:start + n]))
+            start += n
+        return segs
+
+    def _decode_segments(self, segments: list[_Segment]) -> list[list[int]]:
+        """Token ids of each segment. Segments run `batch` at a time through the KV-cached engine,
+        longest first so that the rows of a batch finish at about the same step."""
+        engine = self.engine
+        out: list[list[int]] = [[] for _ in segments]
+        order = sorted(range(len(segments)), key=lambda k: -segments[k].tokens)
+        order = [k for k in order if segments[k].tokens > 0]
+        for lo in range(0, len(order), self.batch):
+            group = order[lo:lo + self.batch]
+            lengths = [segments[k].tokens for k in group]
+            decoders = [coder.SegmentDecoder(segments[k].words) for k in group]
+            steps = max(lengths)
+            with self._engine_lock:
+                state = engine.start(len(group), steps + 1)
+                feed = torch.full((len(group),), engine.bos_id, dtype=torch.long)
+                for t in range(steps):
+                    rows = engine.step(state, feed.to(engine.device)).cpu().numpy()
+                    for r, k in enumerate(group):
+                        if t < lengths[r]:
+                            sym = decoders[r].decode(rows[r])
+                            out[k].append(sym)
+                            feed[r] = sym
+                        # a finished row keeps being fed its last token; its rows are ignored
+        return out
+
+
+__all__ = ["LMCodec", "PAYLOAD_VERSION", "SEGMENT_TOKENS"]
