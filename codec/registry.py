@@ -108,7 +108,7 @@ class Registry:
         return codec_id == LM
 
     def header(self, blob: bytes) -> Header:
-        return container.read_header(blob, self._has_fingerprint)
+        return peek_header(blob)
 
     def decode(self, blob: bytes) -> bytes:
         return self.decode_many([blob])[0]
@@ -141,6 +141,11 @@ class Registry:
         return out  # type: ignore[return-value]
 
 
+def peek_header(blob: bytes) -> Header:
+    """The header of a container, without decoding it."""
+    return container.read_header(blob, Registry._has_fingerprint)
+
+
 def verify(data: bytes, h: Header) -> None:
     if len(data) != h.length:
         raise ChecksumMismatch(f"decoded {len(data)} bytes, container says {h.length}")
@@ -148,4 +153,4 @@ def verify(data: bytes, h: Header) -> None:
         raise ChecksumMismatch("decoded bytes do not match the stored checksum")
 
 
-__all__ = ["Registry", "RAW", "ZSTD", "LM", "CODEC_NAMES", "ContainerError", "verify"]
+__all__ = ["Registry", "RAW", "ZSTD", "LM", "CODEC_NAMES", "ContainerError", "verify", "peek_header"]

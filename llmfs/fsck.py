@@ -1,0 +1,266 @@
+"""`llmfs fsck STORE [--repair]`: check the store against the invariants of store.py, one small named
+check per invariant. Each check returns Problems; a Problem may carry a repair, applied with
+--repair in one write transaction. Exit status as e2fsck: 0 clean, 1 problems repaired, 4 problems
+left (a corrupt block cannot be repaired: its files are named so they can be restored).
+
+The checks read the whole metadata into memory (inodes, dirents, the block map): a few dozen bytes
+per entry. Threading: runs alone, with the store's lock held (not while mounted).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
+from codec import ContainerError, Registry
+from codec.registry import peek_header
+
+from .store import ROOT_INO, Counters, Store, StoreError, Txn, block_hash
+
+log = logging.getLogger("llmfs")
+
+
+@dataclass
+class Problem:
+    check: str
+    message: str
+    repair: Callable[[Txn], None] | None = None
+
+
+class Snapshot:
+    """The metadata one fsck run looks at, read in one transaction."""
+
+    def __init__(self, t: Txn):
+        self.inodes = dict(t.inodes())
+        self.dirents = list(t.all_dirents())
+        self.blockmap = list(t.blockmap_entries())
+        self.refs = dict(t.refs())
+        self.block_keys = {h for h, _ in t.blocks()}
+        self.orphans = set(t.orphans())
+        self.pending = {h for h, _ in t.pending()}
+        self.block_size = t.store.block_size
+        self.counters = t.counters
+        names = {}
+        for parent, name, ino in self.dirents:
+            names.setdefault(ino, (parent, name))
+        self._names = names
+
+    def path(self, ino: int) -> str:
+        parts, seen = [], set()
+        while ino != ROOT_INO and ino not in seen:
+            seen.add(ino)
+            entry = self._names.get(ino)
+            if entry is None:
+                return f"<inode {ino}, no name>"
+            ino, name = entry
+            parts.append(name.decode(errors="replace"))
+        return "/" + "/".join(reversed(parts))
+
+
+def check_root(s: Snapshot, t: Txn) -> list[Problem]:
+    root = s.inodes.get(ROOT_INO)
+    if root is None or not root.is_dir:
+        return [Problem("root", "the root directory is missing or not a directory")]
+    return []
+
+
+def check_dirents(s: Snapshot, t: Txn) -> list[Problem]:
+    out = []
+    for parent, name, ino in s.dirents:
+        pin = s.inodes.get(parent)
+        if ino not in s.inodes or pin is None or not pin.is_dir:
+            def repair(t, parent=parent, name=name):
+                t.unlink(parent, name)
+            out.append(Problem("dirents", f"entry {name!r} in inode {parent} names "
+                               f"{'a missing inode' if ino not in s.inodes else 'a non-directory'}"
+                               f" ({ino})", repair))
+    return out
+
+
+def check_link_counts(s: Snapshot, t: Txn) -> list[Problem]:
+    names = Counter(ino for _, _, ino in s.dirents)
+    subdirs = Counter(parent for parent, _, ino in s.dirents
+                      if ino in s.inodes and s.inodes[ino].is_dir)
+    out = []
+    for ino, inode in s.inodes.items():
+        if inode.is_dir:
+            want = 2 + subdirs[ino] if (names[ino] or ino == ROOT_INO) else 0
+        else:
+            want = names[ino]
+        if ino in s.orphans and want == 0:
+            continue  # unlinked while open: cleaned up at the next mount
+        if want == 0 and ino != ROOT_INO:
+            def repair(t, ino=ino):
+                t.delete_inode(ino)
+            out.append(Problem("link_counts", f"inode {ino} has no name; repair deletes it",
+                               repair))
+        elif inode.nlink != want:
+            def repair(t, ino=ino, want=want):
+                i = t.inode(ino)
+                t.put_inode(ino, i.evolve(nlink=want), i)
+            out.append(Problem("link_counts", f"{s.path(ino)}: link count {inode.nlink}, "
+                               f"{want} names", repair))
+    return out
+
+
+def check_orphans(s: Snapshot, t: Txn) -> list[Problem]:
+    out = []
+    for ino in s.orphans:
+        def repair(t, ino=ino):
+            i = t.inode(ino)
+            if i is None or i.nlink == 0:
+                t.delete_inode(ino)
+            else:
+                t.remove_orphan(ino)
+        out.append(Problem("orphans", f"inode {ino} was unlinked while open when the store was "
+                           f"last used; repair deletes it", repair))
+    return out
+
+
+def check_blockmap(s: Snapshot, t: Txn) -> list[Problem]:
+    out = []
+    for ino, idx, h in s.blockmap:
+        inode = s.inodes.get(ino)
+        why = None
+        if inode is None or not inode.is_reg:
+            why = "belongs to no regular file"
+        elif idx * s.block_size >= inode.size:
+            why = f"lies past the end of {s.path(ino)} ({inode.size} bytes)"
+        elif h not in s.block_keys:
+            why = f"of {s.path(ino)} names a block that is not stored; repair makes it a hole"
+        if why:
+            def repair(t, ino=ino, idx=idx):
+                t.set_block(ino, idx, None)
+            out.append(Problem("blockmap", f"block {idx} of inode {ino} {why}", repair))
+    return out
+
+
+def check_refcounts(s: Snapshot, t: Txn) -> list[Problem]:
+    want = Counter(h for _, _, h in s.blockmap)
+    out = []
+    for h in set(want) | set(s.refs) | s.block_keys:
+        n, have = want[h], s.refs.get(h, 0)
+        if n and h not in s.block_keys:
+            continue  # reported (and repaired) by check_blockmap
+        if n != have:
+            def repair(t, h=h, n=n):
+                if n:
+                    t.txn.put(h, n.to_bytes(8, "big"), db=t.db["refs"])
+                else:
+                    t.txn.delete(h, db=t.db["refs"])
+                    t.txn.delete(h, db=t.db["blocks"])
+                    t.txn.delete(h, db=t.db["pending"])
+            out.append(Problem("refcounts", f"block {h.hex()[:16]}: refcount {have}, "
+                               f"{n} references", repair))
+    return out
+
+
+def check_pending(s: Snapshot, t: Txn) -> list[Problem]:
+    out = []
+    for h in s.pending - s.block_keys:
+        def repair(t, h=h):
+            t.txn.delete(h, db=t.db["pending"])
+        out.append(Problem("pending", f"compaction queue names missing block {h.hex()[:16]}",
+                           repair))
+    return out
+
+
+def check_counters(s: Snapshot, t: Txn) -> list[Problem]:
+    want = Counters.zero()
+    want.logical = sum(i.size for i in s.inodes.values() if i.is_reg)
+    for h, blob in t.blocks():
+        head = peek_header(blob[:64])
+        row = want.per_codec[head.codec_id]
+        row[0] += 1
+        row[1] += head.length
+        row[2] += len(blob)
+    if want.pack() == s.counters.pack():
+        return []
+
+    def repair(t, want=want):
+        t._counters = want
+    return [Problem("counters", "the usage counters differ from the store's contents", repair)]
+
+
+def check_block_checksums(s: Snapshot, t: Txn, registry: Registry | None = None) -> list[Problem]:
+    """Decode every block and check it against its checksum and its content hash."""
+    registry = registry or Registry()
+    users = defaultdict(list)
+    for ino, idx, h in s.blockmap:
+        users[h].append((ino, idx))
+    out = []
+    for h, blob in t.blocks():
+        try:
+            data = registry.decode(blob)
+            if block_hash(data) != h:
+                raise ContainerError("content does not match its hash")
+        except ContainerError as e:
+            files = ", ".join(sorted({f"{s.path(ino)} (block {idx})" for ino, idx in users[h]}))
+            out.append(Problem("block_checksums", f"block {h.hex()[:16]} is corrupt ({e}); "
+                               f"affected: {files or 'no file'}"))
+    return out
+
+
+CHECKS = [check_root, check_dirents, check_link_counts, check_orphans, check_blockmap,
+          check_refcounts, check_pending, check_counters, check_block_checksums]
+QUICK_CHECKS = [c for c in CHECKS if c is not check_block_checksums]
+
+
+def run_checks(store: Store, checks=CHECKS, repair: bool = False,
+               registry: Registry | None = None) -> tuple[list[Problem], bool]:
+    """Run the checks; with repair, apply every repair in one transaction. Returns (problems,
+    whether all of them were repaired)."""
+    with store.read() as t:
+        snap = Snapshot(t)
+        problems = []
+        for check in checks:
+            if check is check_block_checksums:
+                problems += check(snap, t, registry)
+            else:
+                problems += check(snap, t)
+    if repair and problems:
+        with store.write() as t:
+            for p in problems:
+                if p.repair:
+                    p.repair(t)
+        store.sync()
+    return problems, all(p.repair for p in problems)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("fsck", help="check a store (not while mounted) and optionally repair it")
+    p.add_argument("store")
+    p.add_argument("--repair", action="store_true", help="fix what can be fixed")
+    p.add_argument("--quick", action="store_true", help="skip decoding every block")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    try:
+        store = Store(args.store)
+    except StoreError as e:
+        print(f"llmfs fsck: {e}", file=sys.stderr)
+        return 8
+    try:
+        problems, repairable = run_checks(store, QUICK_CHECKS if args.quick else CHECKS,
+                                          repair=args.repair)
+        for p in problems:
+            print(f"{p.check}: {p.message}")
+        if not problems:
+            if not store.was_clean():
+                store.set_clean(True)
+            print(f"{args.store}: clean")
+            return 0
+        if args.repair and repairable:
+            store.set_clean(True)
+            print(f"{args.store}: {len(problems)} problem(s) repaired")
+            return 1
+        left = [p for p in problems if not (args.repair and p.repair)]
+        print(f"{args.store}: {len(left)} problem(s) left"
+              + ("" if args.repair else "; run with --repair to fix what can be fixed"))
+        return 4
+    finally:
+        store.close()
+

@@ -1,0 +1,182 @@
+"""`llmfs mount STORE MOUNTPOINT [-f] [-o opts]`: serve a store through FUSE.
+
+Without -f the command starts the daemon (this same command with -f) in its own session and
+returns once the mount answers, or prints why it failed. The daemon's log goes to STORE/llmfs.log.
+
+Lifecycle of a mount (the daemon):
+  1. open the store and take its lock (a second mount is refused with who holds it);
+  2. if the last session did not end cleanly (meta "clean" is 0): purge files unlinked while open
+     and run fsck's quick checks; anything else wrong refuses the mount and asks for fsck;
+  3. mark the store unclean, serve FUSE (multithreaded), tell the caller we are ready;
+  4. on unmount or SIGINT/SIGTERM: flush every buffered write, sync, mark clean, release the lock.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+
+from codec import Registry
+
+from cache import BlockCache
+
+from . import fsck
+from .fuseops import FUSE, Operations
+from .mkfs import parse_size
+from .namespace import DIRTY_LIMIT, Filesystem
+from .store import Store, StoreError
+
+log = logging.getLogger("llmfs")
+
+LOG_FILE = "llmfs.log"
+# Options we always pass: inode numbers are ours (hard links show as such), unlinked open files
+# are ours to keep (no .fuse_hidden files), and the kernel checks permissions. libfuse's high-level
+# API gives every *name* its own kernel inode, so a cached attribute of one hard link goes stale
+# when another name changes it (nlink after `ln`, which tar and rsync -H rely on): attr_timeout=0
+# makes the kernel ask us on every stat.
+BASE_OPTIONS = {"use_ino": True, "hard_remove": True, "default_permissions": True,
+                "attr_timeout": 0}
+
+
+class MountError(Exception):
+    pass
+
+
+def parse_options(values: list[str]) -> dict:
+    opts = {}
+    for value in values:
+        for item in value.split(","):
+            if not item:
+                continue
+            key, eq, val = item.partition("=")
+            opts[key] = val if eq else True
+    return opts
+
+
+def open_filesystem(store_path: str, dirty_limit: int = DIRTY_LIMIT,
+                    cache_size: int | None = None) -> Filesystem:
+    """Open (and lock) a store for serving, recovering from an unclean shutdown first."""
+    store = Store(store_path)
+    try:
+        registry = Registry()
+        if not store.was_clean():
+            log.warning("%s was not unmounted cleanly; checking it", store_path)
+            problems, _ = fsck.run_checks(store, [fsck.check_orphans], repair=True)
+            if problems:
+                log.warning("removed %d file(s) that were deleted while open", len(problems))
+            problems, _ = fsck.run_checks(store, fsck.QUICK_CHECKS)
+            if problems:
+                for p in problems:
+                    log.error("fsck %s: %s", p.check, p.message)
+                raise MountError(f"{store_path} has {len(problems)} problem(s) after an unclean "
+                                 f"shutdown; run `llmfs fsck --repair {store_path}`")
+            log.info("%s: checks passed", store_path)
+        cache = BlockCache(cache_size) if cache_size is not None else BlockCache()
+        return Filesystem(store, registry, cache, dirty_limit=dirty_limit)
+    except BaseException:
+        store.close()
+        raise
+
+
+def serve(args, ready_fd: int | None) -> int:
+    """Run the daemon in the foreground until unmounted."""
+    mountpoint = os.path.abspath(args.mountpoint)
+    user_opts = parse_options(args.options)
+
+    def report(message: str) -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            os.write(ready_fd, message.encode() + b"\n")
+            os.close(ready_fd)
+            ready_fd = None
+
+    try:
+        if not os.path.isdir(mountpoint):
+            raise MountError(f"mount point {args.mountpoint} is not a directory")
+        if os.path.ismount(mountpoint):
+            raise MountError(f"{args.mountpoint} is already a mount point")
+        fs = open_filesystem(args.store, args.dirty_limit, args.cache_size)
+    except (StoreError, MountError) as e:
+        report(f"error: {e}")
+        print(f"llmfs mount: {e}", file=sys.stderr)
+        return 1
+    store = fs.store
+    store.describe_lock_holder(f"mounted at {mountpoint} by pid {os.getpid()}")
+    store.set_clean(False)
+
+    def ready():
+        log.info("mounted %s on %s", store.path, mountpoint)
+        report("ok")
+
+    def destroy():
+        fs.flush_all()
+
+    ops = Operations(fs, on_ready=ready, on_destroy=destroy)
+    options = dict(BASE_OPTIONS, fsname=store.path, subtype="llmfs", **user_opts)
+    try:
+        FUSE(ops, mountpoint, foreground=True, nothreads=False, **options)
+    except RuntimeError as e:
+        report(f"error: FUSE could not mount {mountpoint} ({e}); see {LOG_FILE} in the store")
+        log.error("mount failed: %s", e)
+        store.close()
+        return 1
+    finally:
+        report("error: the daemon stopped before the mount was ready")
+    try:
+        fs.flush_all()
+        store.set_clean(True)
+    finally:
+        store.close()
+    log.info("unmounted %s", mountpoint)
+    return 0
+
+
+def start_daemon(args) -> int:
+    """Start `llmfs mount -f` detached and wait until it reports the mount ready."""
+    if not os.path.isdir(args.store):
+        print(f"llmfs mount: {args.store} is not an llmfs store", file=sys.stderr)
+        return 1
+    read_fd, write_fd = os.pipe()
+    cmd = [sys.executable, "-m", "llmfs.cli"] + (["--debug"] if args.debug else []) + [
+        "mount", args.store, args.mountpoint, "-f", "--ready-fd", str(write_fd),
+        "--dirty-limit", str(args.dirty_limit)]
+    if args.cache_size is not None:
+        cmd += ["--cache-size", str(args.cache_size)]
+    for o in args.options:
+        cmd += ["-o", o]
+    log_path = os.path.join(args.store, LOG_FILE)
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(cmd, pass_fds=(write_fd,), start_new_session=True,
+                                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as r:
+        answer = r.readline().decode().strip()
+    if answer == "ok":
+        return 0
+    proc.wait(timeout=30)
+    print(f"llmfs mount: {answer.removeprefix('error: ') or 'the daemon exited'}", file=sys.stderr)
+    return 1
+
+
+def register(sub) -> None:
+    p = sub.add_parser("mount", help="mount a store (returns once the mount is usable)")
+    p.add_argument("store")
+    p.add_argument("mountpoint")
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="stay in the foreground (Ctrl-C unmounts)")
+    p.add_argument("-o", dest="options", action="append", default=[],
+                   help="FUSE mount options, e.g. allow_other")
+    p.add_argument("--dirty-limit", type=parse_size, default=DIRTY_LIMIT,
+                   help="buffered write bytes before files are flushed (default 64M)")
+    p.add_argument("--cache-size", type=parse_size, default=None,
+                   help="bytes of decoded blocks kept in RAM (default 64M)")
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.foreground:
+        return serve(args, args.ready_fd)
+    return start_daemon(args)

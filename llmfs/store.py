@@ -1,0 +1,546 @@
+"""The block store: one LMDB environment holding the whole filesystem — metadata and compressed blocks.
+
+THE ON-DISK SCHEMA (the one place it is written down)
+=====================================================
+A store is a directory: `data.mdb` + `lock.mdb` (LMDB) and `llmfs.lock` (held with flock by the one
+process that has the store open for writing: a mount, fsck --repair, compact). All integers are
+big-endian so keys sort numerically. Named sub-databases:
+
+  meta      str key → value
+              "magic"          b"llmfs-store" — identifies a store
+              "format"         u32 FORMAT_VERSION; a store of another version is refused, never guessed
+              "block_size"     u32 logical block size in bytes, fixed at mkfs
+              "model"          utf-8 model spec chosen at mkfs ("" = the default model)
+              "next_ino"       u64 next inode number to hand out (never reused)
+              "clean"          b"1" after a clean unmount, b"0" while mounted: a "0" at mount time means
+                               the last session crashed (recorded, reported, checked)
+              "counters"       COUNTERS struct: logical file bytes, and per codec id
+                               (block count, plaintext bytes, container bytes) of unique blocks
+              "created"        i64 ns since the epoch
+  inodes    u64 ino → INODE struct (mode, uid, gid, nlink, size, atime, mtime, ctime, rdev: times are
+            integer nanoseconds) followed, for symlinks only, by the target bytes
+  dirents   u64 parent ino + name bytes → u64 child ino
+  blockmap  u64 ino + u64 block index → 32-byte block hash (blake3 of the plaintext block)
+  blocks    32-byte hash → container bytes (codec/container.py)
+  refs      32-byte hash → u64 reference count
+  xattrs    u64 ino + name bytes → value bytes
+  orphans   u64 ino → b"" : inodes whose last name is gone while a process still has them open; their
+            data lives until the last close; after a crash they are purged at the next mount
+  pending   32-byte hash → i64 ns when the block was stored by the fast path (zstd/raw): the queue of
+            blocks background compaction re-encodes with the LM
+  models    16-byte fingerprint → utf-8 model spec, for every model that coded a block in this store
+
+INVARIANTS (fsck.py checks each one by name)
+  * refs[h] == number of blockmap entries naming h, and refs[h] >= 1 for every h in refs;
+    blocks and refs have exactly the same keys.
+  * every blockmap value names a key of blocks; blockmap entries of ino exist only for block
+    indices < ceil(inodes[ino].size / block_size), and never for a block of all zeros (a hole).
+  * a block's container decodes to block_size bytes or fewer, whose blake3 is its key.
+  * every dirent names an existing inode; every inode except ROOT_INO and orphans is named by
+    exactly inodes[ino].nlink dirents (directories: by one dirent, nlink = 2 + subdirectories).
+  * the root inode is ROOT_INO and is a directory; inode numbers are never reused.
+  * pending ⊆ blocks; counters equal the sums over inodes and blocks.
+
+TRANSACTIONS
+  LMDB allows one writer. Every change that must be atomic (a flush: blocks + refcounts + block map +
+  size) is one write transaction, so a crash leaves the old or the new state, never a mix. Nothing
+  slow (compression, the model) runs inside a write transaction. The environment is opened with
+  sync on and metasync off: a commit writes its pages durably but not the meta page, so a crash can
+  undo at most the last transaction and never corrupts; `sync()` (called by fsync) makes it durable.
+  Measured here: 116 µs per commit, against 202 µs with metasync and 5 µs with no sync at all.
+
+Threading: a Store is shared by all FUSE threads. Read transactions are per call (LMDB MVCC: a
+reader sees one consistent snapshot); write transactions are serialised by a lock here, because
+py-lmdb write transactions must stay on the thread that began them.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import stat
+import struct
+import threading
+import time
+from dataclasses import dataclass, replace
+
+import blake3
+import lmdb
+
+from codec.registry import peek_header
+
+FORMAT_VERSION = 1
+MAGIC = b"llmfs-store"
+ROOT_INO = 1
+HASH_SIZE = 32
+LOCK_FILE = "llmfs.lock"
+# The map is address space, not disk: LMDB grows data.mdb as needed up to this.
+MAP_SIZE = 1 << 40
+
+DB_NAMES = ("meta", "inodes", "dirents", "blockmap", "blocks", "refs", "xattrs", "orphans",
+            "pending", "models")
+
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+_I64 = struct.Struct(">q")
+_INODE = struct.Struct(">IIIIQqqqQ")
+_PAIR = struct.Struct(">QQ")
+# counters: logical file bytes, then (blocks, plaintext bytes, container bytes) for codec ids 0..7
+_N_CODECS = 8
+_COUNTERS = struct.Struct(">q" + "qqq" * _N_CODECS)
+
+
+class StoreError(Exception):
+    """A store cannot be opened or used; the message says what to do."""
+
+
+class NotAStore(StoreError):
+    pass
+
+
+class UnsupportedFormat(StoreError):
+    pass
+
+
+class StoreLocked(StoreError):
+    pass
+
+
+class StoreFull(StoreError):
+    """The disk or the LMDB map is full; the transaction was rolled back."""
+
+
+def block_hash(data: bytes) -> bytes:
+    return blake3.blake3(data).digest()
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+@dataclass(frozen=True)
+class Inode:
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    atime: int
+    mtime: int
+    ctime: int
+    rdev: int = 0
+    target: bytes = b""  # symlinks only
+
+    def pack(self) -> bytes:
+        return _INODE.pack(self.mode, self.uid, self.gid, self.nlink, self.size, self.atime,
+                           self.mtime, self.ctime, self.rdev) + self.target
+
+    @classmethod
+    def unpack(cls, buf) -> "Inode":
+        fields = _INODE.unpack_from(buf, 0)
+        return cls(*fields, target=bytes(buf[_INODE.size:]))
+
+    def evolve(self, **changes) -> "Inode":
+        return replace(self, **changes)
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+
+@dataclass
+class Counters:
+    logical: int
+    per_codec: list  # [[blocks, plain bytes, stored bytes], ...] indexed by codec id
+
+    @classmethod
+    def zero(cls) -> "Counters":
+        return cls(0, [[0, 0, 0] for _ in range(_N_CODECS)])
+
+    def pack(self) -> bytes:
+        return _COUNTERS.pack(self.logical, *(v for row in self.per_codec for v in row))
+
+    @classmethod
+    def unpack(cls, buf) -> "Counters":
+        vals = _COUNTERS.unpack(buf)
+        return cls(vals[0], [list(vals[1 + 3 * i:4 + 3 * i]) for i in range(_N_CODECS)])
+
+    @property
+    def stored(self) -> int:
+        return sum(row[2] for row in self.per_codec)
+
+
+def ino_key(ino: int) -> bytes:
+    return _U64.pack(ino)
+
+
+def dirent_key(parent: int, name: bytes) -> bytes:
+    return _U64.pack(parent) + name
+
+
+def blockmap_key(ino: int, index: int) -> bytes:
+    return _PAIR.pack(ino, index)
+
+
+class Txn:
+    """One LMDB transaction with the schema's operations. Write transactions also keep the counters."""
+
+    def __init__(self, store: "Store", txn: lmdb.Transaction, write: bool):
+        self.store = store
+        self.txn = txn
+        self.write = write
+        self.db = store.db
+        self._counters: Counters | None = None
+
+    # -- meta ----------------------------------------------------------------------------------
+    def meta(self, key: str) -> bytes | None:
+        return self.txn.get(key.encode(), db=self.db["meta"])
+
+    def set_meta(self, key: str, value: bytes) -> None:
+        self.txn.put(key.encode(), value, db=self.db["meta"])
+
+    @property
+    def counters(self) -> Counters:
+        if self._counters is None:
+            raw = self.meta("counters")
+            self._counters = Counters.unpack(raw) if raw else Counters.zero()
+        return self._counters
+
+    def next_ino(self) -> int:
+        ino = _U64.unpack(self.meta("next_ino"))[0]
+        self.set_meta("next_ino", _U64.pack(ino + 1))
+        return ino
+
+    # -- inodes --------------------------------------------------------------------------------
+    def inode(self, ino: int) -> Inode | None:
+        raw = self.txn.get(ino_key(ino), db=self.db["inodes"])
+        return Inode.unpack(raw) if raw is not None else None
+
+    def put_inode(self, ino: int, inode: Inode, old: Inode | None = None) -> None:
+        if inode.is_reg:
+            before = old.size if old is not None else 0
+            if before != inode.size:
+                self.counters.logical += inode.size - before
+        self.txn.put(ino_key(ino), inode.pack(), db=self.db["inodes"])
+
+    def delete_inode(self, ino: int) -> None:
+        """Drop an inode with no names and no openers: its blocks, xattrs and the record."""
+        inode = self.inode(ino)
+        if inode is None:
+            return
+        if inode.is_reg:
+            self.counters.logical -= inode.size
+            self.truncate_blocks(ino, 0)
+        xdb = self.db["xattrs"]
+        for key in list(self._prefix_keys(xdb, ino_key(ino))):
+            self.txn.delete(key, db=xdb)
+        self.txn.delete(ino_key(ino), db=self.db["inodes"])
+        self.remove_orphan(ino)
+
+    def inodes(self):
+        with self.txn.cursor(db=self.db["inodes"]) as cur:
+            for key, val in cur:
+                yield _U64.unpack(key)[0], Inode.unpack(val)
+
+    # -- directory entries ---------------------------------------------------------------------
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        raw = self.txn.get(dirent_key(parent, name), db=self.db["dirents"])
+        return _U64.unpack(raw)[0] if raw is not None else None
+
+    def link(self, parent: int, name: bytes, ino: int) -> None:
+        self.txn.put(dirent_key(parent, name), _U64.pack(ino), db=self.db["dirents"])
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        self.txn.delete(dirent_key(parent, name), db=self.db["dirents"])
+
+    def listdir(self, parent: int):
+        """(name, ino) of a directory's entries, in name order."""
+        prefix = ino_key(parent)
+        with self.txn.cursor(db=self.db["dirents"]) as cur:
+            if not cur.set_range(prefix):
+                return
+            for key, val in cur:
+                if key[:8] != prefix:
+                    break
+                yield bytes(key[8:]), _U64.unpack(val)[0]
+
+    def is_empty_dir(self, ino: int) -> bool:
+        return next(iter(self.listdir(ino)), None) is None
+
+    def all_dirents(self):
+        with self.txn.cursor(db=self.db["dirents"]) as cur:
+            for key, val in cur:
+                yield _U64.unpack(key[:8])[0], bytes(key[8:]), _U64.unpack(val)[0]
+
+    # -- orphans -------------------------------------------------------------------------------
+    def add_orphan(self, ino: int) -> None:
+        self.txn.put(ino_key(ino), b"", db=self.db["orphans"])
+
+    def remove_orphan(self, ino: int) -> None:
+        self.txn.delete(ino_key(ino), db=self.db["orphans"])
+
+    def orphans(self) -> list[int]:
+        with self.txn.cursor(db=self.db["orphans"]) as cur:
+            return [_U64.unpack(k)[0] for k in cur.iternext(values=False)]
+
+    # -- blocks --------------------------------------------------------------------------------
+    def block_hashes(self, ino: int, first: int, last: int) -> dict[int, bytes]:
+        """{index: hash} of the mapped blocks first..last inclusive (holes are absent)."""
+        out = {}
+        with self.txn.cursor(db=self.db["blockmap"]) as cur:
+            if not cur.set_range(blockmap_key(ino, first)):
+                return out
+            for key, val in cur:
+                k_ino, idx = _PAIR.unpack(key)
+                if k_ino != ino or idx > last:
+                    break
+                out[idx] = bytes(val)
+        return out
+
+    def container(self, h: bytes) -> bytes | None:
+        raw = self.txn.get(h, db=self.db["blocks"])
+        return bytes(raw) if raw is not None else None
+
+    def refcount(self, h: bytes) -> int:
+        raw = self.txn.get(h, db=self.db["refs"])
+        return _U64.unpack(raw)[0] if raw is not None else 0
+
+    def set_block(self, ino: int, index: int, h: bytes | None, container: bytes | None = None,
+                  codec_id: int = 0, plain_len: int = 0, pending: bool = False) -> None:
+        """Point block `index` of `ino` at `h` (None: a hole). When `h` is new to the store,
+        `container` (its encoding) is stored with it. Keeps refs and counters exact."""
+        bm = self.db["blockmap"]
+        key = blockmap_key(ino, index)
+        old = self.txn.get(key, db=bm)
+        old = bytes(old) if old is not None else None
+        if old == h:
+            return
+        if h is not None:
+            n = self.refcount(h)
+            if n == 0:
+                if container is None:
+                    raise ValueError("new block without its container")
+                self.txn.put(h, container, db=self.db["blocks"])
+                row = self.counters.per_codec[codec_id]
+                row[0] += 1
+                row[1] += plain_len
+                row[2] += len(container)
+                if pending:
+                    self.txn.put(h, _I64.pack(now_ns()), db=self.db["pending"])
+            self.txn.put(h, _U64.pack(n + 1), db=self.db["refs"])
+            self.txn.put(key, h, db=bm)
+        else:
+            self.txn.delete(key, db=bm)
+        if old is not None:
+            self._decref(old)
+
+    def _decref(self, h: bytes) -> None:
+        n = self.refcount(h)
+        if n > 1:
+            self.txn.put(h, _U64.pack(n - 1), db=self.db["refs"])
+            return
+        self.txn.delete(h, db=self.db["refs"])
+        blob = self.txn.get(h, db=self.db["blocks"])
+        if blob is not None:
+            h_ = peek_header(bytes(blob[:64]))
+            codec_id, plain_len = h_.codec_id, h_.length
+            row = self.counters.per_codec[codec_id]
+            row[0] -= 1
+            row[1] -= plain_len
+            row[2] -= len(blob)
+            self.txn.delete(h, db=self.db["blocks"])
+        self.txn.delete(h, db=self.db["pending"])
+
+    def truncate_blocks(self, ino: int, n_blocks: int) -> None:
+        """Drop the block map entries of `ino` at index >= n_blocks."""
+        doomed = list(self.block_hashes(ino, n_blocks, (1 << 64) - 1))
+        for idx in doomed:
+            self.set_block(ino, idx, None)
+
+    def blockmap_entries(self):
+        with self.txn.cursor(db=self.db["blockmap"]) as cur:
+            for key, val in cur:
+                ino, idx = _PAIR.unpack(key)
+                yield ino, idx, bytes(val)
+
+    def blocks(self):
+        with self.txn.cursor(db=self.db["blocks"]) as cur:
+            for key, val in cur:
+                yield bytes(key), bytes(val)
+
+    def refs(self):
+        with self.txn.cursor(db=self.db["refs"]) as cur:
+            for key, val in cur:
+                yield bytes(key), _U64.unpack(val)[0]
+
+    def pending(self):
+        with self.txn.cursor(db=self.db["pending"]) as cur:
+            for key, val in cur:
+                yield bytes(key), _I64.unpack(val)[0]
+
+    # -- xattrs --------------------------------------------------------------------------------
+    def xattr(self, ino: int, name: bytes) -> bytes | None:
+        raw = self.txn.get(ino_key(ino) + name, db=self.db["xattrs"])
+        return bytes(raw) if raw is not None else None
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self.txn.put(ino_key(ino) + name, value, db=self.db["xattrs"])
+
+    def remove_xattr(self, ino: int, name: bytes) -> bool:
+        return self.txn.delete(ino_key(ino) + name, db=self.db["xattrs"])
+
+    def xattr_names(self, ino: int) -> list[bytes]:
+        prefix = ino_key(ino)
+        return [bytes(k[8:]) for k in self._prefix_keys(self.db["xattrs"], prefix)]
+
+    def _prefix_keys(self, db, prefix: bytes):
+        with self.txn.cursor(db=db) as cur:
+            if not cur.set_range(prefix):
+                return []
+            keys = []
+            for key in cur.iternext(values=False):
+                if key[:len(prefix)] != prefix:
+                    break
+                keys.append(bytes(key))
+            return keys
+
+    # -- commit --------------------------------------------------------------------------------
+    def _finish(self) -> None:
+        if self.write and self._counters is not None:
+            self.set_meta("counters", self._counters.pack())
+
+
+class Store:
+    def __init__(self, path: str, lock: bool = True, readonly: bool = False):
+        """Open an existing store. `lock` takes the store's exclusive lock (mount, fsck --repair);
+        StoreLocked if another process holds it."""
+        self.path = os.path.abspath(path)
+        if not os.path.isdir(self.path) or not os.path.exists(os.path.join(self.path, "data.mdb")):
+            raise NotAStore(f"{path} is not an llmfs store (no data.mdb); create one with "
+                            f"`llmfs mkfs {path}`")
+        self._lock_fd = None
+        if lock:
+            self._take_lock()
+        try:
+            self.env = lmdb.open(self.path, map_size=MAP_SIZE, max_dbs=len(DB_NAMES), subdir=True,
+                                 sync=True, metasync=False, readonly=readonly, create=False,
+                                 max_readers=512)
+        except lmdb.Error as e:
+            self.release_lock()
+            raise NotAStore(f"{path} is not an llmfs store: {e}") from None
+        try:
+            self.db = {n: self.env.open_db(n.encode(), create=False) for n in DB_NAMES}
+        except lmdb.Error:
+            self.env.close()
+            self.release_lock()
+            raise NotAStore(f"{path} is an LMDB environment but not an llmfs store") from None
+        with self.read() as t:
+            if t.meta("magic") != MAGIC:
+                self.close()
+                raise NotAStore(f"{path} is not an llmfs store (bad magic)")
+            version = _U32.unpack(t.meta("format"))[0]
+            if version != FORMAT_VERSION:
+                self.close()
+                raise UnsupportedFormat(
+                    f"{path} has store format version {version}; this llmfs reads version "
+                    f"{FORMAT_VERSION}")
+            self.block_size = _U32.unpack(t.meta("block_size"))[0]
+            self.model_spec = (t.meta("model") or b"").decode()
+        self._write_lock = threading.Lock()
+
+    @classmethod
+    def create(cls, path: str, block_size: int, model_spec: str = "") -> None:
+        """mkfs: a new empty store with a root directory owned by the caller."""
+        if os.path.exists(os.path.join(path, "data.mdb")):
+            raise StoreError(f"{path} already holds a store; refusing to overwrite it")
+        if block_size < 4096 or block_size > (1 << 24) or block_size & (block_size - 1):
+            raise StoreError("block size must be a power of two between 4 KiB and 16 MiB")
+        os.makedirs(path, exist_ok=True)
+        env = lmdb.open(path, map_size=MAP_SIZE, max_dbs=len(DB_NAMES), subdir=True)
+        dbs = {n: env.open_db(n.encode()) for n in DB_NAMES}
+        t = now_ns()
+        root = Inode(stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), 2, 0, t, t, t)
+        with env.begin(write=True) as txn:
+            m = dbs["meta"]
+            txn.put(b"magic", MAGIC, db=m)
+            txn.put(b"format", _U32.pack(FORMAT_VERSION), db=m)
+            txn.put(b"block_size", _U32.pack(block_size), db=m)
+            txn.put(b"model", model_spec.encode(), db=m)
+            txn.put(b"next_ino", _U64.pack(ROOT_INO + 1), db=m)
+            txn.put(b"clean", b"1", db=m)
+            txn.put(b"counters", Counters.zero().pack(), db=m)
+            txn.put(b"created", _I64.pack(t), db=m)
+            txn.put(ino_key(ROOT_INO), root.pack(), db=dbs["inodes"])
+        env.sync(True)
+        env.close()
+
+    # -- locking -------------------------------------------------------------------------------
+    def _take_lock(self) -> None:
+        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip()
+            os.close(fd)
+            raise StoreLocked(f"store {self.path} is in use ({holder or 'another process'}); "
+                              f"unmount it first") from None
+        self._lock_fd = fd
+
+    def describe_lock_holder(self, text: str) -> None:
+        """Write who holds the lock (pid, mount point) into the lock file for error messages."""
+        if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
+            os.pwrite(self._lock_fd, text.encode(), 0)
+
+    def release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- transactions --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def read(self):
+        with self.env.begin(buffers=False) as txn:
+            yield Txn(self, txn, write=False)
+
+    @contextlib.contextmanager
+    def write(self):
+        with self._write_lock:
+            txn = self.env.begin(write=True)
+            t = Txn(self, txn, write=True)
+            try:
+                yield t
+                t._finish()
+                txn.commit()
+            except lmdb.MapFullError:
+                txn.abort()
+                raise StoreFull("the store's map is full") from None
+            except lmdb.Error as e:
+                txn.abort()
+                if "No space left" in str(e) or getattr(e, "errno", None) == 28:
+                    raise StoreFull(f"no space left for the store: {e}") from None
+                raise
+            except BaseException:
+                txn.abort()
+                raise
+
+    def sync(self) -> None:
+        self.env.sync(True)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def set_clean(self, clean: bool) -> None:
+        with self.write() as t:
+            t.set_meta("clean", b"1" if clean else b"0")
+        self.sync()
+
+    def was_clean(self) -> bool:
+        with self.read() as t:
+            return t.meta("clean") == b"1"
+
+    def close(self) -> None:
+        self.env.close()
+        self.release_lock()
