@@ -1,0 +1,465 @@
+"""The exact inference engine: a Llama-family transformer whose output — an integer frequency table per
+position — is bit-identical whatever the batch layout, parallel vs incremental evaluation, thread count
+or device. Arithmetic decoding needs exactly the table the encoder used; float inference differs by
+~1e-4 between batch sizes and between cached/uncached evaluation (ARCHITECTURE.md §4), which derails a
+decoder within a few tokens.
+
+The rule that makes it exact
+----------------------------
+Every value is a function of one token's row of inputs, computed only with operations whose result is
+fixed by IEEE 754 or by integer arithmetic:
+
+  * matmuls and sums run on integers and are exact in any order: linear layers are
+    `torch._int_mm` (int8 x int8 -> int32); attention scores and P.V are float64 GEMMs on
+    integer-valued operands whose sums provably stay below 2^53 (bounds next to the code);
+    sums (RMSNorm, softmax, frequency totals) are integer sums below 2^53;
+  * elementwise +, -, *, / and sqrt in float64: IEEE 754 rounds each correctly, so CPU (any vector
+    width, any thread count) and CUDA agree bit for bit. One torch op per arithmetic step: no fused
+    kernels (no addcmul, lerp, torch.compile) that could contract a*b+c into an FMA;
+  * max, round-half-even, clamp, gather: exact;
+  * exp, sigmoid, cos, sin: tables computed with exact arithmetic (mpmath / Python integers, never
+    libm) when the engine is built, identical on every machine.
+
+Quantisation (what costs compression, not exactness): weights int8 per output channel; the input of
+every linear layer int16 with a per-token scale (split into hi/lo int8 halves, one _int_mm on the two
+stacked); keys and values 21-bit with a fixed per-channel power-of-two scale derived from a
+Cauchy-Schwarz bound on the weights, so the KV cache never needs rescaling; queries 16-bit per token
+and head; attention probabilities 20-bit from an exp table.
+
+Threading: an Engine is immutable after construction and may be shared; `freqs` and `step` allocate
+their own temporaries. A `State` (KV cache) belongs to one caller. torch's own intra-op threads do not
+change any result.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import mpmath
+import numpy as np
+import torch
+
+# Bump whenever any integer the engine produces can change (quantisation, tables, formulas).
+ENGINE_VERSION = 1
+
+# Frequency tables sum to at most 2^24: constriction quantises to 24 bits and float64 holds them exactly.
+FREQ_TOTAL_BITS = 24
+# int16 activations (|q| <= 127*128): +0.2 % bits/byte vs float on SmolLM2; int8 costs +1.1-1.3 %.
+ACT_MAX = 127 * 128
+KV_BITS = 20          # keys/values: |int| <= 2^20 after the per-channel bound scale
+Q_BITS = 15           # queries: |int| <= 2^15 per token and head
+P_BITS = 20           # attention weights: exp table values <= 2^20
+# scores <= 2^15 * 2^20 * head_dim and P.V <= 2^20 * 2^20 * T must stay below 2^53 (float64 exact):
+MAX_SEQ_LEN_LIMIT = 4096
+EXP_RES_BITS = 10     # attention exp table step: 2^-10 in score units (softmax error <= 0.05 %)
+LOGIT_EXP_BITS = 30   # logit exp table values <= 2^30 ...
+LOGIT_RES_BITS = 12   # ... at steps of 2^-12 nats
+SIG_RES_BITS = 8      # sigmoid table step 2^-8, linear interpolation (error < 1e-6)
+SIG_RANGE = 24        # sigmoid(x) for |x| > 24 is 0 or 1 to within 4e-11
+
+
+@dataclass(frozen=True)
+class Config:
+    vocab_size: int
+    dim: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    ffn_dim: int
+    rope_theta: float
+    norm_eps: float
+    max_seq_len: int
+    bos_id: int
+    tied_embeddings: bool = True
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> "Config":
+        return cls(**json.loads(s))
+
+
+# ---- tables: exact arithmetic, built once per process ----------------------------------------------
+
+_FIX = 128  # bits of the fixed-point Python integers used to build tables
+
+
+def _exp_table(scale_bits: int, res_bits: int) -> np.ndarray:
+    """round(2^scale_bits * exp(-i / 2^res_bits)) for i = 0.. until it reaches 0 (last entry 0).
+    Built by an integer recurrence with 128 fractional bits (error << 2^-100), so every machine gets
+    the same integers."""
+    mpmath.mp.prec = 200
+    r = int(mpmath.floor(mpmath.exp(-mpmath.mpf(1) / 2 ** res_bits) * 2 ** _FIX))
+    v, out = 1 << _FIX, []
+    one_half = 1 << (_FIX - scale_bits - 1)
+    while True:
+        q = (v + one_half) >> (_FIX - scale_bits)
+        out.append(q)
+        if q == 0:
+            return np.array(out, dtype=np.int64)
+        v = (v * r) >> _FIX
+
+
+@functools.lru_cache(maxsize=None)
+def attn_exp_table() -> torch.Tensor:
+    return torch.from_numpy(_exp_table(P_BITS, EXP_RES_BITS).astype(np.float64))
+
+
+@functools.lru_cache(maxsize=None)
+def logit_exp_table() -> torch.Tensor:
+    return torch.from_numpy(_exp_table(LOGIT_EXP_BITS, LOGIT_RES_BITS))
+
+
+@functools.lru_cache(maxsize=None)
+def sigmoid_table() -> torch.Tensor:
+    """sigmoid(-SIG_RANGE + i / 2^SIG_RES_BITS), correctly rounded float64 (mpmath)."""
+    mpmath.mp.prec = 100
+    n = 2 * SIG_RANGE * 2 ** SIG_RES_BITS + 2
+    vals = [float(1 / (1 + mpmath.exp(SIG_RANGE - mpmath.mpf(i) / 2 ** SIG_RES_BITS)))
+            for i in range(n)]
+    return torch.tensor(vals, dtype=torch.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def rope_tables(head_dim: int, theta: float, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of pos * theta^(-2i/head_dim), (max_seq_len, head_dim/2) float64, via mpmath."""
+    mpmath.mp.prec = 100
+    half = head_dim // 2
+    inv = [mpmath.power(mpmath.mpf(theta), -mpmath.mpf(2 * i) / head_dim) for i in range(half)]
+    cos = np.empty((max_seq_len, half)), np.empty((max_seq_len, half))
+    cos, sin = cos
+    for p in range(max_seq_len):
+        for i in range(half):
+            c, s = mpmath.cos_sin(p * inv[i])
+            cos[p, i], sin[p, i] = float(c), float(s)
+    return torch.from_numpy(cos), torch.from_numpy(sin)
+
+
+# ---- weight preparation (done once, on CPU, in numpy: deterministic) -----------------------------
+
+def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float (N, K) -> int8 (N, K), float64 scale (N,) with w ~= q * scale[:, None]."""
+    w = np.asarray(w, dtype=np.float64)
+    scale = np.abs(w).max(axis=1) / 127.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def _pow2_at_least(b: np.ndarray) -> np.ndarray:
+    """The exponent e of the smallest power of two with 2^e >= b (per entry)."""
+    m, e = np.frexp(b)
+    return np.where(m == 0.5, e - 1, e).astype(np.int64)
+
+
+def kv_exponents(q: np.ndarray, scale: np.ndarray, norm_w: np.ndarray, dim: int,
+                 rope_pairs: bool) -> np.ndarray:
+    """Per output channel e with |output| <= 2^e for every input: the layer's input is
+    rmsnorm(x) * norm_w and ||rmsnorm(x)||_2 <= sqrt(dim), so by Cauchy-Schwarz
+    |out_n| <= sqrt(dim) * ||w_n * norm_w||_2 (+2 % for activation rounding). RoPE rotates channel
+    pairs (2i, 2i+1), so a rotated channel is bounded by the pair's norm."""
+    w = q.astype(np.float64) * scale[:, None] * np.asarray(norm_w, dtype=np.float64)[None, :]
+    b2 = (w * w).sum(axis=1) * dim
+    if rope_pairs:
+        b2 = np.repeat(b2.reshape(-1, 2).sum(axis=1), 2)
+    return _pow2_at_least(np.sqrt(b2) * 1.02 + 1e-30)
+
+
+def prepare_weights(config: Config, f: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Float weights (names below, HF orientation (out, in), RoPE as interleaved pairs like GGUF) ->
+    the engine's tensors. Names: tok_emb (V, D), [lm_head (V, D)], norm (D,), and per layer i:
+    l{i}.attn_norm, l{i}.wq, l{i}.wk, l{i}.wv, l{i}.wo, l{i}.ffn_norm, l{i}.w_gate, l{i}.w_up,
+    l{i}.w_down."""
+    c, t = config, {}
+
+    def put(name, w):
+        q, s = quantize_weight(w)
+        t[name + ".q"], t[name + ".s"] = torch.from_numpy(q), torch.from_numpy(s)
+        return q, s
+
+    put("tok_emb", f["tok_emb"])
+    if not c.tied_embeddings:
+        put("lm_head", f["lm_head"])
+    t["norm"] = torch.from_numpy(np.asarray(f["norm"], dtype=np.float64))
+    for i in range(c.n_layer):
+        p = f"l{i}."
+        an = np.asarray(f[p + "attn_norm"], dtype=np.float64)
+        t[p + "attn_norm"] = torch.from_numpy(an)
+        t[p + "ffn_norm"] = torch.from_numpy(np.asarray(f[p + "ffn_norm"], dtype=np.float64))
+        q, s = put(p + "qkv", np.concatenate([f[p + "wq"], f[p + "wk"], f[p + "wv"]], axis=0))
+        nq, nkv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+        t[p + "k_exp"] = torch.from_numpy(
+            kv_exponents(q[nq:nq + nkv], s[nq:nq + nkv], an, c.dim, rope_pairs=True))
+        t[p + "v_exp"] = torch.from_numpy(
+            kv_exponents(q[nq + nkv:], s[nq + nkv:], an, c.dim, rope_pairs=False))
+        put(p + "wo", f[p + "wo"])
+        put(p + "gate_up", np.concatenate([f[p + "w_gate"], f[p + "w_up"]], axis=0))
+        put(p + "down", f[p + "w_down"])
+    return t
+
+
+# ---- the integer-exact building blocks ---------------------------------------------------------------
+
+def _linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """x (..., K) float64 -> x @ w.T (..., N) float64, exactly reproducible.
+    x is quantised per row to |xq| <= ACT_MAX, split xq = 128*hi + lo (|hi| <= 127, |lo| <= 64),
+    and both halves go through one int8 GEMM. |acc| <= 127*127*K < 2^31 for K < 133k."""
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    m = x.abs().amax(dim=1, keepdim=True)
+    s = torch.where(m > 0, m / ACT_MAX, torch.ones_like(m))        # (M, 1)
+    xq = torch.round(x / s)
+    hi = torch.round(xq / 128)
+    lo = xq - hi * 128
+    acc = torch._int_mm(torch.cat([hi, lo]).to(torch.int8), w.t()).to(torch.float64)
+    n = x.shape[0]
+    y = acc[:n] * 128 + acc[n:]                                     # exact: |y| < 2^38
+    y = y * ws
+    y = y * s
+    return y.reshape(*shape[:-1], w.shape[0])
+
+
+def _rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * weight / sqrt(mean(x^2) + eps). The sum of squares runs on x quantised to 21 bits per row
+    (exact integer sum < 2^51); the rest is elementwise float64."""
+    m = x.abs().amax(dim=-1, keepdim=True)
+    s = torch.where(m > 0, m / 2 ** 20, torch.ones_like(m))
+    xi = torch.round(x / s)
+    ss = (xi * xi).sum(dim=-1, keepdim=True)                        # integers < 2^51: exact
+    ms = ss / x.shape[-1]
+    ms = ms * s
+    ms = ms * s
+    r = torch.sqrt(ms + eps)
+    return x / r * weight
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1). x (B, h, T, hs); cos, sin (T, hs/2)."""
+    a, b = x[..., 0::2], x[..., 1::2]
+    ra = a * cos - b * sin
+    rb = a * sin + b * cos
+    return torch.stack([ra, rb], dim=-1).flatten(-2)
+
+
+def _silu(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(x), sigmoid by linear interpolation in an exact table."""
+    t = (x.clamp(-SIG_RANGE, SIG_RANGE) + SIG_RANGE) * 2 ** SIG_RES_BITS
+    i = torch.floor(t)
+    fr = t - i
+    i = i.long().clamp(max=table.numel() - 2)
+    a, b = table[i], table[i + 1]
+    return x * (a + fr * (b - a))
+
+
+@dataclass
+class State:
+    """KV cache of `start`/`step`: integer-valued float64 keys and values per layer."""
+    k: list[torch.Tensor]   # per layer (B, n_kv_head, max_len, hs)
+    v: list[torch.Tensor]
+    pos: int
+    max_len: int
+
+
+class Engine:
+    def __init__(self, config: Config, tensors: dict[str, torch.Tensor],
+                 device: torch.device | str = "cpu"):
+        if config.max_seq_len > MAX_SEQ_LEN_LIMIT:
+            config = Config(**{**asdict(config), "max_seq_len": MAX_SEQ_LEN_LIMIT})
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.bos_id = config.bos_id
+        self.max_seq_len = config.max_seq_len
+        self.tensors = tensors                     # CPU originals, the on-disk form
+        self.fingerprint = self._fingerprint(config, tensors)
+        self.device = torch.device(device)
+        self._t = {k: v.to(self.device) for k, v in tensors.items()}
+        cos, sin = rope_tables(config.head_dim, config.rope_theta, config.max_seq_len)
+        self._cos, self._sin = cos.to(self.device), sin.to(self.device)
+        self._exp = attn_exp_table().to(self.device)
+        self._lexp = logit_exp_table().to(self.device)
+        self._sig = sigmoid_table().to(self.device)
+        # 2^(e - KV_BITS) exactly (np.ldexp), not exp2 of a float on the device
+        sc = lambda e: torch.from_numpy(np.ldexp(1.0, e.numpy() - KV_BITS)).view(
+            config.n_kv_head, 1, config.head_dim).to(self.device)
+        self._kvscale = [(sc(tensors[f"l{i}.k_exp"]), sc(tensors[f"l{i}.v_exp"]))
+                         for i in range(config.n_layer)]
+
+    @staticmethod
+    def _fingerprint(config: Config, tensors: dict[str, torch.Tensor]) -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(b"llmfs-engine-%d\0" % ENGINE_VERSION)
+        h.update(config.to_json().encode())
+        for name in sorted(tensors):
+            t = tensors[name].contiguous()
+            h.update(f"\0{name}:{t.dtype}:{tuple(t.shape)}\0".encode())
+            h.update(t.numpy().tobytes())
+        return h.digest()
+
+    def to(self, device) -> "Engine":
+        if torch.device(device) == self.device:
+            return self
+        return Engine(self.config, self.tensors, device)
+
+    @classmethod
+    def tiny(cls, seed: int = 0, vocab_size: int = 259, dim: int = 64, n_layer: int = 2,
+             n_head: int = 4, n_kv_head: int = 2, ffn_dim: int = 128, max_seq_len: int = 256,
+             bos_id: int | None = None) -> "Engine":
+        """A deterministic random model for tests: same code path as a real one."""
+        rng = np.random.default_rng(seed)
+        hs = dim // n_head
+        cfg = Config(vocab_size=vocab_size, dim=dim, n_layer=n_layer, n_head=n_head,
+                     n_kv_head=n_kv_head, head_dim=hs, ffn_dim=ffn_dim, rope_theta=10000.0,
+                     norm_eps=1e-5, max_seq_len=max_seq_len,
+                     bos_id=vocab_size - 1 if bos_id is None else bos_id)
+        g = lambda *s, std=1.0: rng.normal(0, std, size=s)
+        f = {"tok_emb": g(vocab_size, dim), "norm": 1 + g(dim, std=0.1)}
+        for i in range(n_layer):
+            p = f"l{i}."
+            f |= {p + "attn_norm": 1 + g(dim, std=0.1), p + "ffn_norm": 1 + g(dim, std=0.1),
+                  p + "wq": g(n_head * hs, dim, std=dim ** -0.5),
+                  p + "wk": g(n_kv_head * hs, dim, std=dim ** -0.5),
+                  p + "wv": g(n_kv_head * hs, dim, std=dim ** -0.5),
+                  p + "wo": g(dim, n_head * hs, std=(n_head * hs) ** -0.5),
+                  p + "w_gate": g(ffn_dim, dim, std=dim ** -0.5),
+                  p + "w_up": g(ffn_dim, dim, std=dim ** -0.5),
+                  p + "w_down": g(dim, ffn_dim, std=ffn_dim ** -0.5)}
+        return cls(cfg, prepare_weights(cfg, f))
+
+    # ---- forward ----------------------------------------------------------------------------------
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = self._t
+        return t["tok_emb.q"][tokens].to(torch.float64) * t["tok_emb.s"][tokens].unsqueeze(-1)
+
+    def _qkv(self, i: int, x: torch.Tensor, pos0: int):
+        """x (B, T, D) -> q (B, nh, T, hs) quantised with its per-row scale, k and v (B, nkv, T, hs)
+        as integers on the fixed per-channel grid."""
+        c, t, p = self.config, self._t, f"l{i}."
+        B, T, _ = x.shape
+        hs, nh, nkv = c.head_dim, c.n_head, c.n_kv_head
+        h = _rmsnorm(x, t[p + "attn_norm"], c.norm_eps)
+        qkv = _linear(h, t[p + "qkv.q"], t[p + "qkv.s"])
+        q, k, v = qkv.split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+        cos, sin = self._cos[pos0:pos0 + T], self._sin[pos0:pos0 + T]
+        q = _rope(q.view(B, T, nh, hs).transpose(1, 2), cos, sin)   # (B, nh, T, hs)
+        k = _rope(k.view(B, T, nkv, hs).transpose(1, 2), cos, sin)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)
+        # keys/values: fixed power-of-two scale per channel (exact division), clamp is a safety net
+        kscale, vscale = self._kvscale[i]                                # (nkv, 1, hs)
+        lim = float(2 ** KV_BITS)
+        ki = torch.round(k / kscale).clamp(-lim, lim)
+        vi = torch.round(v / vscale).clamp(-lim, lim)
+        # fold the key scale into q, then quantise q per (token, head) to Q_BITS
+        g = nh // nkv
+        q = q * kscale.repeat_interleave(g, dim=0)
+        m = q.abs().amax(dim=-1, keepdim=True)
+        qs = torch.where(m > 0, m / 2 ** Q_BITS, torch.ones_like(m))  # (B, nh, T, 1)
+        qi = torch.round(q / qs)
+        return qi, qs, ki, vi, vscale
+
+    def _attend(self, qi, qs, ki, vi, vscale, q_pos0: int) -> torch.Tensor:
+        """qi (B, nh, Tq, hs) at positions q_pos0.., ki/vi (B, nkv, Tk, hs) at positions 0..Tk-1.
+        Query t sees keys 0..q_pos0+t. Returns (B, Tq, nh*hs) float64."""
+        c = self.config
+        B, nh, Tq, hs = qi.shape
+        Tk = ki.shape[2]
+        g = nh // c.n_kv_head
+        kk = ki.repeat_interleave(g, dim=1)                          # (B, nh, Tk, hs)
+        vv = vi.repeat_interleave(g, dim=1)
+        s = qi @ kk.transpose(-1, -2)                                # (B, nh, Tq, Tk) ints < 2^41
+        if Tq > 1 or Tk > q_pos0 + 1:
+            future = (torch.arange(Tk, device=s.device)[None, :]
+                      > torch.arange(q_pos0, q_pos0 + Tq, device=s.device)[:, None])
+            s = s.masked_fill(future, float("-inf"))
+        d = s.amax(dim=-1, keepdim=True) - s                         # exact, >= 0 (inf if masked)
+        # table index = d * (score unit in nats) * 2^EXP_RES_BITS
+        f = qs * (2.0 ** EXP_RES_BITS / math.sqrt(hs))
+        idx = torch.round(d * f).clamp(max=self._exp.numel() - 1).long()
+        pr = self._exp[idx]                                          # ints <= 2^20
+        l = pr.sum(dim=-1, keepdim=True)                             # exact, < 2^33
+        o = pr @ vv                                                  # ints < 2^40 * Tk <= 2^52
+        vsc = vscale.repeat_interleave(g, dim=0)                     # (nh, 1, hs)
+        o = o * vsc
+        o = o / l
+        return o.transpose(1, 2).reshape(B, Tq, nh * hs)
+
+    def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        c, t, p = self.config, self._t, f"l{i}."
+        h = _rmsnorm(x, t[p + "ffn_norm"], c.norm_eps)
+        gu = _linear(h, t[p + "gate_up.q"], t[p + "gate_up.s"])
+        gate, up = gu.split([c.ffn_dim, c.ffn_dim], dim=-1)
+        return _linear(_silu(gate, self._sig) * up, t[p + "down.q"], t[p + "down.s"])
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, D) -> int32 frequencies (N, V): every entry >= 1, total <= 2^FREQ_TOTAL_BITS."""
+        c, t = self.config, self._t
+        w = "tok_emb" if c.tied_embeddings else "lm_head"
+        out = torch.empty(x.shape[0], c.vocab_size, dtype=torch.int32, device=x.device)
+        budget = 2 ** FREQ_TOTAL_BITS - c.vocab_size
+        for r in range(0, x.shape[0], 256):                          # bounds (rows, V) temporaries
+            h = _rmsnorm(x[r:r + 256], t["norm"], c.norm_eps)
+            logits = _linear(h, t[w + ".q"], t[w + ".s"])
+            d = logits.amax(dim=-1, keepdim=True) - logits
+            idx = torch.round(d * 2.0 ** LOGIT_RES_BITS).clamp(max=self._lexp.numel() - 1).long()
+            e = self._lexp[idx]                                      # int64 <= 2^30
+            total = e.sum(dim=-1, keepdim=True)                      # exact, >= 2^30
+            out[r:r + 256] = (e * budget // total + 1).to(torch.int32)  # e*budget < 2^54
+        return out
+
+    def _check(self, tokens: torch.Tensor) -> None:
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+            raise ValueError("token id out of range")
+
+    @torch.no_grad()
+    def freqs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) -> int32 (B, T, V); row t = frequencies of the token at t+1."""
+        B, T = tokens.shape
+        if T > self.max_seq_len:
+            raise ValueError(f"segment of {T} tokens exceeds max_seq_len {self.max_seq_len}")
+        self._check(tokens)
+        tokens = tokens.to(self.device)
+        x = self._embed(tokens)                                      # (B, T, D)
+        for i in range(self.config.n_layer):
+            qi, qs, ki, vi, vscale = self._qkv(i, x, 0)
+            a = torch.cat([self._attend(qi[b:b + 1], qs[b:b + 1], ki[b:b + 1], vi[b:b + 1],
+                                        vscale, 0) for b in range(B)])  # per row: bounded memory
+            p = f"l{i}."
+            x = x + _linear(a, self._t[p + "wo.q"], self._t[p + "wo.s"])
+            x = x + self._mlp(i, x)
+        return self._head(x.reshape(B * T, -1)).view(B, T, -1)
+
+    def start(self, batch: int, max_len: int) -> State:
+        if max_len > self.max_seq_len:
+            raise ValueError(f"max_len {max_len} exceeds max_seq_len {self.max_seq_len}")
+        c = self.config
+        shape = (batch, c.n_kv_head, max_len, c.head_dim)
+        z = lambda: torch.zeros(shape, dtype=torch.float64, device=self.device)
+        return State([z() for _ in range(c.n_layer)], [z() for _ in range(c.n_layer)], 0, max_len)
+
+    @torch.no_grad()
+    def step(self, state: State, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B,) at position state.pos -> int32 (B, V), equal to freqs() at that position."""
+        if state.pos >= state.max_len:
+            raise ValueError("KV cache full")
+        self._check(tokens)
+        pos = state.pos
+        x = self._embed(tokens.to(self.device).view(-1, 1))         # (B, 1, D)
+        for i in range(self.config.n_layer):
+            qi, qs, ki, vi, vscale = self._qkv(i, x, pos)
+            state.k[i][:, :, pos:pos + 1] = ki
+            state.v[i][:, :, pos:pos + 1] = vi
+            a = self._attend(qi, qs, state.k[i][:, :, :pos + 1], state.v[i][:, :, :pos + 1],
+                             vscale, pos)
+            p = f"l{i}."
+            x = x + _linear(a, self._t[p + "wo.q"], self._t[p + "wo.s"])
+            x = x + self._mlp(i, x)
+        state.pos += 1
+        return self._head(x[:, 0])
+
+
+__all__ = ["ENGINE_VERSION", "Config", "Engine", "State", "prepare_weights", "quantize_weight"]
