@@ -17,10 +17,23 @@ from .tokenizer import ByteLevelBPE, ByteTokenizer, UnsupportedTokenizer
 DEFAULT_DEVICE = "cpu"
 
 
+# Spec of the built-in test model: Engine.tiny(seed) with the byte tokenizer ("tiny" = "tiny:0").
+# Random weights, so it compresses nothing; it exists so that the CLI can be tested in seconds.
+TINY_SPEC = "tiny"
+
+
 def load(spec: str | None = None, cache_dir=None):
     """loader.load: a model spec (None = the default model) -> LoadedModel."""
     from .loader import load as _load
     return _load(spec, cache_dir=cache_dir)
+
+
+def _tiny_seed(spec: str | None) -> int | None:
+    if spec == TINY_SPEC:
+        return 0
+    if spec and spec.startswith(TINY_SPEC + ":") and spec[len(TINY_SPEC) + 1:].isdigit():
+        return int(spec[len(TINY_SPEC) + 1:])
+    return None
 
 
 def resolve_device(device: str | None) -> str:
@@ -36,16 +49,21 @@ def resolve_device(device: str | None) -> str:
 def open_codec(spec: str | None = None, batch: int = 16, threads: int | None = None,
                device: str | None = DEFAULT_DEVICE, segment_tokens: int = SEGMENT_TOKENS) -> LMCodec:
     """Load a model and wrap it in an LMCodec, on `device` ('cpu', 'cuda' or 'auto')."""
-    loaded = load(spec)
+    seed = _tiny_seed(spec)
+    if seed is not None:
+        from .engine import Engine
+        engine, tokenizer = Engine.tiny(seed=seed), ByteTokenizer()
+    else:
+        loaded = load(spec)
+        engine, tokenizer = loaded.engine, _tokenizer_of(loaded)
     dev = resolve_device(device)
-    engine = loaded.engine
     if str(getattr(engine, "device", "cpu")) != dev:
         if not hasattr(engine, "to"):
             raise RuntimeError(f"this engine cannot move to device {dev!r}")
         moved = engine.to(dev)
         if moved is not None:
             engine = moved
-    return LMCodec((engine, _tokenizer_of(loaded)), batch=batch, threads=threads,
+    return LMCodec((engine, tokenizer), batch=batch, threads=threads,
                    segment_tokens=segment_tokens)
 
 
@@ -54,5 +72,5 @@ def _tokenizer_of(loaded):
     return from_json(getattr(loaded, "tokenizer_json", None))
 
 
-__all__ = ["LMCodec", "load", "open_codec", "resolve_device", "ByteTokenizer", "ByteLevelBPE",
+__all__ = ["LMCodec", "load", "open_codec", "TINY_SPEC", "resolve_device", "ByteTokenizer", "ByteLevelBPE",
            "UnsupportedTokenizer", "PAYLOAD_VERSION", "SEGMENT_TOKENS"]
