@@ -139,16 +139,20 @@ class LMCodec:
 
     def encode_payload(self, data: bytes) -> bytes:
         """Always LM-code `data` (tests use it on adversarial bytes that encode() would skip)."""
-        tokens = self.tokenizer.encode(bytes(data))
-        per_seg = self.segment_tokens - 1
-        segments = [tokens[i:i + per_seg] for i in range(0, len(tokens), per_seg)]
+        segments = self.segments(data)
         streams = self._encode_segments(segments)
         head = bytearray([PAYLOAD_VERSION])
-        _put_varint(head, len(tokens))
-        _put_varint(head, per_seg)
+        _put_varint(head, sum(len(s) for s in segments))
+        _put_varint(head, self.segment_tokens - 1)
         for words in streams:
             _put_varint(head, len(words))
         return bytes(head) + b"".join(w.astype("<u4").tobytes() for w in streams)
+
+    def segments(self, data: bytes) -> list[list[int]]:
+        """The token ids of `data` cut into the segments the payload codes (BOS not included)."""
+        tokens = self.tokenizer.encode(bytes(data))
+        per_seg = self.segment_tokens - 1
+        return [tokens[i:i + per_seg] for i in range(0, len(tokens), per_seg)]
 
     def _encode_segments(self, segments: list[list[int]]) -> list[np.ndarray]:
         engine = self.engine
