@@ -58,6 +58,8 @@ EXP_RES_BITS = 10     # attention exp table step: 2^-10 in score units (softmax 
 LOGIT_EXP_BITS = 30   # logit exp table values <= 2^30 ...
 LOGIT_RES_BITS = 12   # ... at steps of 2^-12 nats
 SIG_RES_BITS = 8      # sigmoid table step 2^-8, linear interpolation (error < 1e-6)
+# queries per attention block: 128 keeps a (B=8, 9 heads) score block < 100 MB at 1024 keys
+ATTN_BLOCK = 128
 SIG_RANGE = 24        # sigmoid(x) for |x| > 24 is 0 or 1 to within 4e-11
 
 
@@ -211,16 +213,18 @@ def _linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
     and both halves go through one int8 GEMM. |acc| <= 127*127*K < 2^31 for K < 133k."""
     shape = x.shape
     x = x.reshape(-1, shape[-1])
+    n, k = x.shape
     m = x.abs().amax(dim=1, keepdim=True)
     s = torch.where(m > 0, m / ACT_MAX, torch.ones_like(m))        # (M, 1)
     xq = torch.round(x / s)
     hi = torch.round(xq / 128)
     lo = xq - hi * 128
-    acc = torch._int_mm(torch.cat([hi, lo]).to(torch.int8), w.t()).to(torch.float64)
-    n = x.shape[0]
-    y = acc[:n] * 128 + acc[n:]                                     # exact: |y| < 2^38
-    y = y * ws
-    y = y * s
+    acc = torch._int_mm(torch.cat([hi, lo]).to(torch.int8), w.t())
+    if k * (127 * 127 * 128 + 127 * 64) < 2 ** 31:                 # K <= 1030: combine in int32
+        y = acc[:n].mul_(128).add_(acc[n:]).to(torch.float64)
+    else:
+        y = acc[:n].to(torch.float64).mul_(128).add_(acc[n:])    # exact: |y| < 2^38
+    y = y.mul_(ws).mul_(s)
     return y.reshape(*shape[:-1], w.shape[0])
 
 
@@ -286,6 +290,8 @@ class Engine:
         # 2^(e - KV_BITS) exactly (np.ldexp), not exp2 of a float on the device
         sc = lambda e: torch.from_numpy(np.ldexp(1.0, e.numpy() - KV_BITS)).view(
             config.n_kv_head, 1, config.head_dim).to(self.device)
+        w = "tok_emb" if config.tied_embeddings else "lm_head"
+        self._head_scale = self._t[w + ".s"] * 2.0 ** LOGIT_RES_BITS
         self._kvscale = [(sc(tensors[f"l{i}.k_exp"]), sc(tensors[f"l{i}.v_exp"]))
                          for i in range(config.n_layer)]
 
@@ -364,29 +370,37 @@ class Engine:
 
     def _attend(self, qi, qs, ki, vi, vscale, q_pos0: int) -> torch.Tensor:
         """qi (B, nh, Tq, hs) at positions q_pos0.., ki/vi (B, nkv, Tk, hs) at positions 0..Tk-1.
-        Query t sees keys 0..q_pos0+t. Returns (B, Tq, nh*hs) float64."""
-        c = self.config
+        Query t sees keys 0..q_pos0+t. Returns (B, Tq, nh*hs) float64.
+        Queries go in blocks of ATTN_BLOCK that only read the keys they can see: causal attention
+        then costs ~T^2/2, and the (block, keys) temporaries stay small. A row's result does not
+        depend on the blocking: masked keys get weight exactly 0 and every sum is exact."""
+        out = [self._attend_block(qi[:, :, a:a + ATTN_BLOCK], qs[:, :, a:a + ATTN_BLOCK],
+                                  ki[:, :, :q_pos0 + a + ATTN_BLOCK],
+                                  vi[:, :, :q_pos0 + a + ATTN_BLOCK], vscale, q_pos0 + a)
+               for a in range(0, qi.shape[2], ATTN_BLOCK)]
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+    def _attend_block(self, qi, qs, ki, vi, vscale, q_pos0: int) -> torch.Tensor:
         B, nh, Tq, hs = qi.shape
-        Tk = ki.shape[2]
-        g = nh // c.n_kv_head
-        kk = ki.repeat_interleave(g, dim=1)                          # (B, nh, Tk, hs)
-        vv = vi.repeat_interleave(g, dim=1)
-        s = qi @ kk.transpose(-1, -2)                                # (B, nh, Tq, Tk) ints < 2^41
-        if Tq > 1 or Tk > q_pos0 + 1:
+        nkv, Tk = ki.shape[1], ki.shape[2]
+        g = nh // nkv
+        # query heads grouped under their key/value head (GQA) instead of repeating k and v
+        q = qi.reshape(B, nkv, g * Tq, hs)
+        s = q @ ki.transpose(-1, -2)                                 # (B, nkv, g*Tq, Tk) ints < 2^41
+        if Tk > q_pos0 + 1:
             future = (torch.arange(Tk, device=s.device)[None, :]
                       > torch.arange(q_pos0, q_pos0 + Tq, device=s.device)[:, None])
-            s = s.masked_fill(future, float("-inf"))
-        d = s.amax(dim=-1, keepdim=True) - s                         # exact, >= 0 (inf if masked)
+            s.view(B, nkv, g, Tq, Tk).masked_fill_(future, float("-inf"))
+        d = s.sub_(s.amax(dim=-1, keepdim=True)).neg_()               # max - s: exact, inf if masked
         # table index = d * (score unit in nats) * 2^EXP_RES_BITS
-        f = qs * (2.0 ** EXP_RES_BITS / math.sqrt(hs))
-        idx = torch.round(d * f).clamp(max=self._exp.numel() - 1).long()
+        f = qs.reshape(B, nkv, g * Tq, 1) * (2.0 ** EXP_RES_BITS / math.sqrt(hs))
+        idx = d.mul_(f).round_().clamp_(max=self._exp.numel() - 1).long()
         pr = self._exp[idx]                                          # ints <= 2^20
         l = pr.sum(dim=-1, keepdim=True)                             # exact, < 2^33
-        o = pr @ vv                                                  # ints < 2^40 * Tk <= 2^52
-        vsc = vscale.repeat_interleave(g, dim=0)                     # (nh, 1, hs)
-        o = o * vsc
+        o = pr @ vi                                                  # ints < 2^40 * Tk <= 2^52
+        o = o * vscale                                               # (nkv, 1, hs) broadcast
         o = o / l
-        return o.transpose(1, 2).reshape(B, Tq, nh * hs)
+        return o.view(B, nkv, g, Tq, hs).reshape(B, nh, Tq, hs).transpose(1, 2).reshape(B, Tq, nh * hs)
 
     def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
         c, t, p = self.config, self._t, f"l{i}."
@@ -403,12 +417,13 @@ class Engine:
         budget = 2 ** FREQ_TOTAL_BITS - c.vocab_size
         for r in range(0, x.shape[0], 256):                          # bounds (rows, V) temporaries
             h = _rmsnorm(x[r:r + 256], t["norm"], c.norm_eps)
-            logits = _linear(h, t[w + ".q"], t[w + ".s"])
-            d = logits.amax(dim=-1, keepdim=True) - logits
-            idx = torch.round(d * 2.0 ** LOGIT_RES_BITS).clamp(max=self._lexp.numel() - 1).long()
+            # logits * 2^LOGIT_RES_BITS: the power of two is folded into the weight scale (exact)
+            z = _linear(h, t[w + ".q"], self._head_scale)
+            d = z.sub_(z.amax(dim=-1, keepdim=True)).neg_()          # max - z >= 0
+            idx = d.round_().clamp_(max=self._lexp.numel() - 1).long()
             e = self._lexp[idx]                                      # int64 <= 2^30
             total = e.sum(dim=-1, keepdim=True)                      # exact, >= 2^30
-            out[r:r + 256] = (e * budget // total + 1).to(torch.int32)  # e*budget < 2^54
+            out[r:r + 256] = e.mul_(budget).floor_divide_(total).add_(1)  # e*budget < 2^54
         return out
 
     def _check(self, tokens: torch.Tensor) -> None:
@@ -426,8 +441,7 @@ class Engine:
         x = self._embed(tokens)                                      # (B, T, D)
         for i in range(self.config.n_layer):
             qi, qs, ki, vi, vscale = self._qkv(i, x, 0)
-            a = torch.cat([self._attend(qi[b:b + 1], qs[b:b + 1], ki[b:b + 1], vi[b:b + 1],
-                                        vscale, 0) for b in range(B)])  # per row: bounded memory
+            a = self._attend(qi, qs, ki, vi, vscale, 0)
             p = f"l{i}."
             x = x + _linear(a, self._t[p + "wo.q"], self._t[p + "wo.s"])
             x = x + self._mlp(i, x)

@@ -1,0 +1,113 @@
+"""Measure the exact engine: tokens/s of freqs (parallel, batch of 1024-token segments) and of step
+(batched incremental decoding) against the machine's int8 GEMM peak measured in the same run, and
+bits/token of the exact engine vs the float32 reference on real text.
+
+    .venv/bin/python bench/engine_bench.py [--threads 1] [--batch 2] [--step-batch 16] [--steps 64]
+                                           [--segments 2] [FILE ...]
+
+Ops per token: 2 * (linear-layer parameters + LM head) = ~269 MOP for SmolLM2-135M (attention's
+T-dependent work is extra and not counted, as in the roofline of ARCHITECTURE.md §4).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from codec.lm import loader, reference  # noqa: E402
+
+DEFAULT_FILES = ["/usr/share/common-licenses/GPL-3", "/usr/lib/python3.11/argparse.py"]
+
+
+def int8_peak(seconds: float = 1.0) -> float:
+    """Best int8 _int_mm throughput (ops/s, ops = 2*M*N*K) on the model's GEMM shapes."""
+    best = 0.0
+    for m, k, n in [(1024, 576, 1536), (1024, 1536, 576)]:
+        a = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+        b = torch.randint(-127, 128, (n, k), dtype=torch.int8).t()
+        torch._int_mm(a, b)
+        t0, reps = time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds / 2:
+            t1 = time.perf_counter()
+            torch._int_mm(a, b)
+            best = max(best, 2 * m * n * k / (time.perf_counter() - t1))
+            reps += 1
+    return best
+
+
+def ops_per_token(c) -> int:
+    per_layer = c.dim * (c.n_head + 2 * c.n_kv_head) * c.head_dim + c.n_head * c.head_dim * c.dim \
+        + 3 * c.dim * c.ffn_dim
+    return 2 * (c.n_layer * per_layer + c.vocab_size * c.dim)
+
+
+def segments_of(tok, bos: int, path: str, seg_tokens: int, limit: int) -> list[list[int]]:
+    text = open(path, encoding="utf-8", errors="replace").read()
+    ids = tok.encode(text).ids
+    body = seg_tokens - 1
+    return [[bos] + ids[i:i + body] for i in range(0, len(ids), body)][:limit]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="*", default=DEFAULT_FILES)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=2, help="segments per freqs call")
+    ap.add_argument("--seg-tokens", type=int, default=1024)
+    ap.add_argument("--step-batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--segments", type=int, default=2, help="segments per file for bits/token")
+    ap.add_argument("--no-reference", action="store_true")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+
+    m = loader.load()
+    e = m.engine
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_str(m.tokenizer_json)
+    segs = {f: segments_of(tok, e.bos_id, f, a.seg_tokens, a.segments) for f in a.files}
+    opt = ops_per_token(e.config)
+    peak = int8_peak()
+    print(f"threads {a.threads}; int8 _int_mm peak {peak / 1e9:.0f} GOP/s; "
+          f"{opt / 1e6:.0f} MOP/token -> roofline {peak / opt:.0f} tokens/s")
+
+    # encoding: one parallel pass over a batch of full segments
+    allsegs = [s for v in segs.values() for s in v if len(s) == a.seg_tokens]
+    batch = torch.tensor((allsegs * a.batch)[:a.batch])
+    e.freqs(batch[:, :64])                                         # warm up
+    t0 = time.perf_counter()
+    e.freqs(batch)
+    dt = time.perf_counter() - t0
+    tps = batch.numel() / dt
+    print(f"freqs  batch {a.batch}x{a.seg_tokens}: {tps:7.0f} tokens/s = "
+          f"{tps * opt / peak * 100:5.1f} % of int8 peak")
+
+    # decoding: step a batch of rows through the first `steps` positions
+    state = e.start(a.step_batch, a.steps)
+    rows = batch[torch.arange(a.step_batch) % batch.shape[0], :a.steps]
+    e.step(e.start(a.step_batch, 1), rows[:, 0])                  # warm up
+    t0 = time.perf_counter()
+    for t in range(a.steps):
+        e.step(state, rows[:, t])
+    dt = time.perf_counter() - t0
+    tps = a.step_batch * a.steps / dt
+    print(f"step   batch {a.step_batch}, positions 0..{a.steps - 1}: {tps:7.0f} tokens/s = "
+          f"{tps * opt / peak * 100:5.1f} % of int8 peak ({dt / a.steps * 1e3:.0f} ms/step)")
+
+    if a.no_reference:
+        return
+    for f, ss in segs.items():
+        n = sum(len(s) - 1 for s in ss)
+        ex = reference.exact_bits(e, ss)
+        fl = reference.cross_entropy_bits(m, ss)
+        print(f"{os.path.basename(f):14s} {n:6d} tokens: exact {ex / n:.4f} bits/token, "
+              f"float32 {fl / n:.4f}, exact/float {(ex / fl - 1) * 100:+.2f} %")
+
+
+if __name__ == "__main__":
+    main()
