@@ -10,6 +10,15 @@ from codec.lm import loader
 from codec.lm.loader import DEFAULT_MODEL, UnsupportedModel
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """CI shares 2 cores; oversubscribed OpenMP threads make small real-model steps ~70x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     cache = tmp_path_factory.mktemp("models")
