@@ -13,6 +13,7 @@ Lifecycle of a mount (the daemon):
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import subprocess
@@ -93,6 +94,12 @@ def serve(args, ready_fd: int | None) -> int:
             ready_fd = None
 
     try:
+        try:
+            os.stat(mountpoint)
+        except OSError as e:
+            if e.errno == errno.ENOTCONN:
+                raise MountError(f"{args.mountpoint} is the mount of a daemon that died; run "
+                                 f"`llmfs umount {args.mountpoint}` first") from None
         if not os.path.isdir(mountpoint):
             raise MountError(f"mount point {args.mountpoint} is not a directory")
         if os.path.ismount(mountpoint):
@@ -135,8 +142,9 @@ def serve(args, ready_fd: int | None) -> int:
 
 def start_daemon(args) -> int:
     """Start `llmfs mount -f` detached and wait until it reports the mount ready."""
-    if not os.path.isdir(args.store):
-        print(f"llmfs mount: {args.store} is not an llmfs store", file=sys.stderr)
+    if not os.path.isfile(os.path.join(args.store, "data.mdb")):
+        print(f"llmfs mount: {args.store} is not an llmfs store (no data.mdb); create one with "
+              f"`llmfs mkfs {args.store}`", file=sys.stderr)
         return 1
     read_fd, write_fd = os.pipe()
     cmd = [sys.executable, "-m", "llmfs.cli"] + (["--debug"] if args.debug else []) + [

@@ -439,17 +439,18 @@ class Store:
             self.release_lock()
             raise NotAStore(f"{path} is an LMDB environment but not an llmfs store") from None
         with self.read() as t:
-            if t.meta("magic") != MAGIC:
-                self.close()
-                raise NotAStore(f"{path} is not an llmfs store (bad magic)")
-            version = _U32.unpack(t.meta("format"))[0]
-            if version != FORMAT_VERSION:
-                self.close()
-                raise UnsupportedFormat(
-                    f"{path} has store format version {version}; this llmfs reads version "
-                    f"{FORMAT_VERSION}")
-            self.block_size = _U32.unpack(t.meta("block_size"))[0]
-            self.model_spec = (t.meta("model") or b"").decode()
+            magic, version = t.meta("magic"), t.meta("format")
+            block_size, model = t.meta("block_size"), t.meta("model")
+        version = _U32.unpack(version)[0] if version and len(version) == 4 else None
+        if magic != MAGIC or version is None:
+            self.close()
+            raise NotAStore(f"{path} is not an llmfs store (bad magic)")
+        if version != FORMAT_VERSION:
+            self.close()
+            raise UnsupportedFormat(f"{path} has store format version {version}; this llmfs "
+                                    f"reads version {FORMAT_VERSION}")
+        self.block_size = _U32.unpack(block_size)[0]
+        self.model_spec = (model or b"").decode()
         self._write_lock = threading.Lock()
 
     @classmethod

@@ -43,8 +43,14 @@ def daemon_pid(store: Path) -> int | None:
     return None
 
 
+def in_proc_mounts(mnt: Path) -> bool:
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == str(mnt) for line in f)
+
+
 def force_unmount(mnt: Path) -> None:
-    if os.path.ismount(mnt):
+    """Detach a mount even if its daemon is dead (stat on it then fails with ENOTCONN)."""
+    if in_proc_mounts(mnt):
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
 
 
@@ -53,6 +59,7 @@ class Mount:
     store: Path
     mnt: Path
     allowed_errors: tuple = ()
+    fsck_after: bool = True  # the fixture runs fsck on the store after the final unmount
 
     def mount(self, *opts) -> None:
         llmfs("mount", self.store, self.mnt, *opts)
@@ -94,7 +101,7 @@ def mounted(tmp_path):
     try:
         yield m
     finally:
-        if os.path.ismount(m.mnt):
+        if in_proc_mounts(m.mnt):
             res = llmfs("umount", m.mnt, check=False)
             if res.returncode != 0:
                 force_unmount(m.mnt)
@@ -104,6 +111,9 @@ def mounted(tmp_path):
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:
                         pass
+    if m.fsck_after:
+        res = llmfs("fsck", m.store, check=False)
+        assert res.returncode == 0, f"fsck after the test:\n{res.stdout}{res.stderr}"
     bad = [line for line in m.log().splitlines()
            if ("ERROR" in line or "Traceback" in line or "CRITICAL" in line)
            and not any(a in line for a in m.allowed_errors)]
