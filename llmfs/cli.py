@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "llmfs.fsck",
     "codec.tool",
     "codec.bench",
+    "llmfs.bench",
 ]
 
 

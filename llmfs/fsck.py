@@ -146,12 +146,7 @@ def check_refcounts(s: Snapshot, t: Txn) -> list[Problem]:
             continue  # reported (and repaired) by check_blockmap
         if n != have:
             def repair(t, h=h, n=n):
-                if n:
-                    t.txn.put(h, n.to_bytes(8, "big"), db=t.db["refs"])
-                else:
-                    t.txn.delete(h, db=t.db["refs"])
-                    t.txn.delete(h, db=t.db["blocks"])
-                    t.txn.delete(h, db=t.db["pending"])
+                t.set_refcount(h, n)
             out.append(Problem("refcounts", f"block {h.hex()[:16]}: refcount {have}, "
                                f"{n} references", repair))
     return out
@@ -167,20 +162,24 @@ def check_pending(s: Snapshot, t: Txn) -> list[Problem]:
     return out
 
 
-def check_counters(s: Snapshot, t: Txn) -> list[Problem]:
+def _count(t: Txn) -> Counters:
     want = Counters.zero()
-    want.logical = sum(i.size for i in s.inodes.values() if i.is_reg)
+    want.logical = sum(i.size for _, i in t.inodes() if i.is_reg)
     for h, blob in t.blocks():
         head = peek_header(blob[:64])
         row = want.per_codec[head.codec_id]
         row[0] += 1
         row[1] += head.length
         row[2] += len(blob)
-    if want.pack() == s.counters.pack():
+    return want
+
+
+def check_counters(s: Snapshot, t: Txn) -> list[Problem]:
+    if _count(t).pack() == s.counters.pack():
         return []
 
-    def repair(t, want=want):
-        t._counters = want
+    def repair(t):  # recounted in the repair transaction, after the repairs before it
+        t._counters = _count(t)
     return [Problem("counters", "the usage counters differ from the store's contents", repair)]
 
 

@@ -339,9 +339,12 @@ class Txn:
             self._decref(old)
 
     def _decref(self, h: bytes) -> None:
-        n = self.refcount(h)
-        if n > 1:
-            self.txn.put(h, _U64.pack(n - 1), db=self.db["refs"])
+        self.set_refcount(h, self.refcount(h) - 1)
+
+    def set_refcount(self, h: bytes, n: int) -> None:
+        """Set a block's reference count; at 0 the block is deleted (counters kept exact)."""
+        if n > 0:
+            self.txn.put(h, _U64.pack(n), db=self.db["refs"])
             return
         self.txn.delete(h, db=self.db["refs"])
         blob = self.txn.get(h, db=self.db["blocks"])

@@ -94,3 +94,44 @@ def test_ordinary_tools(mounted, tmp_path):
     assert digest(mnt / "cp", times=True) == want
     res = llmfs("fsck", mounted.store, check=False)  # refused while mounted
     assert res.returncode == 8 and "in use" in res.stderr
+
+
+def test_allow_other_and_kernel_enforced_modes(tmp_path):
+    """-o allow_other: other users see the mount, the kernel checks modes (default_permissions),
+    and files they create are theirs (uid/gid from the FUSE context)."""
+    import shutil
+    import tempfile
+
+    from .conftest import Mount, force_unmount
+    if shutil.which("setpriv") is None or os.getuid() != 0:
+        pytest.skip("needs root and setpriv")
+    top = Path(tempfile.mkdtemp(prefix="llmfs-multi-", dir="/tmp"))
+    os.chmod(top, 0o755)  # tmp_path is 0700: other users could not reach the mount point
+    m = Mount(tmp_path / "store", top / "mnt")
+    m.mnt.mkdir()
+    llmfs("mkfs", m.store)
+    m.mount("-o", "allow_other")
+    try:
+        os.chmod(m.mnt, 0o755)
+        (m.mnt / "secret").write_text("root only")
+        os.chmod(m.mnt / "secret", 0o600)
+        (m.mnt / "public").write_text("everyone")
+        (m.mnt / "shared").mkdir(mode=0o1777)
+        os.chmod(m.mnt / "shared", 0o1777)
+
+        def as_nobody(*cmd):
+            return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                   *cmd], capture_output=True, text=True)
+        assert as_nobody("cat", str(m.mnt / "public")).stdout == "everyone"
+        res = as_nobody("cat", str(m.mnt / "secret"))
+        assert res.returncode != 0 and "Permission denied" in res.stderr
+        assert as_nobody("touch", str(m.mnt / "nope")).returncode != 0
+        assert as_nobody("sh", "-c", f"echo mine > {m.mnt}/shared/n").returncode == 0
+        st = os.stat(m.mnt / "shared" / "n")
+        assert (st.st_uid, st.st_gid) == (65534, 65534)
+        res = as_nobody("rm", "-f", str(m.mnt / "secret"))  # root's dir: not writable
+        assert res.returncode != 0 and (m.mnt / "secret").exists()
+        m.umount()
+    finally:
+        force_unmount(m.mnt)
+        shutil.rmtree(top, ignore_errors=True)

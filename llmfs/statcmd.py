@@ -1,0 +1,122 @@
+"""`llmfs stat PATH`: how much a store, a mount or one file takes, per codec.
+
+PATH may be a store directory, a mount point, or a file or directory inside a mount. The store is
+read in one LMDB read transaction alongside the running daemon (LMDB readers never block the
+writer); writes the daemon still buffers are not counted until they are flushed.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from codec import CODEC_NAMES
+from codec.registry import peek_header
+
+from .store import Store, StoreError
+from .umount import _unescape
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def find_store(path: str) -> tuple[str, str | None]:
+    """(store path, path inside the mount or None) for PATH."""
+    path = os.path.realpath(path)
+    if os.path.isfile(os.path.join(path, "data.mdb")):
+        return path, None
+    best = None
+    with open("/proc/mounts") as f:
+        for line in f:
+            source, target, fstype = line.split()[:3]
+            target = _unescape(target)
+            if fstype == "fuse.llmfs" and (path == target or path.startswith(target + "/")):
+                if best is None or len(target) > len(best[1]):
+                    best = (_unescape(source), target)
+    if best is None:
+        raise StoreError(f"{path} is neither an llmfs store nor inside an llmfs mount")
+    return best[0], path
+
+
+def store_report(store: Store) -> list[tuple[str, str]]:
+    with store.read() as t:
+        c = t.counters
+        pending = 0
+        for h, _ in t.pending():
+            blob = t.container(h)
+            if blob is not None:
+                pending += peek_header(blob[:64]).length
+        clean = t.meta("clean") == b"1"
+    rows = [("store", store.path), ("block size", human(store.block_size)),
+            ("logical bytes", f"{c.logical} ({human(c.logical)})")]
+    unique = sum(r[1] for r in c.per_codec)
+    stored = c.stored
+    for cid, (n, plain, size) in enumerate(c.per_codec):
+        if n:
+            rows.append((f"stored {CODEC_NAMES.get(cid, cid)}",
+                         f"{size} ({human(size)}) in {n} blocks holding {human(plain)}"))
+    lm_plain = c.per_codec[2][1] if len(c.per_codec) > 2 else 0
+    rows += [
+        ("stored bytes", f"{stored} ({human(stored)})"),
+        ("unique block bytes", f"{unique} ({human(unique)}); dedup and holes save "
+                               f"{human(max(c.logical - unique, 0))}"),
+        ("LM-compressed fraction", f"{lm_plain / unique:.1%}" if unique else "-"),
+        ("pending compaction", f"{pending} ({human(pending)})"),
+        ("ratio", f"{c.logical / stored:.2f}x" if stored else "-"),
+        ("state", "clean" if clean else "mounted or not cleanly unmounted"),
+    ]
+    return rows
+
+
+def file_report(store: Store, path: str) -> list[tuple[str, str]]:
+    ino = os.lstat(path).st_ino
+    with store.read() as t:
+        inode = t.inode(ino)
+        if inode is None:
+            raise StoreError(f"{path}: inode {ino} is not in the store (not flushed yet?)")
+        per_codec: dict[int, list[int]] = {}
+        hashes = t.block_hashes(ino, 0, (1 << 64) - 1)
+        for h in hashes.values():
+            blob = t.container(h)
+            head = peek_header(blob[:64])
+            row = per_codec.setdefault(head.codec_id, [0, 0])
+            row[0] += 1
+            row[1] += len(blob)
+    stored = sum(r[1] for r in per_codec.values())
+    rows = [("file", path), ("inode", str(ino)), ("logical bytes", str(inode.size))]
+    for cid, (n, size) in sorted(per_codec.items()):
+        rows.append((f"stored {CODEC_NAMES.get(cid, cid)}", f"{size} in {n} blocks"))
+    rows += [("stored bytes", str(stored)),
+             ("ratio", f"{inode.size / stored:.2f}x" if stored else "-")]
+    return rows
+
+
+def register(sub) -> None:
+    p = sub.add_parser("stat", help="space used by a store, a mount or a file, per codec")
+    p.add_argument("path")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    try:
+        store_path, inner = find_store(args.path)
+        store = Store(store_path, lock=False)
+    except (StoreError, OSError) as e:
+        print(f"llmfs stat: {e}", file=sys.stderr)
+        return 1
+    try:
+        mount_root = inner is not None and os.path.ismount(inner)
+        rows = store_report(store) if inner is None or mount_root else file_report(store, inner)
+    except (StoreError, OSError) as e:
+        print(f"llmfs stat: {e}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
