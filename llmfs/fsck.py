@@ -17,9 +17,14 @@ from typing import Callable
 from codec import ContainerError, Registry
 from codec.registry import peek_header
 
+from .models import Models
 from .store import ROOT_INO, Counters, Store, StoreError, Txn, block_hash
 
 log = logging.getLogger("llmfs")
+
+
+# Blocks decoded together: the LM decodes the segments of a whole batch in one engine pass.
+FSCK_BATCH = 32
 
 
 @dataclass
@@ -183,27 +188,58 @@ def check_counters(s: Snapshot, t: Txn) -> list[Problem]:
     return [Problem("counters", "the usage counters differ from the store's contents", repair)]
 
 
+def check_models(s: Snapshot, t: Txn) -> list[Problem]:
+    """Every model that coded a block is recorded (so the block can be decoded again)."""
+    known = t.models()
+    missing: dict[bytes, int] = {}
+    for h, blob in t.blocks():
+        head = peek_header(blob[:64])
+        if head.fingerprint and head.fingerprint not in known:
+            missing[head.fingerprint] = missing.get(head.fingerprint, 0) + 1
+    return [Problem("models", f"{n} block(s) were coded by model {fp.hex()}, which the store "
+                    f"does not record: they cannot be decoded") for fp, n in missing.items()]
+
+
 def check_block_checksums(s: Snapshot, t: Txn, registry: Registry | None = None) -> list[Problem]:
-    """Decode every block and check it against its checksum and its content hash."""
-    registry = registry or Registry()
+    """Decode every block (LM blocks with the model that coded them, as one batch per model) and
+    check it against its checksum and its content hash."""
+    registry = registry or Registry(model_resolver=Models(t.store).resolve)
     users = defaultdict(list)
     for ino, idx, h in s.blockmap:
         users[h].append((ino, idx))
     out = []
-    for h, blob in t.blocks():
+
+    def verify(batch: list[tuple[bytes, bytes]]) -> None:
+        error = None
         try:
-            data = registry.decode(blob)
-            if block_hash(data) != h:
-                raise ContainerError("content does not match its hash")
+            decoded = registry.decode_many([blob for _, blob in batch])
         except ContainerError as e:
-            files = ", ".join(sorted({f"{s.path(ino)} (block {idx})" for ino, idx in users[h]}))
-            out.append(Problem("block_checksums", f"block {h.hex()[:16]} is corrupt ({e}); "
-                               f"affected: {files or 'no file'}"))
+            if len(batch) > 1:  # find the bad one(s)
+                for item in batch:
+                    verify([item])
+                return
+            decoded, error = [None], e
+        for (h, _), data in zip(batch, decoded):
+            if data is None or block_hash(data) != h:
+                why = error if data is None else "content does not match its hash"
+                files = ", ".join(sorted({f"{s.path(ino)} (block {idx})"
+                                          for ino, idx in users[h]}))
+                out.append(Problem("block_checksums", f"block {h.hex()[:16]} is corrupt "
+                                   f"({why}); affected: {files or 'no file'}"))
+
+    batch: list[tuple[bytes, bytes]] = []
+    for h, blob in t.blocks():
+        batch.append((h, blob))
+        if len(batch) == FSCK_BATCH:
+            verify(batch)
+            batch = []
+    if batch:
+        verify(batch)
     return out
 
 
 CHECKS = [check_root, check_dirents, check_link_counts, check_orphans, check_blockmap,
-          check_refcounts, check_pending, check_counters, check_block_checksums]
+          check_refcounts, check_pending, check_counters, check_models, check_block_checksums]
 QUICK_CHECKS = [c for c in CHECKS if c is not check_block_checksums]
 
 

@@ -13,6 +13,10 @@ from .store import Store, StoreError
 DEFAULT_BLOCK_SIZE = 64 << 10
 
 
+# Models known by name (codec/lm): the default, and the tiny random model tests use.
+NAMED_MODELS = ("smollm2-135m", "tiny")
+
+
 def parse_size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     text = text.strip().lower().removesuffix("ib").removesuffix("b")
@@ -33,11 +37,14 @@ def register(sub) -> None:
 
 def run(args) -> int:
     model = args.model
-    if model and not os.path.exists(model):
-        print(f"llmfs mkfs: model {model} does not exist", file=sys.stderr)
-        return 1
+    if model and model not in NAMED_MODELS and not model.startswith("tiny:"):
+        if not os.path.exists(model):
+            print(f"llmfs mkfs: model {model} does not exist (a GGUF file, a Hugging Face "
+                  f"directory, or one of: {', '.join(NAMED_MODELS)})", file=sys.stderr)
+            return 1
+        model = os.path.abspath(model)
     try:
-        Store.create(args.store, args.block_size, os.path.abspath(model) if model else "")
+        Store.create(args.store, args.block_size, model)
     except StoreError as e:
         print(f"llmfs mkfs: {e}", file=sys.stderr)
         return 1

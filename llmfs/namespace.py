@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass, field
 
 from codec import ContainerError
-from codec.registry import RAW, ZSTD, Registry
+from codec.registry import CODEC_NAMES, RAW, ZSTD, Registry, peek_header
 
 from .store import ROOT_INO, Inode, Store, StoreFull, block_hash, now_ns
 
@@ -32,6 +32,7 @@ NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
 XATTR_CREATE, XATTR_REPLACE = 1, 2
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+VIRTUAL_XATTR = b"user.llmfs."
 # Flush a file once all files' dirty bytes pass this: bounds the daemon's memory for buffered writes.
 DIRTY_LIMIT = 64 << 20
 
@@ -410,7 +411,35 @@ class Filesystem:
         self._update_inode(ino, **changes)
 
     # ------------------------------------------------------------------ xattrs
+    def _virtual_xattr(self, ino: int, name: bytes) -> bytes:
+        """user.llmfs.codec ("lm", "zstd", "raw", a mix like "lm:3,zstd:1", or "none") and
+        user.llmfs.stored_size (bytes of the file's blocks in the store). Readable by name, not
+        listed — so cp -a and rsync -X do not copy them as ordinary attributes."""
+        f = self._files.get(ino)
+        if f is not None:
+            with f.lock:
+                self._flush_locked(f)  # describe what the file holds, not what it held
+        with self.store.read() as t:
+            if t.inode(ino) is None:
+                raise NotFound(ino)
+            counts: dict[str, int] = {}
+            stored = 0
+            for h in t.block_hashes(ino, 0, (1 << 64) - 1).values():
+                blob = t.container(h)
+                stored += len(blob)
+                cname = CODEC_NAMES.get(peek_header(blob[:64]).codec_id, "?")
+                counts[cname] = counts.get(cname, 0) + 1
+        if name == VIRTUAL_XATTR + b"stored_size":
+            return str(stored).encode()
+        if name == VIRTUAL_XATTR + b"codec":
+            if len(counts) == 1:
+                return next(iter(counts)).encode()
+            return (",".join(f"{k}:{v}" for k, v in sorted(counts.items())) or "none").encode()
+        raise NoAttribute(name)
+
     def getxattr(self, ino: int, name: bytes) -> bytes:
+        if name.startswith(VIRTUAL_XATTR):
+            return self._virtual_xattr(ino, name)
         with self.store.read() as t:
             if t.inode(ino) is None:
                 raise NotFound(ino)
@@ -428,6 +457,8 @@ class Filesystem:
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         if name.startswith(b"system."):
             raise NotSupported("POSIX ACLs and other system.* attributes are not supported")
+        if name.startswith(VIRTUAL_XATTR):
+            raise NotPermitted("user.llmfs.* attributes describe storage; they cannot be set")
         if len(name) > 255 or not name:
             raise NameTooLong(name) if name else InvalidArgument(name)
         if len(value) > XATTR_SIZE_MAX:

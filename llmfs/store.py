@@ -358,6 +358,33 @@ class Txn:
             self.txn.delete(h, db=self.db["blocks"])
         self.txn.delete(h, db=self.db["pending"])
 
+    def replace_container(self, h: bytes, blob: bytes) -> None:
+        """Store another encoding of block h (compaction); the counters move between codecs."""
+        old = self.txn.get(h, db=self.db["blocks"])
+        if old is None:
+            raise KeyError(h.hex())
+        for sign, b in ((-1, old), (1, blob)):
+            head = peek_header(bytes(b[:64]))
+            row = self.counters.per_codec[head.codec_id]
+            row[0] += sign
+            row[1] += sign * head.length
+            row[2] += sign * len(b)
+        self.txn.put(h, blob, db=self.db["blocks"])
+
+    def remove_pending(self, h: bytes) -> None:
+        self.txn.delete(h, db=self.db["pending"])
+
+    def add_model(self, fingerprint: bytes, spec: str) -> None:
+        self.txn.put(fingerprint, spec.encode(), db=self.db["models"])
+
+    def model_spec(self, fingerprint: bytes) -> str | None:
+        raw = self.txn.get(fingerprint, db=self.db["models"])
+        return bytes(raw).decode() if raw is not None else None
+
+    def models(self) -> dict[bytes, str]:
+        with self.txn.cursor(db=self.db["models"]) as cur:
+            return {bytes(k): bytes(v).decode() for k, v in cur}
+
     def truncate_blocks(self, ino: int, n_blocks: int) -> None:
         """Drop the block map entries of `ino` at index >= n_blocks."""
         doomed = list(self.block_hashes(ino, n_blocks, (1 << 64) - 1))

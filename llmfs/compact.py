@@ -1,0 +1,132 @@
+"""`llmfs compact MOUNTPOINT|STORE [--now] [--path P]`: compact cold blocks with the language model
+now, with a progress bar, and print what it saved. On a mounted store the daemon does the work
+(asked through its control socket); on an unmounted one this process does, holding the store's lock.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from codec import Registry
+
+from . import control
+from .compactor import Compactor, Result
+from .models import Models, store_spec
+from .statcmd import find_store, human
+from .store import ROOT_INO, Store, StoreError, StoreLocked
+
+
+def inodes_under(store: Store, path: bytes) -> list[int]:
+    """Every inode at or below `path` (relative to the filesystem's root)."""
+    with store.read() as t:
+        ino = ROOT_INO
+        for part in path.split(b"/"):
+            if part:
+                ino = t.lookup(ino, part)
+                if ino is None:
+                    raise StoreError(f"{os.fsdecode(path)}: no such file in the store")
+        out, stack = [], [ino]
+        while stack:
+            ino = stack.pop()
+            out.append(ino)
+            inode = t.inode(ino)
+            if inode is not None and inode.is_dir:
+                stack.extend(child for _, child in t.listdir(ino))
+    return out
+
+
+class Progress:
+    """A progress bar (bytes, ETA) on a terminal; nothing otherwise."""
+
+    def __init__(self):
+        self.bar = None
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.tty:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                            desc="compacting", file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def compact_offline(store_path: str, now: bool, path: bytes | None, progress) -> Result:
+    store = Store(store_path)
+    try:
+        if not store.was_clean():
+            raise StoreError(f"{store_path} was not unmounted cleanly; mount it once or run "
+                             f"`llmfs fsck --repair {store_path}` first")
+        models = Models(store)
+        registry = Registry(model_resolver=models.resolve)
+        compactor = Compactor(store, registry, models.compaction_codec, store_spec(store))
+        inos = inodes_under(store, path) if path is not None else None
+        return compactor.compact(compactor.candidates(0 if now else None, inos), progress)
+    finally:
+        store.close()
+
+
+def compact_online(store_path: str, now: bool, path: bytes | None, progress) -> Result:
+    req = {"op": "compact", "now": now, "path": os.fsdecode(path) if path is not None else None}
+    for answer in control.request(store_path, req):
+        if "error" in answer:
+            raise StoreError(answer["error"])
+        if "result" in answer:
+            return Result(**answer["result"])
+        progress(answer["done"], answer["total"])
+    raise StoreError("the daemon closed the connection without an answer")
+
+
+def fs_path(arg: str) -> bytes:
+    """--path: a path inside a mount (made relative to the mount's root), or else a path relative
+    to the store's root."""
+    real = os.path.realpath(arg)
+    if os.path.exists(real):
+        root = real
+        while root != "/" and not os.path.ismount(root):
+            root = os.path.dirname(root)
+        if root != "/":
+            rel = os.path.relpath(real, root)
+            return b"" if rel == "." else os.fsencode(rel)
+    return os.fsencode(arg).strip(b"/")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("compact", help="compact cold blocks with the LM now")
+    p.add_argument("target", metavar="MOUNTPOINT|STORE")
+    p.add_argument("--now", action="store_true",
+                   help="every pending block, however recently written")
+    p.add_argument("--path", help="only the files at or below this path (in the mount)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    progress = Progress()
+    t0 = time.monotonic()
+    try:
+        store_path, _ = find_store(args.target)
+        path = fs_path(args.path) if args.path is not None else None
+        try:
+            res = compact_offline(store_path, args.now, path, progress)
+        except StoreLocked:
+            res = compact_online(store_path, args.now, path, progress)
+    except (StoreError, OSError) as e:
+        progress.close()
+        print(f"llmfs compact: {e}", file=sys.stderr)
+        return 1
+    progress.close()
+    secs = time.monotonic() - t0
+    if not res.blocks:
+        print("nothing to compact" + ("" if args.now else " (use --now for recent writes)"))
+        return 0
+    print(f"compacted {res.blocks} blocks in {secs:.1f} s: {human(res.before)} -> "
+          f"{human(res.after)}, saved {human(res.saved)} "
+          f"({res.saved / res.before:.0%}); {res.lm_blocks} now stored by the LM, "
+          f"{res.skipped} left as they were")
+    return 0

@@ -1,0 +1,231 @@
+"""Compaction: cold blocks stored by the fast write path (zstd/raw) are re-encoded with the language
+model, verified, and swapped in — the step that makes stored text small.
+
+The queue is the store's `pending` table (hash → when the block was stored). A block is a candidate
+once it is older than `compact_after`. For each batch of candidates:
+  1. read their containers in one read transaction, decode them (zstd: fast);
+  2. skip what the LM cannot help, cheaply: blocks the write path had to store raw (incompressible)
+     and blocks the LM codec calls binary (it returns None at once);
+  3. encode with the LM and zstd; the smallest container wins (registry.encode);
+  4. decode the new LM containers again as one batch and compare with the plaintext (the registry
+     also checks the stored checksum): a container is swapped in only after it decoded correctly;
+  5. one write transaction swaps each verified container in — only if the block is still stored
+     with the container we read (a block rewritten meanwhile has a new hash, so newer data always
+     wins) — records the model in `models`, and takes the batch off `pending`.
+No write transaction is held while the model runs (steps 1–4 hold none).
+
+Threading: the daemon runs one background thread (`run_in_background`) at the lowest CPU priority;
+`compact()` may also be called by a control request or `llmfs compact` on an unmounted store. One
+lock makes compactions take turns. `stop()` makes the loop exit between batches and aborts a batch
+before its write transaction.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from codec import ContainerError, Registry
+from codec.registry import LM, RAW, ZSTD, peek_header
+
+from .store import Store, StoreError, now_ns
+
+log = logging.getLogger("llmfs")
+
+# Ten minutes: a file being written, rewritten or deleted soon after (build outputs, editors'
+# swap files, git's temporary objects) is not worth minutes of model time.
+COMPACT_AFTER = 600.0
+# Plaintext bytes per batch: 16 blocks of 64 KiB go through the engine together.
+BATCH_BYTES = 1 << 20
+# How often the background thread looks for cold blocks when it found none.
+IDLE_SECONDS = 30.0
+
+
+@dataclass
+class Result:
+    blocks: int = 0          # blocks looked at
+    plain: int = 0           # their plaintext bytes
+    before: int = 0          # their container bytes before
+    after: int = 0           # ... and after
+    lm_blocks: int = 0       # blocks now stored by the LM
+    skipped: int = 0         # blocks the LM could not help (left as they were)
+    changed: int = 0         # blocks rewritten or deleted while being compacted (left alone)
+    seconds: float = 0.0
+    tokens: int = field(default=0)
+
+    def add(self, other: "Result") -> None:
+        for k in self.__dataclass_fields__:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+    @property
+    def saved(self) -> int:
+        return self.before - self.after
+
+
+class Compactor:
+    def __init__(self, store: Store, registry: Registry, lm_codec: Callable[[], object],
+                 model_spec: str, compact_after: float = COMPACT_AFTER,
+                 batch_bytes: int = BATCH_BYTES):
+        """`lm_codec()` returns the store's LM codec (loaded on first use: seconds)."""
+        self.store = store
+        self.registry = registry
+        self._lm_codec = lm_codec
+        self.model_spec = model_spec
+        self.compact_after = compact_after
+        self.batch_bytes = batch_bytes
+        self._turn = threading.Lock()
+        self._stop = threading.Event()
+        self.shutdown_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.totals = Result()
+
+    # -- choosing blocks -------------------------------------------------------------------------
+    def candidates(self, older_than: float | None = None, inos=None) -> list[bytes]:
+        """Pending blocks older than `older_than` seconds (default compact_after; 0 = all), oldest
+        first; only those of inodes `inos` when given."""
+        age = self.compact_after if older_than is None else older_than
+        cutoff = now_ns() - int(age * 1e9)
+        with self.store.read() as t:
+            pending = sorted((ts, h) for h, ts in t.pending() if ts <= cutoff)
+            if inos is not None:
+                wanted = set()
+                for ino in inos:
+                    wanted.update(t.block_hashes(ino, 0, (1 << 64) - 1).values())
+                pending = [(ts, h) for ts, h in pending if h in wanted]
+        return [h for _, h in pending]
+
+    # -- compacting ------------------------------------------------------------------------------
+    def compact(self, hashes: list[bytes], progress: Callable[[int, int], None] | None = None,
+                ) -> Result:
+        """Compact these blocks in batches; progress(done_plain_bytes, total_plain_bytes)."""
+        total = Result()
+        with self._turn:
+            with self.store.read() as t:
+                sizes = {h: peek_header(t.container(h)[:64]).length for h in hashes
+                         if t.container(h) is not None}
+            todo = [h for h in hashes if h in sizes]
+            grand = sum(sizes.values())
+            done = 0
+            while todo and not self._stop.is_set():
+                batch, n = [], 0
+                while todo and (not batch or n + sizes[todo[0]] <= self.batch_bytes):
+                    h = todo.pop(0)
+                    batch.append(h)
+                    n += sizes[h]
+                total.add(self._compact_batch(batch))
+                done += n
+                if progress:
+                    progress(done, grand)
+        self.totals.add(total)
+        return total
+
+    def _compact_batch(self, hashes: list[bytes]) -> Result:
+        res = Result()
+        t0 = time.perf_counter()
+        with self.store.read() as t:
+            old = {h: t.container(h) for h in hashes}
+        old = {h: blob for h, blob in old.items() if blob is not None}
+        plain, new = {}, {}
+        for h, blob in old.items():
+            head = peek_header(blob[:64])
+            if head.codec_id == LM:
+                continue  # already done (a batch that raced with another compaction)
+            try:
+                plain[h] = self.registry.decode(blob)
+            except ContainerError as e:
+                log.error("compaction: block %s is unreadable (%s); run `llmfs fsck`",
+                          h.hex()[:16], e)
+                continue
+        codec = self._lm_codec()
+        self.registry.add_model(codec)
+        fingerprint = codec.fingerprint
+        for h, data in plain.items():
+            if self._stop.is_set():
+                return res
+            if peek_header(old[h][:64]).codec_id == RAW:
+                res.skipped += 1  # zstd could not shrink it: the LM will not either
+                continue
+            blob = self.registry.encode(data, (ZSTD, LM), fingerprint)
+            if peek_header(blob[:64]).codec_id == LM and len(blob) < len(old[h]):
+                new[h] = blob
+            else:
+                res.skipped += 1
+        if new:  # verify: decode what we are about to keep, as one batch
+            keys = list(new)
+            try:
+                decoded = self.registry.decode_many([new[h] for h in keys])
+            except ContainerError as e:
+                log.error("compaction: an LM container failed verification (%s); keeping the "
+                          "old ones", e)
+                decoded = [None] * len(keys)
+            for h, data in zip(keys, decoded):
+                if data != plain[h]:
+                    log.error("compaction: block %s did not round-trip; kept as it was",
+                              h.hex()[:16])
+                    del new[h]
+        try:
+            with self.shutdown_lock:  # the daemon closes the store only under this lock
+                if self._stop.is_set():
+                    return res
+                self._swap(old, new, plain, fingerprint, res)
+        except StoreError as e:
+            log.error("compaction: could not store the batch: %s", e)
+            return Result()
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    def _swap(self, old, new, plain, fingerprint, res: Result) -> None:
+        """One write transaction: swap in verified containers of blocks still stored unchanged."""
+        with self.store.write() as t:
+            for h in old:
+                current = t.container(h)
+                if current is None or current != old[h]:
+                    res.changed += 1
+                    continue
+                res.blocks += 1
+                res.before += len(current)
+                if h in new:
+                    t.replace_container(h, new[h])
+                    res.lm_blocks += 1
+                    res.after += len(new[h])
+                    res.plain += len(plain[h])
+                else:
+                    res.after += len(current)
+                t.remove_pending(h)
+            if new:
+                t.add_model(fingerprint, self.model_spec)
+
+    # -- the background loop ---------------------------------------------------------------------
+    def run_in_background(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="llmfs-compactor", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        try:  # Linux applies a priority to the calling thread alone
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass
+        while not self._stop.is_set():
+            try:
+                hashes = self.candidates()
+                if hashes:
+                    res = self.compact(hashes[:64])
+                    if res.blocks:
+                        log.info("compacted %d blocks: %d -> %d bytes (%d by the LM)",
+                                 res.blocks, res.before, res.after, res.lm_blocks)
+                    continue
+            except Exception:  # the daemon must keep serving files whatever happens here
+                if self._stop.is_set():
+                    return  # the store closed under a batch that was being dropped anyway
+                log.exception("compaction failed; retrying later")
+            self._stop.wait(IDLE_SECONDS)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the loop to stop; wait briefly. A model call in flight finishes on its own and its
+        batch is dropped before any write."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)

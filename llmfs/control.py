@@ -1,0 +1,98 @@
+"""The daemon's control socket: `STORE/control.sock`, a Unix stream socket (mode 0600: the owner
+of the mount only). A client sends one JSON request line; the daemon answers with JSON lines —
+progress lines, then a last line holding "result" or "error".
+
+    {"op": "compact", "now": true, "inos": [..] | null}  → {"done": n, "total": n} ... {"result": {...}}
+    {"op": "stats"}                                      → {"result": {...}}
+
+Threading: one accept thread; each connection is served on its own thread, so a long compaction
+does not block a stats request.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from typing import Callable, Iterator
+
+log = logging.getLogger("llmfs")
+
+SOCKET_NAME = "control.sock"
+
+
+def _short_path(dir_fd: int) -> str:
+    # sun_path holds 108 bytes; a store's path may be longer. /proc/self/fd/N/NAME is short and
+    # resolves to the same directory entry.
+    return f"/proc/self/fd/{dir_fd}/{SOCKET_NAME}"
+
+
+class ControlServer:
+    def __init__(self, store_path: str, handlers: dict[str, Callable[[dict, Callable], dict]]):
+        """handlers[op](request, send) -> result dict; send(dict) streams a progress line."""
+        self.handlers = handlers
+        self._dir_fd = os.open(store_path, os.O_RDONLY | os.O_DIRECTORY)
+        path = _short_path(self._dir_fd)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(path)
+        os.chmod(path, 0o600)
+        self._sock.listen(8)
+        self._thread = threading.Thread(target=self._accept, name="llmfs-control", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rwb") as f:
+            def send(obj: dict) -> None:
+                f.write(json.dumps(obj).encode() + b"\n")
+                f.flush()
+            try:
+                request = json.loads(f.readline())
+                handler = self.handlers.get(request.get("op"))
+                if handler is None:
+                    send({"error": f"unknown request {request.get('op')!r}"})
+                    return
+                send({"result": handler(request, send)})
+            except (OSError, ValueError) as e:
+                log.warning("control request failed: %s", e)
+            except Exception as e:
+                log.exception("control request failed")
+                try:
+                    send({"error": str(e)})
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        try:
+            os.unlink(_short_path(self._dir_fd))
+        except OSError:
+            pass
+        self._sock.close()
+        os.close(self._dir_fd)
+
+
+def request(store_path: str, req: dict) -> Iterator[dict]:
+    """Send a request to the daemon serving `store_path`; yield its answer lines."""
+    dir_fd = os.open(store_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(_short_path(dir_fd))
+    finally:
+        os.close(dir_fd)
+    with sock, sock.makefile("rwb") as f:
+        f.write(json.dumps(req).encode() + b"\n")
+        f.flush()
+        for line in f:
+            yield json.loads(line)
