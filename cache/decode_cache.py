@@ -30,18 +30,13 @@ lock, and may run concurrently for different keys.
 """
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from typing import Callable, Iterable
 
-import torch
-
 from .policy import DEVICE, RAM, TwoQueue
 from .prefetch import Prefetcher
 from .tiers import DeviceTier, RamTier, device_charge, ram_charge
-
-log = logging.getLogger(__name__)
 
 Decode = Callable[[list[bytes]], list[bytes]]
 
@@ -67,10 +62,12 @@ class _Flight:
 
 class DecodeCache:
     def __init__(self, ram_budget: int = DEFAULT_RAM_BUDGET, device_budget: int = 0,
-                 device: str | torch.device | None = None, **prefetch_options):
+                 device=None, **prefetch_options):
         """device None: CUDA when available, else no device tier (CPU tensors would only be RAM with
-        more overhead); pass device="cpu" to run the device tier on CPU tensors (tests)."""
-        if device is None:
+        more overhead); pass device="cpu" to run the device tier on CPU tensors (tests). torch is
+        imported only when there is a device tier. prefetch_options: prefetch_batch, prefetch_queue."""
+        if device is None and device_budget > 0:
+            import torch
             device = "cuda" if torch.cuda.is_available() else None
         if device is None:
             device_budget = 0
@@ -78,7 +75,7 @@ class DecodeCache:
         self._idle = threading.Condition(self._lock)  # notified when no reader is decoding
         self._policy = TwoQueue(ram_budget, device_budget, ram_charge, device_charge)
         self._ram = RamTier()
-        self._device = DeviceTier(device if device is not None else "cpu")
+        self._device = DeviceTier(device)
         self._flights: dict[bytes, _Flight] = {}
         self._foreground = 0  # readers' decodes running now; the prefetcher waits for 0
         self._closed = False
@@ -180,7 +177,7 @@ class DecodeCache:
                 decode_seconds=round(self._decode_seconds, 6),
                 in_flight=len(self._flights),
                 ram_budget=p.ram_budget, ram_bytes=self._ram.bytes, ram_entries=len(self._ram),
-                device=str(self._device.device) if p.device_budget else None,
+                device=str(self._device.device) if self._device.device is not None else None,
                 device_budget=p.device_budget, device_bytes=self._device.bytes,
                 device_entries=len(self._device),
                 probation_entries=len(p.probation), protected_entries=len(p.protected),

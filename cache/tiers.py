@@ -13,8 +13,6 @@ Threading: none of its own; the DecodeCache calls a tier only while holding its 
 """
 from __future__ import annotations
 
-import torch
-
 # Measured with tracemalloc (bench/cache_bench.py overhead): a RAM entry costs 33 bytes of bytes header
 # plus ~190 bytes of dict/OrderedDict slots and the probation tuple (tier dict + policy queue), 224 bytes
 # in all on CPython 3.11; rounded up for the slack of a dict between resizes.
@@ -75,9 +73,15 @@ class DeviceTier:
 
     name = "device"
 
-    def __init__(self, device: str | torch.device):
-        self.device = torch.device(device)
-        self._data: dict[bytes, torch.Tensor] = {}
+    def __init__(self, device):
+        """device: a torch device, or None for no device tier (then torch is not even imported: it
+        costs ~1.8 s of start-up to every llmfs command)."""
+        if device is not None:
+            import torch
+            self._torch = torch
+            device = torch.device(device)
+        self.device = device
+        self._data: dict = {}  # key -> torch.Tensor
         self.bytes = 0  # charged bytes (device_charge)
 
     def put(self, key: bytes, data: bytes) -> None:
@@ -85,6 +89,7 @@ class DeviceTier:
         # bytearray: torch.frombuffer wants a writable buffer (a bytes object makes it warn, and
         # silencing warnings is not thread-safe); on CPU the tensor then owns this private copy, so
         # the caller's bytes object can be freed.
+        torch = self._torch
         if data:
             host = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         else:
@@ -108,8 +113,8 @@ class DeviceTier:
 
     def release(self) -> None:
         """Give freed device memory back to the driver: CUDA's caching allocator keeps it otherwise."""
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        if self.device is not None and self.device.type == "cuda":
+            self._torch.cuda.empty_cache()
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._data
