@@ -159,7 +159,12 @@ class DecodeCache:
             self._device.release()
 
     def clear(self) -> None:
-        self.resize(0, 0)  # keeps budgets at 0: callers resize() back up
+        """Drop every entry and ghost; the budgets stay."""
+        with self._lock:
+            ram, dev = self._policy.ram_budget, self._policy.device_budget
+            self._apply(self._policy.resize(0, 0))
+            self._policy.set_budgets(ram, dev)
+            self._device.release()
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Stop the prefetch worker (a decode it is running finishes first, up to timeout)."""
@@ -170,6 +175,15 @@ class DecodeCache:
 
     # ------------------------------------------------------------------ metrics
     def metrics(self) -> dict:
+        """A flat snapshot of the counters (since creation) and the current sizes:
+        hits/misses: keys asked for by get/get_many (a key awaited in flight is a miss and a
+          single_flight_wait); ram_hits/device_hits split the hits by tier;
+        ram_/device_ budget, bytes (charged), entries; ram_evictions (dropped from RAM), demotions
+          (RAM → device), promotions (device → RAM), device_evictions (dropped from the device);
+        probation/protected/ghost_entries: the 2Q queues; in_flight: keys being decoded now;
+        decodes (calls of decode), decoded_blocks, decode_errors (calls that raised), decode_seconds
+          (wall time inside decode, summed over threads), prefetched (blocks decoded by the
+          prefetcher), decode_queue (keys waiting for it), prefetch_batches/_dropped/_errors."""
         with self._lock:
             p = self._policy
             m = dict(self._counts)

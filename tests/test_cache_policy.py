@@ -141,6 +141,8 @@ def test_resize_releases_ram():
     assert m["ram_entries"] == 4 and m["ram_bytes"] <= m["ram_budget"]
     cache.clear()
     assert len(cache) == 0 and cache.size == 0
+    cache.put(key("r", 0), bytes(1 << 16))  # the budget stayed
+    assert cache.get(key("r", 0)) is not None
 
 
 def test_resize_frees_device_tensors():
