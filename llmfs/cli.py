@@ -7,6 +7,8 @@ import importlib
 import logging
 import sys
 
+from . import service
+
 # Modules that provide subcommands, in the order `llmfs --help` lists them.
 COMMAND_MODULES = [
     "llmfs.mkfs",
@@ -37,8 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="llmfs: %(levelname)s: %(message)s")
+    service.setup_logging(logging.DEBUG if args.debug else logging.INFO)
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:

@@ -1,4 +1,5 @@
-"""`llmfs mount STORE MOUNTPOINT [-f] [-o opts]`: serve a store through FUSE.
+"""`llmfs mount STORE MOUNTPOINT [-f] [-o opts]` or `llmfs mount --config FILE [-f]`: serve a store
+through FUSE (config files: llmfs/config.py; running as a systemd service: llmfs/service.py).
 
 Without -f the command starts the daemon (this same command with -f) in its own session and
 returns once the mount answers, or prints why it failed. The daemon's log goes to STORE/llmfs.log.
@@ -7,8 +8,10 @@ Lifecycle of a mount (the daemon):
   1. open the store and take its lock (a second mount is refused with who holds it);
   2. if the last session did not end cleanly (meta "clean" is 0): purge files unlinked while open
      and run fsck's quick checks; anything else wrong refuses the mount and asks for fsck;
-  3. mark the store unclean, serve FUSE (multithreaded), tell the caller we are ready;
-  4. on unmount or SIGINT/SIGTERM: flush every buffered write, sync, mark clean, release the lock.
+  3. mark the store unclean, serve FUSE (multithreaded), tell the caller we are ready (and systemd:
+     READY=1, from FUSE's init callback);
+  4. on unmount or SIGINT/SIGTERM: tell systemd STOPPING=1, flush every buffered write, sync, mark
+     clean, release the lock, exit 0.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from codec import Registry
 
 from cache import BlockCache
 
-from . import fsck
+from . import config, fsck, service
 from .fuseops import FUSE, Operations
 from .mkfs import parse_size
 from .namespace import DIRTY_LIMIT, Filesystem
@@ -97,7 +100,9 @@ def serve(args, ready_fd: int | None) -> int:
         try:
             os.stat(mountpoint)
         except OSError as e:
-            if e.errno == errno.ENOTCONN:
+            # Under systemd (Restart=on-failure, a mount unit) nobody is there to run umount.
+            if e.errno == errno.ENOTCONN and not (service.under_systemd()
+                                                  and service.detach_stale(mountpoint)):
                 raise MountError(f"{args.mountpoint} is the mount of a daemon that died; run "
                                  f"`llmfs umount {args.mountpoint}` first") from None
         if not os.path.isdir(mountpoint):
@@ -112,25 +117,37 @@ def serve(args, ready_fd: int | None) -> int:
     store = fs.store
     store.describe_lock_holder(f"mounted at {mountpoint} by pid {os.getpid()}")
     store.set_clean(False)
+    served = False
 
     def ready():
+        nonlocal served
+        served = True
         log.info("mounted %s on %s", store.path, mountpoint)
+        service.notify("READY=1", f"STATUS=serving {store.path} on {mountpoint}")
         report("ok")
 
     def destroy():
+        service.on_stop(mountpoint)
         fs.flush_all()
 
     ops = Operations(fs, on_ready=ready, on_destroy=destroy)
     options = dict(BASE_OPTIONS, fsname=store.path, subtype="llmfs", **user_opts)
+    if args.debug:
+        options["debug"] = True  # libfuse traces every request on stderr
     try:
         FUSE(ops, mountpoint, foreground=True, nothreads=False, **options)
     except RuntimeError as e:
-        report(f"error: FUSE could not mount {mountpoint} ({e}); see {LOG_FILE} in the store")
-        log.error("mount failed: %s", e)
-        store.close()
-        return 1
+        if not served:
+            report(f"error: FUSE could not mount {mountpoint} ({e}); see {LOG_FILE} in the store")
+            log.error("mount failed: %s", e)
+            store.close()
+            return 1
+        # libfuse 3 returns 8 when SIGTERM/SIGINT/SIGHUP ended its loop; it has unmounted and
+        # called destroy by now. That is how systemd stops us: a normal end, not a failure.
+        log.info("stopping on a signal (libfuse status %s)", e)
     finally:
         report("error: the daemon stopped before the mount was ready")
+    service.on_stop(mountpoint)
     try:
         fs.flush_all()
         store.set_clean(True)
@@ -170,13 +187,16 @@ def start_daemon(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("mount", help="mount a store (returns once the mount is usable)")
-    p.add_argument("store")
-    p.add_argument("mountpoint")
+    p.add_argument("store", nargs="?", help="the store (or `store` in --config)")
+    p.add_argument("mountpoint", nargs="?", help="where to mount (or `mountpoint` in --config)")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML file with store, mountpoint and options (e.g. /etc/llmfs/NAME.toml); "
+                        "arguments given here override it")
     p.add_argument("-f", "--foreground", action="store_true",
                    help="stay in the foreground (Ctrl-C unmounts)")
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="FUSE mount options, e.g. allow_other")
-    p.add_argument("--dirty-limit", type=parse_size, default=DIRTY_LIMIT,
+    p.add_argument("--dirty-limit", type=parse_size, default=None,
                    help="buffered write bytes before files are flushed (default 64M)")
     p.add_argument("--cache-size", type=parse_size, default=None,
                    help="bytes of decoded blocks kept in RAM (default 64M)")
@@ -185,6 +205,25 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    if args.config:
+        try:
+            cfg = config.load(args.config)
+        except config.ConfigError as e:
+            print(f"llmfs mount: {e}", file=sys.stderr)
+            return 1
+        config.apply(cfg, args)
+        if cfg.log_level and not args.debug:
+            logging.getLogger().setLevel(service.LEVELS[cfg.log_level])
+        args.debug = args.debug or cfg.log_level == "debug"
+        for key in cfg.not_yet:
+            log.warning("%s: %s is accepted but not implemented yet; it has no effect",
+                        args.config, key)
+    if args.store is None or args.mountpoint is None:
+        print("llmfs mount: give STORE and MOUNTPOINT, or --config FILE that names them",
+              file=sys.stderr)
+        return 2
+    if args.dirty_limit is None:
+        args.dirty_limit = DIRTY_LIMIT
     if args.foreground:
         return serve(args, args.ready_fd)
     return start_daemon(args)
