@@ -30,9 +30,13 @@ class BigramEngine:
         return self.table[tokens]  # (B, T, V)
 
     def start(self, batch: int, max_len: int):
-        return {"pos": 0, "max_len": max_len}
+        return {"pos": np.zeros(batch, dtype=np.int64), "max_len": max_len}
+
+    def reset_rows(self, state, rows) -> None:
+        state["pos"][list(rows)] = 0
 
     def step(self, state, tokens: torch.Tensor) -> torch.Tensor:
+        assert len(tokens) == len(state["pos"])
         state["pos"] += 1
-        assert state["pos"] <= state["max_len"]
+        assert state["pos"].max() <= state["max_len"]
         return self.table[tokens]  # (B, V)

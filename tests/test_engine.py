@@ -1,5 +1,6 @@
 """The exact engine (issue 3): integer frequency tables are bit-identical whatever the batch
 composition, padding, parallel vs incremental evaluation and thread count."""
+import math
 import subprocess
 import sys
 import textwrap
@@ -7,7 +8,9 @@ import textwrap
 import pytest
 import torch
 
-from codec.lm.engine import FREQ_TOTAL_BITS, Engine
+from codec.lm import kernels
+from codec.lm.engine import (FREQ_TOTAL_BITS, Engine, FusedOps, TorchOps, det_sqrt,
+                             sigmoid_table)
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +108,66 @@ def test_thread_count_does_not_matter():
     outs = [subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(n)], cwd=root,
                            capture_output=True, check=True).stdout for n in (1, 2)]
     assert len(outs[0]) > 1000 and outs[0] == outs[1]
+
+
+needs_kernels = pytest.mark.skipif(kernels.lib() is None, reason="no C compiler for kernels.c")
+
+
+@needs_kernels
+def test_fused_kernels_equal_torch_ops():
+    """kernels.c (CPU) and the torch ops (any device) give the same tables, parallel and stepped."""
+    e = Engine.tiny(seed=5, dim=128, n_head=4, n_kv_head=2, ffn_dim=256, max_seq_len=512)
+    t = Engine(e.config, e.tensors, fused=False)
+    assert e.fused and not t.fused
+    x = _tokens(e, 3, 300, 6)                      # 3 attention blocks
+    assert torch.equal(e.freqs(x), t.freqs(x))
+    se, st = e.start(3, 12), t.start(3, 12)
+    for i in range(12):
+        assert torch.equal(e.step(se, x[:, i]), t.step(st, x[:, i]))
+
+
+@needs_kernels
+@pytest.mark.parametrize("scale", [1e-6, 1e-2, 1.0, 37.0, 1e4])
+def test_fused_ops_equal_torch_ops(scale):
+    """Each fused op on random inputs over a range of magnitudes, ties included."""
+    g = torch.Generator().manual_seed(int(scale * 1000) % 997)
+    fused, ref = FusedOps(kernels.lib()), TorchOps()
+    x = torch.randn(37, 96, generator=g, dtype=torch.float64) * scale
+    x[3] = torch.round(x[3] * 4) / 4                  # exact halves: rounding ties
+    x[5] = 0                                          # an all-zero row
+    w = 1 + 0.1 * torch.randn(96, generator=g, dtype=torch.float64)
+    for a, b in [(fused.quant_rows(x), ref.quant_rows(x)),
+                 (fused.rmsnorm_quant(x, w, 1e-5), ref.rmsnorm_quant(x, w, 1e-5))]:
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    acc = torch.randint(-2 ** 30, 2 ** 30, (2 * 37, 96), generator=g, dtype=torch.int32)
+    ws = torch.rand(96, generator=g, dtype=torch.float64) * scale * 1e-6
+    s = torch.rand(37, 1, generator=g, dtype=torch.float64)
+    assert torch.equal(fused.combine(acc, ws, s), ref.combine(acc, ws, s))
+    assert torch.equal(fused.combine(acc, ws, s, x.clone()), ref.combine(acc, ws, s, x.clone()))
+    a, b = fused.swiglu_quant(acc, ws, s, sigmoid_table()), ref.swiglu_quant(acc, ws, s, sigmoid_table())
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_det_sqrt_is_accurate():
+    d = torch.cat([torch.logspace(-12, 12, 999, dtype=torch.float64), torch.tensor([1e-5, 2.0, 4.0])])
+    r = det_sqrt(d)
+    want = torch.tensor([math.sqrt(v) for v in d.tolist()], dtype=torch.float64)
+    assert float(((r - want).abs() / want).max()) <= 2.3e-16      # within one ulp
+
+
+def test_reset_rows_starts_a_new_segment(engine):
+    """A row refilled mid-batch gives exactly the parallel tables of its new segment, and its
+    neighbours are unaffected (issue 3: keep decode batches full)."""
+    x = _tokens(engine, 3, 40, 7)
+    new = _tokens(engine, 1, 25, 8)[0]
+    full, full_new = engine.freqs(x), engine.freqs(new[None])[0]
+    state = engine.start(3, 40)
+    for t in range(15):
+        assert torch.equal(engine.step(state, x[:, t]), full[:, t])
+    engine.reset_rows(state, [1])
+    for t in range(25):
+        feed = x[:, 15 + t].clone()
+        feed[1] = new[t]
+        rows = engine.step(state, feed)
+        assert torch.equal(rows[0], full[0, 15 + t]) and torch.equal(rows[2], full[2, 15 + t])
+        assert torch.equal(rows[1], full_new[t]), t

@@ -25,7 +25,7 @@ Invariants:
 Threading: one engine is shared by every thread that uses this codec; engine work is serialized by a
 lock (the engine parallelizes inside a call with torch's intra-op threads, and one big batch uses the
 cores better than two interleaved small ones). Tokenization, payload parsing and encoding's arithmetic
-coding run outside the lock; a decode batch holds it from `start` to its last `step`.
+coding run outside the lock; a decode holds it from `start` to its last `step`.
 """
 from __future__ import annotations
 
@@ -229,28 +229,46 @@ class LMCodec:
         return segs
 
     def _decode_segments(self, segments: list[_Segment]) -> list[list[int]]:
-        """Token ids of each segment. Segments run `batch` at a time through the KV-cached engine,
-        longest first so that the rows of a batch finish at about the same step."""
+        """Token ids of each segment. Up to `batch` segments decode side by side in the rows of one
+        KV-cached engine state, longest first; when a row's segment ends, the next waiting segment
+        takes the row over (engine.reset_rows), so the batch stays full until the queue runs dry.
+        Rows are independent in the engine, so this gives the same tokens as any other layout."""
         engine = self.engine
         out: list[list[int]] = [[] for _ in segments]
-        order = sorted(range(len(segments)), key=lambda k: -segments[k].tokens)
-        order = [k for k in order if segments[k].tokens > 0]
-        for lo in range(0, len(order), self.batch):
-            group = order[lo:lo + self.batch]
-            lengths = [segments[k].tokens for k in group]
-            decoders = [coder.SegmentDecoder(segments[k].words) for k in group]
-            steps = max(lengths)
-            with self._engine_lock:
-                state = engine.start(len(group), steps + 1)
-                feed = torch.full((len(group),), engine.bos_id, dtype=torch.long)
-                for t in range(steps):
-                    rows = engine.step(state, feed.to(engine.device)).cpu().numpy()
-                    for r, k in enumerate(group):
-                        if t < lengths[r]:
-                            sym = decoders[r].decode(rows[r])
-                            out[k].append(sym)
-                            feed[r] = sym
-                        # a finished row keeps being fed its last token; its rows are ignored
+        queue = sorted((k for k in range(len(segments)) if segments[k].tokens > 0),
+                       key=lambda k: -segments[k].tokens)
+        if not queue:
+            return out
+        n_rows = min(self.batch, len(queue))
+        row_seg: list[int | None] = [None] * n_rows            # the segment each row decodes
+        decoders: list[coder.SegmentDecoder | None] = [None] * n_rows
+        feed = torch.full((n_rows,), engine.bos_id, dtype=torch.long)
+        waiting = iter(queue)
+
+        def take(r: int) -> None:                              # next segment (or idle) into row r
+            k = next(waiting, None)
+            row_seg[r] = k
+            decoders[r] = None if k is None else coder.SegmentDecoder(segments[k].words)
+            feed[r] = engine.bos_id
+
+        for r in range(n_rows):
+            take(r)
+        with self._engine_lock:
+            state = engine.start(n_rows, segments[queue[0]].tokens + 1)
+            while any(k is not None for k in row_seg):
+                rows = engine.step(state, feed.to(engine.device)).cpu().numpy()
+                restart = []
+                for r, k in enumerate(row_seg):
+                    if k is not None:
+                        sym = decoders[r].decode(rows[r])
+                        out[k].append(sym)
+                        feed[r] = sym
+                        if len(out[k]) < segments[k].tokens:
+                            continue
+                        take(r)
+                    restart.append(r)  # a new segment, or an idle row kept at position 0
+                if restart:
+                    engine.reset_rows(state, restart)
         return out
 
 

@@ -13,9 +13,12 @@ fixed by IEEE 754 or by integer arithmetic:
     `torch._int_mm` (int8 x int8 -> int32); attention scores and P.V are float64 GEMMs on
     integer-valued operands whose sums provably stay below 2^53 (bounds next to the code);
     sums (RMSNorm, softmax, frequency totals) are integer sums below 2^53;
-  * elementwise +, -, *, / and sqrt in float64: IEEE 754 rounds each correctly, so CPU (any vector
-    width, any thread count) and CUDA agree bit for bit. One torch op per arithmetic step: no fused
-    kernels (no addcmul, lerp, torch.compile) that could contract a*b+c into an FMA;
+  * elementwise +, -, *, / in float64: IEEE 754 rounds each correctly, so CPU (any vector width,
+    any thread count) and CUDA agree bit for bit. Square roots are Newton iterations of those
+    (det_sqrt): torch.sqrt on CPU goes through MKL and is not correctly rounded. Either one torch op
+    per arithmetic step (TorchOps: no addcmul, lerp, torch.compile that could contract a*b+c into
+    an FMA), or the same operations in the same order in C (FusedOps, kernels.c, compiled with
+    -ffp-contract=off): bit-identical, ~10x fewer passes over memory;
   * max, round-half-even, clamp, gather: exact;
   * exp, sigmoid, cos, sin: tables computed with exact arithmetic (mpmath / Python integers, never
     libm) when the engine is built, identical on every machine.
@@ -48,8 +51,10 @@ import mpmath
 import numpy as np
 import torch
 
+from . import kernels
+
 # Bump whenever any integer the engine produces can change (quantisation, tables, formulas).
-ENGINE_VERSION = 2  # 2: nearest-entry sigmoid table
+ENGINE_VERSION = 3  # 2: nearest-entry sigmoid table; 3: RMSNorm scale by det_sqrt, not torch.sqrt
 
 # Frequency tables sum to at most 2^24: constriction quantises to 24 bits and float64 holds them exactly.
 FREQ_TOTAL_BITS = 24
@@ -66,6 +71,8 @@ LOGIT_RES_BITS = 12   # ... at steps of 2^-12 nats
 SIG_RES_BITS = 12     # sigmoid table step 2^-12, nearest entry (196k entries, 0.2 s to build)
 # queries per attention block: 128 keeps a (B=8, 9 heads) score block < 100 MB at 1024 keys
 ATTN_BLOCK = 128
+# LM head rows per pass: bounds the (2*rows, V) int32 accumulators (256: 100 MB at V = 49,152)
+HEAD_ROWS = 256
 SIG_RANGE = 24        # sigmoid(x) for |x| > 24 is 0 or 1 to within 4e-11
 
 
@@ -216,69 +223,196 @@ def prepare_weights(config: Config, f: dict[str, np.ndarray]) -> dict[str, torch
 
 
 # ---- the integer-exact building blocks ---------------------------------------------------------------
+#
+# Two implementations of the same elementwise steps. TorchOps is the reference and runs on any device:
+# one torch op per arithmetic step. FusedOps (CPU) calls kernels.c, which performs the same IEEE
+# operations in the same order in one or two passes; the results are bit-identical (tests compare
+# them), so an encoder on one and a decoder on the other agree.
+#
+# Linear layers: x (M, K) float64 is quantised per row to |xq| <= ACT_MAX with scale s, split
+# xq = 128*hi + lo (|hi| <= 127, |lo| <= 64) and the stacked (2M, K) int8 goes through one _int_mm;
+# |acc| <= 127*127*K < 2^31 for K < 133k, and 128*hi_acc + lo_acc < 2^38 is exact in int64 and float64.
 
-def _linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
-    """x (..., K) float64 -> x @ w.T (..., N) float64, exactly reproducible.
-    x is quantised per row to |xq| <= ACT_MAX, split xq = 128*hi + lo (|hi| <= 127, |lo| <= 64),
-    and both halves go through one int8 GEMM. |acc| <= 127*127*K < 2^31 for K < 133k."""
-    shape = x.shape
-    x = x.reshape(-1, shape[-1])
-    n, k = x.shape
-    m = x.abs().amax(dim=1, keepdim=True)
-    s = torch.where(m > 0, m / ACT_MAX, torch.ones_like(m))        # (M, 1)
-    xq = torch.round(x / s)
-    hi = torch.round(xq / 128)
-    lo = xq - hi * 128
-    acc = torch._int_mm(torch.cat([hi, lo]).to(torch.int8), w.t())
-    if k * (127 * 127 * 128 + 127 * 64) < 2 ** 31:                 # K <= 1030: combine in int32
-        y = acc[:n].mul_(128).add_(acc[n:]).to(torch.float64)
-    else:
-        y = acc[:n].to(torch.float64).mul_(128).add_(acc[n:])    # exact: |y| < 2^38
-    y = y.mul_(ws).mul_(s)
-    return y.reshape(*shape[:-1], w.shape[0])
+def det_sqrt(d: torch.Tensor) -> torch.Tensor:
+    """sqrt(d) for d > 0, elementwise, from +, * and / only: IEEE rounds those correctly on every
+    CPU and GPU, library square roots need not — torch.sqrt on CPU goes through MKL, 1-ulp
+    accurate, and gave a different last bit than sqrt() for a real RMSNorm row (engine v2 found
+    this). Start at the power of two 2^ceil(e/2) >= sqrt(d) (d = m 2^e, m in [0.5, 1): within a
+    factor 2) and take 7 Newton steps (relative error 1 -> 0.25 -> 0.025 -> 3e-4 -> 5e-8 -> 1e-15
+    -> rounding). The power of two is built from its bits: ldexp/pow may also go through a library."""
+    e = torch.frexp(d).exponent.to(torch.int64)
+    k = torch.div(e + 1, 2, rounding_mode="floor")
+    y = ((k + 1023) << 52).view(torch.float64)
+    for _ in range(7):
+        y = (y + d / y) * 0.5
+    return y
 
 
-def _rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x * weight / sqrt(mean(x^2) + eps). The sum of squares runs on x quantised to 21 bits per row
-    (exact integer sum < 2^51); the rest is elementwise float64."""
-    m = x.abs().amax(dim=-1, keepdim=True)
-    s = torch.where(m > 0, m / 2 ** 20, torch.ones_like(m))
-    xi = torch.round(x / s)
-    ss = (xi * xi).sum(dim=-1, keepdim=True)                        # integers < 2^51: exact
-    ms = ss / x.shape[-1]
-    ms = ms * s
-    ms = ms * s
-    r = torch.sqrt(ms + eps)
-    return x / r * weight
+def _mm(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """int8 (M, K) @ int8 (N, K).T -> int32 (M, N): exact. CUDA's _int_mm wants M > 16: pad rows."""
+    m = q.shape[0]
+    if q.is_cuda and m <= 16:
+        q = torch.cat([q, q.new_zeros(17 - m, q.shape[1])])
+    return torch._int_mm(q, w.t())[:m]
+
+
+class TorchOps:
+    """Reference form: plain torch ops, one per arithmetic step (no fusion that could contract a*b+c
+    into an FMA). Divisions by constants that are not powers of two divide by a device tensor:
+    CUDA turns division by a Python scalar into multiplication by its reciprocal (rounds differently)."""
+
+    def quant_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (M, K) float64 -> stacked hi/lo int8 (2M, K), scale (M, 1)."""
+        m = x.abs().amax(dim=1, keepdim=True)
+        s = torch.where(m > 0, m / torch.full_like(m, ACT_MAX), torch.ones_like(m))
+        xq = torch.round(x / s)
+        hi = torch.round(xq / 128)
+        lo = xq - hi * 128
+        return torch.cat([hi, lo]).to(torch.int8), s
+
+    def rmsnorm_quant(self, x, weight, eps):
+        """quant_rows(x * weight / sqrt(mean(x^2) + eps)), with the per-row 1/rms applied to the
+        row's scale instead of every element. The sum of squares runs on x quantised to 21 bits per
+        row (exact integer sum < 2^51); the square root is det_sqrt."""
+        m = x.abs().amax(dim=-1, keepdim=True)
+        sr = torch.where(m > 0, m / 2 ** 20, torch.ones_like(m))
+        xi = torch.round(x / sr)
+        ss = (xi * xi).sum(dim=-1, keepdim=True)                    # integers < 2^51: exact
+        d = ss / torch.full_like(ss, x.shape[-1])
+        d = d * sr
+        d = d * sr
+        d = d + eps
+        q, sh = self.quant_rows(x * weight)
+        return q, sh / det_sqrt(d)
+
+    def combine(self, acc, ws, s, residual=None):
+        """Stacked accumulators (2M, N) -> float64 (M, N) = value * ws * s (+ residual)."""
+        n = acc.shape[0] // 2
+        y = acc[:n].to(torch.int64).mul_(128).add_(acc[n:]).to(torch.float64)  # exact, < 2^38
+        y = y.mul_(ws).mul_(s)
+        return y if residual is None else residual + y
+
+    def swiglu_quant(self, acc, ws, s, sig):
+        """gate_up accumulators -> quant_rows(silu(gate) * up); sigmoid from the nearest entry of an
+        exact table (step 2^-12: relative error <= 3e-5, below the int16 quantisation that follows)."""
+        y = self.combine(acc, ws, s)
+        gate, up = y.chunk(2, dim=-1)
+        i = (gate.clamp(-SIG_RANGE, SIG_RANGE) + SIG_RANGE).mul_(2 ** SIG_RES_BITS).round_().long()
+        return self.quant_rows(gate * sig[i] * up)
+
+    def softmax_weights(self, s, qpos, f, table):
+        """Integer scores s (B, G, Tq, Tk), in place -> weights p (ints <= 2^20) and row sums l
+        (B, G, Tq, 1), exact. Query t of row b sees keys 0..qpos[b, t]; hidden keys get weight 0."""
+        hidden = torch.arange(s.shape[-1], device=s.device) > qpos[:, None, :, None]
+        s.masked_fill_(hidden, float("-inf"))
+        d = s.sub_(s.amax(dim=-1, keepdim=True)).neg_()              # max - s: exact, inf if hidden
+        idx = d.mul_(f.view(s.shape[:-1] + (1,))).round_().clamp_(max=table.numel() - 1).long()
+        p = table[idx]
+        return p, p.sum(dim=-1, keepdim=True)
+
+    def attn_out(self, o, vscale, l, out, t0, g):
+        """o (B, nkv, g*Tq, hs) integer P.V sums -> out[:, t0:t0+Tq] (B, T, nh*hs) = o * vscale / l."""
+        B, nkv, gT, hs = o.shape
+        Tq = gT // g
+        a = o * vscale
+        a = a / l.view(B, nkv, gT, 1)
+        out[:, t0:t0 + Tq] = a.view(B, nkv * g, Tq, hs).transpose(1, 2).reshape(B, Tq, -1)
+
+    def head_freqs(self, acc, ws, s, table, budget, out):
+        """LM head accumulators -> out (M, V) int32 frequencies: logits z (2^LOGIT_RES_BITS per nat,
+        folded into ws), e = exp table at round(max - z), freq = e * budget // sum(e) + 1."""
+        z = self.combine(acc, ws, s)
+        d = z.sub_(z.amax(dim=-1, keepdim=True)).neg_()              # max - z >= 0
+        e = table[d.round_().clamp_(max=table.numel() - 1).long()]   # int64 <= 2^30
+        total = e.sum(dim=-1, keepdim=True)                          # exact, >= 2^30
+        out.copy_(e.mul_(budget).floor_divide_(total).add_(1))       # e * budget < 2^54
+
+
+def _ptr(t: torch.Tensor, dtype: torch.dtype) -> int:
+    assert t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu", (t.dtype, t.shape)
+    return t.data_ptr()
+
+
+class FusedOps(TorchOps):
+    """The same steps through kernels.c (CPU only): one or two passes instead of ~10 torch ops."""
+
+    def __init__(self, lib):
+        self.lib = lib
+
+    def quant_rows(self, x):
+        M, K = x.shape
+        q = torch.empty(2 * M, K, dtype=torch.int8)
+        s = torch.empty(M, 1, dtype=torch.float64)
+        self.lib.quant_rows(_ptr(x, torch.float64), M, K, q.data_ptr(), s.data_ptr())
+        return q, s
+
+    def rmsnorm_quant(self, x, weight, eps):
+        M, K = x.shape
+        q = torch.empty(2 * M, K, dtype=torch.int8)
+        s = torch.empty(M, 1, dtype=torch.float64)
+        self.lib.rmsnorm_quant(_ptr(x, torch.float64), M, K, _ptr(weight, torch.float64), eps,
+                               q.data_ptr(), s.data_ptr())
+        return q, s
+
+    def combine(self, acc, ws, s, residual=None):
+        M, N = acc.shape[0] // 2, acc.shape[1]
+        y = torch.empty(M, N, dtype=torch.float64) if residual is None else residual
+        self.lib.combine(_ptr(acc, torch.int32), M, N, _ptr(ws, torch.float64),
+                         _ptr(s, torch.float64), _ptr(y, torch.float64), residual is not None)
+        return y
+
+    def swiglu_quant(self, acc, ws, s, sig):
+        M, F = acc.shape[0] // 2, acc.shape[1] // 2
+        q = torch.empty(2 * M, F, dtype=torch.int8)
+        qs = torch.empty(M, 1, dtype=torch.float64)
+        self.lib.swiglu_quant(_ptr(acc, torch.int32), M, F, _ptr(ws, torch.float64),
+                              _ptr(s, torch.float64), _ptr(sig, torch.float64), q.data_ptr(),
+                              qs.data_ptr())
+        return q, qs
+
+    def softmax_weights(self, s, qpos, f, table):
+        B, G, Tq, Tk = s.shape
+        l = torch.empty(B, G, Tq, 1, dtype=torch.float64)
+        self.lib.softmax_weights(_ptr(s, torch.float64), B, G, Tq, Tk, _ptr(qpos, torch.int64),
+                                 _ptr(f, torch.float64), _ptr(table, torch.float64), table.numel(),
+                                 l.data_ptr())
+        return s, l
+
+    def attn_out(self, o, vscale, l, out, t0, g):
+        B, nkv, gT, hs = o.shape
+        self.lib.attn_out(_ptr(o, torch.float64), B, nkv, g, gT // g, hs,
+                          _ptr(vscale, torch.float64), _ptr(l, torch.float64),
+                          _ptr(out, torch.float64), out.shape[1], t0)
+
+    def head_freqs(self, acc, ws, s, table, budget, out):
+        self.lib.head_freqs(_ptr(acc, torch.int32), acc.shape[0] // 2, acc.shape[1],
+                            _ptr(ws, torch.float64), _ptr(s, torch.float64),
+                            _ptr(table, torch.int64), table.numel(), budget, _ptr(out, torch.int32))
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1). x (B, h, T, hs); cos, sin (T, hs/2)."""
+    """Rotate channel pairs (2i, 2i+1). x (B, h, T, hs); cos, sin (B, 1, T, hs/2)."""
     a, b = x[..., 0::2], x[..., 1::2]
     ra = a * cos - b * sin
     rb = a * sin + b * cos
     return torch.stack([ra, rb], dim=-1).flatten(-2)
 
 
-def _silu(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """x * sigmoid(x), sigmoid from the nearest entry of an exact table (step 2^-12: relative error
-    <= 3e-5, below the int16 activation quantisation that follows)."""
-    i = (x.clamp(-SIG_RANGE, SIG_RANGE) + SIG_RANGE).mul_(2 ** SIG_RES_BITS).round_().long()
-    return x * table[i]
-
-
 @dataclass
 class State:
-    """KV cache of `start`/`step`: integer-valued float64 keys and values per layer."""
+    """KV cache of `start`/`step`: integer-valued float64 keys and values per layer, and each row's
+    next position (rows are independent: `reset_rows` starts a new segment in some of them)."""
     k: list[torch.Tensor]   # per layer (B, n_kv_head, max_len, hs)
     v: list[torch.Tensor]
-    pos: int
+    pos: torch.Tensor       # (B,) int64, CPU
     max_len: int
 
 
 class Engine:
     def __init__(self, config: Config, tensors: dict[str, torch.Tensor],
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", fused: bool | None = None):
+        """fused: use kernels.c for the elementwise steps (CPU only; default: when it builds).
+        The frequencies are the same either way."""
         if config.max_seq_len > MAX_SEQ_LEN_LIMIT:
             config = Config(**{**asdict(config), "max_seq_len": MAX_SEQ_LEN_LIMIT})
         self.config = config
@@ -289,6 +423,11 @@ class Engine:
         self.fingerprint = self._fingerprint(config, tensors)
         self.device = torch.device(device)
         self._t = {k: v.to(self.device) for k, v in tensors.items()}
+        lib = kernels.lib() if fused is not False and self.device.type == "cpu" else None
+        if fused and lib is None:
+            raise RuntimeError("fused kernels requested but unavailable (CPU and a C compiler)")
+        self._ops = FusedOps(lib) if lib is not None else TorchOps()
+        self.fused = lib is not None
         cos, sin = rope_tables(config.head_dim, config.rope_theta, config.max_seq_len)
         self._cos, self._sin = cos.to(self.device), sin.to(self.device)
         self._exp = attn_exp_table().to(self.device)
@@ -301,6 +440,9 @@ class Engine:
         self._head_scale = self._t[w + ".s"] * 2.0 ** LOGIT_RES_BITS
         self._kvscale = [(sc(tensors[f"l{i}.k_exp"]), sc(tensors[f"l{i}.v_exp"]))
                          for i in range(config.n_layer)]
+        g = config.n_head // config.n_kv_head
+        # the key scale folded into each query head: (nh, 1, hs)
+        self._qkscale = [k.repeat_interleave(g, dim=0) for k, _ in self._kvscale]
 
     @staticmethod
     def _fingerprint(config: Config, tensors: dict[str, torch.Tensor]) -> bytes:
@@ -346,75 +488,79 @@ class Engine:
     # ---- forward ----------------------------------------------------------------------------------
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (N,) -> (N, D) float64."""
         t = self._t
         return t["tok_emb.q"][tokens].to(torch.float64) * t["tok_emb.s"][tokens].unsqueeze(-1)
 
-    def _qkv(self, i: int, x: torch.Tensor, pos0: int):
-        """x (B, T, D) -> q (B, nh, T, hs) quantised with its per-row scale, k and v (B, nkv, T, hs)
-        as integers on the fixed per-channel grid."""
-        c, t, p = self.config, self._t, f"l{i}."
-        B, T, _ = x.shape
+    def _qkv(self, i: int, h: torch.Tensor, B: int, T: int, qpos: torch.Tensor):
+        """qkv projection (B*T, (nh+2nkv)*hs) at positions qpos (B, T) -> integer queries
+        qi (B, nh, T, hs) with their softmax index factor f (B, nh, T, 1), and integer keys and
+        values (B, nkv, T, hs) on the fixed per-channel grid."""
+        c = self.config
         hs, nh, nkv = c.head_dim, c.n_head, c.n_kv_head
-        h = _rmsnorm(x, t[p + "attn_norm"], c.norm_eps)
-        qkv = _linear(h, t[p + "qkv.q"], t[p + "qkv.s"])
-        q, k, v = qkv.split([nh * hs, nkv * hs, nkv * hs], dim=-1)
-        cos, sin = self._cos[pos0:pos0 + T], self._sin[pos0:pos0 + T]
+        q, k, v = h.split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+        cos, sin = self._cos[qpos].unsqueeze(1), self._sin[qpos].unsqueeze(1)  # (B, 1, T, hs/2)
         q = _rope(q.view(B, T, nh, hs).transpose(1, 2), cos, sin)   # (B, nh, T, hs)
         k = _rope(k.view(B, T, nkv, hs).transpose(1, 2), cos, sin)  # (B, nkv, T, hs)
         v = v.view(B, T, nkv, hs).transpose(1, 2)
         # keys/values: fixed power-of-two scale per channel (exact division), clamp is a safety net
         kscale, vscale = self._kvscale[i]                                # (nkv, 1, hs)
         lim = float(2 ** KV_BITS)
-        ki = torch.round(k / kscale).clamp(-lim, lim)
-        vi = torch.round(v / vscale).clamp(-lim, lim)
+        ki = torch.round(k / kscale).clamp_(-lim, lim)
+        vi = torch.round(v / vscale).clamp_(-lim, lim)
         # fold the key scale into q, then quantise q per (token, head) to Q_BITS
-        g = nh // nkv
-        q = q * kscale.repeat_interleave(g, dim=0)
+        q = q * self._qkscale[i]
         m = q.abs().amax(dim=-1, keepdim=True)
         qs = torch.where(m > 0, m / 2 ** Q_BITS, torch.ones_like(m))  # (B, nh, T, 1)
         qi = torch.round(q / qs)
-        return qi, qs, ki, vi, vscale
+        # softmax table index = (max - score) * (score unit in nats) * 2^EXP_RES_BITS
+        f = qs * (2.0 ** EXP_RES_BITS / math.sqrt(hs))
+        return qi, f, ki, vi
 
-    def _attend(self, qi, qs, ki, vi, vscale, q_pos0: int) -> torch.Tensor:
-        """qi (B, nh, Tq, hs) at positions q_pos0.., ki/vi (B, nkv, Tk, hs) at positions 0..Tk-1.
-        Query t sees keys 0..q_pos0+t. Returns (B, Tq, nh*hs) float64.
-        Queries go in blocks of ATTN_BLOCK that only read the keys they can see: causal attention
-        then costs ~T^2/2, and the (block, keys) temporaries stay small. A row's result does not
-        depend on the blocking: masked keys get weight exactly 0 and every sum is exact."""
-        out = [self._attend_block(qi[:, :, a:a + ATTN_BLOCK], qs[:, :, a:a + ATTN_BLOCK],
-                                  ki[:, :, :q_pos0 + a + ATTN_BLOCK],
-                                  vi[:, :, :q_pos0 + a + ATTN_BLOCK], vscale, q_pos0 + a)
-               for a in range(0, qi.shape[2], ATTN_BLOCK)]
-        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
-
-    def _attend_block(self, qi, qs, ki, vi, vscale, q_pos0: int) -> torch.Tensor:
-        B, nh, Tq, hs = qi.shape
-        nkv, Tk = ki.shape[1], ki.shape[2]
+    def _attend(self, i: int, qi, f, keys, values, qpos: torch.Tensor, kmax: list[int],
+                out: torch.Tensor) -> None:
+        """qi (B, nh, T, hs) at positions qpos (B, T); keys/values (B, nkv, >=Tk, hs) at positions
+        0..; query (b, t) sees keys 0..qpos[b, t]. Writes out (B, T, nh*hs) float64.
+        Queries go in blocks of ATTN_BLOCK that only read the keys they can see (kmax[j]: keys
+        visible to block j): causal attention then costs ~T^2/2, and the (block, keys) temporaries
+        stay small. A row's result does not depend on the blocking: hidden keys get weight exactly
+        0 and every sum is exact."""
+        B, nh, T, hs = qi.shape
+        nkv = keys.shape[1]
         g = nh // nkv
-        # query heads grouped under their key/value head (GQA) instead of repeating k and v
-        q = qi.reshape(B, nkv, g * Tq, hs)
-        s = q @ ki.transpose(-1, -2)                                 # (B, nkv, g*Tq, Tk) ints < 2^41
-        if Tk > q_pos0 + 1:
-            future = (torch.arange(Tk, device=s.device)[None, :]
-                      > torch.arange(q_pos0, q_pos0 + Tq, device=s.device)[:, None])
-            s.view(B, nkv, g, Tq, Tk).masked_fill_(future, float("-inf"))
-        d = s.sub_(s.amax(dim=-1, keepdim=True)).neg_()               # max - s: exact, inf if masked
-        # table index = d * (score unit in nats) * 2^EXP_RES_BITS
-        f = qs.reshape(B, nkv, g * Tq, 1) * (2.0 ** EXP_RES_BITS / math.sqrt(hs))
-        idx = d.mul_(f).round_().clamp_(max=self._exp.numel() - 1).long()
-        pr = self._exp[idx]                                          # ints <= 2^20
-        l = pr.sum(dim=-1, keepdim=True)                             # exact, < 2^33
-        o = pr @ vi                                                  # ints < 2^40 * Tk <= 2^52
-        o = o * vscale                                               # (nkv, 1, hs) broadcast
-        o = o / l
-        return o.view(B, nkv, g, Tq, hs).reshape(B, nh, Tq, hs).transpose(1, 2).reshape(B, Tq, nh * hs)
+        vscale = self._kvscale[i][1]
+        for j, a in enumerate(range(0, T, ATTN_BLOCK)):
+            Tq, Tk = min(ATTN_BLOCK, T - a), kmax[j]
+            # query heads grouped under their key/value head (GQA) instead of repeating k and v
+            q = qi[:, :, a:a + Tq].reshape(B, nkv, g * Tq, hs)
+            s = q @ keys[:, :, :Tk].transpose(-1, -2)              # (B, nkv, g*Tq, Tk) ints < 2^41
+            p, l = self._ops.softmax_weights(s.view(B, nh, Tq, Tk), qpos[:, a:a + Tq].contiguous(),
+                                             f[:, :, a:a + Tq].contiguous(), self._exp)
+            o = p.view(B, nkv, g * Tq, Tk) @ values[:, :, :Tk]      # ints < 2^40 * Tk <= 2^52
+            self._ops.attn_out(o, vscale, l, out, a, g)
 
-    def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        c, t, p = self.config, self._t, f"l{i}."
-        h = _rmsnorm(x, t[p + "ffn_norm"], c.norm_eps)
-        gu = _linear(h, t[p + "gate_up.q"], t[p + "gate_up.s"])
-        gate, up = gu.split([c.ffn_dim, c.ffn_dim], dim=-1)
-        return _linear(_silu(gate, self._sig) * up, t[p + "down.q"], t[p + "down.s"])
+    def _layer(self, i: int, x: torch.Tensor, B: int, T: int, qpos: torch.Tensor,
+               kmax: list[int], cache: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """One transformer block on x (B*T, D) float64 (may be updated in place). Without a cache
+        the keys are the T positions' own; with one, row b's keys go to cache position qpos[b, 0]."""
+        c, t, ops, p = self.config, self._t, self._ops, f"l{i}."
+        hq, s = ops.rmsnorm_quant(x, t[p + "attn_norm"], c.norm_eps)
+        h = ops.combine(_mm(hq, t[p + "qkv.q"]), t[p + "qkv.s"], s)
+        qi, f, ki, vi = self._qkv(i, h, B, T, qpos)
+        if cache is None:
+            keys, values = ki, vi
+        else:
+            keys, values = cache
+            rows, col = torch.arange(B, device=x.device), qpos[:, 0]
+            keys[rows, :, col] = ki[:, :, 0]
+            values[rows, :, col] = vi[:, :, 0]
+        a = torch.empty(B, T, c.n_head * c.head_dim, dtype=torch.float64, device=x.device)
+        self._attend(i, qi, f, keys, values, qpos, kmax, a)
+        aq, s = ops.quant_rows(a.view(B * T, -1))
+        x = ops.combine(_mm(aq, t[p + "wo.q"]), t[p + "wo.s"], s, residual=x)
+        hq, s = ops.rmsnorm_quant(x, t[p + "ffn_norm"], c.norm_eps)
+        mq, s = ops.swiglu_quant(_mm(hq, t[p + "gate_up.q"]), t[p + "gate_up.s"], s, self._sig)
+        return ops.combine(_mm(mq, t[p + "down.q"]), t[p + "down.s"], s, residual=x)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, D) -> int32 frequencies (N, V): every entry >= 1, total <= 2^FREQ_TOTAL_BITS."""
@@ -422,15 +568,11 @@ class Engine:
         w = "tok_emb" if c.tied_embeddings else "lm_head"
         out = torch.empty(x.shape[0], c.vocab_size, dtype=torch.int32, device=x.device)
         budget = 2 ** FREQ_TOTAL_BITS - c.vocab_size
-        for r in range(0, x.shape[0], 256):                          # bounds (rows, V) temporaries
-            h = _rmsnorm(x[r:r + 256], t["norm"], c.norm_eps)
+        for r in range(0, x.shape[0], HEAD_ROWS):                    # bounds (rows, V) temporaries
+            hq, s = self._ops.rmsnorm_quant(x[r:r + HEAD_ROWS], t["norm"], c.norm_eps)
             # logits * 2^LOGIT_RES_BITS: the power of two is folded into the weight scale (exact)
-            z = _linear(h, t[w + ".q"], self._head_scale)
-            d = z.sub_(z.amax(dim=-1, keepdim=True)).neg_()          # max - z >= 0
-            idx = d.round_().clamp_(max=self._lexp.numel() - 1).long()
-            e = self._lexp[idx]                                      # int64 <= 2^30
-            total = e.sum(dim=-1, keepdim=True)                      # exact, >= 2^30
-            out[r:r + 256] = e.mul_(budget).floor_divide_(total).add_(1)  # e*budget < 2^54
+            self._ops.head_freqs(_mm(hq, t[w + ".q"]), self._head_scale, s, self._lexp, budget,
+                                 out[r:r + HEAD_ROWS])
         return out
 
     def _check(self, tokens: torch.Tensor) -> None:
@@ -444,15 +586,12 @@ class Engine:
         if T > self.max_seq_len:
             raise ValueError(f"segment of {T} tokens exceeds max_seq_len {self.max_seq_len}")
         self._check(tokens)
-        tokens = tokens.to(self.device)
-        x = self._embed(tokens)                                      # (B, T, D)
+        x = self._embed(tokens.to(self.device).reshape(-1))         # (B*T, D)
+        qpos = torch.arange(T, device=self.device).expand(B, T)
+        kmax = [min(a + ATTN_BLOCK, T) for a in range(0, T, ATTN_BLOCK)]
         for i in range(self.config.n_layer):
-            qi, qs, ki, vi, vscale = self._qkv(i, x, 0)
-            a = self._attend(qi, qs, ki, vi, vscale, 0)
-            p = f"l{i}."
-            x = x + _linear(a, self._t[p + "wo.q"], self._t[p + "wo.s"])
-            x = x + self._mlp(i, x)
-        return self._head(x.reshape(B * T, -1)).view(B, T, -1)
+            x = self._layer(i, x, B, T, qpos, kmax, None)
+        return self._head(x).view(B, T, -1)
 
     def start(self, batch: int, max_len: int) -> State:
         if max_len > self.max_seq_len:
@@ -460,27 +599,31 @@ class Engine:
         c = self.config
         shape = (batch, c.n_kv_head, max_len, c.head_dim)
         z = lambda: torch.zeros(shape, dtype=torch.float64, device=self.device)
-        return State([z() for _ in range(c.n_layer)], [z() for _ in range(c.n_layer)], 0, max_len)
+        return State([z() for _ in range(c.n_layer)], [z() for _ in range(c.n_layer)],
+                     torch.zeros(batch, dtype=torch.int64), max_len)
+
+    def reset_rows(self, state: State, rows) -> None:
+        """Start a new segment in the given rows of `state` (their next step is position 0, fed
+        BOS); the other rows continue. The old keys need no clearing: a row never attends beyond
+        its own position, and those keys get weight exactly 0."""
+        state.pos[torch.as_tensor(rows, dtype=torch.long)] = 0
 
     @torch.no_grad()
     def step(self, state: State, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B,) at position state.pos -> int32 (B, V), equal to freqs() at that position."""
-        if state.pos >= state.max_len:
+        """tokens (B,), row b at position state.pos[b] -> int32 (B, V), equal to freqs() at that
+        position."""
+        if int(state.pos.max()) >= state.max_len:
             raise ValueError("KV cache full")
         self._check(tokens)
-        pos = state.pos
-        x = self._embed(tokens.to(self.device).view(-1, 1))         # (B, 1, D)
+        B = tokens.shape[0]
+        x = self._embed(tokens.to(self.device).view(-1))             # (B, D)
+        qpos = state.pos.to(self.device).view(B, 1)
+        kmax = [int(state.pos.max()) + 1]
         for i in range(self.config.n_layer):
-            qi, qs, ki, vi, vscale = self._qkv(i, x, pos)
-            state.k[i][:, :, pos:pos + 1] = ki
-            state.v[i][:, :, pos:pos + 1] = vi
-            a = self._attend(qi, qs, state.k[i][:, :, :pos + 1], state.v[i][:, :, :pos + 1],
-                             vscale, pos)
-            p = f"l{i}."
-            x = x + _linear(a, self._t[p + "wo.q"], self._t[p + "wo.s"])
-            x = x + self._mlp(i, x)
+            x = self._layer(i, x, B, 1, qpos, kmax, (state.k[i], state.v[i]))
         state.pos += 1
-        return self._head(x[:, 0])
+        return self._head(x)
 
 
-__all__ = ["ENGINE_VERSION", "Config", "Engine", "State", "prepare_weights", "quantize_weight"]
+__all__ = ["ENGINE_VERSION", "Config", "Engine", "State", "TorchOps", "FusedOps", "prepare_weights",
+           "quantize_weight"]

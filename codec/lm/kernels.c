@@ -1,0 +1,207 @@
+/* Fused CPU loops for the exact engine's elementwise work (codec/lm/kernels.py builds and loads this).
+ *
+ * Each function computes exactly what a sequence of torch ops in engine.py's TorchOps computes: the
+ * same IEEE 754 float64 operations on the same operands in the same order, one rounding per
+ * operation. That is why it must be compiled with -ffp-contract=off and without -ffast-math: a fused
+ * multiply-add or a reassociated sum would round differently. Integer sums (of integer-valued
+ * doubles below 2^53) are exact in any order. What fusion saves is memory traffic and dispatch: the
+ * torch form makes ~10 passes over a (rows, vocab) float64 tensor for the LM head, this makes 2.
+ *
+ * Row-major, contiguous arrays throughout; the Python side checks dtypes and contiguity.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define ACT_MAX (127.0 * 128.0)
+#define SIG_RANGE 24.0
+#define SIG_STEPS 4096.0 /* 2^SIG_RES_BITS */
+/* maxsd semantics (no NaN can occur here); fmax() is a libm call that blocks vectorisation */
+#define MAX(a, b) ((a) > (b) ? (a) : (b))
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+
+/* Round half to even, as torch.round: for |x| < 2^51, x + 1.5*2^52 lies in [2^52, 2^53) where the
+ * spacing of doubles is 1, so the addition itself rounds to the nearest integer (ties to even, the
+ * default mode); subtracting the constant back is exact. Callers keep |x| < 2^51 (bounds at each
+ * call). Portable and vectorisable, unlike nearbyint() on baseline x86-64. */
+static inline double round_even(double x) {
+    const double magic = 6755399441055744.0; /* 1.5 * 2^52 */
+    return (x + magic) - magic;
+}
+
+/* Per-row int16 quantisation split into int8 halves (engine._quant_rows):
+ *   m = max|x|, s = m > 0 ? m / ACT_MAX : 1, xq = round(x / s), hi = round(xq / 128), lo = xq - 128 hi.
+ * |x / s| <= ACT_MAX < 2^51. hi is written to rows 0..M-1 of q, lo to rows M..2M-1. */
+static void quant_row(const double *x, int64_t K, int8_t *hi, int8_t *lo, double *s_out) {
+    double m = 0;
+    for (int64_t k = 0; k < K; k++) m = MAX(m, fabs(x[k]));
+    double s = m > 0 ? m / ACT_MAX : 1.0;
+    for (int64_t k = 0; k < K; k++) {
+        double xq = round_even(x[k] / s);
+        double h = round_even(xq / 128.0);
+        hi[k] = (int8_t)h;
+        lo[k] = (int8_t)(xq - h * 128.0);
+    }
+    *s_out = s;
+}
+
+void quant_rows(const double *x, int64_t M, int64_t K, int8_t *q, double *s) {
+    for (int64_t i = 0; i < M; i++)
+        quant_row(x + i * K, K, q + i * K, q + (M + i) * K, s + i);
+}
+
+/* sqrt(d) for d > 0 from +, * and / only (engine.det_sqrt): IEEE rounds each of those correctly on
+ * every CPU and GPU, while library square roots need not (torch's CPU sqrt goes through MKL, which
+ * is 1-ulp accurate, not correctly rounded). Start at the power of two 2^ceil(e/2) >= sqrt(d)
+ * (d = m 2^e, m in [0.5, 1): within a factor 2) and take 7 Newton steps (relative error
+ * 1 -> 0.25 -> 0.025 -> 3e-4 -> 5e-8 -> 1e-15 -> rounding). */
+static double det_sqrt(double d) {
+    int e;
+    frexp(d, &e);
+    int k = (e + 1) / 2;
+    if ((e + 1) % 2 < 0) k -= 1; /* floor division */
+    double y = ldexp(1.0, k);
+    for (int i = 0; i < 7; i++) y = (y + d / y) * 0.5;
+    return y;
+}
+
+/* RMSNorm then quantisation (engine.TorchOps.rmsnorm_quant). 1/rms is a per-row factor, so it is
+ * applied to the row's scale, not to every element:
+ *   sr = max|x| / 2^20 (or 1), xi = round(x / sr), D = ((sum xi^2) / K) * sr * sr + eps,
+ *   q, sh = quant(x * w), s = sh / det_sqrt(D).
+ * |x / sr| <= 2^20; sum xi^2 < K 2^40 < 2^51 is exact. */
+void rmsnorm_quant(const double *x, int64_t M, int64_t K, const double *w, double eps,
+                   int8_t *q, double *s) {
+    double *h = malloc(sizeof(double) * K);
+    for (int64_t i = 0; i < M; i++) {
+        const double *xr = x + i * K;
+        double m = 0;
+        for (int64_t k = 0; k < K; k++) m = MAX(m, fabs(xr[k]));
+        double sr = m > 0 ? m / 1048576.0 : 1.0;
+        double ss = 0;
+        for (int64_t k = 0; k < K; k++) {
+            double xi = round_even(xr[k] / sr);
+            ss += xi * xi;
+            h[k] = xr[k] * w[k];
+        }
+        double d = ss / (double)K;
+        d = d * sr;
+        d = d * sr;
+        d = d + eps;
+        double sh;
+        quant_row(h, K, q + i * K, q + (M + i) * K, &sh);
+        s[i] = sh / det_sqrt(d);
+    }
+    free(h);
+}
+
+/* The exact integer value of x @ w.T from the stacked hi/lo accumulators: 128 hi + lo, in int64
+ * (|value| < 2^38), then to double (exact). */
+static inline double acc_value(const int32_t *hi, const int32_t *lo, int64_t n) {
+    return (double)((int64_t)hi[n] * 128 + (int64_t)lo[n]);
+}
+
+/* Linear-layer output (engine._combine): y = value * ws[n] * s[m]; with add, y += that
+ * (the residual connection x + linear(x)). */
+void combine(const int32_t *acc, int64_t M, int64_t N, const double *ws, const double *s,
+             double *y, int add) {
+    for (int64_t i = 0; i < M; i++) {
+        const int32_t *hi = acc + i * N, *lo = acc + (M + i) * N;
+        double *yr = y + i * N, si = s[i];
+        if (add)
+            for (int64_t n = 0; n < N; n++) yr[n] = yr[n] + acc_value(hi, lo, n) * ws[n] * si;
+        else
+            for (int64_t n = 0; n < N; n++) yr[n] = acc_value(hi, lo, n) * ws[n] * si;
+    }
+}
+
+/* MLP activation then quantisation for the down projection (engine._swiglu + _quant_rows):
+ * gate, up = the two halves of the gate_up output; a = gate * sigmoid_table[i] * up with
+ * i = round((clamp(gate, -24, 24) + 24) * 4096) in [0, 196608]. */
+void swiglu_quant(const int32_t *acc, int64_t M, int64_t F, const double *ws, const double *s,
+                  const double *sig, int8_t *q, double *qs) {
+    double *a = malloc(sizeof(double) * F);
+    for (int64_t i = 0; i < M; i++) {
+        const int32_t *hi = acc + i * 2 * F, *lo = acc + (M + i) * 2 * F;
+        double si = s[i];
+        for (int64_t n = 0; n < F; n++) {
+            double g = acc_value(hi, lo, n) * ws[n] * si;
+            double u = acc_value(hi, lo, F + n) * ws[F + n] * si;
+            double c = MIN(MAX(g, -SIG_RANGE), SIG_RANGE);
+            int64_t t = (int64_t)round_even((c + SIG_RANGE) * SIG_STEPS);
+            a[n] = g * sig[t] * u;
+        }
+        quant_row(a, F, q + i * F, q + (M + i) * F, qs + i);
+    }
+    free(a);
+}
+
+/* Attention weights from integer scores, in place (engine._softmax_weights). s is (B, G, Tq, Tk),
+ * G = nkv * g query heads grouped under their key/value heads; query t of row b sits at position
+ * qpos[b, t] and sees keys 0..qpos[b, t]. Visible: d = -(s - max), i = min(round(d * f[r]), ntab - 1),
+ * p = table[i]; hidden keys get 0 (the table's last entry). l[r] = sum of the row (exact).
+ * Clamping before rounding gives the same index (round is monotone, ntab - 1 an integer) and keeps
+ * the argument of round_even below 2^51. */
+void softmax_weights(double *s, int64_t B, int64_t G, int64_t Tq, int64_t Tk, const int64_t *qpos,
+                     const double *f, const double *table, int64_t ntab, double *l) {
+    double last = (double)(ntab - 1);
+    for (int64_t r = 0; r < B * G * Tq; r++) {
+        double *sr = s + r * Tk;
+        int64_t b = r / (G * Tq), t = r % Tq;
+        int64_t vis = MIN(qpos[b * Tq + t] + 1, Tk);
+        double m = -INFINITY;
+        for (int64_t k = 0; k < vis; k++) m = MAX(m, sr[k]);
+        double fr = f[r], sum = 0;
+        for (int64_t k = 0; k < vis; k++) {
+            double v = -(sr[k] - m) * fr;
+            double p = table[v < last ? (int64_t)round_even(v) : ntab - 1];
+            sr[k] = p;
+            sum += p;
+        }
+        for (int64_t k = vis; k < Tk; k++) sr[k] = 0;
+        l[r] = sum;
+    }
+}
+
+/* Attention output (engine._attn_out): o (B, nkv, g, Tq, hs) integer P.V sums -> out rows
+ * t0..t0+Tq-1 of (B, T, nh * hs), head kv * g + j: o * vscale[kv] / l. */
+void attn_out(const double *o, int64_t B, int64_t nkv, int64_t g, int64_t Tq, int64_t hs,
+              const double *vscale, const double *l, double *out, int64_t T, int64_t t0) {
+    int64_t nh = nkv * g;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t kv = 0; kv < nkv; kv++)
+            for (int64_t j = 0; j < g; j++)
+                for (int64_t t = 0; t < Tq; t++) {
+                    int64_t r = ((b * nkv + kv) * g + j) * Tq + t;
+                    const double *orow = o + r * hs, *vs = vscale + kv * hs;
+                    double *dst = out + ((b * T + t0 + t) * nh + kv * g + j) * hs;
+                    for (int64_t c = 0; c < hs; c++) dst[c] = orow[c] * vs[c] / l[r];
+                }
+}
+
+/* LM head (engine._freq_rows): logits z = value * ws[v] * s[m] (2^12 per nat folded into ws),
+ * d = -(z - max z), i = min(round(d), ntab - 1), e = table[i] (<= 2^30),
+ * freq = e * budget // sum(e) + 1  (e * budget < 2^54, exact in int64). */
+void head_freqs(const int32_t *acc, int64_t M, int64_t V, const double *ws, const double *s,
+                const int64_t *table, int64_t ntab, int64_t budget, int32_t *out) {
+    double *z = malloc(sizeof(double) * V);
+    double last = (double)(ntab - 1);
+    for (int64_t i = 0; i < M; i++) {
+        const int32_t *hi = acc + i * V, *lo = acc + (M + i) * V;
+        double si = s[i], m = -INFINITY;
+        for (int64_t v = 0; v < V; v++) {
+            z[v] = acc_value(hi, lo, v) * ws[v] * si;
+            m = MAX(m, z[v]);
+        }
+        int32_t *o = out + i * V;
+        int64_t total = 0;
+        for (int64_t v = 0; v < V; v++) {
+            double d = -(z[v] - m);
+            int64_t e = table[d < last ? (int64_t)round_even(d) : ntab - 1];
+            o[v] = (int32_t)e;
+            total += e;
+        }
+        for (int64_t v = 0; v < V; v++) o[v] = (int32_t)((int64_t)o[v] * budget / total + 1);
+    }
+    free(z);
+}
