@@ -87,6 +87,10 @@ class DecodeCache:
         self._prefetcher = Prefetcher(self, **prefetch_options)
 
     # ------------------------------------------------------------------ the simple interface
+    @property
+    def ram_budget(self) -> int:
+        return self._policy.ram_budget
+
     def get(self, key: bytes) -> bytes | None:
         with self._lock:
             data = self._lookup(key)

@@ -148,3 +148,115 @@ def register(subparsers) -> None:
     p.add_argument("--block-size", type=parse_size, default=DEFAULT_BLOCK_SIZE)
     p.add_argument("--dir", default=None, help="where to put the store (default: $TMPDIR)")
     p.set_defaults(func=run_fs)
+    _register_compaction(subparsers)
+
+
+def text_tree(dst: Path, limit: int) -> int:
+    """Copy real text files (licenses, Python's standard library) into dst, up to `limit` bytes.
+    Returns the bytes copied."""
+    total = 0
+    sources = sorted(Path("/usr/share/common-licenses").iterdir()) + \
+        sorted(Path(os.__file__).parent.glob("*.py"))
+    dst.mkdir(parents=True)
+    for src in sources:
+        if not src.is_file() or src.is_symlink():
+            continue
+        size = src.stat().st_size
+        if total + size > limit:
+            continue
+        shutil.copyfile(src, dst / src.name)
+        total += size
+    return total
+
+
+def timed_copy(src: Path, dst: Path) -> float:
+    t = time.perf_counter()
+    shutil.copytree(src, dst)
+    subprocess.run(["sync", "-f", str(dst)], check=True)
+    return time.perf_counter() - t
+
+
+def run_compaction(args) -> int:
+    """Write throughput with compaction idle vs running, compaction speed against the int8 GEMM
+    peak, and the final ratio against xz -9e and zstd -19 of the same tree as a tar."""
+    import io
+    import tarfile
+    import threading
+
+    from codec.bench import baselines, int8_peak_ops, ops_per_token
+    from codec.lm import open_codec
+
+    work = Path(tempfile.mkdtemp(prefix="llmfs-bench-", dir=args.dir))
+    store, mnt = work / "store", work / "mnt"
+    mnt.mkdir()
+    size = text_tree(work / "tree", args.size)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(work / "tree", arcname="tree")
+    tar_bytes = buf.getvalue()
+    llmfs("mkfs", store, "--block-size", args.block_size, *(["--model", args.model]
+                                                            if args.model else []))
+    llmfs("mount", store, mnt, "--no-compaction")
+    try:
+        idle = timed_copy(work / "tree", mnt / "tree")
+        s = Store(str(store), lock=False)
+        with s.read() as t:
+            zstd_stored = t.counters.stored
+        s.close()
+        # compaction runs in the daemon while a second copy of the tree is written
+        result = {}
+
+        def compact():
+            t0 = time.perf_counter()
+            res = subprocess.run([sys.executable, "-m", "llmfs.cli", "compact", str(mnt),
+                                  "--now", "--path", str(mnt / "tree")],
+                                 capture_output=True, text=True)
+            result.update(seconds=time.perf_counter() - t0, out=res.stdout + res.stderr)
+        worker = threading.Thread(target=compact)
+        worker.start()
+        time.sleep(2)  # let the model load and start
+        busy = timed_copy(work / "tree", mnt / "tree2")
+        worker.join()
+        shutil.rmtree(mnt / "tree2")
+    finally:
+        llmfs("umount", mnt)
+    s = Store(str(store), lock=False)
+    with s.read() as t:
+        c = t.counters
+        lm_plain = c.per_codec[2][1]
+        stored = c.stored
+    s.close()
+    codec = open_codec(args.model or None, threads=1)
+    tokens = len(codec.tokenizer.encode(b"".join(
+        p.read_bytes() for p in sorted((work / "tree").iterdir()))))
+    peak = int8_peak_ops()
+    per_token = ops_per_token(codec.engine, codec.segment_tokens)
+    base = baselines(tar_bytes)
+    mib = size / (1 << 20)
+    tok_s = tokens / result["seconds"]
+    print(f"llmfs bench compaction: {size} bytes of text in {len(list((work / 'tree').iterdir()))}"
+          f" files, block size {args.block_size}")
+    print(f"write, compaction idle     {mib / idle:8.2f} MiB/s")
+    print(f"write, compaction running  {mib / busy:8.2f} MiB/s  ({busy / idle:.2f}x the time)")
+    print(f"compaction (encode + verify) {size / result['seconds'] / 1024:8.1f} KiB/s, "
+          f"{tok_s:.0f} tokens/s = {tok_s * per_token / peak:.2%} of the int8 GEMM peak "
+          f"({peak / 1e12:.2f} TOP/s, {per_token / 1e6:.0f} MOP/token)")
+    print(f"LM-compressed fraction     {lm_plain / size:.1%}")
+    print(f"stored: zstd tier {zstd_stored}, after compaction {stored} "
+          f"({stored / zstd_stored:.3f} of the zstd tier)")
+    for name, n in base.items():
+        print(f"  tar of the tree, {name:<10} {n:>10}  llmfs/that = {stored / n:.3f}")
+    print(result["out"].strip().splitlines()[-1] if result["out"].strip() else "")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _register_compaction(subparsers) -> None:
+    p = bench_subparsers(subparsers).add_parser(
+        "compaction", help="LM compaction of a text tree: speed, effect on writes, final ratio")
+    p.add_argument("--size", type=parse_size, default=256 << 10,
+                   help="bytes of text to copy (default 256K: the CPU engine is slow)")
+    p.add_argument("--block-size", type=parse_size, default=DEFAULT_BLOCK_SIZE)
+    p.add_argument("--model", default=None)
+    p.add_argument("--dir", default=None)
+    p.set_defaults(func=run_compaction)

@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "llmfs.umount",
     "llmfs.statcmd",
     "llmfs.fsck",
+    "llmfs.compact",
     "codec.tool",
     "codec.bench",
     "llmfs.bench",

@@ -22,7 +22,7 @@ instead of silently pretending to honour them. Command-line arguments override t
     enabled = true                    # background LM compaction (--no-compaction)
     after = "10m"                     # blocks unchanged this long (--compact-after)
 
-Not built yet (accepted, validated, reported): `model`, `cache.gpu`.
+Not built yet (accepted, validated, reported): `model` (a store's model is chosen at mkfs).
 """
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ KEYS = {
     "model": (_str, None),
     "write.dirty_limit": (_size, "dirty_limit"),
     "cache.ram": (_size, "cache_size"),
-    "cache.gpu": (_size, None),
+    "cache.gpu": (_size, "gpu_cache_size"),
     "compaction.enabled": (_bool, "no_compaction"),
     "compaction.after": (_duration, "compact_after"),
 }

@@ -31,7 +31,7 @@ def store_spec(store: Store) -> str:
 
 class Models:
     def __init__(self, store: Store, threads: int = THREADS, batch: int = 16,
-                 device: str = "cpu"):
+                 device: str = "auto"):
         self.store = store
         self.threads, self.batch, self.device = threads, batch, device
         self._lock = threading.Lock()

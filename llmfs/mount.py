@@ -24,10 +24,14 @@ import sys
 
 from codec import Registry
 
-from cache import BlockCache
+from cache import DecodeCache, Readahead
+from cache.decode_cache import DEFAULT_RAM_BUDGET
 
 from . import config, fsck, service
+from .background import Background
+from .compactor import COMPACT_AFTER
 from .fuseops import FUSE, Operations
+from .models import Models
 from .mkfs import parse_size
 from .namespace import DIRTY_LIMIT, Filesystem
 from .store import Store, StoreError
@@ -60,11 +64,13 @@ def parse_options(values: list[str]) -> dict:
 
 
 def open_filesystem(store_path: str, dirty_limit: int = DIRTY_LIMIT,
-                    cache_size: int | None = None) -> Filesystem:
+                    cache_size: int | None = None, gpu_cache_size: int | None = None,
+                    device: str = "auto") -> tuple[Filesystem, Models]:
     """Open (and lock) a store for serving, recovering from an unclean shutdown first."""
     store = Store(store_path)
     try:
-        registry = Registry()
+        models = Models(store, device=device)
+        registry = Registry(model_resolver=models.resolve)
         if not store.was_clean():
             log.warning("%s was not unmounted cleanly; checking it", store_path)
             problems, _ = fsck.run_checks(store, [fsck.check_orphans], repair=True)
@@ -77,8 +83,12 @@ def open_filesystem(store_path: str, dirty_limit: int = DIRTY_LIMIT,
                 raise MountError(f"{store_path} has {len(problems)} problem(s) after an unclean "
                                  f"shutdown; run `llmfs fsck --repair {store_path}`")
             log.info("%s: checks passed", store_path)
-        cache = BlockCache(cache_size) if cache_size is not None else BlockCache()
-        return Filesystem(store, registry, cache, dirty_limit=dirty_limit)
+        # The device tier holds decoded blocks in GPU memory when CUDA is present (device=None
+        # picks it); without a GPU budget there is no device tier.
+        cache = DecodeCache(cache_size if cache_size is not None else DEFAULT_RAM_BUDGET,
+                            device_budget=gpu_cache_size or 0)
+        fs = Filesystem(store, registry, cache, dirty_limit=dirty_limit, readahead=Readahead())
+        return fs, models
     except BaseException:
         store.close()
         raise
@@ -109,7 +119,8 @@ def serve(args, ready_fd: int | None) -> int:
             raise MountError(f"mount point {args.mountpoint} is not a directory")
         if os.path.ismount(mountpoint):
             raise MountError(f"{args.mountpoint} is already a mount point")
-        fs = open_filesystem(args.store, args.dirty_limit, args.cache_size)
+        fs, models = open_filesystem(args.store, args.dirty_limit, args.cache_size,
+                                     args.gpu_cache_size, args.device)
     except (StoreError, MountError) as e:
         report(f"error: {e}")
         print(f"llmfs mount: {e}", file=sys.stderr)
@@ -117,12 +128,14 @@ def serve(args, ready_fd: int | None) -> int:
     store = fs.store
     store.describe_lock_holder(f"mounted at {mountpoint} by pid {os.getpid()}")
     store.set_clean(False)
+    background = Background(fs, models, None if args.no_compaction else args.compact_after)
     served = False
 
     def ready():
         nonlocal served
         served = True
         log.info("mounted %s on %s", store.path, mountpoint)
+        background.start()
         service.notify("READY=1", f"STATUS=serving {store.path} on {mountpoint}")
         report("ok")
 
@@ -148,11 +161,14 @@ def serve(args, ready_fd: int | None) -> int:
     finally:
         report("error: the daemon stopped before the mount was ready")
     service.on_stop(mountpoint)
-    try:
-        fs.flush_all()
-        store.set_clean(True)
-    finally:
-        store.close()
+    background.stop()
+    with background.shutdown_lock:
+        try:
+            fs.flush_all()
+            store.set_clean(True)
+        finally:
+            fs.cache.close()
+            store.close()
     log.info("unmounted %s", mountpoint)
     return 0
 
@@ -169,6 +185,11 @@ def start_daemon(args) -> int:
         "--dirty-limit", str(args.dirty_limit)]
     if args.cache_size is not None:
         cmd += ["--cache-size", str(args.cache_size)]
+    if args.gpu_cache_size is not None:
+        cmd += ["--gpu-cache-size", str(args.gpu_cache_size)]
+    cmd += ["--device", args.device]
+    cmd += ["--compact-after", str(args.compact_after)] + (
+        ["--no-compaction"] if args.no_compaction else [])
     for o in args.options:
         cmd += ["-o", o]
     log_path = os.path.join(args.store, LOG_FILE)
@@ -200,6 +221,15 @@ def register(sub) -> None:
                    help="buffered write bytes before files are flushed (default 64M)")
     p.add_argument("--cache-size", type=parse_size, default=None,
                    help="bytes of decoded blocks kept in RAM (default 64M)")
+    p.add_argument("--gpu-cache-size", type=parse_size, default=None,
+                   help="bytes of decoded blocks kept in GPU memory when CUDA is present "
+                        "(default 0: none)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the LM runs: a CUDA GPU when present (auto), or the CPU")
+    p.add_argument("--compact-after", type=float, default=COMPACT_AFTER, metavar="SECONDS",
+                   help="compress blocks with the LM once unchanged this long (default 600)")
+    p.add_argument("--no-compaction", action="store_true",
+                   help="no background compaction (`llmfs compact` still works)")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 

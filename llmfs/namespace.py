@@ -15,6 +15,7 @@ containers read in one LMDB snapshot, so a slow decode never blocks other files 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
@@ -22,7 +23,7 @@ import threading
 from dataclasses import dataclass, field
 
 from codec import ContainerError
-from codec.registry import CODEC_NAMES, RAW, ZSTD, Registry, peek_header
+from codec.registry import CODEC_NAMES, LM, RAW, ZSTD, Registry, peek_header
 
 from .store import ROOT_INO, Inode, Store, StoreFull, block_hash, now_ns
 
@@ -35,6 +36,9 @@ RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 VIRTUAL_XATTR = b"user.llmfs."
 # Flush a file once all files' dirty bytes pass this: bounds the daemon's memory for buffered writes.
 DIRTY_LIMIT = 64 << 20
+# Opening an LM-coded file at most this fraction of the cache's RAM budget prefetches all of it:
+# prefetched blocks enter the 2Q first stage, a quarter of RAM (cache/policy.py).
+HOT_FILE_FRACTION = 0.25
 
 
 class FsError(Exception):
@@ -86,10 +90,11 @@ def _check_name(name: bytes) -> None:
 
 class Filesystem:
     def __init__(self, store: Store, registry: Registry, cache=None, dirty_limit: int = DIRTY_LIMIT,
-                 codecs=(ZSTD,)):
+                 codecs=(ZSTD,), readahead=None):
         self.store = store
         self.registry = registry
-        self.cache = cache  # decoded blocks by hash (cache/); None = no cache
+        self.cache = cache  # decoded blocks by hash (cache.DecodeCache); None = no cache
+        # readahead: cache.Readahead, which blocks a sequential reader wants next (None = off)
         self.block_size = store.block_size
         self.dirty_limit = dirty_limit
         self.codecs = codecs
@@ -98,6 +103,7 @@ class Filesystem:
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._dirty_bytes = 0
+        self.readahead = readahead
 
     # ------------------------------------------------------------------ attributes and lookup
     def lookup(self, parent: int, name: bytes) -> int:
@@ -412,9 +418,13 @@ class Filesystem:
 
     # ------------------------------------------------------------------ xattrs
     def _virtual_xattr(self, ino: int, name: bytes) -> bytes:
-        """user.llmfs.codec ("lm", "zstd", "raw", a mix like "lm:3,zstd:1", or "none") and
-        user.llmfs.stored_size (bytes of the file's blocks in the store). Readable by name, not
-        listed — so cp -a and rsync -X do not copy them as ordinary attributes."""
+        """user.llmfs.codec ("lm", "zstd", "raw", a mix like "lm:3,zstd:1", or "none"),
+        user.llmfs.stored_size (bytes of the file's blocks in the store), and on the root
+        user.llmfs.cache (the decode cache's metrics, JSON). Readable by name, not listed — so
+        cp -a and rsync -X do not copy them as ordinary attributes."""
+        if name == VIRTUAL_XATTR + b"cache" and ino == ROOT_INO:
+            metrics = self.cache.metrics() if hasattr(self.cache, "metrics") else {}
+            return json.dumps(metrics, sort_keys=True).encode()
         f = self._files.get(ino)
         if f is not None:
             with f.lock:
@@ -505,6 +515,8 @@ class Filesystem:
             if f.users:
                 return
             del self._files[f.ino]
+            if self.readahead is not None:
+                self.readahead.forget(f.ino)
             with self.store.write() as t:
                 inode = t.inode(f.ino)
                 if inode is not None and inode.nlink == 0:
@@ -525,7 +537,13 @@ class Filesystem:
         inode = self.getattr(ino)
         if inode.is_dir and (flags & os.O_ACCMODE) != os.O_RDONLY:
             raise IsADirectory(ino)
-        return self._open_handle(ino, flags)
+        fh = self._open_handle(ino, flags)
+        budget = getattr(self.cache, "ram_budget", 0)
+        if inode.is_reg and 0 < inode.size <= budget * HOT_FILE_FRACTION:
+            # A hot file: decode all its LM blocks as one batch ahead of the reader. Larger files
+            # would be evicted from the cache's first stage before they are read: readahead only.
+            self._prefetch(ino, range(-(-inode.size // self.block_size)))
+        return fh
 
     def opendir(self, ino: int) -> int:
         if not self.getattr(ino).is_dir:
@@ -579,28 +597,50 @@ class Filesystem:
             return {i: (h, t.container(h)) for i, h in hashes.items()}
 
     def _decode(self, ino: int, blocks: dict[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
-        """Plaintext of blocks (hash, container) — from the cache, else decoded as one batch."""
-        out, missing = {}, []
-        for idx, (h, blob) in blocks.items():
-            data = self.cache.get(h) if self.cache is not None else None
-            if data is None:
-                missing.append(idx)
+        """Plaintext of blocks {index: (hash, container)}: cached ones from the cache, the rest
+        decoded as one batch (single-flight: a block another reader or the prefetcher is
+        decoding is waited for, not decoded twice)."""
+        if not blocks:
+            return {}
+        by_hash = {h: blob for h, blob in blocks.values()}
+
+        def decode(hashes: list[bytes]) -> list[bytes]:
+            if any(by_hash[h] is None for h in hashes):
+                raise ContainerError("block map names a block that is not in the store")
+            return self.registry.decode_many([by_hash[h] for h in hashes])
+        order = sorted(blocks)
+        try:
+            if self.cache is None:
+                plain = decode([blocks[i][0] for i in order])
             else:
-                out[idx] = data
-        if missing:
-            try:
-                if any(blocks[i][1] is None for i in missing):
-                    raise ContainerError("block map names a block that is not in the store")
-                decoded = self.registry.decode_many([blocks[i][1] for i in missing])
-            except ContainerError as e:
-                log.error("inode %d: block(s) %s unreadable: %s (run `llmfs fsck`)", ino,
-                          ",".join(map(str, missing)), e)
-                raise CorruptData(str(e)) from None
-            for idx, data in zip(missing, decoded):
-                out[idx] = data
-                if self.cache is not None:
-                    self.cache.put(blocks[idx][0], data)
-        return out
+                plain = self.cache.get_many([blocks[i][0] for i in order], decode)
+        except ContainerError as e:
+            log.error("inode %d: block(s) %s unreadable: %s (run `llmfs fsck`)", ino,
+                      ",".join(map(str, order)), e)
+            raise CorruptData(str(e)) from None
+        return dict(zip(order, plain))
+
+    def _decode_hashes(self, hashes: list[bytes]) -> list[bytes]:
+        """The prefetcher's decode: containers read now, in one snapshot, decoded as one batch.
+        Always this bound method, so the prefetcher can batch keys from different requests."""
+        with self.store.read() as t:
+            blobs = [t.container(h) for h in hashes]
+        if any(b is None for b in blobs):
+            raise ContainerError("a block to prefetch is no longer stored")
+        return self.registry.decode_many(blobs)
+
+    def _prefetch(self, ino: int, indices) -> None:
+        """Decode these blocks of a file in the background if they are LM-coded (zstd and raw
+        blocks decode faster than a prefetch could help)."""
+        if self.cache is None or not hasattr(self.cache, "prefetch") or not indices:
+            return
+        lo, hi = min(indices), max(indices)
+        wanted = set(indices)
+        with self.store.read() as t:
+            hashes = [h for i, h in t.block_hashes(ino, lo, hi).items()
+                      if i in wanted and t.container_codec(h) == LM]
+        if hashes:
+            self.cache.prefetch(hashes, self._decode_hashes)
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
         f = self._files[self.handle_ino(fh)]
@@ -624,6 +664,9 @@ class Filesystem:
             stored = self._containers(f.ino, first, last) if len(dirty) < last - first + 1 else {}
         for i in dirty:
             stored.pop(i, None)
+        if self.readahead is not None:
+            nblocks = -(-f.size // bs)
+            self._prefetch(f.ino, self.readahead.access(f.ino, first, last, nblocks))
         plain = self._decode(f.ino, stored)
         parts = []
         for i in range(first, last + 1):

@@ -12,6 +12,7 @@ import sys
 from codec import CODEC_NAMES
 from codec.registry import peek_header
 
+from . import control
 from .store import Store, StoreError
 from .umount import _unescape
 
@@ -95,6 +96,24 @@ def file_report(store: Store, path: str) -> list[tuple[str, str]]:
     return rows
 
 
+def daemon_report(store_path: str) -> list[tuple[str, str]]:
+    """The running daemon's decode cache and compaction counters, from its control socket."""
+    try:
+        answers = list(control.request(store_path, {"op": "stats"}))
+    except OSError:
+        return [("daemon", "not answering")]
+    stats = answers[-1].get("result", {}) if answers else {}
+    rows = []
+    for key, value in sorted(stats.get("cache", {}).items()):
+        rows.append((f"cache {key}", f"{value:.3f}" if isinstance(value, float) else str(value)))
+    comp = stats.get("compaction", {})
+    if comp:
+        rows.append(("compacted this mount", f"{comp.get('blocks', 0)} blocks, "
+                     f"{comp.get('lm_blocks', 0)} by the LM, saved "
+                     f"{human(comp.get('before', 0) - comp.get('after', 0))}"))
+    return rows
+
+
 def register(sub) -> None:
     p = sub.add_parser("stat", help="space used by a store, a mount or a file, per codec")
     p.add_argument("path")
@@ -111,6 +130,8 @@ def run(args) -> int:
     try:
         mount_root = inner is not None and os.path.ismount(inner)
         rows = store_report(store) if inner is None or mount_root else file_report(store, inner)
+        if mount_root:
+            rows += daemon_report(store_path)
     except (StoreError, OSError) as e:
         print(f"llmfs stat: {e}", file=sys.stderr)
         return 1

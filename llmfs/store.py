@@ -305,6 +305,11 @@ class Txn:
         raw = self.txn.get(h, db=self.db["blocks"])
         return bytes(raw) if raw is not None else None
 
+    def container_codec(self, h: bytes) -> int | None:
+        """The codec id of block h's container, read from its header only."""
+        raw = self.txn.get(h, db=self.db["blocks"])
+        return peek_header(bytes(raw[:64])).codec_id if raw is not None else None
+
     def refcount(self, h: bytes) -> int:
         raw = self.txn.get(h, db=self.db["refs"])
         return _U64.unpack(raw)[0] if raw is not None else 0

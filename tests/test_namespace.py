@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from cache import BlockCache
+from cache import DecodeCache, Readahead
 from codec import Registry
 from llmfs import fsck
 from llmfs import namespace as ns
@@ -21,7 +21,8 @@ BS = 4096
 def fs(tmp_path):
     Store.create(str(tmp_path / "s"), BS)
     store = Store(str(tmp_path / "s"))
-    f = ns.Filesystem(store, Registry(), BlockCache(1 << 20), dirty_limit=8 * BS)
+    f = ns.Filesystem(store, Registry(), DecodeCache(1 << 20), dirty_limit=8 * BS,
+                      readahead=Readahead())
     yield f
     f.flush_all()
     problems, _ = fsck.run_checks(store)
