@@ -149,6 +149,7 @@ def register(subparsers) -> None:
     p.add_argument("--dir", default=None, help="where to put the store (default: $TMPDIR)")
     p.set_defaults(func=run_fs)
     _register_compaction(subparsers)
+    _register_cache(subparsers)
 
 
 def text_tree(dst: Path, limit: int) -> int:
@@ -260,3 +261,75 @@ def _register_compaction(subparsers) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--dir", default=None)
     p.set_defaults(func=run_compaction)
+
+
+def daemon_rss(store: Path) -> int:
+    """Resident bytes of the daemon serving `store` (its pid is in the store's lock file)."""
+    pid = next(int(w) for w in (store / "llmfs.lock").read_text().split() if w.isdigit())
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def timed_read_ttfb(path: Path) -> tuple[float, float]:
+    """(seconds to the first byte, seconds for the whole file), page cache dropped first."""
+    drop_caches()
+    t = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        f.read(4096)
+        first = time.perf_counter() - t
+        while f.read(CHUNK):
+            pass
+    return first, time.perf_counter() - t
+
+
+def run_cache(args) -> int:
+    """Cold and hot reads of an LM-compacted text file against the same file in the zstd tier."""
+    work = Path(tempfile.mkdtemp(prefix="llmfs-bench-", dir=args.dir))
+    text = text_corpus(args.size)
+    mounts = {}
+    try:
+        for name in ("lm", "zstd"):
+            store, mnt = work / f"{name}.store", work / f"{name}.mnt"
+            mnt.mkdir()
+            llmfs("mkfs", store, "--block-size", args.block_size)
+            llmfs("mount", store, mnt, "--no-compaction", "--cache-size", args.cache_size)
+            mounts[name] = (store, mnt)
+            (mnt / "f").write_bytes(text)
+        store, mnt = mounts["lm"]
+        t = time.perf_counter()
+        llmfs("compact", mnt, "--now")
+        compact_s = time.perf_counter() - t
+        llmfs("umount", mnt)  # a fresh daemon: nothing decoded yet
+        llmfs("mount", store, mnt, "--no-compaction", "--cache-size", args.cache_size)
+        cold_ttfb, cold = timed_read_ttfb(mnt / "f")
+        hot_ttfb, hot = timed_read_ttfb(mnt / "f")
+        rss = daemon_rss(store)
+        _, zstd = timed_read_ttfb(mounts["zstd"][1] / "f")
+    finally:
+        for store, mnt in mounts.values():
+            subprocess.run([sys.executable, "-m", "llmfs.cli", "umount", str(mnt)])
+    mib = len(text) / (1 << 20)
+    budget = parse_size(str(args.cache_size))
+    print(f"llmfs bench cache: {len(text)} bytes of text, block size {args.block_size}, "
+          f"RAM budget {budget >> 20} MiB (compaction took {compact_s:.0f} s)")
+    print(f"cold first read   time to first byte {cold_ttfb:8.3f} s, {mib / cold:8.3f} MiB/s")
+    print(f"hot re-read       time to first byte {hot_ttfb:8.4f} s, {mib / hot:8.1f} MiB/s")
+    print(f"zstd-tier read    {mib / zstd:8.1f} MiB/s; hot LM re-read = {zstd / hot:.0%} of it "
+          f"(target >= 50%)")
+    print(f"daemon resident memory {rss / (1 << 20):.0f} MiB with a {budget >> 20} MiB cache "
+          f"budget (the rest: Python, torch and the model)")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _register_cache(subparsers) -> None:
+    p = bench_subparsers(subparsers).add_parser(
+        "cache", help="cold and hot reads of an LM-compacted file vs the zstd tier")
+    p.add_argument("--size", type=parse_size, default=4 << 20,
+                   help="bytes of text (default 4M; the CPU engine needs hours for that)")
+    p.add_argument("--block-size", type=parse_size, default=DEFAULT_BLOCK_SIZE)
+    p.add_argument("--cache-size", default="64M")
+    p.add_argument("--dir", default=None)
+    p.set_defaults(func=run_cache)

@@ -24,17 +24,12 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmfs", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="llmfs", description="A filesystem that stores files compressed by a language model.")
     parser.add_argument("--debug", action="store_true", help="verbose logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # a command module not written yet
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 
