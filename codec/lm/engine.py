@@ -71,8 +71,9 @@ LOGIT_RES_BITS = 12   # ... at steps of 2^-12 nats
 SIG_RES_BITS = 12     # sigmoid table step 2^-12, nearest entry (196k entries, 0.2 s to build)
 # queries per attention block: 128 keeps a (B=8, 9 heads) score block < 100 MB at 1024 keys
 ATTN_BLOCK = 128
-# LM head rows per pass: bounds the (2*rows, V) int32 accumulators (256: 100 MB at V = 49,152)
-HEAD_ROWS = 256
+# LM head rows per pass: the (2*rows, V) int32 GEMM output stays in cache. _int_mm at K=576,
+# N=49,152, 1 thread: 2*64 rows 676 GOP/s, 2*256 rows 348 GOP/s (writing 100 MB), 2*16 rows 357.
+HEAD_ROWS = 64
 SIG_RANGE = 24        # sigmoid(x) for |x| > 24 is 0 or 1 to within 4e-11
 
 
@@ -300,6 +301,25 @@ class TorchOps:
         i = (gate.clamp(-SIG_RANGE, SIG_RANGE) + SIG_RANGE).mul_(2 ** SIG_RES_BITS).round_().long()
         return self.quant_rows(gate * sig[i] * up)
 
+    def qkv_post(self, h, B, T, nh, nkv, hs, qpos, cos, sin, kscale, vscale, qkscale):
+        """qkv projection rows -> qi (B, nh, T, hs), f (B, nh, T, 1), ki, vi (B, nkv, T, hs).
+        RoPE on q and k; keys and values on a fixed power-of-two grid per channel (exact division;
+        the clamp is a safety net); queries times their group's key scale, then 16-bit per token
+        and head; f = the query scale in softmax table steps per score unit."""
+        q, k, v = h.split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+        cos, sin = cos[qpos].unsqueeze(1), sin[qpos].unsqueeze(1)     # (B, 1, T, hs/2)
+        q = _rope(q.view(B, T, nh, hs).transpose(1, 2), cos, sin)     # (B, nh, T, hs)
+        k = _rope(k.view(B, T, nkv, hs).transpose(1, 2), cos, sin)    # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)
+        lim = float(2 ** KV_BITS)
+        ki = torch.round(k / kscale).clamp_(-lim, lim)
+        vi = torch.round(v / vscale).clamp_(-lim, lim)
+        q = q * qkscale
+        m = q.abs().amax(dim=-1, keepdim=True)
+        qs = torch.where(m > 0, m / 2 ** Q_BITS, torch.ones_like(m))   # (B, nh, T, 1)
+        qi = torch.round(q / qs)
+        return qi, qs * _score_steps(hs), ki, vi
+
     def softmax_weights(self, s, qpos, f, table):
         """Integer scores s (B, G, Tq, Tk), in place -> weights p (ints <= 2^20) and row sums l
         (B, G, Tq, 1), exact. Query t of row b sees keys 0..qpos[b, t]; hidden keys get weight 0."""
@@ -326,6 +346,12 @@ class TorchOps:
         e = table[d.round_().clamp_(max=table.numel() - 1).long()]   # int64 <= 2^30
         total = e.sum(dim=-1, keepdim=True)                          # exact, >= 2^30
         out.copy_(e.mul_(budget).floor_divide_(total).add_(1))       # e * budget < 2^54
+
+
+def _score_steps(hs: int) -> float:
+    """Softmax table steps per unit of the integer score, per unit of query scale: scores are
+    q.k / sqrt(hs) nats and the exp table steps by 2^-EXP_RES_BITS nats."""
+    return 2.0 ** EXP_RES_BITS / math.sqrt(hs)
 
 
 def _ptr(t: torch.Tensor, dtype: torch.dtype) -> int:
@@ -369,6 +395,20 @@ class FusedOps(TorchOps):
                               _ptr(s, torch.float64), _ptr(sig, torch.float64), q.data_ptr(),
                               qs.data_ptr())
         return q, qs
+
+    def qkv_post(self, h, B, T, nh, nkv, hs, qpos, cos, sin, kscale, vscale, qkscale):
+        qi = torch.empty(B, nh, T, hs, dtype=torch.float64)
+        f = torch.empty(B, nh, T, 1, dtype=torch.float64)
+        ki = torch.empty(B, nkv, T, hs, dtype=torch.float64)
+        vi = torch.empty(B, nkv, T, hs, dtype=torch.float64)
+        qpos = qpos.contiguous()                  # held here: the C call only sees its address
+        self.lib.qkv_post(_ptr(h, torch.float64), B, T, nh, nkv, hs,
+                          _ptr(qpos, torch.int64), _ptr(cos, torch.float64),
+                          _ptr(sin, torch.float64), _ptr(kscale, torch.float64),
+                          _ptr(vscale, torch.float64), _ptr(qkscale, torch.float64),
+                          float(2 ** KV_BITS), _score_steps(hs), qi.data_ptr(), f.data_ptr(),
+                          ki.data_ptr(), vi.data_ptr())
+        return qi, f, ki, vi
 
     def softmax_weights(self, s, qpos, f, table):
         B, G, Tq, Tk = s.shape
@@ -497,25 +537,9 @@ class Engine:
         qi (B, nh, T, hs) with their softmax index factor f (B, nh, T, 1), and integer keys and
         values (B, nkv, T, hs) on the fixed per-channel grid."""
         c = self.config
-        hs, nh, nkv = c.head_dim, c.n_head, c.n_kv_head
-        q, k, v = h.split([nh * hs, nkv * hs, nkv * hs], dim=-1)
-        cos, sin = self._cos[qpos].unsqueeze(1), self._sin[qpos].unsqueeze(1)  # (B, 1, T, hs/2)
-        q = _rope(q.view(B, T, nh, hs).transpose(1, 2), cos, sin)   # (B, nh, T, hs)
-        k = _rope(k.view(B, T, nkv, hs).transpose(1, 2), cos, sin)  # (B, nkv, T, hs)
-        v = v.view(B, T, nkv, hs).transpose(1, 2)
-        # keys/values: fixed power-of-two scale per channel (exact division), clamp is a safety net
-        kscale, vscale = self._kvscale[i]                                # (nkv, 1, hs)
-        lim = float(2 ** KV_BITS)
-        ki = torch.round(k / kscale).clamp_(-lim, lim)
-        vi = torch.round(v / vscale).clamp_(-lim, lim)
-        # fold the key scale into q, then quantise q per (token, head) to Q_BITS
-        q = q * self._qkscale[i]
-        m = q.abs().amax(dim=-1, keepdim=True)
-        qs = torch.where(m > 0, m / 2 ** Q_BITS, torch.ones_like(m))  # (B, nh, T, 1)
-        qi = torch.round(q / qs)
-        # softmax table index = (max - score) * (score unit in nats) * 2^EXP_RES_BITS
-        f = qs * (2.0 ** EXP_RES_BITS / math.sqrt(hs))
-        return qi, f, ki, vi
+        kscale, vscale = self._kvscale[i]
+        return self._ops.qkv_post(h, B, T, c.n_head, c.n_kv_head, c.head_dim, qpos, self._cos,
+                                  self._sin, kscale, vscale, self._qkscale[i])
 
     def _attend(self, i: int, qi, f, keys, values, qpos: torch.Tensor, kmax: list[int],
                 out: torch.Tensor) -> None:

@@ -136,6 +136,60 @@ void swiglu_quant(const int32_t *acc, int64_t M, int64_t F, const double *ws, co
     free(a);
 }
 
+/* Queries, keys and values from the qkv projection (engine.Engine._qkv). h is (B, T, (nh + 2 nkv) hs);
+ * row (b, t) sits at position qpos[b, t]. RoPE rotates channel pairs (2i, 2i+1) of q and k:
+ * (a cos - b sin, a sin + b cos). Keys and values: clamp(round(x / scale), -lim, lim) on the fixed
+ * per-channel power-of-two grid (|x / scale| <= 2^20 by the weight bound). Queries: times the key
+ * scale of their group (qkscale), then quantised per (token, head): qs = max|q| / 2^15 (or 1),
+ * qi = round(q / qs), f = qs * fmul. Outputs qi (B, nh, T, hs), f (B, nh, T), ki, vi (B, nkv, T, hs). */
+void qkv_post(const double *h, int64_t B, int64_t T, int64_t nh, int64_t nkv, int64_t hs,
+              const int64_t *qpos, const double *cos, const double *sin, const double *kscale,
+              const double *vscale, const double *qkscale, double lim, double fmul,
+              double *qi, double *f, double *ki, double *vi) {
+    int64_t width = (nh + 2 * nkv) * hs, half = hs / 2;
+    double *q = malloc(sizeof(double) * hs);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < T; t++) {
+            const double *row = h + (b * T + t) * width;
+            const double *c = cos + qpos[b * T + t] * half, *sn = sin + qpos[b * T + t] * half;
+            for (int64_t j = 0; j < nh + nkv; j++) {         /* query heads, then key heads */
+                const double *x = row + j * hs;
+                int is_q = j < nh;
+                const double *sc = is_q ? qkscale + j * hs : kscale + (j - nh) * hs;
+                for (int64_t i = 0; i < half; i++) {
+                    double a = x[2 * i], bb = x[2 * i + 1];
+                    double ra = a * c[i] - bb * sn[i];
+                    double rb = a * sn[i] + bb * c[i];
+                    if (is_q) {
+                        q[2 * i] = ra * sc[2 * i];
+                        q[2 * i + 1] = rb * sc[2 * i + 1];
+                    } else {
+                        q[2 * i] = MIN(MAX(round_even(ra / sc[2 * i]), -lim), lim);
+                        q[2 * i + 1] = MIN(MAX(round_even(rb / sc[2 * i + 1]), -lim), lim);
+                    }
+                }
+                if (is_q) {
+                    double m = 0;
+                    for (int64_t i = 0; i < hs; i++) m = MAX(m, fabs(q[i]));
+                    double qs = m > 0 ? m / 32768.0 : 1.0;
+                    int64_t r = (b * nh + j) * T + t;
+                    for (int64_t i = 0; i < hs; i++) qi[r * hs + i] = round_even(q[i] / qs);
+                    f[r] = qs * fmul;
+                } else {
+                    int64_t r = (b * nkv + j - nh) * T + t;
+                    for (int64_t i = 0; i < hs; i++) ki[r * hs + i] = q[i];
+                }
+            }
+            for (int64_t j = 0; j < nkv; j++) {
+                const double *x = row + (nh + nkv + j) * hs, *sc = vscale + j * hs;
+                int64_t r = (b * nkv + j) * T + t;
+                for (int64_t i = 0; i < hs; i++)
+                    vi[r * hs + i] = MIN(MAX(round_even(x[i] / sc[i]), -lim), lim);
+            }
+        }
+    free(q);
+}
+
 /* Attention weights from integer scores, in place (engine._softmax_weights). s is (B, G, Tq, Tk),
  * G = nkv * g query heads grouped under their key/value heads; query t of row b sits at position
  * qpos[b, t] and sees keys 0..qpos[b, t]. Visible: d = -(s - max), i = min(round(d * f[r]), ntab - 1),
@@ -201,7 +255,18 @@ void head_freqs(const int32_t *acc, int64_t M, int64_t V, const double *ws, cons
             o[v] = (int32_t)e;
             total += e;
         }
-        for (int64_t v = 0; v < V; v++) o[v] = (int32_t)((int64_t)o[v] * budget / total + 1);
+        /* floor(e * budget / total) without a 64-bit division per entry (the slowest step): the
+         * double estimate is within 1 of the quotient (quotient <= budget < 2^24, relative error
+         * < 2^-51), and one correction each way makes it exact. */
+        double inv = 1.0 / (double)total;
+        for (int64_t v = 0; v < V; v++) {
+            int64_t n = (int64_t)o[v] * budget;
+            int64_t q = (int64_t)((double)n * inv);
+            int64_t r = n - q * total;
+            q -= r < 0;
+            q += r >= total;
+            o[v] = (int32_t)(q + 1);
+        }
     }
     free(z);
 }
