@@ -184,7 +184,7 @@ def check_counters(s: Snapshot, t: Txn) -> list[Problem]:
         return []
 
     def repair(t):  # recounted in the repair transaction, after the repairs before it
-        t._counters = _count(t)
+        t.set_counters(_count(t))
     return [Problem("counters", "the usage counters differ from the store's contents", repair)]
 
 

@@ -17,7 +17,7 @@ import mfusepy  # noqa: E402  (reads FUSE_LIBRARY_NAME at import)
 from mfusepy import FuseOSError  # noqa: E402
 
 from . import namespace as ns  # noqa: E402
-from .store import StoreError  # noqa: E402
+from .store import StoreError, StoreFull  # noqa: E402
 
 log = logging.getLogger("llmfs")
 
@@ -40,6 +40,8 @@ def _errno_edge(method):
             return method(*args, **kwargs)
         except ns.FsError as e:
             raise FuseOSError(ERRNO[type(e)]) from None
+        except StoreFull:
+            raise FuseOSError(errno.ENOSPC) from None
         except StoreError as e:
             log.error("%s: %s", method.__name__, e)
             raise FuseOSError(errno.EIO) from None

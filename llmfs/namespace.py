@@ -701,6 +701,10 @@ class Filesystem:
         f = self._files[h.ino]
         bs = self.block_size
         with f.lock:
+            if self._dirty_bytes + len(data) > self.dirty_limit and f.dirty:
+                # Flush before taking the new data: if the disk is full this write fails whole
+                # (ENOSPC) and the bytes already accepted stay buffered for a later flush.
+                self._flush_locked(f)
             if h.flags & os.O_APPEND:
                 offset = f.size
             pos, view = offset, memoryview(data)
@@ -716,8 +720,6 @@ class Filesystem:
                 view = view[n:]
             f.size = max(f.size, offset + len(data))
             f.mtime = now_ns()
-            if self._dirty_bytes > self.dirty_limit:
-                self._flush_locked(f)
         return len(data)
 
     def truncate(self, ino: int, length: int, fh: int | None = None) -> None:
@@ -799,7 +801,7 @@ class Filesystem:
     def statfs(self) -> dict:
         with self.store.read() as t:
             counters = t.counters
-            n_inodes = int(t.meta("next_ino").hex(), 16)
+            n_inodes = t.inode_count_bound()
         disk = os.statvfs(self.store.path)
         frsize = 4096
         free = disk.f_bavail * disk.f_frsize

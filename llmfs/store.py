@@ -76,6 +76,9 @@ HASH_SIZE = 32
 LOCK_FILE = "llmfs.lock"
 # The map is address space, not disk: LMDB grows data.mdb as needed up to this.
 MAP_SIZE = 1 << 40
+# A failed commit with less free disk than this is a full disk: a flush writes at most the dirty
+# limit (64 MiB) plus LMDB's copy-on-write pages.
+FULL_DISK_SLACK = 128 << 20
 
 DB_NAMES = ("meta", "inodes", "dirents", "blockmap", "blocks", "refs", "xattrs", "orphans",
             "pending", "models")
@@ -108,6 +111,10 @@ class StoreLocked(StoreError):
 
 class StoreFull(StoreError):
     """The disk or the LMDB map is full; the transaction was rolled back."""
+
+
+class StoreIOError(StoreError):
+    """The disk failed a write; the transaction was rolled back."""
 
 
 def block_hash(data: bytes) -> bytes:
@@ -209,6 +216,14 @@ class Txn:
             raw = self.meta("counters")
             self._counters = Counters.unpack(raw) if raw else Counters.zero()
         return self._counters
+
+    def set_counters(self, counters: Counters) -> None:
+        """Replace the usage counters (fsck's repair after recounting)."""
+        self._counters = counters
+
+    def inode_count_bound(self) -> int:
+        """Inode numbers handed out so far (an upper bound on the inodes in use)."""
+        return _U64.unpack(self.meta("next_ino"))[0] - 1
 
     def next_ino(self) -> int:
         ino = _U64.unpack(self.meta("next_ino"))[0]
@@ -557,15 +572,26 @@ class Store:
                 raise StoreFull("the store's map is full") from None
             except lmdb.Error as e:
                 txn.abort()
-                if "No space left" in str(e) or getattr(e, "errno", None) == 28:
-                    raise StoreFull(f"no space left for the store: {e}") from None
-                raise
+                # LMDB reports a short write as EIO ("mdb_txn_commit: Input/output error"), and
+                # a full disk writes short: look at the disk before blaming it.
+                if self.disk_free() < FULL_DISK_SLACK or "No space left" in str(e):
+                    raise StoreFull(f"no space left on the store's disk ({e})") from None
+                raise StoreIOError(f"the store could not be written: {e}") from None
             except BaseException:
                 txn.abort()
                 raise
 
     def sync(self) -> None:
-        self.env.sync(True)
+        try:
+            self.env.sync(True)
+        except lmdb.Error as e:
+            if self.disk_free() < FULL_DISK_SLACK:
+                raise StoreFull(f"no space left on the store's disk ({e})") from None
+            raise StoreIOError(f"the store could not be synced: {e}") from None
+
+    def disk_free(self) -> int:
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
 
     # -- helpers -------------------------------------------------------------------------------
     def set_clean(self, clean: bool) -> None:
