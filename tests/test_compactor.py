@@ -142,3 +142,21 @@ def test_storage_xattrs(env):
     assert fs.listxattr(ino) == []  # not listed: cp -a must not copy them
     with pytest.raises(ns.NotPermitted):
         fs.setxattr(ino, b"user.llmfs.codec", b"raw")
+
+
+def test_opening_an_lm_file_prefetches_its_blocks_in_one_batch(env):
+    from cache import DecodeCache, Readahead
+    fs, compactor = env
+    ino = write(fs, b"f", TEXT[:4 * BS])
+    compactor.compact(compactor.candidates())
+    fs.cache, fs.readahead = DecodeCache(64 << 20), Readahead()
+    try:
+        fh = fs.open(ino, os.O_RDONLY)
+        assert fs.cache.wait_prefetch(30)
+        m = fs.cache.metrics()
+        assert m["prefetched"] == 4 and m["prefetch_batches"] == 1
+        assert fs.read(fh, 4 * BS, 0) == TEXT[:4 * BS]
+        assert fs.cache.metrics()["decoded_blocks"] == 4  # the read decoded nothing more
+        fs.release(fh)
+    finally:
+        fs.cache.close()
