@@ -10,8 +10,9 @@ Every value is a function of one token's row of inputs, computed only with opera
 fixed by IEEE 754 or by integer arithmetic:
 
   * matmuls and sums run on integers and are exact in any order: linear layers are
-    `torch._int_mm` (int8 x int8 -> int32); attention scores and P.V are float64 GEMMs on
-    integer-valued operands whose sums provably stay below 2^53 (bounds next to the code);
+    `torch._int_mm` (int8 x int8 -> int32); attention scores and P.V are int8 GEMMs on digits
+    of the operands (FusedOps) or float64 GEMMs on the integers (TorchOps, and decoding), whose
+    sums provably stay below 2^31 / 2^53 (bounds next to the code);
     sums (RMSNorm, softmax, frequency totals) are integer sums below 2^53;
   * elementwise +, -, *, / in float64: IEEE 754 rounds each correctly, so CPU (any vector width,
     any thread count) and CUDA agree bit for bit. Square roots are Newton iterations of those
@@ -25,9 +26,10 @@ fixed by IEEE 754 or by integer arithmetic:
 
 Quantisation (what costs compression, not exactness): weights int8 per output channel; the input of
 every linear layer int16 with a per-token scale (split into hi/lo int8 halves, one _int_mm on the two
-stacked); keys and values 21-bit with a fixed per-channel power-of-two scale derived from a
-Cauchy-Schwarz bound on the weights, so the KV cache never needs rescaling; queries 16-bit per token
-and head; attention probabilities 20-bit from an exp table.
+stacked); keys and values 15-bit with a fixed per-channel power-of-two scale derived from a
+Cauchy-Schwarz bound on the weights, so the KV cache never needs rescaling; queries int8 per token
+and head; attention weights 13-bit from an exp table. Exact vs float32 bits/token: +0.19 % (GPL-3),
++0.36 % (argparse.py).
 
 Threading: an Engine is immutable after construction and may be shared; `freqs` and `step` allocate
 their own temporaries. A `State` (KV cache) belongs to one caller. torch's own intra-op threads do not
@@ -54,16 +56,21 @@ import torch
 from . import kernels
 
 # Bump whenever any integer the engine produces can change (quantisation, tables, formulas).
-ENGINE_VERSION = 3  # 2: nearest-entry sigmoid table; 3: RMSNorm scale by det_sqrt, not torch.sqrt
+ENGINE_VERSION = 4  # 2: nearest-entry sigmoid table; 3: RMSNorm scale by det_sqrt, not torch.sqrt;
+#                     4: int8 queries, 15-bit keys/values, 13-bit attention weights
 
 # Frequency tables sum to at most 2^24: constriction quantises to 24 bits and float64 holds them exactly.
 FREQ_TOTAL_BITS = 24
 # int16 activations (|q| <= 127*128): +0.2 % bits/byte vs float on SmolLM2; int8 costs +1.1-1.3 %.
 ACT_MAX = 127 * 128
-KV_BITS = 20          # keys/values: |int| <= 2^20 after the per-channel bound scale
-Q_BITS = 15           # queries: |int| <= 2^15 per token and head
-P_BITS = 20           # attention weights: exp table values <= 2^20
-# scores <= 2^15 * 2^20 * head_dim and P.V <= 2^20 * 2^20 * T must stay below 2^53 (float64 exact):
+# Attention operands are small enough to be int8 digits for _int_mm (FusedOps.attend). Measured on
+# 2x1024 tokens each of GPL-3 / argparse.py, exact bits/token (float32 4.4220 / 3.0210):
+# v3 (queries 2^15, keys/values 2^20, weights 2^20) 4.4298 / 3.0327; these 4.4304 / 3.0318.
+KV_BITS = 14          # keys/values: |int| <= 2^14 after the per-channel bound scale: 2 digits
+Q_MAX = 127           # queries: int8 per token and head
+P_BITS = 13           # attention weights: exp table values <= 2^13: 2 base-2^7 digits
+# float64 GEMMs: scores <= 127 * 2^14 * head_dim and P.V <= 2^13 * 2^14 * T stay far below 2^53;
+# int8 digit GEMMs: sums <= 127 * 128 * T < 2^31.
 MAX_SEQ_LEN_LIMIT = 4096
 EXP_RES_BITS = 10     # attention exp table step: 2^-10 in score units (softmax error <= 0.05 %)
 LOGIT_EXP_BITS = 30   # logit exp table values <= 2^30 ...
@@ -316,7 +323,7 @@ class TorchOps:
         vi = torch.round(v / vscale).clamp_(-lim, lim)
         q = q * qkscale
         m = q.abs().amax(dim=-1, keepdim=True)
-        qs = torch.where(m > 0, m / 2 ** Q_BITS, torch.ones_like(m))   # (B, nh, T, 1)
+        qs = torch.where(m > 0, m / torch.full_like(m, Q_MAX), torch.ones_like(m))  # (B, nh, T, 1)
         qi = torch.round(q / qs)
         return qi, qs * _score_steps(hs), ki, vi
 
@@ -329,6 +336,25 @@ class TorchOps:
         idx = d.mul_(f.view(s.shape[:-1] + (1,))).round_().clamp_(max=table.numel() - 1).long()
         p = table[idx]
         return p, p.sum(dim=-1, keepdim=True)
+
+    def attend(self, qi, f, keys, values, qpos, kmax, vscale, table, out):
+        """Causal attention of qi (B, nh, T, hs) over keys/values (B, nkv, >=Tk, hs) -> out.
+        Queries go in blocks of ATTN_BLOCK that only read the keys they can see (kmax[j]: keys
+        visible to block j): causal attention then costs ~T^2/2, and the (block, keys) temporaries
+        stay small. A row's result does not depend on the blocking: hidden keys get weight exactly
+        0 and every sum is exact. Scores and P.V are float64 GEMMs on integers (exact, < 2^53)."""
+        B, nh, T, hs = qi.shape
+        nkv = keys.shape[1]
+        g = nh // nkv
+        for j, a in enumerate(range(0, T, ATTN_BLOCK)):
+            Tq, Tk = min(ATTN_BLOCK, T - a), kmax[j]
+            # query heads grouped under their key/value head (GQA) instead of repeating k and v
+            q = qi[:, :, a:a + Tq].reshape(B, nkv, g * Tq, hs)
+            s = q @ keys[:, :, :Tk].transpose(-1, -2)              # (B, nkv, g*Tq, Tk) integers
+            p, l = self.softmax_weights(s.view(B, nh, Tq, Tk), qpos[:, a:a + Tq].contiguous(),
+                                        f[:, :, a:a + Tq].contiguous(), table)
+            o = p.view(B, nkv, g * Tq, Tk) @ values[:, :, :Tk]      # integers
+            self.attn_out(o, vscale, l, out, a, g)
 
     def attn_out(self, o, vscale, l, out, t0, g):
         """o (B, nkv, g*Tq, hs) integer P.V sums -> out[:, t0:t0+Tq] (B, T, nh*hs) = o * vscale / l."""
@@ -406,7 +432,8 @@ class FusedOps(TorchOps):
                           _ptr(qpos, torch.int64), _ptr(cos, torch.float64),
                           _ptr(sin, torch.float64), _ptr(kscale, torch.float64),
                           _ptr(vscale, torch.float64), _ptr(qkscale, torch.float64),
-                          float(2 ** KV_BITS), _score_steps(hs), qi.data_ptr(), f.data_ptr(),
+                          float(2 ** KV_BITS), float(Q_MAX), _score_steps(hs), qi.data_ptr(),
+                          f.data_ptr(),
                           ki.data_ptr(), vi.data_ptr())
         return qi, f, ki, vi
 
@@ -417,6 +444,44 @@ class FusedOps(TorchOps):
                                  _ptr(f, torch.float64), _ptr(table, torch.float64), table.numel(),
                                  l.data_ptr())
         return s, l
+
+    def attend(self, qi, f, keys, values, qpos, kmax, vscale, table, out):
+        """As TorchOps.attend, but for more than one query per row the scores and P.V run on int8
+        GEMMs of base-2^8 digits of the keys/values (2 each) and base-2^7 digits of the weights (2):
+        the same integers as the float64 GEMMs at ~600-950 GOP/s instead of ~45 GFLOP/s. One query
+        per row (decoding) keeps the float64 GEMMs: as int8 GEMMs they would be one tiny call per
+        row and head group, all overhead."""
+        B, nh, T, hs = qi.shape
+        if T == 1:
+            return super().attend(qi, f, keys, values, qpos, kmax, vscale, table, out)
+        nkv = keys.shape[1]
+        g = nh // nkv
+        kd = torch.empty(B, nkv, T, 2, hs, dtype=torch.int8)        # key digits: rows (key, digit)
+        vd = torch.empty(B, nkv, 2, hs, T, dtype=torch.int8)        # value digits, keys last
+        self.lib.split_kv(_ptr(keys, torch.float64), _ptr(values, torch.float64), B * nkv, T, hs,
+                          kd.data_ptr(), vd.data_ptr())
+        q8 = qi.to(torch.int8)                                       # |qi| <= Q_MAX
+        table32 = table.to(torch.int32)                              # entries <= 2^P_BITS
+        for j, a in enumerate(range(0, T, ATTN_BLOCK)):
+            Tq, Tk = min(ATTN_BLOCK, T - a), kmax[j]
+            q = q8[:, :, a:a + Tq].reshape(B, nkv, g * Tq, hs)
+            sd = torch.empty(B, nkv, g * Tq, 2 * Tk, dtype=torch.int32)  # score digits
+            for b in range(B):
+                for kv in range(nkv):
+                    torch._int_mm(q[b, kv], kd[b, kv, :Tk].view(2 * Tk, hs).t(), out=sd[b, kv])
+            pd = torch.empty(B, nkv, 2 * g * Tq, Tk, dtype=torch.int8)  # weight digits
+            l = torch.empty(B, nh, Tq, 1, dtype=torch.float64)
+            qp, fb = qpos[:, a:a + Tq].contiguous(), f[:, :, a:a + Tq].contiguous()
+            self.lib.softmax_digits(sd.data_ptr(), B, nkv, g, Tq, Tk, _ptr(qp, torch.int64),
+                                    _ptr(fb, torch.float64), _ptr(table32, torch.int32),
+                                    table.numel(), pd.data_ptr(), l.data_ptr())
+            o = torch.empty(B, nkv, 2 * g * Tq, 2 * hs, dtype=torch.int32)
+            for b in range(B):
+                for kv in range(nkv):
+                    torch._int_mm(pd[b, kv], vd[b, kv, :, :, :Tk].reshape(2 * hs, Tk).t(),
+                                  out=o[b, kv])
+            self.lib.attn_out_digits(o.data_ptr(), B, nkv, g, Tq, hs, _ptr(vscale, torch.float64),
+                                     l.data_ptr(), _ptr(out, torch.float64), out.shape[1], a)
 
     def attn_out(self, o, vscale, l, out, t0, g):
         B, nkv, gT, hs = o.shape
@@ -544,24 +609,8 @@ class Engine:
     def _attend(self, i: int, qi, f, keys, values, qpos: torch.Tensor, kmax: list[int],
                 out: torch.Tensor) -> None:
         """qi (B, nh, T, hs) at positions qpos (B, T); keys/values (B, nkv, >=Tk, hs) at positions
-        0..; query (b, t) sees keys 0..qpos[b, t]. Writes out (B, T, nh*hs) float64.
-        Queries go in blocks of ATTN_BLOCK that only read the keys they can see (kmax[j]: keys
-        visible to block j): causal attention then costs ~T^2/2, and the (block, keys) temporaries
-        stay small. A row's result does not depend on the blocking: hidden keys get weight exactly
-        0 and every sum is exact."""
-        B, nh, T, hs = qi.shape
-        nkv = keys.shape[1]
-        g = nh // nkv
-        vscale = self._kvscale[i][1]
-        for j, a in enumerate(range(0, T, ATTN_BLOCK)):
-            Tq, Tk = min(ATTN_BLOCK, T - a), kmax[j]
-            # query heads grouped under their key/value head (GQA) instead of repeating k and v
-            q = qi[:, :, a:a + Tq].reshape(B, nkv, g * Tq, hs)
-            s = q @ keys[:, :, :Tk].transpose(-1, -2)              # (B, nkv, g*Tq, Tk) ints < 2^41
-            p, l = self._ops.softmax_weights(s.view(B, nh, Tq, Tk), qpos[:, a:a + Tq].contiguous(),
-                                             f[:, :, a:a + Tq].contiguous(), self._exp)
-            o = p.view(B, nkv, g * Tq, Tk) @ values[:, :, :Tk]      # ints < 2^40 * Tk <= 2^52
-            self._ops.attn_out(o, vscale, l, out, a, g)
+        0..; query (b, t) sees keys 0..qpos[b, t]. Writes out (B, T, nh*hs) float64."""
+        self._ops.attend(qi, f, keys, values, qpos, kmax, self._kvscale[i][1], self._exp, out)
 
     def _layer(self, i: int, x: torch.Tensor, B: int, T: int, qpos: torch.Tensor,
                kmax: list[int], cache: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:

@@ -46,9 +46,12 @@ _SIGNATURES = {
     "combine": [_p, _i64, _i64, _p, _p, _p, ctypes.c_int],
     "swiglu_quant": [_p, _i64, _i64, _p, _p, _p, _p, _p],
     "qkv_post": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _p, _p, ctypes.c_double,
-                 ctypes.c_double, _p, _p, _p, _p],
+                 ctypes.c_double, ctypes.c_double, _p, _p, _p, _p],
     "softmax_weights": [_p, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _p],
     "attn_out": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _i64],
+    "split_kv": [_p, _p, _i64, _i64, _i64, _p, _p],
+    "softmax_digits": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _p, _p],
+    "attn_out_digits": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _i64],
     "head_freqs": [_p, _i64, _i64, _p, _p, _p, _i64, _i64, _p],
 }
 
