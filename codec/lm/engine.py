@@ -37,9 +37,12 @@ change any result, only speed: on oversubscribed cores (2 cores, 3 busy processe
 made a real-model step 70x slower than 1 (2.3 s vs 0.03 s, measured), so callers sharing a machine
 should set torch.set_num_threads to the cores they really have.
 
-Cost (SmolLM2-135M, 1 thread, loaded 2-core machine, 512-token segment): LM head + frequency table
-~0.7 s (25 M float64 elementwise values per 512 rows), the 30 layers ~1.3 s; most of both is
-float64 elementwise work, not GEMM — see bench/engine_bench.py.
+Cost (SmolLM2-135M, 1 thread, shared 2-core machine, one 1024-token segment, v4): ~1.8 s, of which
+int8 GEMMs 0.81 s (linear layers 0.65 — twice the roofline's ops, as int16 activations take two
+int8 passes — attention digits 0.16), softmax weights 0.24, LM head frequencies 0.22, SwiGLU 0.18,
+RMSNorm 0.09; see bench/engine_bench.py. The fused C loops run on one thread: with a second Python
+thread the kernels alone ran 2x faster, but inside freqs the gain vanished (torch's OpenMP workers
+spin on the other core between GEMMs).
 """
 from __future__ import annotations
 
@@ -76,8 +79,10 @@ EXP_RES_BITS = 10     # attention exp table step: 2^-10 in score units (softmax 
 LOGIT_EXP_BITS = 30   # logit exp table values <= 2^30 ...
 LOGIT_RES_BITS = 12   # ... at steps of 2^-12 nats
 SIG_RES_BITS = 12     # sigmoid table step 2^-12, nearest entry (196k entries, 0.2 s to build)
-# queries per attention block: 128 keeps a (B=8, 9 heads) score block < 100 MB at 1024 keys
-ATTN_BLOCK = 128
+# Queries per attention block: smaller blocks waste less of the causal triangle, larger ones make
+# fewer, bigger GEMM calls. Per 1024 tokens (v4, 1 thread): 32 -> 1.85 s, 64 -> 1.85, 128 -> 1.93,
+# 256 -> 2.07.
+ATTN_BLOCK = 64
 # LM head rows per pass: the (2*rows, V) int32 GEMM output stays in cache. _int_mm at K=576,
 # N=49,152, 1 thread: 2*64 rows 676 GOP/s, 2*256 rows 348 GOP/s (writing 100 MB), 2*16 rows 357.
 HEAD_ROWS = 64
