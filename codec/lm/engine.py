@@ -355,10 +355,11 @@ class TorchOps:
             Tq, Tk = min(ATTN_BLOCK, T - a), kmax[j]
             # query heads grouped under their key/value head (GQA) instead of repeating k and v
             q = qi[:, :, a:a + Tq].reshape(B, nkv, g * Tq, hs)
-            s = q @ keys[:, :, :Tk].transpose(-1, -2)              # (B, nkv, g*Tq, Tk) integers
+            k = keys[:, :, :Tk].to(torch.float64)                   # no copy unless the int16 cache
+            s = q @ k.transpose(-1, -2)                              # (B, nkv, g*Tq, Tk) integers
             p, l = self.softmax_weights(s.view(B, nh, Tq, Tk), qpos[:, a:a + Tq].contiguous(),
                                         f[:, :, a:a + Tq].contiguous(), table)
-            o = p.view(B, nkv, g * Tq, Tk) @ values[:, :, :Tk]      # integers
+            o = p.view(B, nkv, g * Tq, Tk) @ values[:, :, :Tk].to(torch.float64)  # integers
             self.attn_out(o, vscale, l, out, a, g)
 
     def attn_out(self, o, vscale, l, out, t0, g):
@@ -454,12 +455,18 @@ class FusedOps(TorchOps):
         """As TorchOps.attend, but for more than one query per row the scores and P.V run on int8
         GEMMs of base-2^8 digits of the keys/values (2 each) and base-2^7 digits of the weights (2):
         the same integers as the float64 GEMMs at ~600-950 GOP/s instead of ~45 GFLOP/s. One query
-        per row (decoding) keeps the float64 GEMMs: as int8 GEMMs they would be one tiny call per
-        row and head group, all overhead."""
+        per row (decoding) reads the int16 KV cache in C (kernels.c attend_step): as GEMMs that
+        would be one (g, hs) by (hs, Tk) product per row and head group, memory-bound."""
         B, nh, T, hs = qi.shape
-        if T == 1:
-            return super().attend(qi, f, keys, values, qpos, kmax, vscale, table, out)
         nkv = keys.shape[1]
+        if T == 1:                                                   # decoding: the int16 cache
+            pos = qpos[:, 0].contiguous()
+            self.lib.attend_step(_ptr(qi, torch.float64), _ptr(f, torch.float64),
+                                 _ptr(keys, torch.int16), _ptr(values, torch.int16), B, nkv,
+                                 nh // nkv, keys.shape[2], hs, _ptr(pos, torch.int64),
+                                 _ptr(table, torch.float64), table.numel(),
+                                 _ptr(vscale, torch.float64), _ptr(out, torch.float64))
+            return
         g = nh // nkv
         kd = torch.empty(B, nkv, T, 2, hs, dtype=torch.int8)        # key digits: rows (key, digit)
         vd = torch.empty(B, nkv, 2, hs, T, dtype=torch.int8)        # value digits, keys last
@@ -510,8 +517,8 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 @dataclass
 class State:
-    """KV cache of `start`/`step`: integer-valued float64 keys and values per layer, and each row's
-    next position (rows are independent: `reset_rows` starts a new segment in some of them)."""
+    """KV cache of `start`/`step`: int16 keys and values per layer, and each row's next position
+    (rows are independent: `reset_rows` starts a new segment in some of them)."""
     k: list[torch.Tensor]   # per layer (B, n_kv_head, max_len, hs)
     v: list[torch.Tensor]
     pos: torch.Tensor       # (B,) int64, CPU
@@ -630,8 +637,8 @@ class Engine:
         else:
             keys, values = cache
             rows, col = torch.arange(B, device=x.device), qpos[:, 0]
-            keys[rows, :, col] = ki[:, :, 0]
-            values[rows, :, col] = vi[:, :, 0]
+            keys[rows, :, col] = ki[:, :, 0].to(keys.dtype)          # integers: exact
+            values[rows, :, col] = vi[:, :, 0].to(values.dtype)
         a = torch.empty(B, T, c.n_head * c.head_dim, dtype=torch.float64, device=x.device)
         self._attend(i, qi, f, keys, values, qpos, kmax, a)
         aq, s = ops.quant_rows(a.view(B * T, -1))
@@ -676,7 +683,8 @@ class Engine:
             raise ValueError(f"max_len {max_len} exceeds max_seq_len {self.max_seq_len}")
         c = self.config
         shape = (batch, c.n_kv_head, max_len, c.head_dim)
-        z = lambda: torch.zeros(shape, dtype=torch.float64, device=self.device)
+        # |key|, |value| <= 2^KV_BITS = 2^14: int16 holds them (a quarter of float64's memory)
+        z = lambda: torch.zeros(shape, dtype=torch.int16, device=self.device)
         return State([z() for _ in range(c.n_layer)], [z() for _ in range(c.n_layer)],
                      torch.zeros(batch, dtype=torch.int64), max_len)
 

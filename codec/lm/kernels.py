@@ -52,6 +52,7 @@ _SIGNATURES = {
     "split_kv": [_p, _p, _i64, _i64, _i64, _p, _p],
     "softmax_digits": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _p, _p],
     "attn_out_digits": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _i64],
+    "attend_step": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p],
     "head_freqs": [_p, _i64, _i64, _p, _p, _p, _i64, _i64, _p],
 }
 
