@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import pytest
 
@@ -160,3 +161,20 @@ def test_opening_an_lm_file_prefetches_its_blocks_in_one_batch(env):
         fs.release(fh)
     finally:
         fs.cache.close()
+
+
+def test_mixed_tree_never_grows(env):
+    """Text, an ELF binary, random bytes and zeros: compaction may only shrink the store."""
+    fs, compactor = env
+    write(fs, b"text", TEXT[:3 * BS])
+    write(fs, b"ls", Path("/bin/ls").read_bytes()[:4 * BS])
+    write(fs, b"random", os.urandom(BS + 123))
+    write(fs, b"zeros", bytes(2 * BS))
+    with fs.store.read() as t:
+        before = t.counters.stored
+    res = compactor.compact(compactor.candidates())
+    with fs.store.read() as t:
+        after = t.counters.stored
+    assert after <= before and res.after <= res.before
+    assert fs.read_ino(fs.lookup(ROOT_INO, b"ls"), 4 * BS, 0) == \
+        Path("/bin/ls").read_bytes()[:4 * BS]
