@@ -329,7 +329,8 @@ void attend_step(const double *qi, const double *f, const int16_t *K, const int1
                  int64_t nkv, int64_t g, int64_t L, int64_t hs, const int64_t *pos,
                  const double *table, int64_t ntab, const double *vscale, double *out) {
     double last = (double)(ntab - 1);
-    int32_t *s = malloc(sizeof(int32_t) * L), *q = malloc(sizeof(int32_t) * hs);
+    int32_t *s = malloc(sizeof(int32_t) * L);
+    int16_t *q = malloc(sizeof(int16_t) * hs);  /* int16 x int16 -> int32 sums: SSE2 pmaddwd */
     double *p = malloc(sizeof(double) * L), *o = malloc(sizeof(double) * hs);
     for (int64_t b = 0; b < B; b++)
         for (int64_t kv = 0; kv < nkv; kv++) {
@@ -338,12 +339,12 @@ void attend_step(const double *qi, const double *f, const int16_t *K, const int1
             int64_t Tk = MIN(pos[b] + 1, L);
             for (int64_t j = 0; j < g; j++) {
                 int64_t h = kv * g + j;
-                for (int64_t c = 0; c < hs; c++) q[c] = (int32_t)qi[(b * nkv * g + h) * hs + c];
+                for (int64_t c = 0; c < hs; c++) q[c] = (int16_t)qi[(b * nkv * g + h) * hs + c];
                 int32_t m = INT32_MIN;
                 for (int64_t k = 0; k < Tk; k++) {
                     const int16_t *kr = Kb + k * hs;
                     int32_t acc = 0;
-                    for (int64_t c = 0; c < hs; c++) acc += q[c] * (int32_t)kr[c];
+                    for (int64_t c = 0; c < hs; c++) acc += (int32_t)q[c] * (int32_t)kr[c];
                     s[k] = acc;
                     m = MAX(m, acc);
                 }
