@@ -3,7 +3,7 @@
 bits/token of the exact engine vs the float32 reference on real text.
 
     .venv/bin/python bench/engine_bench.py [--threads 1] [--batch 2] [--step-batch 16] [--steps 64]
-                                           [--segments 2] [FILE ...]
+                                           [--step-from 0] [--segments 2] [FILE ...]
 
 Ops per token: 2 * (linear-layer parameters + LM head) = ~269 MOP for SmolLM2-135M (attention's
 T-dependent work is extra and not counted, as in the roofline of ARCHITECTURE.md §4).
@@ -61,6 +61,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seg-tokens", type=int, default=1024)
     ap.add_argument("--step-batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--step-from", type=int, default=0,
+                    help="position the timed steps start at (the steps before it run untimed): "
+                         "decoding attention grows with the position, a segment averages ~512")
     ap.add_argument("--segments", type=int, default=2, help="segments per file for bits/token")
     ap.add_argument("--no-reference", action="store_true")
     a = ap.parse_args(argv)
@@ -87,16 +90,19 @@ def main(argv=None) -> None:
     print(f"freqs  batch {a.batch}x{a.seg_tokens}: {tps:7.0f} tokens/s = "
           f"{tps * opt / peak * 100:5.1f} % of int8 peak")
 
-    # decoding: step a batch of rows through the first `steps` positions
-    state = e.start(a.step_batch, a.steps)
-    rows = batch[torch.arange(a.step_batch) % batch.shape[0], :a.steps]
+    # decoding: step a batch of rows through positions step_from .. step_from + steps - 1
+    end = a.step_from + a.steps
+    state = e.start(a.step_batch, end)
+    rows = batch[torch.arange(a.step_batch) % batch.shape[0], :end]
     e.step(e.start(a.step_batch, 1), rows[:, 0])                  # warm up
+    for t in range(a.step_from):
+        e.step(state, rows[:, t])
     t0 = time.perf_counter()
-    for t in range(a.steps):
+    for t in range(a.step_from, end):
         e.step(state, rows[:, t])
     dt = time.perf_counter() - t0
     tps = a.step_batch * a.steps / dt
-    print(f"step   batch {a.step_batch}, positions 0..{a.steps - 1}: {tps:7.0f} tokens/s = "
+    print(f"step   batch {a.step_batch}, positions {a.step_from}..{end - 1}: {tps:7.0f} tokens/s = "
           f"{tps * opt / peak * 100:5.1f} % of int8 peak ({dt / a.steps * 1e3:.0f} ms/step)")
 
     if a.no_reference:

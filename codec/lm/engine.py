@@ -83,6 +83,10 @@ SIG_RES_BITS = 12     # sigmoid table step 2^-12, nearest entry (196k entries, 0
 # fewer, bigger GEMM calls. Per 1024 tokens (v4, 1 thread): 32 -> 1.85 s, 64 -> 1.85, 128 -> 1.93,
 # 256 -> 2.07.
 ATTN_BLOCK = 64
+# Segment rows per pass of freqs on CPU, in units of 1024 positions: the layers' temporaries grow with
+# the rows and spill the caches. 1 thread, per-token speed of 1024-token rows: 1 per pass 556
+# tokens/s, 2 per pass 472.
+FREQS_ROWS_CPU = 1
 # LM head rows per pass: the (2*rows, V) int32 GEMM output stays in cache. _int_mm at K=576,
 # N=49,152, 1 thread: 2*64 rows 676 GOP/s, 2*256 rows 348 GOP/s (writing 100 MB), 2*16 rows 357.
 HEAD_ROWS = 64
@@ -647,11 +651,13 @@ class Engine:
         mq, s = ops.swiglu_quant(_mm(hq, t[p + "gate_up.q"]), t[p + "gate_up.s"], s, self._sig)
         return ops.combine(_mm(mq, t[p + "down.q"]), t[p + "down.s"], s, residual=x)
 
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, D) -> int32 frequencies (N, V): every entry >= 1, total <= 2^FREQ_TOTAL_BITS."""
+    def _head(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, D) -> int32 frequencies (N, V) (into `out` if given): every entry >= 1, total
+        <= 2^FREQ_TOTAL_BITS."""
         c, t = self.config, self._t
         w = "tok_emb" if c.tied_embeddings else "lm_head"
-        out = torch.empty(x.shape[0], c.vocab_size, dtype=torch.int32, device=x.device)
+        if out is None:
+            out = torch.empty(x.shape[0], c.vocab_size, dtype=torch.int32, device=x.device)
         budget = 2 ** FREQ_TOTAL_BITS - c.vocab_size
         for r in range(0, x.shape[0], HEAD_ROWS):                    # bounds (rows, V) temporaries
             hq, s = self._ops.rmsnorm_quant(x[r:r + HEAD_ROWS], t["norm"], c.norm_eps)
@@ -671,12 +677,19 @@ class Engine:
         if T > self.max_seq_len:
             raise ValueError(f"segment of {T} tokens exceeds max_seq_len {self.max_seq_len}")
         self._check(tokens)
-        x = self._embed(tokens.to(self.device).reshape(-1))         # (B*T, D)
-        qpos = torch.arange(T, device=self.device).expand(B, T)
+        out = torch.empty(B, T, self.vocab_size, dtype=torch.int32, device=self.device)
+        tokens = tokens.to(self.device)
+        # rows are independent: passes of a few rows give the same tables with a smaller working set
+        rows = max(1, FREQS_ROWS_CPU * 1024 // max(T, 1)) if self.fused else B
         kmax = [min(a + ATTN_BLOCK, T) for a in range(0, T, ATTN_BLOCK)]
-        for i in range(self.config.n_layer):
-            x = self._layer(i, x, B, T, qpos, kmax, None)
-        return self._head(x).view(B, T, -1)
+        for r in range(0, B, rows):
+            n = min(rows, B - r)
+            x = self._embed(tokens[r:r + n].reshape(-1))             # (n*T, D)
+            qpos = torch.arange(T, device=self.device).expand(n, T)
+            for i in range(self.config.n_layer):
+                x = self._layer(i, x, n, T, qpos, kmax, None)
+            self._head(x, out[r:r + n].view(n * T, -1))
+        return out
 
     def start(self, batch: int, max_len: int) -> State:
         if max_len > self.max_seq_len:
