@@ -44,6 +44,15 @@ BATCH_BYTES = 1 << 20
 IDLE_SECONDS = 30.0
 
 
+def lower_priority() -> None:
+    """Run the calling thread at the lowest CPU priority (Linux applies it to that thread alone;
+    with one torch thread the model's work runs on it)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError:
+        pass
+
+
 @dataclass
 class Result:
     blocks: int = 0          # blocks looked at
@@ -102,6 +111,7 @@ class Compactor:
                 ) -> Result:
         """Compact these blocks in batches; progress(done_plain_bytes, total_plain_bytes)."""
         total = Result()
+        lower_priority()  # a control request's thread, or the CLI's, as the loop's own
         with self._turn:
             with self.store.read() as t:
                 sizes = {h: peek_header(t.container(h)[:64]).length for h in hashes
@@ -204,10 +214,7 @@ class Compactor:
         self._thread.start()
 
     def _loop(self) -> None:
-        try:  # Linux applies a priority to the calling thread alone
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except OSError:
-            pass
+        lower_priority()
         while not self._stop.is_set():
             try:
                 hashes = self.candidates()
