@@ -636,7 +636,7 @@ class Filesystem:
             return
         lo, hi = min(indices), max(indices)
         wanted = set(indices)
-        with self.store.read() as t:
+        with self.store.read(buffers=True) as t:  # headers only: no 64 KiB copies
             hashes = [h for i, h in t.block_hashes(ino, lo, hi).items()
                       if i in wanted and t.container_codec(h) == LM]
         if hashes:

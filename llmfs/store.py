@@ -554,8 +554,10 @@ class Store:
 
     # -- transactions --------------------------------------------------------------------------
     @contextlib.contextmanager
-    def read(self):
-        with self.env.begin(buffers=False) as txn:
+    def read(self, buffers: bool = False):
+        """A read snapshot. buffers=True hands out values as memoryviews into the map, valid only
+        inside the transaction: for callers that look at a few bytes of large values (headers)."""
+        with self.env.begin(buffers=buffers) as txn:
             yield Txn(self, txn, write=False)
 
     @contextlib.contextmanager
