@@ -74,12 +74,16 @@ def compact_offline(store_path: str, now: bool, path: bytes | None, progress) ->
 
 def compact_online(store_path: str, now: bool, path: bytes | None, progress) -> Result:
     req = {"op": "compact", "now": now, "path": os.fsdecode(path) if path is not None else None}
-    for answer in control.request(store_path, req):
-        if "error" in answer:
-            raise StoreError(answer["error"])
-        if "result" in answer:
-            return Result(**answer["result"])
-        progress(answer["done"], answer["total"])
+    try:
+        for answer in control.request(store_path, req):
+            if "error" in answer:
+                raise StoreError(answer["error"])
+            if "result" in answer:
+                return Result(**answer["result"])
+            progress(answer["done"], answer["total"])
+    except (ConnectionError, FileNotFoundError) as e:  # connecting: nobody serves the socket
+        raise StoreError(f"{store_path} is in use by a process that does not take compaction "
+                         f"requests ({e.strerror}); try again when it is done") from None
     raise StoreError("the daemon closed the connection without an answer")
 
 
