@@ -5,7 +5,6 @@ the file format, stdin/stdout and error handling; in-process runs swap in a bigr
 test text so that chunks really are LM containers; one slow test runs the real default model."""
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -154,7 +153,7 @@ def test_real_default_model_through_the_cli(tmp_path):
     text = (b"This program is free software: you can redistribute it and/or modify it under the "
             b"terms of the GNU General Public License as published by the Free Software "
             b"Foundation, either version 3 of the License.\n")
-    src, packed, out = tmp_path / "in", tmp_path / "in.lmfs", tmp_path / "out"
+    src, packed, _out = tmp_path / "in", tmp_path / "in.lmfs", tmp_path / "out"
     src.write_bytes(text)
     llmfs("compress", str(src), str(packed), "--batch", "1", "--threads", "1")
     blob = packed.read_bytes()

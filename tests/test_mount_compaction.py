@@ -2,7 +2,6 @@
 compaction loses nothing, and one round trip of a file through the real default model."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
