@@ -4,7 +4,9 @@ PY     := .venv/bin/python
 PIP    := .venv/bin/pip
 STORE  ?= $(CURDIR)/run/store
 MNT    ?= $(CURDIR)/run/mnt
-APT_PACKAGES := fuse3 attr rsync git sqlite3 xz-utils zstd brotli systemd
+# python3-venv: Debian's python3 cannot make a venv without it; gcc: the engine compiles its fused
+# loops at first use (codec/lm/kernels.py; without a compiler it falls back to slower torch ops).
+APT_PACKAGES := fuse3 attr rsync git sqlite3 xz-utils zstd brotli systemd python3-venv gcc
 
 # System-wide links (see `links` below) and where `make install-service` puts the unit.
 SBIN       ?= /sbin
