@@ -171,3 +171,32 @@ def test_reset_rows_starts_a_new_segment(engine):
         rows = engine.step(state, feed)
         assert torch.equal(rows[0], full[0, 15 + t]) and torch.equal(rows[2], full[2, 15 + t])
         assert torch.equal(rows[1], full_new[t]), t
+
+
+@needs_kernels
+def test_attend_step_equals_torch_attend():
+    """kernels.c attend_step (one query per row on the int16 cache) against the float64 GEMM form,
+    at late positions and at the int32 chunk bounds of its P.V sums: every value at +-2^14 and
+    every visible weight at its maximum (f ~ 0), so each chunk is as full as the bound allows."""
+    from codec.lm.engine import KV_BITS, Q_MAX, attn_exp_table
+    g = torch.Generator().manual_seed(11)
+    B, nkv, grp, L, hs = 4, 2, 3, 700, 64
+    nh = nkv * grp
+    lim = 2 ** KV_BITS
+    keys = torch.randint(-lim, lim + 1, (B, nkv, L, hs), generator=g).to(torch.int16)
+    values = torch.randint(-lim, lim + 1, (B, nkv, L, hs), generator=g).to(torch.int16)
+    values[3] = lim * torch.where(torch.rand(nkv, L, hs, generator=g) < 0.5, -1, 1)
+    values[2] = lim
+    qi = torch.randint(-Q_MAX, Q_MAX + 1, (B, nh, 1, hs), generator=g).to(torch.float64)
+    f = torch.rand(B, nh, 1, generator=g, dtype=torch.float64) * 1e-5
+    f[2:] = 1e-30                                      # visible weights all 2^P_BITS
+    qpos = torch.tensor([[0], [350], [699], [698]])
+    vscale = torch.ldexp(torch.ones(nkv, 1, hs, dtype=torch.float64),
+                         torch.randint(-12, -4, (nkv, 1, hs), generator=g))
+    table = attn_exp_table()
+    outs = []
+    for ops in (FusedOps(kernels.lib()), TorchOps()):
+        out = torch.empty(B, 1, nh * hs, dtype=torch.float64)
+        ops.attend(qi, f, keys, values, qpos, [L], vscale, table, out)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
