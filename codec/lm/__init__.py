@@ -11,7 +11,7 @@ be used (and tested) without them.
 """
 from __future__ import annotations
 
-from .codec import PAYLOAD_VERSION, SEGMENT_TOKENS, LMCodec
+from .codec import DECODE_BATCH, PAYLOAD_VERSION, SEGMENT_TOKENS, LMCodec
 from .tokenizer import ByteLevelBPE, ByteTokenizer, UnsupportedTokenizer
 
 DEFAULT_DEVICE = "cpu"
@@ -46,7 +46,7 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def open_codec(spec: str | None = None, batch: int = 16, threads: int | None = None,
+def open_codec(spec: str | None = None, batch: int = DECODE_BATCH, threads: int | None = None,
                device: str | None = DEFAULT_DEVICE, segment_tokens: int = SEGMENT_TOKENS) -> LMCodec:
     """Load a model and wrap it in an LMCodec, on `device` ('cpu', 'cuda' or 'auto')."""
     seed = _tiny_seed(spec)
