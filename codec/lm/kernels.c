@@ -19,6 +19,18 @@
 /* maxsd semantics (no NaN can occur here); fmax() is a libm call that blocks vectorisation */
 #define MAX(a, b) ((a) > (b) ? (a) : (b))
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
+#define HEAD_LANES 8
+
+/* The hot loops are compiled twice and picked when the library loads (gcc target_clones, an ifunc):
+ * for AVX2 (8 int32 / 4 double lanes, gathers for the table lookups) and for the baseline ISA, since
+ * the cached build may move between machines (no -march). The results are the same bits: only
+ * elementwise IEEE operations and integer sums vectorise, AVX2 does not imply FMA, and float sums
+ * keep their order. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define MULTIVERSION
+#endif
 
 /* Round half to even, as torch.round: for |x| < 2^51, x + 1.5*2^52 lies in [2^52, 2^53) where the
  * spacing of doubles is 1, so the addition itself rounds to the nearest integer (ties to even, the
@@ -29,12 +41,33 @@ static inline double round_even(double x) {
     return (x + magic) - magic;
 }
 
+/* max x[k] (abs: max |x[k]|) for n >= 0, -INFINITY (abs: 0) when n = 0, over HEAD_LANES interleaved
+ * partial maxima: independent chains instead of one maxsd latency chain per element. The max of a
+ * set does not depend on the order as long as no value is NaN and MAX never has to choose between
+ * +0 and -0: callers pass no NaN, and only values that are never -0 (abs: fabs is never -0). */
+static inline double max_of(const double *restrict x, int64_t n, int absval) {
+    double lane[HEAD_LANES];
+    for (int64_t u = 0; u < HEAD_LANES; u++) lane[u] = absval ? 0.0 : -INFINITY;
+    int64_t k = 0;
+    for (; k + HEAD_LANES <= n; k += HEAD_LANES)
+        for (int64_t u = 0; u < HEAD_LANES; u++) {
+            double v = absval ? fabs(x[k + u]) : x[k + u];
+            lane[u] = MAX(lane[u], v);
+        }
+    double m = absval ? 0.0 : -INFINITY;
+    for (; k < n; k++) {
+        double v = absval ? fabs(x[k]) : x[k];
+        m = MAX(m, v);
+    }
+    for (int64_t u = 0; u < HEAD_LANES; u++) m = MAX(m, lane[u]);
+    return m;
+}
+
 /* Per-row int16 quantisation split into int8 halves (engine._quant_rows):
  *   m = max|x|, s = m > 0 ? m / ACT_MAX : 1, xq = round(x / s), hi = round(xq / 128), lo = xq - 128 hi.
  * |x / s| <= ACT_MAX < 2^51. hi is written to rows 0..M-1 of q, lo to rows M..2M-1. */
 static void quant_row(const double *x, int64_t K, int8_t *hi, int8_t *lo, double *s_out) {
-    double m = 0;
-    for (int64_t k = 0; k < K; k++) m = MAX(m, fabs(x[k]));
+    double m = max_of(x, K, 1);
     double s = m > 0 ? m / ACT_MAX : 1.0;
     for (int64_t k = 0; k < K; k++) {
         double xq = round_even(x[k] / s);
@@ -45,6 +78,7 @@ static void quant_row(const double *x, int64_t K, int8_t *hi, int8_t *lo, double
     *s_out = s;
 }
 
+MULTIVERSION
 void quant_rows(const double *x, int64_t M, int64_t K, int8_t *q, double *s) {
     for (int64_t i = 0; i < M; i++)
         quant_row(x + i * K, K, q + i * K, q + (M + i) * K, s + i);
@@ -70,13 +104,13 @@ static double det_sqrt(double d) {
  *   sr = max|x| / 2^20 (or 1), xi = round(x / sr), D = ((sum xi^2) / K) * sr * sr + eps,
  *   q, sh = quant(x * w), s = sh / det_sqrt(D).
  * |x / sr| <= 2^20; sum xi^2 < K 2^40 < 2^51 is exact. */
+MULTIVERSION
 void rmsnorm_quant(const double *x, int64_t M, int64_t K, const double *w, double eps,
                    int8_t *q, double *s) {
     double *h = malloc(sizeof(double) * K);
     for (int64_t i = 0; i < M; i++) {
         const double *xr = x + i * K;
-        double m = 0;
-        for (int64_t k = 0; k < K; k++) m = MAX(m, fabs(xr[k]));
+        double m = max_of(xr, K, 1);
         double sr = m > 0 ? m / 1048576.0 : 1.0;
         double ss = 0;
         for (int64_t k = 0; k < K; k++) {
@@ -103,6 +137,7 @@ static inline double acc_value(const int32_t *hi, const int32_t *lo, int64_t n) 
 
 /* Linear-layer output (engine._combine): y = value * ws[n] * s[m]; with add, y += that
  * (the residual connection x + linear(x)). */
+MULTIVERSION
 void combine(const int32_t *acc, int64_t M, int64_t N, const double *ws, const double *s,
              double *y, int add) {
     for (int64_t i = 0; i < M; i++) {
@@ -118,22 +153,36 @@ void combine(const int32_t *acc, int64_t M, int64_t N, const double *ws, const d
 /* MLP activation then quantisation for the down projection (engine._swiglu + _quant_rows):
  * gate, up = the two halves of the gate_up output; a = gate * sigmoid_table[i] * up with
  * i = round((clamp(gate, -24, 24) + 24) * 4096) in [0, 196608]. */
-void swiglu_quant(const int32_t *acc, int64_t M, int64_t F, const double *ws, const double *s,
-                  const double *sig, int8_t *q, double *qs) {
-    double *a = malloc(sizeof(double) * F);
+MULTIVERSION
+void swiglu_quant(const int32_t *restrict acc, int64_t M, int64_t F, const double *restrict ws,
+                  const double *restrict s, const double *restrict sig, int8_t *restrict q,
+                  double *restrict qs) {
+    /* three loops: gcc if-converts the clamp's comparisons only in a loop without operations that
+     * could trap (loads, arithmetic), so gate and up, then the clamp, then the index and the
+     * table gather (AVX2: vgatherdpd) */
+    double *restrict a = malloc(sizeof(double) * F), *restrict gb = malloc(sizeof(double) * F);
+    double *restrict ub = malloc(sizeof(double) * F);
+    double *restrict tb = malloc(sizeof(double) * F);
     for (int64_t i = 0; i < M; i++) {
         const int32_t *hi = acc + i * 2 * F, *lo = acc + (M + i) * 2 * F;
         double si = s[i];
         for (int64_t n = 0; n < F; n++) {
-            double g = acc_value(hi, lo, n) * ws[n] * si;
-            double u = acc_value(hi, lo, F + n) * ws[F + n] * si;
-            double c = MIN(MAX(g, -SIG_RANGE), SIG_RANGE);
-            int32_t t = (int32_t)round_even((c + SIG_RANGE) * SIG_STEPS);
-            a[n] = g * sig[t] * u;
+            gb[n] = acc_value(hi, lo, n) * ws[n] * si;
+            ub[n] = acc_value(hi, lo, F + n) * ws[F + n] * si;
+        }
+        for (int64_t n = 0; n < F; n++) {
+            double g = gb[n];
+            double c = g < -SIG_RANGE ? -SIG_RANGE : g;       /* = MIN(MAX(g, -24), 24): no NaN */
+            c = c > SIG_RANGE ? SIG_RANGE : c;
+            tb[n] = c;
+        }
+        for (int64_t n = 0; n < F; n++) {
+            int32_t t = (int32_t)round_even((tb[n] + SIG_RANGE) * SIG_STEPS);
+            a[n] = gb[n] * sig[t] * ub[n];
         }
         quant_row(a, F, q + i * F, q + (M + i) * F, qs + i);
     }
-    free(a);
+    free(a); free(gb); free(ub); free(tb);
 }
 
 /* Queries, keys and values from the qkv projection (engine.Engine._qkv). h is (B, T, (nh + 2 nkv) hs);
@@ -263,16 +312,18 @@ void split_kv(const double *keys, const double *values, int64_t BK, int64_t T, i
  * s = S[2k] + 256 S[2k+1], then as softmax_weights; the weights go out as digits
  * P (B, nkv, 2, g*Tq, Tk) int8, their row sums as l (B, nkv*g, Tq). Row (j, t) of group (b, kv)
  * is query head kv*g + j at block position t. */
-void softmax_digits(const int32_t *S, int64_t B, int64_t nkv, int64_t g, int64_t Tq, int64_t Tk,
-                    const int64_t *qpos, const double *f, const int32_t *table, int64_t ntab,
-                    int8_t *P, double *l) {
+MULTIVERSION
+void softmax_digits(const int32_t *restrict S, int64_t B, int64_t nkv, int64_t g, int64_t Tq,
+                    int64_t Tk, const int64_t *restrict qpos, const double *restrict f,
+                    const int32_t *restrict table, int64_t ntab, int8_t *restrict P,
+                    double *restrict l) {
     double last = (double)(ntab - 1);
     int64_t gT = g * Tq, plane = gT * Tk;
-    int32_t *s = malloc(sizeof(int32_t) * Tk);
+    int32_t *restrict s = malloc(sizeof(int32_t) * Tk);
     for (int64_t r = 0; r < B * nkv * gT; r++) {
         const int32_t *Sr = S + r * 2 * Tk;
         int64_t b = r / (nkv * gT), t = r % Tq, bk = r / gT, jt = r % gT;
-        int8_t *p0 = P + bk * 2 * plane + jt * Tk, *p1 = p0 + plane;
+        int8_t *restrict p0 = P + bk * 2 * plane + jt * Tk, *restrict p1 = p0 + plane;
         int64_t vis = MIN(qpos[b * Tq + t] + 1, Tk);
         /* |s| <= 127 * 2^14 * 64 = 2^27 and max - s <= 2^28: int32, and (double)(max - s) equals
          * the float64 path's -(s - max) exactly */
@@ -282,13 +333,17 @@ void softmax_digits(const int32_t *S, int64_t B, int64_t nkv, int64_t g, int64_t
             m = MAX(m, s[k]);
         }
         double fr = f[r];
-        int64_t sum = 0;
+        /* three simple loops instead of one: each vectorises (the table lookup as a gather with
+         * AVX2); the weights overwrite the scores. p <= 2^13 and vis <= 2^13: the sum fits int32 */
         for (int64_t k = 0; k < vis; k++) {
             double v = MIN((double)(m - s[k]) * fr, last);   /* = clamp after rounding: last is an integer */
-            int32_t p = table[(int32_t)round_even(v)];
-            p0[k] = (int8_t)(p & 127);
-            p1[k] = (int8_t)(p >> 7);
-            sum += p;
+            s[k] = table[(int32_t)round_even(v)];
+        }
+        int32_t sum = 0;
+        for (int64_t k = 0; k < vis; k++) sum += s[k];
+        for (int64_t k = 0; k < vis; k++) {
+            p0[k] = (int8_t)(s[k] & 127);
+            p1[k] = (int8_t)(s[k] >> 7);
         }
         for (int64_t k = vis; k < Tk; k++) p0[k] = p1[k] = 0;
         l[r] = (double)sum;
@@ -335,11 +390,6 @@ void attn_out_digits(const int32_t *O, int64_t B, int64_t nkv, int64_t g, int64_
  * float64 form's, and so is every output bit. The float steps (weights, output) keep their order
  * and one rounding per operation (-ffp-contract=off; AVX2 does not imply FMA). */
 #define PV_CHUNK_P 131071
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
-#define MULTIVERSION __attribute__((target_clones("avx2", "default")))
-#else
-#define MULTIVERSION
-#endif
 
 static inline int32_t dot16(const int16_t *restrict q, const int16_t *restrict k, int64_t hs) {
     int32_t acc = 0;
@@ -409,18 +459,19 @@ void attend_step(const double *restrict qi, const double *restrict f, const int1
 /* LM head (engine._freq_rows): logits z = value * ws[v] * s[m] (2^12 per nat folded into ws),
  * d = -(z - max z), i = round(min(d, ntab - 1)) (the same), e = table[i] (<= 2^30),
  * freq = e * budget // sum(e) + 1  (e * budget < 2^54, exact in int64). */
-void head_freqs(const int32_t *acc, int64_t M, int64_t V, const double *ws, const double *s,
-                const int64_t *table, int64_t ntab, int64_t budget, int32_t *out) {
-    double *z = malloc(sizeof(double) * V);
+MULTIVERSION
+void head_freqs(const int32_t *restrict acc, int64_t M, int64_t V, const double *restrict ws,
+                const double *restrict s, const int64_t *restrict table, int64_t ntab,
+                int64_t budget, int32_t *restrict out) {
+    double *restrict z = malloc(sizeof(double) * V);
     double last = (double)(ntab - 1);
     for (int64_t i = 0; i < M; i++) {
         const int32_t *hi = acc + i * V, *lo = acc + (M + i) * V;
-        double si = s[i], m = -INFINITY;
-        for (int64_t v = 0; v < V; v++) {
-            z[v] = acc_value(hi, lo, v) * ws[v] * si;
-            m = MAX(m, z[v]);
-        }
-        int32_t *o = out + i * V;
+        double si = s[i];
+        for (int64_t v = 0; v < V; v++) z[v] = acc_value(hi, lo, v) * ws[v] * si;
+        /* no z is NaN, and none is -0: value 0 gives +0, ws and s are nonzero */
+        double m = max_of(z, V, 0);
+        int32_t *restrict o = out + i * V;
         int64_t total = 0;
         for (int64_t v = 0; v < V; v++) {
             double d = -(z[v] - m);
