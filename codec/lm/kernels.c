@@ -28,7 +28,10 @@
  * keep their order. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define MULTIVERSION __attribute__((target_clones("avx2", "default")))
+/* AVX-512 (DQ: int64 multiply and int64 <-> double conversion) vectorises the LM head's division */
+#define MULTIVERSION512 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
+#define MULTIVERSION512
 #define MULTIVERSION
 #endif
 
@@ -459,7 +462,7 @@ void attend_step(const double *restrict qi, const double *restrict f, const int1
 /* LM head (engine._freq_rows): logits z = value * ws[v] * s[m] (2^12 per nat folded into ws),
  * d = -(z - max z), i = round(min(d, ntab - 1)) (the same), e = table[i] (<= 2^30),
  * freq = e * budget // sum(e) + 1  (e * budget < 2^54, exact in int64). */
-MULTIVERSION
+MULTIVERSION512
 void head_freqs(const int32_t *restrict acc, int64_t M, int64_t V, const double *restrict ws,
                 const double *restrict s, const int64_t *restrict table, int64_t ntab,
                 int64_t budget, int32_t *restrict out) {
