@@ -113,9 +113,9 @@ class Compactor:
         total = Result()
         lower_priority()  # a control request's thread, or the CLI's, as the loop's own
         with self._turn:
-            with self.store.read() as t:
-                sizes = {h: peek_header(t.container(h)[:64]).length for h in hashes
-                         if t.container(h) is not None}
+            with self.store.read(buffers=True) as t:  # headers only: no copies of whole blocks
+                sizes = {h: t.plain_length(h) for h in hashes}
+            sizes = {h: n for h, n in sizes.items() if n is not None}
             todo = [h for h in hashes if h in sizes]
             grand = sum(sizes.values())
             done = 0

@@ -325,6 +325,11 @@ class Txn:
         raw = self.txn.get(h, db=self.db["blocks"])
         return peek_header(bytes(raw[:64])).codec_id if raw is not None else None
 
+    def plain_length(self, h: bytes) -> int | None:
+        """The plaintext length of block h, read from its container's header only."""
+        raw = self.txn.get(h, db=self.db["blocks"])
+        return peek_header(bytes(raw[:64])).length if raw is not None else None
+
     def refcount(self, h: bytes) -> int:
         raw = self.txn.get(h, db=self.db["refs"])
         return _U64.unpack(raw)[0] if raw is not None else 0
