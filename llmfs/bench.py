@@ -179,7 +179,9 @@ def timed_copy(src: Path, dst: Path) -> float:
 
 def run_compaction(args) -> int:
     """Write throughput with compaction idle vs running, compaction speed against the int8 GEMM
-    peak, and the final ratio against xz -9e and zstd -19 of the same tree as a tar."""
+    peak, and the final ratio against xz -9e and zstd -19 of the same tree as a tar; then a fresh
+    daemon reads every file back and compares it with the source, and fsck checks the store.
+    Exit status 1 if any file differs or fsck is not clean."""
     import io
     import tarfile
     import threading
@@ -231,6 +233,18 @@ def run_compaction(args) -> int:
         lm_plain = c.per_codec[2][1]
         stored = c.stored
     s.close()
+    # a fresh daemon reads every file back (decoding every LM block) and compares with the source
+    llmfs("mount", store, mnt, "--no-compaction")
+    try:
+        t0 = time.perf_counter()
+        differ = [p.name for p in sorted((work / "tree").iterdir())
+                  if (mnt / "tree" / p.name).read_bytes() != p.read_bytes()]
+        readback = time.perf_counter() - t0
+    finally:
+        llmfs("umount", mnt)
+    fsck = subprocess.run([sys.executable, "-m", "llmfs.cli", "fsck", str(store),
+                           *([] if args.full_fsck else ["--quick"])],
+                          capture_output=True, text=True)
     codec = open_codec(args.model or None, threads=1)
     tokens = len(codec.tokenizer.encode(b"".join(
         p.read_bytes() for p in sorted((work / "tree").iterdir()))))
@@ -253,8 +267,13 @@ def run_compaction(args) -> int:
     for name, n in base.items():
         print(f"  tar of the tree, {name:<10} {n:>10}  llmfs/that = {stored / n:.3f}")
     print(result["out"].strip().splitlines()[-1] if result["out"].strip() else "")
+    print(f"after unmount and mount: {len(differ)} of {len(list((work / 'tree').iterdir()))} files "
+          f"differ{': ' + ', '.join(differ[:5]) if differ else ''}; cold read of the tree "
+          f"{size / readback / 1024:.1f} KiB/s ({readback:.0f} s)")
+    print(f"fsck{'' if args.full_fsck else ' --quick'}: exit {fsck.returncode}"
+          f"{'' if fsck.returncode == 0 else chr(10) + fsck.stdout + fsck.stderr}")
     shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return 1 if differ or fsck.returncode else 0
 
 
 def _register_compaction(subparsers) -> None:
@@ -267,6 +286,8 @@ def _register_compaction(subparsers) -> None:
     p.add_argument("--block-size", type=parse_size, default=DEFAULT_BLOCK_SIZE)
     p.add_argument("--model", default=None)
     p.add_argument("--dir", default=None)
+    p.add_argument("--full-fsck", action="store_true",
+                   help="fsck decodes every block once more (the read-back already decoded each)")
     p.set_defaults(func=run_compaction)
 
 
