@@ -12,7 +12,8 @@ from codec import Registry
 
 from . import control
 from .compactor import Compactor, Result
-from .models import Models, store_spec
+from .mkfs import positive_int
+from .models import THREADS, Models, store_spec
 from .statcmd import find_store, human
 from .store import ROOT_INO, Store, StoreError, StoreLocked
 
@@ -57,13 +58,14 @@ class Progress:
             self.bar.close()
 
 
-def compact_offline(store_path: str, now: bool, path: bytes | None, progress) -> Result:
+def compact_offline(store_path: str, now: bool, path: bytes | None, progress,
+                    threads: int | None = None) -> Result:
     store = Store(store_path)
     try:
         if not store.was_clean():
             raise StoreError(f"{store_path} was not unmounted cleanly; mount it once or run "
                              f"`llmfs fsck --repair {store_path}` first")
-        models = Models(store)
+        models = Models(store, threads=threads or THREADS)
         registry = Registry(model_resolver=models.resolve)
         compactor = Compactor(store, registry, models.compaction_codec, store_spec(store))
         inos = inodes_under(store, path) if path is not None else None
@@ -107,6 +109,9 @@ def register(sub) -> None:
     p.add_argument("--now", action="store_true",
                    help="every pending block, however recently written")
     p.add_argument("--path", help="only the files at or below this path (in the mount)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads of the LM for an unmounted store (default 1; a mounted "
+                        "store compacts with its daemon's --threads)")
     p.set_defaults(func=run)
 
 
@@ -117,7 +122,7 @@ def run(args) -> int:
         store_path, _ = find_store(args.target)
         path = fs_path(args.path) if args.path is not None else None
         try:
-            res = compact_offline(store_path, args.now, path, progress)
+            res = compact_offline(store_path, args.now, path, progress, args.threads)
         except StoreLocked:
             res = compact_online(store_path, args.now, path, progress)
     except (StoreError, OSError) as e:

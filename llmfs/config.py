@@ -77,6 +77,12 @@ def _duration(value) -> int:
     return int(m.group(1)) * _SECONDS[m.group(2)]
 
 
+def _positive(value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError("must be a positive integer")
+    return value
+
+
 def _options(value) -> list[str]:
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
@@ -106,6 +112,8 @@ KEYS = {
     "options": (_options, None),          # merged into args.options by apply()
     "log_level": (_choice(*LEVELS), None),  # applied by mount.run()
     "model": (_str, None),
+    "device": (_choice("auto", "cpu", "cuda"), "device"),
+    "threads": (_positive, "threads"),
     "write.dirty_limit": (_size, "dirty_limit"),
     "cache.ram": (_size, "cache_size"),
     "cache.gpu": (_size, "gpu_cache_size"),
@@ -114,7 +122,7 @@ KEYS = {
 }
 HANDLED = {"options", "log_level"}
 # What an argument holds when the command line did not set it (None unless listed).
-UNSET = {"no_compaction": False, "compact_after": COMPACT_AFTER}
+UNSET = {"no_compaction": False, "compact_after": COMPACT_AFTER, "device": "auto"}
 SECTIONS = {k.split(".")[0] for k in KEYS if "." in k}
 
 

@@ -1,6 +1,8 @@
 """`llmfs mkfs STORE [--block-size N] [--model M]`: create an empty store."""
 from __future__ import annotations
 
+import argparse
+
 import os
 import sys
 
@@ -23,6 +25,14 @@ def parse_size(text: str) -> int:
     if text and text[-1] in units:
         return int(text[:-1]) * units[text[-1]]
     return int(text)
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts such as --threads."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return n
 
 
 def register(sub) -> None:

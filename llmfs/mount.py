@@ -31,8 +31,8 @@ from . import config, fsck, service
 from .background import Background
 from .compactor import COMPACT_AFTER
 from .fuseops import FUSE, Operations
-from .models import Models
-from .mkfs import parse_size
+from .models import THREADS, Models
+from .mkfs import parse_size, positive_int
 from .namespace import DIRTY_LIMIT, Filesystem
 from .store import Store, StoreError
 
@@ -65,11 +65,12 @@ def parse_options(values: list[str]) -> dict:
 
 def open_filesystem(store_path: str, dirty_limit: int = DIRTY_LIMIT,
                     cache_size: int | None = None, gpu_cache_size: int | None = None,
-                    device: str = "auto") -> tuple[Filesystem, Models]:
+                    device: str = "auto", threads: int | None = None
+                    ) -> tuple[Filesystem, Models]:
     """Open (and lock) a store for serving, recovering from an unclean shutdown first."""
     store = Store(store_path)
     try:
-        models = Models(store, device=device)
+        models = Models(store, threads=threads or THREADS, device=device)
         registry = Registry(model_resolver=models.resolve)
         if not store.was_clean():
             log.warning("%s was not unmounted cleanly; checking it", store_path)
@@ -120,7 +121,7 @@ def serve(args, ready_fd: int | None) -> int:
         if os.path.ismount(mountpoint):
             raise MountError(f"{args.mountpoint} is already a mount point")
         fs, models = open_filesystem(args.store, args.dirty_limit, args.cache_size,
-                                     args.gpu_cache_size, args.device)
+                                     args.gpu_cache_size, args.device, args.threads)
     except (StoreError, MountError) as e:
         report(f"error: {e}")
         print(f"llmfs mount: {e}", file=sys.stderr)
@@ -188,6 +189,8 @@ def start_daemon(args) -> int:
     if args.gpu_cache_size is not None:
         cmd += ["--gpu-cache-size", str(args.gpu_cache_size)]
     cmd += ["--device", args.device]
+    if args.threads is not None:
+        cmd += ["--threads", str(args.threads)]
     cmd += ["--compact-after", str(args.compact_after)] + (
         ["--no-compaction"] if args.no_compaction else [])
     for o in args.options:
@@ -226,6 +229,10 @@ def register(sub) -> None:
                         "(default 0: none)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the LM runs: a CUDA GPU when present (auto), or the CPU")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads of the LM (default 1). More only on cores nothing else "
+                        "needs: torch's threads spin while they wait, and on a busy 2-core "
+                        "machine 2 threads compacted a block 27x slower than 1")
     p.add_argument("--compact-after", type=float, default=COMPACT_AFTER, metavar="SECONDS",
                    help="compress blocks with the LM once unchanged this long (default 600)")
     p.add_argument("--no-compaction", action="store_true",

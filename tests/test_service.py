@@ -83,6 +83,8 @@ def test_config_reads_every_key_and_resolves_paths(tmp_path):
         options = ["allow_other", "noatime"]
         log_level = "warning"
         model = "smollm2"
+        device = "cpu"
+        threads = 4
         [write]
         dirty_limit = "8M"
         [cache]
@@ -100,6 +102,7 @@ def test_config_reads_every_key_and_resolves_paths(tmp_path):
     assert args.dirty_limit == 8 << 20 and args.cache_size == 1 << 20
     assert args.gpu_cache_size == 1 << 30
     assert args.no_compaction is True and args.compact_after == 7200
+    assert args.device == "cpu" and args.threads == 4
     assert cfg.not_yet == ["model"]  # chosen at mkfs: accepted, reported as having no effect
 
 
@@ -111,6 +114,8 @@ def test_config_reads_every_key_and_resolves_paths(tmp_path):
     ('[compaction]\nafter = "soon"', "compaction.after: 'soon' is not a duration"),
     ('[compaction]\nenabled = "no"', "compaction.enabled: must be true or false"),
     ('log_level = "loud"', "log_level: must be one of"),
+    ('threads = 0', "threads: must be a positive integer"),
+    ('device = "tpu"', "device: must be one of"),
     ('options = "allow_other', "not valid TOML"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, message):
