@@ -16,7 +16,7 @@ def _rows(rng, m, v, skew=True):
 
 
 def _decode(words, rows):
-    dec = coder.SegmentDecoder(words)
+    dec = coder.StreamDecoder(words)
     return [dec.decode(r) for r in rows]
 
 

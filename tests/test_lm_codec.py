@@ -82,8 +82,53 @@ def test_payload_independent_of_batch():
 
 def test_segments_are_cut_at_the_configured_length():
     c = make_codec(BigramEngine(), segment_tokens=33)
-    payload = c.encode_payload(b"q" * 100)  # 100 tokens -> 4 segments of <= 32
-    assert payload[:3] == bytes([1, 100, 32])
+    payload = c.encode_payload(b"q" * 100)  # 100 tokens -> 4 segments of <= 32, one group
+    assert payload[:5] == bytes([2, 100, 32, 4, len(payload[5:]) // 4])
+
+
+def version1(c: LMCodec, data: bytes) -> bytes:
+    """A version 1 payload of `data`: one stream per segment, no group field."""
+    c.group = 1
+    v2 = c.encode_payload(data)
+    c.group = 4
+    assert v2[0] == 2
+    head = bytearray([1])
+    pos = 1
+    for _ in range(2):                      # N, S: copied
+        while v2[pos] & 0x80:
+            head.append(v2[pos])
+            pos += 1
+        head.append(v2[pos])
+        pos += 1
+    assert v2[pos] == 1                     # G = 1: dropped
+    return bytes(head) + v2[pos + 1:]
+
+
+def test_version_1_payloads_still_decode():
+    c, data = make_codec(trained()), TEXT[:300]
+    v1 = version1(c, data)
+    assert c.decode_many([(v1, len(data)), (c.encode_payload(data), len(data))]) == [data, data]
+
+
+def test_groups_share_a_stream_and_save_bytes():
+    """Payloads with segments grouped 4 per stream are smaller than one stream per segment, and
+    decode with any batch, also one smaller than a group (the group still gets its 4 rows)."""
+    c, data = make_codec(trained()), TEXT * 2        # 18 segments of <= 63 tokens
+    grouped, single = c.encode_payload(data), version1(c, data)
+    assert len(grouped) < len(single) - 2 * 12
+    for b in (1, 3, 5, 64):
+        assert make_codec(trained(), batch=b).decode_many([(grouped, len(data))]) == [data]
+
+
+def test_garbled_group_size_is_a_typed_error():
+    c = make_codec(trained())
+    payload = bytearray(c.encode_payload(TEXT))
+    at = 3 if payload[1] < 0x80 else 4      # after version, N (1 or 2 bytes) and S (63)
+    assert payload[at] == 4
+    for g in (0, 65, 127):
+        payload[at] = g
+        with pytest.raises(ContainerError, match="group size"):
+            c.decode_many([(bytes(payload), len(TEXT))])
 
 
 def test_text_compresses():
