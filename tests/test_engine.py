@@ -136,16 +136,20 @@ def test_fused_ops_equal_torch_ops(scale):
     x[3] = torch.round(x[3] * 4) / 4                  # exact halves: rounding ties
     x[5] = 0                                          # an all-zero row
     w = 1 + 0.1 * torch.randn(96, generator=g, dtype=torch.float64)
-    for a, b in [(fused.quant_rows(x), ref.quant_rows(x)),
-                 (fused.rmsnorm_quant(x, w, 1e-5), ref.rmsnorm_quant(x, w, 1e-5))]:
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    acc = torch.randint(-2 ** 30, 2 ** 30, (2 * 37, 96), generator=g, dtype=torch.int32)
+    for int8 in (False, True):
+        for a, b in [(fused.quant_rows(x, int8), ref.quant_rows(x, int8)),
+                     (fused.rmsnorm_quant(x, w, 1e-5, int8), ref.rmsnorm_quant(x, w, 1e-5, int8))]:
+            assert a[0].shape == (37 if int8 else 74, 96)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     ws = torch.rand(96, generator=g, dtype=torch.float64) * scale * 1e-6
     s = torch.rand(37, 1, generator=g, dtype=torch.float64)
-    assert torch.equal(fused.combine(acc, ws, s), ref.combine(acc, ws, s))
-    assert torch.equal(fused.combine(acc, ws, s, x.clone()), ref.combine(acc, ws, s, x.clone()))
-    a, b = fused.swiglu_quant(acc, ws, s, sigmoid_table()), ref.swiglu_quant(acc, ws, s, sigmoid_table())
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for rows in (2 * 37, 37):                         # stacked hi/lo (int16 input), single (int8)
+        acc = torch.randint(-2 ** 30, 2 ** 30, (rows, 96), generator=g, dtype=torch.int32)
+        assert torch.equal(fused.combine(acc, ws, s), ref.combine(acc, ws, s))
+        assert torch.equal(fused.combine(acc, ws, s, x.clone()), ref.combine(acc, ws, s, x.clone()))
+        a = fused.swiglu_quant(acc, ws, s, sigmoid_table())
+        b = ref.swiglu_quant(acc, ws, s, sigmoid_table())
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_det_sqrt_is_accurate():
