@@ -24,12 +24,16 @@ fixed by IEEE 754 or by integer arithmetic:
   * exp, sigmoid, cos, sin: tables computed with exact arithmetic (mpmath / Python integers, never
     libm) when the engine is built, identical on every machine.
 
-Quantisation (what costs compression, not exactness): weights int8 per output channel; the input of
-every linear layer int16 with a per-token scale (split into hi/lo int8 halves, one _int_mm on the two
-stacked); keys and values 15-bit with a fixed per-channel power-of-two scale derived from a
-Cauchy-Schwarz bound on the weights, so the KV cache never needs rescaling; queries int8 per token
-and head; attention weights 13-bit from an exp table. Exact vs float32 bits/token: +0.19 % (GPL-3),
-+0.36 % (argparse.py).
+Quantisation (what costs compression, not exactness): weights int8 per output channel; the inputs
+of wo and gate_up int8 with a per-token scale (one _int_mm pass), those of qkv, down and the LM head
+int16 (split into hi/lo int8 halves, one _int_mm on the two stacked: twice the ops) — int8 there
+cost +0.2-0.7 % each (table at WO_INT8). gate_up's input is smoothed SmoothQuant-style: per input
+channel a power of two, from the channel's range on a fixed calibration text (calibrate(), run by
+the loader when it converts a model), divides ffn_norm and multiplies the weight columns — exact in
+float64, no work at run time. Keys and values 15-bit with a fixed per-channel power-of-two scale
+derived from a Cauchy-Schwarz bound on the weights, so the KV cache never needs rescaling; queries
+int8 per token and head; attention weights 13-bit from an exp table. Exact vs float32 bits/token
+(2x1024 tokens): v5 +0.22 % (GPL-3), +0.53 % (argparse.py); v4 (all int16) +0.19 %, +0.36 %.
 
 Threading: an Engine is immutable after construction and may be shared; `freqs` and `step` allocate
 their own temporaries. A `State` (KV cache) belongs to one caller. torch's own intra-op threads do not
@@ -73,9 +77,15 @@ FREQ_TOTAL_BITS = 24
 #   gate_up +0.16 / +0.49, down +0.23 / +0.68, head (untied copy) +0.26 / +0.48.
 # Together: wo + gate_up +0.48 / +0.69; wo + smoothed gate_up +0.25 / +0.51; + smoothed qkv
 # +0.63 / +0.57; + smoothed head +0.37 / +0.83. (Differences below ~0.1-0.2 % are noise of 2 segments.)
-# Kept: int8 for wo (59 % fewer ops... see Cost) and gate_up (smoothed, GATE_UP_SMOOTH), int16 else.
+# Kept: int8 for wo and smoothed gate_up (59 % of the layers' GEMM ops; the engine then measured
+# +0.22 / +0.53 %), int16 for qkv, down and the LM head.
 ACT_MAX = 127 * 128
 ACT8_MAX = 127
+# qkv int8 (smoothed like gate_up; prepare_weights and calibrate support it): the exact engine
+# measured +0.75 / +1.04 % with alpha = 3/4 for both (fake quant calibrated on 2x1024 tokens of
+# other text had promised +0.11 / +0.32) and fake quant +0.63 / +0.57 with alpha = 1/2: over budget
+# for 16 % of the layers' ops.
+QKV_INT8 = False
 WO_INT8 = True
 GATE_UP_INT8 = True
 # Attention operands are small enough to be int8 digits for _int_mm (FusedOps.attend). Measured on
@@ -222,14 +232,15 @@ def smooth_exponents(act_max: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Per input channel k of a linear layer, e_k such that dividing the input by 2^e_k and
     multiplying the weight columns by it balances their ranges (SmoothQuant with alpha = 1/2:
     2^e ~ sqrt(max|x_k| / max|W_k|)), from the binary exponents (frexp: exact, the same on every
-    machine): e = floor((ex - ew) / 2). Powers of two keep both foldings exact in float64."""
+    machine): e = floor((ex - ew) / 2). Powers of two keep both foldings exact in float64.
+    (alpha = 3/4, e = floor((3 ex - ew) / 4), for gate_up and qkv: +0.75 / +1.04 %, see QKV_INT8.)"""
     wm = np.abs(np.asarray(w, dtype=np.float64)).max(axis=0)
     ex, ew = np.frexp(np.asarray(act_max, dtype=np.float64))[1], np.frexp(wm)[1]
     return np.where((act_max > 0) & (wm > 0), np.floor_divide(ex - ew, 2), 0).astype(np.int64)
 
 
 def calibrate(config: Config, f: dict[str, np.ndarray], tokens: list[int]) -> dict[str, np.ndarray]:
-    """Per-channel max |input| of the smoothed linear layers (gate_up: "l{i}.gate_up") over one
+    """Per-channel max |input| of the smoothed linear layers ("l{i}.qkv", "l{i}.gate_up") over one
     segment of `tokens`, from the exact engine on unsmoothed weights: the same numbers on every
     machine, so prepare_weights(config, f, calibrate(...)) is deterministic."""
     e = Engine(config, prepare_weights(config, f))
@@ -243,8 +254,9 @@ def prepare_weights(config: Config, f: dict[str, np.ndarray],
     """Float weights (names below, HF orientation (out, in), RoPE as interleaved pairs like GGUF) ->
     the engine's tensors. Names: tok_emb (V, D), [lm_head (V, D)], norm (D,), and per layer i:
     l{i}.attn_norm, l{i}.wq, l{i}.wk, l{i}.wv, l{i}.wo, l{i}.ffn_norm, l{i}.w_gate, l{i}.w_up,
-    l{i}.w_down. act_max (calibrate()): smooth gate_up's int8 input per channel by powers of two,
-    folded exactly into ffn_norm (divided) and the gate/up weight columns (multiplied)."""
+    l{i}.w_down. act_max (calibrate()): smooth the int8 inputs of qkv and gate_up per channel by
+    powers of two, folded exactly into attn_norm / ffn_norm (divided) and the weight columns
+    (multiplied)."""
     c, t = config, {}
 
     def put(name, w):
@@ -259,6 +271,10 @@ def prepare_weights(config: Config, f: dict[str, np.ndarray],
     for i in range(c.n_layer):
         p = f"l{i}."
         an = np.asarray(f[p + "attn_norm"], dtype=np.float64)
+        qkv = np.concatenate([f[p + "wq"], f[p + "wk"], f[p + "wv"]], axis=0).astype(np.float64)
+        if act_max is not None and QKV_INT8:
+            sm = np.ldexp(1.0, smooth_exponents(act_max[p + "qkv"], qkv))
+            an, qkv = an / sm, qkv * sm[None, :]                      # powers of two: exact
         t[p + "attn_norm"] = torch.from_numpy(an)
         fn = np.asarray(f[p + "ffn_norm"], dtype=np.float64)
         gu = np.concatenate([f[p + "w_gate"], f[p + "w_up"]], axis=0).astype(np.float64)
@@ -266,7 +282,7 @@ def prepare_weights(config: Config, f: dict[str, np.ndarray],
             sm = np.ldexp(1.0, smooth_exponents(act_max[p + "gate_up"], gu))
             fn, gu = fn / sm, gu * sm[None, :]                       # powers of two: exact
         t[p + "ffn_norm"] = torch.from_numpy(fn)
-        q, s = put(p + "qkv", np.concatenate([f[p + "wq"], f[p + "wk"], f[p + "wv"]], axis=0))
+        q, s = put(p + "qkv", qkv)
         nq, nkv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
         t[p + "k_exp"] = torch.from_numpy(
             kv_exponents(q[nq:nq + nkv], s[nq:nq + nkv], an, c.dim, rope_pairs=True))
@@ -288,6 +304,8 @@ def prepare_weights(config: Config, f: dict[str, np.ndarray],
 # Linear layers: x (M, K) float64 is quantised per row to |xq| <= ACT_MAX with scale s, split
 # xq = 128*hi + lo (|hi| <= 127, |lo| <= 64) and the stacked (2M, K) int8 goes through one _int_mm;
 # |acc| <= 127*127*K < 2^31 for K < 133k, and 128*hi_acc + lo_acc < 2^38 is exact in int64 and float64.
+# An int8 input (WO_INT8, GATE_UP_INT8) is quantised to |xq| <= ACT8_MAX and is (M, K) itself; combine
+# tells the two forms apart by the accumulator's rows (2M or M for M scales).
 
 def det_sqrt(d: torch.Tensor) -> torch.Tensor:
     """sqrt(d) for d > 0, elementwise, from +, * and / only: IEEE rounds those correctly on every
@@ -692,7 +710,9 @@ class Engine:
         """One transformer block on x (B*T, D) float64 (may be updated in place). Without a cache
         the keys are the T positions' own; with one, row b's keys go to cache position qpos[b, 0]."""
         c, t, ops, p = self.config, self._t, self._ops, f"l{i}."
-        hq, s = ops.rmsnorm_quant(x, t[p + "attn_norm"], c.norm_eps)
+        if self._act_max is not None:                                # calibrate(): input maxima
+            self._record(p + "qkv", x, t[p + "attn_norm"])
+        hq, s = ops.rmsnorm_quant(x, t[p + "attn_norm"], c.norm_eps, QKV_INT8)
         h = ops.combine(_mm(hq, t[p + "qkv.q"]), t[p + "qkv.s"], s)
         qi, f, ki, vi = self._qkv(i, h, B, T, qpos)
         if cache is None:
