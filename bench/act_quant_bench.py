@@ -127,10 +127,11 @@ def main():
     torch.set_num_threads(1)
     got = {}
     orig = loader.prepare_weights
-    loader.prepare_weights = lambda cfg, f: (got.setdefault("f", f), orig(cfg, f))[1]
+    loader.prepare_weights = lambda cfg, f, *rest: (got.setdefault("f", f), orig(cfg, f, *rest))[1]
     path = loader.resolve(None)
-    config, tensors, tok_json = loader.convert(path)
+    config, _, tok_json = loader.convert(path)
     f = got["f"]
+    tensors = prepare_weights(config, f)          # unsmoothed: this script smooths its own way
     from tokenizers import Tokenizer
     from bench.engine_bench import segments_of
     tok = Tokenizer.from_str(tok_json)
