@@ -41,12 +41,15 @@ change any result, only speed: on oversubscribed cores (2 cores, 3 busy processe
 made a real-model step 70x slower than 1 (2.3 s vs 0.03 s, measured), so callers sharing a machine
 should set torch.set_num_threads to the cores they really have.
 
-Cost (SmolLM2-135M, 1 thread, shared 2-core machine, one 1024-token segment, v4): ~1.8 s, of which
-int8 GEMMs 0.81 s (linear layers 0.65 — twice the roofline's ops, as int16 activations take two
-int8 passes — attention digits 0.16), softmax weights 0.24, LM head frequencies 0.22, SwiGLU 0.18,
-RMSNorm 0.09; see bench/engine_bench.py. The fused C loops run on one thread: with a second Python
-thread the kernels alone ran 2x faster, but inside freqs the gain vanished (torch's OpenMP workers
-spin on the other core between GEMMs).
+Cost (SmolLM2-135M, 1 thread, shared 2-core machine, one 1024-token segment, v5, timing each op
+inside freqs, best of 2): 1.43 s (v4 in the same run 1.56 s), of which linear-layer GEMMs 0.36
+(v4 0.48: gate_up 0.24 -> 0.13, wo 0.045 -> 0.024 with int8 inputs; qkv 0.08 and down 0.125
+still take two passes), attention 0.44, LM head GEMM 0.19 (int16: two passes) and frequencies 0.16,
+SwiGLU 0.13, RMSNorm 0.06. bench/engine_bench.py, int8 peak measured in the same runs: freqs
+(2x1024) 20.1-20.5 % of the roofline (v4 16.8-17.8 %), step (batch 64, positions 0..31) 24.1-24.3 %
+(v4 20.0-21.4 %); at positions 480..511 attention dominates: ~11 % either way. The fused C loops
+run on one thread: with a second Python thread the kernels alone ran 2x faster, but inside freqs
+the gain vanished (torch's OpenMP workers spin on the other core between GEMMs).
 """
 from __future__ import annotations
 
@@ -84,7 +87,8 @@ ACT8_MAX = 127
 # qkv int8 (smoothed like gate_up; prepare_weights and calibrate support it): the exact engine
 # measured +0.75 / +1.04 % with alpha = 3/4 for both (fake quant calibrated on 2x1024 tokens of
 # other text had promised +0.11 / +0.32) and fake quant +0.63 / +0.57 with alpha = 1/2: over budget
-# for 16 % of the layers' ops.
+# for 16 % of the layers' ops. (kv_exponents' +2 % margin assumes int16 rounding of qkv's input; with
+# int8 keys/values beyond the bound would only be clamped: a quality, not an exactness, matter.)
 QKV_INT8 = False
 WO_INT8 = True
 GATE_UP_INT8 = True
