@@ -204,3 +204,33 @@ def test_attend_step_equals_torch_attend():
         ops.attend(qi, f, keys, values, qpos, [L], vscale, table, out)
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_smoothing_is_exact_and_deterministic(monkeypatch):
+    """calibrate + prepare_weights (what the loader does): the per-channel powers of two divide
+    ffn_norm exactly, calibration gives the same tensors twice, and the smoothed engine keeps the
+    batch and incremental invariants."""
+    import numpy as np
+    from codec.lm import engine as E
+    got = {}
+    real = E.prepare_weights
+    monkeypatch.setattr(E, "prepare_weights", lambda c, f, *a: got.setdefault("f", f) and real(c, f, *a))
+    plain = Engine.tiny(seed=3)
+    monkeypatch.setattr(E, "prepare_weights", real)
+    cfg, f = plain.config, got["f"]
+    toks = _tokens(plain, 1, 60, 4)[0].tolist()
+    t1 = real(cfg, f, E.calibrate(cfg, f, toks))
+    t2 = real(cfg, f, E.calibrate(cfg, f, toks))
+    assert all(torch.equal(t1[k], t2[k]) for k in t1)
+    for i in range(cfg.n_layer):
+        ratio = np.asarray(f[f"l{i}.ffn_norm"], dtype=np.float64) / t1[f"l{i}.ffn_norm"].numpy()
+        m, _ = np.frexp(ratio)
+        assert np.all(m == 0.5)                        # powers of two
+    assert not all(torch.equal(t1[k], plain.tensors[k]) for k in t1)
+    e = Engine(cfg, t1)
+    x = _tokens(e, 3, 40, 5)
+    full = e.freqs(x)
+    assert torch.equal(e.freqs(x[1:2]), full[1:2])
+    st = e.start(3, 40)
+    for t in range(40):
+        assert torch.equal(e.step(st, x[:, t]), full[:, t])
