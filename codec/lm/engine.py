@@ -24,12 +24,16 @@ fixed by IEEE 754 or by integer arithmetic:
   * exp, sigmoid, cos, sin: tables computed with exact arithmetic (mpmath / Python integers, never
     libm) when the engine is built, identical on every machine.
 
-Quantisation (what costs compression, not exactness): weights int8 per output channel; the input of
-every linear layer int16 with a per-token scale (split into hi/lo int8 halves, one _int_mm on the two
-stacked); keys and values 15-bit with a fixed per-channel power-of-two scale derived from a
-Cauchy-Schwarz bound on the weights, so the KV cache never needs rescaling; queries int8 per token
-and head; attention weights 13-bit from an exp table. Exact vs float32 bits/token: +0.19 % (GPL-3),
-+0.36 % (argparse.py).
+Quantisation (what costs compression, not exactness): weights int8 per output channel; the inputs
+of wo and gate_up int8 with a per-token scale (one _int_mm pass), those of qkv, down and the LM head
+int16 (split into hi/lo int8 halves, one _int_mm on the two stacked: twice the ops) — int8 there
+cost +0.2-0.7 % each (table at WO_INT8). gate_up's input is smoothed SmoothQuant-style: per input
+channel a power of two, from the channel's range on a fixed calibration text (calibrate(), run by
+the loader when it converts a model), divides ffn_norm and multiplies the weight columns — exact in
+float64, no work at run time. Keys and values 15-bit with a fixed per-channel power-of-two scale
+derived from a Cauchy-Schwarz bound on the weights, so the KV cache never needs rescaling; queries
+int8 per token and head; attention weights 13-bit from an exp table. Exact vs float32 bits/token
+(2x1024 tokens): v5 +0.22 % (GPL-3), +0.53 % (argparse.py); v4 (all int16) +0.19 %, +0.36 %.
 
 Threading: an Engine is immutable after construction and may be shared; `freqs` and `step` allocate
 their own temporaries. A `State` (KV cache) belongs to one caller. torch's own intra-op threads do not
@@ -37,12 +41,15 @@ change any result, only speed: on oversubscribed cores (2 cores, 3 busy processe
 made a real-model step 70x slower than 1 (2.3 s vs 0.03 s, measured), so callers sharing a machine
 should set torch.set_num_threads to the cores they really have.
 
-Cost (SmolLM2-135M, 1 thread, shared 2-core machine, one 1024-token segment, v4): ~1.8 s, of which
-int8 GEMMs 0.81 s (linear layers 0.65 — twice the roofline's ops, as int16 activations take two
-int8 passes — attention digits 0.16), softmax weights 0.24, LM head frequencies 0.22, SwiGLU 0.18,
-RMSNorm 0.09; see bench/engine_bench.py. The fused C loops run on one thread: with a second Python
-thread the kernels alone ran 2x faster, but inside freqs the gain vanished (torch's OpenMP workers
-spin on the other core between GEMMs).
+Cost (SmolLM2-135M, 1 thread, shared 2-core machine, one 1024-token segment, v5, timing each op
+inside freqs, best of 2): 1.43 s (v4 in the same run 1.56 s), of which linear-layer GEMMs 0.36
+(v4 0.48: gate_up 0.24 -> 0.13, wo 0.045 -> 0.024 with int8 inputs; qkv 0.08 and down 0.125
+still take two passes), attention 0.44, LM head GEMM 0.19 (int16: two passes) and frequencies 0.16,
+SwiGLU 0.13, RMSNorm 0.06. bench/engine_bench.py, int8 peak measured in the same runs: freqs
+(2x1024) 20.1-20.5 % of the roofline (v4 16.8-17.8 %), step (batch 64, positions 0..31) 24.1-24.3 %
+(v4 20.0-21.4 %); at positions 480..511 attention dominates: ~11 % either way. The fused C loops
+run on one thread: with a second Python thread the kernels alone ran 2x faster, but inside freqs
+the gain vanished (torch's OpenMP workers spin on the other core between GEMMs).
 """
 from __future__ import annotations
 
@@ -59,13 +66,32 @@ import torch
 from . import kernels
 
 # Bump whenever any integer the engine produces can change (quantisation, tables, formulas).
-ENGINE_VERSION = 4  # 2: nearest-entry sigmoid table; 3: RMSNorm scale by det_sqrt, not torch.sqrt;
-#                     4: int8 queries, 15-bit keys/values, 13-bit attention weights
+ENGINE_VERSION = 5  # 2: nearest-entry sigmoid table; 3: RMSNorm scale by det_sqrt, not torch.sqrt;
+#                     4: int8 queries, 15-bit keys/values, 13-bit attention weights;
+#                     5: int8 inputs for wo and gate_up (smoothed, calibrated per model)
 
 # Frequency tables sum to at most 2^24: constriction quantises to 24 bits and float64 holds them exactly.
 FREQ_TOTAL_BITS = 24
-# int16 activations (|q| <= 127*128): +0.2 % bits/byte vs float on SmolLM2; int8 costs +1.1-1.3 %.
+# Linear-layer inputs: int16 (|q| <= 127*128, hi/lo: two int8 passes) or int8 (|q| <= 127, one pass),
+# chosen per layer type by bench/act_quant_bench.py: exact bits/token vs float32 on 2x1024 tokens of
+# GPL-3 / argparse.py, all int16 (v4) +0.19 / +0.36 %; int8 on one type (the others int16):
+#   qkv +0.71 / +0.99, wo +0.15 / +0.40, gate_up +0.36 / +0.46, down +0.25 / +1.07, head +0.39 / +0.63;
+#   with power-of-two smoothing calibrated on other text: qkv +0.29 / +0.34, wo +0.18 / +0.51,
+#   gate_up +0.16 / +0.49, down +0.23 / +0.68, head (untied copy) +0.26 / +0.48.
+# Together: wo + gate_up +0.48 / +0.69; wo + smoothed gate_up +0.25 / +0.51; + smoothed qkv
+# +0.63 / +0.57; + smoothed head +0.37 / +0.83. (Differences below ~0.1-0.2 % are noise of 2 segments.)
+# Kept: int8 for wo and smoothed gate_up (59 % of the layers' GEMM ops; the engine then measured
+# +0.22 / +0.53 %), int16 for qkv, down and the LM head.
 ACT_MAX = 127 * 128
+ACT8_MAX = 127
+# qkv int8 (smoothed like gate_up; prepare_weights and calibrate support it): the exact engine
+# measured +0.75 / +1.04 % with alpha = 3/4 for both (fake quant calibrated on 2x1024 tokens of
+# other text had promised +0.11 / +0.32) and fake quant +0.63 / +0.57 with alpha = 1/2: over budget
+# for 16 % of the layers' ops. (kv_exponents' +2 % margin assumes int16 rounding of qkv's input; with
+# int8 keys/values beyond the bound would only be clamped: a quality, not an exactness, matter.)
+QKV_INT8 = False
+WO_INT8 = True
+GATE_UP_INT8 = True
 # Attention operands are small enough to be int8 digits for _int_mm (FusedOps.attend). Measured on
 # 2x1024 tokens each of GPL-3 / argparse.py, exact bits/token (float32 4.4220 / 3.0210):
 # v3 (queries 2^15, keys/values 2^20, weights 2^20) 4.4298 / 3.0327; these 4.4304 / 3.0318.
@@ -206,11 +232,35 @@ def kv_exponents(q: np.ndarray, scale: np.ndarray, norm_w: np.ndarray, dim: int,
     return _pow2_at_least(np.sqrt(b2) * 1.02 + 1e-30)
 
 
-def prepare_weights(config: Config, f: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+def smooth_exponents(act_max: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Per input channel k of a linear layer, e_k such that dividing the input by 2^e_k and
+    multiplying the weight columns by it balances their ranges (SmoothQuant with alpha = 1/2:
+    2^e ~ sqrt(max|x_k| / max|W_k|)), from the binary exponents (frexp: exact, the same on every
+    machine): e = floor((ex - ew) / 2). Powers of two keep both foldings exact in float64.
+    (alpha = 3/4, e = floor((3 ex - ew) / 4), for gate_up and qkv: +0.75 / +1.04 %, see QKV_INT8.)"""
+    wm = np.abs(np.asarray(w, dtype=np.float64)).max(axis=0)
+    ex, ew = np.frexp(np.asarray(act_max, dtype=np.float64))[1], np.frexp(wm)[1]
+    return np.where((act_max > 0) & (wm > 0), np.floor_divide(ex - ew, 2), 0).astype(np.int64)
+
+
+def calibrate(config: Config, f: dict[str, np.ndarray], tokens: list[int]) -> dict[str, np.ndarray]:
+    """Per-channel max |input| of the smoothed linear layers ("l{i}.qkv", "l{i}.gate_up") over one
+    segment of `tokens`, from the exact engine on unsmoothed weights: the same numbers on every
+    machine, so prepare_weights(config, f, calibrate(...)) is deterministic."""
+    e = Engine(config, prepare_weights(config, f))
+    e._act_max = {}
+    e.freqs(torch.tensor([tokens[:config.max_seq_len]]))
+    return e._act_max
+
+
+def prepare_weights(config: Config, f: dict[str, np.ndarray],
+                    act_max: dict[str, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
     """Float weights (names below, HF orientation (out, in), RoPE as interleaved pairs like GGUF) ->
     the engine's tensors. Names: tok_emb (V, D), [lm_head (V, D)], norm (D,), and per layer i:
     l{i}.attn_norm, l{i}.wq, l{i}.wk, l{i}.wv, l{i}.wo, l{i}.ffn_norm, l{i}.w_gate, l{i}.w_up,
-    l{i}.w_down."""
+    l{i}.w_down. act_max (calibrate()): smooth the int8 inputs of qkv and gate_up per channel by
+    powers of two, folded exactly into attn_norm / ffn_norm (divided) and the weight columns
+    (multiplied)."""
     c, t = config, {}
 
     def put(name, w):
@@ -225,16 +275,25 @@ def prepare_weights(config: Config, f: dict[str, np.ndarray]) -> dict[str, torch
     for i in range(c.n_layer):
         p = f"l{i}."
         an = np.asarray(f[p + "attn_norm"], dtype=np.float64)
+        qkv = np.concatenate([f[p + "wq"], f[p + "wk"], f[p + "wv"]], axis=0).astype(np.float64)
+        if act_max is not None and QKV_INT8:
+            sm = np.ldexp(1.0, smooth_exponents(act_max[p + "qkv"], qkv))
+            an, qkv = an / sm, qkv * sm[None, :]                      # powers of two: exact
         t[p + "attn_norm"] = torch.from_numpy(an)
-        t[p + "ffn_norm"] = torch.from_numpy(np.asarray(f[p + "ffn_norm"], dtype=np.float64))
-        q, s = put(p + "qkv", np.concatenate([f[p + "wq"], f[p + "wk"], f[p + "wv"]], axis=0))
+        fn = np.asarray(f[p + "ffn_norm"], dtype=np.float64)
+        gu = np.concatenate([f[p + "w_gate"], f[p + "w_up"]], axis=0).astype(np.float64)
+        if act_max is not None and GATE_UP_INT8:
+            sm = np.ldexp(1.0, smooth_exponents(act_max[p + "gate_up"], gu))
+            fn, gu = fn / sm, gu * sm[None, :]                       # powers of two: exact
+        t[p + "ffn_norm"] = torch.from_numpy(fn)
+        q, s = put(p + "qkv", qkv)
         nq, nkv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
         t[p + "k_exp"] = torch.from_numpy(
             kv_exponents(q[nq:nq + nkv], s[nq:nq + nkv], an, c.dim, rope_pairs=True))
         t[p + "v_exp"] = torch.from_numpy(
             kv_exponents(q[nq + nkv:], s[nq + nkv:], an, c.dim, rope_pairs=False))
         put(p + "wo", f[p + "wo"])
-        put(p + "gate_up", np.concatenate([f[p + "w_gate"], f[p + "w_up"]], axis=0))
+        put(p + "gate_up", gu)
         put(p + "down", f[p + "w_down"])
     return t
 
@@ -249,6 +308,8 @@ def prepare_weights(config: Config, f: dict[str, np.ndarray]) -> dict[str, torch
 # Linear layers: x (M, K) float64 is quantised per row to |xq| <= ACT_MAX with scale s, split
 # xq = 128*hi + lo (|hi| <= 127, |lo| <= 64) and the stacked (2M, K) int8 goes through one _int_mm;
 # |acc| <= 127*127*K < 2^31 for K < 133k, and 128*hi_acc + lo_acc < 2^38 is exact in int64 and float64.
+# An int8 input (WO_INT8, GATE_UP_INT8) is quantised to |xq| <= ACT8_MAX and is (M, K) itself; combine
+# tells the two forms apart by the accumulator's rows (2M or M for M scales).
 
 def det_sqrt(d: torch.Tensor) -> torch.Tensor:
     """sqrt(d) for d > 0, elementwise, from +, * and / only: IEEE rounds those correctly on every
@@ -278,17 +339,21 @@ class TorchOps:
     into an FMA). Divisions by constants that are not powers of two divide by a device tensor:
     CUDA turns division by a Python scalar into multiplication by its reciprocal (rounds differently)."""
 
-    def quant_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (M, K) float64 -> stacked hi/lo int8 (2M, K), scale (M, 1)."""
+    def quant_rows(self, x: torch.Tensor, int8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (M, K) float64 -> stacked hi/lo int8 (2M, K), scale (M, 1); int8: one int8 row per row
+        of x, (M, K), |q| <= ACT8_MAX."""
         m = x.abs().amax(dim=1, keepdim=True)
-        s = torch.where(m > 0, m / torch.full_like(m, ACT_MAX), torch.ones_like(m))
+        s = torch.where(m > 0, m / torch.full_like(m, ACT8_MAX if int8 else ACT_MAX),
+                        torch.ones_like(m))
         xq = torch.round(x / s)
+        if int8:
+            return xq.to(torch.int8), s
         hi = torch.round(xq / 128)
         lo = xq - hi * 128
         return torch.cat([hi, lo]).to(torch.int8), s
 
-    def rmsnorm_quant(self, x, weight, eps):
-        """quant_rows(x * weight / sqrt(mean(x^2) + eps)), with the per-row 1/rms applied to the
+    def rmsnorm_quant(self, x, weight, eps, int8=False):
+        """quant_rows(x * weight / sqrt(mean(x^2) + eps), int8), with the per-row 1/rms applied to the
         row's scale instead of every element. The sum of squares runs on x quantised to 21 bits per
         row (exact integer sum < 2^51); the square root is det_sqrt."""
         m = x.abs().amax(dim=-1, keepdim=True)
@@ -299,13 +364,17 @@ class TorchOps:
         d = d * sr
         d = d * sr
         d = d + eps
-        q, sh = self.quant_rows(x * weight)
+        q, sh = self.quant_rows(x * weight, int8)
         return q, sh / det_sqrt(d)
 
     def combine(self, acc, ws, s, residual=None):
-        """Stacked accumulators (2M, N) -> float64 (M, N) = value * ws * s (+ residual)."""
-        n = acc.shape[0] // 2
-        y = acc[:n].to(torch.int64).mul_(128).add_(acc[n:]).to(torch.float64)  # exact, < 2^38
+        """Accumulators -> float64 (M, N) = value * ws * s (+ residual). acc is (2M, N), stacked hi/lo
+        (value = 128 hi + lo), for an int16 input, (M, N) for an int8 one (s is (M, 1))."""
+        n = s.shape[0]
+        if acc.shape[0] == 2 * n:
+            y = acc[:n].to(torch.int64).mul_(128).add_(acc[n:]).to(torch.float64)  # exact, < 2^38
+        else:
+            y = acc.to(torch.float64)
         y = y.mul_(ws).mul_(s)
         return y if residual is None else residual + y
 
@@ -401,35 +470,36 @@ class FusedOps(TorchOps):
     def __init__(self, lib):
         self.lib = lib
 
-    def quant_rows(self, x):
+    def quant_rows(self, x, int8=False):
         M, K = x.shape
-        q = torch.empty(2 * M, K, dtype=torch.int8)
+        q = torch.empty(M if int8 else 2 * M, K, dtype=torch.int8)
         s = torch.empty(M, 1, dtype=torch.float64)
-        self.lib.quant_rows(_ptr(x, torch.float64), M, K, q.data_ptr(), s.data_ptr())
+        self.lib.quant_rows(_ptr(x, torch.float64), M, K, q.data_ptr(), s.data_ptr(), int8)
         return q, s
 
-    def rmsnorm_quant(self, x, weight, eps):
+    def rmsnorm_quant(self, x, weight, eps, int8=False):
         M, K = x.shape
-        q = torch.empty(2 * M, K, dtype=torch.int8)
+        q = torch.empty(M if int8 else 2 * M, K, dtype=torch.int8)
         s = torch.empty(M, 1, dtype=torch.float64)
         self.lib.rmsnorm_quant(_ptr(x, torch.float64), M, K, _ptr(weight, torch.float64), eps,
-                               q.data_ptr(), s.data_ptr())
+                               q.data_ptr(), s.data_ptr(), int8)
         return q, s
 
     def combine(self, acc, ws, s, residual=None):
-        M, N = acc.shape[0] // 2, acc.shape[1]
+        M, N = s.shape[0], acc.shape[1]
         y = torch.empty(M, N, dtype=torch.float64) if residual is None else residual
         self.lib.combine(_ptr(acc, torch.int32), M, N, _ptr(ws, torch.float64),
-                         _ptr(s, torch.float64), _ptr(y, torch.float64), residual is not None)
+                         _ptr(s, torch.float64), _ptr(y, torch.float64), residual is not None,
+                         acc.shape[0] == 2 * M)
         return y
 
     def swiglu_quant(self, acc, ws, s, sig):
-        M, F = acc.shape[0] // 2, acc.shape[1] // 2
+        M, F = s.shape[0], acc.shape[1] // 2
         q = torch.empty(2 * M, F, dtype=torch.int8)
         qs = torch.empty(M, 1, dtype=torch.float64)
         self.lib.swiglu_quant(_ptr(acc, torch.int32), M, F, _ptr(ws, torch.float64),
                               _ptr(s, torch.float64), _ptr(sig, torch.float64), q.data_ptr(),
-                              qs.data_ptr())
+                              qs.data_ptr(), acc.shape[0] == 2 * M)
         return q, qs
 
     def qkv_post(self, h, B, T, nh, nkv, hs, qpos, cos, sin, kscale, vscale, qkscale):
@@ -564,6 +634,17 @@ class Engine:
         g = config.n_head // config.n_kv_head
         # the key scale folded into each query head: (nh, 1, hs)
         self._qkscale = [k.repeat_interleave(g, dim=0) for k, _ in self._kvscale]
+        self._act_max: dict[str, np.ndarray] | None = None     # calibrate() only
+
+    def _record(self, name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+        """Per-channel max of |rmsnorm(x) * weight| into _act_max[name] (calibrate()); 1/rms as in
+        TorchOps.rmsnorm_quant, from an exact integer sum."""
+        m = x.abs().amax(dim=-1, keepdim=True)
+        sr = torch.where(m > 0, m / 2 ** 20, torch.ones_like(m))
+        xi = torch.round(x / sr)
+        d = (xi * xi).sum(dim=-1, keepdim=True) / x.shape[-1] * sr * sr + self.config.norm_eps
+        a = (x * weight / det_sqrt(d)).abs().amax(dim=0).cpu().numpy()
+        self._act_max[name] = np.maximum(self._act_max[name], a) if name in self._act_max else a
 
     @staticmethod
     def _fingerprint(config: Config, tensors: dict[str, torch.Tensor]) -> bytes:
@@ -633,7 +714,9 @@ class Engine:
         """One transformer block on x (B*T, D) float64 (may be updated in place). Without a cache
         the keys are the T positions' own; with one, row b's keys go to cache position qpos[b, 0]."""
         c, t, ops, p = self.config, self._t, self._ops, f"l{i}."
-        hq, s = ops.rmsnorm_quant(x, t[p + "attn_norm"], c.norm_eps)
+        if self._act_max is not None:                                # calibrate(): input maxima
+            self._record(p + "qkv", x, t[p + "attn_norm"])
+        hq, s = ops.rmsnorm_quant(x, t[p + "attn_norm"], c.norm_eps, QKV_INT8)
         h = ops.combine(_mm(hq, t[p + "qkv.q"]), t[p + "qkv.s"], s)
         qi, f, ki, vi = self._qkv(i, h, B, T, qpos)
         if cache is None:
@@ -645,9 +728,11 @@ class Engine:
             values[rows, :, col] = vi[:, :, 0].to(values.dtype)
         a = torch.empty(B, T, c.n_head * c.head_dim, dtype=torch.float64, device=x.device)
         self._attend(i, qi, f, keys, values, qpos, kmax, a)
-        aq, s = ops.quant_rows(a.view(B * T, -1))
+        aq, s = ops.quant_rows(a.view(B * T, -1), WO_INT8)
         x = ops.combine(_mm(aq, t[p + "wo.q"]), t[p + "wo.s"], s, residual=x)
-        hq, s = ops.rmsnorm_quant(x, t[p + "ffn_norm"], c.norm_eps)
+        if self._act_max is not None:                                # calibrate(): input maxima
+            self._record(p + "gate_up", x, t[p + "ffn_norm"])
+        hq, s = ops.rmsnorm_quant(x, t[p + "ffn_norm"], c.norm_eps, GATE_UP_INT8)
         mq, s = ops.swiglu_quant(_mm(hq, t[p + "gate_up.q"]), t[p + "gate_up.s"], s, self._sig)
         return ops.combine(_mm(mq, t[p + "down.q"]), t[p + "down.s"], s, residual=x)
 
@@ -725,4 +810,4 @@ class Engine:
 
 
 __all__ = ["ENGINE_VERSION", "Config", "Engine", "State", "TorchOps", "FusedOps", "prepare_weights",
-           "quantize_weight"]
+           "quantize_weight", "calibrate"]

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 
 #define ACT_MAX (127.0 * 128.0)
+#define ACT8_MAX 127.0
 #define SIG_RANGE 24.0
 #define SIG_STEPS 4096.0 /* 2^SIG_RES_BITS */
 /* maxsd semantics (no NaN can occur here); fmax() is a libm call that blocks vectorisation */
@@ -81,10 +82,23 @@ static void quant_row(const double *x, int64_t K, int8_t *hi, int8_t *lo, double
     *s_out = s;
 }
 
+/* Per-row int8 quantisation, one pass (engine.TorchOps.quant_rows with int8):
+ *   m = max|x|, s = m > 0 ? m / ACT8_MAX : 1, q = round(x / s). |x / s| <= 127. */
+static void quant_row8(const double *x, int64_t K, int8_t *q, double *s_out) {
+    double m = max_of(x, K, 1);
+    double s = m > 0 ? m / ACT8_MAX : 1.0;
+    for (int64_t k = 0; k < K; k++) q[k] = (int8_t)(int32_t)round_even(x[k] / s);
+    *s_out = s;
+}
+
+/* int8: q is (M, K), one row per row of x; else (2M, K), hi then lo */
 MULTIVERSION
-void quant_rows(const double *x, int64_t M, int64_t K, int8_t *q, double *s) {
+void quant_rows(const double *x, int64_t M, int64_t K, int8_t *q, double *s, int int8) {
     for (int64_t i = 0; i < M; i++)
-        quant_row(x + i * K, K, q + i * K, q + (M + i) * K, s + i);
+        if (int8)
+            quant_row8(x + i * K, K, q + i * K, s + i);
+        else
+            quant_row(x + i * K, K, q + i * K, q + (M + i) * K, s + i);
 }
 
 /* sqrt(d) for d > 0 from +, * and / only (engine.det_sqrt): IEEE rounds each of those correctly on
@@ -109,7 +123,7 @@ static double det_sqrt(double d) {
  * |x / sr| <= 2^20; sum xi^2 < K 2^40 < 2^51 is exact. */
 MULTIVERSION
 void rmsnorm_quant(const double *x, int64_t M, int64_t K, const double *w, double eps,
-                   int8_t *q, double *s) {
+                   int8_t *q, double *s, int int8) {
     double *h = malloc(sizeof(double) * K);
     for (int64_t i = 0; i < M; i++) {
         const double *xr = x + i * K;
@@ -126,7 +140,10 @@ void rmsnorm_quant(const double *x, int64_t M, int64_t K, const double *w, doubl
         d = d * sr;
         d = d + eps;
         double sh;
-        quant_row(h, K, q + i * K, q + (M + i) * K, &sh);
+        if (int8)
+            quant_row8(h, K, q + i * K, &sh);
+        else
+            quant_row(h, K, q + i * K, q + (M + i) * K, &sh);
         s[i] = sh / det_sqrt(d);
     }
     free(h);
@@ -139,27 +156,34 @@ static inline double acc_value(const int32_t *hi, const int32_t *lo, int64_t n) 
 }
 
 /* Linear-layer output (engine._combine): y = value * ws[n] * s[m]; with add, y += that
- * (the residual connection x + linear(x)). */
+ * (the residual connection x + linear(x)). stacked: acc is (2M, N) hi/lo accumulators of an int16
+ * input; else (M, N), the value itself (an int8 input). */
 MULTIVERSION
 void combine(const int32_t *acc, int64_t M, int64_t N, const double *ws, const double *s,
-             double *y, int add) {
+             double *y, int add, int stacked) {
     for (int64_t i = 0; i < M; i++) {
         const int32_t *hi = acc + i * N, *lo = acc + (M + i) * N;
         double *yr = y + i * N, si = s[i];
-        if (add)
+        if (!stacked) {
+            if (add)
+                for (int64_t n = 0; n < N; n++) yr[n] = yr[n] + (double)hi[n] * ws[n] * si;
+            else
+                for (int64_t n = 0; n < N; n++) yr[n] = (double)hi[n] * ws[n] * si;
+        } else if (add)
             for (int64_t n = 0; n < N; n++) yr[n] = yr[n] + acc_value(hi, lo, n) * ws[n] * si;
         else
             for (int64_t n = 0; n < N; n++) yr[n] = acc_value(hi, lo, n) * ws[n] * si;
     }
 }
 
-/* MLP activation then quantisation for the down projection (engine._swiglu + _quant_rows):
+/* MLP activation then quantisation for the down projection (engine._swiglu + _quant_rows), from
+ * stacked (2M, 2F) or single (M, 2F) accumulators (see combine):
  * gate, up = the two halves of the gate_up output; a = gate * sigmoid_table[i] * up with
  * i = round((clamp(gate, -24, 24) + 24) * 4096) in [0, 196608]. */
 MULTIVERSION
 void swiglu_quant(const int32_t *restrict acc, int64_t M, int64_t F, const double *restrict ws,
                   const double *restrict s, const double *restrict sig, int8_t *restrict q,
-                  double *restrict qs) {
+                  double *restrict qs, int stacked) {
     /* three loops: gcc if-converts the clamp's comparisons only in a loop without operations that
      * could trap (loads, arithmetic), so gate and up, then the clamp, then the index and the
      * table gather (AVX2: vgatherdpd) */
@@ -169,10 +193,16 @@ void swiglu_quant(const int32_t *restrict acc, int64_t M, int64_t F, const doubl
     for (int64_t i = 0; i < M; i++) {
         const int32_t *hi = acc + i * 2 * F, *lo = acc + (M + i) * 2 * F;
         double si = s[i];
-        for (int64_t n = 0; n < F; n++) {
-            gb[n] = acc_value(hi, lo, n) * ws[n] * si;
-            ub[n] = acc_value(hi, lo, F + n) * ws[F + n] * si;
-        }
+        if (stacked)
+            for (int64_t n = 0; n < F; n++) {
+                gb[n] = acc_value(hi, lo, n) * ws[n] * si;
+                ub[n] = acc_value(hi, lo, F + n) * ws[F + n] * si;
+            }
+        else                                   /* an int8 input: one accumulator row per row */
+            for (int64_t n = 0; n < F; n++) {
+                gb[n] = (double)hi[n] * ws[n] * si;
+                ub[n] = (double)hi[F + n] * ws[F + n] * si;
+            }
         for (int64_t n = 0; n < F; n++) {
             double g = gb[n];
             double c = g < -SIG_RANGE ? -SIG_RANGE : g;       /* = MIN(MAX(g, -24), 24): no NaN */

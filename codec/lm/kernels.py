@@ -42,10 +42,10 @@ _tried = False
 
 _i64, _p = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
-    "quant_rows": [_p, _i64, _i64, _p, _p],
-    "rmsnorm_quant": [_p, _i64, _i64, _p, ctypes.c_double, _p, _p],
-    "combine": [_p, _i64, _i64, _p, _p, _p, ctypes.c_int],
-    "swiglu_quant": [_p, _i64, _i64, _p, _p, _p, _p, _p],
+    "quant_rows": [_p, _i64, _i64, _p, _p, ctypes.c_int],
+    "rmsnorm_quant": [_p, _i64, _i64, _p, ctypes.c_double, _p, _p, ctypes.c_int],
+    "combine": [_p, _i64, _i64, _p, _p, _p, ctypes.c_int, ctypes.c_int],
+    "swiglu_quant": [_p, _i64, _i64, _p, _p, _p, _p, _p, ctypes.c_int],
     "qkv_post": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _p, _p, ctypes.c_double,
                  ctypes.c_double, ctypes.c_double, _p, _p, _p, _p],
     "softmax_weights": [_p, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _p],

