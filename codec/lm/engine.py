@@ -390,6 +390,18 @@ def _score_steps(hs: int) -> float:
     return 2.0 ** EXP_RES_BITS / math.sqrt(hs)
 
 
+_TABLE32: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _table32(table: torch.Tensor) -> torch.Tensor:
+    """The attention exp table as int32 (its entries are integers <= 2^P_BITS), converted once per
+    table (the engine's is built once per process)."""
+    hit = _TABLE32.get(id(table))
+    if hit is None or hit[0] is not table:
+        hit = _TABLE32[id(table)] = (table, table.to(torch.int32))
+    return hit[1]
+
+
 def _ptr(t: torch.Tensor, dtype: torch.dtype) -> int:
     assert t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu", (t.dtype, t.shape)
     return t.data_ptr()
@@ -398,8 +410,11 @@ def _ptr(t: torch.Tensor, dtype: torch.dtype) -> int:
 class FusedOps(TorchOps):
     """The same steps through kernels.c (CPU only): one or two passes instead of ~10 torch ops."""
 
-    def __init__(self, lib):
+    def __init__(self, lib, impl: int = 0):
+        """impl: which form of the C attention kernels runs, 0 the fastest the CPU allows,
+        1 the portable one, 2 AVX-512 VNNI where the CPU has it (tests compare them)."""
         self.lib = lib
+        self.impl = impl
 
     def quant_rows(self, x):
         M, K = x.shape
@@ -465,11 +480,12 @@ class FusedOps(TorchOps):
         nkv = keys.shape[1]
         if T == 1:                                                   # decoding: the int16 cache
             pos = qpos[:, 0].contiguous()
+            table32 = _table32(table)                                # entries <= 2^P_BITS
             self.lib.attend_step(_ptr(qi, torch.float64), _ptr(f, torch.float64),
                                  _ptr(keys, torch.int16), _ptr(values, torch.int16), B, nkv,
                                  nh // nkv, keys.shape[2], hs, _ptr(pos, torch.int64),
-                                 _ptr(table, torch.float64), table.numel(),
-                                 _ptr(vscale, torch.float64), _ptr(out, torch.float64))
+                                 _ptr(table32, torch.int32), table.numel(),
+                                 _ptr(vscale, torch.float64), _ptr(out, torch.float64), self.impl)
             return
         g = nh // nkv
         kd = torch.empty(B, nkv, T, 2, hs, dtype=torch.int8)        # key digits: rows (key, digit)

@@ -12,6 +12,18 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(LLMFS_NO_VNNI)
+/* Intrinsics for the VNNI attention kernels, compiled for that ISA by a target attribute only and
+ * called only when the CPU reports it (have_vnni): the library still loads on any x86-64. */
+#include <immintrin.h>
+#define HAVE_VNNI 1
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
+static int have_vnni(void) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512vnni");
+}
+#endif
 
 #define ACT_MAX (127.0 * 128.0)
 #define SIG_RANGE 24.0
@@ -23,10 +35,11 @@
 
 /* The hot loops are compiled twice and picked when the library loads (gcc target_clones, an ifunc):
  * for AVX2 (8 int32 / 4 double lanes, gathers for the table lookups) and for the baseline ISA, since
- * the cached build may move between machines (no -march). The results are the same bits: only
+ * the cached build may move between machines (no -march; -DLLMFS_NO_CLONES builds the baseline
+ * only, as tests do). The results are the same bits: only
  * elementwise IEEE operations and integer sums vectorise, AVX2 does not imply FMA, and float sums
  * keep their order. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(LLMFS_NO_CLONES)
 #define MULTIVERSION __attribute__((target_clones("avx2", "default")))
 /* AVX-512 (DQ: int64 multiply and int64 <-> double conversion) vectorises the LM head's division */
 #define MULTIVERSION512 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
@@ -411,11 +424,14 @@ static inline void flush32(int64_t *restrict o64, int32_t *restrict o32, int64_t
     }
 }
 
+/* The portable form: one query head at a time, gcc-vectorised loops (AVX2 clone and baseline). */
 MULTIVERSION
-void attend_step(const double *restrict qi, const double *restrict f, const int16_t *restrict K,
-                 const int16_t *restrict V, int64_t B, int64_t nkv, int64_t g, int64_t L,
-                 int64_t hs, const int64_t *restrict pos, const double *restrict table,
-                 int64_t ntab, const double *restrict vscale, double *restrict out) {
+static void attend_step_portable(const double *restrict qi, const double *restrict f,
+                                 const int16_t *restrict K, const int16_t *restrict V, int64_t B,
+                                 int64_t nkv, int64_t g, int64_t L, int64_t hs,
+                                 const int64_t *restrict pos, const int32_t *restrict table,
+                                 int64_t ntab, const double *restrict vscale,
+                                 double *restrict out) {
     double last = (double)(ntab - 1);
     int32_t *restrict s = malloc(sizeof(int32_t) * L);
     int32_t *restrict p = malloc(sizeof(int32_t) * L);
@@ -436,7 +452,7 @@ void attend_step(const double *restrict qi, const double *restrict f, const int1
                 double fr = f[r];
                 int64_t l = 0;
                 for (int64_t k = 0; k < Tk; k++) {
-                    p[k] = (int32_t)table[(int32_t)round_even(MIN((double)(m - s[k]) * fr, last))];
+                    p[k] = table[(int32_t)round_even(MIN((double)(m - s[k]) * fr, last))];
                     l += p[k];
                 }
                 for (int64_t c = 0; c < hs; c++) o32[c] = 0, o64[c] = 0;
@@ -457,6 +473,217 @@ void attend_step(const double *restrict qi, const double *restrict f, const int1
             }
         }
     free(s); free(p); free(q); free(o32); free(o64);
+}
+
+#ifdef HAVE_VNNI
+/* The AVX-512 VNNI form (vpdpwssd: 32 int16 x int16 products summed in pairs into 16 int32 lanes,
+ * wrapping, i.e. exact whenever the true sum fits int32). The g query heads of a KV group share
+ * one pass over the keys and one over the values, and the value rows whose weight is 0 in every
+ * head are not read (at late positions decoding is bound by reading the cache: 64 rows at
+ * position 960 read 1.4 GB per step).
+ *   scores: per key, hs/32 vpdpwssd per head (|q| <= 127, |k| <= 2^14: |s| <= 2^27), then 16 keys'
+ *     vectors are summed across lanes in a tree (hsum16);
+ *   weights: as the portable form, 16 keys at a time: (double)(m - s) * f, min(., last),
+ *     round_even, and a masked gather from the int32 table for the indices below `last` (the
+ *     others are table[last] = 0), skipped when no lane is visible;
+ *   P.V: keys in pairs (unpacklo/hi_epi16 interleaves the two value rows), the pair's weights
+ *     (<= 2^13: int16) broadcast as one int32, one vpdpwssd per 16 channels; int32 lanes flushed
+ *     to int64 before any head's chunk weight sum passes PV_CHUNK_P (|lane| <= 2^14 * 131071 <
+ *     2^31, the portable form's bound). unpack works within 128-bit lanes: lane 4L + i of the
+ *     lo (hi) accumulator of channels 32c.. is channel 32c + 8L + i (+ 4).
+ * Every integer equals the portable form's (integer sums are exact in any order), and the float
+ * steps are the same IEEE operations in the same order: the outputs are the same bits
+ * (tests/test_engine.py compares the two on random inputs at the bounds). */
+#define GMAX 4
+#define NCMAX 4
+
+VNNI_TARGET static inline __m512i hsum16(const __m512i *v) {
+    __m512i t[8], u[4], r[2];
+    for (int i = 0; i < 8; i++)
+        t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]),
+                                _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)
+        u[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * i], t[2 * i + 1]),
+                                _mm512_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
+    for (int i = 0; i < 2; i++)
+        r[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                _mm512_shuffle_i32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(r[0], r[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_i32x4(r[0], r[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* One (row, KV head) group: g heads, hs = 32 nc channels; qi, f, out at the group's first head.
+ * Scratch s, p: g * Lr int32, any: Lr / 16, idx: Lr int32 (Lr = L rounded up to 16). Inlined
+ * with constant g, nc for the model's shape (the accumulators then live in registers). */
+VNNI_TARGET static inline __attribute__((always_inline)) void
+attend_group_vnni(const double *restrict qi, const double *restrict f,
+                  const int16_t *restrict Kb, const int16_t *restrict Vb, int64_t Tk, int64_t Lr,
+                  const int g, const int nc, const int32_t *restrict table, double last,
+                  const double *restrict vs, double *restrict out, int32_t *restrict s,
+                  int32_t *restrict p, uint16_t *restrict any, int32_t *restrict idx) {
+    const int64_t hs = 32 * nc;
+    int16_t qb[GMAX * 32 * NCMAX];
+    for (int64_t i = 0; i < g * hs; i++) qb[i] = (int16_t)qi[i];
+    __m512i qv[GMAX][NCMAX];
+    for (int j = 0; j < g; j++)
+        for (int c = 0; c < nc; c++) qv[j][c] = _mm512_loadu_si512(qb + j * hs + 32 * c);
+
+    /* scores, 16 keys per block; keys past Tk score 0 and are masked below */
+    const int64_t nblk = (Tk + 15) / 16;
+    for (int64_t k0 = 0; k0 < Tk; k0 += 16) {
+        int64_t n = MIN(16, Tk - k0);
+        for (int j = 0; j < g; j++) {
+            __m512i a[16];
+            for (int64_t i = 0; i < 16; i++) {
+                __m512i acc = _mm512_setzero_si512();
+                if (i < n)
+                    for (int c = 0; c < nc; c++)
+                        acc = _mm512_dpwssd_epi32(
+                            acc, qv[j][c], _mm512_loadu_si512(Kb + (k0 + i) * hs + 32 * c));
+                a[i] = acc;
+            }
+            _mm512_storeu_si512(s + j * Lr + k0, hsum16(a));
+        }
+    }
+    const __mmask16 tail = (__mmask16)(0xffffu >> (16 * nblk - Tk));
+    for (int64_t bl = 0; bl < nblk; bl++) any[bl] = 0;
+    int32_t l[GMAX];
+    const __m512d lastv = _mm512_set1_pd(last), magic = _mm512_set1_pd(6755399441055744.0);
+    const __m512i lasti = _mm512_set1_epi32((int32_t)last);
+    for (int j = 0; j < g; j++) {
+        const int32_t *sj = s + j * Lr;
+        int32_t *pj = p + j * Lr;
+        __m512i mv = _mm512_set1_epi32(INT32_MIN);
+        for (int64_t bl = 0; bl < nblk; bl++) {
+            __mmask16 vis = bl == nblk - 1 ? tail : 0xffff;
+            mv = _mm512_mask_max_epi32(mv, vis, mv, _mm512_loadu_si512(sj + 16 * bl));
+        }
+        const __m512i m = _mm512_set1_epi32(_mm512_reduce_max_epi32(mv));
+        const __m512d fr = _mm512_set1_pd(f[j]);
+        __m512i lsum = _mm512_setzero_si512();
+        for (int64_t bl = 0; bl < nblk; bl++) {
+            __mmask16 vis = bl == nblk - 1 ? tail : 0xffff;
+            __m512i d = _mm512_sub_epi32(m, _mm512_loadu_si512(sj + 16 * bl)); /* <= 2^28 */
+            __m512d v0 = _mm512_cvtepi32_pd(_mm512_castsi512_si256(d));
+            __m512d v1 = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(d, 1));
+            v0 = _mm512_min_pd(_mm512_mul_pd(v0, fr), lastv);   /* MIN(v, last): v is no NaN */
+            v1 = _mm512_min_pd(_mm512_mul_pd(v1, fr), lastv);
+            v0 = _mm512_sub_pd(_mm512_add_pd(v0, magic), magic); /* round_even */
+            v1 = _mm512_sub_pd(_mm512_add_pd(v1, magic), magic);
+            __m512i ix = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtpd_epi32(v0)),
+                                            _mm512_cvtpd_epi32(v1), 1);   /* integral: exact */
+            __mmask16 nz = _mm512_mask_cmpneq_epi32_mask(vis, ix, lasti);
+            __m512i pv = _mm512_setzero_si512();
+            if (nz) pv = _mm512_mask_i32gather_epi32(pv, nz, ix, table, 4);
+            _mm512_storeu_si512(pj + 16 * bl, pv);
+            lsum = _mm512_add_epi32(lsum, pv);   /* <= 2^13 * 2^12 / 16 per lane */
+            any[bl] |= nz;
+        }
+        l[j] = _mm512_reduce_add_epi32(lsum);
+    }
+
+    /* keys with a nonzero weight in some head */
+    int64_t nu = 0;
+    for (int64_t bl = 0; bl < nblk; bl++)
+        for (uint32_t mk = any[bl]; mk; mk &= mk - 1) idx[nu++] = (int32_t)(16 * bl + __builtin_ctz(mk));
+
+    __m512i acc[GMAX][2 * NCMAX];
+    int64_t o64[GMAX][2 * NCMAX][16];
+    int32_t chunk[GMAX];
+    for (int j = 0; j < g; j++) {
+        chunk[j] = 0;
+        for (int c = 0; c < 2 * nc; c++) {
+            acc[j][c] = _mm512_setzero_si512();
+            for (int i = 0; i < 16; i++) o64[j][c][i] = 0;
+        }
+    }
+#define FLUSH()                                                                                    \
+    for (int j = 0; j < g; j++) {                                                                  \
+        chunk[j] = 0;                                                                              \
+        for (int c = 0; c < 2 * nc; c++) {                                                         \
+            __m512i x0 = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[j][c]));                 \
+            __m512i x1 = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[j][c], 1));           \
+            _mm512_storeu_si512(o64[j][c], _mm512_add_epi64(_mm512_loadu_si512(o64[j][c]), x0));    \
+            _mm512_storeu_si512(o64[j][c] + 8,                                                     \
+                                _mm512_add_epi64(_mm512_loadu_si512(o64[j][c] + 8), x1));          \
+            acc[j][c] = _mm512_setzero_si512();                                                    \
+        }                                                                                          \
+    }
+    for (int64_t u = 0; u < nu; u += 2) {
+        int64_t ka = idx[u], kb = u + 1 < nu ? idx[u + 1] : ka;
+        int32_t w[GMAX];
+        int full = 0;
+        for (int j = 0; j < g; j++) {
+            int32_t pa = p[j * Lr + ka], pb = u + 1 < nu ? p[j * Lr + kb] : 0;
+            w[j] = pa | (pb << 16);                      /* 0 <= pa, pb <= 2^13 */
+            full |= chunk[j] > PV_CHUNK_P - pa - pb;
+        }
+        if (full) FLUSH();
+        for (int j = 0; j < g; j++) chunk[j] += (w[j] & 0xffff) + (w[j] >> 16);
+        for (int c = 0; c < nc; c++) {
+            __m512i va = _mm512_loadu_si512(Vb + ka * hs + 32 * c);
+            __m512i vb = _mm512_loadu_si512(Vb + kb * hs + 32 * c);
+            __m512i lo = _mm512_unpacklo_epi16(va, vb), hi = _mm512_unpackhi_epi16(va, vb);
+            for (int j = 0; j < g; j++) {
+                __m512i wj = _mm512_set1_epi32(w[j]);
+                acc[j][2 * c] = _mm512_dpwssd_epi32(acc[j][2 * c], lo, wj);
+                acc[j][2 * c + 1] = _mm512_dpwssd_epi32(acc[j][2 * c + 1], hi, wj);
+            }
+        }
+    }
+    FLUSH();
+#undef FLUSH
+    for (int j = 0; j < g; j++) {
+        double *dst = out + j * hs, dl = (double)l[j];
+        for (int c = 0; c < 2 * nc; c++)
+            for (int i = 0; i < 16; i++) {
+                int64_t ch = 32 * (c / 2) + 8 * (i / 4) + 4 * (c % 2) + i % 4;
+                dst[ch] = (double)o64[j][c][i] * vs[ch] / dl;
+            }
+    }
+}
+
+VNNI_TARGET static void attend_step_vnni(const double *restrict qi, const double *restrict f,
+                                         const int16_t *restrict K, const int16_t *restrict V,
+                                         int64_t B, int64_t nkv, int64_t g, int64_t L, int64_t hs,
+                                         const int64_t *restrict pos,
+                                         const int32_t *restrict table, int64_t ntab,
+                                         const double *restrict vscale, double *restrict out) {
+    int64_t Lr = (L + 15) / 16 * 16;
+    int32_t *s = malloc(sizeof(int32_t) * g * Lr), *p = malloc(sizeof(int32_t) * g * Lr);
+    int32_t *idx = malloc(sizeof(int32_t) * Lr);
+    uint16_t *any = malloc(sizeof(uint16_t) * (Lr / 16));
+    double last = (double)(ntab - 1);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t kv = 0; kv < nkv; kv++) {
+            const int16_t *Kb = K + (b * nkv + kv) * L * hs, *Vb = V + (b * nkv + kv) * L * hs;
+            int64_t Tk = MIN(pos[b] + 1, L), r = (b * nkv + kv) * g;
+            const double *q = qi + r * hs, *fr = f + r, *vs = vscale + kv * hs;
+            double *o = out + r * hs;
+            if (g == 3 && hs == 64)
+                attend_group_vnni(q, fr, Kb, Vb, Tk, Lr, 3, 2, table, last, vs, o, s, p, any, idx);
+            else
+                attend_group_vnni(q, fr, Kb, Vb, Tk, Lr, (int)g, (int)(hs / 32), table, last, vs, o,
+                                  s, p, any, idx);
+        }
+    free(s); free(p); free(idx); free(any);
+}
+#endif
+
+/* impl: 0 the fastest this CPU runs, 1 the portable form, 2 the VNNI form (when the CPU and the
+ * shape allow it: hs a multiple of 32 up to 128, g <= 4). Returns the form that ran (1 or 2). */
+int attend_step(const double *qi, const double *f, const int16_t *K, const int16_t *V, int64_t B,
+                int64_t nkv, int64_t g, int64_t L, int64_t hs, const int64_t *pos,
+                const int32_t *table, int64_t ntab, const double *vscale, double *out,
+                int64_t impl) {
+#ifdef HAVE_VNNI
+    if (impl != 1 && have_vnni() && hs % 32 == 0 && hs <= 32 * NCMAX && g <= GMAX) {
+        attend_step_vnni(qi, f, K, V, B, nkv, g, L, hs, pos, table, ntab, vscale, out);
+        return 2;
+    }
+#endif
+    attend_step_portable(qi, f, K, V, B, nkv, g, L, hs, pos, table, ntab, vscale, out);
+    return 1;
 }
 
 /* LM head (engine._freq_rows): logits z = value * ws[v] * s[m] (2^12 per nat folded into ws),
