@@ -285,3 +285,37 @@ def test_kernels_without_clones_or_vnni_agree():
     st = e.start(2, 20)
     for i in range(20):
         assert torch.equal(e.step(st, x[:, i]), want[:, i])
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(2, 3, 3, 300, 64), (2, 2, 2, 130, 32), (1, 1, 4, 70, 128),
+                                   (2, 2, 3, 65, 96), (1, 3, 3, 1024, 64)])
+def test_attend_many_queries_vnni_equals_digits_and_torch(shape):
+    """Encoding attention (T > 1): the VNNI kernel on int16 operands, the int8 digit GEMMs and the
+    float64 GEMMs give the same bits, with rows at the int32 chunk bounds of P.V (every visible
+    weight 2^P_BITS and every value +-2^14) and ordinary random rows."""
+    from codec.lm.engine import ATTN_BLOCK, KV_BITS, Q_MAX, attn_exp_table
+    B, nkv, grp, T, hs = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    nh, lim = nkv * grp, 2 ** KV_BITS
+    keys = torch.randint(-lim, lim + 1, (B, nkv, T, hs), generator=g).to(torch.float64)
+    values = torch.randint(-lim, lim + 1, (B, nkv, T, hs), generator=g).to(torch.float64)
+    qi = torch.randint(-Q_MAX, Q_MAX + 1, (B, nh, T, hs), generator=g).to(torch.float64)
+    f = torch.rand(B, nh, T, 1, generator=g, dtype=torch.float64) * 1e-4
+    values[0, 0] = lim                                 # chunk bounds: all weights at the maximum
+    f[0, :grp] = 1e-30
+    if B > 1:
+        values[1, -1] = -lim
+        f[1, -grp:] = 1e-30
+        f[1, 0] = 1e-2                                 # sharp: most weights 0
+    qpos = torch.arange(T).expand(B, T)
+    kmax = [min(a + ATTN_BLOCK, T) for a in range(0, T, ATTN_BLOCK)]
+    vscale = torch.ldexp(torch.ones(nkv, 1, hs, dtype=torch.float64),
+                         torch.randint(-12, -4, (nkv, 1, hs), generator=g))
+    table = attn_exp_table()
+    outs = []
+    for ops in (FusedOps(kernels.lib(), 0), FusedOps(kernels.lib(), 1), TorchOps()):
+        out = torch.empty(B, T, nh * hs, dtype=torch.float64)
+        ops.attend(qi, f, keys, values, qpos, kmax, vscale, table, out)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])

@@ -487,6 +487,14 @@ class FusedOps(TorchOps):
                                  _ptr(table32, torch.int32), table.numel(),
                                  _ptr(vscale, torch.float64), _ptr(out, torch.float64), self.impl)
             return
+        if self.impl != 1 and keys.dtype == torch.float64:          # int16 operands, VNNI
+            qp = qpos.contiguous()
+            if self.lib.attend_fwd(_ptr(qi, torch.float64), _ptr(f, torch.float64),
+                                   _ptr(keys, torch.float64), _ptr(values, torch.float64), B, nkv,
+                                   nh // nkv, T, keys.shape[2], hs, _ptr(qp, torch.int64),
+                                   _ptr(_table32(table), torch.int32), table.numel(),
+                                   _ptr(vscale, torch.float64), _ptr(out, torch.float64)):
+                return
         g = nh // nkv
         kd = torch.empty(B, nkv, T, 2, hs, dtype=torch.int8)        # key digits: rows (key, digit)
         vd = torch.empty(B, nkv, 2, hs, T, dtype=torch.int8)        # value digits, keys last
