@@ -397,8 +397,10 @@ void attn_out_digits(const int32_t *O, int64_t B, int64_t nkv, int64_t g, int64_
  * integer-valued, f (B, nh), K and V (B, nkv, L, hs); row b sees cache positions 0..pos[b].
  * out (B, nh * hs).
  *
- * Every inner loop runs over contiguous memory through restrict pointers so gcc vectorises it, and
- * the function is compiled twice (target_clones: AVX2 and baseline SSE2, picked at load time).
+ * Two forms: attend_step_vnni (AVX-512 VNNI intrinsics, the 3 heads of a group in one pass; used
+ * when the CPU has it) and attend_step_portable, whose inner loops run over contiguous memory
+ * through restrict pointers so gcc vectorises them, compiled twice (target_clones: AVX2 and
+ * baseline SSE2, picked at load time).
  * P.V is integer arithmetic: 0 <= p <= 2^P_BITS = 2^13 and |v| <= 2^14, so p * v fits int32; the
  * products accumulate in int32 lanes (8 per AVX2 op, against 4 doubles converted from int16 before)
  * while the chunk's weight sum stays <= PV_CHUNK_P (then |sum| <= 2^14 * 131071 < 2^31), and each
@@ -478,9 +480,9 @@ static void attend_step_portable(const double *restrict qi, const double *restri
 #ifdef HAVE_VNNI
 /* The AVX-512 VNNI form (vpdpwssd: 32 int16 x int16 products summed in pairs into 16 int32 lanes,
  * wrapping, i.e. exact whenever the true sum fits int32). The g query heads of a KV group share
- * one pass over the keys and one over the values, and the value rows whose weight is 0 in every
- * head are not read (at late positions decoding is bound by reading the cache: 64 rows at
- * position 960 read 1.4 GB per step).
+ * one pass over the keys and one over the values, and the blocks of 16 value rows whose weight is
+ * 0 in every head are not read (at late positions decoding reads the whole cache: 64 rows at
+ * position 960 read 1.4 GB per step, 2.1 ms per layer ~ 22 GB/s).
  *   scores: per key, hs/32 vpdpwssd per head (|q| <= 127, |k| <= 2^14: |s| <= 2^27), then 16 keys'
  *     vectors are summed across lanes in a tree (hsum16);
  *   weights: as the portable form, 16 keys at a time: (double)(m - s) * f, min(., last),
@@ -488,8 +490,8 @@ static void attend_step_portable(const double *restrict qi, const double *restri
  *     others are table[last] = 0), skipped when no lane is visible;
  *   P.V: keys in pairs (unpacklo/hi_epi16 interleaves the two value rows), the pair's weights
  *     (<= 2^13: int16) broadcast as one int32, one vpdpwssd per 16 channels; int32 lanes flushed
- *     to int64 before any head's chunk weight sum passes PV_CHUNK_P (|lane| <= 2^14 * 131071 <
- *     2^31, the portable form's bound). unpack works within 128-bit lanes: lane 4L + i of the
+ *     to int64 before any head's chunk weight sum could pass PV_CHUNK_P (|lane| <= 2^14 * 131071
+ *     < 2^31, the portable form's bound). unpack works within 128-bit lanes: lane 4L + i of the
  *     lo (hi) accumulator of channels 32c.. is channel 32c + 8L + i (+ 4).
  * Every integer equals the portable form's (integer sums are exact in any order), and the float
  * steps are the same IEEE operations in the same order: the outputs are the same bits
@@ -523,14 +525,16 @@ VNNI_TARGET static inline __m512i hsum16(const __m512i *v) {
 }
 
 /* One (row, KV head) group: g heads, hs = 32 nc channels; qi, f, out at the group's first head.
- * Scratch s, p: g * Lr int32, any: Lr / 16, idx: Lr int32 (Lr = L rounded up to 16). Inlined
- * with constant g, nc for the model's shape (the accumulators then live in registers). */
+ * Scratch s, p: g * Lr int32, p16: g * Lr int16, any: Lr / 16, bsum: g * Lr / 16 int32 (Lr = L
+ * rounded up to 16). Inlined with constant g, nc for the model's shape (the accumulators then
+ * live in registers). */
 VNNI_TARGET static inline __attribute__((always_inline)) void
 attend_group_vnni(const double *restrict qi, const double *restrict f,
                   const int16_t *restrict Kb, const int16_t *restrict Vb, int64_t Tk, int64_t Lr,
                   const int g, const int nc, const int32_t *restrict table, double last,
                   const double *restrict vs, double *restrict out, int32_t *restrict s,
-                  int32_t *restrict p, uint16_t *restrict any, int32_t *restrict idx) {
+                  int32_t *restrict p, uint16_t *restrict any, int16_t *restrict p16,
+                  int32_t *restrict bsum) {
     const int64_t hs = 32 * nc;
     int16_t qb[GMAX * 32 * NCMAX];
     for (int64_t i = 0; i < g * hs; i++) qb[i] = (int16_t)qi[i];
@@ -543,21 +547,21 @@ attend_group_vnni(const double *restrict qi, const double *restrict f,
     for (int64_t k0 = 0; k0 < Tk; k0 += 16) {
         int64_t n = MIN(16, Tk - k0);
         /* the cache comes from memory (1.4 GB per step at batch 64, position 960): ask for the
-         * keys PF_DIST ahead and for this block's values (P.V reads them from L2 then), so both
-         * streams are in flight; measured 3.9 -> 2.6 ms per layer there (~18 GB/s) */
-        for (int64_t i = 0; i < 16 * hs; i += 32) {
-            if (k0 + PF_DIST < Tk)
+         * keys PF_DIST ahead. Per layer there: none 2.6 ms, keys 2.1 ms, keys and each block's
+         * values 2.3 ms (the hardware prefetcher follows the values' stream by itself). */
+        if (k0 + PF_DIST < Tk)
+            for (int64_t i = 0; i < 16 * hs; i += 32)
                 _mm_prefetch((const char *)(Kb + (k0 + PF_DIST) * hs + i), _MM_HINT_T0);
-            if (i < n * hs) _mm_prefetch((const char *)(Vb + k0 * hs + i), _MM_HINT_T1);
-        }
         for (int j = 0; j < g; j++) {
             __m512i a[16];
             for (int64_t i = 0; i < 16; i++) {
                 __m512i acc = _mm512_setzero_si512();
-                if (i < n)
-                    for (int c = 0; c < nc; c++)
+                if (i < n) {   /* vpmaddwd: vpdpwssd onto 0 without zeroing a register */
+                    acc = _mm512_madd_epi16(qv[j][0], _mm512_loadu_si512(Kb + (k0 + i) * hs));
+                    for (int c = 1; c < nc; c++)
                         acc = dpwssd(
                             acc, qv[j][c], _mm512_loadu_si512(Kb + (k0 + i) * hs + 32 * c));
+                }
                 a[i] = acc;
             }
             _mm512_storeu_si512(s + j * Lr + k0, hsum16(a));
@@ -594,17 +598,28 @@ attend_group_vnni(const double *restrict qi, const double *restrict f,
             __m512i pv = _mm512_setzero_si512();
             if (nz) pv = _mm512_mask_i32gather_epi32(pv, nz, ix, table, 4);
             _mm512_storeu_si512(pj + 16 * bl, pv);
+            _mm256_storeu_si256((__m256i *)(p16 + j * Lr + 16 * bl), _mm512_cvtepi32_epi16(pv));
             lsum = _mm512_add_epi32(lsum, pv);   /* <= 2^13 * 2^12 / 16 per lane */
             any[bl] |= nz;
         }
         l[j] = _mm512_reduce_add_epi32(lsum);
+        /* each block's weight sum (<= 16 * 2^13), 16 blocks per lane-sum tree */
+        for (int64_t bl = 0; bl < nblk; bl += 16) {
+            __m512i blk[16];
+            int32_t sums[16];
+            for (int i = 0; i < 16; i++)
+                blk[i] = bl + i < nblk ? _mm512_loadu_si512(pj + 16 * (bl + i)) : _mm512_setzero_si512();
+            _mm512_storeu_si512(sums, hsum16(blk));
+            for (int i = 0; i < 16 && bl + i < nblk; i++) bsum[j * (Lr / 16) + bl + i] = sums[i];
+        }
     }
 
-    /* keys with a nonzero weight in some head */
-    int64_t nu = 0;
-    for (int64_t bl = 0; bl < nblk; bl++)
-        for (uint32_t mk = any[bl]; mk; mk &= mk - 1) idx[nu++] = (int32_t)(16 * bl + __builtin_ctz(mk));
-
+    /* P.V over the 16-key blocks some head weighs, in key pairs (2i, 2i+1): their weights are
+     * adjacent int16 in p16, one int32 broadcast per head. Before a block that could take some
+     * head's chunk past PV_CHUNK_P the int32 lanes go to int64; a block's sum is at most
+     * 16 * 2^13 = PV_CHUNK_P + 1, and then (all 16 weights 2^13) it is also flushed after 8 keys
+     * and the chunk counts their bound 2^16. In the last block a pair's second row past Tk (weight
+     * 0) is read as the first, so no row past the cache is touched. */
     __m512i acc[GMAX][2 * NCMAX];
     int64_t o64[GMAX][2 * NCMAX][16];
     int32_t chunk[GMAX];
@@ -617,7 +632,6 @@ attend_group_vnni(const double *restrict qi, const double *restrict f,
     }
 #define FLUSH()                                                                                    \
     for (int j = 0; j < g; j++) {                                                                  \
-        chunk[j] = 0;                                                                              \
         for (int c = 0; c < 2 * nc; c++) {                                                         \
             __m512i x0 = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[j][c]));                 \
             __m512i x1 = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[j][c], 1));           \
@@ -627,27 +641,36 @@ attend_group_vnni(const double *restrict qi, const double *restrict f,
             acc[j][c] = _mm512_setzero_si512();                                                    \
         }                                                                                          \
     }
-    for (int64_t u = 0; u < nu; u += 2) {
-        int64_t ka = idx[u], kb = u + 1 < nu ? idx[u + 1] : ka;
-        int32_t w[GMAX];
-        int full = 0;
+    for (int64_t bl = 0; bl < nblk; bl++) {
+        if (!any[bl]) continue;
+        int full = 0, split = 0;
         for (int j = 0; j < g; j++) {
-            int32_t pa = p[j * Lr + ka], pb = u + 1 < nu ? p[j * Lr + kb] : 0;
-            w[j] = pa | (pb << 16);                      /* 0 <= pa, pb <= 2^13 */
-            full |= chunk[j] > PV_CHUNK_P - pa - pb;
+            int32_t w = bsum[j * (Lr / 16) + bl];
+            full |= chunk[j] > PV_CHUNK_P - w;
+            split |= w > PV_CHUNK_P;
         }
-        if (full) FLUSH();
-        for (int j = 0; j < g; j++) chunk[j] += (w[j] & 0xffff) + (w[j] >> 16);
-        for (int c = 0; c < nc; c++) {
-            __m512i va = _mm512_loadu_si512(Vb + ka * hs + 32 * c);
-            __m512i vb = _mm512_loadu_si512(Vb + kb * hs + 32 * c);
-            __m512i lo = _mm512_unpacklo_epi16(va, vb), hi = _mm512_unpackhi_epi16(va, vb);
-            for (int j = 0; j < g; j++) {
-                __m512i wj = _mm512_set1_epi32(w[j]);
-                acc[j][2 * c] = dpwssd(acc[j][2 * c], lo, wj);
-                acc[j][2 * c + 1] = dpwssd(acc[j][2 * c + 1], hi, wj);
+        if (full) {
+            FLUSH();
+            for (int j = 0; j < g; j++) chunk[j] = 0;
+        }
+        int64_t kend = MIN(16 * bl + 16, Tk);
+        for (int64_t ka = 16 * bl; ka < kend; ka += 2) {
+            if (split && ka == 16 * bl + 8) FLUSH();
+            int64_t kb = ka + 1 < Tk ? ka + 1 : ka;
+            for (int c = 0; c < nc; c++) {
+                __m512i va = _mm512_loadu_si512(Vb + ka * hs + 32 * c);
+                __m512i vb = _mm512_loadu_si512(Vb + kb * hs + 32 * c);
+                __m512i lo = _mm512_unpacklo_epi16(va, vb), hi = _mm512_unpackhi_epi16(va, vb);
+                for (int j = 0; j < g; j++) {
+                    int32_t w;
+                    __builtin_memcpy(&w, p16 + j * Lr + ka, 4);   /* p[ka] | p[ka + 1] << 16 */
+                    __m512i wj = _mm512_set1_epi32(w);
+                    acc[j][2 * c] = dpwssd(acc[j][2 * c], lo, wj);
+                    acc[j][2 * c + 1] = dpwssd(acc[j][2 * c + 1], hi, wj);
+                }
             }
         }
+        for (int j = 0; j < g; j++) chunk[j] = split ? 65536 : chunk[j] + bsum[j * (Lr / 16) + bl];
     }
     FLUSH();
 #undef FLUSH
@@ -669,7 +692,8 @@ VNNI_TARGET static void attend_step_vnni(const double *restrict qi, const double
                                          const double *restrict vscale, double *restrict out) {
     int64_t Lr = (L + 15) / 16 * 16;
     int32_t *s = malloc(sizeof(int32_t) * g * Lr), *p = malloc(sizeof(int32_t) * g * Lr);
-    int32_t *idx = malloc(sizeof(int32_t) * Lr);
+    int16_t *p16 = malloc(sizeof(int16_t) * g * Lr);
+    int32_t *bsum = malloc(sizeof(int32_t) * g * (Lr / 16));
     uint16_t *any = malloc(sizeof(uint16_t) * (Lr / 16));
     double last = (double)(ntab - 1);
     for (int64_t b = 0; b < B; b++)
@@ -679,12 +703,13 @@ VNNI_TARGET static void attend_step_vnni(const double *restrict qi, const double
             const double *q = qi + r * hs, *fr = f + r, *vs = vscale + kv * hs;
             double *o = out + r * hs;
             if (g == 3 && hs == 64)
-                attend_group_vnni(q, fr, Kb, Vb, Tk, Lr, 3, 2, table, last, vs, o, s, p, any, idx);
+                attend_group_vnni(q, fr, Kb, Vb, Tk, Lr, 3, 2, table, last, vs, o, s, p, any, p16,
+                                  bsum);
             else
                 attend_group_vnni(q, fr, Kb, Vb, Tk, Lr, (int)g, (int)(hs / 32), table, last, vs, o,
-                                  s, p, any, idx);
+                                  s, p, any, p16, bsum);
         }
-    free(s); free(p); free(idx); free(any);
+    free(s); free(p); free(p16); free(bsum); free(any);
 }
 #endif
 
