@@ -12,13 +12,15 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(LLMFS_NO_VNNI)
+#if defined(__x86_64__) && ((defined(__GNUC__) && __GNUC__ >= 9) || defined(__clang__)) && \
+    !defined(LLMFS_NO_VNNI)
 /* Intrinsics for the VNNI attention kernels, compiled for that ISA by a target attribute only and
  * called only when the CPU reports it (have_vnni): the library still loads on any x86-64. */
 #include <immintrin.h>
 #define HAVE_VNNI 1
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
 static int have_vnni(void) {
+    __builtin_cpu_init();   /* idempotent; needed if this ran before libgcc's constructor */
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
            __builtin_cpu_supports("avx512vnni");
