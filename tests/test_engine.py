@@ -234,3 +234,122 @@ def test_smoothing_is_exact_and_deterministic(monkeypatch):
     st = e.start(3, 40)
     for t in range(40):
         assert torch.equal(e.step(st, x[:, t]), full[:, t])
+
+
+def _attend_step_inputs(seed, B, nkv, grp, L, hs):
+    """Random decoding-attention inputs at the bounds: |q| <= Q_MAX, |k|, |v| <= 2^KV_BITS, rows
+    with every visible weight at its maximum (f ~ 0, values all +2^14: int32 chunks as full as the
+    bound allows), rows at positions around the 16-key blocks of the VNNI form."""
+    from codec.lm.engine import KV_BITS, Q_MAX
+    g = torch.Generator().manual_seed(seed)
+    nh, lim = nkv * grp, 2 ** KV_BITS
+    keys = torch.randint(-lim, lim + 1, (B, nkv, L, hs), generator=g).to(torch.int16)
+    values = torch.randint(-lim, lim + 1, (B, nkv, L, hs), generator=g).to(torch.int16)
+    values[1] = lim
+    values[2] = -lim
+    qi = torch.randint(-Q_MAX, Q_MAX + 1, (B, nh, 1, hs), generator=g).to(torch.float64)
+    qi[3] = Q_MAX
+    keys[3] = lim
+    f = torch.rand(B, nh, 1, generator=g, dtype=torch.float64) * 10 ** -torch.randint(
+        2, 7, (B, nh, 1), generator=g).to(torch.float64)
+    f[1:3] = 1e-30                                     # visible weights all 2^P_BITS
+    qpos = torch.tensor([[L - 1], [L - 1], [L - 2], [15], [16], [17], [0], [L // 2]][:B])
+    vscale = torch.ldexp(torch.ones(nkv, 1, hs, dtype=torch.float64),
+                         torch.randint(-12, -4, (nkv, 1, hs), generator=g))
+    return qi, f, keys, values, qpos, vscale
+
+
+def _attend_step(lib, impl, qi, f, keys, values, qpos, vscale):
+    from codec.lm.engine import attn_exp_table
+    B, nh, _, hs = qi.shape
+    nkv, L = keys.shape[1], keys.shape[2]
+    table = attn_exp_table().to(torch.int32)
+    pos = qpos[:, 0].contiguous()
+    out = torch.empty(B, 1, nh * hs, dtype=torch.float64)
+    ran = lib.attend_step(qi.data_ptr(), f.data_ptr(), keys.data_ptr(), values.data_ptr(), B, nkv,
+                          nh // nkv, L, hs, pos.data_ptr(), table.data_ptr(), table.numel(),
+                          vscale.data_ptr(), out.data_ptr(), impl)
+    return out, ran
+
+
+def _has_vnni() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return all(f in flags.split() for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl",
+                                             "avx512_vnni"))
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(8, 3, 3, 700, 64), (8, 2, 2, 33, 32), (8, 1, 4, 129, 128),
+                                   (8, 2, 3, 16, 96), (8, 3, 3, 4096, 64)])
+def test_attend_step_vnni_equals_portable(shape):
+    """The AVX-512 VNNI decoding kernel and the portable one give the same bits (the model's shape
+    g=3, hs=64 is a specialised instance, the others the generic one), up to the longest cache."""
+    B, nkv, grp, L, hs = shape
+    args = _attend_step_inputs(sum(shape), B, nkv, grp, L, hs)
+    lib = kernels.lib()
+    ref, ran = _attend_step(lib, 1, *args)
+    assert ran == 1
+    out, ran = _attend_step(lib, 2, *args)
+    assert ran == (2 if _has_vnni() else 1)
+    assert torch.equal(out, ref)
+    auto, ran = _attend_step(lib, 0, *args)
+    assert torch.equal(auto, ref)
+
+
+@needs_kernels
+def test_kernels_without_clones_or_vnni_agree():
+    """kernels.c built for the baseline ISA only, without target clones or the VNNI kernels, gives
+    the same bits as the library in use (decoding attention and the whole engine)."""
+    try:
+        plain = kernels.load(kernels.build(("LLMFS_NO_CLONES", "LLMFS_NO_VNNI")))
+    except Exception as e:                                # pragma: no cover - compiler trouble
+        pytest.skip(f"baseline build failed: {e}")
+    args = _attend_step_inputs(3, 8, 3, 3, 300, 64)
+    a, ran = _attend_step(plain, 2, *args)
+    assert ran == 1                                       # no VNNI form in this build
+    assert torch.equal(a, _attend_step(kernels.lib(), 0, *args)[0])
+    e = Engine.tiny(seed=4, dim=192, n_head=6, n_kv_head=2, ffn_dim=256, max_seq_len=256)
+    x = _tokens(e, 2, 140, 9)
+    want = e.freqs(x)
+    e._ops = FusedOps(plain)
+    assert torch.equal(e.freqs(x), want)
+    st = e.start(2, 20)
+    for i in range(20):
+        assert torch.equal(e.step(st, x[:, i]), want[:, i])
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(2, 3, 3, 300, 64), (2, 2, 2, 130, 32), (1, 1, 4, 70, 128),
+                                   (2, 2, 3, 65, 96), (1, 3, 3, 1024, 64)])
+def test_attend_many_queries_vnni_equals_digits_and_torch(shape):
+    """Encoding attention (T > 1): the VNNI kernel on int16 operands, the int8 digit GEMMs and the
+    float64 GEMMs give the same bits, with rows at the int32 chunk bounds of P.V (every visible
+    weight 2^P_BITS and every value +-2^14) and ordinary random rows."""
+    from codec.lm.engine import ATTN_BLOCK, KV_BITS, Q_MAX, attn_exp_table
+    B, nkv, grp, T, hs = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    nh, lim = nkv * grp, 2 ** KV_BITS
+    keys = torch.randint(-lim, lim + 1, (B, nkv, T, hs), generator=g).to(torch.float64)
+    values = torch.randint(-lim, lim + 1, (B, nkv, T, hs), generator=g).to(torch.float64)
+    qi = torch.randint(-Q_MAX, Q_MAX + 1, (B, nh, T, hs), generator=g).to(torch.float64)
+    f = torch.rand(B, nh, T, 1, generator=g, dtype=torch.float64) * 1e-4
+    values[0, 0] = lim                                 # chunk bounds: all weights at the maximum
+    f[0, :grp] = 1e-30
+    if B > 1:
+        values[1, -1] = -lim
+        f[1, -grp:] = 1e-30
+        f[1, 0] = 1e-2                                 # sharp: most weights 0
+    qpos = torch.arange(T).expand(B, T)
+    kmax = [min(a + ATTN_BLOCK, T) for a in range(0, T, ATTN_BLOCK)]
+    vscale = torch.ldexp(torch.ones(nkv, 1, hs, dtype=torch.float64),
+                         torch.randint(-12, -4, (nkv, 1, hs), generator=g))
+    table = attn_exp_table()
+    outs = []
+    for ops in (FusedOps(kernels.lib(), 0), FusedOps(kernels.lib(), 1), TorchOps()):
+        out = torch.empty(B, T, nh * hs, dtype=torch.float64)
+        ops.attend(qi, f, keys, values, qpos, kmax, vscale, table, out)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])

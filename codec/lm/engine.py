@@ -459,6 +459,18 @@ def _score_steps(hs: int) -> float:
     return 2.0 ** EXP_RES_BITS / math.sqrt(hs)
 
 
+_TABLE32: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _table32(table: torch.Tensor) -> torch.Tensor:
+    """The attention exp table as int32 (its entries are integers <= 2^P_BITS), converted once per
+    table (the engine's is built once per process)."""
+    hit = _TABLE32.get(id(table))
+    if hit is None or hit[0] is not table:
+        hit = _TABLE32[id(table)] = (table, table.to(torch.int32))
+    return hit[1]
+
+
 def _ptr(t: torch.Tensor, dtype: torch.dtype) -> int:
     assert t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu", (t.dtype, t.shape)
     return t.data_ptr()
@@ -467,8 +479,11 @@ def _ptr(t: torch.Tensor, dtype: torch.dtype) -> int:
 class FusedOps(TorchOps):
     """The same steps through kernels.c (CPU only): one or two passes instead of ~10 torch ops."""
 
-    def __init__(self, lib):
+    def __init__(self, lib, impl: int = 0):
+        """impl: which form of the C attention kernels runs, 0 the fastest the CPU allows,
+        1 the portable one, 2 AVX-512 VNNI where the CPU has it (tests compare them)."""
         self.lib = lib
+        self.impl = impl
 
     def quant_rows(self, x, int8=False):
         M, K = x.shape
@@ -526,21 +541,34 @@ class FusedOps(TorchOps):
         return s, l
 
     def attend(self, qi, f, keys, values, qpos, kmax, vscale, table, out):
-        """As TorchOps.attend, but for more than one query per row the scores and P.V run on int8
-        GEMMs of base-2^8 digits of the keys/values (2 each) and base-2^7 digits of the weights (2):
-        the same integers as the float64 GEMMs at ~600-950 GOP/s instead of ~45 GFLOP/s. One query
-        per row (decoding) reads the int16 KV cache in C (kernels.c attend_step): as GEMMs that
-        would be one (g, hs) by (hs, Tk) product per row and head group, memory-bound."""
+        """As TorchOps.attend. More than one query per row (encoding): with AVX-512 VNNI, one C
+        call (kernels.c attend_fwd) does scores, weights and P.V on the int16 integers, fused per
+        tile of query rows (0.23 s per 1024 tokens, 1 thread); otherwise (impl=1, other CPUs) the
+        scores and P.V run on int8 GEMMs of base-2^8 digits of the keys/values (2 each) and
+        base-2^7 digits of the weights (2): the same integers as the float64 GEMMs at ~600-950
+        GOP/s instead of ~45 GFLOP/s (0.47 s). One query per row (decoding) reads the int16 KV
+        cache in C (kernels.c attend_step, VNNI or portable): as GEMMs that would be one (g, hs)
+        by (hs, Tk) product per row and head group; at late positions it is bound by reading the
+        cache from memory (batch 64, position 960: 1.4 GB per step)."""
         B, nh, T, hs = qi.shape
         nkv = keys.shape[1]
         if T == 1:                                                   # decoding: the int16 cache
             pos = qpos[:, 0].contiguous()
+            table32 = _table32(table)                                # entries <= 2^P_BITS
             self.lib.attend_step(_ptr(qi, torch.float64), _ptr(f, torch.float64),
                                  _ptr(keys, torch.int16), _ptr(values, torch.int16), B, nkv,
                                  nh // nkv, keys.shape[2], hs, _ptr(pos, torch.int64),
-                                 _ptr(table, torch.float64), table.numel(),
-                                 _ptr(vscale, torch.float64), _ptr(out, torch.float64))
+                                 _ptr(table32, torch.int32), table.numel(),
+                                 _ptr(vscale, torch.float64), _ptr(out, torch.float64), self.impl)
             return
+        if self.impl != 1 and keys.dtype == torch.float64:          # int16 operands, VNNI
+            qp = qpos.contiguous()
+            if self.lib.attend_fwd(_ptr(qi, torch.float64), _ptr(f, torch.float64),
+                                   _ptr(keys, torch.float64), _ptr(values, torch.float64), B, nkv,
+                                   nh // nkv, T, keys.shape[2], hs, _ptr(qp, torch.int64),
+                                   _ptr(_table32(table), torch.int32), table.numel(),
+                                   _ptr(vscale, torch.float64), _ptr(out, torch.float64)):
+                return
         g = nh // nkv
         kd = torch.empty(B, nkv, T, 2, hs, dtype=torch.int8)        # key digits: rows (key, digit)
         vd = torch.empty(B, nkv, 2, hs, T, dtype=torch.int8)        # value digits, keys last

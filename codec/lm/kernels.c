@@ -12,6 +12,20 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#if defined(__x86_64__) && ((defined(__GNUC__) && __GNUC__ >= 9) || defined(__clang__)) && \
+    !defined(LLMFS_NO_VNNI)
+/* Intrinsics for the VNNI attention kernels, compiled for that ISA by a target attribute only and
+ * called only when the CPU reports it (have_vnni): the library still loads on any x86-64. */
+#include <immintrin.h>
+#define HAVE_VNNI 1
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
+static int have_vnni(void) {
+    __builtin_cpu_init();   /* idempotent; needed if this ran before libgcc's constructor */
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512vnni");
+}
+#endif
 
 #define ACT_MAX (127.0 * 128.0)
 #define ACT8_MAX 127.0
@@ -24,10 +38,11 @@
 
 /* The hot loops are compiled twice and picked when the library loads (gcc target_clones, an ifunc):
  * for AVX2 (8 int32 / 4 double lanes, gathers for the table lookups) and for the baseline ISA, since
- * the cached build may move between machines (no -march). The results are the same bits: only
+ * the cached build may move between machines (no -march; -DLLMFS_NO_CLONES builds the baseline
+ * only, as tests do). The results are the same bits: only
  * elementwise IEEE operations and integer sums vectorise, AVX2 does not imply FMA, and float sums
  * keep their order. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(LLMFS_NO_CLONES)
 #define MULTIVERSION __attribute__((target_clones("avx2", "default")))
 /* AVX-512 (DQ: int64 multiply and int64 <-> double conversion) vectorises the LM head's division */
 #define MULTIVERSION512 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
@@ -414,8 +429,10 @@ void attn_out_digits(const int32_t *O, int64_t B, int64_t nkv, int64_t g, int64_
  * integer-valued, f (B, nh), K and V (B, nkv, L, hs); row b sees cache positions 0..pos[b].
  * out (B, nh * hs).
  *
- * Every inner loop runs over contiguous memory through restrict pointers so gcc vectorises it, and
- * the function is compiled twice (target_clones: AVX2 and baseline SSE2, picked at load time).
+ * Two forms: attend_step_vnni (AVX-512 VNNI intrinsics, the 3 heads of a group in one pass; used
+ * when the CPU has it) and attend_step_portable, whose inner loops run over contiguous memory
+ * through restrict pointers so gcc vectorises them, compiled twice (target_clones: AVX2 and
+ * baseline SSE2, picked at load time).
  * P.V is integer arithmetic: 0 <= p <= 2^P_BITS = 2^13 and |v| <= 2^14, so p * v fits int32; the
  * products accumulate in int32 lanes (8 per AVX2 op, against 4 doubles converted from int16 before)
  * while the chunk's weight sum stays <= PV_CHUNK_P (then |sum| <= 2^14 * 131071 < 2^31), and each
@@ -441,11 +458,14 @@ static inline void flush32(int64_t *restrict o64, int32_t *restrict o32, int64_t
     }
 }
 
+/* The portable form: one query head at a time, gcc-vectorised loops (AVX2 clone and baseline). */
 MULTIVERSION
-void attend_step(const double *restrict qi, const double *restrict f, const int16_t *restrict K,
-                 const int16_t *restrict V, int64_t B, int64_t nkv, int64_t g, int64_t L,
-                 int64_t hs, const int64_t *restrict pos, const double *restrict table,
-                 int64_t ntab, const double *restrict vscale, double *restrict out) {
+static void attend_step_portable(const double *restrict qi, const double *restrict f,
+                                 const int16_t *restrict K, const int16_t *restrict V, int64_t B,
+                                 int64_t nkv, int64_t g, int64_t L, int64_t hs,
+                                 const int64_t *restrict pos, const int32_t *restrict table,
+                                 int64_t ntab, const double *restrict vscale,
+                                 double *restrict out) {
     double last = (double)(ntab - 1);
     int32_t *restrict s = malloc(sizeof(int32_t) * L);
     int32_t *restrict p = malloc(sizeof(int32_t) * L);
@@ -466,7 +486,7 @@ void attend_step(const double *restrict qi, const double *restrict f, const int1
                 double fr = f[r];
                 int64_t l = 0;
                 for (int64_t k = 0; k < Tk; k++) {
-                    p[k] = (int32_t)table[(int32_t)round_even(MIN((double)(m - s[k]) * fr, last))];
+                    p[k] = table[(int32_t)round_even(MIN((double)(m - s[k]) * fr, last))];
                     l += p[k];
                 }
                 for (int64_t c = 0; c < hs; c++) o32[c] = 0, o64[c] = 0;
@@ -487,6 +507,580 @@ void attend_step(const double *restrict qi, const double *restrict f, const int1
             }
         }
     free(s); free(p); free(q); free(o32); free(o64);
+}
+
+#ifdef HAVE_VNNI
+/* The AVX-512 VNNI form (vpdpwssd: 32 int16 x int16 products summed in pairs into 16 int32 lanes,
+ * wrapping, i.e. exact whenever the true sum fits int32). The g query heads of a KV group share
+ * one pass over the keys and one over the values, and the blocks of 16 value rows whose weight is
+ * 0 in every head are not read (at late positions decoding reads the whole cache: 64 rows at
+ * position 960 read 1.4 GB per step, 2.1 ms per layer ~ 22 GB/s).
+ *   scores: per key, hs/32 vpdpwssd per head (|q| <= 127, |k| <= 2^14: |s| <= 2^27), then 16 keys'
+ *     vectors are summed across lanes in a tree (hsum16);
+ *   weights: as the portable form, 16 keys at a time: (double)(m - s) * f, min(., last),
+ *     round_even, and a masked gather from the int32 table for the indices below `last` (the
+ *     others are table[last] = 0), skipped when no lane is visible;
+ *   P.V: keys in pairs (unpacklo/hi_epi16 interleaves the two value rows), the pair's weights
+ *     (<= 2^13: int16) broadcast as one int32, one vpdpwssd per 16 channels; int32 lanes flushed
+ *     to int64 before any head's chunk weight sum could pass PV_CHUNK_P (|lane| <= 2^14 * 131071
+ *     < 2^31, the portable form's bound). unpack works within 128-bit lanes: lane 4L + i of the
+ *     lo (hi) accumulator of channels 32c.. is channel 32c + 8L + i (+ 4).
+ * Every integer equals the portable form's (integer sums are exact in any order), and the float
+ * steps are the same IEEE operations in the same order: the outputs are the same bits
+ * (tests/test_engine.py compares the two on random inputs at the bounds). */
+#define PF_DIST 64  /* keys; 32 and 64 measured alike, 128 slower */
+/* acc + pairwise products in place. gcc 12 compiles _mm512_dpwssd_epi32 in unrolled loops with a
+ * register copy and a stack store per accumulator and instruction (per 1024
+ * tokens: encoding attention 0.30 -> 0.23 s); the asm keeps the accumulator in its register.
+ * Same instruction, same result. */
+VNNI_TARGET static inline __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
+    __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+    return acc;
+}
+
+#define GMAX 4
+#define NCMAX 4
+
+VNNI_TARGET static inline __m512i hsum16(const __m512i *v) {
+    __m512i t[8], u[4], r[2];
+    for (int i = 0; i < 8; i++)
+        t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]),
+                                _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)
+        u[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * i], t[2 * i + 1]),
+                                _mm512_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
+    for (int i = 0; i < 2; i++)
+        r[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                _mm512_shuffle_i32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(r[0], r[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_i32x4(r[0], r[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* One (row, KV head) group: g heads, hs = 32 nc channels; qi, f, out at the group's first head.
+ * Scratch s, p: g * Lr int32, p16: g * Lr int16, any: Lr / 16, bsum: g * Lr / 16 int32 (Lr = L
+ * rounded up to 16). Inlined with constant g, nc for the model's shape (the accumulators then
+ * live in registers). */
+VNNI_TARGET static inline __attribute__((always_inline)) void
+attend_group_vnni(const double *restrict qi, const double *restrict f,
+                  const int16_t *restrict Kb, const int16_t *restrict Vb, int64_t Tk, int64_t Lr,
+                  const int g, const int nc, const int32_t *restrict table, double last,
+                  const double *restrict vs, double *restrict out, int32_t *restrict s,
+                  int32_t *restrict p, uint16_t *restrict any, int16_t *restrict p16,
+                  int32_t *restrict bsum) {
+    const int64_t hs = 32 * nc;
+    int16_t qb[GMAX * 32 * NCMAX];
+    for (int64_t i = 0; i < g * hs; i++) qb[i] = (int16_t)qi[i];
+    __m512i qv[GMAX][NCMAX];
+    for (int j = 0; j < g; j++)
+        for (int c = 0; c < nc; c++) qv[j][c] = _mm512_loadu_si512(qb + j * hs + 32 * c);
+
+    /* scores, 16 keys per block; keys past Tk score 0 and are masked below */
+    const int64_t nblk = (Tk + 15) / 16;
+    for (int64_t k0 = 0; k0 < Tk; k0 += 16) {
+        int64_t n = MIN(16, Tk - k0);
+        /* the cache comes from memory (1.4 GB per step at batch 64, position 960): ask for the
+         * keys PF_DIST ahead. Per layer there: none 2.6 ms, keys 2.1 ms; prefetching each block's
+         * values here too was slower (2.3 ms): they are prefetched in the P.V loop instead. */
+        if (k0 + PF_DIST < Tk)
+            for (int64_t i = 0; i < 16 * hs; i += 32)
+                _mm_prefetch((const char *)(Kb + (k0 + PF_DIST) * hs + i), _MM_HINT_T0);
+        for (int j = 0; j < g; j++) {
+            __m512i a[16];
+            for (int64_t i = 0; i < 16; i++) {
+                __m512i acc = _mm512_setzero_si512();
+                if (i < n) {   /* vpmaddwd: vpdpwssd onto 0 without zeroing a register */
+                    acc = _mm512_madd_epi16(qv[j][0], _mm512_loadu_si512(Kb + (k0 + i) * hs));
+                    for (int c = 1; c < nc; c++)
+                        acc = dpwssd(
+                            acc, qv[j][c], _mm512_loadu_si512(Kb + (k0 + i) * hs + 32 * c));
+                }
+                a[i] = acc;
+            }
+            _mm512_storeu_si512(s + j * Lr + k0, hsum16(a));
+        }
+    }
+    const __mmask16 tail = (__mmask16)(0xffffu >> (16 * nblk - Tk));
+    for (int64_t bl = 0; bl < nblk; bl++) any[bl] = 0;
+    int32_t l[GMAX];
+    const __m512d lastv = _mm512_set1_pd(last), magic = _mm512_set1_pd(6755399441055744.0);
+    const __m512i lasti = _mm512_set1_epi32((int32_t)last);
+    for (int j = 0; j < g; j++) {
+        const int32_t *sj = s + j * Lr;
+        int32_t *pj = p + j * Lr;
+        __m512i mv = _mm512_set1_epi32(INT32_MIN);
+        for (int64_t bl = 0; bl < nblk; bl++) {
+            __mmask16 vis = bl == nblk - 1 ? tail : 0xffff;
+            mv = _mm512_mask_max_epi32(mv, vis, mv, _mm512_loadu_si512(sj + 16 * bl));
+        }
+        const __m512i m = _mm512_set1_epi32(_mm512_reduce_max_epi32(mv));
+        const __m512d fr = _mm512_set1_pd(f[j]);
+        __m512i lsum = _mm512_setzero_si512();
+        for (int64_t bl = 0; bl < nblk; bl++) {
+            __mmask16 vis = bl == nblk - 1 ? tail : 0xffff;
+            __m512i d = _mm512_sub_epi32(m, _mm512_loadu_si512(sj + 16 * bl)); /* <= 2^28 */
+            __m512d v0 = _mm512_cvtepi32_pd(_mm512_castsi512_si256(d));
+            __m512d v1 = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(d, 1));
+            v0 = _mm512_min_pd(_mm512_mul_pd(v0, fr), lastv);   /* MIN(v, last): v is no NaN */
+            v1 = _mm512_min_pd(_mm512_mul_pd(v1, fr), lastv);
+            v0 = _mm512_sub_pd(_mm512_add_pd(v0, magic), magic); /* round_even */
+            v1 = _mm512_sub_pd(_mm512_add_pd(v1, magic), magic);
+            __m512i ix = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtpd_epi32(v0)),
+                                            _mm512_cvtpd_epi32(v1), 1);   /* integral: exact */
+            __mmask16 nz = _mm512_mask_cmpneq_epi32_mask(vis, ix, lasti);
+            __m512i pv = _mm512_setzero_si512();
+            if (nz) pv = _mm512_mask_i32gather_epi32(pv, nz, ix, table, 4);
+            _mm512_storeu_si512(pj + 16 * bl, pv);
+            _mm256_storeu_si256((__m256i *)(p16 + j * Lr + 16 * bl), _mm512_cvtepi32_epi16(pv));
+            lsum = _mm512_add_epi32(lsum, pv);   /* <= 2^13 * 2^12 / 16 per lane */
+            any[bl] |= nz;
+        }
+        l[j] = _mm512_reduce_add_epi32(lsum);
+        /* each block's weight sum (<= 16 * 2^13), 16 blocks per lane-sum tree */
+        for (int64_t bl = 0; bl < nblk; bl += 16) {
+            __m512i blk[16];
+            int32_t sums[16];
+            for (int i = 0; i < 16; i++)
+                blk[i] = bl + i < nblk ? _mm512_loadu_si512(pj + 16 * (bl + i)) : _mm512_setzero_si512();
+            _mm512_storeu_si512(sums, hsum16(blk));
+            for (int i = 0; i < 16 && bl + i < nblk; i++) bsum[j * (Lr / 16) + bl + i] = sums[i];
+        }
+    }
+
+    /* P.V over the 16-key blocks some head weighs, in key pairs (2i, 2i+1): their weights are
+     * adjacent int16 in p16, one int32 broadcast per head. Before a block that could take some
+     * head's chunk past PV_CHUNK_P the int32 lanes go to int64; a block's sum is at most
+     * 16 * 2^13 = PV_CHUNK_P + 1, and then (all 16 weights 2^13) it is also flushed after 8 keys
+     * and the chunk counts their bound 2^16. In the last block a pair's second row past Tk (weight
+     * 0) is read as the first, so no row past the cache is touched. */
+    __m512i acc[GMAX][2 * NCMAX];
+    int64_t o64[GMAX][2 * NCMAX][16];
+    int32_t chunk[GMAX];
+    for (int j = 0; j < g; j++) {
+        chunk[j] = 0;
+        for (int c = 0; c < 2 * nc; c++) {
+            acc[j][c] = _mm512_setzero_si512();
+            for (int i = 0; i < 16; i++) o64[j][c][i] = 0;
+        }
+    }
+#define FLUSH()                                                                                    \
+    for (int j = 0; j < g; j++) {                                                                  \
+        for (int c = 0; c < 2 * nc; c++) {                                                         \
+            __m512i x0 = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[j][c]));                 \
+            __m512i x1 = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[j][c], 1));           \
+            _mm512_storeu_si512(o64[j][c], _mm512_add_epi64(_mm512_loadu_si512(o64[j][c]), x0));    \
+            _mm512_storeu_si512(o64[j][c] + 8,                                                     \
+                                _mm512_add_epi64(_mm512_loadu_si512(o64[j][c] + 8), x1));          \
+            acc[j][c] = _mm512_setzero_si512();                                                    \
+        }                                                                                          \
+    }
+    /* the values come from memory too: prefetch PF_DIST keys ahead here, where they are read
+     * (per layer at batch 64, position 960: 2.27 -> 2.09 ms, medians of 6) */
+    for (int64_t i = 0; i < MIN(PF_DIST, Tk) * hs; i += 32)
+        _mm_prefetch((const char *)(Vb + i), _MM_HINT_T0);
+    for (int64_t bl = 0; bl < nblk; bl++) {
+        if (16 * bl + 16 + PF_DIST <= Tk)
+            for (int64_t i = 0; i < 16 * hs; i += 32)
+                _mm_prefetch((const char *)(Vb + (16 * bl + PF_DIST) * hs + i), _MM_HINT_T0);
+        if (!any[bl]) continue;
+        int full = 0, split = 0;
+        for (int j = 0; j < g; j++) {
+            int32_t w = bsum[j * (Lr / 16) + bl];
+            full |= chunk[j] > PV_CHUNK_P - w;
+            split |= w > PV_CHUNK_P;
+        }
+        if (full) {
+            FLUSH();
+            for (int j = 0; j < g; j++) chunk[j] = 0;
+        }
+        int64_t kend = MIN(16 * bl + 16, Tk);
+        for (int64_t ka = 16 * bl; ka < kend; ka += 2) {
+            if (split && ka == 16 * bl + 8) FLUSH();
+            int64_t kb = ka + 1 < Tk ? ka + 1 : ka;
+            for (int c = 0; c < nc; c++) {
+                __m512i va = _mm512_loadu_si512(Vb + ka * hs + 32 * c);
+                __m512i vb = _mm512_loadu_si512(Vb + kb * hs + 32 * c);
+                __m512i lo = _mm512_unpacklo_epi16(va, vb), hi = _mm512_unpackhi_epi16(va, vb);
+                for (int j = 0; j < g; j++) {
+                    int32_t w;
+                    __builtin_memcpy(&w, p16 + j * Lr + ka, 4);   /* p[ka] | p[ka + 1] << 16 */
+                    __m512i wj = _mm512_set1_epi32(w);
+                    acc[j][2 * c] = dpwssd(acc[j][2 * c], lo, wj);
+                    acc[j][2 * c + 1] = dpwssd(acc[j][2 * c + 1], hi, wj);
+                }
+            }
+        }
+        for (int j = 0; j < g; j++) chunk[j] = split ? 65536 : chunk[j] + bsum[j * (Lr / 16) + bl];
+    }
+    FLUSH();
+#undef FLUSH
+    for (int j = 0; j < g; j++) {
+        double *dst = out + j * hs, dl = (double)l[j];
+        for (int c = 0; c < 2 * nc; c++)
+            for (int i = 0; i < 16; i++) {
+                int64_t ch = 32 * (c / 2) + 8 * (i / 4) + 4 * (c % 2) + i % 4;
+                dst[ch] = (double)o64[j][c][i] * vs[ch] / dl;
+            }
+    }
+}
+
+VNNI_TARGET static void attend_step_vnni(const double *restrict qi, const double *restrict f,
+                                         const int16_t *restrict K, const int16_t *restrict V,
+                                         int64_t B, int64_t nkv, int64_t g, int64_t L, int64_t hs,
+                                         const int64_t *restrict pos,
+                                         const int32_t *restrict table, int64_t ntab,
+                                         const double *restrict vscale, double *restrict out) {
+    int64_t Lr = (L + 15) / 16 * 16;
+    int32_t *s = malloc(sizeof(int32_t) * g * Lr), *p = malloc(sizeof(int32_t) * g * Lr);
+    int16_t *p16 = malloc(sizeof(int16_t) * g * Lr);
+    int32_t *bsum = malloc(sizeof(int32_t) * g * (Lr / 16));
+    uint16_t *any = malloc(sizeof(uint16_t) * (Lr / 16));
+    double last = (double)(ntab - 1);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t kv = 0; kv < nkv; kv++) {
+            const int16_t *Kb = K + (b * nkv + kv) * L * hs, *Vb = V + (b * nkv + kv) * L * hs;
+            int64_t Tk = MIN(pos[b] + 1, L), r = (b * nkv + kv) * g;
+            const double *q = qi + r * hs, *fr = f + r, *vs = vscale + kv * hs;
+            double *o = out + r * hs;
+            if (g == 3 && hs == 64)
+                attend_group_vnni(q, fr, Kb, Vb, Tk, Lr, 3, 2, table, last, vs, o, s, p, any, p16,
+                                  bsum);
+            else
+                attend_group_vnni(q, fr, Kb, Vb, Tk, Lr, (int)g, (int)(hs / 32), table, last, vs, o,
+                                  s, p, any, p16, bsum);
+        }
+    free(s); free(p); free(p16); free(bsum); free(any);
+}
+#endif
+
+/* impl: 0 the fastest this CPU runs, 1 the portable form, 2 the VNNI form (when the CPU and the
+ * shape allow it: hs a multiple of 32 up to 128, g <= 4). Returns the form that ran (1 or 2). */
+int attend_step(const double *qi, const double *f, const int16_t *K, const int16_t *V, int64_t B,
+                int64_t nkv, int64_t g, int64_t L, int64_t hs, const int64_t *pos,
+                const int32_t *table, int64_t ntab, const double *vscale, double *out,
+                int64_t impl) {
+#ifdef HAVE_VNNI
+    if (impl != 1 && have_vnni() && hs % 32 == 0 && hs <= 32 * NCMAX && g <= GMAX) {
+        attend_step_vnni(qi, f, K, V, B, nkv, g, L, hs, pos, table, ntab, vscale, out);
+        return 2;
+    }
+#endif
+    attend_step_portable(qi, f, K, V, B, nkv, g, L, hs, pos, table, ntab, vscale, out);
+    return 1;
+}
+
+#ifdef HAVE_VNNI
+/* ---- attention of many queries per row on int16 operands (engine.FusedOps.attend, T > 1) --------
+ * The digit form above costs 2 int8 GEMMs for the scores and 4 for P.V (plus splitting keys and
+ * values into digits and recombining); vpdpwssd multiplies the 15-bit integers directly, and
+ * scores, weights and P.V run fused per tile of RT query rows, so no (rows, keys) temporary leaves
+ * L1/L2. Per (row b, KV head): keys go to blocks of 16 keys with channel pairs as int32 lanes
+ * (Kt[block][c/2][16]), values to key pairs per channel (Vp[k/2][c] = v[2i][c] | v[2i+1][c] << 16),
+ * queries to channel pairs (Qp[row][c/2]). Tile rows are (head j, query t) of the group, j major.
+ *   scores: |q| <= 127, |k| <= 2^14, hs <= 128: |s| < 2^28 in int32 (exact, wrapping adds);
+ *   weights: the portable softmax's operations 16 keys at a time (see attend_group_vnni), into
+ *     int16 (p <= 2^13) with hidden keys 0, and per 8 keys their sum;
+ *   P.V: per key pair, the pair's weights as one int32 broadcast per row; int32 lanes are added
+ *     into int64 before any row's chunk weight sum would pass PV_CHUNK_P (checked per 8 keys:
+ *     <= 8 * 2^13 each), so |lane| <= 2^14 * 131071 < 2^31; 8-key groups no tile row weighs are
+ *     skipped.
+ * out = (double)o * vscale / l as attn_out. */
+#define RT 6   /* query rows per tile: 6 x 4 accumulators (hs = 64) */
+
+VNNI_TARGET static inline __attribute__((always_inline)) void
+fwd_tile(const int32_t *restrict Qp, const int32_t *restrict Kt, const int32_t *restrict Vp,
+         const int64_t *restrict vis, const double *restrict fr, int64_t kspan, const int nc,
+         const int32_t *restrict table, double last, int32_t *restrict S, int16_t *restrict P,
+         int32_t *restrict bs, int64_t *restrict o64, int32_t *restrict l) {
+    const int64_t hs = 32 * nc, hp = 16 * nc;       /* channels, channel pairs */
+    /* scores: S[r][k] for k < kspan (a multiple of 64). hs = 64 spelled out with named
+     * accumulators: with an array gcc stored all 24 to the stack on every channel pair */
+    if (nc == 2 && RT == 6) {
+        for (int64_t kb = 0; kb < kspan / 16; kb += 4) {
+#define SC_DECL(r) __m512i a##r##0 = _mm512_setzero_si512(), a##r##1 = a##r##0, a##r##2 = a##r##0, \
+                          a##r##3 = a##r##0;
+#define SC_FMA(r)                                                                                  \
+    {                                                                                              \
+        __m512i qb = _mm512_set1_epi32(Qp[r * 32 + cp]);                                           \
+        a##r##0 = dpwssd(a##r##0, k0, qb);                                            \
+        a##r##1 = dpwssd(a##r##1, k1, qb);                                            \
+        a##r##2 = dpwssd(a##r##2, k2, qb);                                            \
+        a##r##3 = dpwssd(a##r##3, k3, qb);                                            \
+    }
+#define SC_STORE(r)                                                                                \
+    _mm512_storeu_si512(S + r * kspan + kb * 16, a##r##0);                                         \
+    _mm512_storeu_si512(S + r * kspan + kb * 16 + 16, a##r##1);                                    \
+    _mm512_storeu_si512(S + r * kspan + kb * 16 + 32, a##r##2);                                    \
+    _mm512_storeu_si512(S + r * kspan + kb * 16 + 48, a##r##3);
+            SC_DECL(0) SC_DECL(1) SC_DECL(2) SC_DECL(3) SC_DECL(4) SC_DECL(5)
+            const int32_t *kt = Kt + kb * 32 * 16;
+            for (int64_t cp = 0; cp < 32; cp++) {
+                __m512i k0 = _mm512_loadu_si512(kt + cp * 16);
+                __m512i k1 = _mm512_loadu_si512(kt + (32 + cp) * 16);
+                __m512i k2 = _mm512_loadu_si512(kt + (64 + cp) * 16);
+                __m512i k3 = _mm512_loadu_si512(kt + (96 + cp) * 16);
+                SC_FMA(0) SC_FMA(1) SC_FMA(2) SC_FMA(3) SC_FMA(4) SC_FMA(5)
+            }
+            SC_STORE(0) SC_STORE(1) SC_STORE(2) SC_STORE(3) SC_STORE(4) SC_STORE(5)
+#undef SC_DECL
+#undef SC_FMA
+#undef SC_STORE
+        }
+    } else
+    for (int64_t kb = 0; kb < kspan / 16; kb += 4) {
+        __m512i acc[RT][4];
+        for (int r = 0; r < RT; r++)
+            for (int n = 0; n < 4; n++) acc[r][n] = _mm512_setzero_si512();
+        for (int64_t cp = 0; cp < hp; cp++) {
+            __m512i kv[4];
+            for (int n = 0; n < 4; n++) kv[n] = _mm512_loadu_si512(Kt + ((kb + n) * hp + cp) * 16);
+            for (int r = 0; r < RT; r++) {
+                __m512i qb = _mm512_set1_epi32(Qp[r * hp + cp]);
+                for (int n = 0; n < 4; n++) acc[r][n] = dpwssd(acc[r][n], kv[n], qb);
+            }
+        }
+        for (int r = 0; r < RT; r++)
+            for (int n = 0; n < 4; n++) _mm512_storeu_si512(S + r * kspan + (kb + n) * 16, acc[r][n]);
+    }
+    /* weights: int16 into P, int32 over the scores in S, then per 16 keys their sum into bs
+     * (16-vector lane-sum trees: a reduction per block cost ~15 % of the tile) */
+    const __m512d lastv = _mm512_set1_pd(last), magic = _mm512_set1_pd(6755399441055744.0);
+    const __m512i lasti = _mm512_set1_epi32((int32_t)last);
+    for (int r = 0; r < RT; r++) {
+        int32_t *sr = S + r * kspan;
+        int16_t *pr = P + r * kspan;
+        int64_t v = vis[r];
+        __m512i mv = _mm512_set1_epi32(INT32_MIN);
+        for (int64_t k = 0; k < v; k += 16) {
+            __mmask16 mk = v - k >= 16 ? 0xffff : (__mmask16)((1u << (v - k)) - 1);
+            mv = _mm512_mask_max_epi32(mv, mk, mv, _mm512_loadu_si512(sr + k));
+        }
+        const __m512i m = _mm512_set1_epi32(_mm512_reduce_max_epi32(mv));
+        const __m512d f = _mm512_set1_pd(fr[r]);
+        __m512i lsum = _mm512_setzero_si512();
+        for (int64_t k = 0; k < kspan; k += 16) {
+            __mmask16 mk = v - k >= 16 ? 0xffff : v - k <= 0 ? 0 : (__mmask16)((1u << (v - k)) - 1);
+            __m512i pv = _mm512_setzero_si512();
+            if (mk) {
+                __m512i d = _mm512_sub_epi32(m, _mm512_loadu_si512(sr + k));
+                __m512d v0 = _mm512_cvtepi32_pd(_mm512_castsi512_si256(d));
+                __m512d v1 = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(d, 1));
+                v0 = _mm512_min_pd(_mm512_mul_pd(v0, f), lastv);
+                v1 = _mm512_min_pd(_mm512_mul_pd(v1, f), lastv);
+                v0 = _mm512_sub_pd(_mm512_add_pd(v0, magic), magic);
+                v1 = _mm512_sub_pd(_mm512_add_pd(v1, magic), magic);
+                __m512i ix = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtpd_epi32(v0)),
+                                                _mm512_cvtpd_epi32(v1), 1);
+                __mmask16 nz = _mm512_mask_cmpneq_epi32_mask(mk, ix, lasti);
+                if (nz) pv = _mm512_mask_i32gather_epi32(pv, nz, ix, table, 4);
+            }
+            _mm256_storeu_si256((__m256i *)(pr + k), _mm512_cvtepi32_epi16(pv));
+            _mm512_storeu_si512(sr + k, pv);
+            lsum = _mm512_add_epi32(lsum, pv);
+        }
+        l[r] = _mm512_reduce_add_epi32(lsum);
+        for (int64_t k = 0; k < kspan; k += 256) {
+            __m512i blk[16];
+            int32_t sums[16];
+            for (int i = 0; i < 16; i++)
+                blk[i] = k + 16 * i < kspan ? _mm512_loadu_si512(sr + k + 16 * i) : _mm512_setzero_si512();
+            _mm512_storeu_si512(sums, hsum16(blk));
+            for (int i = 0; i < 16 && k + 16 * i < kspan; i++) bs[r * (kspan / 16) + k / 16 + i] = sums[i];
+        }
+    }
+    /* P.V per 16 keys (8 pairs): a block no tile row weighs is skipped; before one that could
+     * take some row's chunk past PV_CHUNK_P the accumulators go to int64. A block's sum is at most
+     * 16 * 2^13 = PV_CHUNK_P + 1: then (all 16 weights 2^13) it is flushed after 8 keys too, and
+     * the chunk counts the 8-key bound 2^16. */
+    int32_t chunk[RT];
+    for (int r = 0; r < RT; r++) {
+        chunk[r] = 0;
+        for (int64_t c = 0; c < hs; c++) o64[r * hs + c] = 0;
+    }
+    int64_t kend = 0;
+    for (int r = 0; r < RT; r++) kend = MAX(kend, vis[r]);
+#define FLUSH1(o, a)                                                                               \
+    {                                                                                              \
+        __m512i x0 = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(a));                             \
+        __m512i x1 = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a, 1));                       \
+        _mm512_storeu_si512((o), _mm512_add_epi64(_mm512_loadu_si512(o), x0));                     \
+        _mm512_storeu_si512((o) + 8, _mm512_add_epi64(_mm512_loadu_si512((o) + 8), x1));           \
+        a = _mm512_setzero_si512();                                                                \
+    }
+    const int64_t nb = kspan / 16;
+    if (nc == 2 && RT == 6) {
+#define PV_DECL(r) __m512i b##r##0 = _mm512_setzero_si512(), b##r##1 = b##r##0, b##r##2 = b##r##0, \
+                          b##r##3 = b##r##0;
+#define PV_FMA(r)                                                                                  \
+    {                                                                                              \
+        int32_t w;                                                                                 \
+        __builtin_memcpy(&w, P + r * kspan + 2 * kp, 4);                                           \
+        __m512i wb = _mm512_set1_epi32(w);                                                         \
+        b##r##0 = dpwssd(b##r##0, v0, wb);                                            \
+        b##r##1 = dpwssd(b##r##1, v1, wb);                                            \
+        b##r##2 = dpwssd(b##r##2, v2, wb);                                            \
+        b##r##3 = dpwssd(b##r##3, v3, wb);                                            \
+    }
+#define PV_FLUSH(r)                                                                                \
+    FLUSH1(o64 + r * 64, b##r##0) FLUSH1(o64 + r * 64 + 16, b##r##1)                               \
+    FLUSH1(o64 + r * 64 + 32, b##r##2) FLUSH1(o64 + r * 64 + 48, b##r##3)
+#define PV_ALL(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#define PV_PAIRS(k0, k1)                                                                           \
+    for (int64_t kp = (k0); kp < (k1); kp++) {                                                     \
+        const int32_t *vp = Vp + kp * 64;                                                          \
+        __m512i v0 = _mm512_loadu_si512(vp), v1 = _mm512_loadu_si512(vp + 16);                     \
+        __m512i v2 = _mm512_loadu_si512(vp + 32), v3 = _mm512_loadu_si512(vp + 48);                \
+        PV_ALL(PV_FMA)                                                                             \
+    }
+        PV_ALL(PV_DECL)
+        for (int64_t k = 0; k < kend; k += 16) {
+            int full = 0, used = 0, split = 0;
+            for (int r = 0; r < RT; r++) {
+                int32_t w = bs[r * nb + k / 16];
+                used |= w;
+                full |= chunk[r] > PV_CHUNK_P - w;
+                split |= w > PV_CHUNK_P;
+            }
+            if (!used) continue;
+            if (full) {
+                PV_ALL(PV_FLUSH)
+                for (int r = 0; r < RT; r++) chunk[r] = 0;
+            }
+            if (split) {
+                PV_PAIRS(k / 2, k / 2 + 4)
+                PV_ALL(PV_FLUSH)
+                PV_PAIRS(k / 2 + 4, k / 2 + 8)
+                for (int r = 0; r < RT; r++) chunk[r] = 65536;
+            } else {
+                PV_PAIRS(k / 2, k / 2 + 8)
+                for (int r = 0; r < RT; r++) chunk[r] += bs[r * nb + k / 16];
+            }
+        }
+        PV_ALL(PV_FLUSH)
+#undef PV_DECL
+#undef PV_FMA
+#undef PV_FLUSH
+#undef PV_ALL
+#undef PV_PAIRS
+    } else {
+        __m512i acc[RT][2 * NCMAX];
+        for (int r = 0; r < RT; r++)
+            for (int c = 0; c < 2 * nc; c++) acc[r][c] = _mm512_setzero_si512();
+        for (int64_t k = 0; k < kend; k += 16) {
+            int full = 0, used = 0, split = 0;
+            for (int r = 0; r < RT; r++) {
+                int32_t w = bs[r * nb + k / 16];
+                used |= w;
+                full |= chunk[r] > PV_CHUNK_P - w;
+                split |= w > PV_CHUNK_P;
+            }
+            if (!used) continue;
+            if (full)
+                for (int r = 0; r < RT; r++) chunk[r] = 0;
+            for (int64_t kp = k / 2; kp < k / 2 + 8; kp++) {
+                if (full || (split && kp == k / 2 + 4)) {
+                    for (int r = 0; r < RT; r++)
+                        for (int c = 0; c < 2 * nc; c++) FLUSH1(o64 + r * hs + 16 * c, acc[r][c])
+                    full = 0;
+                }
+                __m512i vv[2 * NCMAX];
+                for (int c = 0; c < 2 * nc; c++) vv[c] = _mm512_loadu_si512(Vp + kp * hs + 16 * c);
+                for (int r = 0; r < RT; r++) {
+                    int32_t w;
+                    __builtin_memcpy(&w, P + r * kspan + 2 * kp, 4);
+                    __m512i wb = _mm512_set1_epi32(w);
+                    for (int c = 0; c < 2 * nc; c++)
+                        acc[r][c] = dpwssd(acc[r][c], vv[c], wb);
+                }
+            }
+            for (int r = 0; r < RT; r++) chunk[r] = split ? 65536 : chunk[r] + bs[r * nb + k / 16];
+        }
+        for (int r = 0; r < RT; r++)
+            for (int c = 0; c < 2 * nc; c++) FLUSH1(o64 + r * hs + 16 * c, acc[r][c])
+    }
+#undef FLUSH1
+}
+
+/* qi (B, nh, T, hs), f (B, nh, T), keys, values (B, nkv, Tkeys, hs) integer-valued doubles; query
+ * (b, t) sees keys 0..qpos[b, t]; out (B, T, nh * hs). Returns 0 (nothing done) unless the CPU has
+ * VNNI and hs is a multiple of 32 up to 128. */
+VNNI_TARGET static int attend_fwd_vnni(const double *qi, const double *f, const double *keys,
+                                       const double *values, int64_t B, int64_t nkv, int64_t g,
+                                       int64_t T, int64_t Tkeys, int64_t hs, const int64_t *qpos,
+                                       const int32_t *table, int64_t ntab, const double *vscale,
+                                       double *out) {
+    const int64_t hp = hs / 2, nh = nkv * g, Tr = (Tkeys + 63) / 64 * 64;
+    const int64_t Rg = g * T, Rgr = (Rg + RT - 1) / RT * RT;
+    const double last = (double)(ntab - 1);
+    int32_t *Kt = aligned_alloc(64, sizeof(int32_t) * Tr * hp);
+    int32_t *Vp = aligned_alloc(64, sizeof(int32_t) * Tr / 2 * hs);
+    int32_t *Qp = calloc(Rgr * hp, sizeof(int32_t));
+    int32_t *S = aligned_alloc(64, sizeof(int32_t) * RT * Tr);
+    int16_t *P = aligned_alloc(64, sizeof(int16_t) * RT * Tr);
+    int32_t *bs = malloc(sizeof(int32_t) * RT * Tr / 16);
+    int64_t *o64 = malloc(sizeof(int64_t) * RT * hs);
+    int64_t *vis = malloc(sizeof(int64_t) * Rgr);
+    double *fr = calloc(Rgr, sizeof(double));
+    int32_t l[RT];
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t kv = 0; kv < nkv; kv++) {
+            const double *kb = keys + (b * nkv + kv) * Tkeys * hs;
+            const double *vb = values + (b * nkv + kv) * Tkeys * hs;
+            for (int64_t k = 0; k < Tr; k++)
+                for (int64_t cp = 0; cp < hp; cp++) {
+                    int32_t x0 = 0, x1 = 0;
+                    if (k < Tkeys) x0 = (int32_t)kb[k * hs + 2 * cp], x1 = (int32_t)kb[k * hs + 2 * cp + 1];
+                    Kt[((k / 16) * hp + cp) * 16 + k % 16] = (int32_t)((uint32_t)(uint16_t)x0 | ((uint32_t)(uint16_t)x1 << 16));
+                }
+            for (int64_t kp = 0; kp < Tr / 2; kp++)
+                for (int64_t c = 0; c < hs; c++) {
+                    int32_t x0 = 0, x1 = 0;
+                    if (2 * kp < Tkeys) x0 = (int32_t)vb[2 * kp * hs + c];
+                    if (2 * kp + 1 < Tkeys) x1 = (int32_t)vb[(2 * kp + 1) * hs + c];
+                    Vp[kp * hs + c] = (int32_t)((uint32_t)(uint16_t)x0 | ((uint32_t)(uint16_t)x1 << 16));
+                }
+            /* rows (j, t), j major; padding rows: q = 0, nothing visible */
+            for (int64_t j = 0; j < g; j++)
+                for (int64_t t = 0; t < T; t++) {
+                    int64_t r = j * T + t, h = kv * g + j;
+                    const double *q = qi + ((b * nh + h) * T + t) * hs;
+                    for (int64_t cp = 0; cp < hp; cp++)
+                        Qp[r * hp + cp] = (int32_t)((uint32_t)(uint16_t)(int16_t)q[2 * cp] |
+                                                    ((uint32_t)(uint16_t)(int16_t)q[2 * cp + 1] << 16));
+                    vis[r] = MIN(qpos[b * T + t] + 1, Tkeys);
+                    fr[r] = f[(b * nh + h) * T + t];
+                }
+            for (int64_t r = Rg; r < Rgr; r++) vis[r] = 0;
+            for (int64_t r0 = 0; r0 < Rgr; r0 += RT) {
+                int64_t mv = 0;
+                for (int r = 0; r < RT; r++) mv = MAX(mv, vis[r0 + r]);
+                int64_t kspan = MAX((mv + 63) / 64 * 64, 64);
+                if (hs == 64)
+                    fwd_tile(Qp + r0 * hp, Kt, Vp, vis + r0, fr + r0, kspan, 2, table, last, S, P, bs, o64, l);
+                else
+                    fwd_tile(Qp + r0 * hp, Kt, Vp, vis + r0, fr + r0, kspan, (int)(hs / 32), table, last, S, P, bs, o64, l);
+                const double *vs = vscale + kv * hs;
+                for (int r = 0; r < RT && r0 + r < Rg; r++) {
+                    int64_t j = (r0 + r) / T, t = (r0 + r) % T;
+                    double *dst = out + ((b * T + t) * nh + kv * g + j) * hs, dl = (double)l[r];
+                    for (int64_t c = 0; c < hs; c++) dst[c] = (double)o64[r * hs + c] * vs[c] / dl;
+                }
+            }
+        }
+    free(Kt); free(Vp); free(Qp); free(S); free(P); free(bs); free(o64); free(vis); free(fr);
+    return 2;
+}
+#endif
+
+int attend_fwd(const double *qi, const double *f, const double *keys, const double *values,
+               int64_t B, int64_t nkv, int64_t g, int64_t T, int64_t Tkeys, int64_t hs,
+               const int64_t *qpos, const int32_t *table, int64_t ntab, const double *vscale,
+               double *out) {
+#ifdef HAVE_VNNI
+    if (have_vnni() && hs % 32 == 0 && hs <= 32 * NCMAX)
+        return attend_fwd_vnni(qi, f, keys, values, B, nkv, g, T, Tkeys, hs, qpos, table, ntab,
+                               vscale, out);
+#endif
+    return 0;
 }
 
 /* LM head (engine._freq_rows): logits z = value * ws[v] * s[m] (2^12 per nat folded into ws),

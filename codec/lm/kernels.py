@@ -34,6 +34,8 @@ _SOURCE = Path(__file__).with_name("kernels.c")
 # No -march: the cache may be shared between machines. -O3 vectorises the loops with the baseline
 # ISA, and the hot functions carry an AVX2 clone too (gcc target_clones: an ifunc picks one when the
 # library loads); -ffp-contract=off forbids FMA contraction (it would change rounding, see kernels.c).
+# The attention kernels also have AVX-512 VNNI forms (target attributes, chosen at run time by
+# __builtin_cpu_supports), with the same results as the portable ones.
 CFLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
 
 _lock = threading.Lock()
@@ -53,9 +55,14 @@ _SIGNATURES = {
     "split_kv": [_p, _p, _i64, _i64, _i64, _p, _p],
     "softmax_digits": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _p, _p],
     "attn_out_digits": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _i64],
-    "attend_step": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p],
+    "attend_step": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _i64],
+    "attend_fwd": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p],
     "head_freqs": [_p, _i64, _i64, _p, _p, _p, _i64, _i64, _p],
 }
+
+# functions that return something: attend_step returns the form that ran (1 portable, 2 VNNI)
+# attend_fwd returns 2 when it ran, 0 when the CPU or shape needs the digit form
+_RESTYPES = {"attend_step": ctypes.c_int, "attend_fwd": ctypes.c_int}
 
 
 def cache_dir() -> Path:
@@ -67,14 +74,16 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def build() -> Path:
-    """Compile kernels.c (or find it compiled) and return the shared object's path."""
+def build(defines: tuple[str, ...] = ()) -> Path:
+    """Compile kernels.c (or find it compiled) and return the shared object's path. defines: extra
+    -D flags (tests: -DLLMFS_NO_CLONES baseline ISA only, -DLLMFS_NO_VNNI no AVX-512 kernels)."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) found")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     src = _SOURCE.read_bytes()
-    key = hashlib.blake2b(src + "\0".join(CFLAGS + [version, platform.machine()]).encode(),
+    flags = CFLAGS + [f"-D{d}" for d in defines]
+    key = hashlib.blake2b(src + "\0".join(flags + [version, platform.machine()]).encode(),
                           digest_size=12).hexdigest()
     out = cache_dir() / f"kernels-{key}.so"
     if out.exists():
@@ -83,13 +92,22 @@ def build() -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        subprocess.run([cc, *CFLAGS, "-o", tmp, str(_SOURCE), "-lm"], check=True,
+        subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE), "-lm"], check=True,
                        capture_output=True, text=True)
         os.replace(tmp, out)
     except BaseException:
         os.unlink(tmp)
         raise
     return out
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """Load a built kernels library and declare its functions' signatures."""
+    so = ctypes.CDLL(str(path))
+    for name, args in _SIGNATURES.items():
+        fn = getattr(so, name)
+        fn.argtypes, fn.restype = args, _RESTYPES.get(name)
+    return so
 
 
 def lib() -> ctypes.CDLL | None:
@@ -99,15 +117,11 @@ def lib() -> ctypes.CDLL | None:
         if not _tried:
             _tried = True
             try:
-                so = ctypes.CDLL(str(build()))
-                for name, args in _SIGNATURES.items():
-                    fn = getattr(so, name)
-                    fn.argtypes, fn.restype = args, None
-                _lib = so
+                _lib = load(build())
             except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
                 detail = getattr(e, "stderr", "") or e
                 log.warning("fused CPU kernels unavailable, using torch ops (slower): %s", detail)
         return _lib
 
 
-__all__ = ["lib", "build", "cache_dir", "CFLAGS"]
+__all__ = ["lib", "load", "build", "cache_dir", "CFLAGS"]
