@@ -87,3 +87,22 @@ def test_real_model_compaction_round_trip_and_kill9(mounted_with):
     assert (m.mnt / "b").read_bytes() == GPL[4096:12288]
     m.umount()
     assert "clean" in llmfs("fsck", m.store).stdout
+
+
+def test_bench_compaction_checks_its_own_result(tmp_path):
+    """`llmfs bench compaction` end to end with the tiny model: it mounts, compacts, remounts,
+    compares every file with its source and runs fsck — and says so."""
+    def mounts_below() -> list[Path]:
+        with open("/proc/mounts") as f:
+            return [Path(line.split()[1]) for line in f if line.split()[1].startswith(f"{tmp_path}/")]
+    try:
+        res = subprocess.run([sys.executable, "-m", "llmfs.cli", "bench", "compaction", "--size",
+                              "12K", "--model", "tiny", "--write-size", "2M", "--dir", str(tmp_path)],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "after unmount and mount: 0 of" in res.stdout
+        assert "fsck --quick: exit 0" in res.stdout
+        assert not mounts_below()
+    finally:
+        for m in mounts_below():
+            force_unmount(m)
