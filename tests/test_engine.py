@@ -353,3 +353,52 @@ def test_attend_many_queries_vnni_equals_digits_and_torch(shape):
         ops.attend(qi, f, keys, values, qpos, kmax, vscale, table, out)
         outs.append(out)
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
+
+
+def _head_inputs(seed, M, V):
+    """LM head accumulators over the whole range: ordinary logits, halves (rounding ties of
+    max - z), logits far below the maximum (the table's last entry), an all-zero row, huge and tiny
+    scales."""
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.randint(-2 ** 12, 2 ** 12, (2 * M, V), generator=g, dtype=torch.int32)
+    ws = torch.rand(V, generator=g, dtype=torch.float64) * 64
+    s = torch.rand(M, 1, generator=g, dtype=torch.float64)
+    ws[: V // 4] = 0.5                                 # z = value / 2 in rows with s = 1: ties
+    s[1] = 1.0
+    acc[M + 1] = 0                                     # lo = 0: row 1's values are multiples of 128
+    acc[M + 1, :V // 4] = torch.randint(-3, 4, (V // 4,), generator=g)
+    acc[1, V // 4:] = 0                                # the maximum among the halves
+    acc[2], acc[M + 2] = 0, 0                          # a zero row: every d = 0
+    s[3] = 1e-9                                        # all logits within one step of the maximum
+    s[4] = 1e6                                         # nearly all at the last entry
+    acc[5, :3] = 2 ** 24 // 128                        # a few large values, the rest tiny
+    return acc, ws, s
+
+
+@needs_kernels
+@pytest.mark.parametrize("M,V", [(6, 49152), (7, 1000), (6, 259), (8, 9), (6, 16)])
+def test_head_freqs_avx512_equals_portable_and_torch(M, V):
+    from codec.lm.engine import logit_exp_table
+    acc, ws, s = _head_inputs(M * 1000 + V, M, V)
+    table = logit_exp_table()
+    budget = 2 ** FREQ_TOTAL_BITS - V
+    outs, ran = [], []
+    for ops in (FusedOps(kernels.lib(), 1), FusedOps(kernels.lib(), 2), TorchOps()):
+        out = torch.empty(M, V, dtype=torch.int32)
+        ran.append(ops.head_freqs(acc, ws, s, table, budget, out))
+        outs.append(out)
+    assert ran[:2] == [1, 2 if _has_avx512() else 1]
+    z = TorchOps().combine(acc, ws, s)
+    d = z.amax(dim=1, keepdim=True) - z
+    assert bool(((d[1] - d[1].floor()) == 0.5).any())   # ties for round-half-even
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
+    assert int(outs[2][2].min()) > 1 and int((outs[2][4] == 1).sum()) >= V - 3
+    assert int(outs[2].sum(dim=1).max()) <= 2 ** FREQ_TOTAL_BITS
+
+
+def _has_avx512() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+    return all(f in flags for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl"))

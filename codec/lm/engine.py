@@ -480,8 +480,9 @@ class FusedOps(TorchOps):
     """The same steps through kernels.c (CPU only): one or two passes instead of ~10 torch ops."""
 
     def __init__(self, lib, impl: int = 0):
-        """impl: which form of the C attention kernels runs, 0 the fastest the CPU allows,
-        1 the portable one, 2 AVX-512 VNNI where the CPU has it (tests compare them)."""
+        """impl: which form of the C kernels runs (attention, head_freqs, ...), 0 the fastest the
+        CPU allows, 1 the portable one, 2 AVX-512 (VNNI for attention) where the CPU has it
+        (tests compare them)."""
         self.lib = lib
         self.impl = impl
 
@@ -604,9 +605,10 @@ class FusedOps(TorchOps):
                           _ptr(out, torch.float64), out.shape[1], t0)
 
     def head_freqs(self, acc, ws, s, table, budget, out):
-        self.lib.head_freqs(_ptr(acc, torch.int32), acc.shape[0] // 2, acc.shape[1],
+        return self.lib.head_freqs(_ptr(acc, torch.int32), acc.shape[0] // 2, acc.shape[1],
                             _ptr(ws, torch.float64), _ptr(s, torch.float64),
-                            _ptr(table, torch.int64), table.numel(), budget, _ptr(out, torch.int32))
+                            _ptr(table, torch.int64), table.numel(), budget, _ptr(out, torch.int32),
+                            self.impl)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

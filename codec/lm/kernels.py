@@ -57,12 +57,12 @@ _SIGNATURES = {
     "attn_out_digits": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _i64],
     "attend_step": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _i64],
     "attend_fwd": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p],
-    "head_freqs": [_p, _i64, _i64, _p, _p, _p, _i64, _i64, _p],
+    "head_freqs": [_p, _i64, _i64, _p, _p, _p, _i64, _i64, _p, _i64],
 }
 
 # functions that return something: attend_step returns the form that ran (1 portable, 2 VNNI)
 # attend_fwd returns 2 when it ran, 0 when the CPU or shape needs the digit form
-_RESTYPES = {"attend_step": ctypes.c_int, "attend_fwd": ctypes.c_int}
+_RESTYPES = {"attend_step": ctypes.c_int, "attend_fwd": ctypes.c_int, "head_freqs": ctypes.c_int}
 
 
 def cache_dir() -> Path:
