@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from codec.lm import kernels
-from codec.lm.engine import (FREQ_TOTAL_BITS, Engine, FusedOps, TorchOps, det_sqrt,
+from codec.lm.engine import (ACT_MAX, FREQ_TOTAL_BITS, Engine, FusedOps, TorchOps, det_sqrt,
                              sigmoid_table)
 
 
@@ -402,3 +402,45 @@ def _has_avx512() -> bool:
     except OSError:
         return False
     return all(f in flags for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl"))
+
+
+@needs_kernels
+@pytest.mark.parametrize("K", [1, 7, 16, 17, 96, 576, 1539])
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e4])
+def test_elementwise_avx512_equals_portable_and_torch(K, scale):
+    """quant_rows, rmsnorm_quant and swiglu_quant: the AVX-512 forms (whole and masked blocks of 16),
+    the portable loops and the torch ops agree, with rounding ties (quantisation and the sigmoid
+    table index), zero rows, inputs beyond the sigmoid range and tiny/huge magnitudes."""
+    g = torch.Generator().manual_seed(K * 7 + int(scale * 10) % 1000)
+    forms = (FusedOps(kernels.lib(), 1), FusedOps(kernels.lib(), 2), TorchOps())
+    x = torch.randn(9, K, generator=g, dtype=torch.float64) * scale
+    x[1] = torch.round(x[1] * 4) / 4                  # exact quarters and halves: ties
+    x[1, 0] = 2.0 * scale                             # so that the row's scale is a power of two
+    x[2] = 0                                          # an all-zero row
+    x[3, ::2] = 1e-300                                # tiny next to ordinary values
+    x[4] = torch.randint(-ACT_MAX, ACT_MAX, (K,), generator=g, dtype=torch.float64) + 0.5
+    x[4, 0] = ACT_MAX                                 # s = 1: x / s has ties at .5
+    w = 1 + 0.1 * torch.randn(K, generator=g, dtype=torch.float64)
+
+    def same(name, *args):
+        r = [getattr(f, name)(*args) for f in forms]
+        for a in r[1:]:
+            assert torch.equal(a[0], r[0][0]) and torch.equal(a[1], r[0][1]), name
+
+    for int8 in (False, True):
+        same("quant_rows", x, int8)
+        same("rmsnorm_quant", x, w, 1e-5, int8)
+    sig = sigmoid_table()
+    for rows in (2 * 9, 9):                           # stacked hi/lo, single
+        acc = torch.randint(-2 ** 20, 2 ** 20, (rows, 2 * K), generator=g, dtype=torch.int32)
+        acc[1] = torch.randint(-2 ** 18, 2 ** 18, (2 * K,), generator=g)
+        acc[2] = 0
+        if rows == 2 * 9:
+            acc[9 + 1] = torch.randint(-64, 64, (2 * K,), generator=g)   # odd values: ties
+            acc[9 + 2] = 0
+        ws = torch.rand(2 * K, generator=g, dtype=torch.float64) * scale * 1e-5
+        ws[:K] = 2.0 ** -13                           # gate = acc * 2^-13 * s: index ties ...
+        s = torch.rand(9, 1, generator=g, dtype=torch.float64)
+        s[1] = 1.0                                    # ... in row 1 (odd acc), |gate| up to 32
+        s[5] = 1e6                                    # gates far beyond +-24
+        same("swiglu_quant", acc, ws, s, sig)

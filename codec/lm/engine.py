@@ -490,7 +490,8 @@ class FusedOps(TorchOps):
         M, K = x.shape
         q = torch.empty(M if int8 else 2 * M, K, dtype=torch.int8)
         s = torch.empty(M, 1, dtype=torch.float64)
-        self.lib.quant_rows(_ptr(x, torch.float64), M, K, q.data_ptr(), s.data_ptr(), int8)
+        self.lib.quant_rows(_ptr(x, torch.float64), M, K, q.data_ptr(), s.data_ptr(), int8,
+                            self.impl)
         return q, s
 
     def rmsnorm_quant(self, x, weight, eps, int8=False):
@@ -498,7 +499,7 @@ class FusedOps(TorchOps):
         q = torch.empty(M if int8 else 2 * M, K, dtype=torch.int8)
         s = torch.empty(M, 1, dtype=torch.float64)
         self.lib.rmsnorm_quant(_ptr(x, torch.float64), M, K, _ptr(weight, torch.float64), eps,
-                               q.data_ptr(), s.data_ptr(), int8)
+                               q.data_ptr(), s.data_ptr(), int8, self.impl)
         return q, s
 
     def combine(self, acc, ws, s, residual=None):
@@ -515,7 +516,7 @@ class FusedOps(TorchOps):
         qs = torch.empty(M, 1, dtype=torch.float64)
         self.lib.swiglu_quant(_ptr(acc, torch.int32), M, F, _ptr(ws, torch.float64),
                               _ptr(s, torch.float64), _ptr(sig, torch.float64), q.data_ptr(),
-                              qs.data_ptr(), acc.shape[0] == 2 * M)
+                              qs.data_ptr(), acc.shape[0] == 2 * M, self.impl)
         return q, qs
 
     def qkv_post(self, h, B, T, nh, nkv, hs, qpos, cos, sin, kscale, vscale, qkscale):

@@ -44,10 +44,10 @@ _tried = False
 
 _i64, _p = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
-    "quant_rows": [_p, _i64, _i64, _p, _p, ctypes.c_int],
-    "rmsnorm_quant": [_p, _i64, _i64, _p, ctypes.c_double, _p, _p, ctypes.c_int],
+    "quant_rows": [_p, _i64, _i64, _p, _p, ctypes.c_int, _i64],
+    "rmsnorm_quant": [_p, _i64, _i64, _p, ctypes.c_double, _p, _p, ctypes.c_int, _i64],
     "combine": [_p, _i64, _i64, _p, _p, _p, ctypes.c_int, ctypes.c_int],
-    "swiglu_quant": [_p, _i64, _i64, _p, _p, _p, _p, _p, ctypes.c_int],
+    "swiglu_quant": [_p, _i64, _i64, _p, _p, _p, _p, _p, ctypes.c_int, _i64],
     "qkv_post": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _p, _p, ctypes.c_double,
                  ctypes.c_double, ctypes.c_double, _p, _p, _p, _p],
     "softmax_weights": [_p, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _p],
@@ -61,8 +61,10 @@ _SIGNATURES = {
 }
 
 # functions that return something: attend_step returns the form that ran (1 portable, 2 VNNI)
-# attend_fwd returns 2 when it ran, 0 when the CPU or shape needs the digit form
-_RESTYPES = {"attend_step": ctypes.c_int, "attend_fwd": ctypes.c_int, "head_freqs": ctypes.c_int}
+# attend_fwd returns 2 when it ran, 0 when the CPU or shape needs the digit form; head_freqs,
+# quant_rows, rmsnorm_quant and swiglu_quant take impl like attend_step and return the form that ran
+_RESTYPES = {"attend_step": ctypes.c_int, "attend_fwd": ctypes.c_int, "head_freqs": ctypes.c_int,
+             "quant_rows": ctypes.c_int, "rmsnorm_quant": ctypes.c_int, "swiglu_quant": ctypes.c_int}
 
 
 def cache_dir() -> Path:
