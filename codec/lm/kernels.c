@@ -366,6 +366,16 @@ AVX512_TARGET static void swiglu_quant_avx512(const int32_t *restrict acc, int64
         __m512d am = _mm512_setzero_pd();
         for (int64_t n = 0; n < F; n += 8) {
             __mmask8 k = (__mmask8)((1u << MIN(8, F - n)) - 1);
+            /* the (rows, 2F) accumulators come from the GEMM just before (12.6 MB per 1024
+             * rows): prefetching 512 bytes ahead took the kernel from 113 to 69 ms per 1024
+             * tokens (30 layers) in the engine; the hardware prefetcher alone waits on memory.
+             * (The LM head's pass over its accumulators gained nothing from it.) */
+            _mm_prefetch((const char *)(hi + n + 128), _MM_HINT_T0);
+            _mm_prefetch((const char *)(hi + F + n + 128), _MM_HINT_T0);
+            if (stacked) {
+                _mm_prefetch((const char *)(lo + n + 128), _MM_HINT_T0);
+                _mm_prefetch((const char *)(lo + F + n + 128), _MM_HINT_T0);
+            }
             __m512d g = _mm512_cvtepi32_pd(_mm256_maskz_loadu_epi32(k, hi + n));
             __m512d u = _mm512_cvtepi32_pd(_mm256_maskz_loadu_epi32(k, hi + F + n));
             if (stacked) {
