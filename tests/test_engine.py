@@ -408,7 +408,7 @@ def _has_avx512() -> bool:
 @pytest.mark.parametrize("K", [1, 7, 16, 17, 96, 576, 1539])
 @pytest.mark.parametrize("scale", [1e-6, 1.0, 1e4])
 def test_elementwise_avx512_equals_portable_and_torch(K, scale):
-    """quant_rows, rmsnorm_quant and swiglu_quant: the AVX-512 forms (whole and masked blocks of 16),
+    """quant_rows, rmsnorm_quant, swiglu_quant and combine: the AVX-512 forms (whole and masked blocks of 16),
     the portable loops and the torch ops agree, with rounding ties (quantisation and the sigmoid
     table index), zero rows, inputs beyond the sigmoid range and tiny/huge magnitudes."""
     g = torch.Generator().manual_seed(K * 7 + int(scale * 10) % 1000)
@@ -444,3 +444,6 @@ def test_elementwise_avx512_equals_portable_and_torch(K, scale):
         s[1] = 1.0                                    # ... in row 1 (odd acc), |gate| up to 32
         s[5] = 1e6                                    # gates far beyond +-24
         same("swiglu_quant", acc, ws, s, sig)
+        for add in (False, True):
+            r = [f.combine(acc, ws, s, x.repeat(1, 2).clone() if add else None) for f in forms]
+            assert torch.equal(r[0], r[2]) and torch.equal(r[1], r[2]), "combine"
