@@ -44,9 +44,6 @@ static int have_avx512(void) {
 #define MAX(a, b) ((a) > (b) ? (a) : (b))
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 #define HEAD_LANES 8
-#ifndef HF_BLOCK
-#define HF_BLOCK (1 << 30)
-#endif
 
 /* The hot loops are compiled twice and picked when the library loads (gcc target_clones, an ifunc):
  * for AVX2 (8 int32 / 4 double lanes, gathers for the table lookups) and for the baseline ISA, since
@@ -1345,8 +1342,9 @@ void head_freqs_portable(const int32_t *restrict acc, int64_t M, int64_t V,
 
 #ifdef HAVE_VNNI
 /* head_freqs 8 entries at a time. Indices at the table's last entry (logits more than ~21 nats
- * below the maximum: a third of them) still load their (last) entry: skipping them by a branch or a
- * masked gather was slower. */
+ * below the maximum: a third of them) still load their (last) entry: skipping them in a masked
+ * gather was slower. The kernel is bound by memory: reading the (2 * 64, V) accumulators (25 MB
+ * per call) and, in the engine, first-touch page faults of the 200 MB-per-segment output. */
 AVX512_TARGET static void head_freqs_avx512(const int32_t *restrict acc, int64_t M, int64_t V,
                                             const double *restrict ws, const double *restrict s,
                                             const int64_t *restrict table, int64_t ntab,
@@ -1388,23 +1386,20 @@ AVX512_TARGET static void head_freqs_avx512(const int32_t *restrict acc, int64_t
         const __m512d m = _mm512_set1_pd(_mm512_reduce_max_pd(_mm512_max_pd(mx0, mx1)));
         int32_t *restrict o = out + i * V;
         /* indices 8 at a time into o, then the table entries by scalar loads: on this AMD EPYC
-         * (Zen 4) the whole kernel took 60 ms per 1024 rows so, 75-85 ms with vpgatherdq (masked
-         * or not), 65-85 ms in L1-sized blocks of 128-2048 entries (HF_BLOCK) */
+         * (Zen 4) the kernel alone took ~60-65 ms per 1024 rows so, 75-85 ms with vpgatherdq
+         * (masked or not), 65-85 ms in L1-sized blocks of 128-2048 entries */
+        for (v = 0; v < V; v += 8) {
+            __mmask8 k = (__mmask8)((1u << MIN(8, V - v)) - 1);
+            __m512d d = _mm512_xor_pd(_mm512_sub_pd(_mm512_maskz_loadu_pd(k, z + v), m), sign);
+            d = _mm512_min_pd(d, vlast);                        /* d < last ? d : last */
+            d = _mm512_sub_pd(_mm512_add_pd(d, magic), magic);  /* round_even */
+            store8x32(o + v, k, _mm512_cvtpd_epi32(d));          /* exact integers */
+        }
         int64_t total = 0;
-        for (int64_t b = 0; b < V; b += HF_BLOCK) {
-            const int64_t be = MIN(V, b + HF_BLOCK);
-            for (v = b; v < be; v += 8) {
-                __mmask8 k = (__mmask8)((1u << MIN(8, be - v)) - 1);
-                __m512d d = _mm512_xor_pd(_mm512_sub_pd(_mm512_maskz_loadu_pd(k, z + v), m), sign);
-                d = _mm512_min_pd(d, vlast);                        /* d < last ? d : last */
-                d = _mm512_sub_pd(_mm512_add_pd(d, magic), magic);  /* round_even */
-                store8x32(o + v, k, _mm512_cvtpd_epi32(d));          /* exact integers */
-            }
-            for (v = b; v < be; v++) {
-                int64_t e = table[o[v]];
-                o[v] = (int32_t)e;
-                total += e;
-            }
+        for (v = 0; v < V; v++) {
+            int64_t e = table[o[v]];
+            o[v] = (int32_t)e;
+            total += e;
         }
         /* the portable loop's exact floor division: double estimate, one correction each way */
         const __m512d inv = _mm512_set1_pd(1.0 / (double)total);

@@ -34,8 +34,9 @@ _SOURCE = Path(__file__).with_name("kernels.c")
 # No -march: the cache may be shared between machines. -O3 vectorises the loops with the baseline
 # ISA, and the hot functions carry an AVX2 clone too (gcc target_clones: an ifunc picks one when the
 # library loads); -ffp-contract=off forbids FMA contraction (it would change rounding, see kernels.c).
-# The attention kernels also have AVX-512 VNNI forms (target attributes, chosen at run time by
-# __builtin_cpu_supports), with the same results as the portable ones.
+# The attention kernels also have AVX-512 VNNI forms, and head_freqs, swiglu_quant, rmsnorm_quant and
+# quant_rows AVX-512 forms (target attributes, chosen at run time by __builtin_cpu_supports), with
+# the same results as the portable ones.
 CFLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
 
 _lock = threading.Lock()
