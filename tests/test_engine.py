@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from codec.lm import kernels
-from codec.lm.engine import (FREQ_TOTAL_BITS, Engine, FusedOps, TorchOps, det_sqrt,
+from codec.lm.engine import (ACT_MAX, FREQ_TOTAL_BITS, Engine, FusedOps, TorchOps, det_sqrt,
                              sigmoid_table)
 
 
@@ -353,3 +353,97 @@ def test_attend_many_queries_vnni_equals_digits_and_torch(shape):
         ops.attend(qi, f, keys, values, qpos, kmax, vscale, table, out)
         outs.append(out)
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
+
+
+def _head_inputs(seed, M, V):
+    """LM head accumulators over the whole range: ordinary logits, halves (rounding ties of
+    max - z), logits far below the maximum (the table's last entry), an all-zero row, huge and tiny
+    scales."""
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.randint(-2 ** 12, 2 ** 12, (2 * M, V), generator=g, dtype=torch.int32)
+    ws = torch.rand(V, generator=g, dtype=torch.float64) * 64
+    s = torch.rand(M, 1, generator=g, dtype=torch.float64)
+    ws[: V // 4] = 0.5                                 # z = value / 2 in rows with s = 1: ties
+    s[1] = 1.0
+    acc[M + 1] = 0                                     # lo = 0: row 1's values are multiples of 128
+    acc[M + 1, :V // 4] = torch.randint(-3, 4, (V // 4,), generator=g)
+    acc[1, V // 4:] = 0                                # the maximum among the halves
+    acc[2], acc[M + 2] = 0, 0                          # a zero row: every d = 0
+    s[3] = 1e-9                                        # all logits within one step of the maximum
+    s[4] = 1e6                                         # nearly all at the last entry
+    acc[5, :3] = 2 ** 24 // 128                        # a few large values, the rest tiny
+    return acc, ws, s
+
+
+@needs_kernels
+@pytest.mark.parametrize("M,V", [(6, 49152), (7, 1000), (6, 259), (8, 9), (6, 16)])
+def test_head_freqs_avx512_equals_portable_and_torch(M, V):
+    from codec.lm.engine import logit_exp_table
+    acc, ws, s = _head_inputs(M * 1000 + V, M, V)
+    table = logit_exp_table()
+    budget = 2 ** FREQ_TOTAL_BITS - V
+    outs, ran = [], []
+    for ops in (FusedOps(kernels.lib(), 1), FusedOps(kernels.lib(), 2), TorchOps()):
+        out = torch.empty(M, V, dtype=torch.int32)
+        ran.append(ops.head_freqs(acc, ws, s, table, budget, out))
+        outs.append(out)
+    assert ran[:2] == [1, 2 if _has_avx512() else 1]
+    z = TorchOps().combine(acc, ws, s)
+    d = z.amax(dim=1, keepdim=True) - z
+    assert bool(((d[1] - d[1].floor()) == 0.5).any())   # ties for round-half-even
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
+    assert int(outs[2][2].min()) > 1 and int((outs[2][4] == 1).sum()) >= V - 3
+    assert int(outs[2].sum(dim=1).max()) <= 2 ** FREQ_TOTAL_BITS
+
+
+def _has_avx512() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+    return all(f in flags for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl"))
+
+
+@needs_kernels
+@pytest.mark.parametrize("K", [1, 7, 16, 17, 96, 576, 1539])
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e4])
+def test_elementwise_avx512_equals_portable_and_torch(K, scale):
+    """quant_rows, rmsnorm_quant, swiglu_quant and combine: the AVX-512 forms (whole and masked blocks of 16),
+    the portable loops and the torch ops agree, with rounding ties (quantisation and the sigmoid
+    table index), zero rows, inputs beyond the sigmoid range and tiny/huge magnitudes."""
+    g = torch.Generator().manual_seed(K * 7 + int(scale * 10) % 1000)
+    forms = (FusedOps(kernels.lib(), 1), FusedOps(kernels.lib(), 2), TorchOps())
+    x = torch.randn(9, K, generator=g, dtype=torch.float64) * scale
+    x[1] = torch.round(x[1] * 4) / 4                  # exact quarters and halves: ties
+    x[1, 0] = 2.0 * scale                             # so that the row's scale is a power of two
+    x[2] = 0                                          # an all-zero row
+    x[3, ::2] = 1e-300                                # tiny next to ordinary values
+    x[4] = torch.randint(-ACT_MAX, ACT_MAX, (K,), generator=g, dtype=torch.float64) + 0.5
+    x[4, 0] = ACT_MAX                                 # s = 1: x / s has ties at .5
+    w = 1 + 0.1 * torch.randn(K, generator=g, dtype=torch.float64)
+
+    def same(name, *args):
+        r = [getattr(f, name)(*args) for f in forms]
+        for a in r[1:]:
+            assert torch.equal(a[0], r[0][0]) and torch.equal(a[1], r[0][1]), name
+
+    for int8 in (False, True):
+        same("quant_rows", x, int8)
+        same("rmsnorm_quant", x, w, 1e-5, int8)
+    sig = sigmoid_table()
+    for rows in (2 * 9, 9):                           # stacked hi/lo, single
+        acc = torch.randint(-2 ** 20, 2 ** 20, (rows, 2 * K), generator=g, dtype=torch.int32)
+        acc[1] = torch.randint(-2 ** 18, 2 ** 18, (2 * K,), generator=g)
+        acc[2] = 0
+        if rows == 2 * 9:
+            acc[9 + 1] = torch.randint(-64, 64, (2 * K,), generator=g)   # odd values: ties
+            acc[9 + 2] = 0
+        ws = torch.rand(2 * K, generator=g, dtype=torch.float64) * scale * 1e-5
+        ws[:K] = 2.0 ** -13                           # gate = acc * 2^-13 * s: index ties ...
+        s = torch.rand(9, 1, generator=g, dtype=torch.float64)
+        s[1] = 1.0                                    # ... in row 1 (odd acc), |gate| up to 32
+        s[5] = 1e6                                    # gates far beyond +-24
+        same("swiglu_quant", acc, ws, s, sig)
+        for add in (False, True):
+            r = [f.combine(acc, ws, s, x.repeat(1, 2).clone() if add else None) for f in forms]
+            assert torch.equal(r[0], r[2]) and torch.equal(r[1], r[2]), "combine"

@@ -50,6 +50,11 @@ SwiGLU 0.13, RMSNorm 0.06. bench/engine_bench.py, int8 peak measured in the same
 (v4 20.0-21.4 %); at positions 480..511 attention dominates: ~11 % either way. The fused C loops
 run on one thread: with a second Python thread the kernels alone ran 2x faster, but inside freqs
 the gain vanished (torch's OpenMP workers spin on the other core between GEMMs).
+With the AVX-512 forms of the elementwise kernels (same bits; FusedOps impl 1 vs 0, per 1024-token
+segment inside freqs, 1 thread): SwiGLU 0.13 -> 0.065-0.08, RMSNorm 0.06 -> 0.02, frequencies
+0.15 -> 0.135 (bound by memory: the accumulators and ~0.08 s of first-touch page faults of the
+200 MB output); engine_bench, alternating runs: freqs 22.2-23.3 -> 25.0-26.1 % of the int8 peak,
+step (batch 64, positions 0..31) 23.1-24.5 -> 25.9-26.7 %, at 960..991 11.7 -> 11.9 %.
 """
 from __future__ import annotations
 
@@ -480,8 +485,9 @@ class FusedOps(TorchOps):
     """The same steps through kernels.c (CPU only): one or two passes instead of ~10 torch ops."""
 
     def __init__(self, lib, impl: int = 0):
-        """impl: which form of the C attention kernels runs, 0 the fastest the CPU allows,
-        1 the portable one, 2 AVX-512 VNNI where the CPU has it (tests compare them)."""
+        """impl: which form of the C kernels runs (attention, head_freqs, ...), 0 the fastest the
+        CPU allows, 1 the portable one, 2 AVX-512 (VNNI for attention) where the CPU has it
+        (tests compare them)."""
         self.lib = lib
         self.impl = impl
 
@@ -489,7 +495,8 @@ class FusedOps(TorchOps):
         M, K = x.shape
         q = torch.empty(M if int8 else 2 * M, K, dtype=torch.int8)
         s = torch.empty(M, 1, dtype=torch.float64)
-        self.lib.quant_rows(_ptr(x, torch.float64), M, K, q.data_ptr(), s.data_ptr(), int8)
+        self.lib.quant_rows(_ptr(x, torch.float64), M, K, q.data_ptr(), s.data_ptr(), int8,
+                            self.impl)
         return q, s
 
     def rmsnorm_quant(self, x, weight, eps, int8=False):
@@ -497,7 +504,7 @@ class FusedOps(TorchOps):
         q = torch.empty(M if int8 else 2 * M, K, dtype=torch.int8)
         s = torch.empty(M, 1, dtype=torch.float64)
         self.lib.rmsnorm_quant(_ptr(x, torch.float64), M, K, _ptr(weight, torch.float64), eps,
-                               q.data_ptr(), s.data_ptr(), int8)
+                               q.data_ptr(), s.data_ptr(), int8, self.impl)
         return q, s
 
     def combine(self, acc, ws, s, residual=None):
@@ -514,7 +521,7 @@ class FusedOps(TorchOps):
         qs = torch.empty(M, 1, dtype=torch.float64)
         self.lib.swiglu_quant(_ptr(acc, torch.int32), M, F, _ptr(ws, torch.float64),
                               _ptr(s, torch.float64), _ptr(sig, torch.float64), q.data_ptr(),
-                              qs.data_ptr(), acc.shape[0] == 2 * M)
+                              qs.data_ptr(), acc.shape[0] == 2 * M, self.impl)
         return q, qs
 
     def qkv_post(self, h, B, T, nh, nkv, hs, qpos, cos, sin, kscale, vscale, qkscale):
@@ -604,9 +611,10 @@ class FusedOps(TorchOps):
                           _ptr(out, torch.float64), out.shape[1], t0)
 
     def head_freqs(self, acc, ws, s, table, budget, out):
-        self.lib.head_freqs(_ptr(acc, torch.int32), acc.shape[0] // 2, acc.shape[1],
+        return self.lib.head_freqs(_ptr(acc, torch.int32), acc.shape[0] // 2, acc.shape[1],
                             _ptr(ws, torch.float64), _ptr(s, torch.float64),
-                            _ptr(table, torch.int64), table.numel(), budget, _ptr(out, torch.int32))
+                            _ptr(table, torch.int64), table.numel(), budget, _ptr(out, torch.int32),
+                            self.impl)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -34,8 +34,9 @@ _SOURCE = Path(__file__).with_name("kernels.c")
 # No -march: the cache may be shared between machines. -O3 vectorises the loops with the baseline
 # ISA, and the hot functions carry an AVX2 clone too (gcc target_clones: an ifunc picks one when the
 # library loads); -ffp-contract=off forbids FMA contraction (it would change rounding, see kernels.c).
-# The attention kernels also have AVX-512 VNNI forms (target attributes, chosen at run time by
-# __builtin_cpu_supports), with the same results as the portable ones.
+# The attention kernels also have AVX-512 VNNI forms, and head_freqs, swiglu_quant, rmsnorm_quant and
+# quant_rows AVX-512 forms (target attributes, chosen at run time by __builtin_cpu_supports), with
+# the same results as the portable ones.
 CFLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
 
 _lock = threading.Lock()
@@ -44,10 +45,10 @@ _tried = False
 
 _i64, _p = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
-    "quant_rows": [_p, _i64, _i64, _p, _p, ctypes.c_int],
-    "rmsnorm_quant": [_p, _i64, _i64, _p, ctypes.c_double, _p, _p, ctypes.c_int],
+    "quant_rows": [_p, _i64, _i64, _p, _p, ctypes.c_int, _i64],
+    "rmsnorm_quant": [_p, _i64, _i64, _p, ctypes.c_double, _p, _p, ctypes.c_int, _i64],
     "combine": [_p, _i64, _i64, _p, _p, _p, ctypes.c_int, ctypes.c_int],
-    "swiglu_quant": [_p, _i64, _i64, _p, _p, _p, _p, _p, ctypes.c_int],
+    "swiglu_quant": [_p, _i64, _i64, _p, _p, _p, _p, _p, ctypes.c_int, _i64],
     "qkv_post": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _p, _p, ctypes.c_double,
                  ctypes.c_double, ctypes.c_double, _p, _p, _p, _p],
     "softmax_weights": [_p, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _p],
@@ -57,12 +58,14 @@ _SIGNATURES = {
     "attn_out_digits": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _i64],
     "attend_step": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _i64],
     "attend_fwd": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p],
-    "head_freqs": [_p, _i64, _i64, _p, _p, _p, _i64, _i64, _p],
+    "head_freqs": [_p, _i64, _i64, _p, _p, _p, _i64, _i64, _p, _i64],
 }
 
 # functions that return something: attend_step returns the form that ran (1 portable, 2 VNNI)
-# attend_fwd returns 2 when it ran, 0 when the CPU or shape needs the digit form
-_RESTYPES = {"attend_step": ctypes.c_int, "attend_fwd": ctypes.c_int}
+# attend_fwd returns 2 when it ran, 0 when the CPU or shape needs the digit form; head_freqs,
+# quant_rows, rmsnorm_quant and swiglu_quant take impl like attend_step and return the form that ran
+_RESTYPES = {"attend_step": ctypes.c_int, "attend_fwd": ctypes.c_int, "head_freqs": ctypes.c_int,
+             "quant_rows": ctypes.c_int, "rmsnorm_quant": ctypes.c_int, "swiglu_quant": ctypes.c_int}
 
 
 def cache_dir() -> Path:
