@@ -10,9 +10,10 @@ Every value is a function of one token's row of inputs, computed only with opera
 fixed by IEEE 754 or by integer arithmetic:
 
   * matmuls and sums run on integers and are exact in any order: linear layers are
-    `torch._int_mm` (int8 x int8 -> int32); attention scores and P.V are int8 GEMMs on digits
-    of the operands (FusedOps) or float64 GEMMs on the integers (TorchOps, and decoding), whose
-    sums provably stay below 2^31 / 2^53 (bounds next to the code);
+    `torch._int_mm` (int8 x int8 -> int32); attention scores and P.V are int16 x int16 -> int32
+    dot products in C (FusedOps: AVX-512 VNNI where the CPU has it, else pmaddwd loops when
+    decoding and int8 GEMMs on digits of the operands when encoding) or float64 GEMMs on the
+    integers (TorchOps), whose sums provably stay below 2^31 / 2^53 (bounds next to the code);
     sums (RMSNorm, softmax, frequency totals) are integer sums below 2^53;
   * elementwise +, -, *, / in float64: IEEE 754 rounds each correctly, so CPU (any vector width,
     any thread count) and CUDA agree bit for bit. Square roots are Newton iterations of those
@@ -41,20 +42,18 @@ change any result, only speed: on oversubscribed cores (2 cores, 3 busy processe
 made a real-model step 70x slower than 1 (2.3 s vs 0.03 s, measured), so callers sharing a machine
 should set torch.set_num_threads to the cores they really have.
 
-Cost (SmolLM2-135M, 1 thread, shared 2-core machine, one 1024-token segment, v5, timing each op
-inside freqs, best of 2): 1.43 s (v4 in the same run 1.56 s), of which linear-layer GEMMs 0.36
-(v4 0.48: gate_up 0.24 -> 0.13, wo 0.045 -> 0.024 with int8 inputs; qkv 0.08 and down 0.125
-still take two passes), attention 0.44, LM head GEMM 0.19 (int16: two passes) and frequencies 0.16,
-SwiGLU 0.13, RMSNorm 0.06. bench/engine_bench.py, int8 peak measured in the same runs: freqs
-(2x1024) 20.1-20.5 % of the roofline (v4 16.8-17.8 %), step (batch 64, positions 0..31) 24.1-24.3 %
-(v4 20.0-21.4 %); at positions 480..511 attention dominates: ~11 % either way. The fused C loops
-run on one thread: with a second Python thread the kernels alone ran 2x faster, but inside freqs
-the gain vanished (torch's OpenMP workers spin on the other core between GEMMs).
-With the AVX-512 forms of the elementwise kernels (same bits; FusedOps impl 1 vs 0, per 1024-token
-segment inside freqs, 1 thread): SwiGLU 0.13 -> 0.065-0.08, RMSNorm 0.06 -> 0.02, frequencies
-0.15 -> 0.135 (bound by memory: the accumulators and ~0.08 s of first-touch page faults of the
-200 MB output); engine_bench, alternating runs: freqs 22.2-23.3 -> 25.0-26.1 % of the int8 peak,
-step (batch 64, positions 0..31) 23.1-24.5 -> 25.9-26.7 %, at 960..991 11.7 -> 11.9 %.
+Cost (SmolLM2-135M, 1 thread, shared 2-core machine, v5 with the VNNI attention and AVX-512
+elementwise kernels, 2026-11-30). bench/engine_bench.py against the int8 peak measured in the same
+run: freqs (2x1024 tokens) 821-842 tokens/s = 24.9-25.4 % of the roofline (v4 at the start of the
+day: 690 = 18.3 %); step at batch 64, positions 0..31 847 tokens/s = 25.5 %, 480..511 540 = 16.6 %,
+960..991 401 = 12.0 %. Per 1024-token segment inside freqs: linear-layer GEMMs 0.36 s (qkv 0.08 and
+down 0.125 in two int16 passes; gate_up 0.13 and wo 0.024 with int8 inputs), attention 0.23, LM
+head GEMM 0.19 (int16: two passes) and frequencies 0.135 (bound by memory, including ~0.08 s of
+first-touch page faults on the 200 MB output), SwiGLU 0.065-0.08, RMSNorm 0.02. Late-position
+decoding is bound by reading the int16 KV cache: 1.4 GB per step at batch 64 and position 960, at
+~20 GB/s. The fused C loops run on one thread: with a second Python thread the kernels alone ran 2x
+faster, but inside freqs the gain vanished (torch's OpenMP workers spin on the other core between
+GEMMs).
 """
 from __future__ import annotations
 
