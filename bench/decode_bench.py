@@ -39,9 +39,12 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--segments", type=int, default=64, help="segments to decode (about)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--payloads", default="/tmp/llmfs-decode-bench.pkl")
+    ap.add_argument("--payloads", default="/tmp/llmfs-decode-bench-{fingerprint}.pkl",
+                    help="cache of the encoded blocks, per codec fingerprint (payloads of another "
+                         "engine version do not decode)")
     a = ap.parse_args(argv)
     codec = open_codec(None, batch=a.batch, threads=a.threads, device="cpu")
+    a.payloads = a.payloads.format(fingerprint=codec.fingerprint.hex())
     if os.path.exists(a.payloads):
         blocks, payloads = pickle.load(open(a.payloads, "rb"))
     else:

@@ -166,6 +166,16 @@ def test_garbled_payload_never_gives_wrong_bytes():
         assert out == TEXT  # a flip the coder happened to absorb; never anything else
 
 
+def test_coded_words_the_model_cannot_produce_are_a_typed_error():
+    """Words that no coder state yields (constriction asserts on them) are ChecksumMismatch, like
+    every other corrupt payload — not an AssertionError escaping to the filesystem or fsck."""
+    c, data = make_codec(trained()), TEXT[:400]
+    payload = c.encode_payload(data)
+    head = len(payload) - 4 * sum(len(g.words) for g in c._parse(payload, 0))
+    with pytest.raises(ChecksumMismatch, match="invalid for this model"):
+        c.decode_many([(payload[:head] + b"\xff" * (len(payload) - head), len(data))])
+
+
 def test_trailing_bytes_are_an_error(codec):
     payload = codec.encode_payload(TEXT)
     with pytest.raises(ChecksumMismatch):

@@ -312,7 +312,11 @@ class LMCodec:
                     for j, r in enumerate(rows):   # coder order: the group's segments in order
                         if r is None:
                             continue
-                        sym = dec.decode(probs[r])
+                        try:
+                            sym = dec.decode(probs[r])
+                        except AssertionError:         # constriction: words no model state gives
+                            raise ChecksumMismatch("LM payload is corrupt: its coded words are "
+                                                   "invalid for this model") from None
                         segs[j].append(sym)
                         feed[r] = sym
                         if len(segs[j]) == groups[k].tokens[j]:
