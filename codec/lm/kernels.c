@@ -1003,6 +1003,21 @@ int attend_step(const double *qi, const double *f, const int16_t *K, const int16
  * out = (double)o * vscale / l as attn_out. */
 #define RT 6   /* query rows per tile: 6 x 4 accumulators (hs = 64) */
 
+/* The P.V block of 16 keys whose per-row weight sums are bs[r * nb] (r < RT tile rows): used if
+ * some row weighs it, full if it could take some row's int32 chunk past PV_CHUNK_P, split if one
+ * row's block sum alone exceeds PV_CHUNK_P (all 16 weights 2^13: flushed after 8 keys). */
+static inline void pv_block_flags(const int32_t *bs, int64_t nb, const int32_t *chunk, int *used,
+                                  int *full, int *split) {
+    int u = 0, f = 0, sp = 0;
+    for (int r = 0; r < RT; r++) {
+        int32_t w = bs[r * nb];
+        u |= w;
+        f |= chunk[r] > PV_CHUNK_P - w;
+        sp |= w > PV_CHUNK_P;
+    }
+    *used = u, *full = f, *split = sp;
+}
+
 VNNI_TARGET static inline __attribute__((always_inline)) void
 fwd_tile(const int32_t *restrict Qp, const int32_t *restrict Kt, const int32_t *restrict Vp,
          const int64_t *restrict vis, const double *restrict fr, int64_t kspan, const int nc,
@@ -1150,13 +1165,8 @@ fwd_tile(const int32_t *restrict Qp, const int32_t *restrict Kt, const int32_t *
     }
         PV_ALL(PV_DECL)
         for (int64_t k = 0; k < kend; k += 16) {
-            int full = 0, used = 0, split = 0;
-            for (int r = 0; r < RT; r++) {
-                int32_t w = bs[r * nb + k / 16];
-                used |= w;
-                full |= chunk[r] > PV_CHUNK_P - w;
-                split |= w > PV_CHUNK_P;
-            }
+            int full, used, split;
+            pv_block_flags(bs + k / 16, nb, chunk, &used, &full, &split);
             if (!used) continue;
             if (full) {
                 PV_ALL(PV_FLUSH)
@@ -1183,13 +1193,8 @@ fwd_tile(const int32_t *restrict Qp, const int32_t *restrict Kt, const int32_t *
         for (int r = 0; r < RT; r++)
             for (int c = 0; c < 2 * nc; c++) acc[r][c] = _mm512_setzero_si512();
         for (int64_t k = 0; k < kend; k += 16) {
-            int full = 0, used = 0, split = 0;
-            for (int r = 0; r < RT; r++) {
-                int32_t w = bs[r * nb + k / 16];
-                used |= w;
-                full |= chunk[r] > PV_CHUNK_P - w;
-                split |= w > PV_CHUNK_P;
-            }
+            int full, used, split;
+            pv_block_flags(bs + k / 16, nb, chunk, &used, &full, &split);
             if (!used) continue;
             if (full)
                 for (int r = 0; r < RT; r++) chunk[r] = 0;
