@@ -100,7 +100,7 @@ class XEngine(Engine):
         mq, s = self._quant(gate * self._sig[j] * up, i, "down")
         return self._lin(mq, s, i, "down", residual=x)
 
-    def _head(self, x, out=None):
+    def head(self, x, out=None):
         c, t = self.config, self._t
         if out is None:
             out = torch.empty(x.shape[0], c.vocab_size, dtype=torch.int32)

@@ -29,6 +29,16 @@ class BigramEngine:
     def freqs(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.table[tokens]  # (B, T, V)
 
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.to(torch.float64).unsqueeze(-1)  # (B, T, 1): the token is the state
+
+    def head(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        rows = self.table[x[:, 0].long()]
+        if out is None:
+            return rows
+        out.copy_(rows)
+        return out
+
     def start(self, batch: int, max_len: int):
         return {"pos": np.zeros(batch, dtype=np.int64), "max_len": max_len}
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 
 from codec import LM, ZSTD, ChecksumMismatch, ContainerError, ModelMismatch, Registry, Truncated
-from codec.lm.codec import LMCodec
+from codec.lm import coder
+from codec.lm.codec import GROUP_SEGMENTS, LMCodec
 from codec.lm.tokenizer import ByteTokenizer
 from tests.fake_engine import BigramEngine
 from tests.lm_helpers import tiny_engine
@@ -83,14 +85,14 @@ def test_payload_independent_of_batch():
 def test_segments_are_cut_at_the_configured_length():
     c = make_codec(BigramEngine(), segment_tokens=33)
     payload = c.encode_payload(b"q" * 100)  # 100 tokens -> 4 segments of <= 32, one group
-    assert payload[:5] == bytes([2, 100, 32, 4, len(payload[5:]) // 4])
+    assert payload[:5] == bytes([2, 100, 32, GROUP_SEGMENTS, len(payload[5:]) // 4])
 
 
 def version1(c: LMCodec, data: bytes) -> bytes:
     """A version 1 payload of `data`: one stream per segment, no group field."""
     c.group = 1
     v2 = c.encode_payload(data)
-    c.group = 4
+    c.group = GROUP_SEGMENTS
     assert v2[0] == 2
     head = bytearray([1])
     pos = 1
@@ -111,8 +113,9 @@ def test_version_1_payloads_still_decode():
 
 
 def test_groups_share_a_stream_and_save_bytes():
-    """Payloads with segments grouped 4 per stream are smaller than one stream per segment, and
-    decode with any batch, also one smaller than a group (the group still gets its 4 rows)."""
+    """Payloads with segments grouped GROUP_SEGMENTS per stream are smaller than one stream per
+    segment, and decode with any batch, also one smaller than a group (the group still gets its
+    rows)."""
     c, data = make_codec(trained()), TEXT * 2        # 18 segments of <= 63 tokens
     grouped, single = c.encode_payload(data), version1(c, data)
     assert len(grouped) < len(single) - 2 * 12
@@ -120,11 +123,34 @@ def test_groups_share_a_stream_and_save_bytes():
         assert make_codec(trained(), batch=b).decode_many([(grouped, len(data))]) == [data]
 
 
+def test_streaming_encoder_codes_what_whole_tables_would(monkeypatch):
+    """The encoder runs the LM head a chunk of positions at a time (engine.hidden, then
+    engine.head); its words equal coding each group from whole engine.freqs tables, whatever the
+    chunk size — on the tiny real engine, whose hidden states and head are the real code."""
+    engine = tiny_engine()
+    c = LMCodec((engine, ByteTokenizer()), segment_tokens=40)
+    data = TEXT[:700]                                   # 18 segments: groups of 16 and 2
+    segs = c.segments(data)
+    expect = []
+    for a in range(0, len(segs), c.group):
+        group = segs[a:a + c.group]
+        batch = torch.full((len(group), 1 + max(map(len, group))), engine.bos_id)
+        for r, seg in enumerate(group):
+            batch[r, 1:1 + len(seg)] = torch.tensor(seg)
+        f = engine.freqs(batch).numpy()
+        expect.append(coder.encode_interleaved(group, [f[r, :len(s)] for r, s in enumerate(group)]))
+    assert [w.tolist() for w in c._encode_groups(segs)] == [w.tolist() for w in expect]
+    payload = c.encode_payload(data)
+    monkeypatch.setattr(coder, "ENCODE_CHUNK_ROWS", 7)
+    assert c.encode_payload(data) == payload
+    assert c.decode_many([(payload, len(data))]) == [data]
+
+
 def test_garbled_group_size_is_a_typed_error():
     c = make_codec(trained())
     payload = bytearray(c.encode_payload(TEXT))
     at = 3 if payload[1] < 0x80 else 4      # after version, N (1 or 2 bytes) and S (63)
-    assert payload[at] == 4
+    assert payload[at] == GROUP_SEGMENTS
     for g in (0, 65, 127):
         payload[at] = g
         with pytest.raises(ContainerError, match="group size"):

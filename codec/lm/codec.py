@@ -21,7 +21,7 @@ Invariants:
   * a group's stream holds its segments' tokens position-major (coder.encode_interleaved): token t
     of each of its segments in segment order, then token t+1 — so the group's segments decode side
     by side, in rows of one engine state that start together. Sharing a stream saves each further
-    segment its own flush (~2 bytes) and table entry (~2 bytes): ~0.6 % of the payload on text;
+    segment its own flush (~2 bytes) and table entry (~2 bytes): ~0.7-0.9 % of the payload on text;
   * the token stream is the tokenizer's encoding of the whole block, cut every S tokens (an escape
     sequence of the tokenizer may straddle a cut — tokens are detokenized per block, not per segment);
   * the words depend only on the bytes, the model, S and G — never on batch size, threads or device
@@ -53,10 +53,13 @@ PAYLOAD_VERSION = 2
 _FINGERPRINT_TAG = b"llmfs-lm-payload-1\0"
 
 # Segments per coded stream. A group decodes in rows that start together, so decoding takes at
-# least G rows whatever the batch; encoding holds the frequency rows of a whole group (G × 201 MB
-# for SmolLM2 at 1024 positions). Saves (G-1)/G of the ~4 bytes per segment that separate streams
-# cost; 4 keeps the encoder's memory where one pass of 5 rows already had it.
-GROUP_SEGMENTS = 4
+# least G rows whatever the batch (the KV cache: 23.6 MB per SmolLM2 row); encoding holds only the
+# group's hidden states (4.7 MB per segment). Each stream costs a flush (~2 bytes) and a table
+# entry (~2 bytes). Measured (real model, payload bytes, 2026-11-30): GPL-3 (8 segments) G=4
+# 4,094, G=16 4,088; argparse.py (25 segments) G=4 7,555, G=16 7,543 (-0.16 %); G=1 -> 4 had saved
+# 0.56-0.71 %. 16 makes a 64 KiB block (~17 segments of text) one or two streams and keeps decoding
+# at >= 16 rows (378 MB of KV); more would save < 0.05 % and force more rows on small machines.
+GROUP_SEGMENTS = 16
 MAX_GROUP = 64  # a reader refuses more: a garbled G must not ask for thousands of rows
 
 # Tokens per segment, BOS included. Longer segments give the model more context (fewer bits per byte)
@@ -67,8 +70,8 @@ MAX_GROUP = 64  # a reader refuses more: a garbled G must not ask for thousands 
 # but doubles read latency and KV memory per row and leaves a 64 KiB block only ~7 rows; 1024 it is.
 SEGMENT_TOKENS = 1024
 
-# Segments decoded side by side (rows of one KV-cached engine state; also the cap on encode rows, which
-# ENCODE_FREQ_BYTES bounds further). A bigger batch amortises each step's weight reads over more rows;
+# Segments decoded side by side (rows of one KV-cached engine state; encoding does not use it: it
+# runs a group at a time). A bigger batch amortises each step's weight reads over more rows;
 # the price is the int16 KV cache, 23.6 MB per row for SmolLM2-135M (30 layers x 2 x 3 heads x 64 x
 # 1024 positions x 2 bytes), allocated only for the rows a call uses (a single 64 KiB block is ~17
 # segments). Measured (bench/decode_bench.py: decode_many of 4 blocks of real text = 67 segments,
@@ -76,11 +79,6 @@ SEGMENT_TOKENS = 1024
 # 64: 304 tokens/s (+18 % over 16), 1.95 GB. 64 it is: 1.5 GB of cache is affordable where the model
 # runs, and reads that fetch several blocks (read-ahead, prefetch) fill the rows.
 DECODE_BATCH = 64
-
-# Bound on the (rows × positions × vocab) int32 frequency tensor of one encode pass: at 1024 positions
-# and 49,152 tokens a row is 201 MB, so this allows 5 rows per pass; the tiny test model takes whole
-# batches. The output does not depend on it.
-ENCODE_FREQ_BYTES = 1 << 30
 
 # Binary-looking data is not worth a model pass: if more than this fraction of a sample is invalid
 # UTF-8 or control characters other than \t \n \r \f, encode() returns None at once and the
@@ -185,28 +183,35 @@ class LMCodec:
         return [tokens[i:i + per_seg] for i in range(0, len(tokens), per_seg)]
 
     def _encode_groups(self, segments: list[list[int]]) -> list[np.ndarray]:
-        """One coded stream per group of self.group consecutive segments. Engine passes take whole
-        groups: the batch, bounded by ENCODE_FREQ_BYTES, rounded down to groups (at least one)."""
-        engine, g = self.engine, self.group
-        row_bytes = self.segment_tokens * engine.vocab_size * 4
-        rows = max(1, min(self.batch, ENCODE_FREQ_BYTES // row_bytes))
-        rows = max(g, rows - rows % g)
-        streams: list[np.ndarray] = []
-        for lo in range(0, len(segments), rows):
-            chunk = segments[lo:lo + rows]
-            width = 1 + max(len(s) for s in chunk)
+        """One coded stream per group of self.group consecutive segments. One parallel engine pass
+        gives a group's final hidden states (engine.hidden: 4.7 MB per SmolLM2 segment); the LM
+        head then runs on ENCODE_CHUNK_ROWS of them at a time, in the stream's position-major
+        order, and each chunk is coded as it comes. The encoder never holds whole frequency tables
+        (201 MB per segment) — so a group can be as large as its decoder's rows allow — and reuses
+        one output buffer instead of faulting in fresh pages for every segment."""
+        engine, streams, out = self.engine, [], None
+        for a in range(0, len(segments), self.group):
+            group = segments[a:a + self.group]
+            width = 1 + max(len(s) for s in group)
             # BOS + tokens, right-padded with BOS (padding never affects real positions)
-            batch = torch.full((len(chunk), width), engine.bos_id, dtype=torch.long)
-            for r, seg in enumerate(chunk):
+            batch = torch.full((len(group), width), engine.bos_id, dtype=torch.long)
+            for r, seg in enumerate(group):
                 batch[r, 1:1 + len(seg)] = torch.tensor(seg, dtype=torch.long)
             with self._engine_lock:
-                freqs = engine.freqs(batch.to(engine.device))
-            freqs = freqs.cpu().numpy()  # (B, T, V): row t predicts token t+1
-            for a in range(0, len(chunk), g):
-                group = chunk[a:a + g]
-                streams.append(coder.encode_interleaved(
-                    group, [freqs[a + j, :len(seg)] for j, seg in enumerate(group)]))
-            del freqs
+                hidden = engine.hidden(batch.to(engine.device))    # (n, width, D)
+            hidden = hidden.view(len(group) * width, -1)
+            if out is None:
+                out = torch.empty(coder.ENCODE_CHUNK_ROWS, engine.vocab_size, dtype=torch.int32,
+                                  device=engine.device)
+            order = coder.interleaved_order([len(s) for s in group])
+            encoder = coder.StreamEncoder()
+            for lo in range(0, len(order), coder.ENCODE_CHUNK_ROWS):
+                chunk = order[lo:lo + coder.ENCODE_CHUNK_ROWS]
+                at = torch.tensor([j * width + t for j, t in chunk], device=hidden.device)
+                with self._engine_lock:             # row t of a segment predicts its token t
+                    rows = engine.head(hidden[at], out[:len(chunk)])
+                encoder.encode([group[j][t] for j, t in chunk], rows.cpu().numpy())
+            streams.append(encoder.words())
         return streams
 
     # -- decode ---------------------------------------------------------------------------------

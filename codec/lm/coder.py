@@ -34,13 +34,50 @@ ENCODE_CHUNK_ROWS = 256
 _FAMILY = Categorical(perfect=False)
 
 
-def coding_probabilities(freq_rows) -> np.ndarray:
-    """int frequency rows (m, V) -> the float64 (m, V) array the coder is given. Shared by encoder and
-    decoder; exact because every integer below 2^53 is a float64."""
+def coding_probabilities(freq_rows, out: np.ndarray | None = None) -> np.ndarray:
+    """int frequency rows (m, V) -> the float64 (m, V) array the coder is given (written into the
+    first m rows of `out` if given: reusing one buffer spares the page faults of a fresh 100 MB
+    array per chunk). Shared by encoder and decoder; exact because every integer below 2^53 is a
+    float64."""
     rows = np.asarray(freq_rows)
     if rows.ndim == 1:
         rows = rows[None, :]
-    return np.ascontiguousarray(rows, dtype=np.float64)
+    if out is None:
+        return np.ascontiguousarray(rows, dtype=np.float64)
+    dst = out[:len(rows)]
+    np.copyto(dst, rows, casting="safe")
+    return dst
+
+
+def interleaved_order(lengths: list[int]) -> list[tuple[int, int]]:
+    """(sequence, position) pairs in the order one stream codes several sequences: position 0 of
+    every sequence (in order), then position 1 of every sequence still that long, and so on — the
+    order in which a decoder stepping the sequences side by side meets them."""
+    return [(j, t) for t in range(max(lengths, default=0)) for j, n in enumerate(lengths) if n > t]
+
+
+class StreamEncoder:
+    """One coded stream, fed symbols and their frequency rows a chunk at a time, in coding order
+    (so an encoder never needs all of a stream's rows at once)."""
+
+    def __init__(self):
+        self._encoder = RangeEncoder()
+        self._buf: np.ndarray | None = None
+
+    def encode(self, symbols, freq_rows) -> None:
+        symbols = np.asarray(symbols, dtype=np.int32)
+        if len(symbols) != len(freq_rows):
+            raise ValueError(f"{len(symbols)} symbols but {len(freq_rows)} frequency rows")
+        for lo in range(0, len(symbols), ENCODE_CHUNK_ROWS):
+            rows = freq_rows[lo:lo + ENCODE_CHUNK_ROWS]
+            if self._buf is None or self._buf.shape[1] != rows.shape[1]:
+                self._buf = np.empty((ENCODE_CHUNK_ROWS, rows.shape[1]), dtype=np.float64)
+            self._encoder.encode(symbols[lo:lo + ENCODE_CHUNK_ROWS], _FAMILY,
+                                 coding_probabilities(rows, self._buf))
+
+    def words(self) -> np.ndarray:
+        """The compressed uint32 words of everything encoded so far."""
+        return self._encoder.get_compressed()
 
 
 def encode_interleaved(symbols: list, freq_rows: list) -> np.ndarray:
@@ -51,26 +88,20 @@ def encode_interleaved(symbols: list, freq_rows: list) -> np.ndarray:
     lengths = [len(s) for s in symbols]
     if lengths != [len(r) for r in freq_rows]:
         raise ValueError(f"sequences of {lengths} symbols but {[len(r) for r in freq_rows]} rows")
-    order = [(j, t) for t in range(max(lengths, default=0)) for j, n in enumerate(lengths) if n > t]
-    encoder = RangeEncoder()
+    order = interleaved_order(lengths)
+    encoder = StreamEncoder()
     for lo in range(0, len(order), ENCODE_CHUNK_ROWS):
         chunk = order[lo:lo + ENCODE_CHUNK_ROWS]
-        rows = np.stack([freq_rows[j][t] for j, t in chunk])
-        encoder.encode(np.array([symbols[j][t] for j, t in chunk], dtype=np.int32), _FAMILY,
-                       coding_probabilities(rows))
-    return encoder.get_compressed()
+        encoder.encode([symbols[j][t] for j, t in chunk],
+                       np.stack([freq_rows[j][t] for j, t in chunk]))
+    return encoder.words()
 
 
 def encode_segment(symbols, freq_rows) -> np.ndarray:
     """Code `symbols[i]` with distribution `freq_rows[i]`; returns the compressed uint32 words."""
-    symbols = np.asarray(symbols, dtype=np.int32)
-    if len(symbols) != len(freq_rows):
-        raise ValueError(f"{len(symbols)} symbols but {len(freq_rows)} frequency rows")
-    encoder = RangeEncoder()
-    for lo in range(0, len(symbols), ENCODE_CHUNK_ROWS):
-        hi = lo + ENCODE_CHUNK_ROWS
-        encoder.encode(symbols[lo:hi], _FAMILY, coding_probabilities(freq_rows[lo:hi]))
-    return encoder.get_compressed()
+    encoder = StreamEncoder()
+    encoder.encode(symbols, np.asarray(freq_rows))
+    return encoder.words()
 
 
 class StreamDecoder:
@@ -84,5 +115,5 @@ class StreamDecoder:
         return int(self._decoder.decode(_FAMILY, coding_probabilities(freq_row))[0])
 
 
-__all__ = ["coding_probabilities", "encode_interleaved", "encode_segment", "StreamDecoder",
-           "ENCODE_CHUNK_ROWS"]
+__all__ = ["coding_probabilities", "interleaved_order", "encode_interleaved", "encode_segment",
+           "StreamEncoder", "StreamDecoder", "ENCODE_CHUNK_ROWS"]

@@ -771,9 +771,11 @@ class Engine:
         mq, s = ops.swiglu_quant(_mm(hq, t[p + "gate_up.q"]), t[p + "gate_up.s"], s, self._sig)
         return ops.combine(_mm(mq, t[p + "down.q"]), t[p + "down.s"], s, residual=x)
 
-    def _head(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x (N, D) -> int32 frequencies (N, V) (into `out` if given): every entry >= 1, total
-        <= 2^FREQ_TOTAL_BITS."""
+    @torch.no_grad()
+    def head(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states x (N, D) float64 -> int32 frequencies (N, V) (into `out` if given):
+        every entry >= 1, total <= 2^FREQ_TOTAL_BITS. Rows are independent: any subset of
+        hidden()'s rows, in any order, gives the same rows as freqs()."""
         c, t = self.config, self._t
         w = "tok_emb" if c.tied_embeddings else "lm_head"
         if out is None:
@@ -794,12 +796,20 @@ class Engine:
     def freqs(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) -> int32 (B, T, V); row t = frequencies of the token at t+1."""
         B, T = tokens.shape
+        return self.head(self.hidden(tokens).view(B * T, -1)).view(B, T, -1)
+
+    @torch.no_grad()
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) -> the final hidden states (B, T, D) float64, head()'s input: one parallel
+        pass. 4.7 MB per 1024 positions of SmolLM2, where its frequencies take 201 MB — an encoder
+        that runs head() on a few positions at a time never holds whole tables."""
+        B, T = tokens.shape
         if T > self.max_seq_len:
             raise ValueError(f"segment of {T} tokens exceeds max_seq_len {self.max_seq_len}")
         self._check(tokens)
-        out = torch.empty(B, T, self.vocab_size, dtype=torch.int32, device=self.device)
+        out = torch.empty(B, T, self.config.dim, dtype=torch.float64, device=self.device)
         tokens = tokens.to(self.device)
-        # rows are independent: passes of a few rows give the same tables with a smaller working set
+        # rows are independent: passes of a few rows give the same states with a smaller working set
         rows = max(1, FREQS_ROWS_CPU * 1024 // max(T, 1)) if self.fused else B
         kmax = [min(a + ATTN_BLOCK, T) for a in range(0, T, ATTN_BLOCK)]
         for r in range(0, B, rows):
@@ -808,7 +818,7 @@ class Engine:
             qpos = torch.arange(T, device=self.device).expand(n, T)
             for i in range(self.config.n_layer):
                 x = self._layer(i, x, n, T, qpos, kmax, None)
-            self._head(x, out[r:r + n].view(n * T, -1))
+            out[r:r + n] = x.view(n, T, -1)
         return out
 
     def start(self, batch: int, max_len: int) -> State:
@@ -841,7 +851,7 @@ class Engine:
         for i in range(self.config.n_layer):
             x = self._layer(i, x, B, 1, qpos, kmax, (state.k[i], state.v[i]))
         state.pos += 1
-        return self._head(x)
+        return self.head(x)
 
 
 __all__ = ["ENGINE_VERSION", "Config", "Engine", "State", "TorchOps", "FusedOps", "prepare_weights",
