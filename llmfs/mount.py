@@ -170,6 +170,7 @@ def serve(args, ready_fd: int | None) -> int:
         finally:
             fs.cache.close()
             store.close()
+    service.stopped()
     log.info("unmounted %s", mountpoint)
     return 0
 
