@@ -25,7 +25,7 @@ import time
 
 import zstandard
 
-from .container import HEADER_SIZE, FINGERPRINT_SIZE
+from .container import header_size
 
 # int8 GEMM shape for the peak: SmolLM2's 576 → 1536 MLP projection with 1024 activation rows.
 PEAK_SHAPE = (1024, 576, 1536)
@@ -130,7 +130,7 @@ def run_codec(args) -> int:
         if back != data:
             print(f"llmfs bench: error: {path}: LM round trip FAILED", file=sys.stderr)
             return 1
-        lm = len(payload) + HEADER_SIZE + FINGERPRINT_SIZE
+        lm = len(payload) + header_size(len(data), has_fingerprint=True)  # the whole container
         n = max(1, len(data))
         floor = float("nan")
         if not args.no_floor and args.model not in ("tiny",) and not str(args.model).startswith(

@@ -33,7 +33,7 @@ ZSTD_LEVEL = 3
 
 class ModelCodec(Protocol):
     """What the registry needs from a codec that runs a model (codec/lm implements it)."""
-    fingerprint: bytes  # 16 bytes: hash of weights + tokenizer + engine version
+    fingerprint: bytes  # container.FINGERPRINT_SIZE bytes: hash of weights + tokenizer + engine version
 
     def encode(self, data: bytes) -> bytes | None:
         """The payload, or None when the model cannot code this data."""

@@ -28,7 +28,9 @@ big-endian so keys sort numerically. Named sub-databases:
             data lives until the last close; after a crash they are purged at the next mount
   pending   32-byte hash → i64 ns when the block was stored by the fast path (zstd/raw): the queue of
             blocks background compaction re-encodes with the LM
-  models    16-byte fingerprint → utf-8 model spec, for every model that coded a block in this store
+  models    model fingerprint (8 bytes: codec/container.py; 16 in stores made before container
+            format 2, whose first 8 bytes are the fingerprint) → utf-8 model spec, for every model
+            that coded a block in this store
 
 INVARIANTS (fsck.py checks each one by name)
   * refs[h] == number of blockmap entries naming h, and refs[h] >= 1 for every h in refs;
@@ -67,6 +69,7 @@ from dataclasses import dataclass, replace
 import blake3
 import lmdb
 
+from codec.container import FINGERPRINT_SIZE
 from codec.registry import peek_header
 
 FORMAT_VERSION = 1
@@ -404,11 +407,16 @@ class Txn:
 
     def model_spec(self, fingerprint: bytes) -> str | None:
         raw = self.txn.get(fingerprint, db=self.db["models"])
+        if raw is None:      # a key written before container format 2: the 16-byte fingerprint
+            with self.txn.cursor(db=self.db["models"]) as cur:
+                if cur.set_range(fingerprint) and bytes(cur.key()).startswith(fingerprint):
+                    raw = cur.value()
         return bytes(raw).decode() if raw is not None else None
 
     def models(self) -> dict[bytes, str]:
+        """fingerprint (container.FINGERPRINT_SIZE bytes, also for keys stored longer) -> spec"""
         with self.txn.cursor(db=self.db["models"]) as cur:
-            return {bytes(k): bytes(v).decode() for k, v in cur}
+            return {bytes(k)[:FINGERPRINT_SIZE]: bytes(v).decode() for k, v in cur}
 
     def truncate_blocks(self, ino: int, n_blocks: int) -> None:
         """Drop the block map entries of `ino` at index >= n_blocks."""

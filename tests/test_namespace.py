@@ -219,3 +219,19 @@ def test_concurrent_writers_and_readers(fs):
             assert fs.read(shared, 1000, (j * 4 + i) * 1000) == bytes([i]) * 1000
     for fh in fhs + [shared]:
         fs.release(fh)
+
+
+def test_models_table_reads_keys_written_before_container_format_2(tmp_path):
+    """Stores made before container format 2 keyed `models` by a 16-byte fingerprint; containers
+    now name models by its first 8 bytes, which must still find the spec."""
+    Store.create(str(tmp_path / "s"), BS)
+    store = Store(str(tmp_path / "s"))
+    old, new = bytes(range(16)), bytes(range(100, 108))
+    with store.write() as t:
+        t.add_model(old, "old-model")
+        t.add_model(new, "new-model")
+    with store.read() as t:
+        assert t.model_spec(old[:8]) == "old-model" and t.model_spec(new) == "new-model"
+        assert t.model_spec(bytes(8)) is None and t.model_spec(old[:7] + b"\xff") is None
+        assert t.models() == {old[:8]: "old-model", new: "new-model"}
+    store.close()

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..container import ChecksumMismatch, Truncated, UnsupportedVersion
+from ..container import FINGERPRINT_SIZE, ChecksumMismatch, Truncated, UnsupportedVersion
 from . import coder
 from .tokenizer import from_json
 
@@ -150,9 +150,10 @@ class LMCodec:
         if self.segment_tokens < 2:
             raise ValueError("segments need room for BOS and one token")
         self.group = GROUP_SEGMENTS
+        # the first 8 bytes of a 16-byte digest: version 1 containers carry all 16 (container.py)
         self.fingerprint = hashlib.blake2b(
             _FINGERPRINT_TAG + bytes(self.engine.fingerprint)
-            + b"\0" + self.tokenizer.identity, digest_size=16).digest()
+            + b"\0" + self.tokenizer.identity, digest_size=16).digest()[:FINGERPRINT_SIZE]
         self._engine_lock = threading.Lock()
 
     # -- encode ---------------------------------------------------------------------------------
