@@ -20,6 +20,7 @@ import logging
 import os
 import stat
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from codec import ContainerError
@@ -39,6 +40,13 @@ DIRTY_LIMIT = 64 << 20
 # Opening an LM-coded file at most this fraction of the cache's RAM budget prefetches all of it:
 # prefetched blocks enter the 2Q first stage, a quarter of RAM (cache/policy.py).
 HOT_FILE_FRACTION = 0.25
+# A reader walking a directory in name order (cache/readahead.py) gets the LM blocks of the next
+# small files decoded in one batch with the file it opens: up to this many blocks — the
+# prefetcher's batch — from at most this many files.
+DIR_PREFETCH_BLOCKS = 16
+DIR_PREFETCH_FILES = 64
+# Where each recently looked-up inode was found (parent, name): open() only gets the inode.
+LOOKUPS_KEPT = 4096
 
 
 class FsError(Exception):
@@ -104,11 +112,25 @@ class Filesystem:
         self._next_fh = 1
         self._dirty_bytes = 0
         self.readahead = readahead
+        self._found: OrderedDict[int, tuple[int, bytes]] = OrderedDict()  # ino -> (parent, name)
 
     # ------------------------------------------------------------------ attributes and lookup
     def lookup(self, parent: int, name: bytes) -> int:
         with self.store.read() as t:
-            return self._lookup(t, parent, name)
+            ino = self._lookup(t, parent, name)
+        self._remember(ino, parent, name)
+        return ino
+
+    def _remember(self, ino: int, parent: int, name: bytes) -> None:
+        """Where ino was found: open() gets only the inode, and its directory tells readahead
+        which files a directory walk opens next."""
+        if self.readahead is None or name in (b".", b".."):
+            return
+        with self._lock:
+            self._found[ino] = (parent, name)
+            self._found.move_to_end(ino)
+            if len(self._found) > LOOKUPS_KEPT:
+                self._found.popitem(last=False)
 
     def _lookup(self, t, parent: int, name: bytes) -> int:
         if name == b".":
@@ -125,11 +147,14 @@ class Filesystem:
 
     def resolve(self, path: bytes) -> int:
         """Inode of an absolute path (no symlinks followed: the kernel does that)."""
-        ino = ROOT_INO
+        ino, parent, name = ROOT_INO, None, b""
         with self.store.read() as t:
             for part in path.split(b"/"):
                 if part:
+                    parent, name = ino, part
                     ino = self._lookup(t, ino, part)
+        if parent is not None:
+            self._remember(ino, parent, name)
         return ino
 
     def getattr(self, ino: int) -> Inode:
@@ -538,12 +563,57 @@ class Filesystem:
         if inode.is_dir and (flags & os.O_ACCMODE) != os.O_RDONLY:
             raise IsADirectory(ino)
         fh = self._open_handle(ino, flags)
-        budget = getattr(self.cache, "ram_budget", 0)
-        if inode.is_reg and 0 < inode.size <= budget * HOT_FILE_FRACTION:
-            # A hot file: decode all its LM blocks as one batch ahead of the reader. Larger files
-            # would be evicted from the cache's first stage before they are read: readahead only.
-            self._prefetch(ino, range(-(-inode.size // self.block_size)))
+        if inode.is_reg:
+            self._prefetch_on_open(ino, inode)
         return fh
+
+    def _prefetch_on_open(self, ino: int, inode: Inode) -> None:
+        """A hot file (at most HOT_FILE_FRACTION of the cache's RAM): all its LM blocks, decoded
+        as one batch ahead of the reader; larger files would be evicted from the cache's first
+        stage before they are read, so they get readahead only. If the reader walks the file's
+        directory in name order, the LM blocks of the next hot files join the same batch."""
+        if self.cache is None or not hasattr(self.cache, "prefetch"):
+            return
+        hot = getattr(self.cache, "ram_budget", 0) * HOT_FILE_FRACTION
+        with self._lock:
+            where = self._found.get(ino)
+        with self.store.read(buffers=True) as t:  # headers only: no 64 KiB copies
+            start = None
+            if where is not None:
+                start = self.readahead.open_in_dir(
+                    *where, lambda after: self._next_file(t, where[0], after))
+            hashes = self._lm_hashes(t, ino, inode.size) if 0 < inode.size <= hot else []
+            if start is not None:
+                names = []
+                for name, child in t.listdir(where[0], after=start):
+                    if len(hashes) >= DIR_PREFETCH_BLOCKS or len(names) >= DIR_PREFETCH_FILES:
+                        break
+                    names.append(name)
+                    sibling = t.inode(child)
+                    if sibling is not None and sibling.is_reg and 0 < sibling.size <= hot:
+                        hashes += self._lm_hashes(t, child, sibling.size)
+                self.readahead.named_files(where[0], names)
+        if hashes:
+            self.cache.prefetch(hashes, self._decode_hashes)
+
+    @staticmethod
+    def _next_file(t, parent: int, after: bytes) -> bytes | None:
+        """The name of the next regular file after `after` in directory parent."""
+        for name, child in t.listdir(parent, after=after):
+            inode = t.inode(child)
+            if inode is not None and inode.is_reg:
+                return name
+        return None
+
+    def _lm_hashes(self, t, ino: int, size: int, indices=None) -> list[bytes]:
+        """Hashes of the LM-coded blocks of a file (of the given block indices, else all)."""
+        if indices is None:
+            indices = range(-(-size // self.block_size))
+        if not indices:
+            return []
+        wanted = set(indices)
+        return [h for i, h in t.block_hashes(ino, min(wanted), max(wanted)).items()
+                if i in wanted and t.container_codec(h) == LM]
 
     def opendir(self, ino: int) -> int:
         if not self.getattr(ino).is_dir:
@@ -634,11 +704,8 @@ class Filesystem:
         blocks decode faster than a prefetch could help)."""
         if self.cache is None or not hasattr(self.cache, "prefetch") or not indices:
             return
-        lo, hi = min(indices), max(indices)
-        wanted = set(indices)
         with self.store.read(buffers=True) as t:  # headers only: no 64 KiB copies
-            hashes = [h for i, h in t.block_hashes(ino, lo, hi).items()
-                      if i in wanted and t.container_codec(h) == LM]
+            hashes = self._lm_hashes(t, ino, 0, indices)
         if hashes:
             self.cache.prefetch(hashes, self._decode_hashes)
 

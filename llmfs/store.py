@@ -275,16 +275,18 @@ class Txn:
     def unlink(self, parent: int, name: bytes) -> None:
         self.txn.delete(dirent_key(parent, name), db=self.db["dirents"])
 
-    def listdir(self, parent: int):
-        """(name, ino) of a directory's entries, in name order."""
+    def listdir(self, parent: int, after: bytes | None = None):
+        """(name, ino) of a directory's entries, in name order (only names > `after` if given)."""
         prefix = ino_key(parent)
         with self.txn.cursor(db=self.db["dirents"]) as cur:
-            if not cur.set_range(prefix):
+            if not cur.set_range(prefix if after is None else dirent_key(parent, after)):
                 return
             for key, val in cur:
                 if key[:8] != prefix:
                     break
-                yield bytes(key[8:]), _U64.unpack(val)[0]
+                name = bytes(key[8:])
+                if name != after:
+                    yield name, _U64.unpack(val)[0]
 
     def is_empty_dir(self, ino: int) -> bool:
         return next(iter(self.listdir(ino)), None) is None

@@ -47,3 +47,35 @@ def test_files_are_independent_and_state_is_bounded():
     assert ra.access("a", 1) == []        # no state: block 1 is not a sequential start
     ra.forget("b")
     assert ra.access("b", 2) == []
+
+
+def test_directory_walk_in_name_order():
+    """Opening the directory's next file after the one opened last starts a walk; the next files
+    are named again when the walk reaches the middle of the last window; any other open ends it."""
+    files = [b"a", b"b", b"c", b"d", b"e", b"f", b"g"]
+
+    def next_file(name):
+        later = [f for f in files if f > name]
+        return later[0] if later else None
+    ra = Readahead()
+    assert ra.open_in_dir(7, b"a", next_file) is None      # one open is not a walk
+    assert ra.open_in_dir(7, b"b", next_file) == b"b"      # the next one: list after b
+    ra.named_files(7, [b"c", b"d", b"e", b"f"])
+    assert ra.open_in_dir(7, b"c", next_file) is None      # still inside the first half
+    assert ra.open_in_dir(7, b"d", next_file) is None
+    assert ra.open_in_dir(7, b"e", next_file) == b"f"      # the middle: list after what was named
+    ra.named_files(7, [b"g"])
+    assert ra.open_in_dir(7, b"f", next_file) is None
+    assert ra.open_in_dir(7, b"g", next_file) == b"g"
+    ra.named_files(7, [])                                  # the end of the directory
+    assert ra.open_in_dir(7, b"a", next_file) is None      # out of order: the walk ends ...
+    assert ra.open_in_dir(7, b"c", next_file) is None      # ... skipping ahead is no walk ...
+    assert ra.open_in_dir(7, b"d", next_file) == b"d"      # ... the next file starts one again
+    assert ra.open_in_dir(8, b"z", next_file) is None      # directories are independent
+
+
+def test_directory_walks_are_bounded():
+    ra = Readahead(max_files=2)
+    for d in range(5):
+        ra.open_in_dir(d, b"a", lambda name: None)
+    assert len(ra._walks) == 2

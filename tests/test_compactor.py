@@ -163,6 +163,48 @@ def test_opening_an_lm_file_prefetches_its_blocks_in_one_batch(env):
         fs.cache.close()
 
 
+def test_walking_a_directory_decodes_the_next_files_in_one_batch(env):
+    """A reader opening a directory's small LM-coded files in name order (cp -r, tar, grep -r)
+    gets the next files' blocks decoded in the batch of the second file it opens, instead of one
+    tiny batch per file; opening files out of order prefetches nothing beyond the file itself."""
+    from cache import DecodeCache, Readahead
+    fs, compactor = env
+    d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    files = {f"f{i:02}".encode(): TEXT[i * 2000:i * 2000 + 1500] for i in range(12)}
+    for name, data in files.items():
+        fh = fs.create(d, name, 0o644, os.O_RDWR, 0, 0)
+        fs.write(fh, data, 0)
+        fs.release(fh)
+    compactor.compact(compactor.candidates())
+    names = sorted(files)
+    fs.cache, fs.readahead = DecodeCache(64 << 20), Readahead()
+    try:
+        got = {}
+        for k, name in enumerate(names):
+            fh = fs.open(fs.lookup(d, name), os.O_RDONLY)
+            got[name] = fs.read(fh, 1 << 20, 0)
+            fs.release(fh)
+            if k == 1:      # the second file opened in order: the next ones are on their way
+                assert fs.cache.wait_prefetch(30)
+        assert got == files
+        m = fs.cache.metrics()
+        # f00 alone, f01 (by its reader or with the rest), f02..f11 in one batch
+        assert m["decoded_blocks"] == 12 and m["decodes"] <= 3, m
+    finally:
+        fs.cache.close()
+    fs.cache, fs.readahead = DecodeCache(64 << 20), Readahead()
+    try:
+        for name in (names[5], names[2], names[7]):    # out of order: no walk
+            fh = fs.open(fs.lookup(d, name), os.O_RDONLY)
+            assert fs.read(fh, 1 << 20, 0) == files[name]
+            fs.release(fh)
+        assert fs.cache.wait_prefetch(30)
+        m = fs.cache.metrics()
+        assert m["decoded_blocks"] == 3 and m["decodes"] == 3, m
+    finally:
+        fs.cache.close()
+
+
 def test_mixed_tree_never_grows(env):
     """Text, an ELF binary, random bytes and zeros: compaction may only shrink the store."""
     fs, compactor = env
