@@ -41,8 +41,8 @@ DIRTY_LIMIT = 64 << 20
 # prefetched blocks enter the 2Q first stage, a quarter of RAM (cache/policy.py).
 HOT_FILE_FRACTION = 0.25
 # A reader walking a directory in name order (cache/readahead.py) gets the LM blocks of the next
-# small files decoded in one batch with the file it opens: up to this many blocks — the
-# prefetcher's batch — from at most this many files.
+# small files (at most this many blocks each) decoded in one batch with the file it opens: up to
+# this many blocks — the prefetcher's batch — from at most DIR_PREFETCH_FILES files.
 DIR_PREFETCH_BLOCKS = 16
 DIR_PREFETCH_FILES = 64
 # Where each recently looked-up inode was found (parent, name): open() only gets the inode.
@@ -589,8 +589,9 @@ class Filesystem:
                     if len(hashes) >= DIR_PREFETCH_BLOCKS or len(names) >= DIR_PREFETCH_FILES:
                         break
                     names.append(name)
-                    sibling = t.inode(child)
-                    if sibling is not None and sibling.is_reg and 0 < sibling.size <= hot:
+                    sibling = t.inode(child)      # small files only: a big one has readahead
+                    small = min(hot, DIR_PREFETCH_BLOCKS * self.block_size)
+                    if sibling is not None and sibling.is_reg and 0 < sibling.size <= small:
                         hashes += self._lm_hashes(t, child, sibling.size)
                 self.readahead.named_files(where[0], names)
         if hashes:
