@@ -177,6 +177,24 @@ def test_reset_rows_starts_a_new_segment(engine):
         assert torch.equal(rows[1], full_new[t]), t
 
 
+def test_stepping_a_prefix_of_the_rows(engine):
+    """state.rows(n) steps rows 0..n-1 only (the decoder leaves idle rows past the last busy one
+    out): those rows get the parallel tables, the others keep their positions and continue."""
+    x = _tokens(engine, 4, 30, 9)
+    full = engine.freqs(x)
+    state = engine.start(4, 30)
+    for t in range(10):
+        assert torch.equal(engine.step(state, x[:, t]), full[:, t])
+    for t in range(10, 22):
+        assert torch.equal(engine.step(state.rows(2), x[:2, t]), full[:2, t])
+    assert state.pos.tolist() == [22, 22, 10, 10]
+    for t in range(10, 18):                        # the others catch up, then all four again
+        feed = x[:, t].clone()
+        feed[:2] = x[:2, t + 12]
+        rows = engine.step(state, feed)
+        assert torch.equal(rows[:2], full[:2, t + 12]) and torch.equal(rows[2:], full[2:, t])
+
+
 @needs_kernels
 def test_attend_step_equals_torch_attend():
     """kernels.c attend_step (one query per row on the int16 cache) against the float64 GEMM form,

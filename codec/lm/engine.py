@@ -633,6 +633,11 @@ class State:
     pos: torch.Tensor       # (B,) int64, CPU
     max_len: int
 
+    def rows(self, n: int) -> "State":
+        """A state of the first n rows sharing this one's cache and positions (views): stepping it
+        steps those rows of this state and leaves the others as they are."""
+        return State([k[:n] for k in self.k], [v[:n] for v in self.v], self.pos[:n], self.max_len)
+
 
 class Engine:
     def __init__(self, config: Config, tensors: dict[str, torch.Tensor],
