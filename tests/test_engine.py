@@ -290,6 +290,28 @@ def _attend_step(lib, impl, qi, f, keys, values, qpos, vscale):
     return out, ran
 
 
+@needs_kernels
+@pytest.mark.parametrize("L, hs", [(700, 64), (33, 32), (16, 128), (1, 16)])
+def test_kv_store_equals_torch(L, hs):
+    """kernels.c kv_store (the fused engine's cache write) puts keys and values where the torch
+    form does, at the first and last positions and at the bounds +-2^KV_BITS."""
+    from codec.lm.engine import KV_BITS
+    g = torch.Generator().manual_seed(L + hs)
+    B, nkv, lim = 6, 2, 2 ** KV_BITS
+    keys = torch.randint(-lim, lim + 1, (B, nkv, L, hs), generator=g).to(torch.int16)
+    values = torch.randint(-lim, lim + 1, (B, nkv, L, hs), generator=g).to(torch.int16)
+    fused, ref = FusedOps(kernels.lib()), TorchOps()
+    kf, vf, kt, vt = keys.clone(), values.clone(), keys.clone(), values.clone()
+    for pos in ([0, 15, 16, 17, L - 1, L // 2], [L - 1] * 6, [0] * 6):
+        pos = torch.tensor(pos).clamp(max=L - 1)
+        ki = torch.randint(-lim, lim + 1, (B, nkv, 1, hs), generator=g).to(torch.float64)
+        vi = torch.randint(-lim, lim + 1, (B, nkv, 1, hs), generator=g).to(torch.float64)
+        ki[0], vi[1], ki[2], vi[3] = lim, -lim, -lim, lim
+        fused.store_kv(ki, vi, pos, kf, vf)
+        ref.store_kv(ki, vi, pos, kt, vt)
+        assert torch.equal(kf, kt) and torch.equal(vf, vt)
+
+
 def _has_vnni() -> bool:
     try:
         flags = open("/proc/cpuinfo").read()

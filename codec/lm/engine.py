@@ -439,6 +439,12 @@ class TorchOps:
             o = p.view(B, nkv, g * Tq, Tk) @ values[:, :, :Tk].to(torch.float64)  # integers
             self.attn_out(o, vscale, l, out, a, g)
 
+    def store_kv(self, ki, vi, pos, keys, values):
+        """Row b's key and value ki, vi (B, nkv, 1, hs) into the cache at position pos[b]."""
+        rows = torch.arange(ki.shape[0], device=ki.device)
+        keys[rows, :, pos] = ki[:, :, 0].to(keys.dtype)             # integers: exact
+        values[rows, :, pos] = vi[:, :, 0].to(values.dtype)
+
     def attn_out(self, o, vscale, l, out, t0, g):
         """o (B, nkv, g*Tq, hs) integer P.V sums -> out[:, t0:t0+Tq] (B, T, nh*hs) = o * vscale / l."""
         B, nkv, gT, hs = o.shape
@@ -603,6 +609,16 @@ class FusedOps(TorchOps):
             self.lib.attn_out_digits(o.data_ptr(), B, nkv, g, Tq, hs, _ptr(vscale, torch.float64),
                                      l.data_ptr(), _ptr(out, torch.float64), out.shape[1], a)
 
+    def store_kv(self, ki, vi, pos, keys, values):
+        """As TorchOps.store_kv, in C (kernels.c kv_store): one call instead of two index_puts."""
+        if keys.dtype != torch.int16 or not keys.is_contiguous() or not values.is_contiguous():
+            return super().store_kv(ki, vi, pos, keys, values)
+        B, nkv, _, hs = ki.shape
+        pos = pos.contiguous()
+        self.lib.kv_store(_ptr(ki, torch.float64), _ptr(vi, torch.float64), B, nkv, hs,
+                          _ptr(pos, torch.int64), keys.shape[2], _ptr(keys, torch.int16),
+                          _ptr(values, torch.int16))
+
     def attn_out(self, o, vscale, l, out, t0, g):
         B, nkv, gT, hs = o.shape
         self.lib.attn_out(_ptr(o, torch.float64), B, nkv, g, gT // g, hs,
@@ -763,9 +779,7 @@ class Engine:
             keys, values = ki, vi
         else:
             keys, values = cache
-            rows, col = torch.arange(B, device=x.device), qpos[:, 0]
-            keys[rows, :, col] = ki[:, :, 0].to(keys.dtype)          # integers: exact
-            values[rows, :, col] = vi[:, :, 0].to(values.dtype)
+            ops.store_kv(ki, vi, qpos[:, 0], keys, values)
         a = torch.empty(B, T, c.n_head * c.head_dim, dtype=torch.float64, device=x.device)
         self._attend(i, qi, f, keys, values, qpos, kmax, a)
         aq, s = ops.quant_rows(a.view(B * T, -1), WO_INT8)
