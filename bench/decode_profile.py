@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.engine_bench import int8_peak, ops_per_token  # noqa: E402
-from codec.lm import coder, engine as E, open_codec  # noqa: E402
+from codec.lm import coder, open_codec  # noqa: E402
 
 T = collections.defaultdict(float)
 N = collections.defaultdict(int)
@@ -48,24 +48,18 @@ def main(argv=None) -> None:
     eng = codec.engine
     ops = eng._ops
 
-    # GEMMs by weight: head (N = vocab) or a layer's (by N, K)
-    orig_mm = E._mm
-    names = {}
-    c = eng.config
-    nq = (c.n_head + 2 * c.n_kv_head) * c.head_dim
-    names[(nq, c.dim)] = "gemm qkv"
-    names[(c.dim, c.n_head * c.head_dim)] = "gemm wo"
-    names[(2 * c.ffn_dim, c.dim)] = "gemm gate_up"
-    names[(c.dim, c.ffn_dim)] = "gemm down"
-    names[(c.vocab_size, c.dim)] = "gemm head"
+    # GEMMs by weight name (Engine._matmul: packed kernel or torch._int_mm)
+    orig_matmul = eng._matmul
 
-    def mm(q, w):
-        name = names.get(tuple(w.shape), "gemm ?")
+    def matmul(q, name):
+        parts = name.split(".")          # l{i}.{layer}.q, or tok_emb.q / lm_head.q
+        kind = parts[1] if len(parts) == 3 else "head"
         t0 = time.perf_counter()
-        r = orig_mm(q, w)
-        T[name] += time.perf_counter() - t0
+        r = orig_matmul(q, name)
+        T["gemm " + kind] += time.perf_counter() - t0
         return r
-    E._mm = mm
+    eng._matmul = matmul
+    c = eng.config
     for m in ["quant_rows", "rmsnorm_quant", "combine", "swiglu_quant", "qkv_post", "attend",
               "head_freqs"]:
         setattr(ops, m, timed("op " + m, getattr(ops, m)))
