@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import os
 import pickle
 import sys
@@ -84,6 +85,15 @@ def main(argv=None) -> None:
     coder.coding_probabilities = timed("coder: int32->float64", orig_cp)
     orig_dec = coder.StreamDecoder.decode
     coder.StreamDecoder.decode = timed("coder: decode (incl. conversion)", orig_dec)
+
+    # Python's cyclic garbage collector (collections triggered by the loop's allocations)
+    def gc_timer(phase, info):
+        if phase == "start":
+            gc_timer.t0 = time.perf_counter()
+        else:
+            T["python gc"] += time.perf_counter() - gc_timer.t0
+            N["python gc"] += 1
+    gc.callbacks.append(gc_timer)
 
     segs = [codec.segments(b) for b in blocks]
     ntok = sum(len(s) for ss in segs for s in ss)

@@ -183,7 +183,7 @@ static inline double acc_value(const int32_t *hi, const int32_t *lo, int64_t n) 
 /* Linear-layer output (engine._combine): y = value * ws[n] * s[m]; with add, y += that
  * (the residual connection x + linear(x)). stacked: acc is (2M, N) hi/lo accumulators of an int16
  * input; else (M, N), the value itself (an int8 input). */
-MULTIVERSION
+MULTIVERSION512
 void combine(const int32_t *acc, int64_t M, int64_t N, const double *ws, const double *s,
              double *y, int add, int stacked) {
     for (int64_t i = 0; i < M; i++) {
@@ -456,6 +456,7 @@ int swiglu_quant(const int32_t *acc, int64_t M, int64_t F, const double *ws, con
  * per-channel power-of-two grid (|x / scale| <= lim by the weight bound). Queries: times the key
  * scale of their group (qkscale), then quantised per (token, head): qs = max|q| / qmax (or 1),
  * qi = round(q / qs), f = qs * fmul. Outputs qi (B, nh, T, hs), f (B, nh, T), ki, vi (B, nkv, T, hs). */
+MULTIVERSION512
 void qkv_post(const double *h, int64_t B, int64_t T, int64_t nh, int64_t nkv, int64_t hs,
               const int64_t *qpos, const double *cos, const double *sin, const double *kscale,
               const double *vscale, const double *qkscale, double lim, double qmax, double fmul,
@@ -1053,6 +1054,7 @@ int gemm_packed(const int8_t *A, int64_t M, int64_t K, const uint8_t *Wp, int64_
  * new key and value ki, vi (B, nkv, hs) float64 integers with |x| <= 2^KV_BITS (exact in int16) at
  * position pos[b] < L. The torch form (index_put per layer and tensor) cost ~5 ms per step at
  * batch 64, 4-5 % of a decoding step. */
+MULTIVERSION512
 void kv_store(const double *restrict ki, const double *restrict vi, int64_t B, int64_t nkv,
               int64_t hs, const int64_t *restrict pos, int64_t L, int16_t *restrict K,
               int16_t *restrict V) {
