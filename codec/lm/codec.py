@@ -74,7 +74,10 @@ SEGMENT_TOKENS = 1024
 # segments). Measured (bench/decode_bench.py: decode_many of 4 blocks of real text = 67 segments,
 # positions 0..1023, 1 thread, 2026-11-29): batch 16 258 tokens/s, peak RSS 0.80 GB; 32: 284, 1.17 GB;
 # 64: 304 tokens/s (+18 % over 16), 1.95 GB. 64 it is: 1.5 GB of cache is affordable where the model
-# runs, and reads that fetch several blocks (read-ahead, prefetch) fill the rows.
+# runs, and reads that fetch several blocks (read-ahead, prefetch) fill the rows. 2026-11-30, after
+# the decoding work (packed GEMMs, rows past the last busy one left out; % of the int8 peak measured
+# in the same run): batch 16 563 tokens/s = 15.0 %, 0.99 GB; 32: 616 = 16.8 %, 1.35 GB; 64: 632 =
+# 16.6 %, 2.07 GB: 32 rows now decode about as fast as 64 on this shared 2-core machine.
 DECODE_BATCH = 64
 
 # Bound on the (rows × positions × vocab) int32 frequency tensor of one encode pass: at 1024 positions

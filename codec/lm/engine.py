@@ -10,7 +10,9 @@ Every value is a function of one token's row of inputs, computed only with opera
 fixed by IEEE 754 or by integer arithmetic:
 
   * matmuls and sums run on integers and are exact in any order: linear layers are
-    `torch._int_mm` (int8 x int8 -> int32); attention scores and P.V are int16 x int16 -> int32
+    `torch._int_mm` (int8 x int8 -> int32), or for few rows (decoding) kernels.c gemm_packed, an
+    AVX-512 VNNI int8 GEMM on pre-packed weights (the same integers); attention scores and P.V
+    are int16 x int16 -> int32
     dot products in C (FusedOps: AVX-512 VNNI where the CPU has it, else pmaddwd loops when
     decoding and int8 GEMMs on digits of the operands when encoding) or float64 GEMMs on the
     integers (TorchOps), whose sums provably stay below 2^31 / 2^53 (bounds next to the code);
@@ -42,18 +44,27 @@ change any result, only speed: on oversubscribed cores (2 cores, 3 busy processe
 made a real-model step 70x slower than 1 (2.3 s vs 0.03 s, measured), so callers sharing a machine
 should set torch.set_num_threads to the cores they really have.
 
-Cost (SmolLM2-135M, 1 thread, shared 2-core machine, v5 with the VNNI attention and AVX-512
-elementwise kernels, 2026-11-30). bench/engine_bench.py against the int8 peak measured in the same
-run: freqs (2x1024 tokens) 821-842 tokens/s = 24.9-25.4 % of the roofline (v4 at the start of the
-day: 690 = 18.3 %); step at batch 64, positions 0..31 847 tokens/s = 25.5 %, 480..511 540 = 16.6 %,
-960..991 401 = 12.0 %. Per 1024-token segment inside freqs: linear-layer GEMMs 0.36 s (qkv 0.08 and
-down 0.125 in two int16 passes; gate_up 0.13 and wo 0.024 with int8 inputs), attention 0.23, LM
-head GEMM 0.19 (int16: two passes) and frequencies 0.135 (bound by memory, including ~0.08 s of
-first-touch page faults on the 200 MB output), SwiGLU 0.065-0.08, RMSNorm 0.02. Late-position
-decoding is bound by reading the int16 KV cache: 1.4 GB per step at batch 64 and position 960, at
-~20 GB/s. The fused C loops run on one thread: with a second Python thread the kernels alone ran 2x
-faster, but inside freqs the gain vanished (torch's OpenMP workers spin on the other core between
-GEMMs).
+Cost (SmolLM2-135M, 1 thread, shared 2-core machine, v5 with the VNNI attention, AVX-512 elementwise
+kernels and packed-weight GEMMs for few rows, 2026-11-30). bench/engine_bench.py against the int8
+peak measured in the same run: freqs (2x1024 tokens) 968-1013 tokens/s = 27.0-27.3 % of the roofline
+(before the packed LM head GEMM 821-842 = 24.9-25.4 %; v4 at the start of the day: 690 = 18.3 %);
+step at batch 64, positions 0..31 1253 tokens/s = 34.1 %, 480..511 700 = 18.7 %, 960..991 559 =
+15.8 % (before the decoding work: 25.5, 16.6 and 12.0 %). Real decoding (bench/decode_bench.py
+--batch 64: LMCodec.decode_many of 67 segments, positions 0..1023) 632 tokens/s = 16.6 % (before:
+507 = 14.0 %). Per step there (bench/decode_profile.py, 1361 steps of 64 rows or, at the end,
+fewer): attention 28 ms (36 %), the linear layers' GEMMs 21.7 and the LM head's 8.1 (~880 GOP/s at
+64 rows: what the hardware gives; qkv, down and the head do two int8 passes for their int16 inputs,
+1.5x the roofline's ops), SwiGLU 5.5 (waiting on the sigmoid table's gathers), head_freqs 3.2,
+qkv_post 1.4, combine and RMSNorm 1.4 each, the coder 3.4 (constriction 2.4, int32 -> float64 1.0),
+Python ~3. Per 1024-token segment inside freqs (before the packed GEMMs): linear-layer GEMMs 0.36 s
+(qkv 0.08 and down 0.125 in two int16 passes; gate_up 0.13 and wo 0.024 with int8 inputs), attention
+0.23, LM head GEMM 0.19 (int16: two passes) and frequencies 0.135 (bound by memory, including ~0.08
+s of first-touch page faults on the 200 MB output), SwiGLU 0.065-0.08, RMSNorm 0.02. Late-position
+decoding is bound by reading the int16 KV cache: 1.4 GB per step at batch 64 and position 960 (93 %
+of the 16-key value blocks have a nonzero weight on real text), at ~25 GB/s against ~31-38 GB/s for
+a plain read of the same regions. The fused C loops run on one thread: with a second Python thread
+the kernels alone ran 2x faster, but inside freqs the gain vanished (torch's OpenMP workers spin on
+the other core between GEMMs).
 """
 from __future__ import annotations
 
