@@ -40,13 +40,21 @@ class BigramEngine:
         return out
 
     def start(self, batch: int, max_len: int):
-        return {"pos": np.zeros(batch, dtype=np.int64), "max_len": max_len}
+        return _State(np.zeros(batch, dtype=np.int64), max_len)
 
     def reset_rows(self, state, rows) -> None:
-        state["pos"][list(rows)] = 0
+        state.pos[list(rows)] = 0
 
     def step(self, state, tokens: torch.Tensor) -> torch.Tensor:
-        assert len(tokens) == len(state["pos"])
-        state["pos"] += 1
-        assert state["pos"].max() <= state["max_len"]
+        assert len(tokens) == len(state.pos)
+        state.pos += 1
+        assert state.pos.max() <= state.max_len
         return self.table[tokens]  # (B, V)
+
+
+class _State:
+    def __init__(self, pos: np.ndarray, max_len: int):
+        self.pos, self.max_len = pos, max_len
+
+    def rows(self, n: int) -> "_State":
+        return _State(self.pos[:n], self.max_len)   # a view, as engine.State.rows

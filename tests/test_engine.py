@@ -177,6 +177,24 @@ def test_reset_rows_starts_a_new_segment(engine):
         assert torch.equal(rows[1], full_new[t]), t
 
 
+def test_stepping_a_prefix_of_the_rows(engine):
+    """state.rows(n) steps rows 0..n-1 only (the decoder leaves idle rows past the last busy one
+    out): those rows get the parallel tables, the others keep their positions and continue."""
+    x = _tokens(engine, 4, 30, 9)
+    full = engine.freqs(x)
+    state = engine.start(4, 30)
+    for t in range(10):
+        assert torch.equal(engine.step(state, x[:, t]), full[:, t])
+    for t in range(10, 22):
+        assert torch.equal(engine.step(state.rows(2), x[:2, t]), full[:2, t])
+    assert state.pos.tolist() == [22, 22, 10, 10]
+    for t in range(10, 18):                        # the others catch up, then all four again
+        feed = x[:, t].clone()
+        feed[:2] = x[:2, t + 12]
+        rows = engine.step(state, feed)
+        assert torch.equal(rows[:2], full[:2, t + 12]) and torch.equal(rows[2:], full[2:, t])
+
+
 @needs_kernels
 def test_attend_step_equals_torch_attend():
     """kernels.c attend_step (one query per row on the int16 cache) against the float64 GEMM form,
@@ -270,6 +288,78 @@ def _attend_step(lib, impl, qi, f, keys, values, qpos, vscale):
                           nh // nkv, L, hs, pos.data_ptr(), table.data_ptr(), table.numel(),
                           vscale.data_ptr(), out.data_ptr(), impl)
     return out, ran
+
+
+@needs_kernels
+@pytest.mark.parametrize("L, hs", [(700, 64), (33, 32), (16, 128), (1, 16)])
+def test_kv_store_equals_torch(L, hs):
+    """kernels.c kv_store (the fused engine's cache write) puts keys and values where the torch
+    form does, at the first and last positions and at the bounds +-2^KV_BITS."""
+    from codec.lm.engine import KV_BITS
+    g = torch.Generator().manual_seed(L + hs)
+    B, nkv, lim = 6, 2, 2 ** KV_BITS
+    keys = torch.randint(-lim, lim + 1, (B, nkv, L, hs), generator=g).to(torch.int16)
+    values = torch.randint(-lim, lim + 1, (B, nkv, L, hs), generator=g).to(torch.int16)
+    fused, ref = FusedOps(kernels.lib()), TorchOps()
+    kf, vf, kt, vt = keys.clone(), values.clone(), keys.clone(), values.clone()
+    for pos in ([0, 15, 16, 17, L - 1, L // 2], [L - 1] * 6, [0] * 6):
+        pos = torch.tensor(pos).clamp(max=L - 1)
+        ki = torch.randint(-lim, lim + 1, (B, nkv, 1, hs), generator=g).to(torch.float64)
+        vi = torch.randint(-lim, lim + 1, (B, nkv, 1, hs), generator=g).to(torch.float64)
+        ki[0], vi[1], ki[2], vi[3] = lim, -lim, -lim, lim
+        fused.store_kv(ki, vi, pos, kf, vf)
+        ref.store_kv(ki, vi, pos, kt, vt)
+        assert torch.equal(kf, kt) and torch.equal(vf, vt)
+
+
+@needs_kernels
+@pytest.mark.parametrize("M, K, N", [(1, 4, 16), (7, 576, 48), (8, 576, 32), (9, 64, 80),
+                                     (64, 576, 3072), (130, 1536, 576), (128, 576, 1024),
+                                     (17, 8, 64)])
+def test_gemm_packed_equals_int_mm(M, K, N):
+    """kernels.c gemm_packed (decoding's linear layers, AVX-512 VNNI on pack_weight's layout)
+    gives torch._int_mm's integers: row and column blocks with tails, every int8 extreme (the
+    largest accumulators: a row of -128 against a column of -128)."""
+    from codec.lm.engine import pack_weight
+    g = torch.Generator().manual_seed(M + K + N)
+    a = torch.randint(-128, 128, (M, K), generator=g).to(torch.int8)
+    w = torch.randint(-128, 128, (N, K), generator=g).to(torch.int8)
+    a[0], w[0], w[-1] = -128, -128, 127
+    a[-1] = 127
+    ref = a.to(torch.int64) @ w.to(torch.int64).t()
+    assert torch.equal(torch._int_mm(torch.cat([a, a.new_zeros(17, K)]), w.t())[:M].long(), ref)
+    out = torch.full((M, N), 7, dtype=torch.int32)
+    wp = pack_weight(w)                                  # held: the call only sees its address
+    ran = kernels.lib().gemm_packed(a.data_ptr(), M, K, wp.data_ptr(), N, out.data_ptr())
+    if not _has_vnni():
+        assert ran == 0
+        pytest.skip("no AVX-512 VNNI: the engine uses torch._int_mm")
+    assert ran == 2 and torch.equal(out.long(), ref)
+
+
+@needs_kernels
+def test_engine_with_packed_gemms_equals_torch_ops():
+    """The fused engine (packed GEMMs for few rows) against the torch form, parallel and
+    incremental, on a model whose shapes fit gemm_packed (N % 16, K % 4)."""
+    from codec.lm import engine as E
+    e = Engine.tiny(seed=5, dim=64, n_head=4, n_kv_head=2, ffn_dim=128, vocab_size=272,
+                    max_seq_len=64)
+    x = _tokens(e, 3, 40, 6)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                             # gemm_packed runs at 1 thread only
+    try:
+        got = e.freqs(x)
+        st = e.start(3, 40)
+        steps = [e.step(st, x[:, t]) for t in range(40)]
+    finally:
+        torch.set_num_threads(threads)
+    assert set(e._packed) and all(v is not None for v in e._packed.values()) == _has_vnni()
+    ref = Engine(e.config, e.tensors, fused=False)
+    want = ref.freqs(x)
+    assert torch.equal(got, want)
+    for t in range(40):
+        assert torch.equal(steps[t], want[:, t])
+    assert E.PACKED_ROWS >= 2 * 64                       # decoding batch 64 with int16 inputs
 
 
 def _has_vnni() -> bool:

@@ -10,7 +10,9 @@ Every value is a function of one token's row of inputs, computed only with opera
 fixed by IEEE 754 or by integer arithmetic:
 
   * matmuls and sums run on integers and are exact in any order: linear layers are
-    `torch._int_mm` (int8 x int8 -> int32); attention scores and P.V are int16 x int16 -> int32
+    `torch._int_mm` (int8 x int8 -> int32), or for few rows (decoding) kernels.c gemm_packed, an
+    AVX-512 VNNI int8 GEMM on pre-packed weights (the same integers); attention scores and P.V
+    are int16 x int16 -> int32
     dot products in C (FusedOps: AVX-512 VNNI where the CPU has it, else pmaddwd loops when
     decoding and int8 GEMMs on digits of the operands when encoding) or float64 GEMMs on the
     integers (TorchOps), whose sums provably stay below 2^31 / 2^53 (bounds next to the code);
@@ -42,18 +44,27 @@ change any result, only speed: on oversubscribed cores (2 cores, 3 busy processe
 made a real-model step 70x slower than 1 (2.3 s vs 0.03 s, measured), so callers sharing a machine
 should set torch.set_num_threads to the cores they really have.
 
-Cost (SmolLM2-135M, 1 thread, shared 2-core machine, v5 with the VNNI attention and AVX-512
-elementwise kernels, 2026-11-30). bench/engine_bench.py against the int8 peak measured in the same
-run: freqs (2x1024 tokens) 821-842 tokens/s = 24.9-25.4 % of the roofline (v4 at the start of the
-day: 690 = 18.3 %); step at batch 64, positions 0..31 847 tokens/s = 25.5 %, 480..511 540 = 16.6 %,
-960..991 401 = 12.0 %. Per 1024-token segment inside freqs: linear-layer GEMMs 0.36 s (qkv 0.08 and
-down 0.125 in two int16 passes; gate_up 0.13 and wo 0.024 with int8 inputs), attention 0.23, LM
-head GEMM 0.19 (int16: two passes) and frequencies 0.135 (bound by memory, including ~0.08 s of
-first-touch page faults on the 200 MB output), SwiGLU 0.065-0.08, RMSNorm 0.02. Late-position
-decoding is bound by reading the int16 KV cache: 1.4 GB per step at batch 64 and position 960, at
-~20 GB/s. The fused C loops run on one thread: with a second Python thread the kernels alone ran 2x
-faster, but inside freqs the gain vanished (torch's OpenMP workers spin on the other core between
-GEMMs).
+Cost (SmolLM2-135M, 1 thread, shared 2-core machine, v5 with the VNNI attention, AVX-512 elementwise
+kernels and packed-weight GEMMs for few rows, 2026-11-30). bench/engine_bench.py against the int8
+peak measured in the same run: freqs (2x1024 tokens) 968-1013 tokens/s = 27.0-27.3 % of the roofline
+(before the packed LM head GEMM 821-842 = 24.9-25.4 %; v4 at the start of the day: 690 = 18.3 %);
+step at batch 64, positions 0..31 1253 tokens/s = 34.1 %, 480..511 700 = 18.7 %, 960..991 559 =
+15.8 % (before the decoding work: 25.5, 16.6 and 12.0 %). Real decoding (bench/decode_bench.py
+--batch 64: LMCodec.decode_many of 67 segments, positions 0..1023) 632 tokens/s = 16.6 % (before:
+507 = 14.0 %). Per step there (bench/decode_profile.py, 1361 steps of 64 rows or, at the end,
+fewer): attention 28 ms (36 %), the linear layers' GEMMs 21.7 and the LM head's 8.1 (~880 GOP/s at
+64 rows: what the hardware gives; qkv, down and the head do two int8 passes for their int16 inputs,
+1.5x the roofline's ops), SwiGLU 5.5 (waiting on the sigmoid table's gathers), head_freqs 3.2,
+qkv_post 1.4, combine and RMSNorm 1.4 each, the coder 3.4 (constriction 2.4, int32 -> float64 1.0),
+Python ~3. Per 1024-token segment inside freqs (before the packed GEMMs): linear-layer GEMMs 0.36 s
+(qkv 0.08 and down 0.125 in two int16 passes; gate_up 0.13 and wo 0.024 with int8 inputs), attention
+0.23, LM head GEMM 0.19 (int16: two passes) and frequencies 0.135 (bound by memory, including ~0.08
+s of first-touch page faults on the 200 MB output), SwiGLU 0.065-0.08, RMSNorm 0.02. Late-position
+decoding is bound by reading the int16 KV cache: 1.4 GB per step at batch 64 and position 960 (93 %
+of the 16-key value blocks have a nonzero weight on real text), at ~25 GB/s against ~31-38 GB/s for
+a plain read of the same regions. The fused C loops run on one thread: with a second Python thread
+the kernels alone ran 2x faster, but inside freqs the gain vanished (torch's OpenMP workers spin on
+the other core between GEMMs).
 """
 from __future__ import annotations
 
@@ -61,6 +72,7 @@ import functools
 import hashlib
 import json
 import math
+import threading
 from dataclasses import asdict, dataclass
 
 import mpmath
@@ -121,6 +133,14 @@ FREQS_ROWS_CPU = 1
 # N=49,152, 1 thread: 2*64 rows 676 GOP/s, 2*256 rows 348 GOP/s (writing 100 MB), 2*16 rows 357.
 HEAD_ROWS = 64
 SIG_RANGE = 24        # sigmoid(x) for |x| > 24 is 0 or 1 to within 4e-11
+# Linear layers of at most this many input rows (decoding: the batch, or twice it for int16 inputs;
+# the LM head's passes of HEAD_ROWS) run on kernels.c gemm_packed, an AVX-512 VNNI int8 GEMM on
+# weights packed once per engine (pack_weight), where the CPU has it and torch runs 1 thread: the
+# same integers as torch._int_mm. With the weights coming from memory, as in a decoding step (1
+# thread, 30 distinct weights per shape): qkv (128 rows) 686 -> 814 GOP/s, wo (64) 586 -> 798,
+# gate_up (64) 536 -> 777, down (128) 748 -> 826, LM head (128) 659 -> 776; at 1024 rows oneDNN
+# is faster (924 vs 832), so encoding's layers keep torch._int_mm.
+PACKED_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -338,6 +358,17 @@ def _mm(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(q, w.t())[:m]
 
 
+_UNPACKED = object()
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """int8 (N, K) weight -> kernels.c gemm_packed's layout: unsigned bytes w + 128 in panels of
+    16 output channels, (N/16, K/4, 16, 4). N % 16 == 0 and K % 4 == 0."""
+    N, K = w.shape
+    u = (w.to(torch.int16) + 128).to(torch.uint8)                   # 0..255: exact
+    return u.view(N // 16, 16, K // 4, 4).transpose(1, 2).contiguous()
+
+
 class TorchOps:
     """Reference form: plain torch ops, one per arithmetic step (no fusion that could contract a*b+c
     into an FMA). Divisions by constants that are not powers of two divide by a device tensor:
@@ -438,6 +469,12 @@ class TorchOps:
                                         f[:, :, a:a + Tq].contiguous(), table)
             o = p.view(B, nkv, g * Tq, Tk) @ values[:, :, :Tk].to(torch.float64)  # integers
             self.attn_out(o, vscale, l, out, a, g)
+
+    def store_kv(self, ki, vi, pos, keys, values):
+        """Row b's key and value ki, vi (B, nkv, 1, hs) into the cache at position pos[b]."""
+        rows = torch.arange(ki.shape[0], device=ki.device)
+        keys[rows, :, pos] = ki[:, :, 0].to(keys.dtype)             # integers: exact
+        values[rows, :, pos] = vi[:, :, 0].to(values.dtype)
 
     def attn_out(self, o, vscale, l, out, t0, g):
         """o (B, nkv, g*Tq, hs) integer P.V sums -> out[:, t0:t0+Tq] (B, T, nh*hs) = o * vscale / l."""
@@ -603,6 +640,16 @@ class FusedOps(TorchOps):
             self.lib.attn_out_digits(o.data_ptr(), B, nkv, g, Tq, hs, _ptr(vscale, torch.float64),
                                      l.data_ptr(), _ptr(out, torch.float64), out.shape[1], a)
 
+    def store_kv(self, ki, vi, pos, keys, values):
+        """As TorchOps.store_kv, in C (kernels.c kv_store): one call instead of two index_puts."""
+        if keys.dtype != torch.int16 or not keys.is_contiguous() or not values.is_contiguous():
+            return super().store_kv(ki, vi, pos, keys, values)
+        B, nkv, _, hs = ki.shape
+        pos = pos.contiguous()
+        self.lib.kv_store(_ptr(ki, torch.float64), _ptr(vi, torch.float64), B, nkv, hs,
+                          _ptr(pos, torch.int64), keys.shape[2], _ptr(keys, torch.int16),
+                          _ptr(values, torch.int16))
+
     def attn_out(self, o, vscale, l, out, t0, g):
         B, nkv, gT, hs = o.shape
         self.lib.attn_out(_ptr(o, torch.float64), B, nkv, g, gT // g, hs,
@@ -632,6 +679,11 @@ class State:
     v: list[torch.Tensor]
     pos: torch.Tensor       # (B,) int64, CPU
     max_len: int
+
+    def rows(self, n: int) -> "State":
+        """A state of the first n rows sharing this one's cache and positions (views): stepping it
+        steps those rows of this state and leaves the others as they are."""
+        return State([k[:n] for k in self.k], [v[:n] for v in self.v], self.pos[:n], self.max_len)
 
 
 class Engine:
@@ -670,6 +722,31 @@ class Engine:
         # the key scale folded into each query head: (nh, 1, hs)
         self._qkscale = [k.repeat_interleave(g, dim=0) for k, _ in self._kvscale]
         self._act_max: dict[str, np.ndarray] | None = None     # calibrate() only
+        self._packed: dict[str, torch.Tensor | None] = {}      # pack_weight, made on first use
+        self._pack_lock = threading.Lock()
+
+    def _matmul(self, q: torch.Tensor, name: str) -> torch.Tensor:
+        """int8 rows q (M, K) @ weight `name` (N, K).T -> int32 (M, N), exact: kernels.c
+        gemm_packed for few rows (PACKED_ROWS), else torch._int_mm; the same integers."""
+        w = self._t[name]
+        lib = getattr(self._ops, "lib", None)
+        if lib is not None and q.shape[0] <= PACKED_ROWS and torch.get_num_threads() == 1:
+            wp = self._packed.get(name, _UNPACKED)
+            if wp is _UNPACKED:
+                with self._pack_lock:
+                    wp = self._packed.get(name, _UNPACKED)
+                    if wp is _UNPACKED:
+                        N, K = w.shape
+                        # gemm_packed answers 0 without touching memory when it cannot run here
+                        ok = N % 16 == 0 and K % 4 == 0 and lib.gemm_packed(None, 0, K, None, N,
+                                                                            None) == 2
+                        wp = self._packed[name] = pack_weight(w) if ok else None
+            if wp is not None:
+                out = torch.empty(q.shape[0], w.shape[0], dtype=torch.int32)
+                if lib.gemm_packed(_ptr(q, torch.int8), q.shape[0], q.shape[1], wp.data_ptr(),
+                                   w.shape[0], out.data_ptr()) == 2:
+                    return out
+        return _mm(q, w)
 
     def _record(self, name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
         """Per-channel max of |rmsnorm(x) * weight| into _act_max[name] (calibrate()); 1/rms as in
@@ -752,24 +829,23 @@ class Engine:
         if self._act_max is not None:                                # calibrate(): input maxima
             self._record(p + "qkv", x, t[p + "attn_norm"])
         hq, s = ops.rmsnorm_quant(x, t[p + "attn_norm"], c.norm_eps, QKV_INT8)
-        h = ops.combine(_mm(hq, t[p + "qkv.q"]), t[p + "qkv.s"], s)
+        h = ops.combine(self._matmul(hq, p + "qkv.q"), t[p + "qkv.s"], s)
         qi, f, ki, vi = self._qkv(i, h, B, T, qpos)
         if cache is None:
             keys, values = ki, vi
         else:
             keys, values = cache
-            rows, col = torch.arange(B, device=x.device), qpos[:, 0]
-            keys[rows, :, col] = ki[:, :, 0].to(keys.dtype)          # integers: exact
-            values[rows, :, col] = vi[:, :, 0].to(values.dtype)
+            ops.store_kv(ki, vi, qpos[:, 0], keys, values)
         a = torch.empty(B, T, c.n_head * c.head_dim, dtype=torch.float64, device=x.device)
         self._attend(i, qi, f, keys, values, qpos, kmax, a)
         aq, s = ops.quant_rows(a.view(B * T, -1), WO_INT8)
-        x = ops.combine(_mm(aq, t[p + "wo.q"]), t[p + "wo.s"], s, residual=x)
+        x = ops.combine(self._matmul(aq, p + "wo.q"), t[p + "wo.s"], s, residual=x)
         if self._act_max is not None:                                # calibrate(): input maxima
             self._record(p + "gate_up", x, t[p + "ffn_norm"])
         hq, s = ops.rmsnorm_quant(x, t[p + "ffn_norm"], c.norm_eps, GATE_UP_INT8)
-        mq, s = ops.swiglu_quant(_mm(hq, t[p + "gate_up.q"]), t[p + "gate_up.s"], s, self._sig)
-        return ops.combine(_mm(mq, t[p + "down.q"]), t[p + "down.s"], s, residual=x)
+        mq, s = ops.swiglu_quant(self._matmul(hq, p + "gate_up.q"), t[p + "gate_up.s"], s,
+                                 self._sig)
+        return ops.combine(self._matmul(mq, p + "down.q"), t[p + "down.s"], s, residual=x)
 
     @torch.no_grad()
     def head(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -784,8 +860,8 @@ class Engine:
         for r in range(0, x.shape[0], HEAD_ROWS):                    # bounds (rows, V) temporaries
             hq, s = self._ops.rmsnorm_quant(x[r:r + HEAD_ROWS], t["norm"], c.norm_eps)
             # logits * 2^LOGIT_RES_BITS: the power of two is folded into the weight scale (exact)
-            self._ops.head_freqs(_mm(hq, t[w + ".q"]), self._head_scale, s, self._lexp, budget,
-                                 out[r:r + HEAD_ROWS])
+            self._ops.head_freqs(self._matmul(hq, w + ".q"), self._head_scale, s, self._lexp,
+                                 budget, out[r:r + HEAD_ROWS])
         return out
 
     def _check(self, tokens: torch.Tensor) -> None:

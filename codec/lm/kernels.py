@@ -57,6 +57,8 @@ _SIGNATURES = {
     "softmax_digits": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _p, _p],
     "attn_out_digits": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _i64],
     "attend_step": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _i64],
+    "kv_store": [_p, _p, _i64, _i64, _i64, _p, _i64, _p, _p],
+    "gemm_packed": [_p, _i64, _i64, _p, _i64, _p],
     "attend_fwd": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p],
     "head_freqs": [_p, _i64, _i64, _p, _p, _p, _i64, _i64, _p, _i64],
 }
@@ -64,7 +66,7 @@ _SIGNATURES = {
 # functions that return something: attend_step returns the form that ran (1 portable, 2 VNNI)
 # attend_fwd returns 2 when it ran, 0 when the CPU or shape needs the digit form; head_freqs,
 # quant_rows, rmsnorm_quant and swiglu_quant take impl like attend_step and return the form that ran
-_RESTYPES = {"attend_step": ctypes.c_int, "attend_fwd": ctypes.c_int, "head_freqs": ctypes.c_int,
+_RESTYPES = {"gemm_packed": ctypes.c_int, "attend_step": ctypes.c_int, "attend_fwd": ctypes.c_int, "head_freqs": ctypes.c_int,
              "quant_rows": ctypes.c_int, "rmsnorm_quant": ctypes.c_int, "swiglu_quant": ctypes.c_int}
 
 
