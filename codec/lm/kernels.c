@@ -1011,10 +1011,12 @@ gemm_block(const int8_t *restrict A, int64_t K, const uint8_t *restrict Wp, int3
     }
 }
 
-VNNI_TARGET static void gemm_packed_vnni(const int8_t *restrict A, int64_t M, int64_t K,
-                                         const uint8_t *restrict Wp, int64_t N,
-                                         int32_t *restrict C) {
+VNNI_TARGET static int gemm_packed_vnni(const int8_t *restrict A, int64_t M, int64_t K,
+                                        const uint8_t *restrict Wp, int64_t N,
+                                        int32_t *restrict C) {
     int32_t *corr = malloc(sizeof(int32_t) * (M > 0 ? M : 1));
+    if (!corr)
+        return 0;                                            /* the caller falls back to torch */
     for (int64_t m = 0; m < M; m++) {
         int32_t t = 0;
         for (int64_t k = 0; k < K; k++) t += A[m * K + k];
@@ -1033,6 +1035,7 @@ VNNI_TARGET static void gemm_packed_vnni(const int8_t *restrict A, int64_t M, in
         }
     }
     free(corr);
+    return 2;
 }
 #endif
 
@@ -1041,10 +1044,8 @@ VNNI_TARGET static void gemm_packed_vnni(const int8_t *restrict A, int64_t M, in
  * torch._int_mm on the unpacked weight. */
 int gemm_packed(const int8_t *A, int64_t M, int64_t K, const uint8_t *Wp, int64_t N, int32_t *C) {
 #ifdef HAVE_VNNI
-    if (have_vnni() && N % 16 == 0 && K % 4 == 0 && K < 65536) {
-        gemm_packed_vnni(A, M, K, Wp, N, C);
-        return 2;
-    }
+    if (have_vnni() && N % 16 == 0 && K % 4 == 0 && K < 65536)
+        return gemm_packed_vnni(A, M, K, Wp, N, C);
 #endif
     (void)A; (void)M; (void)K; (void)Wp; (void)N; (void)C;
     return 0;

@@ -66,8 +66,9 @@ _SIGNATURES = {
 # functions that return something: attend_step returns the form that ran (1 portable, 2 VNNI)
 # attend_fwd returns 2 when it ran, 0 when the CPU or shape needs the digit form; head_freqs,
 # quant_rows, rmsnorm_quant and swiglu_quant take impl like attend_step and return the form that ran
-_RESTYPES = {"gemm_packed": ctypes.c_int, "attend_step": ctypes.c_int, "attend_fwd": ctypes.c_int, "head_freqs": ctypes.c_int,
-             "quant_rows": ctypes.c_int, "rmsnorm_quant": ctypes.c_int, "swiglu_quant": ctypes.c_int}
+_RESTYPES = {"gemm_packed": ctypes.c_int, "attend_step": ctypes.c_int, "attend_fwd": ctypes.c_int,
+             "head_freqs": ctypes.c_int, "quant_rows": ctypes.c_int, "rmsnorm_quant": ctypes.c_int,
+             "swiglu_quant": ctypes.c_int}
 
 
 def cache_dir() -> Path:
