@@ -80,7 +80,8 @@ SEGMENT_TOKENS = 1024
 # runs, and reads that fetch several blocks (read-ahead, prefetch) fill the rows. 2026-11-30, after
 # the decoding work (packed GEMMs, rows past the last busy one left out; % of the int8 peak measured
 # in the same run): batch 16 563 tokens/s = 15.0 %, 0.99 GB; 32: 616 = 16.8 %, 1.35 GB; 64: 632 =
-# 16.6 %, 2.07 GB: 32 rows now decode about as fast as 64 on this shared 2-core machine.
+# 16.6 %, 2.07 GB (machine shared with tests). Idle, two runs each: 32 612-622 = 16.8 %, 1.35 GB;
+# 64 677-681 = 18.4 %, 2.07 GB: 64 stays, 9 % faster for 0.7 GB.
 DECODE_BATCH = 64
 
 # Binary-looking data is not worth a model pass: if more than this fraction of a sample is invalid
