@@ -90,7 +90,9 @@ class Header:
     payload_offset: int
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """Unsigned LEB128: 7 bits per byte, low first, high bit set on all but the last byte. The
+    container's length and the LM payload's segment table use it."""
     out = bytearray()
     while True:
         byte, value = value & 0x7F, value >> 7
@@ -99,16 +101,33 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
+def read_varint(buf, pos: int, where: str) -> tuple[int, int]:
+    """(value, position after it) of the varint at buf[pos]; Truncated if buf ends inside it,
+    ChecksumMismatch if it runs past 64 bits. `where` names the field in the messages."""
+    value = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise Truncated(f"{where} truncated")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift >= 7 * _MAX_VARINT:
+            raise ChecksumMismatch(f"{where} is corrupt: malformed varint")
+
+
 def header_size(length: int, has_fingerprint: bool = False) -> int:
     """Bytes a version 2 header takes for a plaintext of `length` bytes."""
-    return 6 + len(_varint(length)) + _CHECKSUM.size + (FINGERPRINT_SIZE if has_fingerprint else 0)
+    return 6 + len(varint(length)) + _CHECKSUM.size + (FINGERPRINT_SIZE if has_fingerprint else 0)
 
 
 def pack(codec_id: int, data_length: int, data_checksum: int, payload: bytes,
          fingerprint: bytes = b"") -> bytes:
     if fingerprint and len(fingerprint) != FINGERPRINT_SIZE:
         raise ValueError(f"model fingerprint must be {FINGERPRINT_SIZE} bytes")
-    return b"".join((MAGIC, bytes((FORMAT_VERSION, codec_id)), _varint(data_length),
+    return b"".join((MAGIC, bytes((FORMAT_VERSION, codec_id)), varint(data_length),
                      _CHECKSUM.pack(data_checksum), fingerprint, payload))
 
 
@@ -128,18 +147,7 @@ def read_header(buf: bytes | memoryview, has_fingerprint) -> Header:
         raise UnsupportedVersion(
             f"container format version {version} is not supported (this llmfs reads versions 1 "
             f"and {FORMAT_VERSION}); upgrade llmfs")
-    pos, length, shift = 6, 0, 0
-    while True:
-        if pos >= len(buf):
-            raise Truncated("container truncated inside its length field")
-        byte = buf[pos]
-        pos += 1
-        length |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            break
-        shift += 7
-        if shift >= 7 * _MAX_VARINT:
-            raise ChecksumMismatch("container is corrupt: malformed length field")
+    length, pos = read_varint(buf, 6, "container length field")
     model = FINGERPRINT_SIZE if has_fingerprint(codec_id) else 0
     end = pos + _CHECKSUM.size + model
     if len(buf) < end:

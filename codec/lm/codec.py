@@ -43,7 +43,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..container import FINGERPRINT_SIZE, ChecksumMismatch, Truncated, UnsupportedVersion
+from ..container import (FINGERPRINT_SIZE, ChecksumMismatch, Truncated, UnsupportedVersion,
+                         read_varint, varint)
 from . import coder
 from .tokenizer import from_json
 
@@ -51,6 +52,7 @@ PAYLOAD_VERSION = 2
 # Hashed into the codec fingerprint; the payload carries its own version, so readers of version 2
 # also read version 1 payloads made with the same model.
 _FINGERPRINT_TAG = b"llmfs-lm-payload-1\0"
+_TABLE = "LM payload segment table"  # what read_varint's errors name
 
 # Segments per coded stream. A group decodes in rows that start together, so decoding takes at
 # least G rows whatever the batch (the KV cache: 23.6 MB per SmolLM2 row); encoding holds only the
@@ -102,33 +104,6 @@ def _looks_binary(data: bytes) -> bool:
     return bad > BINARY_FRACTION * len(text)
 
 
-# -- varints ------------------------------------------------------------------------------------
-def _put_varint(out: bytearray, value: int) -> None:
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return
-
-
-def _get_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise Truncated("LM payload truncated inside its segment table")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-        if shift > 63:
-            raise ChecksumMismatch("LM payload is corrupt: malformed segment table")
-
-
 @dataclass
 class _Group:
     item: int            # which payload of decode_many it belongs to
@@ -173,13 +148,10 @@ class LMCodec:
         """Always LM-code `data` (tests use it on adversarial bytes that encode() would skip)."""
         segments = self.segments(data)
         streams = self._encode_groups(segments)
-        head = bytearray([PAYLOAD_VERSION])
-        _put_varint(head, sum(len(s) for s in segments))
-        _put_varint(head, self.segment_tokens - 1)
-        _put_varint(head, self.group)
-        for words in streams:
-            _put_varint(head, len(words))
-        return bytes(head) + b"".join(w.astype("<u4").tobytes() for w in streams)
+        head = [bytes([PAYLOAD_VERSION]), varint(sum(len(s) for s in segments)),
+                varint(self.segment_tokens - 1), varint(self.group)]
+        head += [varint(len(words)) for words in streams]
+        return b"".join(head) + b"".join(w.astype("<u4").tobytes() for w in streams)
 
     def segments(self, data: bytes) -> list[list[int]]:
         """The token ids of `data` cut into the segments the payload codes (BOS not included)."""
@@ -248,13 +220,13 @@ class LMCodec:
         if buf[0] not in (1, PAYLOAD_VERSION):
             raise UnsupportedVersion(f"LM payload version {buf[0]} is not supported (this llmfs "
                                      f"reads versions 1 and {PAYLOAD_VERSION})")
-        total, pos = _get_varint(buf, 1)
-        per_seg, pos = _get_varint(buf, pos)
+        total, pos = read_varint(buf, 1, _TABLE)
+        per_seg, pos = read_varint(buf, pos, _TABLE)
         if per_seg < 1 or per_seg + 1 > self.engine.max_seq_len:
             raise ChecksumMismatch(f"LM payload is corrupt: segment length {per_seg}")
         g = 1
         if buf[0] >= 2:
-            g, pos = _get_varint(buf, pos)
+            g, pos = read_varint(buf, pos, _TABLE)
             if not 1 <= g <= MAX_GROUP:
                 raise ChecksumMismatch(f"LM payload is corrupt: group size {g}")
         count = -(-total // per_seg)                  # segments
@@ -263,7 +235,7 @@ class LMCodec:
             raise Truncated("LM payload truncated inside its segment table")
         sizes = []
         for _ in range(n_groups):
-            n, pos = _get_varint(buf, pos)
+            n, pos = read_varint(buf, pos, _TABLE)
             sizes.append(n)
         need = pos + 4 * sum(sizes)
         if len(buf) < need:
