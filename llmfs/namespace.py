@@ -113,6 +113,7 @@ class Filesystem:
         self._dirty_bytes = 0
         self.readahead = readahead
         self._found: OrderedDict[int, tuple[int, bytes]] = OrderedDict()  # ino -> (parent, name)
+        self._found_lock = threading.Lock()  # not self._lock: that one is held across store writes
 
     # ------------------------------------------------------------------ attributes and lookup
     def lookup(self, parent: int, name: bytes) -> int:
@@ -126,7 +127,7 @@ class Filesystem:
         which files a directory walk opens next."""
         if self.readahead is None or name in (b".", b".."):
             return
-        with self._lock:
+        with self._found_lock:
             self._found[ino] = (parent, name)
             self._found.move_to_end(ino)
             if len(self._found) > LOOKUPS_KEPT:
@@ -575,8 +576,9 @@ class Filesystem:
         if self.cache is None or not hasattr(self.cache, "prefetch"):
             return
         hot = getattr(self.cache, "ram_budget", 0) * HOT_FILE_FRACTION
-        with self._lock:
+        with self._found_lock:
             where = self._found.get(ino)
+        small = min(hot, DIR_PREFETCH_BLOCKS * self.block_size)  # siblings: small files only
         with self.store.read(buffers=True) as t:  # headers only: no 64 KiB copies
             start = None
             if where is not None:
@@ -589,8 +591,7 @@ class Filesystem:
                     if len(hashes) >= DIR_PREFETCH_BLOCKS or len(names) >= DIR_PREFETCH_FILES:
                         break
                     names.append(name)
-                    sibling = t.inode(child)      # small files only: a big one has readahead
-                    small = min(hot, DIR_PREFETCH_BLOCKS * self.block_size)
+                    sibling = t.inode(child)      # a big one gets readahead when read
                     if sibling is not None and sibling.is_reg and 0 < sibling.size <= small:
                         hashes += self._lm_hashes(t, child, sibling.size)
                 self.readahead.named_files(where[0], names)
@@ -599,8 +600,11 @@ class Filesystem:
 
     @staticmethod
     def _next_file(t, parent: int, after: bytes) -> bytes | None:
-        """The name of the next regular file after `after` in directory parent."""
-        for name, child in t.listdir(parent, after=after):
+        """The name of the next regular file after `after` in directory parent (None if none
+        among the next DIR_PREFETCH_FILES entries: a walk is not worth a long scan)."""
+        for k, (name, child) in enumerate(t.listdir(parent, after=after)):
+            if k >= DIR_PREFETCH_FILES:
+                break
             inode = t.inode(child)
             if inode is not None and inode.is_reg:
                 return name
