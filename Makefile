@@ -63,6 +63,8 @@ run: setup
 	.venv/bin/llmfs mount $(STORE) $(MNT) -f
 
 test: setup
+	@echo "CPU: $$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -ra tests
 
 bench: setup

@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from codec.lm import engine as E, loader, reference  # noqa: E402
-from codec.lm.engine import (SIG_RANGE, SIG_RES_BITS, Engine, TorchOps, _mm,  # noqa: E402
-                             det_sqrt, prepare_weights)
+from llmfs.codec.lm import engine as E  # noqa: E402
+from llmfs.codec.lm import loader, reference
+from llmfs.codec.lm.engine import SIG_RANGE, SIG_RES_BITS, Engine, TorchOps, _mm, det_sqrt, prepare_weights  # noqa: E402
 
 FILES = ["/usr/share/common-licenses/GPL-3", "/usr/lib/python3.11/argparse.py"]
 CALIB = ["/usr/share/common-licenses/Apache-2.0", "/usr/lib/python3.11/subprocess.py"]
@@ -82,7 +82,7 @@ class XEngine(Engine):
         return self._ops.combine(_mm(xq, q), ws, s, residual=residual)
 
     def _layer(self, i, x, B, T, qpos, kmax, cache):
-        c, t, ops, p = self.config, self._t, self._ops, f"l{i}."
+        c, t, p = self.config, self._t, f"l{i}."
         r = rms(x, c.norm_eps)
         hq, s = self._quant(x * t[p + "attn_norm"], i, "qkv", r)
         h = self._lin(hq, s, i, "qkv")
@@ -133,6 +133,7 @@ def main():
     f = got["f"]
     tensors = prepare_weights(config, f)          # unsmoothed: this script smooths its own way
     from tokenizers import Tokenizer
+
     from bench.engine_bench import segments_of
     tok = Tokenizer.from_str(tok_json)
     segs = {p: segments_of(tok, config.bos_id, p, 1024, a.segments) for p in FILES}

@@ -16,7 +16,7 @@ import tracemalloc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cache import BlockCache, DecodeCache, policy  # noqa: E402
+from llmfs.cache import BlockCache, DecodeCache, policy  # noqa: E402
 
 BLOCK = 64 << 10
 BUDGET = 64 << 20

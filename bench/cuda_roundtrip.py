@@ -43,10 +43,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from codec.bench import int8_peak_ops, ops_per_token  # noqa: E402
-from codec.lm.codec import LMCodec  # noqa: E402
-from codec.lm.engine import Engine  # noqa: E402
-from codec.lm.tokenizer import ByteTokenizer  # noqa: E402
+from llmfs.codec.bench import int8_peak_ops, ops_per_token  # noqa: E402
+from llmfs.codec.lm.codec import LMCodec  # noqa: E402
+from llmfs.codec.lm.engine import Engine  # noqa: E402
+from llmfs.codec.lm.tokenizer import ByteTokenizer  # noqa: E402
 
 SHAPES = {
     "smollm2": dict(vocab_size=49152, dim=576, n_layer=30, n_head=9, n_kv_head=3, ffn_dim=1536,

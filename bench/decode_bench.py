@@ -14,12 +14,11 @@ import resource
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from llmfs.codec.lm import open_codec  # noqa: E402
+
 from bench.engine_bench import int8_peak, ops_per_token  # noqa: E402
-from codec.lm import open_codec  # noqa: E402
 
 BLOCK = 64 * 1024
 

@@ -16,12 +16,11 @@ import pickle
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from llmfs.codec.lm import coder, open_codec  # noqa: E402
+
 from bench.engine_bench import int8_peak, ops_per_token  # noqa: E402
-from codec.lm import coder, open_codec  # noqa: E402
 
 T = collections.defaultdict(float)
 N = collections.defaultdict(int)

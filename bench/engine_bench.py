@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from codec.lm import loader, reference  # noqa: E402
+from llmfs.codec.lm import loader, reference  # noqa: E402
 
 DEFAULT_FILES = ["/usr/share/common-licenses/GPL-3", "/usr/lib/python3.11/argparse.py"]
 

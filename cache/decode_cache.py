@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from .policy import DEVICE, RAM, TwoQueue
 from .prefetch import Prefetcher

@@ -32,7 +32,8 @@ order. Threading: none; callers hold the DecodeCache's lock.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 RAM = "ram"
 DEVICE = "device"

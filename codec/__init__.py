@@ -8,9 +8,17 @@ Layers, each depending only on the ones above it:
                   arithmetic coding (issue 3)
 The filesystem (llmfs/) uses this package; this package never imports llmfs.
 """
-from .container import (ChecksumMismatch, ContainerError, Header, ModelMismatch, Truncated,
-                        UnknownCodec, UnsupportedVersion, BadMagic)
-from .registry import RAW, ZSTD, LM, Registry, CODEC_NAMES
+from .container import (
+                        BadMagic,
+                        ChecksumMismatch,
+                        ContainerError,
+                        Header,
+                        ModelMismatch,
+                        Truncated,
+                        UnknownCodec,
+                        UnsupportedVersion,
+)
+from .registry import CODEC_NAMES, LM, RAW, ZSTD, Registry
 
 __all__ = ["ContainerError", "BadMagic", "UnsupportedVersion", "UnknownCodec", "ModelMismatch",
            "ChecksumMismatch", "Truncated", "Header", "Registry", "RAW", "ZSTD", "LM", "CODEC_NAMES"]

@@ -99,8 +99,9 @@ def baselines(data: bytes) -> dict[str, int]:
 
 
 def run_codec(args) -> int:
-    from .lm import SEGMENT_TOKENS, open_codec
     import torch
+
+    from .lm import SEGMENT_TOKENS, open_codec
     codec = open_codec(args.model, batch=args.batch, threads=args.threads, device=args.device,
                        segment_tokens=args.segment or SEGMENT_TOKENS)
     device = str(codec.engine.device)

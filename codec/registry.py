@@ -14,7 +14,8 @@ on every block.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import zstandard
 

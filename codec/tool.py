@@ -35,7 +35,7 @@ import struct
 import sys
 import tempfile
 
-from .container import ContainerError, ModelMismatch, Truncated, BadMagic, UnsupportedVersion
+from .container import BadMagic, ContainerError, ModelMismatch, Truncated, UnsupportedVersion
 from .registry import LM, ZSTD, Registry
 
 FILE_MAGIC = b"LMFS"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import zstandard
 
-from codec.bench import bench_subparsers
+from llmfs.codec.bench import bench_subparsers
 
 from .mkfs import DEFAULT_BLOCK_SIZE, parse_size
 from .store import Store
@@ -186,8 +186,8 @@ def run_compaction(args) -> int:
     import tarfile
     import threading
 
-    from codec.bench import baselines, int8_peak_ops, ops_per_token
-    from codec.lm import open_codec
+    from llmfs.codec.bench import baselines, int8_peak_ops, ops_per_token
+    from llmfs.codec.lm import open_codec
 
     work = Path(tempfile.mkdtemp(prefix="llmfs-bench-", dir=args.dir))
     store, mnt = work / "store", work / "mnt"
@@ -336,7 +336,7 @@ def run_cache(args) -> int:
         rss = daemon_rss(store)
         _, zstd = timed_read_ttfb(mounts["zstd"][1] / "f")
     finally:
-        for store, mnt in mounts.values():
+        for _store, mnt in mounts.values():
             subprocess.run([sys.executable, "-m", "llmfs.cli", "umount", str(mnt)])
     mib = len(text) / (1 << 20)
     budget = parse_size(str(args.cache_size))

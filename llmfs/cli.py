@@ -17,8 +17,8 @@ COMMAND_MODULES = [
     "llmfs.statcmd",
     "llmfs.fsck",
     "llmfs.compact",
-    "codec.tool",
-    "codec.bench",
+    "llmfs.codec.tool",
+    "llmfs.codec.bench",
     "llmfs.bench",
 ]
 

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from codec import Registry
+from llmfs.codec import Registry
 
 from . import control
 from .compactor import Compactor, Result

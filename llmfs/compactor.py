@@ -25,11 +25,11 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-from codec import ContainerError, Registry
-from codec.registry import LM, RAW, ZSTD, peek_header
+from llmfs.codec import ContainerError, Registry
+from llmfs.codec.registry import LM, RAW, ZSTD, peek_header
 
 from .store import Store, StoreError, now_ns
 
@@ -65,7 +65,7 @@ class Result:
     seconds: float = 0.0
     tokens: int = field(default=0)
 
-    def add(self, other: "Result") -> None:
+    def add(self, other: Result) -> None:
         for k in self.__dataclass_fields__:
             setattr(self, k, getattr(self, k) + getattr(other, k))
 

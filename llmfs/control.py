@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 log = logging.getLogger("llmfs")
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from codec import ContainerError, Registry
-from codec.registry import peek_header
+from llmfs.codec import ContainerError, Registry
+from llmfs.codec.registry import peek_header
 
 from .models import Models
 from .store import ROOT_INO, Counters, Store, StoreError, Txn, block_hash
@@ -170,7 +170,7 @@ def check_pending(s: Snapshot, t: Txn) -> list[Problem]:
 def _count(t: Txn) -> Counters:
     want = Counters.zero()
     want.logical = sum(i.size for _, i in t.inodes() if i.is_reg)
-    for h, blob in t.blocks():
+    for _h, blob in t.blocks():
         head = peek_header(blob[:64])
         row = want.per_codec[head.codec_id]
         row[0] += 1
@@ -192,7 +192,7 @@ def check_models(s: Snapshot, t: Txn) -> list[Problem]:
     """Every model that coded a block is recorded (so the block can be decoded again)."""
     known = t.models()
     missing: dict[bytes, int] = {}
-    for h, blob in t.blocks():
+    for _h, blob in t.blocks():
         head = peek_header(blob[:64])
         if head.fingerprint and head.fingerprint not in known:
             missing[head.fingerprint] = missing.get(head.fingerprint, 0) + 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from codec.container import ModelMismatch
+from llmfs.codec.container import ModelMismatch
 
 from .store import Store
 
@@ -45,7 +45,7 @@ class Models:
         with self._lock:
             codec = self._codecs.get(spec)
             if codec is None:
-                from codec.lm import open_codec  # torch and the model: only when needed
+                from llmfs.codec.lm import open_codec  # torch and the model: only when needed
                 log.info("loading model %s", spec)
                 codec = open_codec(spec, batch=self.batch, threads=self.threads,
                                    device=self.device)

@@ -22,17 +22,16 @@ import os
 import subprocess
 import sys
 
-from codec import Registry
-
-from cache import DecodeCache, Readahead
-from cache.decode_cache import DEFAULT_RAM_BUDGET
+from llmfs.cache import DecodeCache, Readahead
+from llmfs.cache.decode_cache import DEFAULT_RAM_BUDGET
+from llmfs.codec import Registry
 
 from . import config, fsck, service
 from .background import Background
 from .compactor import COMPACT_AFTER
 from .fuseops import FUSE, Operations
-from .models import THREADS, Models
 from .mkfs import parse_size, positive_int
+from .models import THREADS, Models
 from .namespace import DIRTY_LIMIT, Filesystem
 from .store import Store, StoreError
 

@@ -23,8 +23,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from codec import ContainerError
-from codec.registry import CODEC_NAMES, LM, RAW, ZSTD, Registry, peek_header
+from llmfs.codec import ContainerError
+from llmfs.codec.registry import CODEC_NAMES, LM, RAW, ZSTD, Registry, peek_header
 
 from .store import ROOT_INO, Inode, Store, StoreFull, block_hash, now_ns
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
-from codec import CODEC_NAMES
-from codec.registry import peek_header
+from llmfs.codec import CODEC_NAMES
+from llmfs.codec.registry import peek_header
 
 from . import control
 from .store import Store, StoreError

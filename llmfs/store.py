@@ -69,8 +69,8 @@ from dataclasses import dataclass, replace
 import blake3
 import lmdb
 
-from codec.container import FINGERPRINT_SIZE
-from codec.registry import peek_header
+from llmfs.codec.container import FINGERPRINT_SIZE
+from llmfs.codec.registry import peek_header
 
 FORMAT_VERSION = 1
 MAGIC = b"llmfs-store"
@@ -146,11 +146,11 @@ class Inode:
                            self.mtime, self.ctime, self.rdev) + self.target
 
     @classmethod
-    def unpack(cls, buf) -> "Inode":
+    def unpack(cls, buf) -> Inode:
         fields = _INODE.unpack_from(buf, 0)
         return cls(*fields, target=bytes(buf[_INODE.size:]))
 
-    def evolve(self, **changes) -> "Inode":
+    def evolve(self, **changes) -> Inode:
         return replace(self, **changes)
 
     @property
@@ -168,14 +168,14 @@ class Counters:
     per_codec: list  # [[blocks, plain bytes, stored bytes], ...] indexed by codec id
 
     @classmethod
-    def zero(cls) -> "Counters":
+    def zero(cls) -> Counters:
         return cls(0, [[0, 0, 0] for _ in range(_N_CODECS)])
 
     def pack(self) -> bytes:
         return _COUNTERS.pack(self.logical, *(v for row in self.per_codec for v in row))
 
     @classmethod
-    def unpack(cls, buf) -> "Counters":
+    def unpack(cls, buf) -> Counters:
         vals = _COUNTERS.unpack(buf)
         return cls(vals[0], [list(vals[1 + 3 * i:4 + 3 * i]) for i in range(_N_CODECS)])
 
@@ -199,7 +199,7 @@ def blockmap_key(ino: int, index: int) -> bytes:
 class Txn:
     """One LMDB transaction with the schema's operations. Write transactions also keep the counters."""
 
-    def __init__(self, store: "Store", txn: lmdb.Transaction, write: bool):
+    def __init__(self, store: Store, txn: lmdb.Transaction, write: bool):
         self.store = store
         self.txn = txn
         self.write = write

@@ -56,5 +56,5 @@ class _State:
     def __init__(self, pos: np.ndarray, max_len: int):
         self.pos, self.max_len = pos, max_len
 
-    def rows(self, n: int) -> "_State":
+    def rows(self, n: int) -> _State:
         return _State(self.pos[:n], self.max_len)   # a view, as engine.State.rows

@@ -17,7 +17,7 @@ def default_gguf() -> str:
 def smollm2_tokenizer_json() -> str:
     """The default model's tokenizer as HF tokenizers JSON, read from its GGUF."""
     try:
-        from codec.lm import loader
+        from llmfs.codec.lm import loader
         getter = getattr(loader, "tokenizer_json", None)
         if getter is not None:
             return getter()
@@ -32,7 +32,7 @@ def smollm2_tokenizer_json() -> str:
 def tiny_engine(seed: int = 0):
     """codec.lm.engine.Engine.tiny when the engine exists, else the bigram stand-in."""
     try:
-        from codec.lm.engine import Engine
+        from llmfs.codec.lm.engine import Engine
     except ImportError:
         from tests.fake_engine import BigramEngine
         return BigramEngine(seed=seed)

@@ -7,8 +7,7 @@ import threading
 import time
 
 import pytest
-
-from cache import DecodeCache
+from llmfs.cache import DecodeCache
 
 TIMEOUT = 10
 

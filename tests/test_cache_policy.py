@@ -10,10 +10,10 @@ import weakref
 from pathlib import Path
 
 import torch
-from hypothesis import given, settings, strategies as st
-
-from cache import BlockCache, DecodeCache
-from cache.tiers import RAM_ENTRY_OVERHEAD, device_charge, ram_charge
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from llmfs.cache import BlockCache, DecodeCache
+from llmfs.cache.tiers import RAM_ENTRY_OVERHEAD, device_charge, ram_charge
 
 BLOCK = 4096
 SLOT = ram_charge(BLOCK)  # what one block costs the RAM budget

@@ -2,7 +2,7 @@
 names each block once and stays within the file."""
 from __future__ import annotations
 
-from cache import Readahead
+from llmfs.cache import Readahead
 
 
 def test_sequential_reads_grow_the_window_up_to_the_maximum():

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-
-from codec.lm import coder
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from llmfs.codec.lm import coder
 
 
 def _rows(rng, m, v, skew=True):

@@ -8,10 +8,10 @@ import random
 from pathlib import Path
 
 import pytest
+from llmfs.codec import LM, Registry
+from llmfs.codec.lm import ByteTokenizer, LMCodec
+from llmfs.codec.registry import peek_header
 
-from codec import LM, Registry
-from codec.lm import ByteTokenizer, LMCodec
-from codec.registry import peek_header
 from llmfs import fsck
 from llmfs import namespace as ns
 from llmfs.compactor import Compactor
@@ -146,7 +146,7 @@ def test_storage_xattrs(env):
 
 
 def test_opening_an_lm_file_prefetches_its_blocks_in_one_batch(env):
-    from cache import DecodeCache, Readahead
+    from llmfs.cache import DecodeCache, Readahead
     fs, compactor = env
     ino = write(fs, b"f", TEXT[:4 * BS])
     compactor.compact(compactor.candidates())
@@ -167,7 +167,7 @@ def test_walking_a_directory_decodes_the_next_files_in_one_batch(env):
     """A reader opening a directory's small LM-coded files in name order (cp -r, tar, grep -r)
     gets the next files' blocks decoded in the batch of the second file it opens, instead of one
     tiny batch per file; opening files out of order prefetches nothing beyond the file itself."""
-    from cache import DecodeCache, Readahead
+    from llmfs.cache import DecodeCache, Readahead
     fs, compactor = env
     d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
     files = {f"f{i:02}".encode(): TEXT[i * 2000:i * 2000 + 1500] for i in range(12)}

@@ -9,13 +9,12 @@ import os
 import subprocess
 import sys
 
+import llmfs.codec.lm as lm_package
 import pytest
+from llmfs.codec import LM, Registry, tool
+from llmfs.codec.lm.codec import LMCodec
+from llmfs.codec.lm.tokenizer import ByteTokenizer
 
-import codec.lm
-from codec import LM, Registry
-from codec import tool
-from codec.lm.codec import LMCodec
-from codec.lm.tokenizer import ByteTokenizer
 from llmfs.cli import main as cli_main
 from tests.fake_engine import BigramEngine
 from tests.test_lm_codec import TEXT
@@ -46,7 +45,7 @@ def bigram_codec(monkeypatch):
         made[spec] = c
         return c
 
-    monkeypatch.setattr(codec.lm, "open_codec", fake_open)
+    monkeypatch.setattr(lm_package, "open_codec", fake_open)
     return made
 
 
@@ -116,7 +115,7 @@ def test_in_process_model_mismatch(tmp_path, bigram_codec, capsys):
 
 PAYLOAD_SCRIPT = """
 import hashlib, sys, torch
-from codec.lm import open_codec
+from llmfs.codec.lm import open_codec
 threads, batch = int(sys.argv[1]), int(sys.argv[2])
 c = open_codec("tiny", batch=batch, threads=threads, segment_tokens=48)
 data = open(sys.argv[3], "rb").read()

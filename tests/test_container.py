@@ -3,11 +3,18 @@ truncation and for garbage, and the registry's round trip through it."""
 from __future__ import annotations
 
 import pytest
-
-from codec import container
-from codec.container import (FINGERPRINT_SIZE, MAX_HEADER_SIZE, BadMagic, ChecksumMismatch,
-                             ContainerError, Truncated, UnsupportedVersion, UnknownCodec)
-from codec.registry import LM, RAW, ZSTD, Registry, peek_header
+from llmfs.codec import container
+from llmfs.codec.container import (
+    FINGERPRINT_SIZE,
+    MAX_HEADER_SIZE,
+    BadMagic,
+    ChecksumMismatch,
+    ContainerError,
+    Truncated,
+    UnknownCodec,
+    UnsupportedVersion,
+)
+from llmfs.codec.registry import LM, RAW, ZSTD, Registry, peek_header
 
 DATA = b"hello, container\n"
 CSUM = container.checksum(DATA)

@@ -7,10 +7,16 @@ import textwrap
 
 import pytest
 import torch
-
-from codec.lm import kernels
-from codec.lm.engine import (ACT_MAX, FREQ_TOTAL_BITS, Engine, FusedOps, TorchOps, det_sqrt,
-                             sigmoid_table)
+from llmfs.codec.lm import kernels
+from llmfs.codec.lm.engine import (
+    ACT_MAX,
+    FREQ_TOTAL_BITS,
+    Engine,
+    FusedOps,
+    TorchOps,
+    det_sqrt,
+    sigmoid_table,
+)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +96,7 @@ def test_limits(engine):
 _THREADS_SCRIPT = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(int(sys.argv[1]))
-    from codec.lm.engine import Engine
+    from llmfs.codec.lm.engine import Engine
     e = Engine.tiny(seed=3, dim=128, n_head=4, n_kv_head=2, ffn_dim=256, n_layer=2)
     g = torch.Generator().manual_seed(4)
     x = torch.randint(0, e.vocab_size, (4, 200), generator=g)
@@ -200,7 +206,7 @@ def test_attend_step_equals_torch_attend():
     """kernels.c attend_step (one query per row on the int16 cache) against the float64 GEMM form,
     at late positions and at the int32 chunk bounds of its P.V sums: every value at +-2^14 and
     every visible weight at its maximum (f ~ 0), so each chunk is as full as the bound allows."""
-    from codec.lm.engine import KV_BITS, Q_MAX, attn_exp_table
+    from llmfs.codec.lm.engine import KV_BITS, Q_MAX, attn_exp_table
     g = torch.Generator().manual_seed(11)
     B, nkv, grp, L, hs = 4, 2, 3, 700, 64
     nh = nkv * grp
@@ -229,7 +235,7 @@ def test_smoothing_is_exact_and_deterministic(monkeypatch):
     ffn_norm exactly, calibration gives the same tensors twice, and the smoothed engine keeps the
     batch and incremental invariants."""
     import numpy as np
-    from codec.lm import engine as E
+    from llmfs.codec.lm import engine as E
     got = {}
     real = E.prepare_weights
     monkeypatch.setattr(E, "prepare_weights", lambda c, f, *a: got.setdefault("f", f) and real(c, f, *a))
@@ -258,7 +264,7 @@ def _attend_step_inputs(seed, B, nkv, grp, L, hs):
     """Random decoding-attention inputs at the bounds: |q| <= Q_MAX, |k|, |v| <= 2^KV_BITS, rows
     with every visible weight at its maximum (f ~ 0, values all +2^14: int32 chunks as full as the
     bound allows), rows at positions around the 16-key blocks of the VNNI form."""
-    from codec.lm.engine import KV_BITS, Q_MAX
+    from llmfs.codec.lm.engine import KV_BITS, Q_MAX
     g = torch.Generator().manual_seed(seed)
     nh, lim = nkv * grp, 2 ** KV_BITS
     keys = torch.randint(-lim, lim + 1, (B, nkv, L, hs), generator=g).to(torch.int16)
@@ -278,7 +284,7 @@ def _attend_step_inputs(seed, B, nkv, grp, L, hs):
 
 
 def _attend_step(lib, impl, qi, f, keys, values, qpos, vscale):
-    from codec.lm.engine import attn_exp_table
+    from llmfs.codec.lm.engine import attn_exp_table
     B, nh, _, hs = qi.shape
     nkv, L = keys.shape[1], keys.shape[2]
     table = attn_exp_table().to(torch.int32)
@@ -295,7 +301,7 @@ def _attend_step(lib, impl, qi, f, keys, values, qpos, vscale):
 def test_kv_store_equals_torch(L, hs):
     """kernels.c kv_store (the fused engine's cache write) puts keys and values where the torch
     form does, at the first and last positions and at the bounds +-2^KV_BITS."""
-    from codec.lm.engine import KV_BITS
+    from llmfs.codec.lm.engine import KV_BITS
     g = torch.Generator().manual_seed(L + hs)
     B, nkv, lim = 6, 2, 2 ** KV_BITS
     keys = torch.randint(-lim, lim + 1, (B, nkv, L, hs), generator=g).to(torch.int16)
@@ -320,7 +326,7 @@ def test_gemm_packed_equals_int_mm(M, K, N):
     """kernels.c gemm_packed (decoding's linear layers, AVX-512 VNNI on pack_weight's layout)
     gives torch._int_mm's integers: row and column blocks with tails, every int8 extreme (the
     largest accumulators: a row of -128 against a column of -128)."""
-    from codec.lm.engine import pack_weight
+    from llmfs.codec.lm.engine import pack_weight
     g = torch.Generator().manual_seed(M + K + N)
     a = torch.randint(-128, 128, (M, K), generator=g).to(torch.int8)
     w = torch.randint(-128, 128, (N, K), generator=g).to(torch.int8)
@@ -341,7 +347,7 @@ def test_gemm_packed_equals_int_mm(M, K, N):
 def test_engine_with_packed_gemms_equals_torch_ops():
     """The fused engine (packed GEMMs for few rows) against the torch form, parallel and
     incremental, on a model whose shapes fit gemm_packed (N % 16, K % 4)."""
-    from codec.lm import engine as E
+    from llmfs.codec.lm import engine as E
     e = Engine.tiny(seed=5, dim=64, n_head=4, n_kv_head=2, ffn_dim=128, vocab_size=272,
                     max_seq_len=64)
     x = _tokens(e, 3, 40, 6)
@@ -418,7 +424,7 @@ def test_attend_many_queries_vnni_equals_digits_and_torch(shape):
     """Encoding attention (T > 1): the VNNI kernel on int16 operands, the int8 digit GEMMs and the
     float64 GEMMs give the same bits, with rows at the int32 chunk bounds of P.V (every visible
     weight 2^P_BITS and every value +-2^14) and ordinary random rows."""
-    from codec.lm.engine import ATTN_BLOCK, KV_BITS, Q_MAX, attn_exp_table
+    from llmfs.codec.lm.engine import ATTN_BLOCK, KV_BITS, Q_MAX, attn_exp_table
     B, nkv, grp, T, hs = shape
     g = torch.Generator().manual_seed(sum(shape))
     nh, lim = nkv * grp, 2 ** KV_BITS
@@ -468,7 +474,7 @@ def _head_inputs(seed, M, V):
 @needs_kernels
 @pytest.mark.parametrize("M,V", [(6, 49152), (7, 1000), (6, 259), (8, 9), (6, 16)])
 def test_head_freqs_avx512_equals_portable_and_torch(M, V):
-    from codec.lm.engine import logit_exp_table
+    from llmfs.codec.lm.engine import logit_exp_table
     acc, ws, s = _head_inputs(M * 1000 + V, M, V)
     table = logit_exp_table()
     budget = 2 ** FREQ_TOTAL_BITS - V

@@ -5,9 +5,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
-from codec.lm import loader
-from codec.lm.loader import DEFAULT_MODEL, UnsupportedModel
+from llmfs.codec.lm import loader
+from llmfs.codec.lm.loader import DEFAULT_MODEL, UnsupportedModel
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
+from llmfs.codec import Registry
 
-from codec import Registry
 from llmfs import fsck
 from llmfs import namespace as ns
 from llmfs.store import ROOT_INO, Store, blockmap_key, dirent_key, ino_key

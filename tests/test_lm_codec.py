@@ -8,12 +8,13 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from llmfs.codec import LM, ZSTD, ChecksumMismatch, ContainerError, ModelMismatch, Registry, Truncated
+from llmfs.codec.lm import coder
+from llmfs.codec.lm.codec import GROUP_SEGMENTS, LMCodec
+from llmfs.codec.lm.tokenizer import ByteTokenizer
 
-from codec import LM, ZSTD, ChecksumMismatch, ContainerError, ModelMismatch, Registry, Truncated
-from codec.lm import coder
-from codec.lm.codec import GROUP_SEGMENTS, LMCodec
-from codec.lm.tokenizer import ByteTokenizer
 from tests.fake_engine import BigramEngine
 from tests.lm_helpers import tiny_engine
 
@@ -236,7 +237,7 @@ def test_fingerprint_depends_on_segment_format_not_batch():
 @pytest.mark.slow
 def test_real_default_model_round_trip():
     """A few hundred bytes of English through SmolLM2-135M and its BPE tokenizer."""
-    from codec.lm import open_codec
+    from llmfs.codec.lm import open_codec
     c = open_codec(batch=4)
     text = (b"The Free Software Foundation may publish revised and/or new versions of the GNU "
             b"General Public License from time to time. Such new versions will be similar in "

@@ -7,9 +7,9 @@ import stat
 import threading
 
 import pytest
+from llmfs.cache import DecodeCache, Readahead
+from llmfs.codec import Registry
 
-from cache import DecodeCache, Readahead
-from codec import Registry
 from llmfs import fsck
 from llmfs import namespace as ns
 from llmfs.store import ROOT_INO, Store

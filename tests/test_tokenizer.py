@@ -4,9 +4,10 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from llmfs.codec.lm.tokenizer import ByteLevelBPE, ByteTokenizer, gpt2_bytes_to_unicode
 
-from codec.lm.tokenizer import ByteLevelBPE, ByteTokenizer, gpt2_bytes_to_unicode
 from tests.lm_helpers import smollm2_tokenizer_json
 
 ADVERSARIAL = [

@@ -43,8 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..container import (FINGERPRINT_SIZE, ChecksumMismatch, Truncated, UnsupportedVersion,
-                         read_varint, varint)
+from ..container import FINGERPRINT_SIZE, ChecksumMismatch, Truncated, UnsupportedVersion, read_varint, varint
 from . import coder
 from .tokenizer import from_json
 

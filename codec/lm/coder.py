@@ -18,8 +18,8 @@ Threading: a StreamDecoder belongs to one stream and one thread.
 """
 from __future__ import annotations
 
-import numpy as np
 import constriction
+import numpy as np
 
 # constriction is a compiled module whose submodules are attributes, not importable packages.
 Categorical = constriction.stream.model.Categorical

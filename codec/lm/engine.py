@@ -162,7 +162,7 @@ class Config:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, s: str) -> "Config":
+    def from_json(cls, s: str) -> Config:
         return cls(**json.loads(s))
 
 
@@ -187,17 +187,17 @@ def _exp_table(scale_bits: int, res_bits: int) -> np.ndarray:
         v = (v * r) >> _FIX
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def attn_exp_table() -> torch.Tensor:
     return torch.from_numpy(_exp_table(P_BITS, EXP_RES_BITS).astype(np.float64))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def logit_exp_table() -> torch.Tensor:
     return torch.from_numpy(_exp_table(LOGIT_EXP_BITS, LOGIT_RES_BITS))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sigmoid_table() -> torch.Tensor:
     """sigmoid(-SIG_RANGE + i / 2^SIG_RES_BITS) as float64, from the integer exp recurrence of
     _exp_table: exp(-x) in fixed point, then 1/(1+exp(-x)) by exact integer true division."""
@@ -211,7 +211,7 @@ def sigmoid_table() -> torch.Tensor:
     return torch.tensor(vals, dtype=torch.float64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def rope_tables(head_dim: int, theta: float, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of pos * theta^(-2i/head_dim), (max_seq_len, head_dim/2) float64, via mpmath."""
     mpmath.mp.prec = 100
@@ -680,7 +680,7 @@ class State:
     pos: torch.Tensor       # (B,) int64, CPU
     max_len: int
 
-    def rows(self, n: int) -> "State":
+    def rows(self, n: int) -> State:
         """A state of the first n rows sharing this one's cache and positions (views): stepping it
         steps those rows of this state and leaves the others as they are."""
         return State([k[:n] for k in self.k], [v[:n] for v in self.v], self.pos[:n], self.max_len)
@@ -769,7 +769,7 @@ class Engine:
             h.update(t.numpy().tobytes())
         return h.digest()
 
-    def to(self, device) -> "Engine":
+    def to(self, device) -> Engine:
         if torch.device(device) == self.device:
             return self
         return Engine(self.config, self.tensors, device)
@@ -777,7 +777,7 @@ class Engine:
     @classmethod
     def tiny(cls, seed: int = 0, vocab_size: int = 259, dim: int = 64, n_layer: int = 2,
              n_head: int = 4, n_kv_head: int = 2, ffn_dim: int = 128, max_seq_len: int = 256,
-             bos_id: int | None = None) -> "Engine":
+             bos_id: int | None = None) -> Engine:
         """A deterministic random model for tests: same code path as a real one."""
         rng = np.random.default_rng(seed)
         hs = dim // n_head

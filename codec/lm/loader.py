@@ -266,6 +266,7 @@ def _prepare(config: Config, f: dict, tok_json: str):
     """The engine's tensors, with the int8 layers' inputs smoothed by one exact-engine pass over
     the fixed calibration text (engine.calibrate)."""
     from tokenizers import Tokenizer
+
     from .calibration import CALIB_TEXT
     ids = Tokenizer.from_str(tok_json).encode(CALIB_TEXT).ids
     tokens = [config.bos_id] + [i for i in ids if 0 <= i < config.vocab_size]
