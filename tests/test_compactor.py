@@ -150,7 +150,7 @@ def test_opening_an_lm_file_prefetches_its_blocks_in_one_batch(env):
     fs, compactor = env
     ino = write(fs, b"f", TEXT[:4 * BS])
     compactor.compact(compactor.candidates())
-    fs.cache, fs.readahead = DecodeCache(64 << 20), Readahead()
+    fs = ns.Filesystem(fs.store, fs.registry, DecodeCache(64 << 20), readahead=Readahead())
     try:
         fh = fs.open(ino, os.O_RDONLY)
         assert fs.cache.wait_prefetch(30)
@@ -177,7 +177,7 @@ def test_walking_a_directory_decodes_the_next_files_in_one_batch(env):
         fs.release(fh)
     compactor.compact(compactor.candidates())
     names = sorted(files)
-    fs.cache, fs.readahead = DecodeCache(64 << 20), Readahead()
+    fs = ns.Filesystem(fs.store, fs.registry, DecodeCache(64 << 20), readahead=Readahead())
     try:
         got = {}
         for k, name in enumerate(names):
@@ -192,7 +192,7 @@ def test_walking_a_directory_decodes_the_next_files_in_one_batch(env):
         assert m["decoded_blocks"] == 12 and m["decodes"] <= 3, m
     finally:
         fs.cache.close()
-    fs.cache, fs.readahead = DecodeCache(64 << 20), Readahead()
+    fs = ns.Filesystem(fs.store, fs.registry, DecodeCache(64 << 20), readahead=Readahead())
     try:
         for name in (names[5], names[2], names[7]):    # out of order: no walk
             fh = fs.open(fs.lookup(d, name), os.O_RDONLY)

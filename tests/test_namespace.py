@@ -185,7 +185,7 @@ def test_dirty_limit_flushes_and_counters_stay_exact(fs):
     fh = new_file(fs)
     for i in range(40):  # 40 blocks > the 8-block dirty limit
         fs.write(fh, os.urandom(BS), i * BS)
-    assert fs._dirty_bytes <= 9 * BS
+    assert fs.buffer.dirty_bytes <= 9 * BS
     fs.release(fh)
     fs.unlink(ROOT_INO, b"f")
     with fs.store.read() as t:
