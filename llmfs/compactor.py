@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from llmfs.codec import ContainerError, Registry
 from llmfs.codec.registry import LM, RAW, ZSTD, peek_header
@@ -63,7 +63,6 @@ class Result:
     skipped: int = 0         # blocks the LM could not help (left as they were)
     changed: int = 0         # blocks rewritten or deleted while being compacted (left alone)
     seconds: float = 0.0
-    tokens: int = field(default=0)
 
     def add(self, other: Result) -> None:
         for k in self.__dataclass_fields__:
@@ -140,7 +139,7 @@ class Compactor:
         old = {h: blob for h, blob in old.items() if blob is not None}
         plain, new = {}, {}
         for h, blob in old.items():
-            head = peek_header(blob[:64])
+            head = peek_header(blob)
             if head.codec_id == LM:
                 continue  # already done (a batch that raced with another compaction)
             try:
@@ -155,11 +154,11 @@ class Compactor:
         for h, data in plain.items():
             if self._stop.is_set():
                 return res
-            if peek_header(old[h][:64]).codec_id == RAW:
+            if peek_header(old[h]).codec_id == RAW:
                 res.skipped += 1  # zstd could not shrink it: the LM will not either
                 continue
             blob = self.registry.encode(data, (ZSTD, LM), fingerprint)
-            if peek_header(blob[:64]).codec_id == LM and len(blob) < len(old[h]):
+            if peek_header(blob).codec_id == LM and len(blob) < len(old[h]):
                 new[h] = blob
             else:
                 res.skipped += 1

@@ -2,8 +2,13 @@
 of the mount only). A client sends one JSON request line; the daemon answers with JSON lines —
 progress lines, then a last line holding "result" or "error".
 
-    {"op": "compact", "now": true, "inos": [..] | null}  → {"done": n, "total": n} ... {"result": {...}}
-    {"op": "stats"}                                      → {"result": {...}}
+    {"op": "compact", "now": bool, "path": "dir/file" | null}
+                     → {"done": n, "total": n} ... {"result": {...}}
+    {"op": "stats"}  → {"result": {"compaction": {...}, "cache": {...}}}
+    an unknown op, or a handler that raises → {"error": "..."}
+
+compact: "path" limits it to the files at or below that path (relative to the filesystem's root),
+"now" takes blocks however recently written (and flushes buffered writes first).
 
 Threading: one accept thread; each connection is served on its own thread, so a long compaction
 does not block a stats request.

@@ -171,7 +171,7 @@ def _count(t: Txn) -> Counters:
     want = Counters.zero()
     want.logical = sum(i.size for _, i in t.inodes() if i.is_reg)
     for _h, blob in t.blocks():
-        head = peek_header(blob[:64])
+        head = peek_header(blob)
         row = want.per_codec[head.codec_id]
         row[0] += 1
         row[1] += head.length
@@ -193,7 +193,7 @@ def check_models(s: Snapshot, t: Txn) -> list[Problem]:
     known = t.models()
     missing: dict[bytes, int] = {}
     for _h, blob in t.blocks():
-        head = peek_header(blob[:64])
+        head = peek_header(blob)
         if head.fingerprint and head.fingerprint not in known:
             missing[head.fingerprint] = missing.get(head.fingerprint, 0) + 1
     return [Problem("models", f"{n} block(s) were coded by model {fp.hex()}, which the store "

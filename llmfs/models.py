@@ -4,7 +4,7 @@ the store has used is decoded again.
 A store names its model at mkfs (`meta.model`; "" = the default model). Every LM block's container
 carries the model's fingerprint, and the store's `models` table maps each fingerprint ever used to
 the spec that loaded it — a concrete spec: the default model is recorded by its name
-(loader.DEFAULT_MODEL), so blocks keep decoding after a release changes the default.
+(codec.lm.DEFAULT_MODEL), so blocks keep decoding after a release changes the default.
 
 Threading: models load lazily (seconds) on first use, once, under a lock; the loaded codec is shared.
 """
@@ -14,22 +14,20 @@ import logging
 import threading
 
 from llmfs.codec.container import ModelMismatch
+from llmfs.codec.lm import DECODE_BATCH, DEFAULT_MODEL  # plain values: importing them loads no torch
 
 from .store import Store
 
 log = logging.getLogger("llmfs")
 
-DEFAULT_SPEC = "smollm2-135m"  # codec.lm.loader.DEFAULT_MODEL; named here to import torch lazily
-# The daemon shares two cores with everything else; one intra-op thread keeps compaction from
-# starving FUSE threads (and 2 threads measured ~70x slower on a loaded 2-core machine).
+# The daemon shares its cores with everything else; one intra-op thread keeps compaction from
+# starving FUSE threads, and torch's waiting workers spin, so more threads on busy cores make the
+# model much slower (docs/design.md, "Threading and locks").
 THREADS = 1
-# Segments decoded side by side: codec.lm.codec.DECODE_BATCH (measured there: 304 tokens/s at 64 vs
-# 258 at 16, 1.95 vs 0.80 GB peak RSS); named here to import torch lazily.
-DECODE_BATCH = 64
 
 
 def store_spec(store: Store) -> str:
-    return store.model_spec or DEFAULT_SPEC
+    return store.model_spec or DEFAULT_MODEL
 
 
 class Models:

@@ -30,10 +30,10 @@ from . import config, fsck, service
 from .background import Background
 from .compactor import COMPACT_AFTER
 from .fuseops import FUSE, Operations
-from .mkfs import parse_size, positive_int
 from .models import THREADS, Models
 from .namespace import DIRTY_LIMIT, Filesystem
 from .store import Store, StoreError
+from .units import parse_size, positive_int
 
 log = logging.getLogger("llmfs")
 

@@ -13,16 +13,9 @@ from llmfs.codec import CODEC_NAMES
 from llmfs.codec.registry import peek_header
 
 from . import control
+from .mounts import llmfs_mounts
 from .store import Store, StoreError
-from .umount import _unescape
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+from .units import human
 
 
 def find_store(path: str) -> tuple[str, str | None]:
@@ -31,13 +24,10 @@ def find_store(path: str) -> tuple[str, str | None]:
     if os.path.isfile(os.path.join(path, "data.mdb")):
         return path, None
     best = None
-    with open("/proc/mounts") as f:
-        for line in f:
-            source, target, fstype = line.split()[:3]
-            target = _unescape(target)
-            if fstype == "fuse.llmfs" and (path == target or path.startswith(target + "/")):
-                if best is None or len(target) > len(best[1]):
-                    best = (_unescape(source), target)
+    for source, target in llmfs_mounts():
+        if path == target or path.startswith(target + "/"):
+            if best is None or len(target) > len(best[1]):
+                best = (source, target)
     if best is None:
         raise StoreError(f"{path} is neither an llmfs store nor inside an llmfs mount")
     return best[0], path
@@ -50,7 +40,7 @@ def store_report(store: Store) -> list[tuple[str, str]]:
         for h, _ in t.pending():
             blob = t.container(h)
             if blob is not None:
-                pending += peek_header(blob[:64]).length
+                pending += peek_header(blob).length
         clean = t.meta("clean") == b"1"
     rows = [("store", store.path), ("block size", human(store.block_size)),
             ("logical bytes", f"{c.logical} ({human(c.logical)})")]
@@ -83,7 +73,7 @@ def file_report(store: Store, path: str) -> list[tuple[str, str]]:
         hashes = t.block_hashes(ino, 0, (1 << 64) - 1)
         for h in hashes.values():
             blob = t.container(h)
-            head = peek_header(blob[:64])
+            head = peek_header(blob)
             row = per_codec.setdefault(head.codec_id, [0, 0])
             row[0] += 1
             row[1] += len(blob)

@@ -8,25 +8,19 @@ import subprocess
 import sys
 import time
 
+from .mounts import llmfs_mounts
 from .store import LOCK_FILE
 
 # The daemon flushes buffered writes (at most its dirty limit) before exiting: seconds at most.
 WAIT_SECONDS = 120
 
 
-def _unescape(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
-        .replace("\\134", "\\")
-
-
 def find_mount(mountpoint: str) -> str | None:
     """The store path of the llmfs mount at `mountpoint`, from /proc/mounts."""
     mountpoint = os.path.realpath(mountpoint)
-    with open("/proc/mounts") as f:
-        for line in f:
-            source, target, fstype = line.split()[:3]
-            if _unescape(target) == mountpoint and fstype == "fuse.llmfs":
-                return _unescape(source)
+    for store, target in llmfs_mounts():
+        if target == mountpoint:
+            return store
     return None
 
 

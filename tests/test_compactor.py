@@ -1,6 +1,6 @@
 """Compaction in-process, with a bigram test model fitted to the text (so the LM container wins):
 cold blocks shrink below zstd, read back identical, binary blocks are left alone, a block rewritten
-while it is compacted keeps the newer data, and the store's invariants hold (issue 4)."""
+while it is compacted keeps the newer data, and the store's invariants hold."""
 from __future__ import annotations
 
 import os
@@ -15,7 +15,7 @@ from llmfs.codec.registry import peek_header
 from llmfs import fsck
 from llmfs import namespace as ns
 from llmfs.compactor import Compactor
-from llmfs.store import ROOT_INO, Store
+from llmfs.store import ROOT_INO
 
 from .fake_engine import BigramEngine
 
@@ -39,18 +39,16 @@ TEXT = markov_text(6 * BS)
 
 
 @pytest.fixture
-def env(tmp_path):
-    Store.create(str(tmp_path / "s"), BS)
-    store = Store(str(tmp_path / "s"))
+def env(new_fs):
     registry = Registry()
-    fs = ns.Filesystem(store, registry)
+    fs = new_fs(BS, registry)
+    store = fs.store
     codec = LMCodec((BigramEngine(train=TEXT, max_seq_len=512), ByteTokenizer()), batch=4)
     compactor = Compactor(store, registry, lambda: codec, "test-bigram", compact_after=0)
     yield fs, compactor
     fs.flush_all()
     problems, _ = fsck.run_checks(store, registry=registry)
     assert not problems, [p.message for p in problems]
-    store.close()
 
 
 def write(fs, name: bytes, data: bytes) -> int:
@@ -62,7 +60,7 @@ def write(fs, name: bytes, data: bytes) -> int:
 
 def codecs_of(fs, ino):
     with fs.store.read() as t:
-        return [peek_header(t.container(h)[:64]).codec_id
+        return [peek_header(t.container(h)).codec_id
                 for h in t.block_hashes(ino, 0, 1 << 40).values()]
 
 

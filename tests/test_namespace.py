@@ -8,7 +8,6 @@ import threading
 
 import pytest
 from llmfs.cache import DecodeCache, Readahead
-from llmfs.codec import Registry
 
 from llmfs import fsck
 from llmfs import namespace as ns
@@ -18,16 +17,12 @@ BS = 4096
 
 
 @pytest.fixture
-def fs(tmp_path):
-    Store.create(str(tmp_path / "s"), BS)
-    store = Store(str(tmp_path / "s"))
-    f = ns.Filesystem(store, Registry(), DecodeCache(1 << 20), dirty_limit=8 * BS,
-                      readahead=Readahead())
+def fs(new_fs):
+    f = new_fs(BS, cache=DecodeCache(1 << 20), dirty_limit=8 * BS, readahead=Readahead())
     yield f
     f.flush_all()
-    problems, _ = fsck.run_checks(store)
+    problems, _ = fsck.run_checks(f.store)
     assert not problems, [p.message for p in problems]
-    store.close()
 
 
 def new_file(fs, name=b"f", data=b""):

