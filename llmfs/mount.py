@@ -38,12 +38,14 @@ from .store import Store, StoreError
 log = logging.getLogger("llmfs")
 
 LOG_FILE = "llmfs.log"
-# Options we always pass: inode numbers are ours (hard links show as such), unlinked open files
-# are ours to keep (no .fuse_hidden files), and the kernel checks permissions. libfuse's high-level
+# Options we always pass: inode numbers are ours (hard links show as such), and the kernel checks
+# permissions. No hard_remove: libfuse then hides an open file that loses its last name by a rename
+# that fuseops.py turns into an unlink plus an in-memory alias, so fstat(2) on it keeps working
+# (no .fuse_hidden file is ever listed or stored). libfuse's high-level
 # API gives every *name* its own kernel inode, so a cached attribute of one hard link goes stale
 # when another name changes it (nlink after `ln`, which tar and rsync -H rely on): attr_timeout=0
 # makes the kernel ask us on every stat.
-BASE_OPTIONS = {"use_ino": True, "hard_remove": True, "default_permissions": True,
+BASE_OPTIONS = {"use_ino": True, "default_permissions": True,
                 "attr_timeout": 0}
 
 

@@ -134,6 +134,8 @@ class Filesystem:
                 self._found.popitem(last=False)
 
     def _lookup(self, t, parent: int, name: bytes) -> int:
+        if len(name) > NAME_MAX:
+            raise NameTooLong(name)  # no such name can exist: say why, not ENOENT
         if name == b".":
             return parent
         pinode = t.inode(parent)
@@ -632,6 +634,10 @@ class Filesystem:
     def releasedir(self, fh: int) -> None:
         with self._lock:
             self._handles.pop(fh, None)
+
+    def is_open(self, ino: int) -> bool:
+        """Whether a handle (or an internal user) has the file pinned."""
+        return ino in self._files
 
     def handle_ino(self, fh: int) -> int:
         try:
