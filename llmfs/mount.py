@@ -27,7 +27,7 @@ from llmfs.cache import DecodeCache, Readahead
 from llmfs.cache.decode_cache import DEFAULT_RAM_BUDGET
 from llmfs.codec import Registry
 
-from . import config, fsck, service
+from . import config, fsck, mounts, service
 from .background import Background
 from .compactor import COMPACT_AFTER
 from .fuseops import FUSE, Operations
@@ -227,7 +227,10 @@ def serve(args, ready_fd: int | None) -> int:
         print(f"llmfs mount: {e}", file=sys.stderr)
         return 1
     store = fs.store
-    store.describe_lock_holder(f"mounted at {mountpoint} by pid {os.getpid()}")
+    # Where and by whom, for the error of a second mount and for `llmfs umount`/`stat`, which
+    # trust a mount only when this names it (llmfs/mounts.py); the device follows once mounted.
+    real_mountpoint = os.path.realpath(mountpoint)
+    store.describe_lock_holder(mounts.lock_text(real_mountpoint, os.getpid()))
     store.set_clean(False)
     background = Background(fs, models, None if args.no_compaction else args.compact_after)
     served = False
@@ -235,6 +238,12 @@ def serve(args, ready_fd: int | None) -> int:
     def ready():
         nonlocal served
         served = True
+        dev = mounts.own_device(real_mountpoint, store.path)
+        if dev is None:
+            log.warning("%s is not in /proc/self/mountinfo; `llmfs umount` will not know this "
+                        "daemon", real_mountpoint)
+        else:
+            store.describe_lock_holder(mounts.lock_text(real_mountpoint, os.getpid(), dev))
         log.info("mounted %s on %s", store.path, mountpoint)
         background.start()
         service.notify("READY=1", f"STATUS=serving {store.path} on {mountpoint}")
