@@ -9,7 +9,9 @@ over by renaming it to `.fuse_hiddenXXXXXXXXYYYYYYYY` in its directory, and keep
 the kernel's node. We turn that rename into what it stands for — the namespace unlinks the name
 (the file becomes an orphan with st_nlink 0, kept while open, purged after a crash) — and remember
 the hidden path in memory only, as an alias of the inode: fstat, fchmod, fchown, futimens through
-the hidden path reach the file, readdir never lists it, and rmdir of its directory still works.
+the hidden path reach the file, readdir never lists it, and rmdir of its directory still works
+(after which only fstat of it fails, with ESTALE: libfuse has no path for it any more; reads,
+writes and ftruncate go by the handle). Aliases follow renames of the directories above them.
 libfuse subtracts one from st_nlink of a hidden node (it expects the hidden name to be a real
 link), so getattr through an alias adds it back. libfuse unlinks the hidden path when the last
 descriptor of its node closes, which drops the alias; release drops the aliases of a file that
@@ -244,7 +246,22 @@ class Operations(mfusepy.Operations):
         op, oname = self._parent(old)
         np_, nname = self._parent(new)
         self.fs.rename(op, oname, np_, nname, flags)
+        self._move_hidden(old, new, exchange=bool(flags & ns.RENAME_EXCHANGE))
         return 0
+
+    def _move_hidden(self, old: str, new: str, exchange: bool) -> None:
+        """A directory moved: the hidden paths below it move with it, as libfuse's nodes do."""
+        o, n = _fs(old) + b"/", _fs(new) + b"/"
+        with self._hidden_lock:
+            if not self._hidden:
+                return
+            moved = {}
+            for p in list(self._hidden):
+                if p.startswith(o):
+                    moved[n + p[len(o):]] = self._hidden.pop(p)
+                elif exchange and p.startswith(n):
+                    moved[o + p[len(n):]] = self._hidden.pop(p)
+            self._hidden.update(moved)
 
     @_errno_edge
     def chmod(self, path, mode, fh=None):

@@ -118,6 +118,25 @@ def test_alias_of_a_file_in_a_removed_directory_is_dropped_at_release(ops):
     assert ops._hidden == {}
 
 
+def test_aliases_move_with_their_directory(ops):
+    ops.mkdir("/d", 0o755)
+    ops.mkdir("/e", 0o755)
+    fh = ops.create("/d/x", 0o644, os.O_RDWR)
+    fh2 = ops.create("/e/y", 0o644, os.O_RDWR)
+    hide(ops, "/d/x", "/d/.fuse_hidden0000000500000001")
+    hide(ops, "/e/y", "/e/.fuse_hidden0000000600000002")
+    ops.rename("/d", "/d2", 0)
+    assert ops.getattr("/d2/.fuse_hidden0000000500000001")["st_nlink"] == 1
+    assert fuse_errno(lambda: ops.getattr("/d/.fuse_hidden0000000500000001")) == errno.ENOENT
+    ops.rename("/d2", "/e", 2)  # RENAME_EXCHANGE
+    assert ops.getattr("/e/.fuse_hidden0000000500000001")["st_ino"] == ops.getattr(None, fh)["st_ino"]
+    assert ops.getattr("/d2/.fuse_hidden0000000600000002")["st_ino"] == \
+        ops.getattr(None, fh2)["st_ino"]
+    ops.release(None, fh)
+    ops.release(None, fh2)
+    assert ops._hidden == {}
+
+
 @pytest.mark.parametrize("op", ["getattr", "unlink", "rmdir", "chmod", "open", "readlink"])
 def test_long_names_are_enametoolong(ops, op):
     path = "/" + "n" * 256

@@ -154,3 +154,18 @@ def test_name_of_exactly_name_max_bytes_works(mounted):
     os.rename(p, mounted.mnt / (name[:-1] + "y"))
     assert os.listdir(mounted.mnt) == [name[:-1] + "y"]
     assert (mounted.mnt / (name[:-1] + "y")).read_bytes() == b"ok"
+
+
+def test_unlinked_open_file_in_a_renamed_directory(mounted):
+    d = mounted.mnt / "d"
+    d.mkdir()
+    fd = os.open(d / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"abc")
+        os.unlink(d / "f")
+        os.rename(d, mounted.mnt / "e")
+        assert os.fstat(fd).st_nlink == 0 and os.fstat(fd).st_size == 3
+        os.ftruncate(fd, 1)
+        assert os.pread(fd, 10, 0) == b"a" and os.listdir(mounted.mnt / "e") == []
+    finally:
+        os.close(fd)
