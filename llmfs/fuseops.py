@@ -11,7 +11,8 @@ the kernel's node. We turn that rename into what it stands for — the namespace
 the hidden path in memory only, as an alias of the inode: fstat, fchmod, fchown, futimens through
 the hidden path reach the file, readdir never lists it, and rmdir of its directory still works
 (after which only fstat of it fails, with ESTALE: libfuse has no path for it any more; reads,
-writes and ftruncate go by the handle). Aliases follow renames of the directories above them.
+writes and ftruncate go by the handle — the same holds for fstat of an open directory that was
+removed). Aliases follow renames of the directories above them.
 libfuse subtracts one from st_nlink of a hidden node (it expects the hidden name to be a real
 link), so getattr through an alias adds it back. libfuse unlinks the hidden path when the last
 descriptor of its node closes, which drops the alias; release drops the aliases of a file that
@@ -20,6 +21,9 @@ its unlink then finds nothing, which it ignores). A rename is taken for libfuse'
 name has exactly that form, the source is open, and libfuse probed the new path on the same
 thread just before (hidden_name() checks that the name is free): a user who renames an open file
 to such a name right after looking it up gets an unlinked file instead — a name nobody picks.
+A rename over an open file is hidden first, too: where POSIX leaves the target's name (the
+source is a hard link of the same file, or RENAME_NOREPLACE), the rename that follows at once on
+the same thread gives it back.
 
 ftruncate(2) (and a chmod that ftruncate's suid-clearing adds) arrives as SETATTR with the file
 handle and, with nullpath_ok, no path: mfusepy's libfuse 3 wrappers drop the handle of truncate,
@@ -62,9 +66,11 @@ HIDDEN_NAME = re.compile(rb"\.fuse_hidden[0-9a-f]{16}")
 
 def _errno_edge(method):
     @functools.wraps(method)
-    def wrapper(*args, **kwargs):
+    def wrapper(self, *args, **kwargs):
+        tid = threading.get_native_id()
+        self._calls[tid] = self._calls.get(tid, 0) + 1  # each thread writes only its own key
         try:
-            return method(*args, **kwargs)
+            return method(self, *args, **kwargs)
         except ns.FsError as e:
             raise FuseOSError(ERRNO[type(e)]) from None
         except StoreFull:
@@ -91,10 +97,12 @@ class Operations(mfusepy.Operations):
         self._on_destroy = on_destroy
         self._hidden: dict[bytes, int] = {}  # libfuse's hidden path -> inode (module docstring)
         self._hidden_lock = threading.Lock()
-        # OS thread id -> a hidden-looking path getattr just found free on that thread. Not a
-        # threading.local: libfuse's threads are foreign to Python, and ctypes gives each callback
-        # a fresh thread state, so thread-local data would not outlive the call.
-        self._probes: dict[int, bytes] = {}
+        # Per OS thread: how many calls it made, and what its last call left for the next one
+        # (libfuse's hiding is a getattr, a rename, and in a rename the rename, all on one
+        # thread). Not threading.local: libfuse's threads are foreign to Python, and ctypes gives
+        # each callback a fresh thread state, so thread-local data would not outlive the call.
+        self._calls: dict[int, int] = {}
+        self._marks: dict[int, tuple[int, tuple]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
     def init(self, path):
@@ -118,13 +126,22 @@ class Operations(mfusepy.Operations):
             ino = self._hidden.get(p)
         return ino if ino is not None else self.fs.resolve(p)
 
-    def _hide(self, old: str, new: str, flags: int) -> bool:
+    def _mark(self, *what) -> None:
+        """Remember what this call did, for the next call on this thread only."""
+        tid = threading.get_native_id()
+        self._marks[tid] = (self._calls[tid], what)
+
+    def _previous(self) -> tuple:
+        """What the previous call on this thread marked, if it was the one just before."""
+        tid = threading.get_native_id()
+        mark = self._marks.pop(tid, None)
+        return mark[1] if mark is not None and mark[0] == self._calls[tid] - 1 else ()
+
+    def _hide(self, old: str, new: str, flags: int, previous: tuple) -> bool:
         """If this rename is libfuse hiding an open file (module docstring): unlink the old name
         in the namespace, remember the new path as an alias, and return True."""
         p = _fs(new)
-        with self._hidden_lock:
-            probed = self._probes.pop(threading.get_native_id(), None)
-        if flags or probed != p or not HIDDEN_NAME.fullmatch(p.rpartition(b"/")[2]):
+        if flags or previous != ("probe", p) or not HIDDEN_NAME.fullmatch(p.rpartition(b"/")[2]):
             return False
         head, old_head = p.rpartition(b"/")[0], _fs(old).rpartition(b"/")[0]
         ino = self._ino(old)
@@ -133,6 +150,7 @@ class Operations(mfusepy.Operations):
         self.fs.unlink(*self._parent(old))
         with self._hidden_lock:
             self._hidden[p] = ino
+        self._mark("hid", _fs(old), ino)
         return True
 
     def _unhide(self, path: str) -> bool:
@@ -161,8 +179,7 @@ class Operations(mfusepy.Operations):
         except ns.NotFound:
             p = _fs(path) if path is not None else b""
             if HIDDEN_NAME.fullmatch(p.rpartition(b"/")[2]):
-                with self._hidden_lock:  # libfuse checks that a name to hide a file under is free
-                    self._probes[threading.get_native_id()] = p
+                self._mark("probe", p)  # libfuse checks that a name to hide a file under is free
             raise
         attrs = self._attrs(ino, self.fs.getattr(ino))
         if fh is None and path is not None:
@@ -241,8 +258,19 @@ class Operations(mfusepy.Operations):
 
     @_errno_edge
     def rename(self, old, new, flags=0):
-        if self._hide(old, new, flags):
+        previous = self._previous()
+        if self._hide(old, new, flags, previous):
             return 0
+        if previous[:2] == ("hid", _fs(new)):
+            # libfuse hid this rename's target because it was open, before asking for the rename.
+            # Where POSIX changes nothing — the source is another name of the same file — or
+            # fails (RENAME_NOREPLACE), the target's name is given back.
+            ino = previous[2]
+            if flags & ns.RENAME_NOREPLACE or self._ino(old) == ino:
+                self.fs.link(ino, *self._parent(new))
+                if flags & ns.RENAME_NOREPLACE:
+                    raise ns.Exists(new)
+                return 0
         op, oname = self._parent(old)
         np_, nname = self._parent(new)
         self.fs.rename(op, oname, np_, nname, flags)

@@ -556,7 +556,9 @@ class Filesystem:
             fh = self._next_fh
             self._next_fh += 1
             self._handles[fh] = Handle(ino, flags)
-        if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY:
+        if flags & os.O_TRUNC:
+            # Linux truncates even with O_RDONLY (the kernel checked write permission), and with
+            # atomic_o_trunc (libfuse 3's default) it leaves the truncation to open.
             with f.lock:
                 self._truncate_locked(f, 0)
         return fh

@@ -118,6 +118,37 @@ def test_alias_of_a_file_in_a_removed_directory_is_dropped_at_release(ops):
     assert ops._hidden == {}
 
 
+def test_rename_onto_an_open_hard_link_of_the_same_file_changes_nothing(ops):
+    fh = ops.create("/a", 0o644, os.O_RDWR)
+    ops.link("/b", "/a")
+    hide(ops, "/b")  # libfuse hides the open target of rename("/a", "/b") first...
+    ops.rename("/a", "/b", 0)  # ...then asks for the rename: POSIX does nothing
+    names = sorted(e[0] for e in ops.readdir("/", None))[2:]
+    assert names == ["a", "b"] and ops.getattr("/a")["st_nlink"] == 2
+    ops.release(None, fh)
+    assert ops._hidden == {}
+
+
+def test_rename_noreplace_onto_an_open_file_fails_and_keeps_it(ops):
+    fh = ops.create("/target", 0o644, os.O_RDWR)
+    ops.write(None, b"keep", 0, fh)
+    ops.release(None, ops.create("/src", 0o644, os.O_RDWR))
+    hide(ops, "/target")
+    assert fuse_errno(lambda: ops.rename("/src", "/target", 1)) == errno.EEXIST
+    assert ops.getattr("/target")["st_nlink"] == 1 and ops.getattr("/target")["st_size"] == 4
+    ops.release(None, fh)
+
+
+def test_a_rename_right_after_an_unrelated_hide_is_an_ordinary_rename(ops):
+    fh = ops.create("/a", 0o644, os.O_RDWR)
+    ops.link("/b", "/a")
+    hide(ops, "/a")  # unlink("/a") while open
+    ops.getattr("/b")  # another call in between: the hide is no longer "just before"
+    ops.rename("/b", "/a", 0)
+    assert sorted(e[0] for e in ops.readdir("/", None))[2:] == ["a"]
+    ops.release(None, fh)
+
+
 def test_aliases_move_with_their_directory(ops):
     ops.mkdir("/d", 0o755)
     ops.mkdir("/e", 0o755)

@@ -169,3 +169,15 @@ def test_unlinked_open_file_in_a_renamed_directory(mounted):
         assert os.pread(fd, 10, 0) == b"a" and os.listdir(mounted.mnt / "e") == []
     finally:
         os.close(fd)
+
+
+def test_o_trunc_truncates_even_read_only(mounted):
+    """Linux truncates on O_RDONLY|O_TRUNC too; with atomic_o_trunc the kernel leaves it to open."""
+    p = mounted.mnt / "f"
+    p.write_bytes(b"data" * 1000)
+    fd = os.open(p, os.O_RDONLY | os.O_TRUNC)
+    try:
+        assert os.fstat(fd).st_size == 0 and os.read(fd, 10) == b""
+    finally:
+        os.close(fd)
+    assert p.stat().st_size == 0
