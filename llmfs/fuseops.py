@@ -8,29 +8,32 @@ itself. So we run without hard_remove: libfuse "hides" an open file that is unli
 over by renaming it to `.fuse_hiddenXXXXXXXXYYYYYYYY` in its directory, and keeps that path for
 the kernel's node. We turn that rename into what it stands for — the namespace unlinks the name
 (the file becomes an orphan with st_nlink 0, kept while open, purged after a crash) — and remember
-the hidden path in memory only, as an alias of the inode: fstat, fchmod, fchown, futimens through
-the hidden path reach the file, readdir never lists it, and rmdir of its directory still works
-(after which only fstat of it fails, with ESTALE: libfuse has no path for it any more; reads,
-writes and ftruncate go by the handle — the same holds for fstat of an open directory that was
-removed). Aliases follow renames of the directories above them.
-libfuse subtracts one from st_nlink of a hidden node (it expects the hidden name to be a real
-link), so getattr through an alias adds it back. libfuse unlinks the hidden path when the last
-descriptor of its node closes, which drops the alias; release drops the aliases of a file that
-nobody has open any more (libfuse cannot build the hidden path once its directory is removed;
-its unlink then finds nothing, which it ignores). A rename is taken for libfuse's hiding only when the new
-name has exactly that form, the source is open, and libfuse probed the new path on the same
-thread just before (hidden_name() checks that the name is free): a user who renames an open file
-to such a name right after looking it up gets an unlinked file instead — a name nobody picks.
-A rename over an open file is hidden first, too: where POSIX leaves the target's name (the
-source is a hard link of the same file, or RENAME_NOREPLACE), the rename that follows at once on
-the same thread gives it back.
+the hidden path in memory only, as an alias of the inode:
+  * fstat, fchmod, fchown, futimens through the hidden path reach the file; readdir never lists it;
+  * libfuse subtracts one from st_nlink of a hidden node (it expects the hidden name to be a real
+    link), so getattr through an alias adds it back;
+  * aliases follow renames of the directories above them; rmdir of their directory still works,
+    after which fstat of the file fails with ESTALE (libfuse has no path for it any more; reads,
+    writes and ftruncate go by the handle) — as does fstat of an open directory that was removed;
+  * libfuse unlinks the hidden path when the last descriptor of its node closes, which drops the
+    alias; release drops the aliases of a file nobody has open any more (libfuse cannot build the
+    hidden path once its directory is gone; its unlink then finds nothing, which it ignores).
+A rename is taken for libfuse's hiding only when the new name has exactly that form, the source is
+open, and the call just before on the same thread was libfuse's getattr probe of that name
+(hidden_name() checks that it is free): a user who renames an open file to such a name right
+after looking it up on the same FUSE thread gets an unlinked file instead — a name nobody picks.
+libfuse also hides the open target of a rename before asking for the rename; where POSIX keeps the
+target's name (the source is a hard link of the same file) or fails (RENAME_NOREPLACE), the
+rename that follows at once on the same thread gives the name back.
 
 ftruncate(2) (and a chmod that ftruncate's suid-clearing adds) arrives as SETATTR with the file
 handle and, with nullpath_ok, no path: mfusepy's libfuse 3 wrappers drop the handle of truncate,
 chmod, chown and utimens, so the FUSE subclass below passes it on and these methods use it.
 
 Threading: libfuse's multithreaded loop calls these methods from several threads at once; the
-namespace is thread-safe; the one state kept here, the hidden aliases, has its own lock.
+namespace is thread-safe. State kept here: the hidden aliases (under their own lock), and per OS
+thread a call counter and what its last call left for the next one (each thread touches only
+its own entries).
 """
 from __future__ import annotations
 
@@ -62,12 +65,18 @@ UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 # The name libfuse gives an open file it hides (lib/fuse.c, hidden_name(): node id, counter).
 HIDDEN_NAME = re.compile(rb"\.fuse_hidden[0-9a-f]{16}")
+# Thread ids whose call counts are kept (the counts start over beyond: at worst one hiding is
+# missed, and its file shows under its .fuse_hidden name until closed).
+THREADS_REMEMBERED = 4096
 
 
 def _errno_edge(method):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         tid = threading.get_native_id()
+        if len(self._calls) > THREADS_REMEMBERED:  # libfuse ends idle threads and starts new ones
+            self._calls.clear()
+            self._marks.clear()
         self._calls[tid] = self._calls.get(tid, 0) + 1  # each thread writes only its own key
         try:
             return method(self, *args, **kwargs)
@@ -129,13 +138,13 @@ class Operations(mfusepy.Operations):
     def _mark(self, *what) -> None:
         """Remember what this call did, for the next call on this thread only."""
         tid = threading.get_native_id()
-        self._marks[tid] = (self._calls[tid], what)
+        self._marks[tid] = (self._calls.get(tid, 0), what)
 
     def _previous(self) -> tuple:
         """What the previous call on this thread marked, if it was the one just before."""
         tid = threading.get_native_id()
         mark = self._marks.pop(tid, None)
-        return mark[1] if mark is not None and mark[0] == self._calls[tid] - 1 else ()
+        return mark[1] if mark is not None and mark[0] == self._calls.get(tid, 0) - 1 else ()
 
     def _hide(self, old: str, new: str, flags: int, previous: tuple) -> bool:
         """If this rename is libfuse hiding an open file (module docstring): unlink the old name
