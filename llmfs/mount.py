@@ -42,14 +42,13 @@ LOG_FILE = "llmfs.log"
 # What a store directory holds besides control.sock (made 0600 by control.py)
 STORE_FILES = ("data.mdb", "lock.mdb", LOCK_FILE, LOG_FILE)
 # Options we always pass: inode numbers are ours (hard links show as such), and the kernel checks
-# permissions. No hard_remove: libfuse then hides an open file that loses its last name by a rename
-# that fuseops.py turns into an unlink plus an in-memory alias, so fstat(2) on it keeps working
-# (no .fuse_hidden file is ever listed or stored). libfuse's high-level
-# API gives every *name* its own kernel inode, so a cached attribute of one hard link goes stale
-# when another name changes it (nlink after `ln`, which tar and rsync -H rely on): attr_timeout=0
-# makes the kernel ask us on every stat.
-BASE_OPTIONS = {"use_ino": True, "default_permissions": True,
-                "attr_timeout": 0}
+# permissions. No hard_remove: libfuse then hides an open file that loses its last name by a
+# rename that fuseops.py turns into an unlink plus an in-memory alias, so fstat(2) on it keeps
+# working (no .fuse_hidden file is ever listed or stored). libfuse's high-level API gives every
+# *name* its own kernel inode, so a cached attribute of one hard link goes stale when another name
+# changes it (nlink after `ln`, which tar and rsync -H rely on): attr_timeout=0 makes the kernel
+# ask us on every stat.
+BASE_OPTIONS = {"use_ino": True, "default_permissions": True, "attr_timeout": 0}
 
 
 # The -o options a user may give (on the command line, in a config file's `options`, or in fstab
@@ -118,8 +117,8 @@ def secure_store(path: str) -> list[str]:
         if st.st_mode & 0o077:
             mode = stat.S_IMODE(st.st_mode) & 0o700
             _chmod(dfd, mode, path)
-            changed.append(f"{path} was mode {stat.S_IMODE(st.st_mode):04o}, others could read "
-                           f"the store; made it {mode:04o}")
+            changed.append(f"{path} was mode {stat.S_IMODE(st.st_mode):04o}, open to other "
+                           f"users; made it {mode:04o}")
         for name in STORE_FILES:
             where = os.path.join(path, name)
             try:

@@ -73,7 +73,7 @@ def test_mount_fixes_an_open_store_and_says_so(tmp_path):
                          umask=0o022)
     try:
         assert res.returncode == 0, res.stderr
-        assert "others could read the store" in res.stderr and "data.mdb was mode 0644" in res.stderr
+        assert "open to other users" in res.stderr and "data.mdb was mode 0644" in res.stderr
         assert modes(store) == {".": 0o700, "data.mdb": 0o600, "lock.mdb": 0o600,
                                 "llmfs.lock": 0o600, "llmfs.log": 0o600}
         (mnt / "f").write_text("x")
@@ -81,7 +81,7 @@ def test_mount_fixes_an_open_store_and_says_so(tmp_path):
         if in_proc_mounts(mnt):
             llmfs("umount", mnt)
     log = (store / "llmfs.log").read_text()
-    assert "others could read the store" in log and "lock.mdb was mode 0644" in log
+    assert "open to other users" in log and "lock.mdb was mode 0644" in log
 
 
 def test_secure_store_refuses_what_it_cannot_fix(tmp_path, monkeypatch):
