@@ -91,6 +91,8 @@ class Filesystem:
         return ino
 
     def _lookup(self, t, parent: int, name: bytes) -> int:
+        if len(name) > NAME_MAX:
+            raise NameTooLong(name)  # no such name can exist: say why, not ENOENT
         if name == b".":
             return parent
         pinode = t.inode(parent)
@@ -510,7 +512,9 @@ class Filesystem:
             fh = self._next_fh
             self._next_fh += 1
             self._handles[fh] = Handle(ino, flags)
-        if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY:
+        if flags & os.O_TRUNC:
+            # Linux truncates even with O_RDONLY (the kernel checked write permission), and with
+            # atomic_o_trunc (libfuse 3's default) it leaves the truncation to open.
             with f.lock:
                 self.buffer.truncate(f, 0)
         return fh
@@ -536,6 +540,10 @@ class Filesystem:
     def releasedir(self, fh: int) -> None:
         with self._lock:
             self._handles.pop(fh, None)
+
+    def is_open(self, ino: int) -> bool:
+        """Whether a handle (or an internal user) has the file pinned."""
+        return ino in self._files
 
     def handle_ino(self, fh: int) -> int:
         try:

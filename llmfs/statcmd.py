@@ -12,25 +12,26 @@ import sys
 from llmfs.codec import CODEC_NAMES
 from llmfs.codec.registry import peek_header
 
-from . import control
-from .mounts import llmfs_mounts
+from . import control, mounts
 from .store import Store, StoreError
 from .units import human
 
 
 def find_store(path: str) -> tuple[str, str | None]:
-    """(store path, path inside the mount or None) for PATH."""
+    """(store path, path inside the mount or None) for PATH. A mount's store is trusted only once
+    llmfs/mounts.py has checked that a running llmfs daemon serves it from there."""
     path = os.path.realpath(path)
-    if os.path.isfile(os.path.join(path, "data.mdb")):
-        return path, None
-    best = None
-    for source, target in llmfs_mounts():
-        if path == target or path.startswith(target + "/"):
-            if best is None or len(target) > len(best[1]):
-                best = (source, target)
-    if best is None:
+    entry = mounts.mount_containing(path)
+    if entry is None:
+        if os.path.isfile(os.path.join(path, "data.mdb")):
+            return path, None
         raise StoreError(f"{path} is neither an llmfs store nor inside an llmfs mount")
-    return best[0], path
+    try:
+        daemon = mounts.verify(entry)
+    except mounts.NotOurs as e:
+        raise StoreError(f"{path} is in the fuse.llmfs mount {entry.target}, which no running "
+                         f"llmfs daemon serves: {e}") from None
+    return daemon.store, path
 
 
 def store_report(store: Store) -> list[tuple[str, str]]:

@@ -525,8 +525,11 @@ class Store:
             raise StoreError(f"{path} already holds a store; refusing to overwrite it")
         if block_size < 4096 or block_size > (1 << 24) or block_size & (block_size - 1):
             raise StoreError("block size must be a power of two between 4 KiB and 16 MiB")
-        os.makedirs(path, exist_ok=True)
-        env = lmdb.open(path, map_size=MAP_SIZE, max_dbs=len(DB_NAMES), subdir=True)
+        # Private whatever the umask: data.mdb holds every file's data and names, which the
+        # mount's mode checks do not guard (`llmfs mount` refuses or fixes a store others can read).
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
+        env = lmdb.open(path, map_size=MAP_SIZE, max_dbs=len(DB_NAMES), subdir=True, mode=0o600)
         dbs = {n: env.open_db(n.encode()) for n in DB_NAMES}
         t = now_ns()
         root = Inode(stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), 2, 0, t, t, t)
@@ -543,10 +546,12 @@ class Store:
             txn.put(ino_key(ROOT_INO), root.pack(), db=dbs["inodes"])
         env.sync(True)
         env.close()
+        for name in ("data.mdb", "lock.mdb"):
+            os.chmod(os.path.join(path, name), 0o600)
 
     # -- locking -------------------------------------------------------------------------------
     def _take_lock(self) -> None:
-        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1,12 +1,10 @@
-"""Sizes and counts as people write them (llmfs/units.py), and the kernel's mount table as llmfs
-reads it (llmfs/mounts.py)."""
+"""Sizes and counts as people write them (llmfs/units.py). The mount table: tests/test_mounts.py."""
 from __future__ import annotations
 
 import argparse
 
 import pytest
 
-from llmfs.mounts import llmfs_mounts, unescape
 from llmfs.units import human, parse_size, positive_int
 
 
@@ -33,15 +31,3 @@ def test_positive_int():
 def test_human():
     assert [human(n) for n in (0, 1023, 1024, 1536, 64 << 20, 3 << 40)] == \
         ["0 B", "1023 B", "1.0 KiB", "1.5 KiB", "64.0 MiB", "3.0 TiB"]
-
-
-def test_llmfs_mounts_lists_only_llmfs_and_undoes_the_kernels_escapes(tmp_path):
-    table = tmp_path / "mounts"
-    table.write_text(
-        "/dev/sda1 / ext4 rw 0 0\n"
-        "/srv/my\\040store /mnt/a\\011b\\134c fuse.llmfs rw,nosuid 0 0\n"
-        "sshfs#x /mnt/s fuse.sshfs rw 0 0\n"
-        "/srv/two /mnt/two fuse.llmfs rw 0 0\n")
-    assert list(llmfs_mounts(str(table))) == [("/srv/my store", "/mnt/a\tb\\c"),
-                                             ("/srv/two", "/mnt/two")]
-    assert unescape("a\\012b") == "a\nb"
