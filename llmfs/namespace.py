@@ -408,7 +408,7 @@ class Filesystem:
         user.llmfs.cache (the decode cache's metrics, JSON). Readable by name, not listed — so
         cp -a and rsync -X do not copy them as ordinary attributes."""
         if name == VIRTUAL_XATTR + b"cache" and ino == ROOT_INO:
-            metrics = self.cache.metrics() if hasattr(self.cache, "metrics") else {}
+            metrics = self.cache.metrics() if self.cache is not None else {}
             return json.dumps(metrics, sort_keys=True).encode()
         f = self._files.get(ino)
         if f is not None:
@@ -422,7 +422,7 @@ class Filesystem:
             for h in t.block_hashes(ino, 0, (1 << 64) - 1).values():
                 blob = t.container(h)
                 stored += len(blob)
-                cname = CODEC_NAMES.get(peek_header(blob[:64]).codec_id, "?")
+                cname = CODEC_NAMES.get(peek_header(blob).codec_id, "?")
                 counts[cname] = counts.get(cname, 0) + 1
         if name == VIRTUAL_XATTR + b"stored_size":
             return str(stored).encode()

@@ -41,7 +41,7 @@ class PrefetchPolicy:
 
     def __init__(self, store: Store, cache, readahead, decode: Callable[[list[bytes]], list[bytes]]):
         self.store = store
-        self.cache = cache if cache is not None and hasattr(cache, "prefetch") else None
+        self.cache = cache
         self.readahead = readahead
         self.block_size = store.block_size
         self._decode = decode
@@ -68,7 +68,7 @@ class PrefetchPolicy:
         """A regular file was opened: its blocks if it is hot, and the next files of a walk."""
         if self.cache is None:
             return
-        hot = getattr(self.cache, "ram_budget", 0) * HOT_FILE_FRACTION
+        hot = self.cache.ram_budget * HOT_FILE_FRACTION
         with self._found_lock:
             where = self._found.get(ino)
         small = min(hot, DIR_PREFETCH_BLOCKS * self.block_size)  # siblings: small files only
