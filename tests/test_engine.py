@@ -334,32 +334,33 @@ def test_gemm_packed_equals_int_mm(M, K, N):
     a[-1] = 127
     ref = a.to(torch.int64) @ w.to(torch.int64).t()
     assert torch.equal(torch._int_mm(torch.cat([a, a.new_zeros(17, K)]), w.t())[:M].long(), ref)
-    out = torch.full((M, N), 7, dtype=torch.int32)
     wp = pack_weight(w)                                  # held: the call only sees its address
-    ran = kernels.lib().gemm_packed(a.data_ptr(), M, K, wp.data_ptr(), N, out.data_ptr())
-    if not _has_vnni():
-        assert ran == 0
-        pytest.skip("no AVX-512 VNNI: the engine uses torch._int_mm")
-    assert ran == 2 and torch.equal(out.long(), ref)
+    for impl, ok in ((2, _has_vnni()), (3, "avx2" in open("/proc/cpuinfo").read().split())):
+        out = torch.full((M, N), 7, dtype=torch.int32)
+        ran = kernels.lib().gemm_packed(a.data_ptr(), M, K, wp.data_ptr(), N, out.data_ptr(),
+                                        impl, 1)
+        assert ran == (impl if ok else 0)
+        assert not ok or torch.equal(out.long(), ref)
 
 
 @needs_kernels
-def test_engine_with_packed_gemms_equals_torch_ops():
-    """The fused engine (packed GEMMs for few rows) against the torch form, parallel and
+@pytest.mark.parametrize("form", ["vnni", "avx2"])
+def test_engine_with_packed_gemms_equals_torch_ops(form):
+    """The fused engine (packed GEMMs for every row count) against the torch form, parallel and
     incremental, on a model whose shapes fit gemm_packed (N % 16, K % 4)."""
+    from llmfs.codec.lm import backend
     from llmfs.codec.lm import engine as E
-    e = Engine.tiny(seed=5, dim=64, n_head=4, n_kv_head=2, ffn_dim=128, vocab_size=272,
+    why = backend.unsupported(form)
+    if why:
+        pytest.skip(why)
+    t = Engine.tiny(seed=5, dim=64, n_head=4, n_kv_head=2, ffn_dim=128, vocab_size=272,
                     max_seq_len=64)
+    e = Engine(t.config, t.tensors, backend=form, threads=2)
     x = _tokens(e, 3, 40, 6)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)                             # gemm_packed runs at 1 thread only
-    try:
-        got = e.freqs(x)
-        st = e.start(3, 40)
-        steps = [e.step(st, x[:, t]) for t in range(40)]
-    finally:
-        torch.set_num_threads(threads)
-    assert set(e._packed) and all(v is not None for v in e._packed.values()) == _has_vnni()
+    got = e.freqs(x)
+    st = e.start(3, 40)
+    steps = [e.step(st, x[:, t]) for t in range(40)]
+    assert set(e._packed) and all(v is not None for v in e._packed.values())
     ref = Engine(e.config, e.tensors, fused=False)
     want = ref.freqs(x)
     assert torch.equal(got, want)
