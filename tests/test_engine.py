@@ -283,7 +283,7 @@ def _attend_step_inputs(seed, B, nkv, grp, L, hs):
     return qi, f, keys, values, qpos, vscale
 
 
-def _attend_step(lib, impl, qi, f, keys, values, qpos, vscale):
+def _attend_step(lib, impl, qi, f, keys, values, qpos, vscale, threads=1):
     from llmfs.codec.lm.engine import attn_exp_table
     B, nh, _, hs = qi.shape
     nkv, L = keys.shape[1], keys.shape[2]
@@ -292,7 +292,7 @@ def _attend_step(lib, impl, qi, f, keys, values, qpos, vscale):
     out = torch.empty(B, 1, nh * hs, dtype=torch.float64)
     ran = lib.attend_step(qi.data_ptr(), f.data_ptr(), keys.data_ptr(), values.data_ptr(), B, nkv,
                           nh // nkv, L, hs, pos.data_ptr(), table.data_ptr(), table.numel(),
-                          vscale.data_ptr(), out.data_ptr(), impl)
+                          vscale.data_ptr(), out.data_ptr(), impl, threads)
     return out, ran
 
 
@@ -394,6 +394,8 @@ def test_attend_step_vnni_equals_portable(shape):
     assert torch.equal(out, ref)
     auto, ran = _attend_step(lib, 0, *args)
     assert torch.equal(auto, ref)
+    for impl in (1, 2):                                  # rows split over threads: the same bits
+        assert torch.equal(_attend_step(lib, impl, *args, threads=3)[0], ref)
 
 
 @needs_kernels

@@ -80,7 +80,6 @@ import numpy as np
 import torch
 
 from . import backend as backends
-from . import kernels
 
 # Bump whenever any integer the engine produces can change (quantisation, tables, formulas).
 ENGINE_VERSION = 5  # 2: nearest-entry sigmoid table; 3: RMSNorm scale by det_sqrt, not torch.sqrt;
@@ -518,6 +517,7 @@ class FusedOps(TorchOps):
         self.impl = impl
         self.digits_mm = digits_mm or _mm
         self.fused_attention = fused_attention
+        self.threads = 1      # POSIX threads of attend_step (Engine.threads sets it)
 
     def quant_rows(self, x, int8=False):
         M, K = x.shape
@@ -594,7 +594,8 @@ class FusedOps(TorchOps):
                                  _ptr(keys, torch.int16), _ptr(values, torch.int16), B, nkv,
                                  nh // nkv, keys.shape[2], hs, _ptr(pos, torch.int64),
                                  _ptr(table32, torch.int32), table.numel(),
-                                 _ptr(vscale, torch.float64), _ptr(out, torch.float64), self.impl)
+                                 _ptr(vscale, torch.float64), _ptr(out, torch.float64), self.impl,
+                                 self.threads)
             return
         if self.impl != 1 and self.fused_attention and keys.dtype == torch.float64:  # VNNI
             qp = qpos.contiguous()
@@ -707,7 +708,7 @@ class Engine:
                              fused_attention=self.backend.attention == "vnni") \
             if lib is not None else TorchOps()
         self.fused = lib is not None
-        self.threads = max(1, int(threads))
+        self.threads = threads
         cos, sin = rope_tables(config.head_dim, config.rope_theta, config.max_seq_len)
         self._cos, self._sin = cos.to(self.device), sin.to(self.device)
         self._exp = attn_exp_table().to(self.device)
@@ -728,6 +729,16 @@ class Engine:
         self._packed: dict[str, torch.Tensor | None] = {}
         self._f32: dict[str, torch.Tensor] = {}
         self._pack_lock = threading.Lock()
+
+    @property
+    def threads(self) -> int:
+        """POSIX threads of kernels.c's GEMMs and decoding attention (they never spin-wait)."""
+        return self._threads
+
+    @threads.setter
+    def threads(self, n: int) -> None:
+        self._threads = max(1, int(n))
+        self._ops.threads = self._threads
 
     def _matmul(self, q: torch.Tensor, name: str) -> torch.Tensor:
         """int8 rows q (M, K) @ weight `name` (N, K).T -> int32 (M, N), exact, by the backend's

@@ -1113,62 +1113,67 @@ AVX2_TARGET static void gemm_range_avx2(const int16_t *restrict A16, int64_t M, 
 }
 #endif
 
-/* Both GEMM forms split the panels (16 output columns each) over nthreads POSIX threads, started
- * per call and joined before it returns: no pool whose idle workers spin (torch's OpenMP threads
- * spin between calls and made a loaded 2-core machine 27-70x slower), and threads inherit the
- * caller's nice value (compaction: 19). Every output entry is computed by exactly one thread with
- * the same instructions, so the result does not depend on nthreads. */
+/* Parallel loops over POSIX threads, started per call and joined before it returns: no pool whose
+ * idle workers spin (torch's OpenMP threads spin between calls and made a loaded 2-core machine
+ * 27-70x slower), and threads inherit the caller's nice value (compaction: 19). The work is cut
+ * into chunks that the threads take from a shared counter, the calling thread too: a thread that
+ * gets little CPU (the other core busy) delays the call by at most its current chunk. Every output
+ * entry is computed by exactly one thread with the same instructions, so the result does not
+ * depend on the number of threads. */
+#define MAX_THREADS 64
+struct par {
+    void (*fn)(const void *ctx, int64_t begin, int64_t end);
+    const void *ctx;
+    int64_t n, step, next;
+};
+
+static void *par_worker(void *arg) {
+    struct par *p = arg;
+    for (;;) {
+        int64_t b = __atomic_fetch_add(&p->next, p->step, __ATOMIC_RELAXED);
+        if (b >= p->n)
+            return NULL;
+        p->fn(p->ctx, b, MIN(p->n, b + p->step));
+    }
+}
+
+/* fn(ctx, begin, end) over [0, n) in chunks of `step`, on up to nthreads threads */
+static void par_for(void (*fn)(const void *, int64_t, int64_t), const void *ctx, int64_t n,
+                    int64_t step, int64_t nthreads) {
+    struct par p = {fn, ctx, n, step, 0};
+    int64_t chunks = (n + step - 1) / step;
+    int64_t nt = MAX(1, MIN(MIN(nthreads, MAX_THREADS), chunks));
+    pthread_t tid[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int64_t t = 1; t < nt; t++)
+        started[t] = pthread_create(&tid[t], NULL, par_worker, &p) == 0;
+    par_worker(&p);                       /* a thread that could not start leaves its share here */
+    for (int64_t t = 1; t < nt; t++)
+        if (started[t]) pthread_join(tid[t], NULL);
+}
+
 struct gemm_job {
     int form;                    /* 2 VNNI, 3 AVX2 */
     const int8_t *A;
     const int16_t *A16;
-    int64_t M, K, N, p_begin, p_end;
+    int64_t M, K, N;
     const uint8_t *Wp;
     int32_t *C;
     const int32_t *corr;
 };
 
-static void gemm_run(const struct gemm_job *j) {
+/* panels [p_begin, p_end) */
+static void gemm_run(const void *ctx, int64_t p_begin, int64_t p_end) {
+    const struct gemm_job *j = ctx;
 #ifdef HAVE_VNNI
     if (j->form == 2)
-        gemm_range_vnni(j->A, j->M, j->K, j->Wp, j->N, j->C, j->corr, j->p_begin, j->p_end);
+        gemm_range_vnni(j->A, j->M, j->K, j->Wp, j->N, j->C, j->corr, p_begin, p_end);
 #endif
 #ifdef HAVE_AVX2_KERNELS
     if (j->form == 3)
-        gemm_range_avx2(j->A16, j->M, j->K, j->Wp, j->N, j->C, j->corr, j->p_begin, j->p_end);
+        gemm_range_avx2(j->A16, j->M, j->K, j->Wp, j->N, j->C, j->corr, p_begin, p_end);
 #endif
-    (void)j;
-}
-
-static void *gemm_thread(void *arg) {
-    gemm_run((const struct gemm_job *)arg);
-    return NULL;
-}
-
-#define MAX_THREADS 64
-static int gemm_threads(struct gemm_job base, int64_t nthreads) {
-    const int64_t P = base.N / 16;
-    int64_t n = MAX(1, MIN(MIN(nthreads, MAX_THREADS), P));
-    /* panels per thread: a multiple of 3 (the VNNI kernel's block) */
-    struct gemm_job jobs[MAX_THREADS];
-    pthread_t tid[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int64_t t = 0; t < n; t++) {
-        jobs[t] = base;
-        jobs[t].p_begin = MIN(P, (P * t / n + 2) / 3 * 3);
-        jobs[t].p_end = t == n - 1 ? P : MIN(P, (P * (t + 1) / n + 2) / 3 * 3);
-    }
-    for (int64_t t = 1; t < n; t++)
-        if (jobs[t].p_begin < jobs[t].p_end)
-            started[t] = pthread_create(&tid[t], NULL, gemm_thread, &jobs[t]) == 0;
-    gemm_run(&jobs[0]);
-    for (int64_t t = 1; t < n; t++) {
-        if (started[t])
-            pthread_join(tid[t], NULL);
-        else if (jobs[t].p_begin < jobs[t].p_end)
-            gemm_run(&jobs[t]);            /* no thread: do its share here */
-    }
-    return base.form;
+    (void)j; (void)p_begin; (void)p_end;
 }
 
 /* C = A @ W^T with W packed (above), on nthreads threads. impl: 0 the fastest this CPU runs,
@@ -1203,8 +1208,9 @@ int gemm_packed(const int8_t *A, int64_t M, int64_t K, const uint8_t *Wp, int64_
     }
     if (A16)
         for (int64_t i = 0; i < M * K; i++) A16[i] = A[i];
-    struct gemm_job job = {form, A, A16, M, K, N, 0, N / 16, Wp, C, corr};
-    gemm_threads(job, nthreads);
+    struct gemm_job job = {form, A, A16, M, K, N, Wp, C, corr};
+    /* chunks of 6 panels (96 columns; the VNNI kernel's blocks are 3 panels) */
+    par_for(gemm_run, &job, N / 16, 6, nthreads);
     free(corr); free(A16);
     return form;
 }
@@ -1229,18 +1235,48 @@ void kv_store(const double *restrict ki, const double *restrict vi, int64_t B, i
 
 /* impl: 0 the fastest this CPU runs, 1 the portable form, 2 the VNNI form (when the CPU and the
  * shape allow it: hs a multiple of 32 up to 128, g <= 4). Returns the form that ran (1 or 2). */
+struct step_job {
+    int form;
+    const double *qi, *f;
+    const int16_t *K, *V;
+    int64_t nkv, g, L, hs;
+    const int64_t *pos;
+    const int32_t *table;
+    int64_t ntab;
+    const double *vscale;
+    double *out;
+};
+
+/* rows [b0, b1) of the batch: every array starts at row b0 (rows are independent) */
+static void attend_step_rows(const void *ctx, int64_t b0, int64_t b1) {
+    const struct step_job *j = ctx;
+    int64_t nh = j->nkv * j->g, kvrow = j->nkv * j->L * j->hs;
+#ifdef HAVE_VNNI
+    if (j->form == 2) {
+        attend_step_vnni(j->qi + b0 * nh * j->hs, j->f + b0 * nh, j->K + b0 * kvrow,
+                         j->V + b0 * kvrow, b1 - b0, j->nkv, j->g, j->L, j->hs, j->pos + b0,
+                         j->table, j->ntab, j->vscale, j->out + b0 * nh * j->hs);
+        return;
+    }
+#endif
+    attend_step_portable(j->qi + b0 * nh * j->hs, j->f + b0 * nh, j->K + b0 * kvrow,
+                         j->V + b0 * kvrow, b1 - b0, j->nkv, j->g, j->L, j->hs, j->pos + b0,
+                         j->table, j->ntab, j->vscale, j->out + b0 * nh * j->hs);
+}
+
 int attend_step(const double *qi, const double *f, const int16_t *K, const int16_t *V, int64_t B,
                 int64_t nkv, int64_t g, int64_t L, int64_t hs, const int64_t *pos,
                 const int32_t *table, int64_t ntab, const double *vscale, double *out,
-                int64_t impl) {
+                int64_t impl, int64_t nthreads) {
+    int form = 1;
 #ifdef HAVE_VNNI
-    if (impl != 1 && have_vnni() && hs % 32 == 0 && hs <= 32 * NCMAX && g <= GMAX) {
-        attend_step_vnni(qi, f, K, V, B, nkv, g, L, hs, pos, table, ntab, vscale, out);
-        return 2;
-    }
+    if (impl != 1 && have_vnni() && hs % 32 == 0 && hs <= 32 * NCMAX && g <= GMAX)
+        form = 2;
 #endif
-    attend_step_portable(qi, f, K, V, B, nkv, g, L, hs, pos, table, ntab, vscale, out);
-    return 1;
+    struct step_job job = {form, qi, f, K, V, nkv, g, L, hs, pos, table, ntab, vscale, out};
+    /* rows in chunks of 4 (at late positions a row's cache is 3 x 2 x 64 x 2 bytes per key) */
+    par_for(attend_step_rows, &job, B, 4, nthreads);
+    return form;
 }
 
 #ifdef HAVE_VNNI
