@@ -292,7 +292,7 @@ def _attend_step(lib, impl, qi, f, keys, values, qpos, vscale, threads=1):
     out = torch.empty(B, 1, nh * hs, dtype=torch.float64)
     ran = lib.attend_step(qi.data_ptr(), f.data_ptr(), keys.data_ptr(), values.data_ptr(), B, nkv,
                           nh // nkv, L, hs, pos.data_ptr(), table.data_ptr(), table.numel(),
-                          vscale.data_ptr(), out.data_ptr(), impl, threads)
+                          vscale.data_ptr(), out.data_ptr(), impl, threads, 1)
     return out, ran
 
 
@@ -447,11 +447,17 @@ def test_attend_many_queries_vnni_equals_digits_and_torch(shape):
                          torch.randint(-12, -4, (nkv, 1, hs), generator=g))
     table = attn_exp_table()
     outs = []
-    for ops in (FusedOps(kernels.lib(), 0), FusedOps(kernels.lib(), 1), TorchOps()):
+    # the per-query form (attend_step, digits_mm=None) in its VNNI and portable builds, 1-3 threads
+    steps = [FusedOps(kernels.lib(v), impl, digits_mm=None, fused_attention=False)
+             for v, impl in (("full", 0), ("full", 1), ("noavx512", 0))]
+    for i, ops in enumerate(steps):
+        ops.threads = 1 + i
+    for ops in (FusedOps(kernels.lib(), 0), FusedOps(kernels.lib(), 1), *steps, TorchOps()):
         out = torch.empty(B, T, nh * hs, dtype=torch.float64)
         ops.attend(qi, f, keys, values, qpos, kmax, vscale, table, out)
         outs.append(out)
-    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
+    for out in outs[:-1]:
+        assert torch.equal(out, outs[-1])
 
 
 def _head_inputs(seed, M, V):

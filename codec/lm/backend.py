@@ -27,9 +27,12 @@ AVX-512 machine runs the elementwise kernels an AVX2-only CPU runs; vnni (and au
 load the full build.
 
 Attention when encoding (many queries per row): kernels.c attend_fwd, fused VNNI, where the backend
-loads the full build on a VNNI CPU; otherwise on int8 digits of the operands through the backend's
-int8 GEMM for many rows (blas: float32 chunks; the digits' products are also at most 2^14). When
-decoding, kernels.c attend_step: VNNI or its portable loops (compiled with an AVX2 clone).
+loads the full build on a VNNI CPU; otherwise kernels.c attend_step once per query on the segment's
+int16 keys (its AVX2 clone; on the engine's threads), or for intmm the int8 digit GEMMs of the
+operands by torch._int_mm. (Per query costs about what the float64 or digit GEMM forms cost, but
+needs no BLAS and runs on the engine's threads; the fused VNNI tile is ~5x faster than all of them,
+and an AVX2 form of it is the next step for AVX2-only CPUs.)
+When decoding, kernels.c attend_step: VNNI or its portable loops (compiled with an AVX2 clone).
 """
 from __future__ import annotations
 
@@ -121,11 +124,6 @@ def mm_intmm(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(q, w.t())[:m]
 
 
-def mm_f32_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """int8 (M, K) @ int8 (N, K).T -> int32 (M, N) via float32 chunks (attention digits)."""
-    return mm_f32(a, b.t().to(torch.float32))
-
-
 def gemm_packed(lib, form: str, q: torch.Tensor, wp: torch.Tensor, N: int,
                 threads: int = 1) -> torch.Tensor | None:
     """kernels.c gemm_packed of int8 q (M, K) with packed wp -> int32 (M, N), or None if it could
@@ -153,12 +151,16 @@ class Backend:
 
     @property
     def attention(self) -> str:
-        """The encoding attention: "vnni" (fused kernels.c attend_fwd) or "digits" (int8 digit
-        GEMMs through the many-rows form; vnni/avx2 use float32 chunks there)."""
-        return "vnni" if self.variant == "full" and has_vnni() else "digits"
+        """The encoding attention: "vnni" (fused kernels.c attend_fwd), "digits" (int8 digit GEMMs
+        by torch._int_mm, for intmm) or "steps" (kernels.c attend_step per query, its AVX2 clone,
+        on the engine's threads)."""
+        if self.variant == "full" and has_vnni():
+            return "vnni"
+        return "digits" if self.many == "intmm" else "steps"
 
     def digits_mm(self):
-        return mm_intmm if self.many == "intmm" else mm_f32_nt
+        """FusedOps' digits_mm: the GEMM of the digit form, or None for attend_step per query."""
+        return mm_intmm if self.attention == "digits" else None
 
     def describe(self) -> str:
         t = ", ".join(f"{f} {v['few']:.0f}/{v['many']:.0f}" for f, v in self.timings.items())
@@ -284,5 +286,5 @@ def select(name: str | None) -> Backend:
 
 
 __all__ = ["Backend", "BackendError", "ENV", "FORMS", "F32_CHUNK", "current", "select",
-           "unsupported", "pack_weight", "f32_weight", "mm_f32", "mm_intmm", "mm_f32_nt",
+           "unsupported", "pack_weight", "f32_weight", "mm_f32", "mm_intmm",
            "gemm_packed", "cpu_model", "has_vnni", "best_time"]

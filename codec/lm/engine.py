@@ -515,7 +515,7 @@ class FusedOps(TorchOps):
         (VNNI) first (the backend decides, codec/lm/backend.py)."""
         self.lib = lib
         self.impl = impl
-        self.digits_mm = digits_mm or _mm
+        self.digits_mm = _mm if digits_mm is None else digits_mm   # False: attend_step per query
         self.fused_attention = fused_attention
         self.threads = 1      # POSIX threads of attend_step (Engine.threads sets it)
 
@@ -595,7 +595,7 @@ class FusedOps(TorchOps):
                                  nh // nkv, keys.shape[2], hs, _ptr(pos, torch.int64),
                                  _ptr(table32, torch.int32), table.numel(),
                                  _ptr(vscale, torch.float64), _ptr(out, torch.float64), self.impl,
-                                 self.threads)
+                                 self.threads, 1)
             return
         if self.impl != 1 and self.fused_attention and keys.dtype == torch.float64:  # VNNI
             qp = qpos.contiguous()
@@ -605,6 +605,18 @@ class FusedOps(TorchOps):
                                    _ptr(_table32(table), torch.int32), table.numel(),
                                    _ptr(vscale, torch.float64), _ptr(out, torch.float64)):
                 return
+        if self.digits_mm is None:                                   # per query on int16 keys
+            k16 = keys.to(torch.int16).contiguous()                  # |x| <= 2^KV_BITS: exact
+            v16 = values.to(torch.int16).contiguous()
+            q = qi.transpose(1, 2).contiguous()                      # (B, T, nh, hs)
+            fq = f.view(B, nh, T).transpose(1, 2).contiguous()       # (B, T, nh)
+            pos = qpos.contiguous()
+            self.lib.attend_step(q.data_ptr(), fq.data_ptr(), k16.data_ptr(), v16.data_ptr(),
+                                 B * T, nkv, nh // nkv, keys.shape[2], hs, _ptr(pos, torch.int64),
+                                 _ptr(_table32(table), torch.int32), table.numel(),
+                                 _ptr(vscale, torch.float64), _ptr(out, torch.float64), self.impl,
+                                 self.threads, T)
+            return
         g = nh // nkv
         kd = torch.empty(B, nkv, T, 2, hs, dtype=torch.int8)        # key digits: rows (key, digit)
         vd = torch.empty(B, nkv, 2, hs, T, dtype=torch.int8)        # value digits, keys last

@@ -1234,9 +1234,14 @@ void kv_store(const double *restrict ki, const double *restrict vi, int64_t B, i
 }
 
 /* impl: 0 the fastest this CPU runs, 1 the portable form, 2 the VNNI form (when the CPU and the
- * shape allow it: hs a multiple of 32 up to 128, g <= 4). Returns the form that ran (1 or 2). */
+ * shape allow it: hs a multiple of 32 up to 128, g <= 4). Returns the form that ran (1 or 2).
+ * per: rows that share one row of K and V (1 when decoding; encoding without attend_fwd passes its
+ * B * T queries as rows, per = T, with the segment's keys as the cache: each query reads the keys
+ * it sees, from L2, with the same integers and float steps as any other form). Rows go to
+ * nthreads threads. */
 struct step_job {
     int form;
+    int64_t per;
     const double *qi, *f;
     const int16_t *K, *V;
     int64_t nkv, g, L, hs;
@@ -1251,6 +1256,23 @@ struct step_job {
 static void attend_step_rows(const void *ctx, int64_t b0, int64_t b1) {
     const struct step_job *j = ctx;
     int64_t nh = j->nkv * j->g, kvrow = j->nkv * j->L * j->hs;
+    if (j->per > 1) {        /* rows share a cache row: one call per row, on its cache row */
+        for (int64_t b = b0; b < b1; b++) {
+            const int16_t *K = j->K + (b / j->per) * kvrow, *V = j->V + (b / j->per) * kvrow;
+#ifdef HAVE_VNNI
+            if (j->form == 2) {
+                attend_step_vnni(j->qi + b * nh * j->hs, j->f + b * nh, K, V, 1, j->nkv, j->g,
+                                 j->L, j->hs, j->pos + b, j->table, j->ntab, j->vscale,
+                                 j->out + b * nh * j->hs);
+                continue;
+            }
+#endif
+            attend_step_portable(j->qi + b * nh * j->hs, j->f + b * nh, K, V, 1, j->nkv, j->g,
+                                 j->L, j->hs, j->pos + b, j->table, j->ntab, j->vscale,
+                                 j->out + b * nh * j->hs);
+        }
+        return;
+    }
 #ifdef HAVE_VNNI
     if (j->form == 2) {
         attend_step_vnni(j->qi + b0 * nh * j->hs, j->f + b0 * nh, j->K + b0 * kvrow,
@@ -1267,13 +1289,14 @@ static void attend_step_rows(const void *ctx, int64_t b0, int64_t b1) {
 int attend_step(const double *qi, const double *f, const int16_t *K, const int16_t *V, int64_t B,
                 int64_t nkv, int64_t g, int64_t L, int64_t hs, const int64_t *pos,
                 const int32_t *table, int64_t ntab, const double *vscale, double *out,
-                int64_t impl, int64_t nthreads) {
+                int64_t impl, int64_t nthreads, int64_t per) {
     int form = 1;
 #ifdef HAVE_VNNI
     if (impl != 1 && have_vnni() && hs % 32 == 0 && hs <= 32 * NCMAX && g <= GMAX)
         form = 2;
 #endif
-    struct step_job job = {form, qi, f, K, V, nkv, g, L, hs, pos, table, ntab, vscale, out};
+    struct step_job job = {form, MAX(1, per), qi, f, K, V, nkv, g, L, hs, pos, table, ntab,
+                           vscale, out};
     /* rows in chunks of 4 (at late positions a row's cache is 3 x 2 x 64 x 2 bytes per key) */
     par_for(attend_step_rows, &job, B, 4, nthreads);
     return form;

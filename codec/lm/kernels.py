@@ -70,7 +70,7 @@ _SIGNATURES = {
     "softmax_digits": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _p, _p],
     "attn_out_digits": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _i64],
     "attend_step": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _i64,
-                    _i64],
+                    _i64, _i64],
     "kv_store": [_p, _p, _i64, _i64, _i64, _p, _i64, _p, _p],
     "gemm_packed": [_p, _i64, _i64, _p, _i64, _p, _i64, _i64],
     "attend_fwd": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p],
