@@ -201,12 +201,12 @@ def run_codec(args) -> int:
         base = baselines(data)
         segments = codec.segments(data)
         ntok = sum(len(s) for s in segments)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         payload = codec.encode_payload(data)
-        enc_s = time.perf_counter() - t
-        t = time.perf_counter()
+        enc_s, enc_cpu = time.perf_counter() - t, time.process_time() - c
+        t, c = time.perf_counter(), time.process_time()
         (back,) = codec.decode_many([(payload, len(data))])
-        dec_s = time.perf_counter() - t
+        dec_s, dec_cpu = time.perf_counter() - t, time.process_time() - c
         if back != data:
             print(f"llmfs bench: error: {path}: LM round trip FAILED", file=sys.stderr)
             return 1
@@ -227,6 +227,14 @@ def run_codec(args) -> int:
                "enc %f32": peaks.pct_f32(enc_tps, opt), "dec %f32": peaks.pct_f32(dec_tps, opt)}
         rows.append(row)
         print("  ".join(_fmt(row[c]) for c in cols) + f"  {path}", flush=True)
+        if device == "cpu":
+            # the same per second of this process's CPU time (all its threads): what the machine
+            # gives when others share it, against one core's peak (the peaks are CPU-time too)
+            one = Peaks(peaks.backend, peaks.ops, peaks.f32, 1)
+            e, d = ntok / max(enc_cpu, 1e-9), ntok / max(dec_cpu, 1e-9)
+            print(f"{'':>10}  per CPU-second: encode {e:.1f} tokens = {one.pct(e, opt):.1f} % "
+                  f"of the backend's peak, {one.pct_f32(e, opt):.1f} % of float32's; decode "
+                  f"{d:.1f} = {one.pct(d, opt):.1f} %, {one.pct_f32(d, opt):.1f} %", flush=True)
     if args.plot:
         _plot(rows, args.plot)
     return 0

@@ -20,9 +20,11 @@ from .store import Store
 log = logging.getLogger("llmfs")
 
 DEFAULT_SPEC = "smollm2-135m"  # codec.lm.loader.DEFAULT_MODEL; named here to import torch lazily
-# The daemon shares two cores with everything else; one intra-op thread keeps compaction from
-# starving FUSE threads (and 2 threads measured ~70x slower on a loaded 2-core machine).
-THREADS = 1
+# None: the engine's own threads on every core this process may run on (codec/lm/codec.py). They
+# never spin-wait (torch's OpenMP threads did: 2 of them measured ~70x slower on a loaded 2-core
+# machine, so torch keeps one), take work in chunks from a shared counter (a starved thread delays
+# a call by one chunk), and inherit the compactor thread's nice 19.
+THREADS = None
 # Segments decoded side by side: codec.lm.codec.DECODE_BATCH (measured there: 304 tokens/s at 64 vs
 # 258 at 16, 1.95 vs 0.80 GB peak RSS); named here to import torch lazily.
 DECODE_BATCH = 64
@@ -33,7 +35,7 @@ def store_spec(store: Store) -> str:
 
 
 class Models:
-    def __init__(self, store: Store, threads: int = THREADS, batch: int = DECODE_BATCH,
+    def __init__(self, store: Store, threads: int | None = THREADS, batch: int = DECODE_BATCH,
                  device: str = "auto"):
         self.store = store
         self.threads, self.batch, self.device = threads, batch, device

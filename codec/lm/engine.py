@@ -760,6 +760,8 @@ class Engine:
         b = self.backend
         form = None if b is None or not self.fused else b.few if q.shape[0] <= PACKED_ROWS \
             else b.many
+        if self.threads > 1 and form in ("intmm", "blas") and b.few in ("vnni", "avx2"):
+            form = b.few              # runs on the engine's threads; torch's run on one here
         if form in ("vnni", "avx2"):
             wp = self._packed.get(name, _UNPACKED)
             if wp is _UNPACKED:
