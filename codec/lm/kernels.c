@@ -1095,8 +1095,8 @@ gemm_block_avx2(const int16_t *restrict A16, int64_t K, const uint8_t *restrict 
     }
 }
 
-/* rows in blocks that stay in L2 (96 rows x K int16), each against panels [p_begin, p_end) */
-#define ROWS_AVX2 96
+/* rows in blocks that stay in L1/L2 (48 rows x K int16), each against panels [p_begin, p_end) */
+#define ROWS_AVX2 48
 AVX2_TARGET static void gemm_range_avx2(const int16_t *restrict A16, int64_t M, int64_t K,
                                         const uint8_t *restrict Wp, int64_t N,
                                         int32_t *restrict C, const int32_t *restrict corr,
