@@ -447,8 +447,8 @@ def test_attend_many_queries_vnni_equals_digits_and_torch(shape):
                          torch.randint(-12, -4, (nkv, 1, hs), generator=g))
     table = attn_exp_table()
     outs = []
-    # the per-query form (attend_step, digits_mm=None) in its VNNI and portable builds, 1-3 threads
-    steps = [FusedOps(kernels.lib(v), impl, digits_mm=None, fused_attention=False)
+    # the per-query form (attend_step) in its VNNI and portable builds, on 1-3 threads
+    steps = [FusedOps(kernels.lib(v), impl, attention="steps")
              for v, impl in (("full", 0), ("full", 1), ("noavx512", 0))]
     for i, ops in enumerate(steps):
         ops.threads = 1 + i

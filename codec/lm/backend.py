@@ -159,8 +159,8 @@ class Backend:
         return "digits" if self.many == "intmm" else "steps"
 
     def digits_mm(self):
-        """FusedOps' digits_mm: the GEMM of the digit form, or None for attend_step per query."""
-        return mm_intmm if self.attention == "digits" else None
+        """FusedOps' digits_mm: the GEMM of the digit form (vnni's fallback and intmm's)."""
+        return mm_intmm
 
     def describe(self) -> str:
         t = ", ".join(f"{f} {v['few']:.0f}/{v['many']:.0f}" for f, v in self.timings.items())

@@ -507,16 +507,17 @@ def _ptr(t: torch.Tensor, dtype: torch.dtype) -> int:
 class FusedOps(TorchOps):
     """The same steps through kernels.c (CPU only): one or two passes instead of ~10 torch ops."""
 
-    def __init__(self, lib, impl: int = 0, digits_mm=None, fused_attention: bool = True):
+    def __init__(self, lib, impl: int = 0, attention: str = "vnni", digits_mm=None):
         """impl: which form of the C kernels runs (attention, head_freqs, ...), 0 the fastest the
         CPU allows, 1 the portable one, 2 AVX-512 (VNNI for attention) where the CPU has it
-        (tests compare them). digits_mm: the exact int8 GEMM (a (M, K), b (N, K)) -> a @ b.T int32
-        of the digit attention (default torch._int_mm); fused_attention: try kernels.c attend_fwd
-        (VNNI) first (the backend decides, codec/lm/backend.py)."""
+        (tests compare them). attention, when encoding (the backend decides,
+        codec/lm/backend.py): "vnni" kernels.c attend_fwd where the CPU has it, else "digits";
+        "digits" int8 GEMMs on digits of the operands by digits_mm (a (M, K), b (N, K)) -> a @ b.T
+        int32 (default torch._int_mm); "steps" kernels.c attend_step once per query."""
         self.lib = lib
         self.impl = impl
-        self.digits_mm = _mm if digits_mm is None else digits_mm   # False: attend_step per query
-        self.fused_attention = fused_attention
+        self.attention = attention
+        self.digits_mm = digits_mm or _mm
         self.threads = 1      # POSIX threads of attend_step (Engine.threads sets it)
 
     def quant_rows(self, x, int8=False):
@@ -597,7 +598,7 @@ class FusedOps(TorchOps):
                                  _ptr(vscale, torch.float64), _ptr(out, torch.float64), self.impl,
                                  self.threads, 1)
             return
-        if self.impl != 1 and self.fused_attention and keys.dtype == torch.float64:  # VNNI
+        if self.impl != 1 and self.attention == "vnni" and keys.dtype == torch.float64:
             qp = qpos.contiguous()
             if self.lib.attend_fwd(_ptr(qi, torch.float64), _ptr(f, torch.float64),
                                    _ptr(keys, torch.float64), _ptr(values, torch.float64), B, nkv,
@@ -605,7 +606,7 @@ class FusedOps(TorchOps):
                                    _ptr(_table32(table), torch.int32), table.numel(),
                                    _ptr(vscale, torch.float64), _ptr(out, torch.float64)):
                 return
-        if self.digits_mm is None:                                   # per query on int16 keys
+        if self.attention == "steps":                                # per query on int16 keys
             k16 = keys.to(torch.int16).contiguous()                  # |x| <= 2^KV_BITS: exact
             v16 = values.to(torch.int16).contiguous()
             q = qi.transpose(1, 2).contiguous()                      # (B, T, nh, hs)
@@ -716,9 +717,8 @@ class Engine:
         lib = self.backend.lib if fused is not False and self.backend is not None else None
         if fused and lib is None:
             raise RuntimeError("fused kernels requested but unavailable (CPU and a C compiler)")
-        self._ops = FusedOps(lib, digits_mm=self.backend.digits_mm(),
-                             fused_attention=self.backend.attention == "vnni") \
-            if lib is not None else TorchOps()
+        self._ops = FusedOps(lib, attention=self.backend.attention,
+                             digits_mm=self.backend.digits_mm()) if lib is not None else TorchOps()
         self.fused = lib is not None
         self.threads = threads
         cos, sin = rope_tables(config.head_dim, config.rope_theta, config.max_seq_len)
