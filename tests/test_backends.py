@@ -63,6 +63,20 @@ def test_backend_equals_int64_reference(form, M, K, N):
         assert out.dtype == torch.int32 and torch.equal(out.to(torch.int64), ref), (form, threads)
 
 
+def test_blas_stays_exact_at_reduced_matmul_precision():
+    """torch.set_float32_matmul_precision("medium") allows bfloat16 products on CPUs with AMX:
+    mm_f32 then computes in float64 and stays exact."""
+    a, w = _extremes(5, 2048, 48, 11)
+    ref = a.to(torch.int64) @ w.to(torch.int64).t()
+    old = torch.get_float32_matmul_precision()
+    try:
+        for p in ("medium", "high"):
+            torch.set_float32_matmul_precision(p)
+            assert torch.equal(backend.mm_f32(a, backend.f32_weight(w)).to(torch.int64), ref)
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
 def test_float32_chunk_bound():
     """The blas bound: F32_CHUNK products of the largest magnitude sum to 2^24, where float32 still
     holds every integer (2^24 + 1 it does not)."""

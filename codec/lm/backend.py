@@ -106,9 +106,13 @@ def f32_weight(w: torch.Tensor) -> torch.Tensor:
 
 
 def mm_f32(q: torch.Tensor, wf: torch.Tensor) -> torch.Tensor:
-    """int8 (M, K) @ float32 (K, N) holding int8 values -> int32 (M, N), exact (F32_CHUNK)."""
+    """int8 (M, K) @ float32 (K, N) holding int8 values -> int32 (M, N), exact (F32_CHUNK). Only
+    at float32 matmul precision "highest": "high"/"medium" let oneDNN multiply in TF32/bfloat16,
+    which drop bits of the int8 operands; then the chunks run in float64 (exact as well)."""
     K = q.shape[1]
-    qf = q.to(torch.float32)
+    if torch.get_float32_matmul_precision() != "highest":
+        wf = wf.to(torch.float64)
+    qf = q.to(wf.dtype)
     out = None
     for k0 in range(0, K, F32_CHUNK):
         part = (qf[:, k0:k0 + F32_CHUNK] @ wf[k0:k0 + F32_CHUNK]).to(torch.int32)  # exact ints
