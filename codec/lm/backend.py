@@ -178,8 +178,7 @@ def unsupported(form: str) -> str | None:
     if form not in FORMS:
         return f"unknown backend {form!r} (one of {', '.join(FORMS)})"
     if form in _IMPL:
-        variant = "full" if form == "vnni" else "noavx512"
-        lib = kernels.lib(variant)
+        lib = kernels.lib("full")                  # holds both packed forms
         if lib is None:
             return "the C kernels cannot be built here (no C compiler)"
         if lib.gemm_packed(None, 0, 4, None, 16, None, _IMPL[form], 1) != _IMPL[form]:
@@ -197,7 +196,7 @@ def _measure(form: str, rows: int, seconds: float = 0.08) -> float:
     ws = [torch.randint(-127, 128, (_SHAPE_N, _SHAPE_K), dtype=torch.int8, generator=g)
           for _ in range(8 if rows <= 256 else 1)]
     if form in _IMPL:
-        lib, wps = kernels.lib("full" if form == "vnni" else "noavx512"), [pack_weight(w) for w in ws]
+        lib, wps = kernels.lib("full"), [pack_weight(w) for w in ws]
         one = lambda i: gemm_packed(lib, form, a, wps[i], _SHAPE_N)
     elif form == "blas":
         wfs = [f32_weight(w) for w in ws]
