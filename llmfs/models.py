@@ -51,6 +51,9 @@ class Models:
                 log.info("loading model %s", spec)
                 codec = open_codec(spec, batch=self.batch, threads=self.threads,
                                    device=self.device)
+                b = getattr(codec.engine, "backend", None)
+                log.info("model %s on %s, %d engine threads%s", spec, codec.engine.device,
+                         getattr(codec.engine, "threads", 1), f"; {b.describe()}" if b else "")
                 self._codecs[spec] = codec
             return codec
 

@@ -277,7 +277,12 @@ def current() -> Backend:
     with _lock:
         if _current is None:
             _current = _choose()
-            log.info("exact engine on %s: %s", cpu_model(), _current.describe())
+            # INFO when measured now or forced; a choice read from the cache at DEBUG, so that
+            # `llmfs compress` stays quiet (the daemon logs the engine's backend when it loads
+            # a model: llmfs/models.py)
+            cached = _current.reason.startswith("measured on this CPU model earlier")
+            log.log(logging.DEBUG if cached else logging.INFO, "exact engine on %s: %s",
+                    cpu_model(), _current.describe())
         return _current
 
 
