@@ -20,11 +20,13 @@ from .store import Store
 log = logging.getLogger("llmfs")
 
 DEFAULT_SPEC = "smollm2-135m"  # codec.lm.loader.DEFAULT_MODEL; named here to import torch lazily
-# None: the engine's own threads on every core this process may run on (codec/lm/codec.py). They
-# never spin-wait (torch's OpenMP threads did: 2 of them measured ~70x slower on a loaded 2-core
-# machine, so torch keeps one), take work in chunks from a shared counter (a starved thread delays
-# a call by one chunk), and inherit the compactor thread's nice 19.
-THREADS = None
+# The engine's own threads (codec/lm/codec.py; --threads N). They never spin-wait (torch's OpenMP
+# threads did: 2 of them measured ~70x slower on a loaded 2-core machine, so torch keeps one), take
+# work in chunks from a shared counter and inherit the compactor thread's nice 19; but each call
+# joins its workers, and on an oversubscribed machine a worker may wait a scheduler slice before it
+# runs at all, per GEMM call. One thread by default until the kernels stop waiting for workers
+# that never got a chunk.
+THREADS = 1
 # Segments decoded side by side: codec.lm.codec.DECODE_BATCH (measured there: 304 tokens/s at 64 vs
 # 258 at 16, 1.95 vs 0.80 GB peak RSS); named here to import torch lazily.
 DECODE_BATCH = 64
