@@ -1,12 +1,14 @@
 """Measure the exact engine: tokens/s of freqs (parallel, batch of 1024-token segments) and of step
-(batched incremental decoding) against the machine's int8 GEMM peak measured in the same run, and
-bits/token of the exact engine vs the float32 reference on real text.
+(batched incremental decoding) against the peaks measured in the same run, and bits/token of the
+exact engine vs the float32 reference on real text.
 
-    .venv/bin/python bench/engine_bench.py [--threads 1] [--batch 2] [--step-batch 16] [--steps 64]
+    .venv/bin/python bench/engine_bench.py [--threads 1] [--backend auto|vnni|avx2|blas|intmm]
+                                           [--batch 2] [--step-batch 16] [--steps 64]
                                            [--step-from 0] [--segments 2] [FILE ...]
 
-Ops per token: 2 * (linear-layer parameters + LM head) = ~269 MOP for SmolLM2-135M (attention's
-T-dependent work is extra and not counted).
+"% of peak" is llmfs.codec.bench's definition (Peaks, measure_peaks, ops_per_token): ~270 MOP per
+token for SmolLM2-135M against the peak of the backend that ran, one core times the threads used,
+and beside it the float32 GEMM peak measured in the same run. --backend sets LLMFS_BACKEND.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llmfs.codec.lm import loader, reference  # noqa: E402
+from llmfs.codec import bench  # noqa: E402
+from llmfs.codec.lm import backend, loader, reference  # noqa: E402
 
 DEFAULT_FILES = ["/usr/share/common-licenses/GPL-3", "/usr/lib/python3.11/argparse.py"]
 
@@ -40,10 +43,9 @@ def int8_peak(seconds: float = 1.0) -> float:
     return best
 
 
-def ops_per_token(c) -> int:
-    per_layer = c.dim * (c.n_head + 2 * c.n_kv_head) * c.head_dim + c.n_head * c.head_dim * c.dim \
-        + 3 * c.dim * c.ffn_dim
-    return 2 * (c.n_layer * per_layer + c.vocab_size * c.dim)
+def ops_per_token(c) -> float:
+    """The roofline's ops per token: llmfs.codec.bench.ops_per_token (one definition)."""
+    return bench.ops_per_token(c)
 
 
 def segments_of(tok, bos: int, path: str, seg_tokens: int, limit: int) -> list[list[int]]:
@@ -66,18 +68,23 @@ def main(argv=None) -> None:
                          "decoding attention grows with the position, a segment averages ~512")
     ap.add_argument("--segments", type=int, default=2, help="segments per file for bits/token")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--backend", default=None, help="force a GEMM backend (LLMFS_BACKEND)")
     a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
+    if a.backend:
+        os.environ[backend.ENV] = a.backend
+    torch.set_num_threads(1)              # the engine's own threads (no OpenMP spin-waits)
 
     m = loader.load()
     e = m.engine
+    e.threads = a.threads
     from tokenizers import Tokenizer
     tok = Tokenizer.from_str(m.tokenizer_json)
     segs = {f: segments_of(tok, e.bos_id, f, a.seg_tokens, a.segments) for f in a.files}
     opt = ops_per_token(e.config)
-    peak = int8_peak()
-    print(f"threads {a.threads}; int8 _int_mm peak {peak / 1e9:.0f} GOP/s; "
-          f"{opt / 1e6:.0f} MOP/token -> roofline {peak / opt:.0f} tokens/s")
+    peaks = bench.measure_peaks(e, a.threads)
+    print(f"threads {a.threads}; " + peaks.describe(opt))
+    pct = lambda tps: (f"{peaks.pct(tps, opt):5.1f} % of the backend's peak, "
+                       f"{peaks.pct_f32(tps, opt):5.1f} % of float32's")
 
     # encoding: one parallel pass over a batch of full segments
     allsegs = [s for v in segs.values() for s in v if len(s) == a.seg_tokens]
@@ -87,8 +94,7 @@ def main(argv=None) -> None:
     e.freqs(batch)
     dt = time.perf_counter() - t0
     tps = batch.numel() / dt
-    print(f"freqs  batch {a.batch}x{a.seg_tokens}: {tps:7.0f} tokens/s = "
-          f"{tps * opt / peak * 100:5.1f} % of int8 peak")
+    print(f"freqs  batch {a.batch}x{a.seg_tokens}: {tps:7.0f} tokens/s = {pct(tps)}")
 
     # decoding: step a batch of rows through positions step_from .. step_from + steps - 1
     end = a.step_from + a.steps
@@ -103,7 +109,7 @@ def main(argv=None) -> None:
     dt = time.perf_counter() - t0
     tps = a.step_batch * a.steps / dt
     print(f"step   batch {a.step_batch}, positions {a.step_from}..{end - 1}: {tps:7.0f} tokens/s = "
-          f"{tps * opt / peak * 100:5.1f} % of int8 peak ({dt / a.steps * 1e3:.0f} ms/step)")
+          f"{pct(tps)} ({dt / a.steps * 1e3:.0f} ms/step)")
 
     if a.no_reference:
         return

@@ -3,25 +3,34 @@
 Everything in one report is measured in one run on the same bytes: raw size, xz -9e, zstd -19,
 brotli -11, the LM container (size, bits per byte), the float32 model's cross-entropy on the very
 segments the codec codes (codec/lm/reference.py — the floor the exact engine should stay within ~1 %
-of), encode and decode speed in tokens/s, and those speeds as a fraction of this machine's int8 GEMM
-peak, also measured in this run.
+of), encode and decode speed in tokens/s, and those speeds as a fraction of this machine's peaks,
+also measured in this run.
 
-Ops per token (stated in the output):
-    2 × (non-embedding params + output-head params)          the GEMMs: q,k,v,o, gate/up/down, head
-  + 4 × n_layer × n_head × head_dim × mean context            QKᵀ and PV over the segment so far
-with mean context = (segment length + 1) / 2. For SmolLM2-135M at 1024 tokens: ≈ 269 + 57 MOP.
+"% of peak" (one definition, here; bench/engine_bench.py uses it too): tokens/s x ops per token
+against the peak of the GEMM backend that ran, times the cores the run used.
+  * ops per token = 2 x (linear-layer parameters + LM-head parameters), ~270 MOP for SmolLM2-135M:
+    the roofline's count. Attention's context-dependent work (4 x n_layer x n_head x head_dim x mean
+    context: ~57 MOP at 1024 tokens) is not counted, nor the second int8 pass of the int16-input
+    layers (qkv, down, head: ~1.5x the counted ops run): both are the engine's cost.
+  * the backend's peak: the best throughput of the backend's exact GEMM forms (codec/lm/backend.py:
+    the few-rows and the many-rows form) on PEAK_SHAPE, one core, by the thread's CPU time (on a
+    shared machine wall time would also count the other processes' turns);
+  * the float32 GEMM peak: torch float32 on the same shape, one core, said beside it in the same
+    run (the roofline an AVX2 CPU's exact engine is held against);
+  * with N cores: against N x the one-core peak (run --threads 1 and --threads N for both).
 
 Structure: `llmfs bench` has its own subcommands. `bench_subparsers(subparsers)` returns them,
 creating the `bench` parser the first time, so that another module (e.g. the filesystem's
 `llmfs bench fs`) registers beside `codec` by calling it too, in any order.
 
-Threading: single-threaded driver; torch intra-op threads as given by --threads.
+Threading: single-threaded driver; --threads N gives the engine N threads (codec/lm/codec.py).
 """
 from __future__ import annotations
 
 import lzma
 import sys
 import time
+from dataclasses import dataclass
 
 import zstandard
 
@@ -64,29 +73,100 @@ def int8_peak_ops(device: str = "cpu", seconds: float = 1.0) -> float:
     m, k, n = PEAK_SHAPE
     a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device)
     b = torch.randint(-127, 128, (k, n), dtype=torch.int8, device=device)
-    for _ in range(3):
-        torch._int_mm(a, b)
-    best = 0.0
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
+    return 2 * m * k * n / _best(lambda: torch._int_mm(a, b), device, seconds)
+
+
+def f32_peak_flops(device: str = "cpu", seconds: float = 0.5) -> float:
+    """float32 GEMM throughput (FLOP/s) of torch on PEAK_SHAPE, one thread on CPU."""
+    import torch
+    m, k, n = PEAK_SHAPE
+    a = torch.randn(m, k, device=device)
+    b = torch.randn(k, n, device=device)
+    return 2 * m * k * n / _best(lambda: a @ b, device, seconds)
+
+
+def _best(run, device: str, seconds: float) -> float:
+    """Shortest time of run(): on CPU at one torch thread by the thread's CPU time
+    (codec/lm/backend.best_time), on CUDA by wall time after synchronising."""
+    import torch
+    if device == "cpu":
+        from .lm.backend import best_time
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return best_time(run, seconds)
+        finally:
+            torch.set_num_threads(threads)
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end or best == float("inf"):
+        torch.cuda.synchronize()
         t = time.perf_counter()
-        for _ in range(5):
-            torch._int_mm(a, b)
-        if device != "cpu":
-            torch.cuda.synchronize()
-        best = max(best, 5 * 2 * m * k * n / (time.perf_counter() - t))
+        run()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
     return best
 
 
-def ops_per_token(engine, segment_tokens: int) -> float:
-    c = getattr(engine, "config", None)
-    if c is None:
+@dataclass
+class Peaks:
+    """The peaks "% of peak" divides by (module docstring), measured in this run."""
+    backend: str          # what ran: the backend's description, or the device
+    ops: float            # ops/s, one core: the backend's best exact GEMM form on PEAK_SHAPE
+    f32: float            # FLOP/s, one core: float32 GEMM on PEAK_SHAPE
+    cores: int            # cores the measured run uses
+
+    def pct(self, tokens_per_s: float, ops_per_token: float) -> float:
+        return 100 * tokens_per_s * ops_per_token / (self.ops * self.cores)
+
+    def pct_f32(self, tokens_per_s: float, ops_per_token: float) -> float:
+        return 100 * tokens_per_s * ops_per_token / (self.f32 * self.cores)
+
+    def describe(self, ops_per_token: float) -> str:
+        m, k, n = PEAK_SHAPE
+        return (f"{self.backend}\n"
+                f"peaks ({m}x{k}x{n}, one core): exact int GEMM {self.ops / 1e9:.0f} GOP/s, "
+                f"float32 GEMM {self.f32 / 1e9:.0f} GFLOP/s; cores used {self.cores} "
+                f"(%: against {self.cores} x the one-core peak); ops/token = 2 x (linear-layer + "
+                f"head params) = {ops_per_token / 1e6:.0f} MOP -> roofline "
+                f"{self.ops * self.cores / ops_per_token:.0f} tokens/s (int), "
+                f"{self.f32 * self.cores / ops_per_token:.0f} (float32)")
+
+
+def measure_peaks(engine, cores: int = 1, seconds: float = 0.5) -> Peaks:
+    """The peaks of `engine`'s backend (CPU: its GEMM forms; CUDA: torch._int_mm) and float32."""
+    import torch
+    device = str(getattr(engine, "device", "cpu"))
+    b = getattr(engine, "backend", None)
+    f32 = f32_peak_flops("cuda" if device.startswith("cuda") else "cpu", seconds)
+    if device.startswith("cuda") or b is None:
+        return Peaks(f"device {device}: torch._int_mm", int8_peak_ops(device, seconds), f32, cores)
+    from .lm import backend as backends
+    m, k, n = PEAK_SHAPE
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    best = 0.0
+    for form in {b.few, b.many}:
+        if form in ("vnni", "avx2"):
+            wp = backends.pack_weight(w)
+            run = lambda form=form, wp=wp: backends.gemm_packed(b.lib, form, a, wp, n)
+        elif form == "blas":
+            wf = backends.f32_weight(w)
+            run = lambda wf=wf: backends.mm_f32(a, wf)
+        else:
+            run = lambda: backends.mm_intmm(a, w)
+        best = max(best, 2 * m * k * n / _best(run, "cpu", seconds))
+    return Peaks(f"{b.describe()}; CPU {backends.cpu_model()}", best, f32, cores)
+
+
+def ops_per_token(engine, segment_tokens: int | None = None) -> float:
+    """The roofline's ops per token (module docstring): 2 x (linear-layer + head parameters).
+    segment_tokens is accepted for callers of the older form that added attention; unused."""
+    c = getattr(engine, "config", engine)
+    if not hasattr(c, "n_layer"):
         return float("nan")
     layer = (c.dim * (c.n_head + 2 * c.n_kv_head) * c.head_dim + c.n_head * c.head_dim * c.dim
              + 3 * c.dim * c.ffn_dim)
-    gemm = 2 * (c.n_layer * layer + c.dim * c.vocab_size)
-    attention = 4 * c.n_layer * c.n_head * c.head_dim * (segment_tokens + 1) / 2
-    return gemm + attention
+    return 2 * (c.n_layer * layer + c.dim * c.vocab_size)
 
 
 def baselines(data: bytes) -> dict[str, int]:
@@ -105,15 +185,14 @@ def run_codec(args) -> int:
     codec = open_codec(args.model, batch=args.batch, threads=args.threads, device=args.device,
                        segment_tokens=args.segment or SEGMENT_TOKENS)
     device = str(codec.engine.device)
+    cores = getattr(codec.engine, "threads", None) or torch.get_num_threads()
     print(f"model {args.model or 'default'}  segment {codec.segment_tokens} tokens  batch "
-          f"{codec.batch}  threads {torch.get_num_threads()}  device {device}")
-    peak = int8_peak_ops(device)
-    opt = ops_per_token(codec.engine, codec.segment_tokens)
-    print(f"int8 GEMM peak (torch._int_mm {PEAK_SHAPE[0]}x{PEAK_SHAPE[1]}x{PEAK_SHAPE[2]}): "
-          f"{peak / 1e12:.2f} TOP/s;  ops/token = 2*(layer+head params) + 4*L*H*hs*(S+1)/2 "
-          f"= {opt / 1e6:.0f} MOP")
+          f"{codec.batch}  threads {cores}  device {device}")
+    opt = ops_per_token(codec.engine)
+    peaks = measure_peaks(codec.engine, cores)
+    print(peaks.describe(opt))
     cols = ["raw", "xz -9e", "zstd -19", "brotli -11", "lm", "lm bpb", "float bpb", "lm/float",
-            "lm/xz", "enc tok/s", "dec tok/s", "enc %pk", "dec %pk"]
+            "lm/xz", "enc tok/s", "dec tok/s", "enc %pk", "dec %pk", "enc %f32", "dec %f32"]
     print("  ".join(f"{c:>10}" for c in cols) + "  file")
     rows = []
     for path in args.files:
@@ -122,12 +201,12 @@ def run_codec(args) -> int:
         base = baselines(data)
         segments = codec.segments(data)
         ntok = sum(len(s) for s in segments)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         payload = codec.encode_payload(data)
-        enc_s = time.perf_counter() - t
-        t = time.perf_counter()
+        enc_s, enc_cpu = time.perf_counter() - t, time.process_time() - c
+        t, c = time.perf_counter(), time.process_time()
         (back,) = codec.decode_many([(payload, len(data))])
-        dec_s = time.perf_counter() - t
+        dec_s, dec_cpu = time.perf_counter() - t, time.process_time() - c
         if back != data:
             print(f"llmfs bench: error: {path}: LM round trip FAILED", file=sys.stderr)
             return 1
@@ -144,9 +223,18 @@ def run_codec(args) -> int:
                "float bpb": floor, "lm/float": 8 * lm / n / floor,
                "lm/xz": lm / max(1, base["xz -9e"]),
                "enc tok/s": enc_tps, "dec tok/s": dec_tps,
-               "enc %pk": 100 * enc_tps * opt / peak, "dec %pk": 100 * dec_tps * opt / peak}
+               "enc %pk": peaks.pct(enc_tps, opt), "dec %pk": peaks.pct(dec_tps, opt),
+               "enc %f32": peaks.pct_f32(enc_tps, opt), "dec %f32": peaks.pct_f32(dec_tps, opt)}
         rows.append(row)
         print("  ".join(_fmt(row[c]) for c in cols) + f"  {path}", flush=True)
+        if device == "cpu":
+            # the same per second of this process's CPU time (all its threads): what the machine
+            # gives when others share it, against one core's peak (the peaks are CPU-time too)
+            one = Peaks(peaks.backend, peaks.ops, peaks.f32, 1)
+            e, d = ntok / max(enc_cpu, 1e-9), ntok / max(dec_cpu, 1e-9)
+            print(f"{'':>10}  per CPU-second: encode {e:.1f} tokens = {one.pct(e, opt):.1f} % "
+                  f"of the backend's peak, {one.pct_f32(e, opt):.1f} % of float32's; decode "
+                  f"{d:.1f} = {one.pct(d, opt):.1f} %, {one.pct_f32(d, opt):.1f} %", flush=True)
     if args.plot:
         _plot(rows, args.plot)
     return 0
@@ -182,4 +270,5 @@ def _plot(rows: list[dict], out: str) -> None:
     print(f"wrote {out}")
 
 
-__all__ = ["register", "bench_subparsers", "run_codec", "int8_peak_ops", "ops_per_token"]
+__all__ = ["register", "bench_subparsers", "run_codec", "int8_peak_ops", "f32_peak_flops", "Peaks",
+           "measure_peaks", "ops_per_token", "PEAK_SHAPE"]

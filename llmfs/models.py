@@ -20,9 +20,12 @@ from .store import Store
 
 log = logging.getLogger("llmfs")
 
-# The daemon shares its cores with everything else; one intra-op thread keeps compaction from
-# starving FUSE threads, and torch's waiting workers spin, so more threads on busy cores make the
-# model much slower (docs/design.md, "Threading and locks").
+# The engine's own threads (codec/lm/codec.py; --threads N). They never spin-wait (torch's OpenMP
+# threads did, which on a loaded 2-core machine made the model many times slower, so torch keeps
+# one), take work in chunks from a shared counter and inherit the compactor thread's nice 19; but
+# each call joins its workers, and on an oversubscribed machine a worker may wait a scheduler slice
+# before it runs at all, per GEMM call. One thread by default until the kernels stop waiting for
+# workers that never got a chunk (docs/design.md, "Threading and locks").
 THREADS = 1
 
 
@@ -31,7 +34,7 @@ def store_spec(store: Store) -> str:
 
 
 class Models:
-    def __init__(self, store: Store, threads: int = THREADS, batch: int = DECODE_BATCH,
+    def __init__(self, store: Store, threads: int | None = THREADS, batch: int = DECODE_BATCH,
                  device: str = "auto"):
         self.store = store
         self.threads, self.batch, self.device = threads, batch, device
@@ -47,6 +50,9 @@ class Models:
                 log.info("loading model %s", spec)
                 codec = open_codec(spec, batch=self.batch, threads=self.threads,
                                    device=self.device)
+                b = getattr(codec.engine, "backend", None)
+                log.info("model %s on %s, %d engine threads%s", spec, codec.engine.device,
+                         getattr(codec.engine, "threads", 1), f"; {b.describe()}" if b else "")
                 self._codecs[spec] = codec
             return codec
 

@@ -283,7 +283,7 @@ def _attend_step_inputs(seed, B, nkv, grp, L, hs):
     return qi, f, keys, values, qpos, vscale
 
 
-def _attend_step(lib, impl, qi, f, keys, values, qpos, vscale):
+def _attend_step(lib, impl, qi, f, keys, values, qpos, vscale, threads=1):
     from llmfs.codec.lm.engine import attn_exp_table
     B, nh, _, hs = qi.shape
     nkv, L = keys.shape[1], keys.shape[2]
@@ -292,7 +292,7 @@ def _attend_step(lib, impl, qi, f, keys, values, qpos, vscale):
     out = torch.empty(B, 1, nh * hs, dtype=torch.float64)
     ran = lib.attend_step(qi.data_ptr(), f.data_ptr(), keys.data_ptr(), values.data_ptr(), B, nkv,
                           nh // nkv, L, hs, pos.data_ptr(), table.data_ptr(), table.numel(),
-                          vscale.data_ptr(), out.data_ptr(), impl)
+                          vscale.data_ptr(), out.data_ptr(), impl, threads, 1)
     return out, ran
 
 
@@ -334,32 +334,33 @@ def test_gemm_packed_equals_int_mm(M, K, N):
     a[-1] = 127
     ref = a.to(torch.int64) @ w.to(torch.int64).t()
     assert torch.equal(torch._int_mm(torch.cat([a, a.new_zeros(17, K)]), w.t())[:M].long(), ref)
-    out = torch.full((M, N), 7, dtype=torch.int32)
     wp = pack_weight(w)                                  # held: the call only sees its address
-    ran = kernels.lib().gemm_packed(a.data_ptr(), M, K, wp.data_ptr(), N, out.data_ptr())
-    if not _has_vnni():
-        assert ran == 0
-        pytest.skip("no AVX-512 VNNI: the engine uses torch._int_mm")
-    assert ran == 2 and torch.equal(out.long(), ref)
+    for impl, ok in ((2, _has_vnni()), (3, "avx2" in open("/proc/cpuinfo").read().split())):
+        out = torch.full((M, N), 7, dtype=torch.int32)
+        ran = kernels.lib().gemm_packed(a.data_ptr(), M, K, wp.data_ptr(), N, out.data_ptr(),
+                                        impl, 1)
+        assert ran == (impl if ok else 0)
+        assert not ok or torch.equal(out.long(), ref)
 
 
 @needs_kernels
-def test_engine_with_packed_gemms_equals_torch_ops():
-    """The fused engine (packed GEMMs for few rows) against the torch form, parallel and
+@pytest.mark.parametrize("form", ["vnni", "avx2"])
+def test_engine_with_packed_gemms_equals_torch_ops(form):
+    """The fused engine (packed GEMMs for every row count) against the torch form, parallel and
     incremental, on a model whose shapes fit gemm_packed (N % 16, K % 4)."""
+    from llmfs.codec.lm import backend
     from llmfs.codec.lm import engine as E
-    e = Engine.tiny(seed=5, dim=64, n_head=4, n_kv_head=2, ffn_dim=128, vocab_size=272,
+    why = backend.unsupported(form)
+    if why:
+        pytest.skip(why)
+    t = Engine.tiny(seed=5, dim=64, n_head=4, n_kv_head=2, ffn_dim=128, vocab_size=272,
                     max_seq_len=64)
+    e = Engine(t.config, t.tensors, backend=form, threads=2)
     x = _tokens(e, 3, 40, 6)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)                             # gemm_packed runs at 1 thread only
-    try:
-        got = e.freqs(x)
-        st = e.start(3, 40)
-        steps = [e.step(st, x[:, t]) for t in range(40)]
-    finally:
-        torch.set_num_threads(threads)
-    assert set(e._packed) and all(v is not None for v in e._packed.values()) == _has_vnni()
+    got = e.freqs(x)
+    st = e.start(3, 40)
+    steps = [e.step(st, x[:, t]) for t in range(40)]
+    assert set(e._packed) and all(v is not None for v in e._packed.values())
     ref = Engine(e.config, e.tensors, fused=False)
     want = ref.freqs(x)
     assert torch.equal(got, want)
@@ -393,6 +394,8 @@ def test_attend_step_vnni_equals_portable(shape):
     assert torch.equal(out, ref)
     auto, ran = _attend_step(lib, 0, *args)
     assert torch.equal(auto, ref)
+    for impl in (1, 2):                                  # rows split over threads: the same bits
+        assert torch.equal(_attend_step(lib, impl, *args, threads=3)[0], ref)
 
 
 @needs_kernels
@@ -444,11 +447,17 @@ def test_attend_many_queries_vnni_equals_digits_and_torch(shape):
                          torch.randint(-12, -4, (nkv, 1, hs), generator=g))
     table = attn_exp_table()
     outs = []
-    for ops in (FusedOps(kernels.lib(), 0), FusedOps(kernels.lib(), 1), TorchOps()):
+    # the per-query form (attend_step) in its VNNI and portable builds, on 1-3 threads
+    steps = [FusedOps(kernels.lib(v), impl, attention="steps")
+             for v, impl in (("full", 0), ("full", 1), ("noavx512", 0))]
+    for i, ops in enumerate(steps):
+        ops.threads = 1 + i
+    for ops in (FusedOps(kernels.lib(), 0), FusedOps(kernels.lib(), 1), *steps, TorchOps()):
         out = torch.empty(B, T, nh * hs, dtype=torch.float64)
         ops.attend(qi, f, keys, values, qpos, kmax, vscale, table, out)
         outs.append(out)
-    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
+    for out in outs[:-1]:
+        assert torch.equal(out, outs[-1])
 
 
 def _head_inputs(seed, M, V):

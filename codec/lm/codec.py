@@ -37,6 +37,7 @@ coding run outside the lock; a decode holds it from `start` to its last `step`.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from dataclasses import dataclass
 
@@ -109,7 +110,12 @@ class LMCodec:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} ids, the model only "
                              f"{self.engine.vocab_size}")
         self.batch = max(1, int(batch))
-        if threads:
+        if getattr(self.engine, "fused", False):
+            # CPU kernels: the engine's own threads, which never spin-wait (torch's OpenMP workers
+            # spin between calls and starve a shared machine); default: every core we may use
+            self.engine.threads = int(threads) if threads else len(os.sched_getaffinity(0))
+            torch.set_num_threads(1)
+        elif threads:
             torch.set_num_threads(int(threads))
         self.segment_tokens = min(segment_tokens, self.engine.max_seq_len)  # BOS included
         if self.segment_tokens < 2:

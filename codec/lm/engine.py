@@ -61,7 +61,7 @@ import mpmath
 import numpy as np
 import torch
 
-from . import kernels
+from . import backend as backends
 
 # Bump whenever any integer the engine produces can change (quantisation, tables, formulas).
 ENGINE_VERSION = 5  # 2: nearest-entry sigmoid table; 3: RMSNorm scale by det_sqrt, not torch.sqrt;
@@ -325,23 +325,10 @@ def det_sqrt(d: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _mm(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """int8 (M, K) @ int8 (N, K).T -> int32 (M, N): exact. CUDA's _int_mm wants M > 16: pad rows."""
-    m = q.shape[0]
-    if q.is_cuda and m <= 16:
-        q = torch.cat([q, q.new_zeros(17 - m, q.shape[1])])
-    return torch._int_mm(q, w.t())[:m]
-
+_mm = backends.mm_intmm          # int8 (M, K) @ int8 (N, K).T -> int32 by torch._int_mm: exact
+pack_weight = backends.pack_weight
 
 _UNPACKED = object()
-
-
-def pack_weight(w: torch.Tensor) -> torch.Tensor:
-    """int8 (N, K) weight -> kernels.c gemm_packed's layout: unsigned bytes w + 128 in panels of
-    16 output channels, (N/16, K/4, 16, 4). N % 16 == 0 and K % 4 == 0."""
-    N, K = w.shape
-    u = (w.to(torch.int16) + 128).to(torch.uint8)                   # 0..255: exact
-    return u.view(N // 16, 16, K // 4, 4).transpose(1, 2).contiguous()
 
 
 class TorchOps:
@@ -495,12 +482,18 @@ def _ptr(t: torch.Tensor, dtype: torch.dtype) -> int:
 class FusedOps(TorchOps):
     """The same steps through kernels.c (CPU only): one or two passes instead of ~10 torch ops."""
 
-    def __init__(self, lib, impl: int = 0):
+    def __init__(self, lib, impl: int = 0, attention: str = "vnni", digits_mm=None):
         """impl: which form of the C kernels runs (attention, head_freqs, ...), 0 the fastest the
         CPU allows, 1 the portable one, 2 AVX-512 (VNNI for attention) where the CPU has it
-        (tests compare them)."""
+        (tests compare them). attention, when encoding (the backend decides,
+        codec/lm/backend.py): "vnni" kernels.c attend_fwd where the CPU has it, else "digits";
+        "digits" int8 GEMMs on digits of the operands by digits_mm (a (M, K), b (N, K)) -> a @ b.T
+        int32 (default torch._int_mm); "steps" kernels.c attend_step once per query."""
         self.lib = lib
         self.impl = impl
+        self.attention = attention
+        self.digits_mm = digits_mm or _mm
+        self.threads = 1      # POSIX threads of attend_step (Engine.threads sets it)
 
     def quant_rows(self, x, int8=False):
         M, K = x.shape
@@ -577,9 +570,10 @@ class FusedOps(TorchOps):
                                  _ptr(keys, torch.int16), _ptr(values, torch.int16), B, nkv,
                                  nh // nkv, keys.shape[2], hs, _ptr(pos, torch.int64),
                                  _ptr(table32, torch.int32), table.numel(),
-                                 _ptr(vscale, torch.float64), _ptr(out, torch.float64), self.impl)
+                                 _ptr(vscale, torch.float64), _ptr(out, torch.float64), self.impl,
+                                 self.threads, 1)
             return
-        if self.impl != 1 and keys.dtype == torch.float64:          # int16 operands, VNNI
+        if self.impl != 1 and self.attention == "vnni" and keys.dtype == torch.float64:
             qp = qpos.contiguous()
             if self.lib.attend_fwd(_ptr(qi, torch.float64), _ptr(f, torch.float64),
                                    _ptr(keys, torch.float64), _ptr(values, torch.float64), B, nkv,
@@ -587,6 +581,18 @@ class FusedOps(TorchOps):
                                    _ptr(_table32(table), torch.int32), table.numel(),
                                    _ptr(vscale, torch.float64), _ptr(out, torch.float64)):
                 return
+        if self.attention == "steps":                                # per query on int16 keys
+            k16 = keys.to(torch.int16).contiguous()                  # |x| <= 2^KV_BITS: exact
+            v16 = values.to(torch.int16).contiguous()
+            q = qi.transpose(1, 2).contiguous()                      # (B, T, nh, hs)
+            fq = f.view(B, nh, T).transpose(1, 2).contiguous()       # (B, T, nh)
+            pos = qpos.contiguous()
+            self.lib.attend_step(q.data_ptr(), fq.data_ptr(), k16.data_ptr(), v16.data_ptr(),
+                                 B * T, nkv, nh // nkv, keys.shape[2], hs, _ptr(pos, torch.int64),
+                                 _ptr(_table32(table), torch.int32), table.numel(),
+                                 _ptr(vscale, torch.float64), _ptr(out, torch.float64), self.impl,
+                                 self.threads, T)
+            return
         g = nh // nkv
         kd = torch.empty(B, nkv, T, 2, hs, dtype=torch.int8)        # key digits: rows (key, digit)
         vd = torch.empty(B, nkv, 2, hs, T, dtype=torch.int8)        # value digits, keys last
@@ -600,7 +606,7 @@ class FusedOps(TorchOps):
             sd = torch.empty(B, nkv, g * Tq, 2 * Tk, dtype=torch.int32)  # score digits
             for b in range(B):
                 for kv in range(nkv):
-                    torch._int_mm(q[b, kv], kd[b, kv, :Tk].view(2 * Tk, hs).t(), out=sd[b, kv])
+                    sd[b, kv] = self.digits_mm(q[b, kv], kd[b, kv, :Tk].view(2 * Tk, hs))
             pd = torch.empty(B, nkv, 2 * g * Tq, Tk, dtype=torch.int8)  # weight digits
             l = torch.empty(B, nh, Tq, 1, dtype=torch.float64)
             qp, fb = qpos[:, a:a + Tq].contiguous(), f[:, :, a:a + Tq].contiguous()
@@ -610,8 +616,7 @@ class FusedOps(TorchOps):
             o = torch.empty(B, nkv, 2 * g * Tq, 2 * hs, dtype=torch.int32)
             for b in range(B):
                 for kv in range(nkv):
-                    torch._int_mm(pd[b, kv], vd[b, kv, :, :, :Tk].reshape(2 * hs, Tk).t(),
-                                  out=o[b, kv])
+                    o[b, kv] = self.digits_mm(pd[b, kv], vd[b, kv, :, :, :Tk].reshape(2 * hs, Tk))
             self.lib.attn_out_digits(o.data_ptr(), B, nkv, g, Tq, hs, _ptr(vscale, torch.float64),
                                      l.data_ptr(), _ptr(out, torch.float64), out.shape[1], a)
 
@@ -663,9 +668,13 @@ class State:
 
 class Engine:
     def __init__(self, config: Config, tensors: dict[str, torch.Tensor],
-                 device: torch.device | str = "cpu", fused: bool | None = None):
+                 device: torch.device | str = "cpu", fused: bool | None = None,
+                 backend: backends.Backend | str | None = None, threads: int = 1):
         """fused: use kernels.c for the elementwise steps (CPU only; default: when it builds).
-        The frequencies are the same either way."""
+        backend: the CPU's GEMM forms (codec/lm/backend.py; default: backend.current(), measured
+        or forced by LLMFS_BACKEND; a name selects one). threads: POSIX threads of kernels.c's
+        GEMMs (no spin-waiting; torch's own thread count is the caller's). The frequencies are the
+        same either way."""
         if config.max_seq_len > MAX_SEQ_LEN_LIMIT:
             config = Config(**{**asdict(config), "max_seq_len": MAX_SEQ_LEN_LIMIT})
         self.config = config
@@ -676,11 +685,17 @@ class Engine:
         self.fingerprint = self._fingerprint(config, tensors)
         self.device = torch.device(device)
         self._t = {k: v.to(self.device) for k, v in tensors.items()}
-        lib = kernels.lib() if fused is not False and self.device.type == "cpu" else None
+        self.backend = None
+        if self.device.type == "cpu":
+            self.backend = backend if isinstance(backend, backends.Backend) else \
+                backends.select(backend)
+        lib = self.backend.lib if fused is not False and self.backend is not None else None
         if fused and lib is None:
             raise RuntimeError("fused kernels requested but unavailable (CPU and a C compiler)")
-        self._ops = FusedOps(lib) if lib is not None else TorchOps()
+        self._ops = FusedOps(lib, attention=self.backend.attention,
+                             digits_mm=self.backend.digits_mm()) if lib is not None else TorchOps()
         self.fused = lib is not None
+        self.threads = threads
         cos, sin = rope_tables(config.head_dim, config.rope_theta, config.max_seq_len)
         self._cos, self._sin = cos.to(self.device), sin.to(self.device)
         self._exp = attn_exp_table().to(self.device)
@@ -697,15 +712,32 @@ class Engine:
         # the key scale folded into each query head: (nh, 1, hs)
         self._qkscale = [k.repeat_interleave(g, dim=0) for k, _ in self._kvscale]
         self._act_max: dict[str, np.ndarray] | None = None     # calibrate() only
-        self._packed: dict[str, torch.Tensor | None] = {}      # pack_weight, made on first use
+        # per weight name, made on first use: pack_weight's layout (vnni, avx2), float32 (blas)
+        self._packed: dict[str, torch.Tensor | None] = {}
+        self._f32: dict[str, torch.Tensor] = {}
         self._pack_lock = threading.Lock()
 
+    @property
+    def threads(self) -> int:
+        """POSIX threads of kernels.c's GEMMs and decoding attention (they never spin-wait)."""
+        return self._threads
+
+    @threads.setter
+    def threads(self, n: int) -> None:
+        self._threads = max(1, int(n))
+        self._ops.threads = self._threads
+
     def _matmul(self, q: torch.Tensor, name: str) -> torch.Tensor:
-        """int8 rows q (M, K) @ weight `name` (N, K).T -> int32 (M, N), exact: kernels.c
-        gemm_packed for few rows (PACKED_ROWS), else torch._int_mm; the same integers."""
+        """int8 rows q (M, K) @ weight `name` (N, K).T -> int32 (M, N), exact, by the backend's
+        form for few rows (at most PACKED_ROWS) or many: kernels.c gemm_packed (vnni, avx2),
+        float32 chunks (blas) or torch._int_mm (intmm); the same integers."""
         w = self._t[name]
-        lib = getattr(self._ops, "lib", None)
-        if lib is not None and q.shape[0] <= PACKED_ROWS and torch.get_num_threads() == 1:
+        b = self.backend
+        form = None if b is None or not self.fused else b.few if q.shape[0] <= PACKED_ROWS \
+            else b.many
+        if self.threads > 1 and form in ("intmm", "blas") and b.few in ("vnni", "avx2"):
+            form = b.few              # runs on the engine's threads; torch's run on one here
+        if form in ("vnni", "avx2"):
             wp = self._packed.get(name, _UNPACKED)
             if wp is _UNPACKED:
                 with self._pack_lock:
@@ -713,14 +745,21 @@ class Engine:
                     if wp is _UNPACKED:
                         N, K = w.shape
                         # gemm_packed answers 0 without touching memory when it cannot run here
-                        ok = N % 16 == 0 and K % 4 == 0 and lib.gemm_packed(None, 0, K, None, N,
-                                                                            None) == 2
+                        ok = N % 16 == 0 and K % 4 == 0 and self._ops.lib.gemm_packed(
+                            None, 0, K, None, N, None, backends._IMPL[form], 1) > 0
                         wp = self._packed[name] = pack_weight(w) if ok else None
             if wp is not None:
-                out = torch.empty(q.shape[0], w.shape[0], dtype=torch.int32)
-                if lib.gemm_packed(_ptr(q, torch.int8), q.shape[0], q.shape[1], wp.data_ptr(),
-                                   w.shape[0], out.data_ptr()) == 2:
+                out = backends.gemm_packed(self._ops.lib, form, q, wp, w.shape[0], self.threads)
+                if out is not None:
                     return out
+        elif form == "blas":
+            wf = self._f32.get(name)
+            if wf is None:
+                with self._pack_lock:
+                    wf = self._f32.get(name)
+                    if wf is None:
+                        wf = self._f32[name] = backends.f32_weight(w)
+            return backends.mm_f32(q, wf)
         return _mm(q, w)
 
     def _record(self, name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -747,7 +786,7 @@ class Engine:
     def to(self, device) -> Engine:
         if torch.device(device) == self.device:
             return self
-        return Engine(self.config, self.tensors, device)
+        return Engine(self.config, self.tensors, device, threads=self.threads)
 
     @classmethod
     def tiny(cls, seed: int = 0, vocab_size: int = 259, dim: int = 64, n_layer: int = 2,

@@ -10,8 +10,25 @@
  * Row-major, contiguous arrays throughout; the Python side checks dtypes and contiguity.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
+/* -DLLMFS_NO_AVX512: no AVX-512 code at all (no VNNI kernels, no x86-64-v4 clones), what an AVX2-only
+ * CPU runs: LLMFS_BACKEND=avx2|blas|intmm load this build so that a VNNI machine runs those paths. */
+#if defined(LLMFS_NO_AVX512) && !defined(LLMFS_NO_VNNI)
+#define LLMFS_NO_VNNI 1
+#endif
+#if defined(__x86_64__) && ((defined(__GNUC__) && __GNUC__ >= 9) || defined(__clang__))
+/* AVX2 kernels (gemm_packed_avx2): compiled for AVX2 by a target attribute, called only when the CPU
+ * reports it (have_avx2), so the library still loads on any x86-64 */
+#include <immintrin.h>
+#define HAVE_AVX2_KERNELS 1
+#define AVX2_TARGET __attribute__((target("avx2")))
+static int have_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2");
+}
+#endif
 #if defined(__x86_64__) && ((defined(__GNUC__) && __GNUC__ >= 9) || defined(__clang__)) && \
     !defined(LLMFS_NO_VNNI)
 /* Intrinsics for the VNNI attention kernels, compiled for that ISA by a target attribute only and
@@ -54,7 +71,11 @@ static int have_avx512(void) {
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(LLMFS_NO_CLONES)
 #define MULTIVERSION __attribute__((target_clones("avx2", "default")))
 /* AVX-512 (DQ: int64 multiply and int64 <-> double conversion) vectorises the LM head's division */
+#ifdef LLMFS_NO_AVX512
+#define MULTIVERSION512 MULTIVERSION
+#else
 #define MULTIVERSION512 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#endif
 #else
 #define MULTIVERSION512
 #define MULTIVERSION
@@ -1011,44 +1032,187 @@ gemm_block(const int8_t *restrict A, int64_t K, const uint8_t *restrict Wp, int3
     }
 }
 
-VNNI_TARGET static int gemm_packed_vnni(const int8_t *restrict A, int64_t M, int64_t K,
+/* panels [p_begin, p_end) of C for all M rows; corr[m] = 128 * rowsum(A[m]) */
+VNNI_TARGET static void gemm_range_vnni(const int8_t *restrict A, int64_t M, int64_t K,
                                         const uint8_t *restrict Wp, int64_t N,
-                                        int32_t *restrict C) {
-    int32_t *corr = malloc(sizeof(int32_t) * (M > 0 ? M : 1));
-    if (!corr)
-        return 0;                                            /* the caller falls back to torch */
-    for (int64_t m = 0; m < M; m++) {
-        int32_t t = 0;
-        for (int64_t k = 0; k < K; k++) t += A[m * K + k];
-        corr[m] = 128 * t;                                   /* |.| <= 128 * 128 * K < 2^31 */
-    }
-    const int64_t P = N / 16;
-    for (int64_t p0 = 0; p0 < P; p0 += 3) {
-        int np = (int)MIN(3, P - p0);
+                                        int32_t *restrict C, const int32_t *restrict corr,
+                                        int64_t p_begin, int64_t p_end) {
+    for (int64_t p0 = p_begin; p0 < p_end; p0 += 3) {
+        int np = (int)MIN(3, p_end - p0);
         int64_t m0 = 0;
         if (np == 3)
             for (; m0 + 8 <= M; m0 += 8)
-                gemm_block(A, K, Wp, C, N, corr, m0, p0, 8, 3, m0 == 0 && p0 + 6 <= P);
+                gemm_block(A, K, Wp, C, N, corr, m0, p0, 8, 3, m0 == 0 && p0 + 6 <= p_end);
         for (; m0 < M; m0 += 8) {
             int mr = (int)MIN(8, M - m0);
             gemm_block(A, K, Wp, C, N, corr, m0, p0, mr, np, 0);
         }
     }
-    free(corr);
-    return 2;
 }
 #endif
 
-/* C = A @ W^T with W packed (above); returns 2 when the VNNI kernel ran, 0 when this CPU or build
- * has none or the shape does not fit (N % 16, K % 4, K too large): the caller then uses
- * torch._int_mm on the unpacked weight. */
-int gemm_packed(const int8_t *A, int64_t M, int64_t K, const uint8_t *Wp, int64_t N, int32_t *C) {
-#ifdef HAVE_VNNI
-    if (have_vnni() && N % 16 == 0 && K % 4 == 0 && K < 65536)
-        return gemm_packed_vnni(A, M, K, Wp, N, C);
+#ifdef HAVE_AVX2_KERNELS
+/* ---- the same GEMM with AVX2 only (CPUs without AVX-512 VNNI: AMD Zen 2/3, most Intel client
+ * CPUs), on the same packed weights. vpmaddwd multiplies int16 pairs and adds each pair into an
+ * int32 lane; it is exact here because both operands are widened bytes: W + 128 in 0..255
+ * (zero-extended) and A in -128..127 (sign-extended once per call into A16), so a pair's sum is at
+ * most 2 * 255 * 128 and never meets vpmaddwd's one overflow case (both products -32768^2).
+ * (vpmaddubsw, the byte form, saturates its pair sums at int16 and would not be exact.)
+ * 16 bytes of a panel's k-quad row are 4 columns x 4 consecutive k; widened to 16 int16 lanes and
+ * multiplied with the row's 4 A values broadcast (one 64-bit load), lane 2c holds column c's
+ * products of k, k+1 and lane 2c+1 those of k+2, k+3. Each lane sums over K: |lane| <=
+ * 255 * 128 * K / 2, and the final pairwise add (hadd) gives acc, |acc| <= 255 * 128 * K < 2^31
+ * (K < 65,793), exact in wrapping int32 like the VNNI form; then C = acc - 128 * rowsum(A). */
+#define MR2 3   /* rows per block: 3 x 4 accumulators + 3 broadcasts + 1 weight = 16 ymm */
+AVX2_TARGET static inline __attribute__((always_inline)) void
+gemm_block_avx2(const int16_t *restrict A16, int64_t K, const uint8_t *restrict w,
+                int32_t *restrict C, int64_t N, const int32_t *restrict corr, int64_t m0,
+                int64_t col0, const int mr) {
+    __m256i acc[MR2][4];
+    for (int r = 0; r < mr; r++)
+        for (int g = 0; g < 4; g++) acc[r][g] = _mm256_setzero_si256();
+    const int16_t *a = A16 + m0 * K;
+    for (int64_t k = 0; k < K; k += 4) {
+        __m256i av[MR2];
+        for (int r = 0; r < mr; r++) {
+            int64_t x;
+            __builtin_memcpy(&x, a + r * K + k, 8);
+            av[r] = _mm256_set1_epi64x(x);
+        }
+        for (int g = 0; g < 4; g++) {
+            __m256i wv = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w + 16 * k + 4 * 4 * g)));
+            for (int r = 0; r < mr; r++)
+                acc[r][g] = _mm256_add_epi32(acc[r][g], _mm256_madd_epi16(wv, av[r]));
+        }
+    }
+    for (int r = 0; r < mr; r++) {
+        __m256i c = _mm256_set1_epi32(corr[m0 + r]);
+        /* hadd: [c0 c1 c4 c5 | c2 c3 c6 c7]; qwords (0, 2, 1, 3): columns in order */
+        __m256i lo = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][0], acc[r][1]), 0xD8);
+        __m256i hi = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][2], acc[r][3]), 0xD8);
+        _mm256_storeu_si256((__m256i *)(C + (m0 + r) * N + col0), _mm256_sub_epi32(lo, c));
+        _mm256_storeu_si256((__m256i *)(C + (m0 + r) * N + col0 + 8), _mm256_sub_epi32(hi, c));
+    }
+}
+
+/* rows in blocks that stay in L1/L2 (48 rows x K int16), each against panels [p_begin, p_end) */
+#define ROWS_AVX2 48
+AVX2_TARGET static void gemm_range_avx2(const int16_t *restrict A16, int64_t M, int64_t K,
+                                        const uint8_t *restrict Wp, int64_t N,
+                                        int32_t *restrict C, const int32_t *restrict corr,
+                                        int64_t p_begin, int64_t p_end) {
+    for (int64_t mb = 0; mb < M; mb += ROWS_AVX2) {
+        int64_t me = MIN(M, mb + ROWS_AVX2);
+        for (int64_t p = p_begin; p < p_end; p++) {
+            const uint8_t *w = Wp + p * 16 * K;
+            int64_t m0 = mb;
+            for (; m0 + MR2 <= me; m0 += MR2) gemm_block_avx2(A16, K, w, C, N, corr, m0, 16 * p, MR2);
+            for (; m0 < me; m0++) gemm_block_avx2(A16, K, w, C, N, corr, m0, 16 * p, 1);
+        }
+    }
+}
 #endif
-    (void)A; (void)M; (void)K; (void)Wp; (void)N; (void)C;
-    return 0;
+
+/* Parallel loops over POSIX threads, started per call and joined before it returns: no pool whose
+ * idle workers spin (torch's OpenMP threads spin between calls and made a loaded 2-core machine
+ * 27-70x slower), and threads inherit the caller's nice value (compaction: 19). The work is cut
+ * into chunks that the threads take from a shared counter, the calling thread too: a thread that
+ * gets little CPU (the other core busy) delays the call by at most its current chunk. Every output
+ * entry is computed by exactly one thread with the same instructions, so the result does not
+ * depend on the number of threads. */
+#define MAX_THREADS 64
+struct par {
+    void (*fn)(const void *ctx, int64_t begin, int64_t end);
+    const void *ctx;
+    int64_t n, step, next;
+};
+
+static void *par_worker(void *arg) {
+    struct par *p = arg;
+    for (;;) {
+        int64_t b = __atomic_fetch_add(&p->next, p->step, __ATOMIC_RELAXED);
+        if (b >= p->n)
+            return NULL;
+        p->fn(p->ctx, b, MIN(p->n, b + p->step));
+    }
+}
+
+/* fn(ctx, begin, end) over [0, n) in chunks of `step`, on up to nthreads threads */
+static void par_for(void (*fn)(const void *, int64_t, int64_t), const void *ctx, int64_t n,
+                    int64_t step, int64_t nthreads) {
+    struct par p = {fn, ctx, n, step, 0};
+    int64_t chunks = (n + step - 1) / step;
+    int64_t nt = MAX(1, MIN(MIN(nthreads, MAX_THREADS), chunks));
+    pthread_t tid[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int64_t t = 1; t < nt; t++)
+        started[t] = pthread_create(&tid[t], NULL, par_worker, &p) == 0;
+    par_worker(&p);                       /* a thread that could not start leaves its share here */
+    for (int64_t t = 1; t < nt; t++)
+        if (started[t]) pthread_join(tid[t], NULL);
+}
+
+struct gemm_job {
+    int form;                    /* 2 VNNI, 3 AVX2 */
+    const int8_t *A;
+    const int16_t *A16;
+    int64_t M, K, N;
+    const uint8_t *Wp;
+    int32_t *C;
+    const int32_t *corr;
+};
+
+/* panels [p_begin, p_end) */
+static void gemm_run(const void *ctx, int64_t p_begin, int64_t p_end) {
+    const struct gemm_job *j = ctx;
+#ifdef HAVE_VNNI
+    if (j->form == 2)
+        gemm_range_vnni(j->A, j->M, j->K, j->Wp, j->N, j->C, j->corr, p_begin, p_end);
+#endif
+#ifdef HAVE_AVX2_KERNELS
+    if (j->form == 3)
+        gemm_range_avx2(j->A16, j->M, j->K, j->Wp, j->N, j->C, j->corr, p_begin, p_end);
+#endif
+    (void)j; (void)p_begin; (void)p_end;
+}
+
+/* C = A @ W^T with W packed (above), on nthreads threads. impl: 0 the fastest this CPU runs,
+ * 2 the VNNI form, 3 the AVX2 form. Returns the form that ran, or 0 (nothing done) when the CPU or
+ * build has none of the asked forms or the shape does not fit (N % 16, K % 4, K too large): the
+ * caller then uses another backend. A call with A = NULL only answers which form would run. */
+int gemm_packed(const int8_t *A, int64_t M, int64_t K, const uint8_t *Wp, int64_t N, int32_t *C,
+                int64_t impl, int64_t nthreads) {
+    if (N % 16 != 0 || K % 4 != 0 || K >= 65536 || M < 0)
+        return 0;
+    int form = 0;
+#ifdef HAVE_VNNI
+    if ((impl == 0 || impl == 2) && have_vnni())
+        form = 2;
+#endif
+#ifdef HAVE_AVX2_KERNELS
+    if (!form && (impl == 0 || impl == 3) && have_avx2())
+        form = 3;
+#endif
+    if (!form || A == NULL)
+        return form;
+    int32_t *corr = malloc(sizeof(int32_t) * (M > 0 ? M : 1));
+    int16_t *A16 = form == 3 ? malloc(sizeof(int16_t) * (M * K > 0 ? M * K : 1)) : NULL;
+    if (!corr || (form == 3 && !A16)) {
+        free(corr); free(A16);
+        return 0;                                            /* the caller falls back */
+    }
+    for (int64_t m = 0; m < M; m++) {
+        int32_t t = 0;
+        for (int64_t k = 0; k < K; k++) t += A[m * K + k];
+        corr[m] = 128 * t;                                   /* |.| <= 128 * 128 * K < 2^31 */
+    }
+    if (A16)
+        for (int64_t i = 0; i < M * K; i++) A16[i] = A[i];
+    struct gemm_job job = {form, A, A16, M, K, N, Wp, C, corr};
+    /* chunks of 6 panels (96 columns; the VNNI kernel's blocks are 3 panels) */
+    par_for(gemm_run, &job, N / 16, 6, nthreads);
+    free(corr); free(A16);
+    return form;
 }
 
 /* The decoding KV cache write (engine.State on CPU, (B, nkv, L, hs) int16 keys and values): row b's
@@ -1070,19 +1234,72 @@ void kv_store(const double *restrict ki, const double *restrict vi, int64_t B, i
 }
 
 /* impl: 0 the fastest this CPU runs, 1 the portable form, 2 the VNNI form (when the CPU and the
- * shape allow it: hs a multiple of 32 up to 128, g <= 4). Returns the form that ran (1 or 2). */
+ * shape allow it: hs a multiple of 32 up to 128, g <= 4). Returns the form that ran (1 or 2).
+ * per: rows that share one row of K and V (1 when decoding; encoding without attend_fwd passes its
+ * B * T queries as rows, per = T, with the segment's keys as the cache: each query reads the keys
+ * it sees, from L2, with the same integers and float steps as any other form). Rows go to
+ * nthreads threads. */
+struct step_job {
+    int form;
+    int64_t per;
+    const double *qi, *f;
+    const int16_t *K, *V;
+    int64_t nkv, g, L, hs;
+    const int64_t *pos;
+    const int32_t *table;
+    int64_t ntab;
+    const double *vscale;
+    double *out;
+};
+
+/* rows [b0, b1) of the batch: every array starts at row b0 (rows are independent) */
+static void attend_step_rows(const void *ctx, int64_t b0, int64_t b1) {
+    const struct step_job *j = ctx;
+    int64_t nh = j->nkv * j->g, kvrow = j->nkv * j->L * j->hs;
+    if (j->per > 1) {        /* rows share a cache row: one call per row, on its cache row */
+        for (int64_t b = b0; b < b1; b++) {
+            const int16_t *K = j->K + (b / j->per) * kvrow, *V = j->V + (b / j->per) * kvrow;
+#ifdef HAVE_VNNI
+            if (j->form == 2) {
+                attend_step_vnni(j->qi + b * nh * j->hs, j->f + b * nh, K, V, 1, j->nkv, j->g,
+                                 j->L, j->hs, j->pos + b, j->table, j->ntab, j->vscale,
+                                 j->out + b * nh * j->hs);
+                continue;
+            }
+#endif
+            attend_step_portable(j->qi + b * nh * j->hs, j->f + b * nh, K, V, 1, j->nkv, j->g,
+                                 j->L, j->hs, j->pos + b, j->table, j->ntab, j->vscale,
+                                 j->out + b * nh * j->hs);
+        }
+        return;
+    }
+#ifdef HAVE_VNNI
+    if (j->form == 2) {
+        attend_step_vnni(j->qi + b0 * nh * j->hs, j->f + b0 * nh, j->K + b0 * kvrow,
+                         j->V + b0 * kvrow, b1 - b0, j->nkv, j->g, j->L, j->hs, j->pos + b0,
+                         j->table, j->ntab, j->vscale, j->out + b0 * nh * j->hs);
+        return;
+    }
+#endif
+    attend_step_portable(j->qi + b0 * nh * j->hs, j->f + b0 * nh, j->K + b0 * kvrow,
+                         j->V + b0 * kvrow, b1 - b0, j->nkv, j->g, j->L, j->hs, j->pos + b0,
+                         j->table, j->ntab, j->vscale, j->out + b0 * nh * j->hs);
+}
+
 int attend_step(const double *qi, const double *f, const int16_t *K, const int16_t *V, int64_t B,
                 int64_t nkv, int64_t g, int64_t L, int64_t hs, const int64_t *pos,
                 const int32_t *table, int64_t ntab, const double *vscale, double *out,
-                int64_t impl) {
+                int64_t impl, int64_t nthreads, int64_t per) {
+    int form = 1;
 #ifdef HAVE_VNNI
-    if (impl != 1 && have_vnni() && hs % 32 == 0 && hs <= 32 * NCMAX && g <= GMAX) {
-        attend_step_vnni(qi, f, K, V, B, nkv, g, L, hs, pos, table, ntab, vscale, out);
-        return 2;
-    }
+    if (impl != 1 && have_vnni() && hs % 32 == 0 && hs <= 32 * NCMAX && g <= GMAX)
+        form = 2;
 #endif
-    attend_step_portable(qi, f, K, V, B, nkv, g, L, hs, pos, table, ntab, vscale, out);
-    return 1;
+    struct step_job job = {form, MAX(1, per), qi, f, K, V, nkv, g, L, hs, pos, table, ntab,
+                           vscale, out};
+    /* rows in chunks of 4 (at late positions a row's cache is 3 x 2 x 64 x 2 bytes per key) */
+    par_for(attend_step_rows, &job, B, 4, nthreads);
+    return form;
 }
 
 #ifdef HAVE_VNNI
