@@ -44,13 +44,17 @@ class Progress:
         self.bar = None
         self.tty = sys.stderr.isatty()
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, workers: dict[str, int] | None = None) -> None:
+        """workers: plaintext bytes each cluster worker has encoded (llmfs/cluster.py)."""
         if not self.tty:
             return
         if self.bar is None:
             from tqdm import tqdm
             self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                             desc="compacting", file=sys.stderr)
+        if workers:
+            self.bar.set_postfix_str(" ".join(f"{k}:{human(v)}" for k, v in sorted(workers.items())),
+                                     refresh=False)
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
@@ -82,7 +86,7 @@ def compact_online(store_path: str, now: bool, path: bytes | None, progress) -> 
                 raise StoreError(answer["error"])
             if "result" in answer:
                 return Result(**answer["result"])
-            progress(answer["done"], answer["total"])
+            progress(answer["done"], answer["total"], answer.get("cluster"))
     except (ConnectionError, FileNotFoundError) as e:  # connecting: nobody serves the socket
         raise StoreError(f"{store_path} is in use by a process that does not take compaction "
                          f"requests ({e.strerror}); try again when it is done") from None

@@ -22,6 +22,11 @@ instead of silently pretending to honour them. Command-line arguments override t
     enabled = true                    # background LM compaction (--no-compaction)
     after = "10m"                     # blocks unchanged this long (--compact-after)
 
+    [cluster]                         # compaction on a Ray cluster (pip install .[cluster])
+    address = "ray://head:10001"      # --cluster; "host:6379" when this machine is a Ray node
+    workers = 0                       # actors holding the model; 0: one per GPU / CPU-only node
+    timeout = "10m"                   # a batch not back in this long is retried elsewhere
+
 Not built yet (accepted, validated, reported): `model` (a store's model is chosen at mkfs).
 """
 from __future__ import annotations
@@ -34,6 +39,9 @@ from dataclasses import dataclass, field
 from .compactor import COMPACT_AFTER
 from .mkfs import parse_size
 from .service import LEVELS
+
+# cluster.TIMEOUT; named here so that reading a config does not import the cluster module
+CLUSTER_TIMEOUT = 600.0
 
 
 class ConfigError(Exception):
@@ -83,6 +91,12 @@ def _positive(value) -> int:
     return value
 
 
+def _count(value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError("must be a whole number, 0 or more")
+    return value
+
+
 def _options(value) -> list[str]:
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
@@ -119,10 +133,14 @@ KEYS = {
     "cache.gpu": (_size, "gpu_cache_size"),
     "compaction.enabled": (_bool, "no_compaction"),
     "compaction.after": (_duration, "compact_after"),
+    "cluster.address": (_str, "cluster"),
+    "cluster.workers": (_count, "cluster_workers"),
+    "cluster.timeout": (_duration, "cluster_timeout"),
 }
 HANDLED = {"options", "log_level"}
 # What an argument holds when the command line did not set it (None unless listed).
-UNSET = {"no_compaction": False, "compact_after": COMPACT_AFTER, "device": "auto"}
+UNSET = {"no_compaction": False, "compact_after": COMPACT_AFTER, "device": "auto",
+         "cluster_workers": 0, "cluster_timeout": CLUSTER_TIMEOUT}
 SECTIONS = {k.split(".")[0] for k in KEYS if "." in k}
 
 
