@@ -242,6 +242,10 @@ class ClusterCoder:
             out = self._check(datas, fingerprint, reply)
             self._stats.batches += 1
             self._stats.seconds += time.perf_counter() - t0
+            if all(r is None for r in out) and reply["retries"]:
+                # every worker failed every try: the cluster is gone or going; stop asking it
+                # (and paying a timeout per batch) until RECONNECT_SECONDS have passed
+                self._fail("no worker could take the batch")
             return out
 
     def _check(self, datas, fingerprint, reply) -> list[tuple[bytes, bool] | None]:
@@ -443,6 +447,7 @@ class _Pool:
         # ref -> (step, chunk, worker, attempt, started, payload)
         inflight: dict = {}
         encoder: dict[int, int] = {}  # chunk -> the worker whose containers are being verified
+        failed: set[int] = set()      # workers that failed since the last call that succeeded
 
         def submit(step, c, w, attempt, payload):
             actor = self.actors[w]
@@ -480,9 +485,17 @@ class _Pool:
             except Exception as e:  # noqa: BLE001 - a dead actor, a lost node, a raising method
                 self.stats[w].failures += 1
                 log.warning("cluster worker %s failed (%s)", self.stats[w].name, type(e).__name__)
+                failed.add(w)
+                if len(failed) == n:  # every worker failed since the last success: the cluster
+                    give_back(step, c, payload)  # is gone; give the whole batch back now
+                    for step2, c2, _w, _a, _t, payload2 in inflight.values():
+                        give_back(step2, c2, payload2)
+                    inflight.clear()
+                    break
                 if not self._retry(submit, step, c, w, attempt, payload, encoder.get(c)):
                     give_back(step, c, payload)
                 continue
+            failed.clear()
             idx = chunks[c]
             if step == "encode":
                 ws = self.stats[w]

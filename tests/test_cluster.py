@@ -27,7 +27,9 @@ from llmfs.store import Store
 
 from .conftest import ROOT
 from .fake_engine import BigramEngine
-from .test_compactor import BS, TEXT, codecs_of, write
+from .test_compactor import TEXT, codecs_of, write
+
+BS = 4096  # small blocks: the bigram model decodes in Python, one step per byte
 
 try:
     import ray  # noqa: F401
@@ -203,7 +205,7 @@ def test_cluster_stopped_in_the_middle_of_a_compaction(cluster, env):
         write(fs, b"new", TEXT[:BS])
         assert fs.read_ino(inos[b"a"], 3 * BS, 0) == files[b"a"]
         assert time.monotonic() - t0 < 5.0
-        t.join(180)
+        t.join(300)
         assert not t.is_alive()
         st = coder.stats()
     finally:
@@ -234,3 +236,79 @@ def test_cluster_config_keys(tmp_path):
     bad.write_text('[cluster]\nworkers = -1\n')
     with pytest.raises(config.ConfigError, match="cluster.workers"):
         config.load(str(bad))
+
+
+class FakeRemote:
+    """A remote coder in-process: encodes with the test model; says which blocks 'another worker'
+    verified, which it leaves to the daemon, and which it could not do."""
+
+    def __init__(self, answers):
+        self.answers = answers  # per block, in order: "verified" | "unverified" | None
+        self.registry = Registry()
+        self.registry.add_model(bigram_codec())
+        self.calls = 0
+
+    def encode_many(self, datas, fingerprint):
+        from llmfs.codec import ZSTD
+        self.calls += 1
+        out = []
+        for data, how in zip(datas, self.answers):
+            blob = self.registry.encode(data, (ZSTD, LM), fingerprint)
+            out.append(None if how is None else (blob, how == "verified"))
+        return out
+
+
+def test_compactor_hook_verifies_what_the_cluster_did_not(env):
+    """No ray needed: the compactor decodes locally exactly the containers the remote coder did
+    not verify, encodes locally the blocks it could not do, and keeps every byte."""
+    fs, compactor, files, inos = env
+    local = compactor._lm_codec()
+    del local.encode  # block 6 is the daemon's to encode
+    decoded = []
+    real_decode = local.decode_many
+    local.decode_many = lambda items: decoded.append(len(items)) or real_decode(items)
+    compactor.remote = FakeRemote(["verified"] * 3 + ["unverified"] * 2 + [None])
+    res = compactor.compact(compactor.candidates())
+    assert compactor.remote.calls == 1 and res.lm_blocks == 6
+    assert decoded == [3]  # the two unverified and the one encoded here
+    check_fresh(close_env(fs), files, inos)
+
+
+def test_cluster_coder_checks_headers():
+    """A container whose header does not describe the block (a worker bug) is never used."""
+    from llmfs.codec import ZSTD
+
+    from llmfs.cluster import ClusterCoder
+    reg = Registry()
+    codec = bigram_codec()
+    reg.add_model(codec)
+    data = TEXT[:BS]
+    good = reg.encode(data, (ZSTD, LM), codec.fingerprint)
+    other = reg.encode(TEXT[BS:2 * BS], (ZSTD, LM), codec.fingerprint)
+    coder = ClusterCoder("nowhere:1", "tiny")
+    reply = {"workers": [], "mismatches": 0, "retries": 0,
+             "results": [(good, True), (other, True), None, (good, False)]}
+    out = coder._check([data, data, data, data], codec.fingerprint, reply)
+    assert out == [(good, True), None, None, (good, False)]
+    assert out == coder._check([data] * 4, codec.fingerprint, reply)
+    wrong_model = coder._check([data], b"\0" * len(codec.fingerprint),
+                               dict(reply, results=[(good, True)]))
+    assert wrong_model == [None]
+    st = coder.stats()
+    assert st["blocks"] == 2 and st["local_fallbacks"] == 5
+
+
+def test_stat_shows_the_cluster():
+    from llmfs.cluster import ClusterStats, WorkerStats
+    from llmfs.statcmd import cluster_rows
+    st = ClusterStats("ray://head:10001", state="ready", workers=[
+        WorkerStats("w0", host="n1", pid=7, device="cuda", blocks=3, plain=3 << 16, seconds=2.0,
+                    verified=2, failures=1),
+        WorkerStats("w1", host="n2", pid=8, device="cpu", alive=False)],
+        batches=1, blocks=5, plain=5 << 16, seconds=4.0, retries=1)
+    rows = dict(cluster_rows(st.as_dict()))
+    assert "2 worker(s)" in rows["cluster"] and "ready" in rows["cluster"]
+    assert "80.0 KiB/s" in rows["cluster compacted"]
+    assert "1 worker call(s) failed, 1 retried" in rows["cluster failures"]
+    assert "n1 pid 7 cuda: 3 blocks" in rows["cluster worker w0"]
+    assert "(lost)" in rows["cluster worker w1"]
