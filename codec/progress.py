@@ -28,10 +28,15 @@ class Progress:
         if self.tty:
             self._bar().update(n)
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, workers: dict[str, int] | None = None) -> None:
+        """workers: bytes each worker has done (a compaction on a cluster), shown after the bar."""
         if not self.tty:
             return
         bar = self._bar()
+        if workers:
+            from tqdm import tqdm
+            bar.set_postfix_str(" ".join(f"{k}:{tqdm.format_sizeof(v, 'B', 1024)}"
+                                         for k, v in sorted(workers.items())), refresh=False)
         if bar.total != total:
             bar.total = total
             bar.refresh()

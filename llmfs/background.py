@@ -9,6 +9,7 @@ at unmount is dropped instead of writing to a closed store.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import asdict
 
 from . import control
@@ -21,18 +22,24 @@ log = logging.getLogger("llmfs")
 
 
 class Background:
-    def __init__(self, fs: Filesystem, models: Models, compact_after: float | None):
+    def __init__(self, fs: Filesystem, models: Models, compact_after: float | None,
+                 cluster=None):
         """compact_after: seconds before a block is compacted; None disables the thread (manual
-        `llmfs compact` still works)."""
+        `llmfs compact` still works). cluster: a cluster.ClusterCoder that does the compactor's
+        model work on a Ray cluster, or None."""
         self.fs = fs
         self.compactor = Compactor(fs.store, fs.registry, models.compaction_codec,
                                    store_spec(fs.store),
                                    compact_after if compact_after is not None else 0)
         self.automatic = compact_after is not None
+        self.cluster = cluster
+        self.compactor.remote = cluster
         self.shutdown_lock = self.compactor.shutdown_lock
         self._control: control.ControlServer | None = None
 
     def start(self) -> None:
+        if self.cluster is not None:  # connecting takes seconds to minutes: not on FUSE's thread
+            threading.Thread(target=self.cluster.start, name="llmfs-cluster", daemon=True).start()
         self._control = control.ControlServer(self.fs.store.path, {
             "compact": self._compact, "stats": self._stats})
         if self.automatic:
@@ -46,16 +53,23 @@ class Background:
         elif req.get("now"):
             self.fs.flush_all()  # "now" includes what is still buffered
         hashes = self.compactor.candidates(0 if req.get("now") else None, inos)
-        res = self.compactor.compact(hashes, lambda done, total: send({"done": done,
-                                                                       "total": total}))
+        def progress(done: int, total: int) -> None:
+            line = {"done": done, "total": total}
+            if self.cluster is not None:
+                line["cluster"] = self.cluster.progress()
+            send(line)
+        res = self.compactor.compact(hashes, progress)
         return asdict(res)
 
     def _stats(self, req: dict, send) -> dict:
         cache = self.fs.cache
         return {"compaction": asdict(self.compactor.totals),
-                "cache": cache.metrics() if cache is not None else {}}
+                "cache": cache.metrics() if cache is not None else {},
+                **({"cluster": self.cluster.stats()} if self.cluster is not None else {})}
 
     def stop(self) -> None:
         self.compactor.stop()
         if self._control is not None:
             self._control.close()
+        if self.cluster is not None:
+            self.cluster.close()

@@ -62,7 +62,7 @@ def compact_online(store_path: str, now: bool, path: bytes | None, progress) -> 
                 raise StoreError(answer["error"])
             if "result" in answer:
                 return Result(**answer["result"])
-            progress(answer["done"], answer["total"])
+            progress(answer["done"], answer["total"], answer.get("cluster"))
     except (ConnectionError, FileNotFoundError) as e:  # connecting: nobody serves the socket
         raise StoreError(f"{store_path} is in use by a process that does not take compaction "
                          f"requests ({e.strerror}); try again when it is done") from None

@@ -9,6 +9,9 @@ once it is older than `compact_after`. For each batch of candidates:
   3. encode with the LM and zstd; the smallest container wins (registry.encode);
   4. decode the new LM containers again as one batch and compare with the plaintext (the registry
      also checks the stored checksum): a container is swapped in only after it decoded correctly;
+     with a remote coder set (`remote`, llmfs/cluster.py) steps 3-4 run on a cluster, each
+     container decoded there by another worker than the one that made it; what the cluster could
+     not do is done here as above;
   5. one write transaction swaps each verified container in — only if the block is still stored
      with the container we read (a block rewritten meanwhile has a new hash, so newer data always
      wins) — records the model in `models`, and takes the batch off `pending`.
@@ -89,6 +92,9 @@ class Compactor:
         self.shutdown_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.totals = Result()
+        # A coder with encode_many(datas, fingerprint) -> [(container, verified) | None] that
+        # does the model's work elsewhere (llmfs/cluster.py); None: all of it here.
+        self.remote = None
 
     # -- choosing blocks -------------------------------------------------------------------------
     def candidates(self, older_than: float | None = None, inos=None) -> list[bytes]:
@@ -151,19 +157,28 @@ class Compactor:
         codec = self._lm_codec()
         self.registry.add_model(codec)
         fingerprint = codec.fingerprint
+        todo = {}
         for h, data in plain.items():
-            if self._stop.is_set():
-                return res
             if peek_header(old[h]).codec_id == RAW:
                 res.skipped += 1  # zstd could not shrink it: the LM will not either
-                continue
-            blob = self.registry.encode(data, (ZSTD, LM), fingerprint)
+            else:
+                todo[h] = data
+        remote = self._remote_encode(todo, fingerprint)
+        for h, data in todo.items():
+            if self._stop.is_set():
+                return res
+            blob = remote[h][0] if remote.get(h) else self.registry.encode(data, (ZSTD, LM),
+                                                                           fingerprint)
             if peek_header(blob).codec_id == LM and len(blob) < len(old[h]):
                 new[h] = blob
             else:
                 res.skipped += 1
-        if new:  # verify: decode what we are about to keep, as one batch
-            keys = list(new)
+        if self._stop.is_set():
+            return res
+        # verify: decode what we are about to keep, as one batch (what another cluster worker has
+        # decoded already is not decoded again)
+        keys = [h for h in new if not (remote.get(h) and remote[h][1])]
+        if keys:
             try:
                 decoded = self.registry.decode_many([new[h] for h in keys])
             except ContainerError as e:
@@ -185,6 +200,19 @@ class Compactor:
             return Result()
         res.seconds = time.perf_counter() - t0
         return res
+
+    def _remote_encode(self, todo: dict[bytes, bytes], fingerprint: bytes) -> dict:
+        """hash -> (container, verified) from the remote coder (llmfs/cluster.py) when one is set;
+        blocks missing here are encoded locally."""
+        if self.remote is None or not todo:
+            return {}
+        keys = list(todo)
+        try:
+            got = self.remote.encode_many([todo[h] for h in keys], fingerprint)
+        except Exception:  # the cluster is an accelerator: never a reason to stop compacting
+            log.exception("compaction: the cluster failed; encoding this batch locally")
+            return {}
+        return {h: r for h, r in zip(keys, got) if r is not None}
 
     def _swap(self, old, new, plain, fingerprint, res: Result) -> None:
         """One write transaction: swap in verified containers of blocks still stored unchanged."""

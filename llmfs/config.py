@@ -26,6 +26,11 @@ pretending to honour it. Command-line arguments override the file.
     device = "auto"                   # where the LM runs: auto | cpu | cuda
     threads = 1                       # CPU threads of the LM
 
+    [cluster]                         # compaction on a Ray cluster (pip install .[cluster])
+    address = "ray://head:10001"      # --cluster; "host:6379" when this machine is a Ray node
+    workers = 0                       # actors holding the model; 0: one per GPU / CPU-only node
+    timeout = "10m"                   # a batch not back in this long is retried elsewhere
+
 Accepted, validated and reported as having no effect: `model` (a store's model is chosen at mkfs).
 """
 from __future__ import annotations
@@ -38,6 +43,9 @@ from dataclasses import dataclass, field
 from .compactor import COMPACT_AFTER
 from .service import LEVELS
 from .units import parse_size
+
+# cluster.TIMEOUT; named here so that reading a config does not import the cluster module
+CLUSTER_TIMEOUT = 600.0
 
 
 class ConfigError(Exception):
@@ -87,6 +95,12 @@ def _positive(value) -> int:
     return value
 
 
+def _count(value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError("must be a whole number, 0 or more")
+    return value
+
+
 def _options(value) -> list[str]:
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
@@ -123,10 +137,14 @@ KEYS = {
     "cache.gpu": (_size, "gpu_cache_size"),
     "compaction.enabled": (_bool, "no_compaction"),
     "compaction.after": (_duration, "compact_after"),
+    "cluster.address": (_str, "cluster"),
+    "cluster.workers": (_count, "cluster_workers"),
+    "cluster.timeout": (_duration, "cluster_timeout"),
 }
 HANDLED = {"options", "log_level"}
 # What an argument holds when the command line did not set it (None unless listed).
-UNSET = {"no_compaction": False, "compact_after": COMPACT_AFTER, "device": "auto"}
+UNSET = {"no_compaction": False, "compact_after": COMPACT_AFTER, "device": "auto",
+         "cluster_workers": 0, "cluster_timeout": CLUSTER_TIMEOUT}
 SECTIONS = {k.split(".")[0] for k in KEYS if "." in k}
 
 

@@ -31,7 +31,7 @@ from . import config, fsck, mounts, service
 from .background import Background
 from .compactor import COMPACT_AFTER
 from .fuseops import FUSE, Operations
-from .models import THREADS, Models
+from .models import THREADS, Models, store_spec
 from .namespace import DIRTY_LIMIT, Filesystem
 from .store import LOCK_FILE, Store, StoreError
 from .units import parse_size, positive_int
@@ -231,7 +231,8 @@ def serve(args, ready_fd: int | None) -> int:
     real_mountpoint = os.path.realpath(mountpoint)
     store.describe_lock_holder(mounts.lock_text(real_mountpoint, os.getpid()))
     store.set_clean(False)
-    background = Background(fs, models, None if args.no_compaction else args.compact_after)
+    background = Background(fs, models, None if args.no_compaction else args.compact_after,
+                            cluster_coder(args, fs.store))
     served = False
 
     def ready():
@@ -283,6 +284,20 @@ def serve(args, ready_fd: int | None) -> int:
     return 0
 
 
+def cluster_coder(args, store: Store):
+    """The compactor's Ray cluster coder for --cluster, or None (llmfs/cluster.py)."""
+    if not args.cluster:
+        return None
+    from .cluster import ClusterCoder, ray_available
+    if not ray_available():
+        log.error("--cluster %s: ray is not installed (pip install 'llmfs[cluster]'); "
+                  "compacting locally", args.cluster)
+        return None
+    return ClusterCoder(args.cluster, store_spec(store), workers=args.cluster_workers,
+                        timeout=args.cluster_timeout, device=args.device,
+                        threads=args.threads or THREADS)
+
+
 def start_daemon(args) -> int:
     """Start `llmfs mount -f` detached and wait until it reports the mount ready."""
     if not os.path.isfile(os.path.join(args.store, "data.mdb")):
@@ -302,6 +317,9 @@ def start_daemon(args) -> int:
         cmd += ["--threads", str(args.threads)]
     cmd += ["--compact-after", str(args.compact_after)] + (
         ["--no-compaction"] if args.no_compaction else [])
+    if args.cluster:
+        cmd += ["--cluster", args.cluster, "--cluster-workers", str(args.cluster_workers),
+                "--cluster-timeout", str(args.cluster_timeout)]
     for o in args.options:
         cmd += ["-o", o]
     log_path = os.path.join(args.store, LOG_FILE)
@@ -356,6 +374,13 @@ def register(sub) -> None:
                    help="compress blocks with the LM once unchanged this long (default 600)")
     p.add_argument("--no-compaction", action="store_true",
                    help="no background compaction (`llmfs compact` still works)")
+    p.add_argument("--cluster", metavar="ADDRESS", default=None,
+                   help="compact on a Ray cluster (ray://HEAD:10001, or HOST:6379 when this "
+                        "machine is a Ray node); needs `pip install llmfs[cluster]`")
+    p.add_argument("--cluster-workers", type=int, default=0, metavar="N",
+                   help="model actors on the cluster (default 0: one per GPU, one per CPU node)")
+    p.add_argument("--cluster-timeout", type=float, default=config.CLUSTER_TIMEOUT, metavar="SECONDS",
+                   help="a batch not back in this long is retried on another worker (default 600)")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 

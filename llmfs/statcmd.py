@@ -102,6 +102,27 @@ def daemon_report(store_path: str) -> list[tuple[str, str]]:
         rows.append(("compacted this mount", f"{comp.get('blocks', 0)} blocks, "
                      f"{comp.get('lm_blocks', 0)} by the LM, saved "
                      f"{human(comp.get('before', 0) - comp.get('after', 0))}"))
+    rows += cluster_rows(stats.get("cluster"))
+    return rows
+
+
+def cluster_rows(cl: dict | None) -> list[tuple[str, str]]:
+    """The daemon's Ray cluster (llmfs/cluster.py): its state, throughput, and each worker."""
+    if not cl:
+        return []
+    state = cl["state"] + (f" ({cl['error']})" if cl.get("error") else "")
+    rows = [("cluster", f"{cl['address']}: {state}, {len(cl['workers'])} worker(s)"),
+            ("cluster compacted", f"{cl['blocks']} blocks, {human(cl['plain'])} in "
+                                  f"{cl['batches']} batches, {human(cl['rate'])}/s"),
+            ("cluster failures", f"{sum(w['failures'] for w in cl['workers'])} worker call(s) "
+                                 f"failed, {cl['retries']} retried, {cl['mismatches']} did not "
+                                 f"verify, {cl['local_fallbacks']} block(s) done locally")]
+    for w in cl["workers"]:
+        rows.append((f"cluster worker {w['name']}",
+                     f"{w['host']} pid {w['pid']} {w['device']}"
+                     f"{'' if w['alive'] else ' (lost)'}: {w['blocks']} blocks, "
+                     f"{human(w['plain'])} at {human(w['rate'])}/s, verified {w['verified']}, "
+                     f"{w['failures']} failure(s)"))
     return rows
 
 

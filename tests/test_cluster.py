@@ -1,0 +1,314 @@
+"""Compaction on a Ray cluster (issue 16), against a local cluster this module starts: a head node
+with room for two worker actors, on this machine, always stopped afterwards (its processes run in
+a session of their own and the whole session is killed).
+
+The workers hold the bigram test model fitted to the text (tests/fake_engine.py), so the LM
+container wins as it does on real text, in milliseconds. Each test compacts through the cluster
+while the daemon's own codec refuses to encode, so only the cluster can have made the containers,
+then reads every file back through a fresh filesystem with a fresh local model and runs fsck.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import threading
+import time
+
+import pytest
+from llmfs.codec import LM, Registry
+from llmfs.codec.lm import ByteTokenizer, LMCodec
+
+from llmfs import config, fsck
+from llmfs import namespace as ns
+from llmfs.cluster import LocalCluster
+from llmfs.compactor import Compactor
+from llmfs.store import Store
+
+from .conftest import ROOT
+from .fake_engine import BigramEngine
+from .test_compactor import TEXT, codecs_of, write
+
+BS = 4096  # small blocks: the bigram model decodes in Python, one step per byte
+
+try:
+    import ray  # noqa: F401
+    HAVE_RAY = True
+except ImportError:
+    HAVE_RAY = False
+
+def bigram_codec(delay: float = 0.0, switch: str | None = None) -> LMCodec:
+    """The codec the workers and the local daemon share. `delay` seconds per encoded block (while
+    the file `switch` exists, when given) make a batch last long enough to kill something in the
+    middle of it."""
+    codec = LMCodec((BigramEngine(train=TEXT, max_seq_len=512), ByteTokenizer()), batch=4)
+    if delay:
+        real = codec.encode
+
+        def slow(data):
+            if switch is None or os.path.exists(switch):
+                time.sleep(delay)
+            return real(data)
+        codec.encode = slow
+    return codec
+
+
+def start_cluster() -> LocalCluster:
+    return LocalCluster(cpus=2, pythonpath=[str(ROOT)])
+
+
+def stop_cluster(c: LocalCluster) -> None:
+    c.stop()
+    assert not c.pids(), "processes of the test's Ray cluster outlived it"
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One head and one coder (two workers) for the tests that keep their cluster: workers are
+    slow to start (each imports torch). Encoding is slow while the file `slow` exists."""
+    if not HAVE_RAY:
+        pytest.skip("ray is not installed: `pip install .[cluster]` runs these tests")
+    switch = str(tmp_path_factory.mktemp("switch") / "slow")
+    c = start_cluster()
+    try:
+        coder = coder_for(c, functools.partial(bigram_codec, 1.5, switch))
+        try:
+            yield c, coder, switch
+        finally:
+            coder.close()
+    finally:
+        stop_cluster(c)
+
+
+@pytest.fixture
+def cluster():
+    """A cluster of the test's own, for a test that stops it."""
+    if not HAVE_RAY:
+        pytest.skip("ray is not installed: `pip install .[cluster]` runs these tests")
+    c = start_cluster()
+    try:
+        yield c
+    finally:
+        stop_cluster(c)
+
+
+@pytest.fixture
+def env(tmp_path):
+    """A store with a tree of text files and one binary file; the daemon's codec cannot encode."""
+    Store.create(str(tmp_path / "s"), BS)
+    store = Store(str(tmp_path / "s"))
+    registry = Registry()
+    fs = ns.Filesystem(store, registry)
+    local = bigram_codec()
+
+    def refuse(data):
+        raise AssertionError("the daemon encoded a block the cluster should have")
+    local.encode = refuse
+    compactor = Compactor(store, registry, lambda: local, "test-bigram", compact_after=0)
+    files = {b"a": TEXT[:3 * BS], b"b": TEXT[3 * BS:5 * BS], b"c": TEXT[5 * BS:6 * BS],
+             b"bin": os.urandom(BS)}
+    inos = {name: write(fs, name, data) for name, data in files.items()}
+    yield fs, compactor, files, inos
+    if not getattr(fs, "closed_by_test", False):  # tests close it to reopen it fresh
+        fs.flush_all()
+        store.close()
+
+
+def coder_for(cluster: LocalCluster, model, workers: int = 2, timeout: float = 60.0):
+    from llmfs.cluster import ClusterCoder
+    coder = ClusterCoder(cluster.address, model, workers=workers, timeout=timeout, device="cpu")
+    coder.start()
+    assert coder.stats()["state"] == "ready", coder.stats()
+    return coder
+
+
+def check_fresh(path: str, files: dict, inos: dict) -> None:
+    """Every file reads back identical through a fresh filesystem and model; fsck is clean."""
+    store = Store(path)
+    try:
+        registry = Registry()
+        registry.add_model(bigram_codec())
+        fs = ns.Filesystem(store, registry, None)
+        for name, data in files.items():
+            assert fs.read_ino(inos[name], len(data) + 1, 0) == data, name
+        problems, _ = fsck.run_checks(store, registry=registry)
+        assert not problems, [p.message for p in problems]
+    finally:
+        store.close()
+
+
+def close_env(fs) -> str:
+    fs.flush_all()
+    path = fs.store.path
+    fs.store.close()
+    fs.closed_by_test = True
+    return path
+
+
+def test_tree_compacted_through_cluster_decodes_locally(shared, env):
+    fs, compactor, files, inos = env
+    _, coder, _ = shared
+    before = coder.stats()
+    compactor.remote = coder
+    res = compactor.compact(compactor.candidates())
+    st = coder.stats()
+    assert res.lm_blocks == res.blocks == 6
+    for name in (b"a", b"b", b"c"):
+        assert set(codecs_of(fs, inos[name])) == {LM}
+    # both workers encoded, and each verified the other's blocks
+    assert all(w["blocks"] for w in st["workers"])
+    assert sum(w["verified"] for w in st["workers"]) == 6
+    assert st["blocks"] - before["blocks"] == 6
+    assert st["local_fallbacks"] == st["mismatches"] == 0
+    check_fresh(close_env(fs), files, inos)
+
+
+def test_worker_killed_in_the_middle_of_a_batch(shared, env):
+    fs, compactor, files, inos = env
+    _, coder, switch = shared
+    compactor.remote = coder
+    victim = coder.stats()["workers"][0]["pid"]
+    open(switch, "w").close()  # 1.5 s per block: w0 encodes 3 blocks
+    try:
+        out = {}
+        t = threading.Thread(target=lambda: out.update(res=compactor.compact(
+            compactor.candidates())))
+        t.start()
+        time.sleep(2.0)
+        os.kill(victim, signal.SIGKILL)
+        t.join(120)
+        assert not t.is_alive()
+    finally:
+        os.unlink(switch)
+    st = coder.stats()
+    assert out["res"].lm_blocks == 6
+    assert st["workers"][0]["failures"] >= 1 and st["retries"] >= 1
+    assert st["local_fallbacks"] == 0  # the retry went to the other worker
+    check_fresh(close_env(fs), files, inos)
+
+
+def test_cluster_stopped_in_the_middle_of_a_compaction(cluster, env):
+    fs, compactor, files, inos = env
+    coder = coder_for(cluster, functools.partial(bigram_codec, 2.0), timeout=20.0)
+    local = compactor._lm_codec()
+    del local.encode  # the daemon may encode now: the cluster goes away
+    try:
+        compactor.remote = coder
+        out = {}
+        t = threading.Thread(target=lambda: out.update(res=compactor.compact(
+            compactor.candidates())))
+        t.start()
+        time.sleep(1.0)
+        cluster.stop()
+        # reads and writes go on while the compactor waits for the lost cluster
+        t0 = time.monotonic()
+        write(fs, b"new", TEXT[:BS])
+        assert fs.read_ino(inos[b"a"], 3 * BS, 0) == files[b"a"]
+        assert time.monotonic() - t0 < 5.0
+        t.join(300)
+        assert not t.is_alive()
+        st = coder.stats()
+    finally:
+        coder.close()
+    assert out["res"].lm_blocks == 6
+    assert st["state"] == "unavailable" and st["local_fallbacks"] >= 1
+    files[b"new"] = TEXT[:BS]
+    inos[b"new"] = fs.lookup(1, b"new")
+    check_fresh(close_env(fs), files, inos)
+
+
+def test_cluster_config_keys(tmp_path):
+    """[cluster] in a mount config sets --cluster and its options (no ray needed)."""
+    import argparse
+
+    from llmfs import mount
+    cfg_path = tmp_path / "m.toml"
+    cfg_path.write_text('store = "s"\nmountpoint = "m"\n[cluster]\naddress = "ray://head:10001"\n'
+                        'workers = 4\ntimeout = "2m"\n')
+    parser = argparse.ArgumentParser()
+    mount.register(parser.add_subparsers())
+    args = parser.parse_args(["mount", "--config", str(cfg_path)])
+    cfg = config.load(str(cfg_path))
+    config.apply(cfg, args)
+    assert (args.cluster, args.cluster_workers, args.cluster_timeout) == ("ray://head:10001", 4, 120)
+    assert cfg.not_yet == []
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[cluster]\nworkers = -1\n')
+    with pytest.raises(config.ConfigError, match="cluster.workers"):
+        config.load(str(bad))
+
+
+class FakeRemote:
+    """A remote coder in-process: encodes with the test model; says which blocks 'another worker'
+    verified, which it leaves to the daemon, and which it could not do."""
+
+    def __init__(self, answers):
+        self.answers = answers  # per block, in order: "verified" | "unverified" | None
+        self.registry = Registry()
+        self.registry.add_model(bigram_codec())
+        self.calls = 0
+
+    def encode_many(self, datas, fingerprint):
+        from llmfs.codec import ZSTD
+        self.calls += 1
+        out = []
+        for data, how in zip(datas, self.answers):
+            blob = self.registry.encode(data, (ZSTD, LM), fingerprint)
+            out.append(None if how is None else (blob, how == "verified"))
+        return out
+
+
+def test_compactor_hook_verifies_what_the_cluster_did_not(env):
+    """No ray needed: the compactor decodes locally exactly the containers the remote coder did
+    not verify, encodes locally the blocks it could not do, and keeps every byte."""
+    fs, compactor, files, inos = env
+    local = compactor._lm_codec()
+    del local.encode  # block 6 is the daemon's to encode
+    decoded = []
+    real_decode = local.decode_many
+    local.decode_many = lambda items: decoded.append(len(items)) or real_decode(items)
+    compactor.remote = FakeRemote(["verified"] * 3 + ["unverified"] * 2 + [None])
+    res = compactor.compact(compactor.candidates())
+    assert compactor.remote.calls == 1 and res.lm_blocks == 6
+    assert decoded == [3]  # the two unverified and the one encoded here
+    check_fresh(close_env(fs), files, inos)
+
+
+def test_cluster_coder_checks_headers():
+    """A container whose header does not describe the block (a worker bug) is never used."""
+    from llmfs.codec import ZSTD
+
+    from llmfs.cluster import ClusterCoder
+    reg = Registry()
+    codec = bigram_codec()
+    reg.add_model(codec)
+    data = TEXT[:BS]
+    good = reg.encode(data, (ZSTD, LM), codec.fingerprint)
+    other = reg.encode(TEXT[BS:2 * BS], (ZSTD, LM), codec.fingerprint)
+    coder = ClusterCoder("nowhere:1", "tiny")
+    reply = {"workers": [], "mismatches": 0, "retries": 0,
+             "results": [(good, True), (other, True), None, (good, False)]}
+    out = coder._check([data, data, data, data], codec.fingerprint, reply)
+    assert out == [(good, True), None, None, (good, False)]
+    assert out == coder._check([data] * 4, codec.fingerprint, reply)
+    wrong_model = coder._check([data], b"\0" * len(codec.fingerprint),
+                               dict(reply, results=[(good, True)]))
+    assert wrong_model == [None]
+    st = coder.stats()
+    assert st["blocks"] == 2 and st["local_fallbacks"] == 5
+
+
+def test_stat_shows_the_cluster():
+    from llmfs.cluster import ClusterStats, WorkerStats
+    from llmfs.statcmd import cluster_rows
+    st = ClusterStats("ray://head:10001", state="ready", workers=[
+        WorkerStats("w0", host="n1", pid=7, device="cuda", blocks=3, plain=3 << 16, seconds=2.0,
+                    verified=2, failures=1),
+        WorkerStats("w1", host="n2", pid=8, device="cpu", alive=False)],
+        batches=1, blocks=5, plain=5 << 16, seconds=4.0, retries=1)
+    rows = dict(cluster_rows(st.as_dict()))
+    assert "2 worker(s)" in rows["cluster"] and "ready" in rows["cluster"]
+    assert "80.0 KiB/s" in rows["cluster compacted"]
+    assert "1 worker call(s) failed, 1 retried" in rows["cluster failures"]
+    assert "n1 pid 7 cuda: 3 blocks" in rows["cluster worker w0"]
+    assert "(lost)" in rows["cluster worker w1"]
