@@ -14,6 +14,7 @@ from .container import (
                         ContainerError,
                         Header,
                         ModelMismatch,
+                        Quarantined,
                         Truncated,
                         UnknownCodec,
                         UnsupportedVersion,
@@ -21,4 +22,4 @@ from .container import (
 from .registry import CODEC_NAMES, LM, RAW, ZSTD, Registry
 
 __all__ = ["ContainerError", "BadMagic", "UnsupportedVersion", "UnknownCodec", "ModelMismatch",
-           "ChecksumMismatch", "Truncated", "Header", "Registry", "RAW", "ZSTD", "LM", "CODEC_NAMES"]
+           "ChecksumMismatch", "Quarantined", "Truncated", "Header", "Registry", "RAW", "ZSTD", "LM", "CODEC_NAMES"]
