@@ -209,7 +209,8 @@ def finish(fs: Filesystem) -> int:
         print(f"llmfs: unmount: the store could not be synced: {e}", file=sys.stderr)
         return 1
     for line in lost:
-        print(f"llmfs: unmount: {line}", file=sys.stderr)
+        log.error("unmount: lost %s", line)
+        print(f"llmfs: unmount: lost {line}", file=sys.stderr)
     try:
         fs.store.set_clean(True)
     except StoreError as e:

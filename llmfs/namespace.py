@@ -587,9 +587,9 @@ class Filesystem:
         self.store.sync()
 
     def flush_all(self) -> list[str]:
-        """Flush every file's buffered writes and sync (unmount, SIGTERM). A file that cannot be
-        flushed does not stop the others; returns one line per file whose buffered data could
-        not be stored (path, bytes, why), also logged as errors — empty when nothing was lost.
+        """Flush every file's buffered writes and sync (unmount, SIGTERM, compact --now). A file
+        that cannot be flushed does not stop the others and keeps its data buffered; returns one
+        line per such file (path, bytes, why), also logged — empty when everything was stored.
         Raises only if the final sync fails (StoreError)."""
         lost = []
         for f in list(self._files.values()):
@@ -600,9 +600,8 @@ class Filesystem:
                 self._drop_user(f, 0)  # one whose last user left while its flush failed
             except (FsError, StoreError) as e:
                 line = (f"{self.path_of(f.ino).decode(errors='replace')}: {pending} buffered "
-                        f"bytes (up to {pending // self.block_size} blocks) could not be stored "
-                        f"and are lost: {e}")
-                log.error("flush: %s", line)
+                        f"bytes ({pending // self.block_size} blocks) could not be stored: {e}")
+                log.warning("flush: %s", line)
                 lost.append(line)
         self.store.sync()
         return lost
