@@ -213,14 +213,14 @@ class LMCodec:
             out.append(data)
         return out
 
-    def _parse(self, buf: bytes, item: int, length: int) -> list[_Group]:
+    def _parse(self, buf: bytes, item: int, length: int | None = None) -> list[_Group]:
         if not buf:
             raise Truncated("LM payload is empty")
         if buf[0] not in (1, PAYLOAD_VERSION):
             raise UnsupportedVersion(f"LM payload version {buf[0]} is not supported (this llmfs "
                                      f"reads versions 1 and {PAYLOAD_VERSION})")
         total, pos = read_varint(buf, 1, _TABLE)
-        if total > 3 * length:  # a token stands for at least a third of a byte (tokenizer.py: an
+        if length is not None and total > 3 * length:  # a token stands for at least a third of a byte (tokenizer.py: an
             # escaped byte is 3 tokens): a payload claiming more is damaged, or crafted to hold
             # the engine for hours (the store bounds length by its block size)
             raise ChecksumMismatch(f"LM payload is corrupt: {total} tokens for {length} bytes")
