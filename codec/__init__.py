@@ -17,6 +17,7 @@ from .container import (
                         ContainerError,
                         Header,
                         ModelMismatch,
+                        Quarantined,
                         Truncated,
                         UnknownCodec,
                         UnsupportedVersion,
@@ -24,4 +25,4 @@ from .container import (
 from .registry import CODEC_NAMES, LM, RAW, ZSTD, Registry
 
 __all__ = ["ContainerError", "BadMagic", "UnsupportedVersion", "UnknownCodec", "ModelMismatch",
-           "ChecksumMismatch", "Truncated", "Header", "Registry", "RAW", "ZSTD", "LM", "CODEC_NAMES"]
+           "ChecksumMismatch", "Quarantined", "Truncated", "Header", "Registry", "RAW", "ZSTD", "LM", "CODEC_NAMES"]

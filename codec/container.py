@@ -81,6 +81,10 @@ class ChecksumMismatch(ContainerError):
     pass
 
 
+class Quarantined(ContainerError):
+    """The block was found damaged and quarantined (fsck --repair): it reads as an error for good."""
+
+
 def checksum(data: bytes) -> int:
     return xxhash.xxh3_64_intdigest(data)
 

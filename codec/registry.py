@@ -6,6 +6,17 @@ never renumbered. New codecs take the next free number.
     0  raw   payload is the plaintext
     1  zstd  payload is one zstd frame
     2  lm    language-model arithmetic coding (codec/lm); the container carries the model fingerprint
+    3  damaged  not a codec: a block that fsck --repair found damaged and quarantined. Its payload
+             is the damaged container as it was found (kept for forensics, never decoded); its
+             length is the block's plaintext length. Decoding it always raises Quarantined, so
+             the block's range reads as EIO until the file is rewritten (a write of the same
+             content heals every file that shares the block: llmfs/store.py set_block)
+
+Damaged input: everything a container says is checked before it is trusted. A zstd frame is
+decompressed into at most the container's stated length (never what the frame header claims), and
+a decode can be bounded further by `max_length` (the store's block size): a container claiming
+more is corrupt, so no stored byte can make a decode allocate or compute without bound. Any failure
+of a payload to decode, whatever the decoder raised, becomes a ContainerError.
 
 Threading: a Registry is shared by all FUSE worker threads. zstd (de)compressor objects are not
 thread-safe, so each thread gets its own (thread-local), which also saves re-creating their context
@@ -13,6 +24,7 @@ on every block.
 """
 from __future__ import annotations
 
+import struct
 import threading
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -20,12 +32,20 @@ from typing import Protocol
 import zstandard
 
 from . import container
-from .container import ChecksumMismatch, ContainerError, Header, ModelMismatch, UnknownCodec
+from .container import (
+    ChecksumMismatch,
+    ContainerError,
+    Header,
+    ModelMismatch,
+    Quarantined,
+    UnknownCodec,
+)
 
 RAW = 0
 ZSTD = 1
 LM = 2
-CODEC_NAMES = {RAW: "raw", ZSTD: "zstd", LM: "lm"}
+DAMAGED = 3
+CODEC_NAMES = {RAW: "raw", ZSTD: "zstd", LM: "lm", DAMAGED: "damaged"}
 
 # zstd level of the write path. Level 3 is zstd's own default: on text it is within ~10 % of level 9
 # at several times the speed, and cold data is re-encoded by the LM later anyway.
@@ -114,32 +134,67 @@ class Registry:
     def decode(self, blob: bytes) -> bytes:
         return self.decode_many([blob])[0]
 
-    def decode_many(self, blobs: list[bytes]) -> list[bytes]:
+    def decode_many(self, blobs: list[bytes], max_length: int | None = None) -> list[bytes]:
         """Decode containers; LM containers of one model go through the engine as one batch.
-        Every result is checked against its stored length and checksum."""
+        Every result is checked against its stored length and checksum. `max_length`: the most
+        plaintext bytes any of them may hold (a block store's block size); a container that
+        claims more is corrupt."""
         heads = [self.header(b) for b in blobs]
         out: list[bytes | None] = [None] * len(blobs)
         lm_groups: dict[bytes, list[int]] = {}
         for i, (blob, h) in enumerate(zip(blobs, heads)):
+            if max_length is not None and h.length > max_length:
+                raise ChecksumMismatch(f"container claims {h.length} bytes, more than a block "
+                                       f"({max_length})")
             payload = memoryview(blob)[h.payload_offset:]
             if h.codec_id == RAW:
                 out[i] = bytes(payload)
             elif h.codec_id == ZSTD:
-                try:
-                    out[i] = self._zstd().dctx.decompress(payload, max_output_size=h.length)
-                except zstandard.ZstdError as e:
-                    raise ChecksumMismatch(f"zstd payload is corrupt: {e}") from None
+                out[i] = self._unzstd(payload, h.length)
+            elif h.codec_id == DAMAGED:
+                raise Quarantined("this block was found damaged and quarantined by "
+                                  "`llmfs fsck --repair`; restore the file from a backup")
             else:
                 lm_groups.setdefault(h.fingerprint, []).append(i)
         for fp, idx in lm_groups.items():
             codec = self.model(fp)
             items = [(bytes(memoryview(blobs[i])[heads[i].payload_offset:]), heads[i].length)
                      for i in idx]
-            for i, data in zip(idx, codec.decode_many(items)):
+            try:
+                decoded = codec.decode_many(items)
+            except ContainerError:
+                raise
+            except (ValueError, IndexError, KeyError, OverflowError, struct.error) as e:
+                # a payload the decoder chokes on is a damaged payload, not a bug to surface
+                raise ChecksumMismatch(f"LM payload is corrupt: {e!r}") from None
+            for i, data in zip(idx, decoded):
                 out[i] = data
         for data, h in zip(out, heads):
             verify(data, h)
         return out  # type: ignore[return-value]
+
+
+    def _unzstd(self, payload: memoryview, length: int) -> bytes:
+        """The zstd frame's content, at most `length` bytes: the output buffer grows only as
+        output is produced and never past length + 1, whatever the frame header claims."""
+        try:
+            claimed = zstandard.frame_content_size(payload)
+            if claimed > length:  # -1: the frame does not say
+                raise ChecksumMismatch(f"zstd frame claims {claimed} bytes, the container "
+                                       f"{length}")
+            reader = self._zstd().dctx.stream_reader(payload, read_size=1 << 16)
+            parts, n = [], 0
+            while n <= length:
+                chunk = reader.read(length + 1 - n)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                n += len(chunk)
+        except zstandard.ZstdError as e:
+            raise ChecksumMismatch(f"zstd payload is corrupt: {e}") from None
+        if n > length:
+            raise ChecksumMismatch(f"zstd payload holds more than the container's {length} bytes")
+        return b"".join(parts)
 
 
 def peek_header(blob: bytes | memoryview) -> Header:
@@ -155,4 +210,4 @@ def verify(data: bytes, h: Header) -> None:
         raise ChecksumMismatch("decoded bytes do not match the stored checksum")
 
 
-__all__ = ["Registry", "RAW", "ZSTD", "LM", "CODEC_NAMES", "ContainerError", "verify", "peek_header"]
+__all__ = ["Registry", "RAW", "ZSTD", "LM", "DAMAGED", "CODEC_NAMES", "ContainerError", "verify", "peek_header"]

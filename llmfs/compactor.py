@@ -17,6 +17,15 @@ once it is older than `compact_after`. For each batch of candidates:
      wins) — records the model in `models`, and takes the batch off `pending`.
 No write transaction is held while the model runs (steps 1–4 hold none).
 
+Damaged blocks: a pending block whose container cannot be read or decoded is reported (logged with
+its hash; `llmfs fsck` names its files), counted in Result.damaged and taken off `pending`, so it is
+never retried; its files read as EIO there until fsck --repair quarantines it.
+
+A full disk: a batch that cannot be stored is kept (its verified LM containers, so the model does
+not run again for them) and the background loop waits before it tries again — RETRY_FIRST seconds,
+doubling up to RETRY_MAX, logging once per wait — and resumes at once when the store's disk has
+room again (checked every few seconds), instead of re-encoding the same batch in a tight loop.
+
 Threading: the daemon runs one background thread (`run_in_background`) at the lowest CPU priority;
 `compact()` may also be called by a control request or `llmfs compact` on an unmounted store. One
 lock makes compactions take turns. `stop()` makes the loop exit between batches and aborts a batch
@@ -34,7 +43,7 @@ from dataclasses import dataclass
 from llmfs.codec import ContainerError, Registry
 from llmfs.codec.registry import LM, RAW, ZSTD, peek_header
 
-from .store import Store, StoreError, now_ns
+from .store import FULL_DISK_SLACK, Store, StoreError, StoreFull, now_ns
 
 log = logging.getLogger("llmfs")
 
@@ -45,6 +54,13 @@ COMPACT_AFTER = 600.0
 BATCH_BYTES = 1 << 20
 # How often the background thread looks for cold blocks when it found none.
 IDLE_SECONDS = 30.0
+# A full disk: the first wait before a batch is tried again, and the longest (the wait doubles).
+RETRY_FIRST = 10.0
+RETRY_MAX = 600.0
+# While waiting, how often the disk is looked at: compaction resumes once it has room again.
+ROOM_POLL = 5.0
+# Verified LM containers kept for a batch that could not be stored (full disk): at most this many.
+READY_KEPT = 256
 
 
 def lower_priority() -> None:
@@ -65,6 +81,7 @@ class Result:
     lm_blocks: int = 0       # blocks now stored by the LM
     skipped: int = 0         # blocks the LM could not help (left as they were)
     changed: int = 0         # blocks rewritten or deleted while being compacted (left alone)
+    damaged: int = 0         # blocks that could not be read (reported, taken off pending)
     seconds: float = 0.0
 
     def add(self, other: Result) -> None:
@@ -95,6 +112,10 @@ class Compactor:
         # A coder with encode_many(datas, fingerprint) -> [(container, verified) | None] that
         # does the model's work elsewhere (llmfs/cluster.py); None: all of it here.
         self.remote = None
+        # h -> (old container, verified LM container or None: not smaller) of a batch that could
+        # not be stored
+        self._ready: dict[bytes, tuple[bytes, bytes | None]] = {}
+        self.retry_first, self.retry_max, self.room_poll = RETRY_FIRST, RETRY_MAX, ROOM_POLL
 
     # -- choosing blocks -------------------------------------------------------------------------
     def candidates(self, older_than: float | None = None, inos=None) -> list[bytes]:
@@ -114,12 +135,17 @@ class Compactor:
     # -- compacting ------------------------------------------------------------------------------
     def compact(self, hashes: list[bytes], progress: Callable[[int, int], None] | None = None,
                 ) -> Result:
-        """Compact these blocks in batches; progress(done_plain_bytes, total_plain_bytes)."""
+        """Compact these blocks in batches; progress(done_plain_bytes, total_plain_bytes).
+        StoreFull (a full disk) stops it; what was done before stays done."""
         total = Result()
         lower_priority()  # a control request's thread, or the CLI's, as the loop's own
         with self._turn:
             with self.store.read(buffers=True) as t:  # headers only: no copies of whole blocks
                 sizes = {h: t.plain_length(h) for h in hashes}
+            with self.store.read() as t:
+                damaged = [h for h, n in sizes.items() if n is None and t.refcount(h)]
+            if damaged:
+                total.damaged += self._drop_damaged(damaged, "its header is damaged")
             sizes = {h: n for h, n in sizes.items() if n is not None}
             todo = [h for h in hashes if h in sizes]
             grand = sum(sizes.values())
@@ -143,17 +169,20 @@ class Compactor:
         with self.store.read() as t:
             old = {h: t.container(h) for h in hashes}
         old = {h: blob for h, blob in old.items() if blob is not None}
-        plain, new = {}, {}
+        plain, new, damaged, reused = {}, {}, [], set()
         for h, blob in old.items():
-            head = peek_header(blob)
-            if head.codec_id == LM:
-                continue  # already done (a batch that raced with another compaction)
             try:
-                plain[h] = self.registry.decode(blob)
+                if peek_header(blob).codec_id == LM:
+                    continue  # already done (a batch that raced with another compaction)
+                plain[h] = self.registry.decode_many([blob], self.store.block_size)[0]
             except ContainerError as e:
-                log.error("compaction: block %s is unreadable (%s); run `llmfs fsck`",
-                          h.hex()[:16], e)
-                continue
+                damaged.append(h)
+                log.error("compaction: block %s is unreadable (%s); skipped for good, run "
+                          "`llmfs fsck` to name its files", h.hex()[:16], e)
+        if damaged:
+            res.damaged += self._drop_damaged(damaged, None, old)
+        if not plain:
+            return res
         codec = self._lm_codec()
         self.registry.add_model(codec)
         fingerprint = codec.fingerprint
@@ -161,8 +190,16 @@ class Compactor:
         for h, data in plain.items():
             if peek_header(old[h]).codec_id == RAW:
                 res.skipped += 1  # zstd could not shrink it: the LM will not either
-            else:
-                todo[h] = data
+                continue
+            kept = self._ready.pop(h, None)
+            if kept is not None and kept[0] == old[h]:  # coded before the disk filled: the
+                if kept[1] is None:                     # model does not run again
+                    res.skipped += 1
+                else:
+                    new[h] = kept[1]
+                    reused.add(h)
+                continue
+            todo[h] = data
         remote = self._remote_encode(todo, fingerprint)
         for h, data in todo.items():
             if self._stop.is_set():
@@ -175,9 +212,9 @@ class Compactor:
                 res.skipped += 1
         if self._stop.is_set():
             return res
-        # verify: decode what we are about to keep, as one batch (what another cluster worker has
-        # decoded already is not decoded again)
-        keys = [h for h in new if not (remote.get(h) and remote[h][1])]
+        # verify: decode what we are about to keep, as one batch (not what was verified before
+        # the disk filled, nor what another cluster worker has decoded already)
+        keys = [h for h in new if h not in reused and not (remote.get(h) and remote[h][1])]
         if keys:
             try:
                 decoded = self.registry.decode_many([new[h] for h in keys])
@@ -195,6 +232,11 @@ class Compactor:
                 if self._stop.is_set():
                     return res
                 self._swap(old, new, plain, fingerprint, res)
+        except StoreFull:
+            if len(self._ready) + len(plain) <= READY_KEPT:  # verified, or not worth it (None)
+                self._ready.update((h, (old[h], new.get(h))) for h in plain
+                                   if peek_header(old[h]).codec_id != RAW)
+            raise
         except StoreError as e:
             log.error("compaction: could not store the batch: %s", e)
             return Result()
@@ -235,6 +277,21 @@ class Compactor:
             if new:
                 t.add_model(fingerprint, self.model_spec)
 
+    def _drop_damaged(self, hashes: list[bytes], why: str | None, old=None) -> int:
+        """Take damaged blocks off the compaction queue (still the same container, if `old`)."""
+        if why:
+            for h in hashes:
+                log.error("compaction: block %s is unreadable (%s); skipped for good, run "
+                          "`llmfs fsck` to name its files", h.hex()[:16], why)
+        try:
+            with self.shutdown_lock, self.store.write() as t:
+                for h in hashes:
+                    if old is None or t.container(h) == old[h]:
+                        t.remove_pending(h)
+        except StoreError as e:  # it stays queued; the next pass reports it again
+            log.warning("compaction: could not take damaged blocks off the queue: %s", e)
+        return len(hashes)
+
     # -- the background loop ---------------------------------------------------------------------
     def run_in_background(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="llmfs-compactor", daemon=True)
@@ -242,20 +299,49 @@ class Compactor:
 
     def _loop(self) -> None:
         lower_priority()
+        delay = 0.0  # the wait after a full disk; 0 while batches are stored
         while not self._stop.is_set():
             try:
                 hashes = self.candidates()
                 if hashes:
                     res = self.compact(hashes[:64])
+                    delay = 0.0
                     if res.blocks:
                         log.info("compacted %d blocks: %d -> %d bytes (%d by the LM)",
                                  res.blocks, res.before, res.after, res.lm_blocks)
-                    continue
+                    if res.blocks or res.damaged:
+                        continue  # progress: the next batch at once
+            except StoreFull as e:
+                try:
+                    free = self.store.disk_free()
+                except OSError:
+                    free = 0
+                delay = min(self.retry_max, max(self.retry_first, 2 * delay))
+                log.warning("compaction: the disk is full (%s); trying again in %.1f s or when "
+                            "it has room", e, delay)
+                self._wait_for_room(delay, free)
+                continue
             except Exception:  # the daemon must keep serving files whatever happens here
                 if self._stop.is_set():
                     return  # the store closed under a batch that was being dropped anyway
                 log.exception("compaction failed; retrying later")
             self._stop.wait(IDLE_SECONDS)
+
+    def _wait_for_room(self, delay: float, free: int) -> None:
+        """Wait `delay` seconds, or less once the store's disk has room again — a few batches
+        more than the `free` bytes it had when it was full — or stop is asked."""
+        room = min(2 * FULL_DISK_SLACK, free + 4 * self.batch_bytes)
+        end = time.monotonic() + delay
+        while not self._stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self._stop.wait(min(left, self.room_poll))
+            try:
+                if self.store.disk_free() >= room:
+                    return
+            except OSError:
+                return
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the loop to stop; wait briefly. A model call in flight finishes on its own and its

@@ -3,6 +3,20 @@ check per invariant. Each check returns Problems; a Problem may carry a repair, 
 --repair in one write transaction. Exit status as e2fsck: 0 clean, 1 problems repaired, 4 problems
 left (a corrupt block cannot be repaired: its files are named so they can be restored).
 
+Damaged blocks (a container whose header or payload does not decode, or decodes to bytes that are
+not its hash) are named with every file that uses them. `--repair` quarantines such a block
+(`quarantine`): its container is replaced by a DAMAGED one (codec/registry.py) that keeps the
+damaged bytes and the block's length. The files keep their sizes and every other byte, and the
+damaged range keeps reading as EIO — it is NOT punched to zeros. Zeros would be wrong bytes that
+no program can tell from data: `cp`, `tar`, a backup or a compiler would take them silently, and
+the damage would spread into copies and backups. An error at the damaged range is what a disk's
+bad sector gives (ext4, ZFS and btrfs all return EIO there), is what backup tools report, and
+stays until the file is deleted, truncated or rewritten — writing the block's original content
+back (restoring the file from a backup) heals the block in every file that shares it. A store
+with quarantined blocks is consistent: fsck lists them ("quarantined: ...") but counts them as
+no problem, so a repaired store checks clean. Blocks coded by a model that cannot be loaded here
+are reported but never quarantined: that is a missing model, not damage.
+
 The checks read the whole metadata into memory (inodes, dirents, the block map): a few dozen bytes
 per entry. Threading: runs alone, with the store's lock held (not while mounted).
 """
@@ -14,8 +28,9 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from llmfs.codec import ContainerError, Registry
-from llmfs.codec.registry import peek_header
+from llmfs.codec import ContainerError, ModelMismatch, Registry, UnsupportedVersion
+from llmfs.codec.container import pack
+from llmfs.codec.registry import DAMAGED
 
 from .models import Models
 from .store import ROOT_INO, Counters, Store, StoreError, Txn, block_hash
@@ -170,8 +185,10 @@ def check_pending(s: Snapshot, t: Txn) -> list[Problem]:
 def _count(t: Txn) -> Counters:
     want = Counters.zero()
     want.logical = sum(i.size for _, i in t.inodes() if i.is_reg)
-    for _h, blob in t.blocks():
-        head = peek_header(blob)
+    for h, blob in t.blocks():
+        head = t.header(h)
+        if head is None:  # damaged: not counted (check_block_headers names it)
+            continue
         row = want.per_codec[head.codec_id]
         row[0] += 1
         row[1] += head.length
@@ -192,12 +209,67 @@ def check_models(s: Snapshot, t: Txn) -> list[Problem]:
     """Every model that coded a block is recorded (so the block can be decoded again)."""
     known = t.models()
     missing: dict[bytes, int] = {}
-    for _h, blob in t.blocks():
-        head = peek_header(blob)
-        if head.fingerprint and head.fingerprint not in known:
+    for h, _blob in t.blocks():
+        head = t.header(h)
+        if head is not None and head.fingerprint and head.fingerprint not in known:
             missing[head.fingerprint] = missing.get(head.fingerprint, 0) + 1
     return [Problem("models", f"{n} block(s) were coded by model {fp.hex()}, which the store "
                     f"does not record: they cannot be decoded") for fp, n in missing.items()]
+
+
+def _users(s: Snapshot) -> dict[bytes, list[tuple[int, int]]]:
+    users = defaultdict(list)
+    for ino, idx, h in s.blockmap:
+        users[h].append((ino, idx))
+    return users
+
+
+def _files(s: Snapshot, users: list[tuple[int, int]]) -> str:
+    return ", ".join(sorted({f"{s.path(ino)} (block {idx})" for ino, idx in users})) or "no file"
+
+
+def quarantine(t: Txn, h: bytes, users: list[tuple[int, int]]) -> None:
+    """Replace damaged block h's container by a DAMAGED one (reads as EIO for good; see the module
+    docstring), keeping the damaged bytes as its payload and the block's plaintext length: from
+    its header when that is readable and sane, else from the sizes of the files that use it."""
+    blob = t.container(h)
+    if blob is None or t.container_codec(h) == DAMAGED:
+        return
+    bs = t.store.block_size
+    head = t.header(h)
+    if head is not None and 0 < head.length <= bs:
+        length = head.length
+    else:
+        length = 0
+        for ino, idx in users:
+            inode = t.inode(ino)
+            if inode is not None:
+                length = max(length, min(bs, inode.size - idx * bs))
+        length = length or bs
+    t.replace_container(h, pack(DAMAGED, length, 0, blob))
+    t.remove_pending(h)
+
+
+def check_block_headers(s: Snapshot, t: Txn) -> list[Problem]:
+    """Every stored container's header is readable (without decoding: quick). A damaged one names
+    its files; repair quarantines it."""
+    users = _users(s)
+    out = []
+    for h in s.block_keys:
+        if t.header(h) is None:
+            def repair(t, h=h):
+                quarantine(t, h, users[h])
+            out.append(Problem("block_headers", f"block {h.hex()[:16]} has a damaged header; "
+                               f"affected: {_files(s, users[h])}; repair quarantines it (its "
+                               f"range reads as EIO until the file is rewritten)", repair))
+    return out
+
+
+def quarantined(s: Snapshot, t: Txn) -> list[str]:
+    """The files that use quarantined blocks: not problems, but worth saying."""
+    users = _users(s)
+    return [f"block {h.hex()[:16]}: {_files(s, users[h])}" for h in sorted(s.block_keys)
+            if t.container_codec(h) == DAMAGED]
 
 
 def check_block_checksums(s: Snapshot, t: Txn, registry: Registry | None = None) -> list[Problem]:
@@ -224,11 +296,19 @@ def check_block_checksums(s: Snapshot, t: Txn, registry: Registry | None = None)
                 why = error if data is None else "content does not match its hash"
                 files = ", ".join(sorted({f"{s.path(ino)} (block {idx})"
                                           for ino, idx in users[h]}))
+                missing_model = isinstance(error, (ModelMismatch, UnsupportedVersion))
+
+                def repair(t, h=h):
+                    quarantine(t, h, users[h])
                 out.append(Problem("block_checksums", f"block {h.hex()[:16]} is corrupt "
-                                   f"({why}); affected: {files or 'no file'}"))
+                                   f"({why}); affected: {files or 'no file'}",
+                                   None if missing_model else repair))
 
     batch: list[tuple[bytes, bytes]] = []
     for h, blob in t.blocks():
+        head = t.header(h)
+        if head is None or head.codec_id == DAMAGED:
+            continue  # a damaged header is check_block_headers' finding; quarantined is known
         batch.append((h, blob))
         if len(batch) == FSCK_BATCH:
             verify(batch)
@@ -239,7 +319,11 @@ def check_block_checksums(s: Snapshot, t: Txn, registry: Registry | None = None)
 
 
 CHECKS = [check_root, check_dirents, check_link_counts, check_orphans, check_blockmap,
-          check_refcounts, check_pending, check_counters, check_models, check_block_checksums]
+          check_refcounts, check_pending, check_counters, check_models, check_block_headers,
+          check_block_checksums]
+# What a damaged stored byte can make a check find: the block's own problem, never the store's.
+# A mount after a crash logs these and mounts (the reads of those blocks fail, nothing else).
+DAMAGE_CHECKS = [check_counters, check_models, check_block_headers, check_block_checksums]
 QUICK_CHECKS = [c for c in CHECKS if c is not check_block_checksums]
 
 
@@ -260,6 +344,8 @@ def run_checks(store: Store, checks=CHECKS, repair: bool = False,
             for p in problems:
                 if p.repair:
                     p.repair(t)
+            if any(p.repair for p in problems):
+                t.set_counters(_count(t))  # quarantines move blocks between codecs' counters
         store.sync()
     return problems, all(p.repair for p in problems)
 
@@ -283,6 +369,9 @@ def run(args) -> int:
                                           repair=args.repair)
         for p in problems:
             print(f"{p.check}: {p.message}")
+        with store.read() as t:
+            for line in quarantined(Snapshot(t), t):
+                print(f"quarantined (reads as EIO until rewritten): {line}")
         if not problems:
             if not store.was_clean():
                 store.set_clean(True)

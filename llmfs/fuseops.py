@@ -70,6 +70,18 @@ HIDDEN_NAME = re.compile(rb"\.fuse_hidden[0-9a-f]{16}")
 THREADS_REMEMBERED = 4096
 
 
+def _groups(pid: int) -> tuple[int, ...]:
+    """The supplementary groups of process pid (FUSE passes only uid and gid); none if gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return tuple(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return ()
+
+
 def _errno_edge(method):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
@@ -355,7 +367,8 @@ class Operations(mfusepy.Operations):
 
     @_errno_edge
     def open(self, path, flags):
-        return self.fs.open(self._ino(path), flags)
+        uid, gid, pid = mfusepy.fuse_get_context()  # prefetch only what the opener may read
+        return self.fs.open(self._ino(path), flags, uid, gid, _groups(pid))
 
     @_errno_edge
     def read(self, path, size, offset, fh):

@@ -48,7 +48,17 @@ STORE_FILES = ("data.mdb", "lock.mdb", LOCK_FILE, LOG_FILE)
 # *name* its own kernel inode, so a cached attribute of one hard link goes stale when another name
 # changes it (nlink after `ln`, which tar and rsync -H rely on): attr_timeout=0 makes the kernel
 # ask us on every stat.
-BASE_OPTIONS = {"use_ino": True, "default_permissions": True, "attr_timeout": 0}
+#
+# max_threads: libfuse answers requests on at most this many worker threads (its default is 10).
+# A cold read of an LM block waits seconds to minutes for the model (decodes take turns on the
+# engine), and it waits on a worker: with 10 workers, ten such reads left none for ls, stat or a
+# write, which then hung behind the model for everyone. Decoding is bounded elsewhere (one engine,
+# batches); the workers only wait, and a waiting thread costs a stack's worth of address space
+# and no CPU. With FUSE_THREADS workers, metadata, writes and zstd/raw reads never wait behind LM
+# decodes unless more than FUSE_THREADS - 1 cold LM reads are in flight at once.
+FUSE_THREADS = 64
+BASE_OPTIONS = {"use_ino": True, "default_permissions": True, "attr_timeout": 0,
+                "max_threads": FUSE_THREADS}
 
 
 # The -o options a user may give (on the command line, in a config file's `options`, or in fstab
@@ -169,7 +179,15 @@ def open_filesystem(store_path: str, dirty_limit: int = DIRTY_LIMIT,
             problems, _ = fsck.run_checks(store, [fsck.check_orphans], repair=True)
             if problems:
                 log.warning("removed %d file(s) that were deleted while open", len(problems))
-            problems, _ = fsck.run_checks(store, fsck.QUICK_CHECKS)
+            # Counters are derived: recount them (damaged blocks leave them off). A damaged block
+            # is its files' problem (their reads of it fail), never a reason to refuse the mount.
+            fsck.run_checks(store, [fsck.check_counters], repair=True)
+            damage = [p for p in fsck.run_checks(store, [
+                c for c in fsck.QUICK_CHECKS if c in fsck.DAMAGE_CHECKS])[0]]
+            for p in damage:
+                log.warning("fsck %s: %s", p.check, p.message)
+            problems, _ = fsck.run_checks(store, [c for c in fsck.QUICK_CHECKS
+                                                  if c not in fsck.DAMAGE_CHECKS])
             if problems:
                 for p in problems:
                     log.error("fsck %s: %s", p.check, p.message)
@@ -251,7 +269,10 @@ def serve(args, ready_fd: int | None) -> int:
 
     def destroy():
         service.on_stop(mountpoint)
-        fs.flush_all()
+        try:
+            fs.flush_all()  # what is lost is logged; the final flush below says it again
+        except StoreError as e:
+            log.error("flush at unmount: %s", e)
 
     ops = Operations(fs, on_ready=ready, on_destroy=destroy)
     options = dict(BASE_OPTIONS, fsname=store.path, subtype="llmfs", **user_opts)
@@ -272,16 +293,42 @@ def serve(args, ready_fd: int | None) -> int:
         report("error: the daemon stopped before the mount was ready")
     service.on_stop(mountpoint)
     background.stop()
+    status = 0
     with background.shutdown_lock:
         try:
-            fs.flush_all()
-            store.set_clean(True)
+            status = finish(fs)
         finally:
             fs.cache.close()
             store.close()
     service.stopped()
     log.info("unmounted %s", mountpoint)
-    return 0
+    return status
+
+
+def finish(fs: Filesystem) -> int:
+    """The end of a session: flush what is buffered and mark the store clean. Every flush is one
+    transaction, so the store is consistent whether or not a file's last writes could be stored:
+    the store is marked clean unless the final sync (or the mark) failed, and then it stays
+    marked unclean, so the next mount checks it. Data that could not be stored is named in the
+    log and on stderr (the daemon's stderr is the log unless it runs in the foreground).
+    Returns the exit status: 0, or 1 if data was lost or the store could not be marked."""
+    try:
+        lost = fs.flush_all()
+    except StoreError as e:
+        log.error("unmount: the store could not be synced (%s); it stays marked unclean and "
+                  "the next mount checks it", e)
+        print(f"llmfs: unmount: the store could not be synced: {e}", file=sys.stderr)
+        return 1
+    for line in lost:
+        log.error("unmount: lost %s", line)
+        print(f"llmfs: unmount: lost {line}", file=sys.stderr)
+    try:
+        fs.store.set_clean(True)
+    except StoreError as e:
+        log.error("unmount: the store could not be marked clean (%s); the next mount checks it",
+                  e)
+        return 1
+    return 1 if lost else 0
 
 
 def cluster_coder(args, store: Store):

@@ -7,6 +7,12 @@ buffered per file and flushed in one transaction (llmfs/writeback.py); reads tak
 that buffer and the rest from the store through the decode cache, in one consistent view; what to
 decode ahead of readers is llmfs/prefetch_policy.py's decision.
 
+Damaged blocks: a stored block that does not decode fails the reads of its own range (CorruptData,
+EIO at the edge; logged once per file and block, with the file's path) — a read spanning it and
+good blocks fails, the good blocks alone read. Everything else works on such a file: stat, rename,
+unlink, overwriting it, truncating it anywhere but inside the damaged block (keeping part of a
+block means reading it; that truncate fails as a read would), and writing whole blocks over it.
+
 Threading: FUSE calls arrive on many threads. `self._lock` guards the table of open files and every
 metadata change that must be checked and applied atomically (link counts, names). Each open file
 has its own lock for its data. Lock order: a file's lock, then `self._lock`, then the store's write
@@ -23,7 +29,7 @@ import threading
 from dataclasses import dataclass
 
 from llmfs.codec import ContainerError
-from llmfs.codec.registry import CODEC_NAMES, Registry, peek_header
+from llmfs.codec.registry import CODEC_NAMES, Registry
 
 from .errors import (  # noqa: F401  (re-exported: the FUSE edge maps them by class)
     CorruptData,
@@ -41,8 +47,8 @@ from .errors import (  # noqa: F401  (re-exported: the FUSE edge maps them by cl
     NotSupported,
     TooBig,
 )
-from .prefetch_policy import PrefetchPolicy
-from .store import ROOT_INO, Inode, Store, now_ns
+from .prefetch_policy import Credentials, PrefetchPolicy
+from .store import ROOT_INO, Inode, Store, StoreError, now_ns
 from .writeback import DIRTY_LIMIT, OpenFile, WriteBuffer
 
 log = logging.getLogger("llmfs")
@@ -52,6 +58,8 @@ XATTR_SIZE_MAX = 65536
 XATTR_CREATE, XATTR_REPLACE = 1, 2
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 VIRTUAL_XATTR = b"user.llmfs."
+# Damaged blocks remembered as logged (so each is logged once); forgotten all at once past this.
+DAMAGE_REPORTS_KEPT = 4096
 
 
 @dataclass
@@ -80,6 +88,7 @@ class Filesystem:
         self._files: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
+        self._reported: set[tuple[int, bytes]] = set()  # damaged blocks already logged
         self.buffer = WriteBuffer(store, registry, self._load_block, dirty_limit)
         self.prefetch = PrefetchPolicy(store, cache, readahead, self._decode_hashes)
 
@@ -422,7 +431,8 @@ class Filesystem:
             for h in t.block_hashes(ino, 0, (1 << 64) - 1).values():
                 blob = t.container(h)
                 stored += len(blob)
-                cname = CODEC_NAMES.get(peek_header(blob).codec_id, "?")
+                head = t.header(h)
+                cname = CODEC_NAMES[head.codec_id] if head is not None else "damaged"
                 counts[cname] = counts.get(cname, 0) + 1
         if name == VIRTUAL_XATTR + b"stored_size":
             return str(stored).encode()
@@ -493,11 +503,21 @@ class Filesystem:
             return f
 
     def _unpin(self, f: OpenFile) -> None:
-        with f.lock:
-            self.buffer.flush(f)
+        """One user less. The flush's error (ENOSPC, EIO) is raised to this user, but the user
+        is gone all the same; a file whose dirty blocks could not be stored stays in the table
+        of open files with no user, so a later flush (another open, fsync, unmount) stores or
+        reports them — its data is never dropped without a word."""
+        try:
+            with f.lock:
+                self.buffer.flush(f)
+        finally:
+            self._drop_user(f, 1)
+
+    def _drop_user(self, f: OpenFile, users: int) -> None:
+        """`users` users of f are gone; forget f if it has none left and nothing to store."""
         with self._lock:
-            f.users -= 1
-            if f.users:
+            f.users -= users
+            if f.users or f.dirty or self._files.get(f.ino) is not f:
                 return
             del self._files[f.ino]
             self.prefetch.forget(f.ino)
@@ -519,13 +539,17 @@ class Filesystem:
                 self.buffer.truncate(f, 0)
         return fh
 
-    def open(self, ino: int, flags: int) -> int:
+    def open(self, ino: int, flags: int, uid: int | None = None, gid: int | None = None,
+             groups: tuple[int, ...] = ()) -> int:
+        """uid, gid, groups: the opener's credentials (the FUSE edge passes them), which bound
+        what is decoded ahead for it: only files it could read itself. None: unknown, so only
+        world-readable files are."""
         inode = self.getattr(ino)
         if inode.is_dir and (flags & os.O_ACCMODE) != os.O_RDONLY:
             raise IsADirectory(ino)
         fh = self._open_handle(ino, flags)
         if inode.is_reg:
-            self.prefetch.on_open(ino, inode)
+            self.prefetch.on_open(ino, inode, Credentials(uid, gid, groups))
         return fh
 
     def opendir(self, ino: int) -> int:
@@ -570,11 +594,25 @@ class Filesystem:
                 self.buffer.flush(f)
         self.store.sync()
 
-    def flush_all(self) -> None:
+    def flush_all(self) -> list[str]:
+        """Flush every file's buffered writes and sync (unmount, SIGTERM, compact --now). A file
+        that cannot be flushed does not stop the others and keeps its data buffered; returns one
+        line per such file (path, bytes, why), also logged — empty when everything was stored.
+        Raises only if the final sync fails (StoreError)."""
+        lost = []
         for f in list(self._files.values()):
-            with f.lock:
-                self.buffer.flush(f)
+            try:
+                with f.lock:
+                    pending = len(f.dirty) * self.block_size
+                    self.buffer.flush(f)
+                self._drop_user(f, 0)  # one whose last user left while its flush failed
+            except (FsError, StoreError) as e:
+                line = (f"{self.path_of(f.ino).decode(errors='replace')}: {pending} buffered "
+                        f"bytes ({pending // self.block_size} blocks) could not be stored: {e}")
+                log.warning("flush: %s", line)
+                lost.append(line)
         self.store.sync()
+        return lost
 
     # ------------------------------------------------------------------ file data
     def _containers(self, ino: int, first: int, last: int) -> dict[int, tuple[bytes, bytes]]:
@@ -594,7 +632,7 @@ class Filesystem:
         def decode(hashes: list[bytes]) -> list[bytes]:
             if any(by_hash[h] is None for h in hashes):
                 raise ContainerError("block map names a block that is not in the store")
-            return self.registry.decode_many([by_hash[h] for h in hashes])
+            return self.registry.decode_many([by_hash[h] for h in hashes], self.block_size)
         order = sorted(blocks)
         try:
             if self.cache is None:
@@ -602,10 +640,44 @@ class Filesystem:
             else:
                 plain = self.cache.get_many([blocks[i][0] for i in order], decode)
         except ContainerError as e:
-            log.error("inode %d: block(s) %s unreadable: %s (run `llmfs fsck`)", ino,
-                      ",".join(map(str, order)), e)
+            if len(order) > 1:  # one bad block fails only the reads of its own range
+                out = {}
+                for i in order:
+                    out.update(self._decode(ino, {i: blocks[i]}))
+                return out
+            self._report_damage(ino, order[0], blocks[order[0]][0], e)
             raise CorruptData(str(e)) from None
         return dict(zip(order, plain))
+
+    def _report_damage(self, ino: int, idx: int, h: bytes, error: Exception) -> None:
+        """Log a damaged block once per (file, block), with the file's path: a reader that
+        retries must not flood the log."""
+        with self._lock:
+            if (ino, h) in self._reported:
+                return
+            if len(self._reported) >= DAMAGE_REPORTS_KEPT:
+                self._reported.clear()
+            self._reported.add((ino, h))
+        log.error("%s: block %d (bytes %d-%d) is unreadable: %s; its reads fail with EIO (run "
+                  "`llmfs fsck` to list every damaged file)", self.path_of(ino).decode(
+                      errors="replace"), idx, idx * self.block_size,
+                  (idx + 1) * self.block_size - 1, error)
+
+    def path_of(self, ino: int) -> bytes:
+        """One path of an inode, for messages: found by walking the tree (directories keep no
+        parent pointer), so only for rare events."""
+        with self.store.read() as t:
+            stack = [(ROOT_INO, b"")]
+            while stack:
+                d, prefix = stack.pop()
+                for name, child in t.listdir(d):
+                    path = prefix + b"/" + name
+                    if child == ino:
+                        return path
+                    ci = t.inode(child)
+                    if ci is not None and ci.is_dir:
+                        stack.append((child, path))
+        return f"<inode {ino}, unlinked>".encode()
 
     def _decode_hashes(self, hashes: list[bytes]) -> list[bytes]:
         """The prefetcher's decode: containers read now, in one snapshot, decoded as one batch.
@@ -614,7 +686,7 @@ class Filesystem:
             blobs = [t.container(h) for h in hashes]
         if any(b is None for b in blobs):
             raise ContainerError("a block to prefetch is no longer stored")
-        return self.registry.decode_many(blobs)
+        return self.registry.decode_many(blobs, self.block_size)
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
         f = self._files[self.handle_ino(fh)]
@@ -662,6 +734,7 @@ class Filesystem:
         if h is None:
             raise InvalidArgument(f"bad file handle {fh}")
         f = self._files[h.ino]
+        self.buffer.make_room(len(data) + self.block_size)  # no lock held: may flush any file
         with f.lock:
             if h.flags & os.O_APPEND:
                 offset = f.size

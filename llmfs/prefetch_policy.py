@@ -11,12 +11,18 @@ llmfs/cache (cache/prefetch.py, cache/readahead.py); this module decides which b
   cold tree of small files otherwise decodes one tiny batch per file.
 - A sequential reader gets readahead (cache/readahead.py decides how far).
 Only LM blocks are named: zstd and raw blocks decode faster than a prefetch could help.
+
+Only what the opener could read is named: a sibling file whose mode does not let the opener's
+credentials read it (owner, group or other bits, as the kernel's default_permissions check does;
+root reads everything) is skipped. Its decoded blocks would otherwise sit in the shared cache on
+another user's behalf, and how fast that user's next read is would tell whether they are there.
 """
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from llmfs.codec.registry import LM
 
@@ -32,6 +38,23 @@ DIR_PREFETCH_BLOCKS = 16
 DIR_PREFETCH_FILES = 64
 # Where each recently looked-up inode was found (parent, name): open() only gets the inode.
 LOOKUPS_KEPT = 4096
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Who opened a file: uid, gid and supplementary groups (uid None: unknown, nobody's)."""
+    uid: int | None = None
+    gid: int | None = None
+    groups: tuple[int, ...] = ()
+
+    def may_read(self, inode: Inode) -> bool:
+        if self.uid == 0:
+            return True
+        if self.uid is not None and inode.uid == self.uid:
+            return bool(inode.mode & 0o400)
+        if self.uid is not None and (inode.gid == self.gid or inode.gid in self.groups):
+            return bool(inode.mode & 0o040)
+        return bool(inode.mode & 0o004)
 
 
 class PrefetchPolicy:
@@ -64,8 +87,9 @@ class PrefetchPolicy:
         if self.readahead is not None:
             self.readahead.forget(ino)
 
-    def on_open(self, ino: int, inode: Inode) -> None:
-        """A regular file was opened: its blocks if it is hot, and the next files of a walk."""
+    def on_open(self, ino: int, inode: Inode, who: Credentials = Credentials()) -> None:
+        """A regular file was opened by `who`: its blocks if it is hot, and the next files of a
+        walk that `who` may read."""
         if self.cache is None:
             return
         hot = self.cache.ram_budget * HOT_FILE_FRACTION
@@ -85,7 +109,8 @@ class PrefetchPolicy:
                         break
                     names.append(name)
                     sibling = t.inode(child)      # a big one gets readahead when read
-                    if sibling is not None and sibling.is_reg and 0 < sibling.size <= small:
+                    if sibling is not None and sibling.is_reg and 0 < sibling.size <= small \
+                            and who.may_read(sibling):
                         hashes += self._lm_hashes(t, child, sibling.size)
                 self.readahead.named_files(where[0], names)
         if hashes:

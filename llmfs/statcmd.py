@@ -10,7 +10,7 @@ import os
 import sys
 
 from llmfs.codec import CODEC_NAMES
-from llmfs.codec.registry import peek_header
+from llmfs.codec.registry import DAMAGED
 
 from . import control, mounts
 from .store import Store, StoreError
@@ -39,9 +39,7 @@ def store_report(store: Store) -> list[tuple[str, str]]:
         c = t.counters
         pending = 0
         for h, _ in t.pending():
-            blob = t.container(h)
-            if blob is not None:
-                pending += peek_header(blob).length
+            pending += t.plain_length(h) or 0  # 0: gone, or a damaged header
         clean = t.meta("clean") == b"1"
     rows = [("store", store.path), ("block size", human(store.block_size)),
             ("logical bytes", f"{c.logical} ({human(c.logical)})")]
@@ -73,9 +71,9 @@ def file_report(store: Store, path: str) -> list[tuple[str, str]]:
         per_codec: dict[int, list[int]] = {}
         hashes = t.block_hashes(ino, 0, (1 << 64) - 1)
         for h in hashes.values():
-            blob = t.container(h)
-            head = peek_header(blob)
-            row = per_codec.setdefault(head.codec_id, [0, 0])
+            blob = t.container(h) or b""
+            head = t.header(h)  # None: a damaged header, shown as such
+            row = per_codec.setdefault(head.codec_id if head else DAMAGED, [0, 0])
             row[0] += 1
             row[1] += len(blob)
     stored = sum(r[1] for r in per_codec.values())

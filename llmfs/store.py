@@ -43,6 +43,17 @@ INVARIANTS (fsck.py checks each one by name)
   * the root inode is ROOT_INO and is a directory; inode numbers are never reused.
   * pending ⊆ blocks; counters equal the sums over inodes and blocks.
 
+DAMAGED BLOCKS
+  A stored byte can rot. A container whose header cannot be read is still a block like any other
+  for every metadata operation: it can lose references and be deleted, its file unlinked,
+  truncated, overwritten or renamed. Only its plaintext is gone: reads of its range fail (EIO).
+  What the store cannot know is how it was counted (its codec and plaintext length are in the bad
+  header), so deleting or replacing it leaves the counters off by that block until they are
+  recounted (fsck --repair; a mount after a crash recounts them). `fsck --repair` quarantines a
+  damaged block: its container becomes a DAMAGED one (codec/registry.py), which reads as EIO for
+  good and which fsck accepts; a later write of the block's content (found by its hash) replaces
+  it with a good container, healing every file that shares it.
+
 TRANSACTIONS
   LMDB allows one writer. Every change that must be atomic (a flush: blocks + refcounts + block map +
   size) is one write transaction, so a crash leaves the old or the new state, never a mix. Nothing
@@ -69,8 +80,8 @@ from dataclasses import dataclass, replace
 import blake3
 import lmdb
 
-from llmfs.codec.container import FINGERPRINT_SIZE
-from llmfs.codec.registry import peek_header
+from llmfs.codec.container import FINGERPRINT_SIZE, ContainerError, Header
+from llmfs.codec.registry import DAMAGED, peek_header
 
 FORMAT_VERSION = 1
 MAGIC = b"llmfs-store"
@@ -325,15 +336,22 @@ class Txn:
         raw = self.txn.get(h, db=self.db["blocks"])
         return bytes(raw) if raw is not None else None
 
-    def container_codec(self, h: bytes) -> int | None:
-        """The codec id of block h's container, read from its header only."""
+    def header(self, h: bytes) -> Header | None:
+        """The header of block h's container; None if h is not stored or its header is damaged."""
         raw = self.txn.get(h, db=self.db["blocks"])
-        return peek_header(raw).codec_id if raw is not None else None
+        return _header(raw) if raw is not None else None
+
+    def container_codec(self, h: bytes) -> int | None:
+        """The codec id of block h's container, read from its header only (None: not stored, or
+        a damaged header)."""
+        head = self.header(h)
+        return head.codec_id if head is not None else None
 
     def plain_length(self, h: bytes) -> int | None:
-        """The plaintext length of block h, read from its container's header only."""
-        raw = self.txn.get(h, db=self.db["blocks"])
-        return peek_header(raw).length if raw is not None else None
+        """The plaintext length of block h, read from its container's header only (None: not
+        stored, or a damaged header)."""
+        head = self.header(h)
+        return head.length if head is not None else None
 
     def refcount(self, h: bytes) -> int:
         raw = self.txn.get(h, db=self.db["refs"])
@@ -347,6 +365,9 @@ class Txn:
         key = blockmap_key(ino, index)
         old = self.txn.get(key, db=bm)
         old = bytes(old) if old is not None else None
+        if h is not None and container is not None and self.refcount(h) \
+                and self.container_codec(h) == DAMAGED:
+            self.replace_container(h, container)  # its content again: heal the block
         if old == h:
             return
         if h is not None:
@@ -379,12 +400,7 @@ class Txn:
         self.txn.delete(h, db=self.db["refs"])
         blob = self.txn.get(h, db=self.db["blocks"])
         if blob is not None:
-            h_ = peek_header(blob)
-            codec_id, plain_len = h_.codec_id, h_.length
-            row = self.counters.per_codec[codec_id]
-            row[0] -= 1
-            row[1] -= plain_len
-            row[2] -= len(blob)
+            self._count(blob, -1)
             self.txn.delete(h, db=self.db["blocks"])
         self.txn.delete(h, db=self.db["pending"])
 
@@ -393,13 +409,20 @@ class Txn:
         old = self.txn.get(h, db=self.db["blocks"])
         if old is None:
             raise KeyError(h.hex())
-        for sign, b in ((-1, old), (1, blob)):
-            head = peek_header(b)
-            row = self.counters.per_codec[head.codec_id]
-            row[0] += sign
-            row[1] += sign * head.length
-            row[2] += sign * len(b)
+        self._count(old, -1)
+        self._count(blob, 1)
         self.txn.put(h, blob, db=self.db["blocks"])
+
+    def _count(self, blob, sign: int) -> None:
+        """Add (sign 1) or remove (-1) a container in the counters. A damaged header does not say
+        how the block was counted: it is left out, and the counters stay off until recounted."""
+        head = _header(blob)
+        if head is None:
+            return
+        row = self.counters.per_codec[head.codec_id]
+        row[0] += sign
+        row[1] += sign * head.length
+        row[2] += sign * len(blob)
 
     def remove_pending(self, h: bytes) -> None:
         self.txn.delete(h, db=self.db["pending"])
@@ -477,6 +500,15 @@ class Txn:
     def _finish(self) -> None:
         if self.write and self._counters is not None:
             self.set_meta("counters", self._counters.pack())
+
+
+def _header(blob) -> Header | None:
+    """The container's header, or None if it is damaged (or names a codec counters cannot hold)."""
+    try:
+        head = peek_header(bytes(blob[:64]))
+    except ContainerError:
+        return None
+    return head if head.codec_id < _N_CODECS else None
 
 
 class Store:

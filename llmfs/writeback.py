@@ -11,16 +11,28 @@ times together, so a crash leaves a file as of some flush, never half of one. Al
 stored as holes. Blocks are compressed (zstd or raw) before the write transaction opens, so the
 store's single writer is never held by compression.
 
-Every method here is called with the file's lock (`OpenFile.lock`) held; the namespace owns the
-table of open files and the locks (llmfs/namespace.py).
+The dirty limit is one bound over all files. `dirty_bytes` counts whole dirty blocks of every file
+and changes only under `_acct_lock`, a leaf lock (nothing is taken while it is held), so it is
+exact however many files are written at once. Before a write is accepted, `make_room` flushes the
+files that were dirtied first (oldest first, any file, the writer's own included) until the new
+data fits; it runs with no lock held and takes each file's lock in turn, so it keeps the lock
+order (a file's lock, then the namespace lock, then the store's write lock) and cannot deadlock.
+What can pass the limit: the writes accepted at the same moment by other threads, each at most
+its size rounded up to whole blocks plus one block (a FUSE write is at most 128 KiB), so memory
+stays under dirty_limit + workers x (max write + 2 blocks).
+
+Every method here except `make_room` and `dirty_files` is called with the file's lock
+(`OpenFile.lock`) held; the namespace owns the table of open files and the locks
+(llmfs/namespace.py).
 """
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from llmfs.codec.registry import RAW, ZSTD, Registry
+from llmfs.codec.registry import DAMAGED, RAW, ZSTD, Registry
 
 from .errors import NoSpace, NotFound
 from .store import Store, StoreFull, block_hash, now_ns
@@ -55,13 +67,43 @@ class WriteBuffer:
         self.dirty_limit = dirty_limit
         self.codecs = codecs
         self._load = load
-        self.dirty_bytes = 0  # all files' buffered bytes
+        self.dirty_bytes = 0  # all files' buffered bytes: changed only under _acct_lock
+        self._acct_lock = threading.Lock()
+        self._dirtied: OrderedDict[int, OpenFile] = OrderedDict()  # files with dirty blocks,
+        # the first dirtied first
+
+    def _account(self, f: OpenFile, blocks: int) -> None:
+        """f gained (or lost, if negative) `blocks` dirty blocks: the only place dirty_bytes changes."""
+        with self._acct_lock:
+            self.dirty_bytes += blocks * self.block_size
+            if f.dirty:
+                self._dirtied.setdefault(f.ino, f)
+            else:
+                self._dirtied.pop(f.ino, None)
+
+    def dirty_files(self) -> list[OpenFile]:
+        """The files holding dirty blocks, the first dirtied first."""
+        with self._acct_lock:
+            return list(self._dirtied.values())
+
+    def make_room(self, incoming: int) -> None:
+        """Flush files, the first dirtied first, until `incoming` more bytes fit under the limit.
+        Called with no lock held. NoSpace if a flush fails: the write is then refused whole."""
+        need = -(-incoming // self.block_size) * self.block_size
+        while self.dirty_bytes + need > self.dirty_limit:
+            with self._acct_lock:
+                oldest = next(iter(self._dirtied.values()), None)
+            if oldest is None:
+                return
+            with oldest.lock:
+                self.flush(oldest)
 
     def write(self, f: OpenFile, data: bytes, offset: int) -> None:
         bs = self.block_size
         if self.dirty_bytes + len(data) > self.dirty_limit and f.dirty:
-            # Flush before taking the new data: if the disk is full this write fails whole
-            # (ENOSPC) and the bytes already accepted stay buffered for a later flush.
+            # Flush before taking the new data (make_room may have been overtaken by other
+            # writers): if the disk is full this write fails whole (ENOSPC) and the bytes
+            # already accepted stay buffered for a later flush.
             self.flush(f)
         pos, view = offset, memoryview(data)
         while view:
@@ -69,7 +111,7 @@ class WriteBuffer:
             n = min(bs - lo, len(view))
             if n == bs and idx not in f.dirty:  # a whole block: nothing to read first
                 f.dirty[idx] = bytearray(view[:n])
-                self.dirty_bytes += bs
+                self._account(f, 1)
             else:
                 self._block(f, idx)[lo:lo + n] = view[:n]
             pos += n
@@ -84,9 +126,10 @@ class WriteBuffer:
             idx, lo = divmod(length, bs)
             if lo:  # the bytes past the new end of the last block must read as zeros later
                 self._block(f, idx)[lo:] = bytes(bs - lo)
-            for i in [i for i in f.dirty if i * bs >= length]:
+            doomed = [i for i in f.dirty if i * bs >= length]
+            for i in doomed:
                 del f.dirty[i]
-                self.dirty_bytes -= bs
+            self._account(f, -len(doomed))
         f.size = length
         f.mtime = now_ns()
         self.flush(f)
@@ -106,8 +149,9 @@ class WriteBuffer:
                 blocks[idx] = (None, b"")
             else:
                 blocks[idx] = (block_hash(plain), plain)
-        with self.store.read() as t:
-            known = {h for h, _ in blocks.values() if h is not None and t.refcount(h)}
+        with self.store.read(buffers=True) as t:  # headers only
+            known = {h for h, _ in blocks.values()  # a quarantined block is stored anew
+                     if h is not None and t.refcount(h) and t.container_codec(h) != DAMAGED}
         encoded = {}
         for h, plain in blocks.values():  # compress outside the write transaction
             if h is not None and h not in known and h not in encoded:
@@ -131,9 +175,10 @@ class WriteBuffer:
                 t.put_inode(f.ino, inode.evolve(**changes), inode)
         except StoreFull as e:
             raise NoSpace(str(e)) from None  # the dirty data stays buffered: nothing is lost
-        self.dirty_bytes -= bs * len(f.dirty)
+        n = len(f.dirty)
         f.dirty.clear()
         f.mtime = None
+        self._account(f, -n)
 
     def _block(self, f: OpenFile, idx: int) -> bytearray:
         """The dirty buffer of block idx, loaded from the store on first touch."""
@@ -145,7 +190,7 @@ class WriteBuffer:
                 if plain:
                     buf[:len(plain)] = plain
             f.dirty[idx] = buf
-            self.dirty_bytes += self.block_size
+            self._account(f, 1)
         return buf
 
     def _encode(self, plain: bytes) -> bytes:

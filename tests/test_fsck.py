@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 
 import pytest
+from llmfs.codec import Registry
 
 from llmfs import fsck
+from llmfs import namespace as ns
 from llmfs.store import ROOT_INO, blockmap_key, dirent_key
 
 BS = 4096
@@ -87,9 +89,12 @@ def test_check_finds_and_repairs(store, corrupt, check):
     assert fsck.run_checks(store)[0] == []
 
 
-def test_corrupt_block_is_named_and_left(store):
+def test_corrupt_block_is_named_and_quarantined(store):
+    """Repair quarantines a corrupt block: the file keeps its size and the block's range reads
+    as EIO (never zeros); then the store checks clean (issue 13; tests/test_damage.py has more)."""
     with store.read() as t:
         ino = t.lookup(t.lookup(ROOT_INO, b"dir"), b"b")
+        size = t.inode(ino).size
         h = t.block_hashes(ino, 2, 2)[2]
         blob = bytearray(t.container(h))
     blob[-1] ^= 0xFF
@@ -97,9 +102,10 @@ def test_corrupt_block_is_named_and_left(store):
         t.txn.put(h, bytes(blob), db=t.db["blocks"])
     problems, repairable = fsck.run_checks(store)
     assert [p.check for p in problems] == ["block_checksums"]
-    assert "/dir/b (block 2)" in problems[0].message and not repairable
-    fsck.run_checks(store, repair=True)  # the file stays, corrupt block and all: a restore is the user's call
-    with store.read() as t:
-        assert t.lookup(t.lookup(ROOT_INO, b"dir"), b"b") == ino
-        assert t.block_hashes(ino, 2, 2) == {2: h} and t.container(h) == bytes(blob)
-    assert [p.check for p in fsck.run_checks(store)[0]] == ["block_checksums"]
+    assert "/dir/b (block 2)" in problems[0].message and repairable
+    fsck.run_checks(store, repair=True)
+    assert fsck.run_checks(store)[0] == []
+    fs = ns.Filesystem(store, Registry())
+    assert fs.getattr(ino).size == size                 # the file stays, with its size
+    with pytest.raises(ns.CorruptData):
+        fs.read_ino(ino, 10, 2 * BS)

@@ -187,8 +187,8 @@ class LMCodec:
     def decode_many(self, items: list[tuple[bytes, int]]) -> list[bytes]:
         """Decode (payload, plaintext length) pairs; all their segments share engine batches."""
         groups: list[_Group] = []
-        for i, (payload, _length) in enumerate(items):
-            groups.extend(self._parse(bytes(payload), i))
+        for i, (payload, length) in enumerate(items):
+            groups.extend(self._parse(bytes(payload), i, length))
         tokens = self._decode_groups(groups)
         per_item: list[list[int]] = [[] for _ in items]
         for group, toks in zip(groups, tokens):
@@ -206,13 +206,17 @@ class LMCodec:
             out.append(data)
         return out
 
-    def _parse(self, buf: bytes, item: int) -> list[_Group]:
+    def _parse(self, buf: bytes, item: int, length: int | None = None) -> list[_Group]:
         if not buf:
             raise Truncated("LM payload is empty")
         if buf[0] not in (1, PAYLOAD_VERSION):
             raise UnsupportedVersion(f"LM payload version {buf[0]} is not supported (this llmfs "
                                      f"reads versions 1 and {PAYLOAD_VERSION})")
         total, pos = read_varint(buf, 1, _TABLE)
+        if length is not None and total > 3 * length:  # a token stands for at least a third of a byte (tokenizer.py: an
+            # escaped byte is 3 tokens): a payload claiming more is damaged, or crafted to hold
+            # the engine for hours (the store bounds length by its block size)
+            raise ChecksumMismatch(f"LM payload is corrupt: {total} tokens for {length} bytes")
         per_seg, pos = read_varint(buf, pos, _TABLE)
         if per_seg < 1 or per_seg + 1 > self.engine.max_seq_len:
             raise ChecksumMismatch(f"LM payload is corrupt: segment length {per_seg}")
