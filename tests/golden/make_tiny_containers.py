@@ -1,10 +1,12 @@
 # Writes tiny-model LM containers in `llmfs compress`'s file format with the code of main at 2fa6d7d
 # (`llmfs compress -m tiny` would keep zstd: the random tiny model compresses nothing).
 import sys
+
 from llmfs.codec import container
-from llmfs.codec.registry import LM
-from llmfs.codec.tool import _HEAD, _FRAME, _TRAILER, FILE_MAGIC, FILE_VERSION
 from llmfs.codec.lm import open_codec
+from llmfs.codec.registry import LM
+from llmfs.codec.tool import _FRAME, _HEAD, _TRAILER, FILE_MAGIC, FILE_VERSION
+
 codec = open_codec("tiny")
 for name in sys.argv[1:]:
     data = open(name, "rb").read()
