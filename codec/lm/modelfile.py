@@ -28,8 +28,9 @@ fingerprint is `fingerprint` or one of `aliases`.
 
 Invariants:
   * a model file is a pure function of the model's integers, its canonical tokenizer, the engine
-    version and the release that wrote it (no paths, times or host names): converting the same
-    source twice with one release gives the same bytes;
+    version, the release that wrote it and its aliases (older fingerprints, computed from the
+    source's tokenizer JSON text): no paths, times or host names, so converting the same source
+    twice with one release gives the same bytes;
   * the manifest's engine_version names the arithmetic (engines.py) that produced the
     frequencies; a reader that lacks that version refuses (engines.UnsupportedEngine), never
     guesses.
