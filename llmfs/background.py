@@ -25,6 +25,7 @@ class Background:
         """compact_after: seconds before a block is compacted; None disables the thread (manual
         `llmfs compact` still works)."""
         self.fs = fs
+        self.models = models
         self.compactor = Compactor(fs.store, fs.registry, models.compaction_codec,
                                    store_spec(fs.store),
                                    compact_after if compact_after is not None else 0)
@@ -45,9 +46,15 @@ class Background:
             inos = inodes_under(self.fs.store, req["path"].encode(errors="surrogateescape"))
         elif req.get("now"):
             self.fs.flush_all()  # "now" includes what is still buffered
+        progress = lambda done, total: send({"done": done, "total": total})
+        if req.get("recode"):   # llmfs compact --recode: see compactor.py
+            res = self.compactor.compact(self.compactor.recode_candidates(inos), progress,
+                                         recode=True)
+            if inos is None:
+                self.models.retire_unused()
+            return asdict(res)
         hashes = self.compactor.candidates(0 if req.get("now") else None, inos)
-        res = self.compactor.compact(hashes, lambda done, total: send({"done": done,
-                                                                       "total": total}))
+        res = self.compactor.compact(hashes, progress)
         return asdict(res)
 
     def _stats(self, req: dict, send) -> dict:

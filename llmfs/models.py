@@ -220,6 +220,26 @@ class Models:
             except StoreError as e:
                 log.error("could not store model %s: %s", fp.hex(), e)
 
+    def retire_unused(self) -> list[bytes]:
+        """Drop the store's model files that no LM block needs (after `llmfs compact --recode`),
+        keeping the compaction model's. Returns the digests dropped."""
+        current = getattr(self.compaction_codec(), "model_file", None)
+        with self.store.read(buffers=True) as t:
+            keys = t.model_keys()
+            needed = {current.digest} if current is not None else set()
+            with t.txn.cursor(db=t.db["blocks"]) as cur:
+                for _h, blob in cur:
+                    head = peek_header(bytes(blob[:64]))
+                    if head.codec_id == LM and head.fingerprint in keys:
+                        needed.add(keys[head.fingerprint])
+        with self.store.write() as t:
+            doomed = [d for d in t.model_file_digests() if d not in needed]
+            for d in doomed:
+                t.delete_model_file(d)
+        for d in doomed:
+            log.info("retired model file %s: no block needs it", d.hex()[:16])
+        return doomed
+
     def resolve(self, fingerprint: bytes):
         """For Registry(model_resolver=...): the codec that decodes blocks with this fingerprint:
         the store's model file for it, else (a format 1 block) the model its spec builds here."""

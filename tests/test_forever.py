@@ -308,10 +308,10 @@ def test_recode_moves_blocks_to_the_current_model_and_retires_the_old(env):
     with s.write() as t:
         t.set_meta("model", str(new).encode())
     s.close()
-    res = recode_offline(path, None, lambda done, total: None, force_lm=True)
-    assert res.blocks == len(lm_fingerprints(path) and TEXTS) or res.blocks > 0
+    res = recode_offline(path, None, lambda done, total: None)
+    assert res.blocks > 0 and res.changed == 0
     fps = lm_fingerprints(path)
-    assert old_fp not in fps and len(fps) == 1
+    assert old_fp not in fps     # (the random test model loses to zstd: the blocks are zstd now)
     s = Store(path)
     with s.read() as t:
         assert old_fp not in t.model_keys() and len(t.model_file_digests()) == 1
