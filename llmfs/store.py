@@ -34,7 +34,8 @@ big-endian so keys sort numerically. Named sub-databases:
             format 2, and how blocks of a format 1 store find their model until it is embedded)
   modelfiles  (format 2) 32-byte blake3 digest → model file (codec/lm/modelfile.py: the engine-ready
             integer weights and scales, Config, canonical tokenizer and engine version): everything
-            decoding an LM block needs besides code, stored once per model (~137 MB for SmolLM2-135M)
+            decoding an LM block needs besides code, stored once per model (about the size of its
+            int8 weights)
   modelkeys   (format 2) model fingerprint (8 bytes) → 32-byte digest of the modelfiles entry that
             decodes it: the model's own fingerprint and each alias its manifest lists
 
