@@ -120,9 +120,10 @@ class Models:
                         counts[head.fingerprint] += 1
             keys, specs = t.model_keys(), t.models()
         manifests = self.manifests()
-        for d in {keys[fp] for fp in keys}:         # embedded models with no blocks yet, too
+        used = {keys.get(fp) for fp in counts}
+        for d in set(keys.values()) - used:          # embedded models no block uses yet, too
             fp = bytes.fromhex(manifests.get(d, {}).get("fingerprint", "")) or None
-            if fp is not None and fp not in counts:
+            if fp is not None:
                 counts[fp] = 0
         out = []
         for fp, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
