@@ -170,6 +170,9 @@ class Models:
             log.info("loading model %s", spec)
             codec = open_codec(spec, batch=self.batch, threads=self.threads, device=self.device)
             self._codecs[spec] = codec
+            mf = getattr(codec, "model_file", None)
+            if mf is not None:    # the same model read back from the store: not a second copy
+                self._codecs.setdefault(mf.digest, codec)
         return codec
 
     def codec(self, spec: str):
