@@ -67,8 +67,10 @@ test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -ra tests
 
+# Filesystem throughput through a mount against the disk under it (llmfs/bench.py). The other
+# benchmarks, and what each measures: docs/benchmarks.md.
 bench: setup
-	$(PY) bench/fs_bench.py
+	.venv/bin/llmfs bench fs
 
 clean:
 	rm -rf .venv run build *.egg-info

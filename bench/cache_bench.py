@@ -1,4 +1,4 @@
-"""Measure the decode cache: hit rates of 2Q (DecodeCache) vs plain LRU (BlockCache) on block traces,
+"""Measure the decode cache: hit rates of 2Q (DecodeCache) vs a plain LRU on block traces,
 per-entry memory overhead, and the cost of a device-tier hit. Light: a few seconds on one core.
 
     .venv/bin/python bench/cache_bench.py [policy] [overhead] [device]
@@ -13,14 +13,36 @@ import random
 import sys
 import time
 import tracemalloc
+from collections import OrderedDict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llmfs.cache import BlockCache, DecodeCache, policy  # noqa: E402
+from llmfs.cache import DecodeCache, policy  # noqa: E402
 
 BLOCK = 64 << 10
 BUDGET = 64 << 20
 DATA = bytes(BLOCK)  # one shared plaintext: the caches only look at its length
+
+
+class LRU:
+    """The baseline: a plain byte-budgeted LRU with the DecodeCache's get/put (what llmfs began with)."""
+
+    def __init__(self, budget: int):
+        self.budget, self.bytes = budget, 0
+        self.entries: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def get(self, key: bytes) -> bytes | None:
+        data = self.entries.get(key)
+        if data is not None:
+            self.entries.move_to_end(key)
+        return data
+
+    def put(self, key: bytes, data: bytes) -> None:
+        old = self.entries.pop(key, None)
+        self.bytes += len(data) - (len(old) if old is not None else 0)
+        self.entries[key] = data
+        while self.bytes > self.budget:
+            self.bytes -= len(self.entries.popitem(last=False)[1])
 
 
 def key(name: str, i: int) -> bytes:
@@ -88,7 +110,7 @@ def bench_policy() -> None:
     print(f"{'trace':42} {'LRU all':>8} {'LRU hot':>8} {'2Q all':>8} {'2Q hot':>8} {'2Q+dev hot':>10} "
           f"{'classic 2Q hot':>14}")
     for name, trace, warm in cases:
-        lru = replay(BlockCache(BUDGET), trace(), warm)
+        lru = replay(LRU(BUDGET), trace(), warm)
         twoq = replay(DecodeCache(BUDGET, 0, device=None), trace(), warm)
         # Same capacity split in two tiers: half RAM, half (CPU-tensor) device.
         tiered = replay(DecodeCache(BUDGET // 2, BUDGET // 2, device="cpu"), trace(), warm)

@@ -1,34 +1,27 @@
-"""CPU <-> CUDA exactness of the LM codec: the check issue 3 asks for on a machine with a GPU.
+"""CPU <-> CUDA exactness of the LM codec, on a machine with an NVIDIA GPU.
 
-    python bench/cuda_roundtrip.py [--devices cpu cuda] [--shape smollm2|tiny] [--kib 24]
+A block compressed on one machine must decompress on any other (docs/design.md, "Exactness"): this
+checks it between the CPU engine (C kernels) and the CUDA engine (torch ops) of one machine.
 
-Builds the same deterministic random model on both devices (Engine.tiny from a seed: nothing to
-download or carry, and at --shape smollm2 it has SmolLM2-135M's shapes — 30 layers, 576 wide, 9/3
-heads, 49,152-entry head — so the CUDA path (TorchOps) and the CPU path (FusedOps, C kernels) run
-the real kernels on real sizes), then on the same text:
+    .venv/bin/python bench/cuda_roundtrip.py [--devices cpu cuda] [--shape smollm2|tiny] [--kib 24]
+
+Run it from a checkout where llmfs is installed in an environment whose torch has CUDA (`make setup`
+installs the CPU build of torch; install a CUDA build of the same version into .venv first). It
+builds the same deterministic random model on both devices (Engine.tiny from a seed: nothing to
+download, and at --shape smollm2 it has SmolLM2-135M's shapes — 30 layers, 576 wide, 9/3 heads,
+49,152-entry head — so both paths run their real kernels on real sizes), then on the same text:
   1. frequency tables of a batch (engine.freqs) and of incremental steps are bit-identical across
      the two devices;
   2. the payloads encoded on each device are byte-identical;
   3. each payload decodes on the other device (CPU -> CUDA and CUDA -> CPU) to the input bytes;
-and reports encode/decode tokens/s per device against the int8 GEMM peak measured on that device
-in the same run. Prints one line per check and writes the results as JSON to $OUT/cuda_roundtrip.json
-when $OUT is set. Exit status 0 only if every check passed.
+and reports encode/decode tokens/s per device against the int8 GEMM peak measured on that device in
+the same run. It prints one line per check, writes the results as JSON to $OUT/cuda_roundtrip.json
+when $OUT is set, and exits 0 only if every check passed.
 
-The text is the project's README and source (it travels with the working tree). The byte-level
-tokenizer keeps the check free of tokenizer files; the real model's tokenizer is plain Python
-and device-independent (tests cover it). The real model's GGUF (~90 MB) cannot travel to the
-device machine (64 MiB per call) — the random model of the same shapes stands in for it.
-
-On the lent H200 (/work/.library/device/README.md; its python3 has torch, numpy, mpmath, xxhash,
-tokenizers, but not these three), from the repo root here, once (verified 2026-11-30):
-    echo /.whl/ >> .git/info/exclude
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 -d .whl constriction==0.5.0 zstandard==0.25.0 blake3==1.0.11
-then one device run with carry [".whl"] (~6 MB) and the command
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
-    PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 bench/cuda_roundtrip.py
-(at --shape smollm2 and --kib 24 the CPU half on 16 cores takes a few minutes; --kib 8 if short).
+The text is the project's README and source. The byte-level tokenizer keeps the check free of
+tokenizer files; the real model's tokenizer is plain Python and the same on every device (tests
+cover it). At --shape smollm2 and --kib 24 the CPU half takes a few minutes on 16 cores; --kib 8 or
+--shape tiny for a quicker check.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ bits/token of the exact engine vs the float32 reference on real text.
                                            [--step-from 0] [--segments 2] [FILE ...]
 
 Ops per token: 2 * (linear-layer parameters + LM head) = ~269 MOP for SmolLM2-135M (attention's
-T-dependent work is extra and not counted, as in the roofline of ARCHITECTURE.md §4).
+T-dependent work is extra and not counted).
 """
 from __future__ import annotations
 

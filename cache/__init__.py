@@ -6,10 +6,8 @@ invalidation and two files sharing a block share its entry.
 - DecodeCache (decode_cache.py): RAM + device tiers, 2Q policy (policy.py), single-flight batched
   get_many, background prefetch (prefetch.py), metrics.
 - Readahead (readahead.py): which blocks a sequential reader will want next.
-- BlockCache (lru.py): the first, plain LRU; kept as the baseline the benchmark measures against.
 """
 from .decode_cache import DecodeCache
-from .lru import BlockCache
 from .readahead import Readahead
 
-__all__ = ["BlockCache", "DecodeCache", "Readahead"]
+__all__ = ["DecodeCache", "Readahead"]

@@ -17,7 +17,7 @@ RAM → device when RAM evicts them, and promoted device → RAM on a hit; a blo
 time, so the capacity is the sum of the budgets.
 
 Memory: each tier has a byte budget that counts what its entries cost (plaintext + per-entry overhead:
-RAM_ENTRY_OVERHEAD = 256 bytes, measured 218-224; device entries rounded up to 512 bytes); a tier never
+RAM_ENTRY_OVERHEAD = 256 bytes; device entries rounded up to 512 bytes); a tier never
 exceeds its budget between calls. Outside the budgets: ghost keys (~170 bytes each with the 32-byte key;
 at most GHOST_FRACTION of the capacity's worth of blocks: 65,536 keys = ~11 MiB for 8 GiB of 64 KiB
 blocks), DEVICE_HOST_OVERHEAD (~500) bytes of host memory per device entry (~0.8 % of the device
@@ -206,7 +206,7 @@ class DecodeCache:
 
     @property
     def size(self) -> int:
-        """Charged bytes in RAM (BlockCache's `size`)."""
+        """Charged bytes in RAM."""
         return self._ram.bytes
 
     def __len__(self) -> int:

@@ -9,14 +9,12 @@ Why 2Q (Johnson & Shasha, VLDB '94, the "full" version with A1in, A1out and Am),
 - Re-reads of one block in quick succession (several small reads inside one 64 KiB block, FUSE requests
   answered out of order) are one "correlated reference" and promote nothing, so a scan that reads each
   block four times is still a scan (SLRU, or 2Q promoting on any second hit, would let it in).
-- Measured (bench/cache_bench.py; 64 KiB blocks, 64 MiB budget; hit rate of the hot reads during and
-  after the scan): hot set of 32 MiB read at random, then a 1 GiB scan interleaved 1:4 with hot reads:
-  LRU 0.675, classic 2Q 0.800 (the hot set, read while the cache was filling, sat in probation and was
-  flushed by the scan), this 2Q 0.995; the same with each scan block read 4 times (also shuffled
-  within 48 reads): this 2Q 0.995 (0.992); a 1 GiB scan alone between hot phases: LRU 0.898, 2Q 0.994.
-  Without a scan, Zipf(0.9) over 512 MiB: LRU 0.582, 2Q 0.626. ARC would also resist the scan with
-  adaptive sizes and more state; W-TinyLFU needs a frequency sketch. 2Q is the simplest that measured
-  well here; not measured: ARC, W-TinyLFU.
+- bench/cache_bench.py replays block traces (docs/benchmarks.md, "Decode cache"): with a hot set
+  and a scan, plain LRU loses most of the hot set and classic 2Q a fifth of it (a hot set read while
+  the cache was filling sat in probation and was flushed by the scan); this 2Q keeps nearly all of
+  it, also when each scan block is read several times, and does a little better than LRU without a
+  scan. ARC would also resist the scan with adaptive sizes and more state; W-TinyLFU needs a
+  frequency sketch. 2Q is the simplest that measured well here; not measured: ARC, W-TinyLFU.
 - The price: a hot block read only at long intervals is protected on its second decode (it left
   probation, its ghost brought it back). For a block that costs seconds to decode, once.
 
@@ -44,9 +42,8 @@ GHOST_FRACTION = 0.5
 
 # A hit on a probation block promotes it only if more than this many blocks were admitted after it:
 # closer re-reads are one correlated reference (a scan's reads inside a block, FUSE requests answered
-# out of order: libfuse's max_background 12 x 128 KiB = 24 blocks). Measured (bench/cache_bench.py):
-# without it, a hot set read while the cache was filling sat unprotected in probation and the scan
-# flushed it: hot hit rate during and after the scan 0.800 (classic 2Q); with it 0.995.
+# out of order: libfuse's max_background 12 x 128 KiB = 24 blocks). Without it, a hot set read while
+# the cache was filling sat unprotected in probation and a scan flushed it (bench/cache_bench.py).
 CORRELATION_WINDOW = 32
 
 

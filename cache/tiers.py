@@ -13,17 +13,17 @@ Threading: none of its own; the DecodeCache calls a tier only while holding its 
 """
 from __future__ import annotations
 
-# Measured with tracemalloc (bench/cache_bench.py overhead): a RAM entry costs 33 bytes of bytes header
-# plus ~190 bytes of dict/OrderedDict slots and the probation tuple (tier dict + policy queue), 224 bytes
-# in all on CPython 3.11; rounded up for the slack of a dict between resizes.
+# A RAM entry's bytes header plus its dict/OrderedDict slots and the probation tuple (tier dict +
+# policy queue), measured with tracemalloc (bench/cache_bench.py overhead, docs/benchmarks.md) and
+# rounded up for the slack of a dict between resizes.
 RAM_ENTRY_OVERHEAD = 256
 
 # CUDA's caching allocator hands out blocks in multiples of 512 bytes.
 DEVICE_ALIGNMENT = 512
 
-# Host memory per device entry (torch.Tensor, TensorImpl, StorageImpl, dict and policy slots): RSS growth
-# over 50,000 one-byte tensors, 160-580 bytes in repeated runs (allocator reuse makes it noisy). Not
-# charged to a budget: ~0.8 % of the device tier's size in host RAM at 64 KiB blocks.
+# Host memory per device entry (torch.Tensor, TensorImpl, StorageImpl, dict and policy slots), from RSS
+# growth over many one-byte tensors (noisy: allocator reuse). Not charged to a budget: ~0.8 % of the
+# device tier's size in host RAM at 64 KiB blocks.
 DEVICE_HOST_OVERHEAD = 500
 
 

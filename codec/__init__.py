@@ -5,7 +5,10 @@ Layers, each depending only on the ones above it:
     registry.py   permanent one-byte codec ids, the raw and zstd codecs, "smallest wins" encoding,
                   verified decoding
     lm/           the language-model codec: model loading, the exact integer engine, tokenization,
-                  arithmetic coding (issue 3)
+                  arithmetic coding
+    tool.py       `llmfs compress` / `llmfs decompress`, the standalone file format
+    bench.py      `llmfs bench codec` (compression and speed against xz, zstd, brotli)
+    progress.py   the commands' progress bar
 The filesystem (llmfs/) uses this package; this package never imports llmfs.
 """
 from .container import (

@@ -1,7 +1,7 @@
 """The container: the one byte format every stored block and every `llmfs compress` output uses.
 
-Layout, format version 2 (written since 2026-11-30; varint = unsigned LEB128, at most 10 bytes,
-the other integers big-endian):
+Layout, format version 2 (the version written; varint = unsigned LEB128, at most 10 bytes, the
+other integers big-endian):
 
     size   field
     4      magic  b"LMFZ"
@@ -15,8 +15,10 @@ the other integers big-endian):
 
 Version 1 (read, never written again): magic, version 1, codec id, u16 flags (0), u64 length,
 u64 checksum, then for LM a 16-byte fingerprint whose first 8 bytes are the codec's fingerprint
-of today (codec/lm: the first 8 bytes of the same blake2b-128 digest), then the payload — 40 header bytes on an LM container where version 2 has 25 for a 64 KiB block. Those 15
-bytes were 0.4 % of GPL-3's LM container (4,134 B) and 0.2 % of a typical LM-coded 64 KiB block.
+of today (codec/lm: the first 8 bytes of the same blake2b-128 digest), then the payload — 40 header
+bytes on an LM container where version 2 has 25 for a 64 KiB block. Version 2 exists because those
+15 bytes are a noticeable fraction of a well-compressed LM block. Every version ever written stays
+readable (docs/design.md, "Versions and compatibility").
 
 Why these sizes: the 64-bit checksum is what stands between a decoding bug (or a wrong model, or a
 garbled block) and wrong bytes, so it keeps all 64 bits. The fingerprint only has to tell apart
@@ -46,7 +48,9 @@ _CHECKSUM = struct.Struct(">Q")
 _V1_HEAD = struct.Struct(">4sBBHQQ")      # version 1: magic, version, codec, flags, length, checksum
 _V1_FINGERPRINT_SIZE = 16
 _MAX_VARINT = 10                          # 64 bits in 7-bit groups
-MAX_HEADER_SIZE = 4 + 1 + 1 + _MAX_VARINT + _CHECKSUM.size + FINGERPRINT_SIZE  # 32: peek this much
+MAX_HEADER_SIZE = 4 + 1 + 1 + _MAX_VARINT + _CHECKSUM.size + FINGERPRINT_SIZE  # 32 (version 2)
+# Enough bytes for the header of every readable version (version 1 LM: 40): what peek_header reads.
+HEADER_PEEK_SIZE = max(MAX_HEADER_SIZE, _V1_HEAD.size + _V1_FINGERPRINT_SIZE)
 
 
 class ContainerError(Exception):

@@ -142,9 +142,10 @@ class Registry:
         return out  # type: ignore[return-value]
 
 
-def peek_header(blob: bytes) -> Header:
-    """The header of a container, without decoding it."""
-    return container.read_header(blob, Registry._has_fingerprint)
+def peek_header(blob: bytes | memoryview) -> Header:
+    """The header of a container, without decoding it. Pass the whole container (bytes or a buffer
+    into the store's map): only its first container.HEADER_PEEK_SIZE bytes are read."""
+    return container.read_header(memoryview(blob)[:container.HEADER_PEEK_SIZE], Registry._has_fingerprint)
 
 
 def verify(data: bytes, h: Header) -> None:

@@ -36,6 +36,7 @@ import sys
 import tempfile
 
 from .container import BadMagic, ContainerError, ModelMismatch, Truncated, UnsupportedVersion
+from .progress import Progress
 from .registry import LM, ZSTD, Registry
 
 FILE_MAGIC = b"LMFS"
@@ -114,8 +115,8 @@ def _one_line(e: Exception) -> str:
 
 
 def _default_spec() -> str:
-    from .lm import loader
-    return loader.DEFAULT_MODEL
+    from .lm import DEFAULT_MODEL
+    return DEFAULT_MODEL
 
 
 def _open_codec(spec: str, args):
@@ -275,29 +276,15 @@ class _Output:
         return False
 
 
-def _progress(path: str, what: str):
-    """A tqdm bar over plaintext bytes when stderr is a terminal; a no-op otherwise."""
-    if not sys.stderr.isatty():
-        return _NoBar()
-    from tqdm import tqdm
+def _progress(path: str, what: str) -> Progress:
+    """A bar over plaintext bytes; compressing a file, its size is the total."""
     size = None
-    if path != "-":
+    if path != "-" and what == "compress":
         try:
-            size = os.path.getsize(path) if what == "compress" else None
+            size = os.path.getsize(path)
         except OSError:
             pass
-    return tqdm(total=size, unit="B", unit_scale=True, desc=what, file=sys.stderr, leave=False)
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return Progress(what, size)
 
 
 __all__ = ["register", "run_compress", "run_decompress", "FILE_MAGIC", "FILE_VERSION", "CHUNK_SIZE"]

@@ -1,4 +1,5 @@
-"""llmfs — a FUSE filesystem whose blocks are stored compressed (zstd now, a language model for cold data).
+"""llmfs — a FUSE filesystem whose blocks are stored compressed: zstd when written, a language model
+once they are cold (docs/design.md).
 
 Dependencies point one way: fuseops (the FUSE edge) → namespace (POSIX semantics) → store (LMDB) →
 codec (containers and codecs). Errors are typed exceptions below the edge and become errno only in

@@ -60,7 +60,7 @@ class Background:
     def _stats(self, req: dict, send) -> dict:
         cache = self.fs.cache
         return {"compaction": asdict(self.compactor.totals),
-                "cache": cache.metrics() if hasattr(cache, "metrics") else {}}
+                "cache": cache.metrics() if cache is not None else {}}
 
     def stop(self) -> None:
         self.compactor.stop()

@@ -21,8 +21,9 @@ import zstandard
 
 from llmfs.codec.bench import bench_subparsers
 
-from .mkfs import DEFAULT_BLOCK_SIZE, parse_size
+from .mkfs import DEFAULT_BLOCK_SIZE
 from .store import Store
+from .units import parse_size
 
 CHUNK = 1 << 20
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from . import service
@@ -34,12 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    service.setup_logging(logging.DEBUG if args.debug else logging.INFO)
     try:
-        return args.func(args) or 0
+        args = build_parser().parse_args(argv)
+        service.setup_logging(logging.DEBUG if args.debug else logging.INFO)
+        rc = args.func(args) or 0
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return rc
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `llmfs stat | head`: the reader is gone. Quiet, like coreutils; later flushes of
+        # stdout go to /dev/null so the interpreter's exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # SIGPIPE
 
 
 if __name__ == "__main__":

@@ -11,13 +11,14 @@ import sys
 import time
 
 from llmfs.codec import Registry
+from llmfs.codec.progress import Progress
 
 from . import control
 from .compactor import Compactor, Result
-from .mkfs import positive_int
 from .models import THREADS, Models, store_spec
-from .statcmd import find_store, human
+from .statcmd import find_store
 from .store import ROOT_INO, Store, StoreError, StoreLocked
+from .units import human, positive_int
 
 
 def inodes_under(store: Store, path: bytes) -> list[int]:
@@ -37,27 +38,6 @@ def inodes_under(store: Store, path: bytes) -> list[int]:
             if inode is not None and inode.is_dir:
                 stack.extend(child for _, child in t.listdir(ino))
     return out
-
-
-class Progress:
-    """A progress bar (bytes, ETA) on a terminal; nothing otherwise."""
-
-    def __init__(self):
-        self.bar = None
-        self.tty = sys.stderr.isatty()
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.tty:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                            desc="compacting", file=sys.stderr)
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def compact_offline(store_path: str, now: bool, path: bytes | None, progress,
@@ -144,7 +124,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    progress = Progress()
+    progress = Progress("compacting")
     t0 = time.monotonic()
     try:
         store_path, _ = find_store(args.target)

@@ -34,7 +34,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from llmfs.codec import ContainerError, Registry
 from llmfs.codec.registry import LM, RAW, ZSTD, peek_header
@@ -71,7 +71,6 @@ class Result:
     skipped: int = 0         # blocks the LM could not help (left as they were)
     changed: int = 0         # blocks rewritten or deleted while being compacted (left alone)
     seconds: float = 0.0
-    tokens: int = field(default=0)
 
     def add(self, other: Result) -> None:
         for k in self.__dataclass_fields__:

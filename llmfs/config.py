@@ -2,10 +2,10 @@
 
 One file per mount (the systemd template instance `llmfs@NAME` reads `/etc/llmfs/NAME.toml`).
 Every key is listed in KEYS with its parser; an unknown key, a wrong type or a bad value is a
-ConfigError that names the file and the key. Keys for features this `llmfs mount` lacks (a GPU cache
-tier, a per-mount model; compaction until mount grows its options) are accepted and validated so
-that a file written today keeps working, and `not_yet` lists them so that the mount says so
-instead of silently pretending to honour them. Command-line arguments override the file.
+ConfigError that names the file and the key. A key that no `llmfs mount` argument honours (today
+only `model`: a store's model is chosen at mkfs) is accepted and validated so that a file written
+today keeps working, and `not_yet` lists it so that the mount says so instead of silently
+pretending to honour it. Command-line arguments override the file.
 
     store = "/srv/llmfs/docs"          # the store made by `llmfs mkfs` (relative: to this file)
     mountpoint = "/mnt/docs"
@@ -17,12 +17,16 @@ instead of silently pretending to honour them. Command-line arguments override t
 
     [cache]
     ram = "64M"                       # decoded blocks kept in RAM
+    gpu = "1G"                        # ... and in GPU memory when CUDA is present
 
     [compaction]
     enabled = true                    # background LM compaction (--no-compaction)
     after = "10m"                     # blocks unchanged this long (--compact-after)
 
-Not built yet (accepted, validated, reported): `model` (a store's model is chosen at mkfs).
+    device = "auto"                   # where the LM runs: auto | cpu | cuda
+    threads = 1                       # CPU threads of the LM
+
+Accepted, validated and reported as having no effect: `model` (a store's model is chosen at mkfs).
 """
 from __future__ import annotations
 
@@ -32,8 +36,8 @@ import tomllib
 from dataclasses import dataclass, field
 
 from .compactor import COMPACT_AFTER
-from .mkfs import parse_size
 from .service import LEVELS
+from .units import parse_size
 
 
 class ConfigError(Exception):

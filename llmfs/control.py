@@ -2,11 +2,20 @@
 of the mount only). A client sends one JSON request line; the daemon answers with JSON lines —
 progress lines, then a last line holding "result" or "error".
 
-    {"op": "compact", "now": true, "inos": [..] | null}  → {"done": n, "total": n} ... {"result": {...}}
-    {"op": "stats"}                                      → {"result": {...}}
+    {"op": "compact", "now": bool, "path": "dir/file" | null}
+                     → {"done": n, "total": n} ... {"result": {...}}
+    {"op": "stats"}  → {"result": {"compaction": {...}, "cache": {...}}}
+    an unknown op, or a handler that raises → {"error": "..."}
+
+compact: "path" limits it to the files at or below that path (relative to the filesystem's root),
+"now" takes blocks however recently written (and flushes buffered writes first).
 
 Threading: one accept thread; each connection is served on its own thread, so a long compaction
-does not block a stats request.
+does not block a stats request. Both are bounded, though only the mount's owner can connect: a
+request line longer than MAX_REQUEST bytes gets an error instead of being read into memory, a
+client that sends nothing (or stops reading) for IO_TIMEOUT seconds is dropped, and at most
+MAX_CLIENTS connections are served at once — one more is told the daemon is busy, on the accept
+thread, so that a burst of connections cannot start a thread each.
 """
 from __future__ import annotations
 
@@ -20,6 +29,10 @@ from collections.abc import Callable, Iterator
 log = logging.getLogger("llmfs")
 
 SOCKET_NAME = "control.sock"
+MAX_REQUEST = 64 << 10  # bytes of one request line (a compaction's inode list stays far below)
+MAX_CLIENTS = 4
+IO_TIMEOUT = 30.0  # seconds a client may keep the daemon waiting on one read or write
+BUSY_TIMEOUT = 1.0  # seconds the accept thread spends reading a refused request and answering
 
 
 def _short_path(dir_fd: int) -> str:
@@ -29,9 +42,15 @@ def _short_path(dir_fd: int) -> str:
 
 
 class ControlServer:
-    def __init__(self, store_path: str, handlers: dict[str, Callable[[dict, Callable], dict]]):
+    def __init__(self, store_path: str, handlers: dict[str, Callable[[dict, Callable], dict]],
+                 max_clients: int = MAX_CLIENTS, max_request: int = MAX_REQUEST,
+                 io_timeout: float = IO_TIMEOUT):
         """handlers[op](request, send) -> result dict; send(dict) streams a progress line."""
         self.handlers = handlers
+        self.max_clients = max_clients
+        self.max_request = max_request
+        self.io_timeout = io_timeout
+        self._slots = threading.BoundedSemaphore(max_clients)
         self._dir_fd = os.open(store_path, os.O_RDONLY | os.O_DIRECTORY)
         path = _short_path(self._dir_fd)
         try:
@@ -51,15 +70,54 @@ class ControlServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 return  # closed
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            if not self._slots.acquire(blocking=False):
+                self._busy(conn)
+                continue
+            try:
+                threading.Thread(target=self._serve_slot, args=(conn,), daemon=True).start()
+            except BaseException:
+                self._slots.release()
+                conn.close()
+                raise
+
+    def _busy(self, conn: socket.socket) -> None:
+        """Refuse a connection while MAX_CLIENTS are served. The request is read first (briefly):
+        a Unix socket closed with unread data makes the client's read fail instead of showing
+        the answer."""
+        with conn:
+            try:
+                conn.settimeout(BUSY_TIMEOUT)
+                with conn.makefile("rwb") as f:
+                    f.readline(self.max_request + 1)
+                    f.write(json.dumps({"error": f"the daemon is busy with {self.max_clients} "
+                                                 f"requests; try again"}).encode() + b"\n")
+                    f.flush()
+            except OSError:
+                pass
+        log.warning("control request refused: %d requests in progress", self.max_clients)
+
+    def _serve_slot(self, conn: socket.socket) -> None:
+        try:
+            self._serve(conn)
+        finally:
+            self._slots.release()
 
     def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(self.io_timeout)
         with conn, conn.makefile("rwb") as f:
             def send(obj: dict) -> None:
                 f.write(json.dumps(obj).encode() + b"\n")
                 f.flush()
             try:
-                request = json.loads(f.readline())
+                line = f.readline(self.max_request + 1)
+                if len(line) > self.max_request:
+                    log.warning("control request refused: longer than %d bytes", self.max_request)
+                    send({"error": f"request longer than {self.max_request} bytes"})
+                    return
+                request = json.loads(line)
+                if not isinstance(request, dict):
+                    send({"error": "a request is a JSON object"})
+                    return
                 handler = self.handlers.get(request.get("op"))
                 if handler is None:
                     send({"error": f"unknown request {request.get('op')!r}"})

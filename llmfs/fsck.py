@@ -171,7 +171,7 @@ def _count(t: Txn) -> Counters:
     want = Counters.zero()
     want.logical = sum(i.size for _, i in t.inodes() if i.is_reg)
     for _h, blob in t.blocks():
-        head = peek_header(blob[:64])
+        head = peek_header(blob)
         row = want.per_codec[head.codec_id]
         row[0] += 1
         row[1] += head.length

@@ -2,8 +2,38 @@
 the namespace, and turns its typed errors into errno. Nothing about what the filesystem *is* lives
 here.
 
+Open files whose last name is removed: libfuse's high-level API forgets the path of a file unlinked
+with `hard_remove`, and then answers fstat(2) (a GETATTR without a file handle) with ESTALE by
+itself. So we run without hard_remove: libfuse "hides" an open file that is unlinked or renamed
+over by renaming it to `.fuse_hiddenXXXXXXXXYYYYYYYY` in its directory, and keeps that path for
+the kernel's node. We turn that rename into what it stands for — the namespace unlinks the name
+(the file becomes an orphan with st_nlink 0, kept while open, purged after a crash) — and remember
+the hidden path in memory only, as an alias of the inode:
+  * fstat, fchmod, fchown, futimens through the hidden path reach the file; readdir never lists it;
+  * libfuse subtracts one from st_nlink of a hidden node (it expects the hidden name to be a real
+    link), so getattr through an alias adds it back;
+  * aliases follow renames of the directories above them; rmdir of their directory still works,
+    after which fstat of the file fails with ESTALE (libfuse has no path for it any more; reads,
+    writes and ftruncate go by the handle) — as does fstat of an open directory that was removed;
+  * libfuse unlinks the hidden path when the last descriptor of its node closes, which drops the
+    alias; release drops the aliases of a file nobody has open any more (libfuse cannot build the
+    hidden path once its directory is gone; its unlink then finds nothing, which it ignores).
+A rename is taken for libfuse's hiding only when the new name has exactly that form, the source is
+open, and the call just before on the same thread was libfuse's getattr probe of that name
+(hidden_name() checks that it is free): a user who renames an open file to such a name right
+after looking it up on the same FUSE thread gets an unlinked file instead — a name nobody picks.
+libfuse also hides the open target of a rename before asking for the rename; where POSIX keeps the
+target's name (the source is a hard link of the same file) or fails (RENAME_NOREPLACE), the
+rename that follows at once on the same thread gives the name back.
+
+ftruncate(2) (and a chmod that ftruncate's suid-clearing adds) arrives as SETATTR with the file
+handle and, with nullpath_ok, no path: mfusepy's libfuse 3 wrappers drop the handle of truncate,
+chmod, chown and utimens, so the FUSE subclass below passes it on and these methods use it.
+
 Threading: libfuse's multithreaded loop calls these methods from several threads at once; the
-namespace is thread-safe, and this class keeps no state of its own.
+namespace is thread-safe. State kept here: the hidden aliases (under their own lock), and per OS
+thread a call counter and what its last call left for the next one (each thread touches only
+its own entries).
 """
 from __future__ import annotations
 
@@ -11,6 +41,8 @@ import errno
 import functools
 import logging
 import os
+import re
+import threading
 
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 import mfusepy  # noqa: E402  (reads FUSE_LIBRARY_NAME at import)
@@ -31,13 +63,23 @@ ERRNO = {
 FUSE_UNKNOWN_INO = 0xFFFFFFFF
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
+# The name libfuse gives an open file it hides (lib/fuse.c, hidden_name(): node id, counter).
+HIDDEN_NAME = re.compile(rb"\.fuse_hidden[0-9a-f]{16}")
+# Thread ids whose call counts are kept (the counts start over beyond: at worst one hiding is
+# missed, and its file shows under its .fuse_hidden name until closed).
+THREADS_REMEMBERED = 4096
 
 
 def _errno_edge(method):
     @functools.wraps(method)
-    def wrapper(*args, **kwargs):
+    def wrapper(self, *args, **kwargs):
+        tid = threading.get_native_id()
+        if len(self._calls) > THREADS_REMEMBERED:  # libfuse ends idle threads and starts new ones
+            self._calls.clear()
+            self._marks.clear()
+        self._calls[tid] = self._calls.get(tid, 0) + 1  # each thread writes only its own key
         try:
-            return method(*args, **kwargs)
+            return method(self, *args, **kwargs)
         except ns.FsError as e:
             raise FuseOSError(ERRNO[type(e)]) from None
         except StoreFull:
@@ -62,6 +104,14 @@ class Operations(mfusepy.Operations):
         self.fs = fs
         self._on_ready = on_ready
         self._on_destroy = on_destroy
+        self._hidden: dict[bytes, int] = {}  # libfuse's hidden path -> inode (module docstring)
+        self._hidden_lock = threading.Lock()
+        # Per OS thread: how many calls it made, and what its last call left for the next one
+        # (libfuse's hiding is a getattr, a rename, and in a rename the rename, all on one
+        # thread). Not threading.local: libfuse's threads are foreign to Python, and ctypes gives
+        # each callback a fresh thread state, so thread-local data would not outlive the call.
+        self._calls: dict[int, int] = {}
+        self._marks: dict[int, tuple[int, tuple]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
     def init(self, path):
@@ -74,11 +124,48 @@ class Operations(mfusepy.Operations):
 
     # -- helpers ---------------------------------------------------------------------------------
     def _ino(self, path, fh=None) -> int:
-        if fh is not None and path is None:
+        """The inode of an open handle (preferred: the path of an open file may be stale), else of
+        the path (libfuse's hidden paths included)."""
+        if fh is not None:
             return self.fs.handle_ino(fh)
         if path is None:
             raise ns.NotFound("no path")
-        return self.fs.resolve(_fs(path))
+        p = _fs(path)
+        with self._hidden_lock:
+            ino = self._hidden.get(p)
+        return ino if ino is not None else self.fs.resolve(p)
+
+    def _mark(self, *what) -> None:
+        """Remember what this call did, for the next call on this thread only."""
+        tid = threading.get_native_id()
+        self._marks[tid] = (self._calls.get(tid, 0), what)
+
+    def _previous(self) -> tuple:
+        """What the previous call on this thread marked, if it was the one just before."""
+        tid = threading.get_native_id()
+        mark = self._marks.pop(tid, None)
+        return mark[1] if mark is not None and mark[0] == self._calls.get(tid, 0) - 1 else ()
+
+    def _hide(self, old: str, new: str, flags: int, previous: tuple) -> bool:
+        """If this rename is libfuse hiding an open file (module docstring): unlink the old name
+        in the namespace, remember the new path as an alias, and return True."""
+        p = _fs(new)
+        if flags or previous != ("probe", p) or not HIDDEN_NAME.fullmatch(p.rpartition(b"/")[2]):
+            return False
+        head, old_head = p.rpartition(b"/")[0], _fs(old).rpartition(b"/")[0]
+        ino = self._ino(old)
+        if head != old_head or not self.fs.is_open(ino):
+            return False
+        self.fs.unlink(*self._parent(old))
+        with self._hidden_lock:
+            self._hidden[p] = ino
+        self._mark("hid", _fs(old), ino)
+        return True
+
+    def _unhide(self, path: str) -> bool:
+        """libfuse unlinks a hidden path after the last close: forget the alias."""
+        with self._hidden_lock:
+            return self._hidden.pop(_fs(path), None) is not None
 
     def _parent(self, path: str) -> tuple[int, bytes]:
         head, _, name = _fs(path).rstrip(b"/").rpartition(b"/")
@@ -96,8 +183,20 @@ class Operations(mfusepy.Operations):
     # -- metadata --------------------------------------------------------------------------------
     @_errno_edge
     def getattr(self, path, fh=None):
-        ino = self.fs.handle_ino(fh) if fh is not None else self._ino(path)
-        return self._attrs(ino, self.fs.getattr(ino))
+        try:
+            ino = self._ino(path, fh)
+        except ns.NotFound:
+            p = _fs(path) if path is not None else b""
+            if HIDDEN_NAME.fullmatch(p.rpartition(b"/")[2]):
+                self._mark("probe", p)  # libfuse checks that a name to hide a file under is free
+            raise
+        attrs = self._attrs(ino, self.fs.getattr(ino))
+        if fh is None and path is not None:
+            with self._hidden_lock:
+                hidden = _fs(path) in self._hidden
+            if hidden:  # libfuse takes one off for the hidden name (module docstring)
+                attrs["st_nlink"] += 1
+        return attrs
 
     @_errno_edge
     def opendir(self, path):
@@ -157,7 +256,8 @@ class Operations(mfusepy.Operations):
 
     @_errno_edge
     def unlink(self, path):
-        self.fs.unlink(*self._parent(path))
+        if not self._unhide(path):
+            self.fs.unlink(*self._parent(path))
         return 0
 
     @_errno_edge
@@ -167,23 +267,51 @@ class Operations(mfusepy.Operations):
 
     @_errno_edge
     def rename(self, old, new, flags=0):
+        previous = self._previous()
+        if self._hide(old, new, flags, previous):
+            return 0
+        if previous[:2] == ("hid", _fs(new)):
+            # libfuse hid this rename's target because it was open, before asking for the rename.
+            # Where POSIX changes nothing — the source is another name of the same file — or
+            # fails (RENAME_NOREPLACE), the target's name is given back.
+            ino = previous[2]
+            if flags & ns.RENAME_NOREPLACE or self._ino(old) == ino:
+                self.fs.link(ino, *self._parent(new))
+                if flags & ns.RENAME_NOREPLACE:
+                    raise ns.Exists(new)
+                return 0
         op, oname = self._parent(old)
         np_, nname = self._parent(new)
         self.fs.rename(op, oname, np_, nname, flags)
+        self._move_hidden(old, new, exchange=bool(flags & ns.RENAME_EXCHANGE))
+        return 0
+
+    def _move_hidden(self, old: str, new: str, exchange: bool) -> None:
+        """A directory moved: the hidden paths below it move with it, as libfuse's nodes do."""
+        o, n = _fs(old) + b"/", _fs(new) + b"/"
+        with self._hidden_lock:
+            if not self._hidden:
+                return
+            moved = {}
+            for p in list(self._hidden):
+                if p.startswith(o):
+                    moved[n + p[len(o):]] = self._hidden.pop(p)
+                elif exchange and p.startswith(n):
+                    moved[o + p[len(n):]] = self._hidden.pop(p)
+            self._hidden.update(moved)
+
+    @_errno_edge
+    def chmod(self, path, mode, fh=None):
+        self.fs.chmod(self._ino(path, fh), mode)
         return 0
 
     @_errno_edge
-    def chmod(self, path, mode):
-        self.fs.chmod(self._ino(path), mode)
+    def chown(self, path, uid, gid, fh=None):
+        self.fs.chown(self._ino(path, fh), uid, gid)
         return 0
 
     @_errno_edge
-    def chown(self, path, uid, gid):
-        self.fs.chown(self._ino(path), uid, gid)
-        return 0
-
-    @_errno_edge
-    def utimens(self, path, times=None):
+    def utimens(self, path, times=None, fh=None):
         if times is None:
             now = ns.now_ns()
             times = (now, now)
@@ -192,7 +320,7 @@ class Operations(mfusepy.Operations):
             if t == UTIME_OMIT:
                 return None
             return ns.now_ns() if t == UTIME_NOW else t
-        self.fs.utimens(self._ino(path), resolve(times[0]), resolve(times[1]))
+        self.fs.utimens(self._ino(path, fh), resolve(times[0]), resolve(times[1]))
         return 0
 
     @_errno_edge
@@ -259,14 +387,51 @@ class Operations(mfusepy.Operations):
 
     @_errno_edge
     def release(self, path, fh):
+        ino = self.fs.handle_ino(fh)
         self.fs.release(fh)
+        with self._hidden_lock:
+            stale = [p for p, i in self._hidden.items() if i == ino] if self._hidden else []
+        if stale and not self.fs.is_open(ino):
+            # Normally libfuse unlinks the hidden path next; it cannot once the directory that
+            # held it is gone, so an alias of a file nobody has open is dropped here.
+            with self._hidden_lock:
+                for p in stale:
+                    self._hidden.pop(p, None)
         return 0
 
 
 class FUSE(mfusepy.FUSE):
     """mfusepy drops rename's flags under libfuse 3; RENAME_NOREPLACE and RENAME_EXCHANGE must reach
-    the namespace (`mv --exchange`, `renameat2`)."""
+    the namespace (`mv --exchange`, `renameat2`). It also drops the file handle that libfuse 3
+    gives setattr's parts (truncate, chmod, chown, utimens) for ftruncate(2): without it an open
+    file reached with no path (nullpath_ok) could not be truncated."""
+
+    def _path(self, path: bytes | None) -> str | None:
+        return None if path is None else path.decode(self.encoding, self.errors)
+
+    @staticmethod
+    def _fh(fip) -> int | None:
+        return fip.contents.fh if fip else None
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
-        return self.operations.rename(old.decode(self.encoding, self.errors),
-                                      new.decode(self.encoding, self.errors), flags)
+        return self.operations.rename(self._path(old), self._path(new), flags)
+
+    def truncate_fuse_3(self, path: bytes | None, length: int, fip) -> int:
+        return self.operations.truncate(self._path(path), length, self._fh(fip))
+
+    def chmod_fuse_3(self, path: bytes | None, mode: int, fip) -> int:
+        return self.operations.chmod(self._path(path), mode, self._fh(fip))
+
+    def chown_fuse_3(self, path: bytes | None, uid: int, gid: int, fip) -> int:
+        if mfusepy.c_uid_t(uid + 1).value == 0:  # (uid_t)-1: leave unchanged
+            uid = -1
+        if mfusepy.c_gid_t(gid + 1).value == 0:
+            gid = -1
+        return self.operations.chown(self._path(path), uid, gid, self._fh(fip))
+
+    def utimens_fuse_3(self, path: bytes | None, buf, fip) -> int:
+        times = None
+        if buf:
+            times = (mfusepy.time_of_timespec(buf.contents.actime, use_ns=self.use_ns),
+                     mfusepy.time_of_timespec(buf.contents.modtime, use_ns=self.use_ns))
+        return self.operations.utimens(self._path(path), times, self._fh(fip))

@@ -31,19 +31,17 @@ from collections import Counter
 from dataclasses import dataclass
 
 from llmfs.codec.container import ModelMismatch
+from llmfs.codec.lm import DECODE_BATCH, DEFAULT_MODEL  # plain values: importing them loads no torch
 from llmfs.codec.registry import LM, peek_header
 
 from .store import Store, StoreError
 
 log = logging.getLogger("llmfs")
 
-DEFAULT_SPEC = "smollm2-135m"  # codec.lm.loader.DEFAULT_MODEL; named here to import torch lazily
-# The daemon shares two cores with everything else; one intra-op thread keeps compaction from
-# starving FUSE threads (and 2 threads measured ~70x slower on a loaded 2-core machine).
+# The daemon shares its cores with everything else; one intra-op thread keeps compaction from
+# starving FUSE threads, and torch's waiting workers spin, so more threads on busy cores make the
+# model much slower (docs/design.md, "Threading and locks").
 THREADS = 1
-# Segments decoded side by side: codec.lm.codec.DECODE_BATCH (measured there: 304 tokens/s at 64 vs
-# 258 at 16, 1.95 vs 0.80 GB peak RSS); named here to import torch lazily.
-DECODE_BATCH = 64
 # Bytes of a model file read to find its manifest (the canonical tokenizer is ~1.6 MB of it).
 _MANIFEST_PEEK = 8 << 20
 
@@ -53,7 +51,7 @@ class UndecodableStore(StoreError):
 
 
 def store_spec(store: Store) -> str:
-    return store.model_spec or DEFAULT_SPEC
+    return store.model_spec or DEFAULT_MODEL
 
 
 @dataclass

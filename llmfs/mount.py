@@ -19,6 +19,7 @@ import argparse
 import errno
 import logging
 import os
+import stat
 import subprocess
 import sys
 
@@ -26,25 +27,43 @@ from llmfs.cache import DecodeCache, Readahead
 from llmfs.cache.decode_cache import DEFAULT_RAM_BUDGET
 from llmfs.codec import Registry
 
-from . import config, fsck, service
+from . import config, fsck, mounts, service
 from .background import Background
 from .compactor import COMPACT_AFTER
 from .fuseops import FUSE, Operations
-from .mkfs import parse_size, positive_int
 from .models import THREADS, Models
 from .namespace import DIRTY_LIMIT, Filesystem
-from .store import Store, StoreError
+from .store import LOCK_FILE, Store, StoreError
+from .units import parse_size, positive_int
 
 log = logging.getLogger("llmfs")
 
 LOG_FILE = "llmfs.log"
-# Options we always pass: inode numbers are ours (hard links show as such), unlinked open files
-# are ours to keep (no .fuse_hidden files), and the kernel checks permissions. libfuse's high-level
-# API gives every *name* its own kernel inode, so a cached attribute of one hard link goes stale
-# when another name changes it (nlink after `ln`, which tar and rsync -H rely on): attr_timeout=0
-# makes the kernel ask us on every stat.
-BASE_OPTIONS = {"use_ino": True, "hard_remove": True, "default_permissions": True,
-                "attr_timeout": 0}
+# What a store directory holds besides control.sock (made 0600 by control.py)
+STORE_FILES = ("data.mdb", "lock.mdb", LOCK_FILE, LOG_FILE)
+# Options we always pass: inode numbers are ours (hard links show as such), and the kernel checks
+# permissions. No hard_remove: libfuse then hides an open file that loses its last name by a
+# rename that fuseops.py turns into an unlink plus an in-memory alias, so fstat(2) on it keeps
+# working (no .fuse_hidden file is ever listed or stored). libfuse's high-level API gives every
+# *name* its own kernel inode, so a cached attribute of one hard link goes stale when another name
+# changes it (nlink after `ln`, which tar and rsync -H rely on): attr_timeout=0 makes the kernel
+# ask us on every stat.
+BASE_OPTIONS = {"use_ino": True, "default_permissions": True, "attr_timeout": 0}
+
+
+# The -o options a user may give (on the command line, in a config file's `options`, or in fstab
+# through mount.fuse.llmfs): the kernel's mount flags and the FUSE mount options that libfuse 3
+# passes on (lib/mount.c, lib/fuse_lowlevel.c). Everything else is refused before the store is
+# opened: libfuse's own tuning (attr_timeout, kernel_cache, umask, uid, modules, ...) would change
+# what BASE_OPTIONS guarantee, and fsname/subtype are how `llmfs umount` and `llmfs stat` find the
+# store of a mount.
+FLAG_OPTIONS = {"ro", "rw", "suid", "nosuid", "dev", "nodev", "exec", "noexec", "async", "sync",
+                "dirsync", "atime", "noatime", "allow_other", "allow_root", "auto_unmount",
+                "default_permissions"}
+# (max_read= is not among them: libfuse 3's high-level API then fails its init and exits.)
+VALUE_OPTIONS = {"context": "an SELinux context", "fscontext": "an SELinux context",
+                 "defcontext": "an SELinux context", "rootcontext": "an SELinux context"}
+OWN_OPTIONS = {"fsname": "the store's path", "subtype": "llmfs"}
 
 
 class MountError(Exception):
@@ -52,14 +71,88 @@ class MountError(Exception):
 
 
 def parse_options(values: list[str]) -> dict:
+    """-o values ("a,b=c", ...) → {key: value or True}; MountError for an option we do not pass
+    to FUSE, so that a wrong option fails before the store is touched (once it is marked in use,
+    a failed start would leave it marked unclean)."""
     opts = {}
     for value in values:
         for item in value.split(","):
+            item = item.strip()
             if not item:
                 continue
             key, eq, val = item.partition("=")
-            opts[key] = val if eq else True
+            if key in OWN_OPTIONS:
+                raise MountError(f"option {key} is set by llmfs ({OWN_OPTIONS[key]}); remove "
+                                 f"-o {item}")
+            if key in FLAG_OPTIONS:
+                if eq:
+                    raise MountError(f"option {key} takes no value (-o {item})")
+                opts[key] = True
+            elif key in VALUE_OPTIONS:
+                if not val:
+                    raise MountError(f"option {key} needs {VALUE_OPTIONS[key]} (-o {item})")
+                opts[key] = val
+            else:
+                raise MountError(
+                    f"unsupported mount option {item!r}; llmfs passes these to FUSE: "
+                    f"{', '.join(sorted(FLAG_OPTIONS))}, "
+                    f"{', '.join(k + '=' for k in sorted(VALUE_OPTIONS))}")
     return opts
+
+
+def secure_store(path: str) -> list[str]:
+    """Make a store private to its owner before mounting it: the directory 0700, its files 0600
+    (minus any owner bits they lack). data.mdb holds every file's data and names, and the mount's
+    mode checks do not guard it: a store others can read or write is readable or forgeable around
+    the mount. Returns what was changed, for the log and the user; MountError where it cannot be
+    changed (not our store) or where a store file is not a plain file (a symlink is never followed:
+    root mounting a user's store must not chmod what a link points to)."""
+    changed = []
+    try:
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise MountError(f"cannot open the store {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(dfd)
+        if st.st_mode & 0o077:
+            mode = stat.S_IMODE(st.st_mode) & 0o700
+            _chmod(dfd, mode, path)
+            changed.append(f"{path} was mode {stat.S_IMODE(st.st_mode):04o}, open to other "
+                           f"users; made it {mode:04o}")
+        for name in STORE_FILES:
+            where = os.path.join(path, name)
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                             dir_fd=dfd)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise MountError(f"{where} is a symbolic link; a store's files must be its "
+                                     f"own") from None
+                raise MountError(f"cannot open {where}: {e.strerror}") from None
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise MountError(f"{where} is not a regular file")
+                if st.st_mode & 0o077:
+                    mode = stat.S_IMODE(st.st_mode) & 0o600
+                    _chmod(fd, mode, where)
+                    changed.append(f"{where} was mode {stat.S_IMODE(st.st_mode):04o}; made it "
+                                   f"{mode:04o}")
+            finally:
+                os.close(fd)
+    finally:
+        os.close(dfd)
+    return changed
+
+
+def _chmod(fd: int, mode: int, where: str) -> None:
+    try:
+        os.fchmod(fd, mode)
+    except OSError as e:
+        raise MountError(f"{where} can be read or written by other users and cannot be made "
+                         f"private ({e.strerror}); `chmod go-rwx` it as its owner") from None
 
 
 def open_filesystem(store_path: str, dirty_limit: int = DIRTY_LIMIT,
@@ -97,7 +190,7 @@ def open_filesystem(store_path: str, dirty_limit: int = DIRTY_LIMIT,
 def serve(args, ready_fd: int | None) -> int:
     """Run the daemon in the foreground until unmounted."""
     mountpoint = os.path.abspath(args.mountpoint)
-    user_opts = parse_options(args.options)
+    user_opts = parse_options(args.options)  # checked by run() already
 
     def report(message: str) -> None:
         nonlocal ready_fd
@@ -105,6 +198,11 @@ def serve(args, ready_fd: int | None) -> int:
             os.write(ready_fd, message.encode() + b"\n")
             os.close(ready_fd)
             ready_fd = None
+
+    def warn(message: str) -> None:
+        log.warning("%s", message)  # stderr: the log file, the journal or the terminal
+        if ready_fd is not None:  # and the `llmfs mount` that started us prints it
+            os.write(ready_fd, f"warning: {message}".encode().replace(b"\n", b" ") + b"\n")
 
     try:
         try:
@@ -119,6 +217,8 @@ def serve(args, ready_fd: int | None) -> int:
             raise MountError(f"mount point {args.mountpoint} is not a directory")
         if os.path.ismount(mountpoint):
             raise MountError(f"{args.mountpoint} is already a mount point")
+        for change in secure_store(args.store):
+            warn(change)
         fs, models = open_filesystem(args.store, args.dirty_limit, args.cache_size,
                                      args.gpu_cache_size, args.device, args.threads)
     except (StoreError, MountError) as e:
@@ -126,7 +226,10 @@ def serve(args, ready_fd: int | None) -> int:
         print(f"llmfs mount: {e}", file=sys.stderr)
         return 1
     store = fs.store
-    store.describe_lock_holder(f"mounted at {mountpoint} by pid {os.getpid()}")
+    # Where and by whom, for the error of a second mount and for `llmfs umount`/`stat`, which
+    # trust a mount only when this names it (llmfs/mounts.py); the device follows once mounted.
+    real_mountpoint = os.path.realpath(mountpoint)
+    store.describe_lock_holder(mounts.lock_text(real_mountpoint, os.getpid()))
     store.set_clean(False)
     background = Background(fs, models, None if args.no_compaction else args.compact_after)
     served = False
@@ -134,6 +237,12 @@ def serve(args, ready_fd: int | None) -> int:
     def ready():
         nonlocal served
         served = True
+        dev = mounts.own_device(real_mountpoint, store.path)
+        if dev is None:
+            log.warning("%s is not in /proc/self/mountinfo; `llmfs umount` will not know this "
+                        "daemon", real_mountpoint)
+        else:
+            store.describe_lock_holder(mounts.lock_text(real_mountpoint, os.getpid(), dev))
         log.info("mounted %s on %s", store.path, mountpoint)
         background.start()
         service.notify("READY=1", f"STATUS=serving {store.path} on {mountpoint}")
@@ -196,12 +305,22 @@ def start_daemon(args) -> int:
     for o in args.options:
         cmd += ["-o", o]
     log_path = os.path.join(args.store, LOG_FILE)
-    with open(log_path, "ab") as logf:
+    try:  # private like the rest of the store (secure_store), whatever the umask
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        print(f"llmfs mount: cannot open {log_path}: {e.strerror}", file=sys.stderr)
+        return 1
+    with os.fdopen(log_fd, "ab") as logf:
         proc = subprocess.Popen(cmd, pass_fds=(write_fd,), start_new_session=True,
                                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as r:
-        answer = r.readline().decode().strip()
+        while True:
+            answer = r.readline().decode(errors="replace").strip()
+            if not answer.startswith("warning: "):
+                break
+            print(f"llmfs mount: {answer}", file=sys.stderr)
     if answer == "ok":
         return 0
     proc.wait(timeout=30)
@@ -261,6 +380,11 @@ def run(args) -> int:
         return 2
     if args.dirty_limit is None:
         args.dirty_limit = DIRTY_LIMIT
+    try:
+        parse_options(args.options)
+    except MountError as e:
+        print(f"llmfs mount: {e}", file=sys.stderr)
+        return 2
     if args.foreground:
         return serve(args, args.ready_fd)
     return start_daemon(args)

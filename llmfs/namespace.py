@@ -2,15 +2,15 @@
 xattrs — independent of FUSE. The FUSE edge (fuseops.py) resolves paths and translates; this module
 holds POSIX semantics and raises typed FsError subclasses, which only the edge turns into errno.
 
-File data: a file is a sequence of fixed logical blocks (the store's block size). Writes land in a
-per-file dirty buffer of whole blocks and reach the store in one write transaction per flush (blocks,
-refcounts, block map, size, times together), on fsync, flush (close), release, truncate and when all
-files' dirty bytes pass `dirty_limit`. Identical blocks are stored once; all-zero blocks are holes.
+File data: a file is a sequence of fixed logical blocks (the store's block size). Writes are
+buffered per file and flushed in one transaction (llmfs/writeback.py); reads take dirty blocks from
+that buffer and the rest from the store through the decode cache, in one consistent view; what to
+decode ahead of readers is llmfs/prefetch_policy.py's decision.
 
 Threading: FUSE calls arrive on many threads. `self._lock` guards the table of open files and every
 metadata change that must be checked and applied atomically (link counts, names). Each open file
 has its own lock for its data. Lock order: a file's lock, then `self._lock`, then the store's write
-lock; never the other way round. Decoding (zstd now, the LM later) runs outside all locks, on
+lock; never the other way round. Decoding (zstd, raw or the LM) runs outside all locks, on
 containers read in one LMDB snapshot, so a slow decode never blocks other files or metadata.
 """
 from __future__ import annotations
@@ -20,13 +20,30 @@ import logging
 import os
 import stat
 import threading
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from llmfs.codec import ContainerError
-from llmfs.codec.registry import CODEC_NAMES, LM, RAW, ZSTD, Registry, peek_header
+from llmfs.codec.registry import CODEC_NAMES, Registry, peek_header
 
-from .store import ROOT_INO, Inode, Store, StoreFull, block_hash, now_ns
+from .errors import (  # noqa: F401  (re-exported: the FUSE edge maps them by class)
+    CorruptData,
+    Exists,
+    FsError,
+    InvalidArgument,
+    IsADirectory,
+    NameTooLong,
+    NoAttribute,
+    NoSpace,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    NotPermitted,
+    NotSupported,
+    TooBig,
+)
+from .prefetch_policy import PrefetchPolicy
+from .store import ROOT_INO, Inode, Store, now_ns
+from .writeback import DIRTY_LIMIT, OpenFile, WriteBuffer
 
 log = logging.getLogger("llmfs")
 
@@ -35,52 +52,6 @@ XATTR_SIZE_MAX = 65536
 XATTR_CREATE, XATTR_REPLACE = 1, 2
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 VIRTUAL_XATTR = b"user.llmfs."
-# Flush a file once all files' dirty bytes pass this: bounds the daemon's memory for buffered writes.
-DIRTY_LIMIT = 64 << 20
-# Opening an LM-coded file at most this fraction of the cache's RAM budget prefetches all of it:
-# prefetched blocks enter the 2Q first stage, a quarter of RAM (cache/policy.py).
-HOT_FILE_FRACTION = 0.25
-# A reader walking a directory in name order (cache/readahead.py) gets the LM blocks of the next
-# small files (at most this many blocks each) decoded in one batch with the file it opens: up to
-# this many blocks — the prefetcher's batch — from at most DIR_PREFETCH_FILES files.
-DIR_PREFETCH_BLOCKS = 16
-DIR_PREFETCH_FILES = 64
-# Where each recently looked-up inode was found (parent, name): open() only gets the inode.
-LOOKUPS_KEPT = 4096
-
-
-class FsError(Exception):
-    """A filesystem operation failed in a way POSIX names (the edge maps the class to errno)."""
-
-
-class NotFound(FsError): pass
-class Exists(FsError): pass
-class NotEmpty(FsError): pass
-class NotADirectory(FsError): pass
-class IsADirectory(FsError): pass
-class InvalidArgument(FsError): pass
-class NameTooLong(FsError): pass
-class NotPermitted(FsError): pass
-class NoAttribute(FsError): pass
-class NotSupported(FsError): pass
-class TooBig(FsError): pass
-class NoSpace(FsError): pass
-
-
-class CorruptData(FsError):
-    """A stored block failed its checksum or could not be decoded: the read fails (EIO), it never
-    returns wrong bytes."""
-
-
-@dataclass
-class OpenFile:
-    """In-memory state of a file that is open or being changed: pinned while `users` > 0."""
-    ino: int
-    size: int
-    users: int = 0
-    dirty: dict = field(default_factory=dict)  # block index -> bytearray(block_size)
-    mtime: int | None = None  # set when data changed since the last flush
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass
@@ -98,42 +69,30 @@ def _check_name(name: bytes) -> None:
 
 class Filesystem:
     def __init__(self, store: Store, registry: Registry, cache=None, dirty_limit: int = DIRTY_LIMIT,
-                 codecs=(ZSTD,), readahead=None):
+                 readahead=None):
+        """cache: decoded blocks by hash (cache.DecodeCache), None = no cache; readahead:
+        cache.Readahead, which blocks a sequential reader wants next, None = off."""
         self.store = store
         self.registry = registry
-        self.cache = cache  # decoded blocks by hash (cache.DecodeCache); None = no cache
-        # readahead: cache.Readahead, which blocks a sequential reader wants next (None = off)
+        self.cache = cache
         self.block_size = store.block_size
-        self.dirty_limit = dirty_limit
-        self.codecs = codecs
         self._lock = threading.RLock()
         self._files: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
-        self._dirty_bytes = 0
-        self.readahead = readahead
-        self._found: OrderedDict[int, tuple[int, bytes]] = OrderedDict()  # ino -> (parent, name)
-        self._found_lock = threading.Lock()  # not self._lock: that one is held across store writes
+        self.buffer = WriteBuffer(store, registry, self._load_block, dirty_limit)
+        self.prefetch = PrefetchPolicy(store, cache, readahead, self._decode_hashes)
 
     # ------------------------------------------------------------------ attributes and lookup
     def lookup(self, parent: int, name: bytes) -> int:
         with self.store.read() as t:
             ino = self._lookup(t, parent, name)
-        self._remember(ino, parent, name)
+        self.prefetch.remember(ino, parent, name)
         return ino
 
-    def _remember(self, ino: int, parent: int, name: bytes) -> None:
-        """Where ino was found: open() gets only the inode, and its directory tells readahead
-        which files a directory walk opens next."""
-        if self.readahead is None or name in (b".", b".."):
-            return
-        with self._found_lock:
-            self._found[ino] = (parent, name)
-            self._found.move_to_end(ino)
-            if len(self._found) > LOOKUPS_KEPT:
-                self._found.popitem(last=False)
-
     def _lookup(self, t, parent: int, name: bytes) -> int:
+        if len(name) > NAME_MAX:
+            raise NameTooLong(name)  # no such name can exist: say why, not ENOENT
         if name == b".":
             return parent
         pinode = t.inode(parent)
@@ -155,7 +114,7 @@ class Filesystem:
                     parent, name = ino, part
                     ino = self._lookup(t, ino, part)
         if parent is not None:
-            self._remember(ino, parent, name)
+            self.prefetch.remember(ino, parent, name)
         return ino
 
     def getattr(self, ino: int) -> Inode:
@@ -439,7 +398,7 @@ class Filesystem:
         f = self._files.get(ino)
         if f is not None and mtime is not None:
             with f.lock:
-                self._flush_locked(f)  # a later flush must not overwrite the mtime set here
+                self.buffer.flush(f)  # a later flush must not overwrite the mtime set here
         self._update_inode(ino, **changes)
 
     # ------------------------------------------------------------------ xattrs
@@ -449,12 +408,12 @@ class Filesystem:
         user.llmfs.cache (the decode cache's metrics, JSON). Readable by name, not listed — so
         cp -a and rsync -X do not copy them as ordinary attributes."""
         if name == VIRTUAL_XATTR + b"cache" and ino == ROOT_INO:
-            metrics = self.cache.metrics() if hasattr(self.cache, "metrics") else {}
+            metrics = self.cache.metrics() if self.cache is not None else {}
             return json.dumps(metrics, sort_keys=True).encode()
         f = self._files.get(ino)
         if f is not None:
             with f.lock:
-                self._flush_locked(f)  # describe what the file holds, not what it held
+                self.buffer.flush(f)  # describe what the file holds, not what it held
         with self.store.read() as t:
             if t.inode(ino) is None:
                 raise NotFound(ino)
@@ -463,7 +422,7 @@ class Filesystem:
             for h in t.block_hashes(ino, 0, (1 << 64) - 1).values():
                 blob = t.container(h)
                 stored += len(blob)
-                cname = CODEC_NAMES.get(peek_header(blob[:64]).codec_id, "?")
+                cname = CODEC_NAMES.get(peek_header(blob).codec_id, "?")
                 counts[cname] = counts.get(cname, 0) + 1
         if name == VIRTUAL_XATTR + b"stored_size":
             return str(stored).encode()
@@ -535,14 +494,13 @@ class Filesystem:
 
     def _unpin(self, f: OpenFile) -> None:
         with f.lock:
-            self._flush_locked(f)
+            self.buffer.flush(f)
         with self._lock:
             f.users -= 1
             if f.users:
                 return
             del self._files[f.ino]
-            if self.readahead is not None:
-                self.readahead.forget(f.ino)
+            self.prefetch.forget(f.ino)
             with self.store.write() as t:
                 inode = t.inode(f.ino)
                 if inode is not None and inode.nlink == 0:
@@ -554,9 +512,11 @@ class Filesystem:
             fh = self._next_fh
             self._next_fh += 1
             self._handles[fh] = Handle(ino, flags)
-        if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY:
+        if flags & os.O_TRUNC:
+            # Linux truncates even with O_RDONLY (the kernel checked write permission), and with
+            # atomic_o_trunc (libfuse 3's default) it leaves the truncation to open.
             with f.lock:
-                self._truncate_locked(f, 0)
+                self.buffer.truncate(f, 0)
         return fh
 
     def open(self, ino: int, flags: int) -> int:
@@ -565,60 +525,8 @@ class Filesystem:
             raise IsADirectory(ino)
         fh = self._open_handle(ino, flags)
         if inode.is_reg:
-            self._prefetch_on_open(ino, inode)
+            self.prefetch.on_open(ino, inode)
         return fh
-
-    def _prefetch_on_open(self, ino: int, inode: Inode) -> None:
-        """A hot file (at most HOT_FILE_FRACTION of the cache's RAM): all its LM blocks, decoded
-        as one batch ahead of the reader; larger files would be evicted from the cache's first
-        stage before they are read, so they get readahead only. If the reader walks the file's
-        directory in name order, the LM blocks of the next hot files join the same batch."""
-        if self.cache is None or not hasattr(self.cache, "prefetch"):
-            return
-        hot = getattr(self.cache, "ram_budget", 0) * HOT_FILE_FRACTION
-        with self._found_lock:
-            where = self._found.get(ino)
-        small = min(hot, DIR_PREFETCH_BLOCKS * self.block_size)  # siblings: small files only
-        with self.store.read(buffers=True) as t:  # headers only: no 64 KiB copies
-            start = None
-            if where is not None:
-                start = self.readahead.open_in_dir(
-                    *where, lambda after: self._next_file(t, where[0], after))
-            hashes = self._lm_hashes(t, ino, inode.size) if 0 < inode.size <= hot else []
-            if start is not None:
-                names = []
-                for name, child in t.listdir(where[0], after=start):
-                    if len(hashes) >= DIR_PREFETCH_BLOCKS or len(names) >= DIR_PREFETCH_FILES:
-                        break
-                    names.append(name)
-                    sibling = t.inode(child)      # a big one gets readahead when read
-                    if sibling is not None and sibling.is_reg and 0 < sibling.size <= small:
-                        hashes += self._lm_hashes(t, child, sibling.size)
-                self.readahead.named_files(where[0], names)
-        if hashes:
-            self.cache.prefetch(hashes, self._decode_hashes)
-
-    @staticmethod
-    def _next_file(t, parent: int, after: bytes) -> bytes | None:
-        """The name of the next regular file after `after` in directory parent (None if none
-        among the next DIR_PREFETCH_FILES entries: a walk is not worth a long scan)."""
-        for k, (name, child) in enumerate(t.listdir(parent, after=after)):
-            if k >= DIR_PREFETCH_FILES:
-                break
-            inode = t.inode(child)
-            if inode is not None and inode.is_reg:
-                return name
-        return None
-
-    def _lm_hashes(self, t, ino: int, size: int, indices=None) -> list[bytes]:
-        """Hashes of the LM-coded blocks of a file (of the given block indices, else all)."""
-        if indices is None:
-            indices = range(-(-size // self.block_size))
-        if not indices:
-            return []
-        wanted = set(indices)
-        return [h for i, h in t.block_hashes(ino, min(wanted), max(wanted)).items()
-                if i in wanted and t.container_codec(h) == LM]
 
     def opendir(self, ino: int) -> int:
         if not self.getattr(ino).is_dir:
@@ -632,6 +540,10 @@ class Filesystem:
     def releasedir(self, fh: int) -> None:
         with self._lock:
             self._handles.pop(fh, None)
+
+    def is_open(self, ino: int) -> bool:
+        """Whether a handle (or an internal user) has the file pinned."""
+        return ino in self._files
 
     def handle_ino(self, fh: int) -> int:
         try:
@@ -648,20 +560,20 @@ class Filesystem:
     def flush(self, fh: int) -> None:
         f = self._files[self.handle_ino(fh)]
         with f.lock:
-            self._flush_locked(f)
+            self.buffer.flush(f)
 
     def fsync(self, fh: int | None, ino: int | None = None) -> None:
         ino = self.handle_ino(fh) if fh is not None else ino
         f = self._files.get(ino)
         if f is not None:
             with f.lock:
-                self._flush_locked(f)
+                self.buffer.flush(f)
         self.store.sync()
 
     def flush_all(self) -> None:
         for f in list(self._files.values()):
             with f.lock:
-                self._flush_locked(f)
+                self.buffer.flush(f)
         self.store.sync()
 
     # ------------------------------------------------------------------ file data
@@ -704,16 +616,6 @@ class Filesystem:
             raise ContainerError("a block to prefetch is no longer stored")
         return self.registry.decode_many(blobs)
 
-    def _prefetch(self, ino: int, indices) -> None:
-        """Decode these blocks of a file in the background if they are LM-coded (zstd and raw
-        blocks decode faster than a prefetch could help)."""
-        if self.cache is None or not hasattr(self.cache, "prefetch") or not indices:
-            return
-        with self.store.read(buffers=True) as t:  # headers only: no 64 KiB copies
-            hashes = self._lm_hashes(t, ino, 0, indices)
-        if hashes:
-            self.cache.prefetch(hashes, self._decode_hashes)
-
     def read(self, fh: int, size: int, offset: int) -> bytes:
         f = self._files[self.handle_ino(fh)]
         return self._read(f, size, offset)
@@ -736,9 +638,7 @@ class Filesystem:
             stored = self._containers(f.ino, first, last) if len(dirty) < last - first + 1 else {}
         for i in dirty:
             stored.pop(i, None)
-        if self.readahead is not None:
-            nblocks = -(-f.size // bs)
-            self._prefetch(f.ino, self.readahead.access(f.ino, first, last, nblocks))
+        self.prefetch.on_read(f.ino, first, last, f.size)
         plain = self._decode(f.ino, stored)
         parts = []
         for i in range(first, last + 1):
@@ -753,45 +653,19 @@ class Filesystem:
             parts.append(chunk)
         return b"".join(parts)
 
-    def _load_block(self, f: OpenFile, idx: int) -> bytearray:
-        """The dirty buffer of block idx, loaded from the store on first touch (lock held)."""
-        buf = f.dirty.get(idx)
-        if buf is None:
-            buf = bytearray(self.block_size)
-            if idx * self.block_size < f.size:
-                plain = self._decode(f.ino, self._containers(f.ino, idx, idx)).get(idx)
-                if plain:
-                    buf[:len(plain)] = plain
-            f.dirty[idx] = buf
-            self._dirty_bytes += self.block_size
-        return buf
+    def _load_block(self, ino: int, idx: int) -> bytes | None:
+        """Stored plaintext of one block (None for a hole): what a partial write starts from."""
+        return self._decode(ino, self._containers(ino, idx, idx)).get(idx)
 
     def write(self, fh: int, data: bytes, offset: int) -> int:
         h = self._handles.get(fh)
         if h is None:
             raise InvalidArgument(f"bad file handle {fh}")
         f = self._files[h.ino]
-        bs = self.block_size
         with f.lock:
-            if self._dirty_bytes + len(data) > self.dirty_limit and f.dirty:
-                # Flush before taking the new data: if the disk is full this write fails whole
-                # (ENOSPC) and the bytes already accepted stay buffered for a later flush.
-                self._flush_locked(f)
             if h.flags & os.O_APPEND:
                 offset = f.size
-            pos, view = offset, memoryview(data)
-            while view:
-                idx, lo = divmod(pos, bs)
-                n = min(bs - lo, len(view))
-                if n == bs and idx not in f.dirty:  # a whole block: nothing to read first
-                    f.dirty[idx] = bytearray(view[:n])
-                    self._dirty_bytes += bs
-                else:
-                    self._load_block(f, idx)[lo:lo + n] = view[:n]
-                pos += n
-                view = view[n:]
-            f.size = max(f.size, offset + len(data))
-            f.mtime = now_ns()
+            self.buffer.write(f, data, offset)
         return len(data)
 
     def truncate(self, ino: int, length: int, fh: int | None = None) -> None:
@@ -805,69 +679,9 @@ class Filesystem:
         f = self._pin(ino)
         try:
             with f.lock:
-                self._truncate_locked(f, length)
+                self.buffer.truncate(f, length)
         finally:
             self._unpin(f)
-
-    def _truncate_locked(self, f: OpenFile, length: int) -> None:
-        bs = self.block_size
-        if length < f.size:
-            idx, lo = divmod(length, bs)
-            if lo:  # the bytes past the new end of the last block must read as zeros later
-                self._load_block(f, idx)[lo:] = bytes(bs - lo)
-            for i in [i for i in f.dirty if i * bs >= length]:
-                del f.dirty[i]
-                self._dirty_bytes -= bs
-        f.size = length
-        f.mtime = now_ns()
-        self._flush_locked(f)
-
-    def _flush_locked(self, f: OpenFile) -> None:
-        """Write f's dirty blocks, its size and mtime in one transaction (f.lock held)."""
-        if not f.dirty and f.mtime is None:
-            return
-        bs = self.block_size
-        blocks = {}  # idx -> (hash, plain) ; hash None = hole
-        for idx, buf in f.dirty.items():
-            n = min(bs, f.size - idx * bs)
-            if n <= 0:
-                continue
-            plain = bytes(buf[:n])
-            if not plain.strip(b"\0"):
-                blocks[idx] = (None, b"")
-            else:
-                blocks[idx] = (block_hash(plain), plain)
-        with self.store.read() as t:
-            known = {h for h, _ in blocks.values() if h is not None and t.refcount(h)}
-        encoded = {}
-        for h, plain in blocks.values():  # compress outside the write transaction
-            if h is not None and h not in known and h not in encoded:
-                encoded[h] = self._encode(plain)
-        try:
-            with self.store.write() as t:
-                for idx, (h, plain) in sorted(blocks.items()):
-                    blob = encoded.get(h)
-                    if h is not None and blob is None and not t.refcount(h):
-                        blob = encoded[h] = self._encode(plain)  # deleted since we looked
-                    codec_id = self.registry.header(blob).codec_id if blob else RAW
-                    t.set_block(f.ino, idx, h, blob, codec_id, len(plain),
-                                pending=blob is not None and codec_id != RAW)
-                t.truncate_blocks(f.ino, -(-f.size // bs))
-                inode = t.inode(f.ino)
-                if inode is None:
-                    raise NotFound(f.ino)
-                changes = {"size": f.size}
-                if f.mtime is not None:
-                    changes.update(mtime=f.mtime, ctime=max(f.mtime, inode.ctime))
-                t.put_inode(f.ino, inode.evolve(**changes), inode)
-        except StoreFull as e:
-            raise NoSpace(str(e)) from None  # the dirty data stays buffered: nothing is lost
-        self._dirty_bytes -= bs * len(f.dirty)
-        f.dirty.clear()
-        f.mtime = None
-
-    def _encode(self, plain: bytes) -> bytes:
-        return self.registry.encode(plain, self.codecs)
 
     # ------------------------------------------------------------------ whole filesystem
     def statfs(self) -> dict:

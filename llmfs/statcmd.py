@@ -12,36 +12,27 @@ import sys
 from llmfs.codec import CODEC_NAMES
 from llmfs.codec.registry import peek_header
 
-from . import control
+from . import control, mounts
 from .models import model_report
 from .store import Store, StoreError
-from .umount import _unescape
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+from .units import human
 
 
 def find_store(path: str) -> tuple[str, str | None]:
-    """(store path, path inside the mount or None) for PATH."""
+    """(store path, path inside the mount or None) for PATH. A mount's store is trusted only once
+    llmfs/mounts.py has checked that a running llmfs daemon serves it from there."""
     path = os.path.realpath(path)
-    if os.path.isfile(os.path.join(path, "data.mdb")):
-        return path, None
-    best = None
-    with open("/proc/mounts") as f:
-        for line in f:
-            source, target, fstype = line.split()[:3]
-            target = _unescape(target)
-            if fstype == "fuse.llmfs" and (path == target or path.startswith(target + "/")):
-                if best is None or len(target) > len(best[1]):
-                    best = (_unescape(source), target)
-    if best is None:
+    entry = mounts.mount_containing(path)
+    if entry is None:
+        if os.path.isfile(os.path.join(path, "data.mdb")):
+            return path, None
         raise StoreError(f"{path} is neither an llmfs store nor inside an llmfs mount")
-    return best[0], path
+    try:
+        daemon = mounts.verify(entry)
+    except mounts.NotOurs as e:
+        raise StoreError(f"{path} is in the fuse.llmfs mount {entry.target}, which no running "
+                         f"llmfs daemon serves: {e}") from None
+    return daemon.store, path
 
 
 def store_report(store: Store) -> list[tuple[str, str]]:
@@ -51,7 +42,7 @@ def store_report(store: Store) -> list[tuple[str, str]]:
         for h, _ in t.pending():
             blob = t.container(h)
             if blob is not None:
-                pending += peek_header(blob[:64]).length
+                pending += peek_header(blob).length
         clean = t.meta("clean") == b"1"
     rows = [("store", store.path), ("block size", human(store.block_size)),
             ("logical bytes", f"{c.logical} ({human(c.logical)})")]
@@ -85,7 +76,7 @@ def file_report(store: Store, path: str) -> list[tuple[str, str]]:
         hashes = t.block_hashes(ino, 0, (1 << 64) - 1)
         for h in hashes.values():
             blob = t.container(h)
-            head = peek_header(blob[:64])
+            head = peek_header(blob)
             row = per_codec.setdefault(head.codec_id, [0, 0])
             row[0] += 1
             row[1] += len(blob)

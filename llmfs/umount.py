@@ -1,5 +1,11 @@
 """`llmfs umount MOUNTPOINT`: unmount and wait until the daemon has flushed, marked the store clean
-and exited (the store's lock is free)."""
+and exited.
+
+Which daemon that is comes from llmfs/mounts.py, which checks that the fuse.llmfs mount really is
+served by an llmfs daemon before anything under its claimed store is trusted. A fuse.llmfs mount
+that no live daemon serves (one whose daemon died, or someone's own FUSE mount that only claims to
+be llmfs) is detached as asked, without waiting and without touching the directory it names.
+"""
 from __future__ import annotations
 
 import fcntl
@@ -8,32 +14,21 @@ import subprocess
 import sys
 import time
 
+from . import mounts
 from .store import LOCK_FILE
 
 # The daemon flushes buffered writes (at most its dirty limit) before exiting: seconds at most.
 WAIT_SECONDS = 120
 
 
-def _unescape(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
-        .replace("\\134", "\\")
-
-
-def find_mount(mountpoint: str) -> str | None:
-    """The store path of the llmfs mount at `mountpoint`, from /proc/mounts."""
-    mountpoint = os.path.realpath(mountpoint)
-    with open("/proc/mounts") as f:
-        for line in f:
-            source, target, fstype = line.split()[:3]
-            if _unescape(target) == mountpoint and fstype == "fuse.llmfs":
-                return _unescape(source)
-    return None
-
-
 def wait_for_store(store: str, timeout: float = WAIT_SECONDS) -> bool:
-    """Wait until no process holds the store's lock."""
+    """Wait until no process holds the store's lock (the lock file is neither created nor followed
+    if it is a symlink; a store without one has no holder)."""
     deadline = time.monotonic() + timeout
-    fd = os.open(os.path.join(store, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(os.path.join(store, LOCK_FILE), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return True
     try:
         while True:
             try:
@@ -47,17 +42,33 @@ def wait_for_store(store: str, timeout: float = WAIT_SECONDS) -> bool:
         os.close(fd)
 
 
-def unmount(mountpoint: str, lazy: bool = False) -> None:
-    store = find_mount(mountpoint)
-    if store is None:
+def wait_for_exit(daemon: mounts.Daemon, timeout: float = WAIT_SECONDS) -> bool:
+    """Wait until the daemon process has exited (it releases the store's lock just before)."""
+    deadline = time.monotonic() + timeout
+    while mounts.running(daemon):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def unmount(mountpoint: str, lazy: bool = False) -> str | None:
+    """Unmount; returns a note for the user when no running llmfs daemon served the mount."""
+    entry = mounts.mount_at(mountpoint)
+    if entry is None:
         raise RuntimeError(f"{mountpoint} is not an llmfs mount")
-    cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mountpoint]
+    try:
+        daemon, note = mounts.verify(entry), None
+    except mounts.NotOurs as e:
+        daemon, note = None, f"{e}; detached {entry.target} without waiting for a daemon"
+    cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [entry.target]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(res.stderr.strip() or f"fusermount3 failed ({res.returncode})")
-    if not wait_for_store(store):
-        raise RuntimeError(f"unmounted, but the daemon of {store} did not exit within "
-                           f"{WAIT_SECONDS} s")
+    if daemon is not None and not wait_for_exit(daemon):
+        raise RuntimeError(f"unmounted, but the daemon of {daemon.store} (pid {daemon.pid}) did "
+                           f"not exit within {WAIT_SECONDS} s")
+    return note
 
 
 def register(sub) -> None:
@@ -70,8 +81,10 @@ def register(sub) -> None:
 
 def run(args) -> int:
     try:
-        unmount(args.mountpoint, args.lazy)
+        note = unmount(args.mountpoint, args.lazy)
     except RuntimeError as e:
         print(f"llmfs umount: {e}", file=sys.stderr)
         return 1
+    if note:
+        print(f"llmfs umount: {note}", file=sys.stderr)
     return 0

@@ -118,3 +118,28 @@ def mounted(tmp_path):
            if ("ERROR" in line or "Traceback" in line or "CRITICAL" in line)
            and not any(a in line for a in m.allowed_errors)]
     assert not bad, "the daemon logged errors:\n" + "\n".join(bad)
+
+
+@pytest.fixture
+def new_fs(tmp_path):
+    """In-process filesystems on fresh stores: `new_fs(block_size, registry=None, **kwargs)` creates a
+    store of that block size and returns a namespace.Filesystem on it (kwargs go to Filesystem;
+    `fs.store` is the Store). Every store made is closed at teardown, after the test's own fixtures
+    (which may flush and check it) have finished."""
+    from llmfs.codec import Registry
+
+    from llmfs.namespace import Filesystem
+    from llmfs.store import Store
+
+    made = []
+
+    def make(block_size: int, registry=None, **kwargs) -> Filesystem:
+        path = str(tmp_path / f"s{len(made)}")
+        Store.create(path, block_size)
+        store = Store(path)
+        made.append(store)
+        return Filesystem(store, registry if registry is not None else Registry(), **kwargs)
+
+    yield make
+    for store in made:
+        store.close()

@@ -1,4 +1,4 @@
-"""Decode cache (issue 5): get_many decodes each cold block once whoever asks (single flight), batches
+"""Decode cache: get_many decodes each cold block once whoever asks (single flight), batches
 a call's misses into one decode, spreads a decode error to every waiter; prefetch decodes in the
 background, in batches, after readers; metrics count it all."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Readahead (issue 5): the window grows while a file is read sequentially, stops on random reads,
+"""Readahead: the window grows while a file is read sequentially, stops on random reads,
 names each block once and stays within the file."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Compaction in-process, with a bigram test model fitted to the text (so the LM container wins):
 cold blocks shrink below zstd, read back identical, binary blocks are left alone, a block rewritten
-while it is compacted keeps the newer data, and the store's invariants hold (issue 4)."""
+while it is compacted keeps the newer data, and the store's invariants hold."""
 from __future__ import annotations
 
 import os
@@ -15,7 +15,7 @@ from llmfs.codec.registry import peek_header
 from llmfs import fsck
 from llmfs import namespace as ns
 from llmfs.compactor import Compactor
-from llmfs.store import ROOT_INO, Store
+from llmfs.store import ROOT_INO
 
 from .fake_engine import BigramEngine
 
@@ -39,11 +39,10 @@ TEXT = markov_text(6 * BS)
 
 
 @pytest.fixture
-def env(tmp_path):
-    Store.create(str(tmp_path / "s"), BS)
-    store = Store(str(tmp_path / "s"))
+def env(new_fs):
     registry = Registry()
-    fs = ns.Filesystem(store, registry)
+    fs = new_fs(BS, registry)
+    store = fs.store
     codec = LMCodec((BigramEngine(train=TEXT, max_seq_len=512), ByteTokenizer()), batch=4)
     compactor = Compactor(store, registry, lambda: codec, "test-bigram", compact_after=0)
     yield fs, compactor
@@ -52,7 +51,6 @@ def env(tmp_path):
     checks = [c for c in fsck.CHECKS if c is not fsck.check_model_embedding]
     problems, _ = fsck.run_checks(store, checks, registry=registry)
     assert not problems, [p.message for p in problems]
-    store.close()
 
 
 def write(fs, name: bytes, data: bytes) -> int:
@@ -64,7 +62,7 @@ def write(fs, name: bytes, data: bytes) -> int:
 
 def codecs_of(fs, ino):
     with fs.store.read() as t:
-        return [peek_header(t.container(h)[:64]).codec_id
+        return [peek_header(t.container(h)).codec_id
                 for h in t.block_hashes(ino, 0, 1 << 40).values()]
 
 
@@ -152,7 +150,7 @@ def test_opening_an_lm_file_prefetches_its_blocks_in_one_batch(env):
     fs, compactor = env
     ino = write(fs, b"f", TEXT[:4 * BS])
     compactor.compact(compactor.candidates())
-    fs.cache, fs.readahead = DecodeCache(64 << 20), Readahead()
+    fs = ns.Filesystem(fs.store, fs.registry, DecodeCache(64 << 20), readahead=Readahead())
     try:
         fh = fs.open(ino, os.O_RDONLY)
         assert fs.cache.wait_prefetch(30)
@@ -179,7 +177,7 @@ def test_walking_a_directory_decodes_the_next_files_in_one_batch(env):
         fs.release(fh)
     compactor.compact(compactor.candidates())
     names = sorted(files)
-    fs.cache, fs.readahead = DecodeCache(64 << 20), Readahead()
+    fs = ns.Filesystem(fs.store, fs.registry, DecodeCache(64 << 20), readahead=Readahead())
     try:
         got = {}
         for k, name in enumerate(names):
@@ -194,7 +192,7 @@ def test_walking_a_directory_decodes_the_next_files_in_one_batch(env):
         assert m["decoded_blocks"] == 12 and m["decodes"] <= 3, m
     finally:
         fs.cache.close()
-    fs.cache, fs.readahead = DecodeCache(64 << 20), Readahead()
+    fs = ns.Filesystem(fs.store, fs.registry, DecodeCache(64 << 20), readahead=Readahead())
     try:
         for name in (names[5], names[2], names[7]):    # out of order: no walk
             fh = fs.open(fs.lookup(d, name), os.O_RDONLY)

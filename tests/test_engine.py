@@ -1,4 +1,4 @@
-"""The exact engine (issue 3): integer frequency tables are bit-identical whatever the batch
+"""The exact engine (docs/design.md, "Exactness"): integer frequency tables are bit-identical whatever the batch
 composition, padding, parallel vs incremental evaluation and thread count."""
 import math
 import subprocess
@@ -167,7 +167,7 @@ def test_det_sqrt_is_accurate():
 
 def test_reset_rows_starts_a_new_segment(engine):
     """A row refilled mid-batch gives exactly the parallel tables of its new segment, and its
-    neighbours are unaffected (issue 3: keep decode batches full)."""
+    neighbours are unaffected (so decode batches stay full)."""
     x = _tokens(engine, 3, 40, 7)
     new = _tokens(engine, 1, 25, 8)[0]
     full, full_new = engine.freqs(x), engine.freqs(new[None])[0]

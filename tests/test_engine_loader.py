@@ -1,4 +1,4 @@
-"""Model loading (issue 3): the default GGUF converts once, the cache is reused and verified, and
+"""Model loading: the default GGUF converts once, the cache is reused and verified, and
 models the exact engine cannot run are refused with a clear message."""
 import shutil
 

@@ -1,4 +1,4 @@
-"""The decode cache in a mounted filesystem (issue 5), through the real default model: a compacted
+"""The decode cache in a mounted filesystem, through the real default model: a compacted
 file read twice decodes once, and opening it decodes its blocks ahead of the reader. Metrics come
 from the user.llmfs.cache xattr on the mount root."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Compaction in a mounted filesystem (issue 4): `llmfs compact` asks the daemon, kill -9 during
+"""Compaction in a mounted filesystem: `llmfs compact` asks the daemon, kill -9 during
 compaction loses nothing, and one round trip of a file through the real default model."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A full disk under the store (ARCHITECTURE §9: fusecompress lost writes when the disk filled):
+"""A full disk under the store (fusecompress lost writes when the disk filled):
 writes fail with ENOSPC, nothing that was acknowledged with fsync is lost, deleting files makes
 room again, and the store stays consistent."""
 from __future__ import annotations

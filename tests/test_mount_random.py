@@ -1,5 +1,5 @@
 """A seeded random sequence of file operations applied to the mount and to a plain directory in
-lockstep; every read and the final trees must agree (issue 2)."""
+lockstep; every read and the final trees must agree."""
 from __future__ import annotations
 
 import os

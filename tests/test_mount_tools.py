@@ -1,5 +1,5 @@
 """Ordinary tools on a real mount, checked against the source by content; then unmount, mount
-again, and everything is still identical (issue 2)."""
+again, and everything is still identical."""
 from __future__ import annotations
 
 import os

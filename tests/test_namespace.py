@@ -8,7 +8,6 @@ import threading
 
 import pytest
 from llmfs.cache import DecodeCache, Readahead
-from llmfs.codec import Registry
 
 from llmfs import fsck
 from llmfs import namespace as ns
@@ -18,16 +17,12 @@ BS = 4096
 
 
 @pytest.fixture
-def fs(tmp_path):
-    Store.create(str(tmp_path / "s"), BS)
-    store = Store(str(tmp_path / "s"))
-    f = ns.Filesystem(store, Registry(), DecodeCache(1 << 20), dirty_limit=8 * BS,
-                      readahead=Readahead())
+def fs(new_fs):
+    f = new_fs(BS, cache=DecodeCache(1 << 20), dirty_limit=8 * BS, readahead=Readahead())
     yield f
     f.flush_all()
-    problems, _ = fsck.run_checks(store)
+    problems, _ = fsck.run_checks(f.store)
     assert not problems, [p.message for p in problems]
-    store.close()
 
 
 def new_file(fs, name=b"f", data=b""):
@@ -185,7 +180,7 @@ def test_dirty_limit_flushes_and_counters_stay_exact(fs):
     fh = new_file(fs)
     for i in range(40):  # 40 blocks > the 8-block dirty limit
         fs.write(fh, os.urandom(BS), i * BS)
-    assert fs._dirty_bytes <= 9 * BS
+    assert fs.buffer.dirty_bytes <= 9 * BS
     fs.release(fh)
     fs.unlink(ROOT_INO, b"f")
     with fs.store.read() as t:

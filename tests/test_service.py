@@ -1,4 +1,4 @@
-"""Issue 6, llmfs as a system service: the systemd unit verifies; the unit's ExecStart reports READY=1
+"""llmfs as a system service: the systemd unit verifies; the unit's ExecStart reports READY=1
 only once the mount answers and stops cleanly on SIGTERM (twice, even); `mount -t fuse.llmfs`, an
 fstab line and `umount` work; config files are validated key by key."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tokenization is lossless for every byte string (ARCHITECTURE §5) and deterministic."""
+"""Tokenization is lossless for every byte string (docs/design.md, "Containers and codecs") and deterministic."""
 from __future__ import annotations
 
 import os

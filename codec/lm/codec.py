@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ..container import FINGERPRINT_SIZE, ChecksumMismatch, Truncated, UnsupportedVersion, read_varint, varint
-from . import coder
+from . import DECODE_BATCH, coder
 from .tokenizer import from_json
 
 PAYLOAD_VERSION = 2
@@ -56,34 +56,21 @@ _TABLE = "LM payload segment table"  # what read_varint's errors name
 # Segments per coded stream. A group decodes in rows that start together, so decoding takes at
 # least G rows whatever the batch (the KV cache: 23.6 MB per SmolLM2 row); encoding holds only the
 # group's hidden states (4.7 MB per segment). Each stream costs a flush (~2 bytes) and a table
-# entry (~2 bytes). Measured (real model, payload bytes, 2026-11-30): GPL-3 (8 segments) G=4
-# 4,094, G=16 4,088; argparse.py (25 segments) G=4 7,555, G=16 7,543 (-0.16 %); G=1 -> 4 had saved
-# 0.56-0.71 %. 16 makes a 64 KiB block (~17 segments of text) one or two streams and keeps decoding
-# at >= 16 rows (378 MB of KV); more would save < 0.05 % and force more rows on small machines.
+# entry (~2 bytes). Going from 1 to 4 segments per stream saved well over half a percent, 4 to 16
+# a further ~0.1 %, more would save almost nothing (docs/benchmarks.md, "LM codec parameters").
+# 16 makes a 64 KiB block (~17 segments of text) one or two streams and keeps decoding at >= 16
+# rows (378 MB of KV); more would force more rows on small machines.
 GROUP_SEGMENTS = 16
 MAX_GROUP = 64  # a reader refuses more: a garbled G must not ask for thousands of rows
 
 # Tokens per segment, BOS included. Longer segments give the model more context (fewer bits per byte)
 # and amortize the per-segment overhead (~1 coded word + a 2-byte table entry); shorter ones give a
 # block more rows to decode in parallel (a cold read's latency is ~ segment length × step time) and a
-# smaller KV cache. Measured (float32 SmolLM2-135M, first 30 kB of GPL-3, bits/byte incl. ~6 bytes of
-# overhead per segment): 256 → 1.093, 512 → 0.996, 1024 → 0.938, 2048 → 0.906. 2048 would save 3.4 %
-# but doubles read latency and KV memory per row and leaves a 64 KiB block only ~7 rows; 1024 it is.
+# smaller KV cache. Each doubling from 256 saves less (docs/benchmarks.md, "LM codec parameters"):
+# 2048 would save a few percent but doubles read latency and KV memory per row and leaves a 64 KiB
+# block only ~7 rows; 1024 it is.
 SEGMENT_TOKENS = 1024
 
-# Segments decoded side by side (rows of one KV-cached engine state; encoding does not use it: it
-# runs a group at a time). A bigger batch amortises each step's weight reads over more rows;
-# the price is the int16 KV cache, 23.6 MB per row for SmolLM2-135M (30 layers x 2 x 3 heads x 64 x
-# 1024 positions x 2 bytes), allocated only for the rows a call uses (a single 64 KiB block is ~17
-# segments). Measured (bench/decode_bench.py: decode_many of 4 blocks of real text = 67 segments,
-# positions 0..1023, 1 thread, 2026-11-29): batch 16 258 tokens/s, peak RSS 0.80 GB; 32: 284, 1.17 GB;
-# 64: 304 tokens/s (+18 % over 16), 1.95 GB. 64 it is: 1.5 GB of cache is affordable where the model
-# runs, and reads that fetch several blocks (read-ahead, prefetch) fill the rows. 2026-11-30, after
-# the decoding work (packed GEMMs, rows past the last busy one left out; % of the int8 peak measured
-# in the same run): batch 16 563 tokens/s = 15.0 %, 0.99 GB; 32: 616 = 16.8 %, 1.35 GB; 64: 632 =
-# 16.6 %, 2.07 GB (machine shared with tests). Idle, two runs each: 32 612-622 = 16.8 %, 1.35 GB;
-# 64 677-681 = 18.4 %, 2.07 GB: 64 stays, 9 % faster for 0.7 GB.
-DECODE_BATCH = 64
 
 # Binary-looking data is not worth a model pass: if more than this fraction of a sample is invalid
 # UTF-8 or control characters other than \t \n \r \f, encode() returns None at once and the

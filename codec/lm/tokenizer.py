@@ -1,7 +1,7 @@
 """Lossless tokenization: every byte string becomes token ids and comes back byte for byte.
 
 The LM codec codes token ids, so `decode(encode(data)) == data` must hold for *every* byte string —
-invalid UTF-8, encoded lone surrogates, NUL, CRLF, leading spaces, the empty string (ARCHITECTURE §5).
+invalid UTF-8, encoded lone surrogates, NUL, CRLF, leading spaces, the empty string.
 
 Two tokenizers share one small interface (`encode(bytes) -> list[int]`, `decode(ids) -> bytes`,
 `vocab_size`, `identity`):

@@ -1,0 +1,152 @@
+"""Write buffering: the dirty blocks of files being written, and the flush that stores them (the role
+of S3QL's BlockCache).
+
+A write lands in its file's dirty buffer of whole blocks (`OpenFile.dirty`, block index ->
+bytearray of one block). A partly written block is first loaded from the store (read-modify-write),
+a whole-block write is taken as it is. Nothing reaches the store until a flush, which happens on
+close, fsync, truncate, before a time or xattr change that must not be overwritten, and when all
+files' dirty bytes pass `dirty_limit`. One flush is one LMDB write transaction: the file's new
+blocks (content-addressed: a block already stored only gains a reference), its block map, size and
+times together, so a crash leaves a file as of some flush, never half of one. All-zero blocks are
+stored as holes. Blocks are compressed (zstd or raw) before the write transaction opens, so the
+store's single writer is never held by compression.
+
+Every method here is called with the file's lock (`OpenFile.lock`) held; the namespace owns the
+table of open files and the locks (llmfs/namespace.py).
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from llmfs.codec.registry import RAW, ZSTD, Registry
+
+from .errors import NoSpace, NotFound
+from .store import Store, StoreFull, block_hash, now_ns
+
+# Flush a file once all files' dirty bytes pass this: bounds the daemon's memory for buffered writes.
+DIRTY_LIMIT = 64 << 20
+
+
+@dataclass
+class OpenFile:
+    """In-memory state of a file that is open or being changed: pinned while `users` > 0."""
+    ino: int
+    size: int
+    users: int = 0
+    dirty: dict = field(default_factory=dict)  # block index -> bytearray(block_size)
+    mtime: int | None = None  # set when data changed since the last flush
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class WriteBuffer:
+    """The dirty blocks of all open files, and their flush to the store.
+
+    `load(ino, idx)` returns the stored plaintext of one block (None for a hole): the namespace's
+    read path, so that a partial write of a stored block decodes it with the same checks as a read.
+    """
+
+    def __init__(self, store: Store, registry: Registry, load: Callable[[int, int], bytes | None],
+                 dirty_limit: int = DIRTY_LIMIT, codecs: tuple[int, ...] = (ZSTD,)):
+        self.store = store
+        self.registry = registry
+        self.block_size = store.block_size
+        self.dirty_limit = dirty_limit
+        self.codecs = codecs
+        self._load = load
+        self.dirty_bytes = 0  # all files' buffered bytes
+
+    def write(self, f: OpenFile, data: bytes, offset: int) -> None:
+        bs = self.block_size
+        if self.dirty_bytes + len(data) > self.dirty_limit and f.dirty:
+            # Flush before taking the new data: if the disk is full this write fails whole
+            # (ENOSPC) and the bytes already accepted stay buffered for a later flush.
+            self.flush(f)
+        pos, view = offset, memoryview(data)
+        while view:
+            idx, lo = divmod(pos, bs)
+            n = min(bs - lo, len(view))
+            if n == bs and idx not in f.dirty:  # a whole block: nothing to read first
+                f.dirty[idx] = bytearray(view[:n])
+                self.dirty_bytes += bs
+            else:
+                self._block(f, idx)[lo:lo + n] = view[:n]
+            pos += n
+            view = view[n:]
+        f.size = max(f.size, offset + len(data))
+        f.mtime = now_ns()
+
+    def truncate(self, f: OpenFile, length: int) -> None:
+        """Set the file's size (zeros past the old end) and flush."""
+        bs = self.block_size
+        if length < f.size:
+            idx, lo = divmod(length, bs)
+            if lo:  # the bytes past the new end of the last block must read as zeros later
+                self._block(f, idx)[lo:] = bytes(bs - lo)
+            for i in [i for i in f.dirty if i * bs >= length]:
+                del f.dirty[i]
+                self.dirty_bytes -= bs
+        f.size = length
+        f.mtime = now_ns()
+        self.flush(f)
+
+    def flush(self, f: OpenFile) -> None:
+        """Write f's dirty blocks, its size and mtime in one transaction."""
+        if not f.dirty and f.mtime is None:
+            return
+        bs = self.block_size
+        blocks = {}  # idx -> (hash, plain) ; hash None = hole
+        for idx, buf in f.dirty.items():
+            n = min(bs, f.size - idx * bs)
+            if n <= 0:
+                continue
+            plain = bytes(buf[:n])
+            if not plain.strip(b"\0"):
+                blocks[idx] = (None, b"")
+            else:
+                blocks[idx] = (block_hash(plain), plain)
+        with self.store.read() as t:
+            known = {h for h, _ in blocks.values() if h is not None and t.refcount(h)}
+        encoded = {}
+        for h, plain in blocks.values():  # compress outside the write transaction
+            if h is not None and h not in known and h not in encoded:
+                encoded[h] = self._encode(plain)
+        try:
+            with self.store.write() as t:
+                for idx, (h, plain) in sorted(blocks.items()):
+                    blob = encoded.get(h)
+                    if h is not None and blob is None and not t.refcount(h):
+                        blob = encoded[h] = self._encode(plain)  # deleted since we looked
+                    codec_id = self.registry.header(blob).codec_id if blob else RAW
+                    t.set_block(f.ino, idx, h, blob, codec_id, len(plain),
+                                pending=blob is not None and codec_id != RAW)
+                t.truncate_blocks(f.ino, -(-f.size // bs))
+                inode = t.inode(f.ino)
+                if inode is None:
+                    raise NotFound(f.ino)
+                changes = {"size": f.size}
+                if f.mtime is not None:
+                    changes.update(mtime=f.mtime, ctime=max(f.mtime, inode.ctime))
+                t.put_inode(f.ino, inode.evolve(**changes), inode)
+        except StoreFull as e:
+            raise NoSpace(str(e)) from None  # the dirty data stays buffered: nothing is lost
+        self.dirty_bytes -= bs * len(f.dirty)
+        f.dirty.clear()
+        f.mtime = None
+
+    def _block(self, f: OpenFile, idx: int) -> bytearray:
+        """The dirty buffer of block idx, loaded from the store on first touch."""
+        buf = f.dirty.get(idx)
+        if buf is None:
+            buf = bytearray(self.block_size)
+            if idx * self.block_size < f.size:
+                plain = self._load(f.ino, idx)
+                if plain:
+                    buf[:len(plain)] = plain
+            f.dirty[idx] = buf
+            self.dirty_bytes += self.block_size
+        return buf
+
+    def _encode(self, plain: bytes) -> bytes:
+        return self.registry.encode(plain, self.codecs)

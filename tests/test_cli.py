@@ -1,0 +1,28 @@
+"""The `llmfs` command line as a user's shell runs it: a reader that closes the pipe early
+(`llmfs stat | head`) ends the command quietly, without a traceback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+LLMFS = [sys.executable, "-m", "llmfs.cli"]
+
+
+def closed_pipe(args: list[str]) -> subprocess.CompletedProcess:
+    """Run the command with its stdout a pipe whose reader is already gone."""
+    p = subprocess.Popen(LLMFS + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    p.wait(timeout=120)
+    return subprocess.CompletedProcess(args, p.returncode, "", err)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["stat", "{store}"], ["fsck", "--quick", "{store}"]])
+def test_closed_pipe_is_quiet(tmp_path, args):
+    store = tmp_path / "s"
+    subprocess.run(LLMFS + ["mkfs", str(store)], check=True, capture_output=True)
+    res = closed_pipe([a.format(store=store) for a in args])
+    assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
+    assert res.returncode in (0, 141), (res.returncode, res.stderr)

@@ -1,0 +1,175 @@
+"""The FUSE edge in-process: the calls libfuse makes, in the order it makes them, without a kernel.
+The mounted tests (test_mount_posix.py) show the same behaviour end to end."""
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+from llmfs.codec import Registry
+from mfusepy import FuseOSError
+
+from llmfs import fsck
+from llmfs import namespace as ns
+from llmfs.fuseops import Operations
+from llmfs.store import Store
+
+BS = 4096
+HIDDEN = "/.fuse_hidden0000000200000001"
+
+
+@pytest.fixture
+def ops(tmp_path):
+    Store.create(str(tmp_path / "s"), BS)
+    store = Store(str(tmp_path / "s"))
+    o = Operations(ns.Filesystem(store, Registry()))
+    yield o
+    o.fs.flush_all()
+    problems, _ = fsck.run_checks(store)
+    assert not problems, [p.message for p in problems]
+    store.close()
+
+
+def fuse_errno(call) -> int | None:
+    try:
+        call()
+    except FuseOSError as e:
+        return e.errno
+    return None
+
+
+def hide(ops, path: str, hidden: str = HIDDEN) -> None:
+    """What libfuse does on unlink(path) of an open file without hard_remove (lib/fuse.c:
+    hidden_name() probes the new name with getattr, hide_node() renames to it)."""
+    assert fuse_errno(lambda: ops.getattr(hidden)) == errno.ENOENT
+    ops.rename(path, hidden, 0)
+
+
+def test_ftruncate_by_handle_without_path(ops):
+    fh = ops.create("/f", 0o644, os.O_RDWR)
+    ops.write(None, b"abcdef", 0, fh)
+    ops.truncate(None, 2, fh)  # libfuse 3 with nullpath_ok: no path, the handle
+    assert ops.getattr(None, fh)["st_size"] == 2
+    ops.truncate(None, 3 * BS, fh)
+    assert ops.read(None, 3 * BS, 0, fh) == b"ab" + bytes(3 * BS - 2)
+    ops.chmod(None, 0o600, fh)
+    assert ops.getattr("/f")["st_mode"] & 0o777 == 0o600
+    ops.release(None, fh)
+
+
+def test_libfuse_hiding_becomes_an_unlink_with_an_alias(ops):
+    fh = ops.create("/f", 0o644, os.O_RDWR)
+    ops.write(None, b"data", 0, fh)
+    hide(ops, "/f")
+    assert ops.readdir("/", None) == [(".", {"st_ino": 1, "st_mode": 0o40755}, 0),
+                                      ("..", {"st_ino": 1, "st_mode": 0o40000}, 0)]
+    assert fuse_errno(lambda: ops.getattr("/f")) == errno.ENOENT
+    # libfuse subtracts one from a hidden node's st_nlink: the alias reports nlink + 1
+    assert ops.getattr(HIDDEN)["st_nlink"] == 1
+    assert ops.getattr(None, fh)["st_nlink"] == 0
+    ops.chmod(HIDDEN, 0o600)  # fchmod goes through the hidden path
+    assert ops.getattr(None, fh)["st_mode"] & 0o777 == 0o600
+    ino = ops.getattr(None, fh)["st_ino"]
+    ops.release(None, fh)  # the last one: the alias goes with the file
+    assert fuse_errno(lambda: ops.getattr(HIDDEN)) == errno.ENOENT
+    assert fuse_errno(lambda: ops.unlink(HIDDEN)) == errno.ENOENT  # libfuse's, then: ignored
+    with ops.fs.store.read() as t:
+        assert t.inode(ino) is None and not t.orphans()
+
+
+def test_hiding_a_hard_link_keeps_the_other_name(ops):
+    fh = ops.create("/a", 0o644, os.O_RDWR)
+    ops.link("/b", "/a")
+    hide(ops, "/a")
+    assert ops.getattr(None, fh)["st_nlink"] == 1
+    assert ops.getattr(HIDDEN)["st_nlink"] == 2  # libfuse takes one off: 1
+    fh2 = ops.open("/b", os.O_RDONLY)  # another libfuse node of the same file
+    ops.release(None, fh)
+    ops.unlink(HIDDEN)  # libfuse: the hidden node's last descriptor closed
+    assert fuse_errno(lambda: ops.getattr(HIDDEN)) == errno.ENOENT
+    assert ops.getattr("/b")["st_nlink"] == 1
+    ops.release(None, fh2)
+
+
+def test_a_rename_to_a_hidden_looking_name_is_a_rename_unless_libfuse_hides(ops):
+    fh = ops.create("/open", 0o644, os.O_RDWR)
+    ops.release(None, ops.create("/closed", 0o644, os.O_RDWR))
+    # no probe just before: an ordinary rename, the name stays listed
+    ops.rename("/open", HIDDEN, 0)
+    assert ".fuse_hidden0000000200000001" in [e[0] for e in ops.readdir("/", None)]
+    # probed, but the file is not open: libfuse only hides open files
+    other = "/.fuse_hidden0000000300000002"
+    hide(ops, "/closed", other)
+    assert ops.getattr(other)["st_nlink"] == 1
+    # probed, but with flags (libfuse hides with flags 0)
+    ops.rename(HIDDEN, "/open", 0)
+    assert fuse_errno(lambda: ops.getattr("/.fuse_hidden0000000400000003")) == errno.ENOENT
+    ops.rename("/open", "/.fuse_hidden0000000400000003", 1)  # RENAME_NOREPLACE
+    assert ops.getattr("/.fuse_hidden0000000400000003")["st_nlink"] == 1
+    ops.release(None, fh)
+
+
+def test_alias_of_a_file_in_a_removed_directory_is_dropped_at_release(ops):
+    ops.mkdir("/d", 0o755)
+    fh = ops.create("/d/x", 0o644, os.O_RDWR)
+    hide(ops, "/d/x", "/d/.fuse_hidden0000000500000001")
+    ops.rmdir("/d")  # POSIX allows it: the directory is empty
+    ops.release(None, fh)  # libfuse can no longer build the hidden path to unlink it
+    assert ops._hidden == {}
+
+
+def test_rename_onto_an_open_hard_link_of_the_same_file_changes_nothing(ops):
+    fh = ops.create("/a", 0o644, os.O_RDWR)
+    ops.link("/b", "/a")
+    hide(ops, "/b")  # libfuse hides the open target of rename("/a", "/b") first...
+    ops.rename("/a", "/b", 0)  # ...then asks for the rename: POSIX does nothing
+    names = sorted(e[0] for e in ops.readdir("/", None))[2:]
+    assert names == ["a", "b"] and ops.getattr("/a")["st_nlink"] == 2
+    ops.release(None, fh)
+    assert ops._hidden == {}
+
+
+def test_rename_noreplace_onto_an_open_file_fails_and_keeps_it(ops):
+    fh = ops.create("/target", 0o644, os.O_RDWR)
+    ops.write(None, b"keep", 0, fh)
+    ops.release(None, ops.create("/src", 0o644, os.O_RDWR))
+    hide(ops, "/target")
+    assert fuse_errno(lambda: ops.rename("/src", "/target", 1)) == errno.EEXIST
+    assert ops.getattr("/target")["st_nlink"] == 1 and ops.getattr("/target")["st_size"] == 4
+    ops.release(None, fh)
+
+
+def test_a_rename_right_after_an_unrelated_hide_is_an_ordinary_rename(ops):
+    fh = ops.create("/a", 0o644, os.O_RDWR)
+    ops.link("/b", "/a")
+    hide(ops, "/a")  # unlink("/a") while open
+    ops.getattr("/b")  # another call in between: the hide is no longer "just before"
+    ops.rename("/b", "/a", 0)
+    assert sorted(e[0] for e in ops.readdir("/", None))[2:] == ["a"]
+    ops.release(None, fh)
+
+
+def test_aliases_move_with_their_directory(ops):
+    ops.mkdir("/d", 0o755)
+    ops.mkdir("/e", 0o755)
+    fh = ops.create("/d/x", 0o644, os.O_RDWR)
+    fh2 = ops.create("/e/y", 0o644, os.O_RDWR)
+    hide(ops, "/d/x", "/d/.fuse_hidden0000000500000001")
+    hide(ops, "/e/y", "/e/.fuse_hidden0000000600000002")
+    ops.rename("/d", "/d2", 0)
+    assert ops.getattr("/d2/.fuse_hidden0000000500000001")["st_nlink"] == 1
+    assert fuse_errno(lambda: ops.getattr("/d/.fuse_hidden0000000500000001")) == errno.ENOENT
+    ops.rename("/d2", "/e", 2)  # RENAME_EXCHANGE
+    assert ops.getattr("/e/.fuse_hidden0000000500000001")["st_ino"] == ops.getattr(None, fh)["st_ino"]
+    assert ops.getattr("/d2/.fuse_hidden0000000600000002")["st_ino"] == \
+        ops.getattr(None, fh2)["st_ino"]
+    ops.release(None, fh)
+    ops.release(None, fh2)
+    assert ops._hidden == {}
+
+
+@pytest.mark.parametrize("op", ["getattr", "unlink", "rmdir", "chmod", "open", "readlink"])
+def test_long_names_are_enametoolong(ops, op):
+    path = "/" + "n" * 256
+    args = {"chmod": (0o600,), "open": (os.O_RDONLY,)}.get(op, ())
+    assert fuse_errno(lambda: getattr(ops, op)(path, *args)) == errno.ENAMETOOLONG
