@@ -129,7 +129,8 @@ def tiny_seed(spec: str | None) -> int | None:
 
 def load(spec: str | None = None, cache_dir: str | None = None, device: str = "cpu") -> LoadedModel:
     """The model of `spec`, from the conversion cache or converted now."""
-    return from_model_file(model_file(spec, cache_dir), spec or DEFAULT_MODEL, device)
+    source = spec if tiny_seed(spec) is not None else str(resolve(spec))
+    return from_model_file(model_file(spec, cache_dir), source, device)
 
 
 def from_model_file(mf: modelfile.ModelFile, source: str = "", device: str = "cpu") -> LoadedModel:
