@@ -164,7 +164,7 @@ def _decompress(args) -> None:
 
         def resolve(fingerprint: bytes):
             codec = _open_codec(spec, args)
-            if codec.fingerprint != fingerprint:
+            if fingerprint not in getattr(codec, "fingerprints", (codec.fingerprint,)):
                 raise ModelMismatch(
                     f"file was compressed with model {file_spec!r} (fingerprint "
                     f"{fingerprint.hex()}), but model {spec!r} here has fingerprint "

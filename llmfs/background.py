@@ -28,6 +28,7 @@ class Background:
         `llmfs compact` still works). cluster: a cluster.ClusterCoder that does the compactor's
         model work on a Ray cluster, or None."""
         self.fs = fs
+        self.models = models
         self.compactor = Compactor(fs.store, fs.registry, models.compaction_codec,
                                    store_spec(fs.store),
                                    compact_after if compact_after is not None else 0)
@@ -52,12 +53,19 @@ class Background:
             inos = inodes_under(self.fs.store, req["path"].encode(errors="surrogateescape"))
         elif req.get("now"):
             self.fs.flush_all()  # "now" includes what is still buffered
-        hashes = self.compactor.candidates(0 if req.get("now") else None, inos)
         def progress(done: int, total: int) -> None:
             line = {"done": done, "total": total}
             if self.cluster is not None:
                 line["cluster"] = self.cluster.progress()
             send(line)
+
+        if req.get("recode"):   # llmfs compact --recode: see compactor.py
+            res = self.compactor.compact(self.compactor.recode_candidates(inos), progress,
+                                         recode=True)
+            if inos is None:
+                self.models.retire_unused()
+            return asdict(res)
+        hashes = self.compactor.candidates(0 if req.get("now") else None, inos)
         res = self.compactor.compact(hashes, progress)
         return asdict(res)
 

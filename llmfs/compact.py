@@ -1,5 +1,7 @@
-"""`llmfs compact MOUNTPOINT|STORE [--now] [--path P]`: compact cold blocks with the language model
-now, with a progress bar, and print what it saved. On a mounted store the daemon does the work
+"""`llmfs compact MOUNTPOINT|STORE [--now] [--path P] [--recode]`: compact cold blocks with the
+language model now, with a progress bar, and print what it saved. `--recode` instead re-encodes LM
+blocks coded by older engine versions or other models with the current model and retires the model
+files no block needs any more (compactor.py). On a mounted store the daemon does the work
 (asked through its control socket); on an unmounted one this process does, holding the store's lock.
 """
 from __future__ import annotations
@@ -54,8 +56,31 @@ def compact_offline(store_path: str, now: bool, path: bytes | None, progress,
         store.close()
 
 
-def compact_online(store_path: str, now: bool, path: bytes | None, progress) -> Result:
-    req = {"op": "compact", "now": now, "path": os.fsdecode(path) if path is not None else None}
+def recode_offline(store_path: str, path: bytes | None, progress,
+                   threads: int | None = None) -> Result:
+    """`--recode` on an unmounted store: LM blocks of other models / engine versions re-encoded
+    with the current model (compactor.py), then model files no block needs are dropped."""
+    store = Store(store_path)
+    try:
+        if not store.was_clean():
+            raise StoreError(f"{store_path} was not unmounted cleanly; mount it once or run "
+                             f"`llmfs fsck --repair {store_path}` first")
+        models = Models(store, threads=threads or THREADS)
+        registry = Registry(model_resolver=models.resolve)
+        compactor = Compactor(store, registry, models.compaction_codec, store_spec(store))
+        inos = inodes_under(store, path) if path is not None else None
+        res = compactor.compact(compactor.recode_candidates(inos), progress, recode=True)
+        if path is None:
+            models.retire_unused()
+        return res
+    finally:
+        store.close()
+
+
+def compact_online(store_path: str, now: bool, path: bytes | None, progress,
+                   recode: bool = False) -> Result:
+    req = {"op": "compact", "now": now, "path": os.fsdecode(path) if path is not None else None,
+           "recode": recode}
     try:
         for answer in control.request(store_path, req):
             if "error" in answer:
@@ -89,6 +114,9 @@ def register(sub) -> None:
     p.add_argument("--now", action="store_true",
                    help="every pending block, however recently written")
     p.add_argument("--path", help="only the files at or below this path (in the mount)")
+    p.add_argument("--recode", action="store_true",
+                   help="re-encode LM blocks of older engine versions or other models with the "
+                        "current model, then drop the model files no block needs")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads of the LM for an unmounted store (default 1; a mounted "
                         "store compacts with its daemon's --threads)")
@@ -102,9 +130,12 @@ def run(args) -> int:
         store_path, _ = find_store(args.target)
         path = fs_path(args.path) if args.path is not None else None
         try:
-            res = compact_offline(store_path, args.now, path, progress, args.threads)
+            if args.recode:
+                res = recode_offline(store_path, path, progress, args.threads)
+            else:
+                res = compact_offline(store_path, args.now, path, progress, args.threads)
         except StoreLocked:
-            res = compact_online(store_path, args.now, path, progress)
+            res = compact_online(store_path, args.now, path, progress, args.recode)
     except (StoreError, OSError) as e:
         progress.close()
         print(f"llmfs compact: {e}", file=sys.stderr)
@@ -112,7 +143,8 @@ def run(args) -> int:
     progress.close()
     secs = time.monotonic() - t0
     if not res.blocks:
-        print("nothing to compact" + ("" if args.now else " (use --now for recent writes)"))
+        print("nothing to recode: every LM block uses the current model" if args.recode else
+              "nothing to compact" + ("" if args.now else " (use --now for recent writes)"))
         return 0
     print(f"compacted {res.blocks} blocks in {secs:.1f} s: {human(res.before)} -> "
           f"{human(res.after)}, saved {human(res.saved)} "

@@ -26,6 +26,14 @@ not run again for them) and the background loop waits before it tries again — 
 doubling up to RETRY_MAX, logging once per wait — and resumes at once when the store's disk has
 room again (checked every few seconds), instead of re-encoding the same batch in a tight loop.
 
+Recoding (`compact(..., recode=True)`, `llmfs compact --recode`): the candidates are LM blocks
+coded by a model other than the current one (an older engine version, another model, a fingerprint
+of an older release: `recode_candidates`). Each is decoded with the model that made it, encoded
+again with zstd and the current model (the smallest container wins, as always — it need not beat
+the old one: the point is to stop needing the old model), verified and swapped in like any other
+batch. Afterwards the store's model files that no block needs are dropped (`Models.retire_unused`),
+which is how an old engine version or model is retired deliberately.
+
 Threading: the daemon runs one background thread (`run_in_background`) at the lowest CPU priority;
 `compact()` may also be called by a control request or `llmfs compact` on an unmounted store. One
 lock makes compactions take turns. `stop()` makes the loop exit between batches and aborts a batch
@@ -132,11 +140,31 @@ class Compactor:
                 pending = [(ts, h) for ts, h in pending if h in wanted]
         return [h for _, h in pending]
 
+    def recode_candidates(self, inos=None) -> list[bytes]:
+        """LM blocks whose model is not the current compaction model (of inodes `inos` if given)."""
+        current = self._lm_codec()
+        keep = getattr(current, "fingerprints", {current.fingerprint})
+        with self.store.read(buffers=True) as t:
+            wanted = None
+            if inos is not None:
+                wanted = set()
+                for ino in inos:
+                    wanted.update(t.block_hashes(ino, 0, (1 << 64) - 1).values())
+            out = []
+            with t.txn.cursor(db=t.db["blocks"]) as cur:
+                for h, blob in cur:
+                    head = peek_header(blob)
+                    if head.codec_id == LM and head.fingerprint not in keep \
+                            and (wanted is None or bytes(h) in wanted):
+                        out.append(bytes(h))
+        return out
+
     # -- compacting ------------------------------------------------------------------------------
     def compact(self, hashes: list[bytes], progress: Callable[[int, int], None] | None = None,
-                ) -> Result:
+                recode: bool = False) -> Result:
         """Compact these blocks in batches; progress(done_plain_bytes, total_plain_bytes).
-        StoreFull (a full disk) stops it; what was done before stays done."""
+        recode: re-encode LM blocks of other models with the current one (see above). StoreFull
+        (a full disk) stops it; what was done before stays done."""
         total = Result()
         lower_priority()  # a control request's thread, or the CLI's, as the loop's own
         with self._turn:
@@ -156,36 +184,52 @@ class Compactor:
                     h = todo.pop(0)
                     batch.append(h)
                     n += sizes[h]
-                total.add(self._compact_batch(batch))
+                total.add(self._compact_batch(batch, recode))
                 done += n
                 if progress:
                     progress(done, grand)
         self.totals.add(total)
         return total
 
-    def _compact_batch(self, hashes: list[bytes]) -> Result:
+    def _compact_batch(self, hashes: list[bytes], recode: bool = False) -> Result:
         res = Result()
         t0 = time.perf_counter()
         with self.store.read() as t:
             old = {h: t.container(h) for h in hashes}
         old = {h: blob for h, blob in old.items() if blob is not None}
         plain, new, damaged, reused = {}, {}, [], set()
+        codec = self._lm_codec()
+        self.registry.add_model(codec)
+        fingerprint = codec.fingerprint
+        keep = getattr(codec, "fingerprints", {fingerprint})
+        to_decode = []
         for h, blob in old.items():
             try:
-                if peek_header(blob).codec_id == LM:
-                    continue  # already done (a batch that raced with another compaction)
-                plain[h] = self.registry.decode_many([blob], self.store.block_size)[0]
+                head = peek_header(blob)
             except ContainerError as e:
                 damaged.append(h)
                 log.error("compaction: block %s is unreadable (%s); skipped for good, run "
                           "`llmfs fsck` to name its files", h.hex()[:16], e)
+                continue
+            if head.codec_id == LM and (not recode or head.fingerprint in keep):
+                continue  # already done (a batch that raced with another compaction)
+            to_decode.append(h)
+        bound = self.store.block_size
+        try:   # one batch: old LM blocks (recoding) decode side by side
+            plain = dict(zip(to_decode, self.registry.decode_many([old[h] for h in to_decode],
+                                                                  bound)))
+        except ContainerError:
+            for h in to_decode:
+                try:
+                    plain[h] = self.registry.decode_many([old[h]], bound)[0]
+                except ContainerError as e:
+                    damaged.append(h)
+                    log.error("compaction: block %s is unreadable (%s); skipped for good, run "
+                              "`llmfs fsck` to name its files", h.hex()[:16], e)
         if damaged:
             res.damaged += self._drop_damaged(damaged, None, old)
         if not plain:
             return res
-        codec = self._lm_codec()
-        self.registry.add_model(codec)
-        fingerprint = codec.fingerprint
         todo = {}
         for h, data in plain.items():
             if peek_header(old[h]).codec_id == RAW:
@@ -206,8 +250,9 @@ class Compactor:
                 return res
             blob = remote[h][0] if remote.get(h) else self.registry.encode(data, (ZSTD, LM),
                                                                            fingerprint)
-            if peek_header(blob).codec_id == LM and len(blob) < len(old[h]):
-                new[h] = blob
+            was = peek_header(old[h]).codec_id
+            if was == LM or (peek_header(blob).codec_id == LM and len(blob) < len(old[h])):
+                new[h] = blob     # recoding keeps the best new container, whatever its size
             else:
                 res.skipped += 1
         if self._stop.is_set():
@@ -268,13 +313,13 @@ class Compactor:
                 res.before += len(current)
                 if h in new:
                     t.replace_container(h, new[h])
-                    res.lm_blocks += 1
+                    res.lm_blocks += peek_header(new[h]).codec_id == LM
                     res.after += len(new[h])
                     res.plain += len(plain[h])
                 else:
                     res.after += len(current)
                 t.remove_pending(h)
-            if new:
+            if any(peek_header(b).codec_id == LM for b in new.values()):
                 t.add_model(fingerprint, self.model_spec)
 
     def _drop_damaged(self, hashes: list[bytes], why: str | None, old=None) -> int:

@@ -32,7 +32,7 @@ from llmfs.codec import ContainerError, ModelMismatch, Registry, UnsupportedVers
 from llmfs.codec.container import pack
 from llmfs.codec.registry import DAMAGED
 
-from .models import Models
+from .models import Models, model_report
 from .store import ROOT_INO, Counters, Store, StoreError, Txn, block_hash
 
 log = logging.getLogger("llmfs")
@@ -205,16 +205,84 @@ def check_counters(s: Snapshot, t: Txn) -> list[Problem]:
     return [Problem("counters", "the usage counters differ from the store's contents", repair)]
 
 
+def _models(s: Snapshot, t: Txn) -> Models:
+    """One Models per fsck run (a model loads once), never refusing the store (fsck reports)."""
+    models = getattr(s, "_fsck_models", None)
+    if models is None:
+        models = s._fsck_models = Models(t.store, check=False)
+    return models
+
+
 def check_models(s: Snapshot, t: Txn) -> list[Problem]:
-    """Every model that coded a block is recorded (so the block can be decoded again)."""
-    known = t.models()
+    """Every model that coded a block is recorded (so the block can be decoded again), and every
+    recorded model file exists."""
+    known, keys = t.models(), t.model_keys()
+    files = set(t.model_file_digests())
     missing: dict[bytes, int] = {}
     for h, _blob in t.blocks():
         head = t.header(h)
-        if head is not None and head.fingerprint and head.fingerprint not in known:
+        if head is not None and head.fingerprint and head.fingerprint not in known \
+                and head.fingerprint not in keys:
             missing[head.fingerprint] = missing.get(head.fingerprint, 0) + 1
-    return [Problem("models", f"{n} block(s) were coded by model {fp.hex()}, which the store "
-                    f"does not record: they cannot be decoded") for fp, n in missing.items()]
+    out = [Problem("models", f"{n} block(s) were coded by model {fp.hex()}, which the store "
+                   f"does not record: they cannot be decoded") for fp, n in missing.items()]
+    for fp, d in keys.items():
+        if d not in files:
+            out.append(Problem("models", f"model {fp.hex()} names model file {d.hex()[:16]}, "
+                               f"which is missing from the store"))
+    return out
+
+
+def check_model_files(s: Snapshot, t: Txn) -> list[Problem]:
+    """Each model file hashes to its key and answers to the fingerprints that name it."""
+    from llmfs.codec.lm import modelfile
+    out = []
+    keys = t.model_keys()
+    for d in t.model_file_digests():
+        blob = t.model_file(d)
+        if modelfile.digest(blob) != d:
+            users = sorted(fp.hex() for fp, k in keys.items() if k == d)
+            out.append(Problem("model_files", f"model file {d.hex()[:16]} is corrupt (does not "
+                               f"match its hash); blocks of model(s) {', '.join(users)} cannot "
+                               f"be decoded until it is restored"))
+            continue
+        try:
+            m = modelfile.read_manifest(blob[:64 << 20])
+        except modelfile.BadModelFile as e:
+            out.append(Problem("model_files", f"model file {d.hex()[:16]}: {e}"))
+            continue
+        answers = {m["fingerprint"], *m["aliases"]}
+        for fp, k in keys.items():
+            if k == d and fp.hex() not in answers:
+                out.append(Problem("model_files", f"fingerprint {fp.hex()} names model file "
+                                   f"{d.hex()[:16]}, which does not decode it"))
+    return out
+
+
+def check_model_embedding(s: Snapshot, t: Txn) -> list[Problem]:
+    """Blocks of models not stored in the store (written before store format 2) decode only
+    while this machine can still build their model: repair stores it. Loads models (slow)."""
+    models = _models(s, t)
+    out = []
+    for use in models.usage():
+        if use.digest is not None or use.spec is None:
+            continue   # embedded, or reported by check_models
+        try:
+            codec = models.resolve(use.fingerprint)
+        except ContainerError as e:
+            out.append(Problem("model_embedding", f"{use.blocks} block(s) of model "
+                               f"{use.fingerprint.hex()} ({use.spec}) depend on the environment, "
+                               f"which cannot build it: {e}"))
+            continue
+        mf = codec.model_file
+
+        def repair(t, mf=mf, spec=use.spec):
+            t.put_model_file(mf.digest, memoryview(mf.blob), sorted(mf.fingerprints))
+            t.add_model(mf.fingerprint, spec)
+        out.append(Problem("model_embedding", f"{use.blocks} block(s) of model "
+                           f"{use.fingerprint.hex()} ({use.spec}) depend on the environment: "
+                           f"repair stores the model in the store", repair))
+    return out
 
 
 def _users(s: Snapshot) -> dict[bytes, list[tuple[int, int]]]:
@@ -275,7 +343,7 @@ def quarantined(s: Snapshot, t: Txn) -> list[str]:
 def check_block_checksums(s: Snapshot, t: Txn, registry: Registry | None = None) -> list[Problem]:
     """Decode every block (LM blocks with the model that coded them, as one batch per model) and
     check it against its checksum and its content hash."""
-    registry = registry or Registry(model_resolver=Models(t.store).resolve)
+    registry = registry or Registry(model_resolver=_models(s, t).resolve)
     users = defaultdict(list)
     for ino, idx, h in s.blockmap:
         users[h].append((ino, idx))
@@ -319,12 +387,13 @@ def check_block_checksums(s: Snapshot, t: Txn, registry: Registry | None = None)
 
 
 CHECKS = [check_root, check_dirents, check_link_counts, check_orphans, check_blockmap,
-          check_refcounts, check_pending, check_counters, check_models, check_block_headers,
-          check_block_checksums]
+          check_refcounts, check_pending, check_counters, check_models, check_model_files,
+          check_model_embedding, check_block_headers, check_block_checksums]
 # What a damaged stored byte can make a check find: the block's own problem, never the store's.
 # A mount after a crash logs these and mounts (the reads of those blocks fail, nothing else).
 DAMAGE_CHECKS = [check_counters, check_models, check_block_headers, check_block_checksums]
-QUICK_CHECKS = [c for c in CHECKS if c is not check_block_checksums]
+# what a mount runs after an unclean shutdown: nothing that loads a model
+QUICK_CHECKS = [c for c in CHECKS if c not in (check_block_checksums, check_model_embedding)]
 
 
 def run_checks(store: Store, checks=CHECKS, repair: bool = False,
@@ -372,6 +441,8 @@ def run(args) -> int:
         with store.read() as t:
             for line in quarantined(Snapshot(t), t):
                 print(f"quarantined (reads as EIO until rewritten): {line}")
+        for line in model_report(store):
+            print(line)
         if not problems:
             if not store.was_clean():
                 store.set_clean(True)

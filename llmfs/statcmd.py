@@ -13,6 +13,7 @@ from llmfs.codec import CODEC_NAMES
 from llmfs.codec.registry import DAMAGED
 
 from . import control, mounts
+from .models import model_report
 from .store import Store, StoreError
 from .units import human
 
@@ -59,6 +60,7 @@ def store_report(store: Store) -> list[tuple[str, str]]:
         ("ratio", f"{c.logical / stored:.2f}x" if stored else "-"),
         ("state", "clean" if clean else "mounted or not cleanly unmounted"),
     ]
+    rows += [("model", line.removeprefix("model ")) for line in model_report(store)]
     return rows
 
 

@@ -8,7 +8,7 @@ big-endian so keys sort numerically. Named sub-databases:
 
   meta      str key → value
               "magic"          b"llmfs-store" — identifies a store
-              "format"         u32 FORMAT_VERSION; a store of another version is refused, never guessed
+              "format"         u32 store format version (FORMAT_VERSION; compatibility rule below)
               "block_size"     u32 logical block size in bytes, fixed at mkfs
               "model"          utf-8 model spec chosen at mkfs ("" = the default model)
               "next_ino"       u64 next inode number to hand out (never reused)
@@ -30,7 +30,25 @@ big-endian so keys sort numerically. Named sub-databases:
             blocks background compaction re-encodes with the LM
   models    model fingerprint (8 bytes: codec/container.py; 16 in stores made before container
             format 2, whose first 8 bytes are the fingerprint) → utf-8 model spec, for every model
-            that coded a block in this store
+            that coded a block in this store (the spec it was loaded from: informational since
+            format 2, and how blocks of a format 1 store find their model until it is embedded)
+  modelfiles  (format 2) 32-byte blake3 digest → model file (codec/lm/modelfile.py: the engine-ready
+            integer weights and scales, Config, canonical tokenizer and engine version): everything
+            decoding an LM block needs besides code, stored once per model (about the size of its
+            int8 weights)
+  modelkeys   (format 2) model fingerprint (8 bytes) → 32-byte digest of the modelfiles entry that
+            decodes it: the model's own fingerprint and each alias its manifest lists
+
+FORMAT VERSIONS (which llmfs reads which store)
+  1  the tables above without modelfiles/modelkeys; written by releases up to main 2fa6d7d, which
+     read only format 1 (they refuse a format 2 store: "has store format version 2; this llmfs
+     reads version 1", never calling its blocks corrupt).
+  2  this release: adds modelfiles and modelkeys. It reads formats 1 and 2. A format 1 store opened
+     with the lock (mount, fsck, compact) is upgraded in place, in one transaction that creates the
+     two empty tables and sets "format" to 2 (nothing else changes: every format 1 block decodes as
+     before, its model loaded by spec until it is embedded); opened without the lock (stat) or
+     read-only it is read as it is. A store of a format above 2 is refused with a message to
+     install a newer llmfs. Each later format keeps reading every earlier one, upgrading in place.
 
 INVARIANTS (fsck.py checks each one by name)
   * refs[h] == number of blockmap entries naming h, and refs[h] >= 1 for every h in refs;
@@ -42,6 +60,11 @@ INVARIANTS (fsck.py checks each one by name)
     exactly inodes[ino].nlink dirents (directories: by one dirent, nlink = 2 + subdirectories).
   * the root inode is ROOT_INO and is a directory; inode numbers are never reused.
   * pending ⊆ blocks; counters equal the sums over inodes and blocks.
+  * blake3(modelfiles[d]) == d; every modelkeys value is a key of modelfiles, and the model file
+    it names lists that fingerprint (as its own or an alias); every LM block written by a format 2
+    release has its fingerprint in modelkeys (the model is embedded before its first block is
+    stored). A fingerprint of a block with no modelkeys entry is a format 1 leftover: fsck reports
+    it and --repair embeds its model when this machine can still build it.
 
 DAMAGED BLOCKS
   A stored byte can rot. A container whose header cannot be read is still a block like any other
@@ -83,7 +106,8 @@ import lmdb
 from llmfs.codec.container import FINGERPRINT_SIZE, ContainerError, Header
 from llmfs.codec.registry import DAMAGED, peek_header
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS_FORMATS = (1, 2)
 MAGIC = b"llmfs-store"
 ROOT_INO = 1
 HASH_SIZE = 32
@@ -94,8 +118,9 @@ MAP_SIZE = 1 << 40
 # limit (64 MiB) plus LMDB's copy-on-write pages.
 FULL_DISK_SLACK = 128 << 20
 
-DB_NAMES = ("meta", "inodes", "dirents", "blockmap", "blocks", "refs", "xattrs", "orphans",
-            "pending", "models")
+DB_NAMES_V1 = ("meta", "inodes", "dirents", "blockmap", "blocks", "refs", "xattrs", "orphans",
+               "pending", "models")
+DB_NAMES = DB_NAMES_V1 + ("modelfiles", "modelkeys")     # format 2
 
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
@@ -443,6 +468,48 @@ class Txn:
         with self.txn.cursor(db=self.db["models"]) as cur:
             return {bytes(k)[:FINGERPRINT_SIZE]: bytes(v).decode() for k, v in cur}
 
+    # -- model files (format 2) ----------------------------------------------------------------
+    def put_model_file(self, digest: bytes, blob, fingerprints) -> None:
+        """Store a model file (once: its digest is its key) and point `fingerprints` at it."""
+        if self.txn.get(digest, db=self.db["modelfiles"]) is None:
+            self.txn.put(digest, blob, db=self.db["modelfiles"])
+        for fp in fingerprints:
+            self.txn.put(bytes(fp), digest, db=self.db["modelkeys"])
+
+    def model_file(self, digest: bytes):
+        """The model file stored under `digest` (a memoryview inside a buffers=True transaction:
+        copy what must outlive it), or None."""
+        if "modelfiles" not in self.db:
+            return None
+        return self.txn.get(digest, db=self.db["modelfiles"])
+
+    def model_file_digests(self) -> list[bytes]:
+        if "modelfiles" not in self.db:
+            return []
+        with self.txn.cursor(db=self.db["modelfiles"]) as cur:
+            return [bytes(k) for k in cur.iternext(values=False)]
+
+    def model_key(self, fingerprint: bytes) -> bytes | None:
+        """The digest of the model file that decodes blocks of this fingerprint, or None."""
+        if "modelkeys" not in self.db:
+            return None
+        raw = self.txn.get(fingerprint, db=self.db["modelkeys"])
+        return bytes(raw) if raw is not None else None
+
+    def model_keys(self) -> dict[bytes, bytes]:
+        """fingerprint -> model file digest"""
+        if "modelkeys" not in self.db:
+            return {}
+        with self.txn.cursor(db=self.db["modelkeys"]) as cur:
+            return {bytes(k): bytes(v) for k, v in cur}
+
+    def delete_model_file(self, digest: bytes) -> None:
+        """Drop a model file and every fingerprint that names it (retiring a model)."""
+        for fp, d in self.model_keys().items():
+            if d == digest:
+                self.txn.delete(fp, db=self.db["modelkeys"])
+        self.txn.delete(digest, db=self.db["modelfiles"])
+
     def truncate_blocks(self, ino: int, n_blocks: int) -> None:
         """Drop the block map entries of `ino` at index >= n_blocks."""
         doomed = list(self.block_hashes(ino, n_blocks, (1 << 64) - 1))
@@ -505,7 +572,7 @@ class Txn:
 def _header(blob) -> Header | None:
     """The container's header, or None if it is damaged (or names a codec counters cannot hold)."""
     try:
-        head = peek_header(bytes(blob[:64]))
+        head = peek_header(blob)
     except ContainerError:
         return None
     return head if head.codec_id < _N_CODECS else None
@@ -530,7 +597,7 @@ class Store:
             self.release_lock()
             raise NotAStore(f"{path} is not an llmfs store: {e}") from None
         try:
-            self.db = {n: self.env.open_db(n.encode(), create=False) for n in DB_NAMES}
+            self.db = {n: self.env.open_db(n.encode(), create=False) for n in DB_NAMES_V1}
         except lmdb.Error:
             self.env.close()
             self.release_lock()
@@ -542,13 +609,36 @@ class Store:
         if magic != MAGIC or version is None:
             self.close()
             raise NotAStore(f"{path} is not an llmfs store (bad magic)")
-        if version != FORMAT_VERSION:
+        if version not in READS_FORMATS:
             self.close()
-            raise UnsupportedFormat(f"{path} has store format version {version}; this llmfs "
-                                    f"reads version {FORMAT_VERSION}")
+            raise UnsupportedFormat(
+                f"{path} has store format version {version}; this llmfs reads versions "
+                f"{', '.join(map(str, READS_FORMATS))}: install a newer llmfs to use it")
+        try:
+            self._open_format(version, upgrade=lock and not readonly)
+        except lmdb.Error as e:
+            self.close()
+            raise NotAStore(f"{path}: format {version} store lacks its tables ({e})") from None
         self.block_size = _U32.unpack(block_size)[0]
         self.model_spec = (model or b"").decode()
         self._write_lock = threading.Lock()
+
+    def _open_format(self, version: int, upgrade: bool) -> None:
+        """Open the format's tables; upgrade a format 1 store to 2 in one transaction when this
+        process holds the lock (see FORMAT VERSIONS above), else read it as it is."""
+        self.format = version
+        if version == 1:
+            if not upgrade:
+                return
+            with self.env.begin(write=True) as txn:
+                for n in DB_NAMES[len(DB_NAMES_V1):]:
+                    self.db[n] = self.env.open_db(n.encode(), txn=txn, create=True)
+                txn.put(b"format", _U32.pack(FORMAT_VERSION), db=self.db["meta"])
+            self.env.sync(True)
+            self.format = FORMAT_VERSION
+            return
+        for n in DB_NAMES[len(DB_NAMES_V1):]:
+            self.db[n] = self.env.open_db(n.encode(), create=False)
 
     @classmethod
     def create(cls, path: str, block_size: int, model_spec: str = "") -> None:

@@ -33,7 +33,7 @@ def test_default_model_converts(converted):
     assert c.rope_theta == 100000.0 and c.tied_embeddings and m.engine.bos_id == 1
     assert len(m.engine.fingerprint) == 16
     assert '"model"' in m.tokenizer_json and m.source.endswith(".gguf")
-    assert len(list(cache.glob("*.safetensors"))) == 1
+    assert len(list(cache.glob("*.llmfsmodel"))) == 1
 
 
 @pytest.mark.slow
@@ -48,7 +48,7 @@ def test_cache_is_reused_without_dequantising(converted, monkeypatch):
 @pytest.mark.slow
 def test_corrupt_cache_is_rebuilt(converted, tmp_path, monkeypatch):
     cache, m = converted
-    src = next(cache.glob("*.safetensors"))
+    src = next(cache.glob("*.llmfsmodel"))
     bad = tmp_path / src.name
     shutil.copy(src, bad)
     with open(bad, "r+b") as f:          # flip bytes inside the weights, header intact

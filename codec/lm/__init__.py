@@ -3,7 +3,9 @@
     tokenizer.py  lossless bytes <-> token ids (byte-level BPE with escapes; plain bytes for tests)
     coder.py      range coding of token ids with the engine's integer frequency rows
     codec.py      LMCodec: segments, payload format, batched encode/decode (the registry's ModelCodec)
-    engine.py     the exact integer inference engine;  loader.py  model specs -> engine + tokenizer
+    engine.py     the exact integer inference engine;  engines.py  the engine versions this release runs
+    modelfile.py  the model file: an engine-ready model in our own content-addressed format
+    loader.py     model specs -> model file (converted once, cached) -> engine + tokenizer
     reference.py  float32 cross-entropy, the floor the bench compares against
 
 Importing this package is cheap: the defaults below are plain values that the filesystem reads
@@ -57,14 +59,6 @@ def load(spec: str | None = None, cache_dir=None):
     return _load(spec, cache_dir=cache_dir)
 
 
-def _tiny_seed(spec: str | None) -> int | None:
-    if spec == TINY_SPEC:
-        return 0
-    if spec and spec.startswith(TINY_SPEC + ":") and spec[len(TINY_SPEC) + 1:].isdigit():
-        return int(spec[len(TINY_SPEC) + 1:])
-    return None
-
-
 def resolve_device(device: str | None) -> str:
     """'auto' -> 'cuda' when available, else 'cpu'."""
     import torch
@@ -79,30 +73,31 @@ def open_codec(spec: str | None = None, batch: int = DECODE_BATCH, threads: int 
                device: str | None = DEFAULT_DEVICE, segment_tokens: int | None = None) -> LMCodec:
     """Load a model and wrap it in an LMCodec, on `device` ('cpu', 'cuda' or 'auto');
     segment_tokens None = codec.SEGMENT_TOKENS."""
+    from .loader import model_file
+    return codec_of(model_file(spec), batch=batch, threads=threads, device=device,
+                    segment_tokens=segment_tokens, source=spec or "")
+
+
+def codec_of(mf, batch: int = DECODE_BATCH, threads: int | None = None,
+             device: str | None = DEFAULT_DEVICE, segment_tokens: int | None = None,
+             source: str = "") -> LMCodec:
+    """The LMCodec of a verified model file (modelfile.ModelFile). Its `fingerprints` are every
+    container fingerprint it decodes (its own and the aliases older releases gave the model);
+    `model_file` is the file, for stores that embed it."""
     from .codec import SEGMENT_TOKENS, LMCodec  # noqa: F811 (the TYPE_CHECKING import is for annotations)
-    seed = _tiny_seed(spec)
-    if seed is not None:
-        from .engine import Engine
-        from .tokenizer import ByteTokenizer
-        engine, tokenizer = Engine.tiny(seed=seed), ByteTokenizer()
-    else:
-        loaded = load(spec)
-        engine, tokenizer = loaded.engine, _tokenizer_of(loaded)
+    from .loader import from_model_file
     dev = resolve_device(device)
-    if str(getattr(engine, "device", "cpu")) != dev:
-        if not hasattr(engine, "to"):
-            raise RuntimeError(f"this engine cannot move to device {dev!r}")
-        moved = engine.to(dev)
-        if moved is not None:
-            engine = moved
-    return LMCodec((engine, tokenizer), batch=batch, threads=threads,
-                   segment_tokens=SEGMENT_TOKENS if segment_tokens is None else segment_tokens)
+    loaded = from_model_file(mf, source, dev)
+    codec = LMCodec((loaded.engine, loaded.tokenizer), batch=batch, threads=threads,
+                    segment_tokens=SEGMENT_TOKENS if segment_tokens is None else segment_tokens)
+    if codec.fingerprint != mf.fingerprint:
+        raise RuntimeError(f"codec fingerprint {codec.fingerprint.hex()} differs from its model "
+                           f"file's {mf.fingerprint.hex()}")
+    codec.fingerprints = mf.fingerprints
+    codec.model_file = mf
+    return codec
 
 
-def _tokenizer_of(loaded):
-    from .tokenizer import from_json
-    return from_json(getattr(loaded, "tokenizer_json", None))
-
-
-__all__ = ["LMCodec", "load", "open_codec", "TINY_SPEC", "DEFAULT_MODEL", "DECODE_BATCH", "resolve_device",
-           "ByteTokenizer", "ByteLevelBPE", "UnsupportedTokenizer", "PAYLOAD_VERSION", "SEGMENT_TOKENS"]
+__all__ = ["LMCodec", "load", "open_codec", "codec_of", "TINY_SPEC", "DEFAULT_MODEL", "DECODE_BATCH",
+           "resolve_device", "ByteTokenizer", "ByteLevelBPE", "UnsupportedTokenizer", "PAYLOAD_VERSION",
+           "SEGMENT_TOKENS"]

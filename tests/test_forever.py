@@ -1,0 +1,339 @@
+"""Issue 12: LM blocks stay readable forever. A store holds the models its blocks need (model files,
+verified by hash); decoding depends on nothing in the environment (conversion cache, HOME, the
+model's source files, the tokenizer JSON's serialisation); older store formats open; engine
+versions this release lacks are refused with a message; the cache is trusted only when it is ours.
+
+The model here is a small Llama directory made in the test (random weights, a byte-level BPE
+tokenizer with merges and an <|endoftext|> token): the same conversion path as a real model, in
+seconds."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from llmfs.codec import Registry, container
+from llmfs.codec.lm import codec_of, engines, loader, modelfile
+from llmfs.codec.lm.engine import Engine
+from llmfs.codec.lm.tokenizer import gpt2_bytes_to_unicode
+from llmfs.codec.registry import LM, peek_header
+
+from llmfs import fsck
+from llmfs import namespace as ns
+from llmfs.models import Models, UndecodableStore, model_report
+from llmfs.store import DB_NAMES, DB_NAMES_V1, ROOT_INO, Store, UnsupportedFormat
+
+BS = 4096
+TEXTS = {b"en.txt": b"The quick brown fox jumps over the lazy dog. " * 40,
+         b"ru.txt": "Съешь же ещё этих мягких французских булок. ".encode() * 30,
+         b"code.py": b"def f(x):\n    return x * 2 + 1\n\n" * 60}
+MERGES = [("t", "h"), ("h", "e"), ("Ġ", "t"), ("Ġt", "he"), ("e", "r"), ("o", "u"), ("Ġ", "a"), ("th", "e")]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_model_dir(path, seed: int = 0):
+    """A tiny Llama directory: config.json, model.safetensors, tokenizer.json (byte-level BPE)."""
+    from safetensors.torch import save_file
+    path.mkdir(parents=True)
+    b2u = gpt2_bytes_to_unicode()
+    vocab = {"<|endoftext|>": 0}
+    for b in range(256):
+        vocab[b2u[b]] = len(vocab)
+    for a, b in MERGES:
+        vocab[a + b] = len(vocab)
+    tok = {"version": "1.0", "truncation": None, "padding": None,
+           "added_tokens": [{"id": 0, "content": "<|endoftext|>", "single_word": False,
+                             "lstrip": False, "rstrip": False, "normalized": False,
+                             "special": True}],
+           "normalizer": None,
+           "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                             "use_regex": True},
+           "post_processor": None,
+           "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                       "use_regex": True},
+           "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                     "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": False,
+                     "byte_fallback": False, "ignore_merges": False, "vocab": vocab,
+                     "merges": [f"{a} {b}" for a, b in MERGES]}}
+    (path / "tokenizer.json").write_text(json.dumps(tok))
+    V, D, L, H, F = len(vocab), 64, 2, 4, 128
+    (path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": V, "hidden_size": D, "num_hidden_layers": L,
+        "num_attention_heads": H, "num_key_value_heads": 2, "intermediate_size": F,
+        "max_position_embeddings": 256, "bos_token_id": 0, "tie_word_embeddings": True}))
+    rng = np.random.default_rng(seed)
+    g = lambda *s: torch.from_numpy(rng.normal(0, 0.2, size=s).astype(np.float32))
+    w = {"model.embed_tokens.weight": g(V, D), "model.norm.weight": 1 + g(D)}
+    for i in range(L):
+        q = f"model.layers.{i}."
+        w |= {q + "input_layernorm.weight": 1 + g(D), q + "post_attention_layernorm.weight": 1 + g(D),
+              q + "self_attn.q_proj.weight": g(D, D), q + "self_attn.k_proj.weight": g(D // 2, D),
+              q + "self_attn.v_proj.weight": g(D // 2, D), q + "self_attn.o_proj.weight": g(D, D),
+              q + "mlp.gate_proj.weight": g(F, D), q + "mlp.up_proj.weight": g(F, D),
+              q + "mlp.down_proj.weight": g(D, F)}
+    save_file(w, str(path / "model.safetensors"))
+    return path
+
+
+def reserialise_tokenizer(path) -> None:
+    """Rewrite tokenizer.json as another transformers release might: other whitespace, other key
+    order, merges as lists instead of "a b" strings."""
+    tok = json.loads((path / "tokenizer.json").read_text())
+    tok["model"]["merges"] = [m.split(" ") for m in tok["model"]["merges"]]
+    rng = random.Random(1)
+
+    def shuffle(o):
+        if isinstance(o, dict):
+            items = [(k, shuffle(v)) for k, v in o.items()]
+            rng.shuffle(items)
+            return dict(items)
+        return [shuffle(v) for v in o] if isinstance(o, list) else o
+    (path / "tokenizer.json").write_text(json.dumps(shuffle(tok), indent=7) + "\n\n")
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """An isolated cache and HOME."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LLMFS_CACHE", str(cache))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+def lm_store(tmp_path, spec: str, legacy: bool = False):
+    """A store whose files' blocks are LM containers of `spec` (the test model codes nothing
+    smaller than zstd, so the containers are swapped in directly, as compaction would). legacy:
+    a format 1 store (no model files) whose blocks carry the fingerprint releases up to 16af6cc
+    gave the model, as main at 16af6cc left it."""
+    Store.create(str(tmp_path / "s"), BS, spec)
+    s = Store(str(tmp_path / "s"))
+    fs = ns.Filesystem(s, Registry())
+    for name, data in TEXTS.items():
+        fh = fs.create(ROOT_INO, name, 0o644, os.O_RDWR, 0, 0)
+        fs.write(fh, data, 0)
+        fs.release(fh)
+    fs.flush_all()
+    models = Models(s)
+    codec = models._spec_codec(spec) if legacy else models.compaction_codec()
+    fp = codec.fingerprint
+    if legacy:
+        fp = sorted(codec.fingerprints - {codec.fingerprint})[0]
+    reg = Registry()
+    with s.write() as t:
+        for h, blob in list(t.blocks()):
+            data = reg.decode(blob)
+            t.replace_container(h, container.pack(LM, len(data), container.checksum(data),
+                                                  codec.encode_payload(data), fp))
+        t.add_model(fp, spec)
+        if legacy:
+            for n in DB_NAMES[len(DB_NAMES_V1):]:
+                t.txn.drop(t.db[n], delete=True)
+            t.set_meta("format", (1).to_bytes(4, "big"))
+    s.close()
+    return str(tmp_path / "s"), fp
+
+
+def read_all(store_path: str, lock: bool = True) -> dict[bytes, bytes]:
+    s = Store(store_path, lock=lock)
+    try:
+        models = Models(s)
+        fs = ns.Filesystem(s, Registry(model_resolver=models.resolve))
+        out = {}
+        for name in TEXTS:
+            out[name] = fs.read_ino(fs.lookup(ROOT_INO, name), 1 << 20, 0)
+        return out
+    finally:
+        s.close()
+
+
+def lm_fingerprints(store_path: str) -> set[bytes]:
+    s = Store(store_path, lock=False, readonly=True)
+    try:
+        with s.read() as t:
+            return {peek_header(b[:64]).fingerprint for _, b in t.blocks()}
+    finally:
+        s.close()
+
+
+def test_blocks_decode_without_cache_home_or_source(env, monkeypatch):
+    """The issue's demonstration: LM blocks written, then the conversion cache removed, HOME
+    changed, the tokenizer JSON re-serialised (and then the model directory gone): every block
+    still decodes, from the store alone, and nothing is converted again."""
+    model = write_model_dir(env / "model")
+    path, fp = lm_store(env, str(model))
+    assert lm_fingerprints(path) == {fp}
+    shutil.rmtree(env / "cache")
+    monkeypatch.setenv("HOME", str(env / "elsewhere"))
+    reserialise_tokenizer(model)
+    monkeypatch.setattr(loader, "convert", lambda p: pytest.fail("decoding converted a model"))
+    assert read_all(path) == TEXTS
+    shutil.rmtree(model)
+    assert read_all(path) == TEXTS
+    assert fsck.run_checks(Store(path))[0] == []
+
+
+def test_fingerprint_survives_tokenizer_reserialisation(env):
+    model = write_model_dir(env / "model")
+    before = loader.model_file(str(model))
+    reserialise_tokenizer(model)
+    after = loader.model_file(str(model), cache_dir=str(env / "other-cache"))
+    assert after.fingerprint == before.fingerprint
+    strip = lambda m: {k: v for k, v in m.items() if k != "aliases"}
+    assert strip(after.manifest) == strip(before.manifest)
+    # the fingerprint releases up to 16af6cc computed (from the JSON text) moved; it is an alias
+    assert before.fingerprints - {before.fingerprint} != after.fingerprints - {after.fingerprint}
+
+
+def test_model_file_is_verified(env):
+    model = write_model_dir(env / "model")
+    mf = loader.model_file(str(model))
+    blob = bytearray(mf.blob)
+    blob[len(blob) // 2] ^= 1
+    with pytest.raises(modelfile.BadModelFile):
+        modelfile.parse(blob, mf.digest)
+    codec = codec_of(modelfile.parse(bytearray(mf.blob), mf.digest))
+    assert codec.fingerprint == mf.fingerprint
+
+
+def test_format_1_store_opens_upgrades_and_embeds(env):
+    """A store as main at 16af6cc left it (format 1, blocks with the old fingerprint, no model
+    files): read as is without the lock, upgraded with it; its blocks decode through the model's
+    spec and the alias; fsck --repair stores the model; then the source may go."""
+    model = write_model_dir(env / "model")
+    path, fp = lm_store(env, str(model), legacy=True)
+    ro = Store(path, lock=False, readonly=True)
+    assert ro.format == 1
+    ro.close()
+    s = Store(path)
+    assert s.format == 2
+    problems, _ = fsck.run_checks(s, fsck.QUICK_CHECKS)
+    assert problems == []      # a mount after a crash is not refused for an unembedded model
+    problems, _ = fsck.run_checks(s)
+    assert [p.check for p in problems] == ["model_embedding"]
+    fsck.run_checks(s, repair=True)
+    assert fsck.run_checks(s)[0] == []
+    assert any("decodable here (embedded)" in line for line in model_report(s))
+    s.close()
+    shutil.rmtree(model)
+    shutil.rmtree(env / "cache")
+    assert read_all(path) == TEXTS
+
+
+def test_newer_store_format_is_refused(env):
+    Store.create(str(env / "s"), BS)
+    s = Store(str(env / "s"))
+    with s.write() as t:
+        t.set_meta("format", (3).to_bytes(4, "big"))
+    s.close()
+    with pytest.raises(UnsupportedFormat, match="install a newer llmfs"):
+        Store(str(env / "s"))
+
+
+def test_unknown_engine_version_refuses_to_start(env):
+    """A store holding a model of an engine version this release lacks: Models (mount, compact)
+    refuses with a message naming the release to install; fsck/stat report it."""
+    e = Engine.tiny()
+    from llmfs.codec.lm.tokenizer import ByteTokenizer
+    blob = loader.make_model_file(e.config, e.tensors, ByteTokenizer())
+    mf = modelfile.parse(bytearray(blob))
+    manifest = dict(mf.manifest, engine_version=99, written_by="llmfs 9.0.0")
+    blob = modelfile.build(manifest, mf.tensors)
+    Store.create(str(env / "s"), BS, "tiny")
+    s = Store(str(env / "s"))
+    with s.write() as t:
+        t.put_model_file(modelfile.digest(blob), blob, [mf.fingerprint])
+        t.add_model(mf.fingerprint, "tiny")
+    with pytest.raises(UndecodableStore, match=r"version 99.*install llmfs 9\.0\.0"):
+        Models(s)
+    assert "NOT decodable" in model_report(s)[0]
+    with pytest.raises(engines.UnsupportedEngine):
+        codec_of(modelfile.parse(bytearray(blob)))
+    s.close()
+
+
+def test_current_engine_version_is_supported():
+    assert engines.current_version() in engines.SUPPORTED
+
+
+def test_cache_is_trusted_only_when_ours_and_intact(env, monkeypatch):
+    model = write_model_dir(env / "model")
+    cache = env / "cache"
+    mf = loader.model_file(str(model))
+    [cached] = cache.glob("*.llmfsmodel")
+    assert cached.stat().st_mode & 0o777 == 0o600 and cache.stat().st_mode & 0o777 == 0o700
+    calls = []
+    real = loader.convert
+    monkeypatch.setattr(loader, "convert", lambda p: calls.append(p) or real(p))
+    assert loader.model_file(str(model)).digest == mf.digest and not calls
+    os.chmod(cached, 0o666)                      # writable by others: not trusted
+    assert loader.model_file(str(model)).digest == mf.digest and len(calls) == 1
+    assert cached.stat().st_mode & 0o777 == 0o600     # rewritten by us
+    calls.clear()
+    euid = os.geteuid()
+    monkeypatch.setattr(os, "geteuid", lambda: euid + 1)   # someone else's cache
+    assert loader.model_file(str(model)).digest == mf.digest and len(calls) == 1
+    monkeypatch.setattr(os, "geteuid", lambda: euid)
+    calls.clear()
+    with open(cached, "r+b") as f:               # content that does not match its hash
+        f.seek(cached.stat().st_size // 2)
+        f.write(b"\x55" * 16)
+    assert loader.model_file(str(model)).digest == mf.digest and len(calls) == 1
+    calls.clear()
+    os.chmod(cache, 0o777)                       # a world-writable directory: used not at all
+    assert loader.model_file(str(model)).digest == mf.digest and len(calls) == 1
+    calls.clear()
+    assert loader.model_file(str(model)).digest == mf.digest and len(calls) == 1
+
+
+def test_recode_moves_blocks_to_the_current_model_and_retires_the_old(env):
+    """compact --recode: blocks of another model are re-encoded with the store's current one
+    (verified), and the model files no block needs any more are dropped."""
+    from llmfs.compact import recode_offline
+    old = write_model_dir(env / "old", seed=1)
+    new = write_model_dir(env / "new", seed=2)
+    path, old_fp = lm_store(env, str(old))
+    s = Store(path)
+    with s.write() as t:
+        t.set_meta("model", str(new).encode())
+    s.close()
+    res = recode_offline(path, None, lambda done, total: None)
+    assert res.blocks > 0 and res.changed == 0
+    fps = lm_fingerprints(path)
+    assert old_fp not in fps     # (the random test model loses to zstd: the blocks are zstd now)
+    s = Store(path)
+    with s.read() as t:
+        assert old_fp not in t.model_keys() and len(t.model_file_digests()) == 1
+    s.close()
+    shutil.rmtree(old)
+    assert read_all(path) == TEXTS
+
+
+# ---- the engine's frequencies are data ----------------------------------------------------------
+
+# sha256 of the int32 frequency rows of Engine.tiny(seed=0) (engine version 5) on FREQ_TEXT. A
+# change to any of them changes what version 5 blocks decode to: it must be a new engine version.
+FREQ_TEXT = "Golden frequencies: ÿ 中文 Кириллица\n\tdef f(): return 1\n".encode()
+TINY_V5_FREQS_SHA256 = "e028710d575d84e7088d82e2cb5561277d96e19f403aa5bc5720bb576bbeaa8b"
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_engine_v5_frequencies_do_not_change(fused):
+    """Pinned at main 2fa6d7d (engine v5), for the C kernels (where they build) and TorchOps."""
+    tiny = Engine.tiny(seed=0)
+    e = engines.build(5, tiny.config, tiny.tensors) if fused is None else \
+        Engine(tiny.config, tiny.tensors, fused=False)
+    tokens = torch.tensor([[e.bos_id] + list(FREQ_TEXT)])
+    got = hashlib.sha256(e.freqs(tokens).numpy().astype("<i4").tobytes()).hexdigest()
+    assert got == TINY_V5_FREQS_SHA256
