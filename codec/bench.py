@@ -1,10 +1,13 @@
 """`llmfs bench codec FILE...`: the LM codec against xz / zstd / brotli and its own float floor.
 
 Everything in one report is measured in one run on the same bytes: raw size, xz -9e, zstd -19,
-brotli -11, the LM container (size, bits per byte), the float32 model's cross-entropy on the very
-segments the codec codes (codec/lm/reference.py — the floor the exact engine should stay within ~1 %
-of), encode and decode speed in tokens/s, and those speeds as a fraction of this machine's peaks,
-also measured in this run.
+brotli -11, the LM container of the bare model ("bare": payload version 2, the engine's rows as
+they are) and of the full codec ("lm": version 3, rows mixed with the online side models of
+codec/lm/mixer.py), both in bytes and bits per byte, the float32 model's cross-entropy on the very
+segments the codec codes (codec/lm/reference.py — the bare model's floor, which the exact engine
+should stay within ~1 % of and the full codec should go below), the full codec's encode and decode
+speed in tokens/s, those speeds against the bare model's measured in the same run ("enc/bare"), and
+as a fraction of this machine's peaks, also measured in this run.
 
 "% of peak" (one definition, here; bench/engine_bench.py uses it too): tokens/s x ops per token
 against the peak of the GEMM backend that ran, times the cores the run used.
@@ -181,7 +184,7 @@ def baselines(data: bytes) -> dict[str, int]:
 def run_codec(args) -> int:
     import torch
 
-    from .lm import SEGMENT_TOKENS, open_codec
+    from .lm import PAYLOAD_VERSION, SEGMENT_TOKENS, open_codec
     codec = open_codec(args.model, batch=args.batch, threads=args.threads, device=args.device,
                        segment_tokens=args.segment or SEGMENT_TOKENS)
     device = str(codec.engine.device)
@@ -191,8 +194,9 @@ def run_codec(args) -> int:
     opt = ops_per_token(codec.engine)
     peaks = measure_peaks(codec.engine, cores)
     print(peaks.describe(opt))
-    cols = ["raw", "xz -9e", "zstd -19", "brotli -11", "lm", "lm bpb", "float bpb", "lm/float",
-            "lm/xz", "enc tok/s", "dec tok/s", "enc %pk", "dec %pk", "enc %f32", "dec %f32"]
+    cols = ["raw", "xz -9e", "zstd -19", "brotli -11", "bare", "lm", "bare bpb", "lm bpb",
+            "float bpb", "bare/float", "lm/float", "lm/xz", "enc tok/s", "dec tok/s", "enc/bare",
+            "dec/bare", "enc %pk", "dec %pk", "enc %f32", "dec %f32"]
     print("  ".join(f"{c:>10}" for c in cols) + "  file")
     rows = []
     for path in args.files:
@@ -201,16 +205,24 @@ def run_codec(args) -> int:
         base = baselines(data)
         segments = codec.segments(data)
         ntok = sum(len(s) for s in segments)
-        t, c = time.perf_counter(), time.process_time()
-        payload = codec.encode_payload(data)
-        enc_s, enc_cpu = time.perf_counter() - t, time.process_time() - c
-        t, c = time.perf_counter(), time.process_time()
-        (back,) = codec.decode_many([(payload, len(data))])
-        dec_s, dec_cpu = time.perf_counter() - t, time.process_time() - c
-        if back != data:
-            print(f"llmfs bench: error: {path}: LM round trip FAILED", file=sys.stderr)
-            return 1
-        lm = len(payload) + header_size(len(data), has_fingerprint=True)  # the whole container
+        timed = {}
+        for version in (2, PAYLOAD_VERSION):         # the bare model, then the full codec
+            codec.version = version
+            t, c = time.perf_counter(), time.process_time()
+            payload = codec.encode_payload(data)
+            enc, enc_cpu = time.perf_counter() - t, time.process_time() - c
+            t, c = time.perf_counter(), time.process_time()
+            (back,) = codec.decode_many([(payload, len(data))])
+            dec, dec_cpu = time.perf_counter() - t, time.process_time() - c
+            timed[version] = (len(payload), enc, dec, enc_cpu, dec_cpu)
+            if back != data:
+                print(f"llmfs bench: error: {path}: LM round trip (payload version {version}) "
+                      f"FAILED", file=sys.stderr)
+                return 1
+        head = header_size(len(data), has_fingerprint=True)
+        bare, bare_enc_s, bare_dec_s, _, _ = timed[2]
+        lm, enc_s, dec_s, enc_cpu, dec_cpu = timed[PAYLOAD_VERSION]
+        bare, lm = bare + head, lm + head                # the whole containers
         n = max(1, len(data))
         floor = float("nan")
         if not args.no_floor and args.model not in ("tiny",) and not str(args.model).startswith(
@@ -219,10 +231,12 @@ def run_codec(args) -> int:
             floor = reference.cross_entropy_bits(
                 args.model, [[codec.engine.bos_id] + s for s in segments]) / n
         enc_tps, dec_tps = ntok / max(enc_s, 1e-9), ntok / max(dec_s, 1e-9)
-        row = {"file": path, "raw": len(data), **base, "lm": lm, "lm bpb": 8 * lm / n,
-               "float bpb": floor, "lm/float": 8 * lm / n / floor,
+        row = {"file": path, "raw": len(data), **base, "bare": bare, "lm": lm,
+               "bare bpb": 8 * bare / n, "lm bpb": 8 * lm / n, "float bpb": floor,
+               "bare/float": 8 * bare / n / floor, "lm/float": 8 * lm / n / floor,
                "lm/xz": lm / max(1, base["xz -9e"]),
                "enc tok/s": enc_tps, "dec tok/s": dec_tps,
+               "enc/bare": bare_enc_s / max(enc_s, 1e-9), "dec/bare": bare_dec_s / max(dec_s, 1e-9),
                "enc %pk": peaks.pct(enc_tps, opt), "dec %pk": peaks.pct(dec_tps, opt),
                "enc %f32": peaks.pct_f32(enc_tps, opt), "dec %f32": peaks.pct_f32(dec_tps, opt)}
         rows.append(row)
@@ -235,6 +249,12 @@ def run_codec(args) -> int:
             print(f"{'':>10}  per CPU-second: encode {e:.1f} tokens = {one.pct(e, opt):.1f} % "
                   f"of the backend's peak, {one.pct_f32(e, opt):.1f} % of float32's; decode "
                   f"{d:.1f} = {one.pct(d, opt):.1f} %, {one.pct_f32(d, opt):.1f} %", flush=True)
+    if len(rows) > 1:
+        def mean(c: str) -> float:
+            return sum(r[c] for r in rows) / len(rows)
+        print(f"mean over {len(rows)} files: bare/float {mean('bare/float'):.4f}  lm/float "
+              f"{mean('lm/float'):.4f}  lm/bare {sum(r['lm'] / r['bare'] for r in rows) / len(rows):.4f}"
+              f"  enc/bare {mean('enc/bare'):.3f}  dec/bare {mean('dec/bare'):.3f}")
     if args.plot:
         _plot(rows, args.plot)
     return 0
@@ -254,13 +274,14 @@ def _plot(rows: list[dict], out: str) -> None:
     except ImportError:
         print("llmfs bench: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
         return
-    names = ["xz -9e", "zstd -19", "brotli -11", "lm", "float"]
+    names = ["xz -9e", "zstd -19", "bare", "lm", "float"]
     fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(rows)), 4))
     width = 0.8 / len(names)
+    labels = {"bare": "bare model", "lm": "full codec", "float": "float32 floor (bare)"}
     for j, name in enumerate(names):
         vals = [r["float bpb"] if name == "float" else 8 * r[name] / max(1, r["raw"])
                 for r in rows]
-        ax.bar([i + j * width for i in range(len(rows))], vals, width, label=name)
+        ax.bar([i + j * width for i in range(len(rows))], vals, width, label=labels.get(name, name))
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
     ax.set_xticklabels([r["file"].rsplit("/", 1)[-1] for r in rows], rotation=15)
     ax.set_ylabel("bits per byte")

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from llmfs.codec import ContainerError, Registry
 from llmfs.codec.registry import LM, RAW, ZSTD, peek_header
 
-from .store import FULL_DISK_SLACK, Store, StoreError, StoreFull, now_ns
+from .store import FULL_DISK_SLACK, Store, StoreError, StoreFull, header_of, now_ns
 
 log = logging.getLogger("llmfs")
 
@@ -153,8 +153,8 @@ class Compactor:
             out = []
             with t.txn.cursor(db=t.db["blocks"]) as cur:
                 for h, blob in cur:
-                    head = peek_header(blob)
-                    if head.codec_id == LM and head.fingerprint not in keep \
+                    head = header_of(blob)  # None: damaged (fsck reports it)
+                    if head is not None and head.codec_id == LM and head.fingerprint not in keep \
                             and (wanted is None or bytes(h) in wanted):
                         out.append(bytes(h))
         return out

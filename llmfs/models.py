@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 from llmfs.codec.container import ModelMismatch
 from llmfs.codec.lm import DECODE_BATCH, DEFAULT_MODEL  # plain values: importing them loads no torch
-from llmfs.codec.registry import LM, peek_header
+from llmfs.codec.registry import LM
 
-from .store import Store, StoreError
+from .store import Store, StoreError, header_of
 
 log = logging.getLogger("llmfs")
 
@@ -116,8 +116,8 @@ class Models:
         with self.store.read(buffers=True) as t:
             with t.txn.cursor(db=t.db["blocks"]) as cur:
                 for _h, blob in cur:
-                    head = peek_header(blob)
-                    if head.codec_id == LM:
+                    head = header_of(blob)  # None: damaged (fsck reports it)
+                    if head is not None and head.codec_id == LM:
                         counts[head.fingerprint] += 1
             keys, specs = t.model_keys(), t.models()
         manifests = self.manifests()
@@ -237,8 +237,8 @@ class Models:
             needed = {current.digest} if current is not None else set()
             with t.txn.cursor(db=t.db["blocks"]) as cur:
                 for _h, blob in cur:
-                    head = peek_header(blob)
-                    if head.codec_id == LM and head.fingerprint in keys:
+                    head = header_of(blob)  # None: damaged (fsck reports it)
+                    if head is not None and head.codec_id == LM and head.fingerprint in keys:
                         needed.add(keys[head.fingerprint])
         with self.store.write() as t:
             doomed = [d for d in t.model_file_digests() if d not in needed]

@@ -364,7 +364,7 @@ class Txn:
     def header(self, h: bytes) -> Header | None:
         """The header of block h's container; None if h is not stored or its header is damaged."""
         raw = self.txn.get(h, db=self.db["blocks"])
-        return _header(raw) if raw is not None else None
+        return header_of(raw) if raw is not None else None
 
     def container_codec(self, h: bytes) -> int | None:
         """The codec id of block h's container, read from its header only (None: not stored, or
@@ -441,7 +441,7 @@ class Txn:
     def _count(self, blob, sign: int) -> None:
         """Add (sign 1) or remove (-1) a container in the counters. A damaged header does not say
         how the block was counted: it is left out, and the counters stay off until recounted."""
-        head = _header(blob)
+        head = header_of(blob)
         if head is None:
             return
         row = self.counters.per_codec[head.codec_id]
@@ -569,7 +569,7 @@ class Txn:
             self.set_meta("counters", self._counters.pack())
 
 
-def _header(blob) -> Header | None:
+def header_of(blob) -> Header | None:
     """The container's header, or None if it is damaged (or names a codec counters cannot hold)."""
     try:
         head = peek_header(blob)

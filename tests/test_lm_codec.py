@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from llmfs.codec import LM, ZSTD, ChecksumMismatch, ContainerError, ModelMismatch, Registry, Truncated
 from llmfs.codec.lm import coder
-from llmfs.codec.lm.codec import GROUP_SEGMENTS, LMCodec
+from llmfs.codec.lm.codec import GROUP_SEGMENTS, PAYLOAD_VERSION, LMCodec
 from llmfs.codec.lm.tokenizer import ByteTokenizer
 
 from tests.fake_engine import BigramEngine
@@ -86,14 +86,17 @@ def test_payload_independent_of_batch():
 def test_segments_are_cut_at_the_configured_length():
     c = make_codec(BigramEngine(), segment_tokens=33)
     payload = c.encode_payload(b"q" * 100)  # 100 tokens -> 4 segments of <= 32, one group
+    assert payload[:5] == bytes([3, 100, 32, GROUP_SEGMENTS, len(payload[5:]) // 4])
+    c.version = 2
+    payload = c.encode_payload(b"q" * 100)
     assert payload[:5] == bytes([2, 100, 32, GROUP_SEGMENTS, len(payload[5:]) // 4])
 
 
 def version1(c: LMCodec, data: bytes) -> bytes:
     """A version 1 payload of `data`: one stream per segment, no group field."""
-    c.group = 1
+    c.group, c.version = 1, 2
     v2 = c.encode_payload(data)
-    c.group = GROUP_SEGMENTS
+    c.group, c.version = GROUP_SEGMENTS, PAYLOAD_VERSION
     assert v2[0] == 2
     head = bytearray([1])
     pos = 1

@@ -4,16 +4,20 @@ It implements the registry's `ModelCodec` protocol (codec/registry.py): `fingerp
 `decode_many([(payload, length)])`. The container around the payload (magic, length, checksum, model
 fingerprint) is codec/container.py's; this module owns only the payload.
 
-Payload format (version PAYLOAD_VERSION = 2; varint = unsigned LEB128):
+Payload format (version PAYLOAD_VERSION = 3; varint = unsigned LEB128):
 
-    u8       payload version (2)
+    u8       payload version (3; 2 and 1 are still read)
     varint   total token count N
     varint   segment length S in tokens, BOS excluded (every segment but the last holds S tokens)
     varint   group size G: consecutive segments that share one coded stream (1 <= G <= MAX_GROUP)
     varint × ceil(ceil(N / S) / G)   number of 32-bit words of each group's coded stream
     u32le ×  ...           the groups' words, concatenated in group order
 
-Version 1 (still read) is version 2 without the G field and with G = 1: one stream per segment.
+Version 3 codes each group's stream with the LM's rows mixed with online side models (mixer.py:
+a match model, token n-gram counts and a logistic mixer, learned from the group's own earlier tokens
+in coding order, exact integer arithmetic); its layout is version 2's. Version 2 is the bare LM's
+rows. Version 1 (still read) is version 2 without the G field and with G = 1: one stream per
+segment.
 
 Invariants:
   * a segment is coded independently: its tokens are predicted from BOS + the segment's own earlier
@@ -24,8 +28,11 @@ Invariants:
     segment its own flush (~2 bytes) and table entry (~2 bytes): ~0.7-0.9 % of the payload on text;
   * the token stream is the tokenizer's encoding of the whole block, cut every S tokens (an escape
     sequence of the tokenizer may straddle a cut — tokens are detokenized per block, not per segment);
-  * the words depend only on the bytes, the model, S and G — never on batch size, threads or device
-    (the engine's frequency rows are bit-identical across those; tests pin it);
+  * the words depend only on the bytes, the model, S, G and the version — never on batch size,
+    threads or device (the engine's frequency rows are bit-identical across those, and the mixer's
+    state depends only on the group's tokens in coding order; tests pin it);
+  * a version 3 group's side models see only that group's tokens: groups, and blocks, decode on
+    their own;
   * a payload that is truncated, has trailing bytes, or decodes to the wrong length raises a
     ContainerError subclass; the registry then also checks the plaintext checksum.
 
@@ -46,11 +53,14 @@ import torch
 
 from ..container import FINGERPRINT_SIZE, ChecksumMismatch, Truncated, UnsupportedVersion, read_varint, varint
 from . import DECODE_BATCH, coder
+from .mixer import GroupMixer
 from .tokenizer import from_json
 
-PAYLOAD_VERSION = 2
-# Hashed into the codec fingerprint; the payload carries its own version, so readers of version 2
-# also read version 1 payloads made with the same model.
+PAYLOAD_VERSION = 3
+MIXED_VERSIONS = frozenset({3})          # payload versions whose rows go through a GroupMixer
+READ_VERSIONS = (1, 2, 3)
+# Hashed into the codec fingerprint; the payload carries its own version, so readers of version 3
+# also read version 1 and 2 payloads made with the same model.
 _FINGERPRINT_TAG = b"llmfs-lm-payload-1\0"
 _TABLE = "LM payload segment table"  # what read_varint's errors name
 
@@ -96,6 +106,7 @@ class _Group:
     item: int            # which payload of decode_many it belongs to
     tokens: list[int]    # each segment's token count, BOS excluded
     words: np.ndarray    # their coded stream
+    mixed: bool = False  # version 3: rows go through a GroupMixer
 
 
 class LMCodec:
@@ -121,6 +132,7 @@ class LMCodec:
         if self.segment_tokens < 2:
             raise ValueError("segments need room for BOS and one token")
         self.group = GROUP_SEGMENTS
+        self.version = PAYLOAD_VERSION   # what encode writes: 3 (mixed) or 2 (the bare model)
         # the first 8 bytes of a 16-byte digest: version 1 containers carry all 16 (container.py)
         self.fingerprint = hashlib.blake2b(
             _FINGERPRINT_TAG + bytes(self.engine.fingerprint)
@@ -138,9 +150,11 @@ class LMCodec:
 
     def encode_payload(self, data: bytes) -> bytes:
         """Always LM-code `data` (tests use it on adversarial bytes that encode() would skip)."""
+        if self.version not in (2, 3):
+            raise ValueError(f"cannot write LM payload version {self.version}")
         segments = self.segments(data)
-        streams = self._encode_groups(segments)
-        head = [bytes([PAYLOAD_VERSION]), varint(sum(len(s) for s in segments)),
+        streams = self._encode_groups(segments, self.version in MIXED_VERSIONS)
+        head = [bytes([self.version]), varint(sum(len(s) for s in segments)),
                 varint(self.segment_tokens - 1), varint(self.group)]
         head += [varint(len(words)) for words in streams]
         return b"".join(head) + b"".join(w.astype("<u4").tobytes() for w in streams)
@@ -151,13 +165,15 @@ class LMCodec:
         per_seg = self.segment_tokens - 1
         return [tokens[i:i + per_seg] for i in range(0, len(tokens), per_seg)]
 
-    def _encode_groups(self, segments: list[list[int]]) -> list[np.ndarray]:
+    def _encode_groups(self, segments: list[list[int]], mixed: bool = False) -> list[np.ndarray]:
         """One coded stream per group of self.group consecutive segments. One parallel engine pass
         gives a group's final hidden states (engine.hidden: 4.7 MB per SmolLM2 segment); the LM
         head then runs on ENCODE_CHUNK_ROWS of them at a time, in the stream's position-major
         order, and each chunk is coded as it comes. The encoder never holds whole frequency tables
         (201 MB per segment) — so a group can be as large as its decoder's rows allow — and reuses
-        one output buffer instead of faulting in fresh pages for every segment."""
+        one output buffer instead of faulting in fresh pages for every segment. `mixed`: each
+        chunk's rows then go through the group's GroupMixer, row by row in coding order (the
+        encoder knows every token, so the mixer learns from each as the decoder will)."""
         engine, streams, out = self.engine, [], None
         for a in range(0, len(segments), self.group):
             group = segments[a:a + self.group]
@@ -174,12 +190,24 @@ class LMCodec:
                                   device=engine.device)
             order = coder.interleaved_order([len(s) for s in group])
             encoder = coder.StreamEncoder()
+            mixer = GroupMixer(len(group)) if mixed else None
             for lo in range(0, len(order), coder.ENCODE_CHUNK_ROWS):
                 chunk = order[lo:lo + coder.ENCODE_CHUNK_ROWS]
                 at = torch.tensor([j * width + t for j, t in chunk], device=hidden.device)
                 with self._engine_lock:             # row t of a segment predicts its token t
                     rows = engine.head(hidden[at], out[:len(chunk)])
-                encoder.encode([group[j][t] for j, t in chunk], rows.cpu().numpy())
+                rows = rows.cpu().numpy()
+                symbols = [group[j][t] for j, t in chunk]
+                patches = None
+                if mixer is not None:
+                    patches = []
+                    totals = rows.sum(axis=1, dtype=np.int64)
+                    for i, (j, _t) in enumerate(chunk):
+                        cands, masses = mixer.predict(j, rows[i], int(totals[i]))
+                        if cands:
+                            patches.append((i, cands, masses))
+                        mixer.update(j, symbols[i])
+                encoder.encode(symbols, rows, patches)
             streams.append(encoder.words())
         return streams
 
@@ -209,9 +237,9 @@ class LMCodec:
     def _parse(self, buf: bytes, item: int, length: int | None = None) -> list[_Group]:
         if not buf:
             raise Truncated("LM payload is empty")
-        if buf[0] not in (1, PAYLOAD_VERSION):
+        if buf[0] not in READ_VERSIONS:
             raise UnsupportedVersion(f"LM payload version {buf[0]} is not supported (this llmfs "
-                                     f"reads versions 1 and {PAYLOAD_VERSION})")
+                                     f"reads versions {', '.join(map(str, READ_VERSIONS))})")
         total, pos = read_varint(buf, 1, _TABLE)
         if length is not None and total > 3 * length:  # a token stands for at least a third of a byte (tokenizer.py: an
             # escaped byte is 3 tokens): a payload claiming more is damaged, or crafted to hold
@@ -242,7 +270,7 @@ class LMCodec:
         groups, start = [], 0
         for k, n in enumerate(sizes):
             tokens = [min(per_seg, total - s * per_seg) for s in range(k * g, min(count, k * g + g))]
-            groups.append(_Group(item, tokens, words[start:start + n]))
+            groups.append(_Group(item, tokens, words[start:start + n], buf[0] in MIXED_VERSIONS))
             start += n
         return groups
 
@@ -262,7 +290,8 @@ class LMCodec:
         n_rows = max(min(self.batch, sum(len(groups[k].tokens) for k in queue)),
                      max(len(groups[k].tokens) for k in queue))
         free = list(range(n_rows))
-        active: dict[int, tuple[list[int], coder.StreamDecoder]] = {}  # group -> its rows
+        # group -> its rows, its stream's decoder, its mixer (version 3) or None
+        active: dict[int, tuple[list[int], coder.StreamDecoder, GroupMixer | None]] = {}
         feed = torch.full((n_rows,), engine.bos_id, dtype=torch.long)
 
         def start_waiting() -> list[int]:
@@ -274,7 +303,8 @@ class LMCodec:
                     continue
                 free.sort()                # lowest rows first: the rows in use stay a prefix
                 rows = [free.pop(0) for _ in range(need)]
-                active[k] = (rows, coder.StreamDecoder(groups[k].words))
+                active[k] = (rows, coder.StreamDecoder(groups[k].words),
+                             GroupMixer(need) if groups[k].mixed else None)
                 queue.remove(k)
                 taken += rows
             return taken
@@ -285,20 +315,28 @@ class LMCodec:
             while active:
                 # only the rows up to the last one in use step (idle rows past it would cost a full
                 # row each: 1361 steps of 64 rows for 67 segments, a quarter of them idle)
-                n = 1 + max(r for rows, _ in active.values() for r in rows if r is not None)
+                n = 1 + max(r for rows, _, _ in active.values() for r in rows if r is not None)
                 probs = engine.step(state.rows(n), feed[:n].to(engine.device)).cpu().numpy()
+                totals = None
                 restart = []
                 for k in list(active):
-                    rows, dec = active[k]
+                    rows, dec, mixer = active[k]
                     segs = out[k]
                     for j, r in enumerate(rows):   # coder order: the group's segments in order
                         if r is None:
                             continue
+                        cands = masses = None
+                        if mixer is not None:
+                            if totals is None:
+                                totals = probs.sum(axis=1, dtype=np.int64)
+                            cands, masses = mixer.predict(j, probs[r], int(totals[r]))
                         try:
-                            sym = dec.decode(probs[r])
+                            sym = dec.decode(probs[r], cands, masses)
                         except AssertionError:         # constriction: words no model state gives
                             raise ChecksumMismatch("LM payload is corrupt: its coded words are "
                                                    "invalid for this model") from None
+                        if mixer is not None:
+                            mixer.update(j, sym)
                         segs[j].append(sym)
                         feed[r] = sym
                         if len(segs[j]) == groups[k].tokens[j]:
@@ -315,4 +353,4 @@ class LMCodec:
         return out
 
 
-__all__ = ["DECODE_BATCH", "LMCodec", "PAYLOAD_VERSION", "SEGMENT_TOKENS"]
+__all__ = ["DECODE_BATCH", "LMCodec", "PAYLOAD_VERSION", "READ_VERSIONS", "SEGMENT_TOKENS"]
