@@ -25,12 +25,12 @@ class MemFS(mfusepy.Operations):
         self.attrs = {"/": dict(st_mode=stat.S_IFDIR | 0o755, st_nlink=2, st_size=0, st_ino=1,
                                 st_atime=now, st_mtime=now, st_ctime=now)}
         self.data: dict[str, bytearray] = {}
-        self.lock = threading.Lock()
+        self._mutex = threading.Lock()
         self.next_ino = 2
 
     def _new(self, path: str, mode: int) -> None:
         now = time.time_ns()
-        with self.lock:
+        with self._mutex:
             if path in self.attrs:
                 raise mfusepy.FuseOSError(errno.EEXIST)
             self.attrs[path] = dict(st_mode=mode, st_nlink=1, st_size=0, st_ino=self.next_ino,

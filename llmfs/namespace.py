@@ -127,7 +127,7 @@ class Filesystem:
         if inode is None:
             raise NotFound(ino)
         f = self._files.get(ino)
-        if f is not None:
+        if f is not None and (f.mtime is not None or f.size != inode.size):
             changes = {"size": f.size}
             if f.mtime is not None:
                 changes.update(mtime=f.mtime, ctime=max(f.mtime, inode.ctime))

@@ -635,10 +635,10 @@ class Store:
         """A read snapshot. buffers=True hands out values as memoryviews into the map, valid only
         inside the transaction: for callers that look at a few bytes of large values (headers).
         With a group, the group's transaction (it sees the changes not yet committed)."""
-        g = self._group
-        if g is not None and g.txn is not None:
-            with self._lock:
-                txn = self._active or g.txn
+        if self._group is not None:
+            with self._lock:  # (g.txn is None only while paused or stopped: then plain reads)
+                g = self._group
+                txn = self._active or (g.txn if g is not None else None)
                 if txn is not None:
                     yield Txn(self, txn, write=False)
                     return
