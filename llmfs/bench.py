@@ -201,6 +201,7 @@ def run_fs(args) -> int:
             rows.append((f"read {name}", mib / r_fs, mib / r_disk, "MiB/s"))
         (mnt / "random").unlink()
         (disk / "random").unlink()
+        stored = int(os.getxattr(mnt / "text", "user.llmfs.stored_size"))
         for k in range(args.rounds):  # the best of several rounds: the machine may be busy
             c_fs, r_fs = small_files(mnt / f"small{k}", args.files)
             c_disk, r_disk = small_files(disk / f"small{k}", args.files)
@@ -213,10 +214,6 @@ def run_fs(args) -> int:
             rows += tools_rows(mnt, disk, work, args.tree_files, args.repo)
     finally:
         llmfs("umount", mnt)
-    s = Store(str(store), lock=False)
-    with s.read() as t:
-        stored = t.counters.stored
-    s.close()
     text = datasets["text"]
     zstd3 = len(zstandard.ZstdCompressor(level=3).compress(text))
     xz6 = len(lzma.compress(text, preset=6)) if args.size <= (64 << 20) else None

@@ -2,6 +2,12 @@
 the same kernel options as an llmfs mount): the floor that `llmfs bench fs` measures llmfs's
 small-file rates against in the same run. No store, no blocks: a dict of paths.
 
+It answers the same requests llmfs answers, trivially: flush and fsync (which llmfs needs to
+report a full disk at close), getxattr (the kernel asks for security.capability before every
+write to a filesystem with xattrs). An operation left out would make the kernel stop sending that
+request after its first ENOSYS, and the floor would then measure fewer round trips, not a faster
+binding.
+
 `python -m llmfs.memfs MOUNTPOINT` serves it in the foreground until unmounted.
 """
 from __future__ import annotations
@@ -80,6 +86,21 @@ class MemFS(mfusepy.Operations):
 
     def rmdir(self, path):
         self.attrs.pop(path)
+
+    def flush(self, path, fh):
+        return 0
+
+    def fsync(self, path, datasync, fh):
+        return 0
+
+    def release(self, path, fh):
+        return 0
+
+    def getxattr(self, path, name, position=0):
+        raise mfusepy.FuseOSError(errno.ENODATA)
+
+    def listxattr(self, path):
+        return []
 
     def utimens(self, path, times=None):
         return 0

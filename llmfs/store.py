@@ -90,7 +90,8 @@ import stat
 import struct
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import blake3
 import lmdb
@@ -185,8 +186,9 @@ def now_ns() -> int:
     return time.time_ns()
 
 
-@dataclass(frozen=True)
-class Inode:
+class Inode(NamedTuple):
+    """An inode record. A NamedTuple (not a frozen dataclass): unpacked on every lookup and stat,
+    where a dataclass's field-by-field init cost several times as much."""
     mode: int
     uid: int
     gid: int
@@ -204,11 +206,10 @@ class Inode:
 
     @classmethod
     def unpack(cls, buf) -> Inode:
-        fields = _INODE.unpack_from(buf, 0)
-        return cls(*fields, target=bytes(buf[_INODE.size:]))
+        return cls(*_INODE.unpack_from(buf, 0), bytes(buf[_INODE.size:]))
 
     def evolve(self, **changes) -> Inode:
-        return replace(self, **changes)
+        return self._replace(**changes)
 
     @property
     def is_dir(self) -> bool:
