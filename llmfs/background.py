@@ -48,6 +48,7 @@ class Background:
         hashes = self.compactor.candidates(0 if req.get("now") else None, inos)
         res = self.compactor.compact(hashes, lambda done, total: send({"done": done,
                                                                        "total": total}))
+        self.fs.store.sync()  # `llmfs compact` returns when its result is durable
         return asdict(res)
 
     def _stats(self, req: dict, send) -> dict:

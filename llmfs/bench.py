@@ -279,6 +279,11 @@ def timed_copy(src: Path, dst: Path) -> float:
     t = time.perf_counter()
     shutil.copytree(src, dst)
     subprocess.run(["sync", "-f", str(dst)], check=True)
+    fd = os.open(dst, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)  # on llmfs: commits the group, so a reader of the store sees the tree
+    finally:
+        os.close(fd)
     return time.perf_counter() - t
 
 
