@@ -64,9 +64,11 @@ class Background:
                                          recode=True)
             if inos is None:
                 self.models.retire_unused()
+            self.fs.store.sync()  # `llmfs compact` returns when its result is durable
             return asdict(res)
         hashes = self.compactor.candidates(0 if req.get("now") else None, inos)
         res = self.compactor.compact(hashes, progress)
+        self.fs.store.sync()  # `llmfs compact` returns when its result is durable
         return asdict(res)
 
     def _stats(self, req: dict, send) -> dict:

@@ -8,7 +8,8 @@ Lifecycle of a mount (the daemon):
   1. open the store and take its lock (a second mount is refused with who holds it);
   2. if the last session did not end cleanly (meta "clean" is 0): purge files unlinked while open
      and run fsck's quick checks; anything else wrong refuses the mount and asks for fsck;
-  3. mark the store unclean, serve FUSE (multithreaded), tell the caller we are ready (and systemd:
+  3. mark the store unclean, start the store's group commit (llmfs/store.py: what is not fsync'ed
+     is committed within COMMIT_INTERVAL, 5 s), serve FUSE (multithreaded), tell the caller we are ready (and systemd:
      READY=1, from FUSE's init callback);
   4. on unmount or SIGINT/SIGTERM: tell systemd STOPPING=1, flush every buffered write, sync, mark
      clean, release the lock, exit 0.
@@ -33,7 +34,7 @@ from .compactor import COMPACT_AFTER
 from .fuseops import FUSE, Operations
 from .models import THREADS, Models, store_spec
 from .namespace import DIRTY_LIMIT, Filesystem
-from .store import LOCK_FILE, Store, StoreError
+from .store import COMMIT_INTERVAL, LOCK_FILE, Store, StoreError
 from .units import parse_size, positive_int
 
 log = logging.getLogger("llmfs")
@@ -249,6 +250,7 @@ def serve(args, ready_fd: int | None) -> int:
     real_mountpoint = os.path.realpath(mountpoint)
     store.describe_lock_holder(mounts.lock_text(real_mountpoint, os.getpid()))
     store.set_clean(False)
+    store.start_group_commit(args.commit_interval)  # changes reach the disk in groups
     background = Background(fs, models, None if args.no_compaction else args.compact_after,
                             cluster_coder(args, fs.store))
     served = False
@@ -362,6 +364,7 @@ def start_daemon(args) -> int:
     cmd += ["--device", args.device]
     if args.threads is not None:
         cmd += ["--threads", str(args.threads)]
+    cmd += ["--commit-interval", str(args.commit_interval)]
     cmd += ["--compact-after", str(args.compact_after)] + (
         ["--no-compaction"] if args.no_compaction else [])
     if args.cluster:
@@ -419,6 +422,9 @@ def register(sub) -> None:
                         "machine 2 threads compacted a block 27x slower than 1")
     p.add_argument("--compact-after", type=float, default=COMPACT_AFTER, metavar="SECONDS",
                    help="compress blocks with the LM once unchanged this long (default 600)")
+    p.add_argument("--commit-interval", type=float, default=COMMIT_INTERVAL, metavar="SECONDS",
+                   help="changes not fsync'ed reach the disk within this many seconds: what a "
+                        "crash can lose (default 5, like ext4's commit=)")
     p.add_argument("--no-compaction", action="store_true",
                    help="no background compaction (`llmfs compact` still works)")
     p.add_argument("--cluster", metavar="ADDRESS", default=None,

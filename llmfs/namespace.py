@@ -66,6 +66,11 @@ DAMAGE_REPORTS_KEPT = 4096
 class Handle:
     ino: int
     flags: int
+    held: bool = False  # open for writing: holds the store's group commit (Store.hold)
+
+
+def _writes(flags: int) -> bool:
+    return (flags & os.O_ACCMODE) != os.O_RDONLY
 
 
 def _check_name(name: bytes) -> None:
@@ -133,7 +138,7 @@ class Filesystem:
         if inode is None:
             raise NotFound(ino)
         f = self._files.get(ino)
-        if f is not None:
+        if f is not None and (f.mtime is not None or f.size != inode.size):
             changes = {"size": f.size}
             if f.mtime is not None:
                 changes.update(mtime=f.mtime, ctime=max(f.mtime, inode.ctime))
@@ -208,7 +213,16 @@ class Filesystem:
         return inode.target
 
     def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> int:
-        """Create (or with no O_EXCL, open an existing) regular file; returns a file handle."""
+        """Create (or with no O_EXCL, open an existing) regular file; returns a file handle.
+        From here to the handle's release the store's group commit is held (a timed commit
+        waits briefly for the close), so a crash finds a small file absent or whole."""
+        self.store.hold()
+        try:
+            return self._create(parent, name, mode, flags, uid, gid)
+        finally:
+            self.store.unhold()
+
+    def _create(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> int:
         with self._lock:
             with self.store.write() as t:
                 existing = t.lookup(parent, name) if t.inode(parent) else None
@@ -521,17 +535,22 @@ class Filesystem:
                 return
             del self._files[f.ino]
             self.prefetch.forget(f.ino)
-            with self.store.write() as t:
+            with self.store.read() as t:  # a write transaction only when there is work
                 inode = t.inode(f.ino)
-                if inode is not None and inode.nlink == 0:
-                    t.delete_inode(f.ino)  # the last user of an unlinked file is gone
+            if inode is not None and inode.nlink == 0:
+                with self.store.write() as t:
+                    if t.inode(f.ino) is not None:
+                        t.delete_inode(f.ino)  # the last user of an unlinked file is gone
 
     def _open_handle(self, ino: int, flags: int) -> int:
         f = self._pin(ino)
+        held = _writes(flags)
+        if held:
+            self.store.hold()  # released with the handle (see create)
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1
-            self._handles[fh] = Handle(ino, flags)
+            self._handles[fh] = Handle(ino, flags, held)
         if flags & os.O_TRUNC:
             # Linux truncates even with O_RDONLY (the kernel checked write permission), and with
             # atomic_o_trunc (libfuse 3's default) it leaves the truncation to open.
@@ -579,7 +598,11 @@ class Filesystem:
         with self._lock:
             h = self._handles.pop(fh, None)
         if h is not None:
-            self._unpin(self._files[h.ino])
+            try:
+                self._unpin(self._files[h.ino])
+            finally:
+                if h.held:
+                    self.store.unhold()
 
     def flush(self, fh: int) -> None:
         f = self._files[self.handle_ino(fh)]

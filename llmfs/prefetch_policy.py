@@ -97,6 +97,8 @@ class PrefetchPolicy:
             where = self._found.get(ino)
         small = min(hot, DIR_PREFETCH_BLOCKS * self.block_size)  # siblings: small files only
         with self.store.read(buffers=True) as t:  # headers only: no 64 KiB copies
+            if not t.counters.per_codec[LM][0]:
+                return  # no LM block in the store: nothing to prefetch, no sibling scan to pay
             start = None
             if where is not None and self.readahead is not None:
                 start = self.readahead.open_in_dir(

@@ -81,30 +81,59 @@ TRANSACTIONS
   LMDB allows one writer. Every change that must be atomic (a flush: blocks + refcounts + block map +
   size) is one write transaction, so a crash leaves the old or the new state, never a mix. Nothing
   slow (compression, the model) runs inside a write transaction. The environment is opened with
-  sync on and metasync off: a commit writes its pages durably but not the meta page, so a crash can
-  undo at most the last transaction and never corrupts; `sync()` (called by fsync) makes it durable.
-  That costs about half of what metasync would per commit (docs/benchmarks.md).
+  sync on and metasync off: a commit fdatasyncs its pages but writes the meta page without a sync,
+  so a system crash can undo at most the last commit and never corrupts; `sync()` makes it durable.
+  MDB_NOSYNC is not used: LMDB keeps the environment consistent without syncs only on a filesystem
+  that preserves write order, and ext4 does not (the OS may write a meta page before the pages it
+  names, or after a freed page of the last durable tree was overwritten).
 
-Threading: a Store is shared by all FUSE threads. Read transactions are per call (LMDB MVCC: a
-reader sees one consistent snapshot); write transactions are serialised by a lock here, because
-py-lmdb write transactions must stay on the thread that began them.
+GROUP COMMIT (the mount daemon: `start_group_commit()`)
+  A synchronous commit costs an fdatasync (about a millisecond or two on a busy disk), and a small
+  file took three of them. So while mounted, one long-lived LMDB write transaction — the group —
+  collects the changes of all threads and files; every `write()` block is a nested (child)
+  transaction of it, so an operation that fails still rolls back alone, and reads see the group's
+  uncommitted changes. A committer thread, which alone begins and commits groups (LMDB's writer
+  mutex belongs to the thread that took it), commits the group and syncs the environment:
+    * when `sync()` is called (fsync, fsyncdir, unmount): every change made before the call is
+      durable when it returns; concurrent callers share one commit;
+    * COMMIT_INTERVAL seconds after the group's first change — the bound on what a system crash
+      or kill -9 can lose of changes nobody fsync'ed, like ext4's 5 s commit interval;
+    * when the group holds GROUP_BYTES of new block containers (bounds the daemon's memory).
+  A timed commit waits up to DRAIN seconds for a moment with no `hold()` (the namespace holds
+  while a file is open for writing), so a crash finds a small file as of its close — absent or
+  whole — rather than created but not yet written; a file open for longer is committed as it is.
+  A group is one LMDB transaction: a crash leaves the state after some group, never part of one.
+  With less than LOW_SPACE free on the disk the group mode pauses and each write() commits
+  itself: a full disk then fails the one operation (ENOSPC) instead of a whole group. A group
+  that fails to commit otherwise (EIO) loses its changes: the store then refuses further writes
+  and syncs (EIO) rather than pretend they were kept.
+
+Threading: a Store is shared by all FUSE threads. Without a group, read transactions are per call
+(LMDB MVCC: a reader sees one consistent snapshot) and write transactions are serialised by a lock
+here, because py-lmdb write transactions must stay on the thread that began them. With a group,
+reads and writes go through the group under that lock (the GIL serialises them anyway; decoding
+and compression run outside it).
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import stat
 import struct
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import blake3
 import lmdb
 
 from llmfs.codec.container import FINGERPRINT_SIZE, ContainerError, Header
 from llmfs.codec.registry import DAMAGED, peek_header
+
+log = logging.getLogger("llmfs")
 
 FORMAT_VERSION = 2
 READS_FORMATS = (1, 2)
@@ -117,6 +146,12 @@ MAP_SIZE = 1 << 40
 # A failed commit with less free disk than this is a full disk: a flush writes at most the dirty
 # limit (64 MiB) plus LMDB's copy-on-write pages.
 FULL_DISK_SLACK = 128 << 20
+# Group commit (see GROUP COMMIT above).
+COMMIT_INTERVAL = 5.0     # seconds from a group's first change to its commit: the crash-loss bound
+DRAIN = 0.1               # seconds a timed commit waits for no file to be open for writing
+GROUP_BYTES = 64 << 20    # new container bytes that make a group commit early
+LOW_SPACE = FULL_DISK_SLACK + 2 * GROUP_BYTES  # below this much free disk, no groups
+SPACE_CHECK = 0.5         # seconds between looks at the free disk space
 
 DB_NAMES_V1 = ("meta", "inodes", "dirents", "blockmap", "blocks", "refs", "xattrs", "orphans",
                "pending", "models")
@@ -156,6 +191,29 @@ class StoreIOError(StoreError):
     """The disk failed a write; the transaction was rolled back."""
 
 
+class _Group:
+    """State of the group commit, guarded by the store's lock (`cond`'s lock)."""
+
+    def __init__(self, lock: threading.RLock, interval: float, drain: float, max_bytes: int):
+        self.cond = threading.Condition(lock)
+        self.interval = interval
+        self.drain = drain
+        self.max_bytes = max_bytes
+        self.txn: lmdb.Transaction | None = None  # the open group (None: paused, low space)
+        self.first_change: float | None = None    # monotonic time of the group's first change
+        self.bytes = 0              # new container bytes in the group
+        self.changes = 0            # write() blocks committed into groups, ever
+        self.durable = 0            # `changes` value that the last commit + sync made durable
+        self.wanted = 0             # highest `changes` value a sync() caller waits for
+        self.holds = 0              # files open for writing (namespace holds)
+        self.draining = False       # a timed commit waits for holds to reach 0
+        self.failed: str | None = None
+        self.stop = False
+        self.low_space = False
+        self.space_checked = 0.0
+        self.thread: threading.Thread | None = None
+
+
 def block_hash(data: bytes) -> bytes:
     return blake3.blake3(data).digest()
 
@@ -164,8 +222,9 @@ def now_ns() -> int:
     return time.time_ns()
 
 
-@dataclass(frozen=True)
-class Inode:
+class Inode(NamedTuple):
+    """An inode record. A NamedTuple (not a frozen dataclass): unpacked on every lookup and stat,
+    where a dataclass's field-by-field init cost several times as much."""
     mode: int
     uid: int
     gid: int
@@ -183,11 +242,10 @@ class Inode:
 
     @classmethod
     def unpack(cls, buf) -> Inode:
-        fields = _INODE.unpack_from(buf, 0)
-        return cls(*fields, target=bytes(buf[_INODE.size:]))
+        return cls(*_INODE.unpack_from(buf, 0), bytes(buf[_INODE.size:]))
 
     def evolve(self, **changes) -> Inode:
-        return replace(self, **changes)
+        return self._replace(**changes)
 
     @property
     def is_dir(self) -> bool:
@@ -241,6 +299,7 @@ class Txn:
         self.write = write
         self.db = store.db
         self._counters: Counters | None = None
+        self.new_bytes = 0  # container bytes this transaction stored (the group's memory bound)
 
     # -- meta ----------------------------------------------------------------------------------
     def meta(self, key: str) -> bytes | None:
@@ -401,6 +460,7 @@ class Txn:
                 if container is None:
                     raise ValueError("new block without its container")
                 self.txn.put(h, container, db=self.db["blocks"])
+                self.new_bytes += len(container)
                 row = self.counters.per_codec[codec_id]
                 row[0] += 1
                 row[1] += plain_len
@@ -437,6 +497,7 @@ class Txn:
         self._count(old, -1)
         self._count(blob, 1)
         self.txn.put(h, blob, db=self.db["blocks"])
+        self.new_bytes += len(blob)
 
     def _count(self, blob, sign: int) -> None:
         """Add (sign 1) or remove (-1) a container in the counters. A damaged header does not say
@@ -587,6 +648,9 @@ class Store:
             raise NotAStore(f"{path} is not an llmfs store (no data.mdb); create one with "
                             f"`llmfs mkfs {path}`")
         self._lock_fd = None
+        self._lock = threading.RLock()
+        self._group: _Group | None = None
+        self._active: lmdb.Transaction | None = None  # the write() child open now (group mode)
         if lock:
             self._take_lock()
         try:
@@ -621,7 +685,6 @@ class Store:
             raise NotAStore(f"{path}: format {version} store lacks its tables ({e})") from None
         self.block_size = _U32.unpack(block_size)[0]
         self.model_spec = (model or b"").decode()
-        self._write_lock = threading.Lock()
 
     def _open_format(self, version: int, upgrade: bool) -> None:
         """Open the format's tables; upgrade a format 1 store to 2 in one transaction when this
@@ -698,15 +761,31 @@ class Store:
     @contextlib.contextmanager
     def read(self, buffers: bool = False):
         """A read snapshot. buffers=True hands out values as memoryviews into the map, valid only
-        inside the transaction: for callers that look at a few bytes of large values (headers)."""
+        inside the transaction: for callers that look at a few bytes of large values (headers).
+        With a group, the group's transaction (it sees the changes not yet committed)."""
+        if self._group is not None:
+            with self._lock:  # (g.txn is None only while paused or stopped: then plain reads)
+                g = self._group
+                txn = self._active or (g.txn if g is not None else None)
+                if txn is not None:
+                    yield Txn(self, txn, write=False)
+                    return
         with self.env.begin(buffers=buffers) as txn:
             yield Txn(self, txn, write=False)
 
     @contextlib.contextmanager
     def write(self):
-        with self._write_lock:
-            txn = self.env.begin(write=True)
+        """One atomic change: a write transaction, or with a group a child transaction of it."""
+        with self._lock:
+            g = self._group
+            if g is not None:
+                if g.failed:
+                    raise StoreIOError(g.failed)
+                self._check_space(g)
+            parent = g.txn if g is not None else None
+            txn = self.env.begin(write=True, parent=parent)
             t = Txn(self, txn, write=True)
+            self._active = txn
             try:
                 yield t
                 t._finish()
@@ -724,14 +803,178 @@ class Store:
             except BaseException:
                 txn.abort()
                 raise
+            finally:
+                self._active = None
+            if g is not None:
+                g.changes += 1  # (a write of the paused mode is made durable by a sync too)
+            if parent is not None:
+                g.bytes += t.new_bytes
+                if g.first_change is None:
+                    g.first_change = time.monotonic()
+                    g.cond.notify_all()
+                elif g.bytes >= g.max_bytes:
+                    g.cond.notify_all()
 
     def sync(self) -> None:
+        """Make every change made so far durable."""
+        g = self._group
+        if g is not None:
+            with self._lock:
+                target = g.changes
+                while g.durable < target and not g.failed and g.thread.is_alive():
+                    g.wanted = max(g.wanted, target)
+                    g.cond.notify_all()
+                    g.cond.wait(1.0)
+                if g.failed:
+                    raise StoreIOError(g.failed)
+                if g.durable >= target:
+                    return
+        self._sync_env()
+
+    def _sync_env(self) -> None:
         try:
             self.env.sync(True)
         except lmdb.Error as e:
             if self.disk_free() < FULL_DISK_SLACK:
                 raise StoreFull(f"no space left on the store's disk ({e})") from None
             raise StoreIOError(f"the store could not be synced: {e}") from None
+
+    # -- group commit ----------------------------------------------------------------------------
+    def start_group_commit(self, interval: float = COMMIT_INTERVAL, drain: float = DRAIN,
+                           max_bytes: int = GROUP_BYTES) -> None:
+        """Collect changes in groups committed by a thread of their own (GROUP COMMIT above)."""
+        with self._lock:
+            if self._group is not None:
+                return
+            g = self._group = _Group(self._lock, interval, drain, max_bytes)
+            g.thread = threading.Thread(target=self._committer, args=(g,), name="llmfs-commit",
+                                        daemon=True)
+            g.thread.start()
+            while g.txn is None and g.thread.is_alive() and not g.low_space:
+                g.cond.wait(0.1)
+
+    def stop_group_commit(self) -> None:
+        """Commit and sync what the group holds, and go back to one commit per write()."""
+        g = self._group
+        if g is None:
+            return
+        with self._lock:
+            g.stop = True
+            g.cond.notify_all()
+        g.thread.join()
+        with self._lock:
+            self._group = None
+            if g.failed:
+                raise StoreIOError(g.failed)
+
+    def hold(self) -> None:
+        """A change is under way that should reach the store whole (a file open for writing):
+        a timed commit waits a little (DRAIN) for the holds to end."""
+        g = self._group
+        if g is None:
+            return
+        with self._lock:
+            if g.draining:
+                g.cond.wait_for(lambda: not g.draining, g.drain)
+            g.holds += 1
+
+    def unhold(self) -> None:
+        g = self._group
+        if g is None:
+            return
+        with self._lock:
+            g.holds = max(0, g.holds - 1)
+            if not g.holds:
+                g.cond.notify_all()
+
+    def _check_space(self, g: _Group) -> None:
+        """Pause the group mode (commit now, then one commit per write) while the disk is low."""
+        now = time.monotonic()
+        if now - g.space_checked < SPACE_CHECK:
+            return
+        g.space_checked = now
+        low = self.disk_free() < LOW_SPACE
+        if low != g.low_space:
+            g.low_space = low
+            g.cond.notify_all()
+            if low:  # wait for the committer to close the group: this write commits itself
+                g.cond.wait_for(lambda: g.txn is None or g.failed or g.stop, 10)
+
+    def _committer(self, g: _Group) -> None:
+        """The thread that owns the group transactions: begins, commits and syncs them."""
+        with self._lock:
+            try:
+                while True:
+                    self._begin_group(g)
+                    due = self._group_due(g)
+                    if due is None:
+                        g.cond.wait(self._group_wait(g))
+                        continue
+                    if due == "timed" and g.holds and g.drain > 0:
+                        g.draining = True
+                        g.cond.wait_for(lambda: not g.holds or g.stop, g.drain)
+                        g.draining = False
+                        g.cond.notify_all()
+                    self._commit_group(g)
+                    if g.stop or g.failed:
+                        return
+            except BaseException as e:  # never leave sync() callers waiting for a dead thread
+                g.failed = g.failed or f"the store's commit thread failed: {e!r}"
+                log.critical("%s", g.failed)
+                raise
+            finally:
+                if g.txn is not None:
+                    g.txn.abort()
+                    g.txn = None
+                g.cond.notify_all()
+
+    def _begin_group(self, g: _Group) -> None:
+        if g.txn is None and not g.low_space and not g.stop and not g.failed:
+            g.txn = self.env.begin(write=True)
+            g.cond.notify_all()
+
+    def _group_due(self, g: _Group) -> str | None:
+        if g.stop or g.failed:
+            return "stop"
+        if g.txn is not None and g.low_space:
+            return "space"
+        if g.wanted > g.durable:
+            return "sync"
+        if g.first_change is None:
+            return None
+        if g.bytes >= g.max_bytes:
+            return "size"
+        if time.monotonic() - g.first_change >= g.interval:
+            return "timed"
+        return None
+
+    def _group_wait(self, g: _Group) -> float | None:
+        if g.first_change is None:
+            return None
+        return max(0.0, g.first_change + g.interval - time.monotonic())
+
+    def _commit_group(self, g: _Group) -> None:
+        """Commit the open group and sync the environment. Called with the lock held; a new group
+        is open while the sync runs without the lock, so writers wait only for the commit."""
+        target = g.changes
+        txn, g.txn = g.txn, None
+        g.first_change, g.bytes = None, 0
+        try:
+            if txn is not None:
+                txn.commit()
+            self._begin_group(g)
+            g.cond.release()
+            try:
+                self.env.sync(True)  # the commit wrote its meta page without a sync
+            finally:
+                g.cond.acquire()
+            g.durable = max(g.durable, target)
+        except lmdb.Error as e:
+            g.failed = (f"the store could not commit the changes of the last "
+                        f"{COMMIT_INTERVAL:g} s ({e}); they are lost, and the store accepts no "
+                        f"more writes until it is mounted again")
+            log.critical("%s", g.failed)
+        g.cond.notify_all()
 
     def disk_free(self) -> int:
         st = os.statvfs(self.path)
@@ -748,5 +991,9 @@ class Store:
             return t.meta("clean") == b"1"
 
     def close(self) -> None:
+        try:
+            self.stop_group_commit()
+        except StoreError:
+            pass  # logged by the committer; closing must still release the store
         self.env.close()
         self.release_lock()

@@ -293,6 +293,7 @@ def test_restarted_service_replaces_the_dead_mount(svc):
     assert svc.recv().get("READY") == "1"
     with open(svc.mnt / "kept", "wb") as f:
         f.write(b"x" * 1000)
+        f.flush()  # into the file before the fsync: a close alone is durable only within 5 s
         os.fsync(f.fileno())
     svc.proc.kill()
     svc.wait()
