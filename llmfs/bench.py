@@ -316,7 +316,7 @@ def run_compaction(args) -> int:
         timed_copy(work / "tree", mnt / "tree")
         idle = timed_write(mnt / "load-idle", load)
         os.unlink(mnt / "load-idle")
-        s = Store(str(store), lock=False)
+        s = Store(str(store), lock=False, readonly=True)
         with s.read() as t:
             zstd_stored = t.counters.stored
         s.close()
@@ -338,7 +338,7 @@ def run_compaction(args) -> int:
         os.unlink(mnt / "load-busy")
     finally:
         llmfs("umount", mnt)
-    s = Store(str(store), lock=False)
+    s = Store(str(store), lock=False, readonly=True)
     with s.read() as t:
         c = t.counters
         lm_plain = c.per_codec[2][1]

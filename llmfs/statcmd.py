@@ -135,7 +135,9 @@ def register(sub) -> None:
 def run(args) -> int:
     try:
         store_path, inner = find_store(args.path)
-        store = Store(store_path, lock=False)
+        # readonly: a writable LMDB environment opens its tables in a write transaction, which would
+        # wait for the writer lock that the mounted daemon's group commit holds
+        store = Store(store_path, lock=False, readonly=True)
     except (StoreError, OSError) as e:
         print(f"llmfs stat: {e}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""Compaction on a Ray cluster (issue 16), against a local cluster this module starts: a head node
+"""Compaction on a Ray cluster, against a local cluster this module starts: a head node
 with room for two worker actors, on this machine, always stopped afterwards (its processes run in
 a session of their own and the whole session is killed).
 
@@ -131,7 +131,9 @@ def check_fresh(path: str, files: dict, inos: dict) -> None:
         fs = ns.Filesystem(store, registry, None)
         for name, data in files.items():
             assert fs.read_ino(inos[name], len(data) + 1, 0) == data, name
-        problems, _ = fsck.run_checks(store, registry=registry)
+        # the bigram test model has no model file to store: the embedding check is not for it
+        checks = [c for c in fsck.CHECKS if c is not fsck.check_model_embedding]
+        problems, _ = fsck.run_checks(store, registry=registry, checks=checks)
         assert not problems, [p.message for p in problems]
     finally:
         store.close()

@@ -1,4 +1,4 @@
-"""The daemon's control socket bounds what a client can make it hold (issue 13): the length of a
+"""The daemon's control socket bounds what a client can make it hold: the length of a
 request line, the connections served at once, and how long a silent client keeps its slot."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Damaged data stays local (issue 13): one damaged stored byte costs only the reads of its block's
+"""Damaged data stays local: one damaged stored byte costs only the reads of its block's
 range (EIO, logged once with the file's path); unlink, overwrite, truncate, rename, stat, statfs
 and compaction keep working; fsck names the file and --repair quarantines the block (the file keeps
 its size, the range keeps reading as EIO) and then checks clean. And no stored byte can make a

@@ -1,4 +1,4 @@
-"""Issue 12: LM blocks stay readable forever. A store holds the models its blocks need (model files,
+"""LM blocks stay readable forever. A store holds the models its blocks need (model files,
 verified by hash); decoding depends on nothing in the environment (conversion cache, HOME, the
 model's source files, the tokenizer JSON's serialisation); older store formats open; engine
 versions this release lacks are refused with a message; the cache is trusted only when it is ours.

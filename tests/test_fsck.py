@@ -91,7 +91,7 @@ def test_check_finds_and_repairs(store, corrupt, check):
 
 def test_corrupt_block_is_named_and_quarantined(store):
     """Repair quarantines a corrupt block: the file keeps its size and the block's range reads
-    as EIO (never zeros); then the store checks clean (issue 13; tests/test_damage.py has more)."""
+    as EIO (never zeros); then the store checks clean; tests/test_damage.py has more."""
     with store.read() as t:
         ino = t.lookup(t.lookup(ROOT_INO, b"dir"), b"b")
         size = t.inode(ino).size

@@ -1,4 +1,4 @@
-"""Golden LM containers (issue 12): files written by earlier releases, on other machines, decode bit
+"""Golden LM containers: files written by earlier releases, on other machines, decode bit
 for bit with this one. tests/golden (this repository: tiny and default model, five texts) and
 ../shared/golden (beside the repository: default model, written on an AMD EPYC with AVX2 and no
 AVX-512 from main at 16af6cc) hold `llmfs compress` files and the plaintexts' sha256. They are data:

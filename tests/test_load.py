@@ -1,4 +1,4 @@
-"""Resources under load (issue 13), in-process: the dirty limit is one exact global bound, a full
+"""Resources under load, in-process: the dirty limit is one exact global bound, a full
 disk makes compaction back off (and resume when there is room), a flush error at unmount says
 what was lost and leaves the store consistent, a failed close does not leave its file pinned, and
 opening a file decodes ahead only the siblings its opener could read."""

@@ -1,4 +1,4 @@
-"""A damaged byte in a stored container's header, through a real mount (issue 13): the block's
+"""A damaged byte in a stored container's header, through a real mount: the block's
 range reads EIO (not EINVAL), everything else works, a mount after kill -9 still starts, fsck
 names the file and --repair quarantines the block, after which fsck is clean and the file keeps
 its size with the range still reading EIO."""

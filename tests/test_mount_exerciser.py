@@ -1,4 +1,4 @@
-"""A seeded random exerciser (issue 13): 20,000 system calls, each made on the mount and on a plain
+"""A seeded random exerciser: 20,000 system calls, each made on the mount and on a plain
 directory, must give the same result or the same errno. It covers what POSIX test suites found:
 ftruncate and fstat on open descriptors, files unlinked or renamed over while open, names longer
 than NAME_MAX (ENAMETOOLONG on both sides), and rename, link, symlink, mkdir/rmdir, O_APPEND,

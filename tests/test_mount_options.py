@@ -1,4 +1,4 @@
-"""`-o` options are checked before the store is touched (issue 13): an option llmfs sets itself
+"""`-o` options are checked before the store is touched: an option llmfs sets itself
 (fsname, subtype) or does not pass to FUSE fails at once with a clear message, and the store stays
 as it was (a failure after it was marked in use would leave it unclean: a restart loop under
 systemd)."""

@@ -1,4 +1,4 @@
-"""POSIX corners through a real mount (issue 13): ftruncate on an open descriptor, the temporary-file
+"""POSIX corners through a real mount: ftruncate on an open descriptor, the temporary-file
 idiom (fstat, read, write, ftruncate on a file whose last name is gone), and names longer than
 NAME_MAX, which must fail with ENAMETOOLONG from every call that takes a path."""
 from __future__ import annotations

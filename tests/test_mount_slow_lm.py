@@ -1,4 +1,4 @@
-"""Cold LM reads must not starve everything else (issue 13): while 16 cold reads of LM blocks wait
+"""Cold LM reads must not starve everything else: while 16 cold reads of LM blocks wait
 for the (one, slow) engine, stat, ls, zstd reads and a 1 MiB write on the same mount each answer
 within a second. The daemon is tests/slow_lm_daemon.py: the real mount's FUSE options and
 namespace with a fake LM whose decodes wait for a gate file."""

@@ -1,4 +1,4 @@
-"""Which fuse.llmfs mounts are our own (issue 13): `llmfs umount` and `llmfs stat` must not trust the
+"""Which fuse.llmfs mounts are our own: `llmfs umount` and `llmfs stat` must not trust the
 source column of a mount that anyone can make with subtype=llmfs,fsname=DIR. Unit tests against
 a fake mount table and a fake /proc; then a real mount, and a foreign FUSE mount that claims to be
 llmfs."""

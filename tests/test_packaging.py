@@ -1,4 +1,4 @@
-"""What pyproject.toml promises matches the code (issue 13)."""
+"""What pyproject.toml promises matches the code."""
 from __future__ import annotations
 
 import ast

@@ -1,4 +1,4 @@
-"""A store is private to its owner (issue 13): mkfs makes it so whatever the umask, and mount fixes
+"""A store is private to its owner: mkfs makes it so whatever the umask, and mount fixes
 (saying so in the log and on stderr) or refuses a store others could read or write."""
 from __future__ import annotations
 
