@@ -65,6 +65,7 @@ run: setup
 test: setup
 	@echo "CPU: $$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -ra tests
 
 # Filesystem throughput through a mount against the disk under it (llmfs/bench.py). The other

@@ -12,6 +12,7 @@ values as a single int8 pass. Smoothing: calibrate max |input channel| on text t
 (CALIB files), c = 2^round(alpha log2 max|x_k| - (1 - alpha) log2 max|W_k|), input / c, weight
 columns * c, weights re-quantised from the float weights.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,7 @@ def q8(x):
 
 def rms(x, eps):
     m = x.abs().amax(dim=-1, keepdim=True)
-    sr = torch.where(m > 0, m / 2 ** 20, torch.ones_like(m))
+    sr = torch.where(m > 0, m / 2**20, torch.ones_like(m))
     xi = torch.round(x / sr)
     d = (xi * xi).sum(dim=-1, keepdim=True) / x.shape[-1] * sr * sr + eps
     return det_sqrt(d)
@@ -96,7 +97,7 @@ class XEngine(Engine):
         hq, s = self._quant(x * t[p + "ffn_norm"], i, "gu", r)
         y = self._lin(hq, s, i, "gu")
         gate, up = y.chunk(2, dim=-1)
-        j = (gate.clamp(-SIG_RANGE, SIG_RANGE) + SIG_RANGE).mul_(2 ** SIG_RES_BITS).round_().long()
+        j = (gate.clamp(-SIG_RANGE, SIG_RANGE) + SIG_RANGE).mul_(2**SIG_RES_BITS).round_().long()
         mq, s = self._quant(gate * self._sig[j] * up, i, "down")
         return self._lin(mq, s, i, "down", residual=x)
 
@@ -104,13 +105,13 @@ class XEngine(Engine):
         c, t = self.config, self._t
         if out is None:
             out = torch.empty(x.shape[0], c.vocab_size, dtype=torch.int32)
-        budget = 2 ** E.FREQ_TOTAL_BITS - c.vocab_size
+        budget = 2**E.FREQ_TOTAL_BITS - c.vocab_size
         q, ws = self._w(0, "head")
-        hs = ws * 2.0 ** E.LOGIT_RES_BITS
+        hs = ws * 2.0**E.LOGIT_RES_BITS
         for r0 in range(0, x.shape[0], E.HEAD_ROWS):
-            xr = x[r0:r0 + E.HEAD_ROWS]
+            xr = x[r0 : r0 + E.HEAD_ROWS]
             hq, s = self._quant(xr * t["norm"], 0, "head", rms(xr, c.norm_eps))
-            self._ops.head_freqs(_mm(hq, q), hs, s, self._lexp, budget, out[r0:r0 + E.HEAD_ROWS])
+            self._ops.head_freqs(_mm(hq, q), hs, s, self._lexp, budget, out[r0 : r0 + E.HEAD_ROWS])
         return out
 
 
@@ -131,10 +132,11 @@ def main():
     path = loader.resolve(None)
     config, _, tok_json = loader.convert(path)
     f = got["f"]
-    tensors = prepare_weights(config, f)          # unsmoothed: this script smooths its own way
+    tensors = prepare_weights(config, f)  # unsmoothed: this script smooths its own way
     from tokenizers import Tokenizer
 
     from bench.engine_bench import segments_of
+
     tok = Tokenizer.from_str(tok_json)
     segs = {p: segments_of(tok, config.bos_id, p, 1024, a.segments) for p in FILES}
     m = loader.LoadedModel(Engine(config, tensors), tok_json, str(path))
@@ -163,7 +165,7 @@ def main():
             for mode, mxv in (("8s", mxn), ("8w", proxy)):
                 if mxv is None:
                     continue
-                c = pow2_round(mxv ** a.alpha / mw ** (1 - a.alpha))
+                c = pow2_round(mxv**a.alpha / mw ** (1 - a.alpha))
                 smooth[(i, typ, mode)] = torch.from_numpy(c)
                 qw, sw = E.quantize_weight(w * c[None, :])
                 extra[f"sm.{i}.{typ}.{mode}.q"] = torch.from_numpy(qw)
@@ -178,8 +180,7 @@ def main():
             n = sum(len(x) - 1 for x in s)
             cols.append(f"{b / n:.4f} {(b / floor[p] - 1) * 100:+.2f} %")
         print(f"{cfg:28s} " + "  ".join(f"{c:>22s}" for c in cols), flush=True)
-    print("float32 " + "  ".join(f"{floor[p] / sum(len(x) - 1 for x in s):.4f}"
-                                 for p, s in segs.items()))
+    print("float32 " + "  ".join(f"{floor[p] / sum(len(x) - 1 for x in s):.4f}" for p, s in segs.items()))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ per-entry memory overhead, and the cost of a device-tier hit. Light: a few secon
 Traces use 64 KiB blocks and a 64 MiB budget (1024 blocks), read as the filesystem reads: get(), and on
 a miss put() (the decode itself is not run: every miss is one decode saved or not).
 """
+
 from __future__ import annotations
 
 import os
@@ -59,9 +60,9 @@ def hot_and_scan(seed=1, hot=512, scan=16384, every=4, rereads=1, warm=5000, aft
         yield key("h", rng.randrange(hot)), True
     scan_reads = [i for i in range(scan) for _ in range(rereads)]
     for w in range(0, len(scan_reads), shuffle or 1):
-        part = scan_reads[w:w + (shuffle or 1)]
+        part = scan_reads[w : w + (shuffle or 1)]
         rng.shuffle(part)
-        scan_reads[w:w + len(part)] = part
+        scan_reads[w : w + len(part)] = part
     for n, i in enumerate(scan_reads):
         yield key("s", i), False
         if every and n % (every * rereads) == 0:
@@ -107,8 +108,10 @@ def bench_policy() -> None:
         ("Zipf(0.9) over 512 MiB, no scan", lambda: zipf(), 0),
         ("loop over 96 MiB", lambda: loop(), 0),
     ]
-    print(f"{'trace':42} {'LRU all':>8} {'LRU hot':>8} {'2Q all':>8} {'2Q hot':>8} {'2Q+dev hot':>10} "
-          f"{'classic 2Q hot':>14}")
+    print(
+        f"{'trace':42} {'LRU all':>8} {'LRU hot':>8} {'2Q all':>8} {'2Q hot':>8} {'2Q+dev hot':>10} "
+        f"{'classic 2Q hot':>14}"
+    )
     for name, trace, warm in cases:
         lru = replay(LRU(BUDGET), trace(), warm)
         twoq = replay(DecodeCache(BUDGET, 0, device=None), trace(), warm)
@@ -119,8 +122,10 @@ def bench_policy() -> None:
             classic = replay(DecodeCache(BUDGET, 0, device=None), trace(), warm)
         finally:
             policy.CORRELATION_WINDOW = window
-        print(f"{name:42} {lru[0]:8.3f} {lru[1]:8.3f} {twoq[0]:8.3f} {twoq[1]:8.3f} {tiered[1]:10.3f} "
-              f"{classic[1]:14.3f}")
+        print(
+            f"{name:42} {lru[0]:8.3f} {lru[1]:8.3f} {twoq[0]:8.3f} {twoq[1]:8.3f} {tiered[1]:10.3f} "
+            f"{classic[1]:14.3f}"
+        )
     print("'hot' = hit rate of the hot reads after the warm-up (during and after the scan)")
 
 
@@ -137,8 +142,10 @@ def bench_overhead(n: int = 20000) -> None:
     tracemalloc.stop()
     # The 1-byte bytes objects are interned singletons (not counted above): add a bytes header each.
     header = sys.getsizeof(b"")
-    print(f"RAM entry: {used / n:.0f} bytes of bookkeeping + {header} of bytes header = "
-          f"{used / n + header:.0f} bytes per entry beyond the plaintext")
+    print(
+        f"RAM entry: {used / n:.0f} bytes of bookkeeping + {header} of bytes header = "
+        f"{used / n + header:.0f} bytes per entry beyond the plaintext"
+    )
     # Device entries: torch allocates outside tracemalloc's view, so count RSS growth of 1-byte CPU
     # tensors (noisy: the allocator reuses freed memory; the first run in a process reads highest).
     c = DecodeCache(1 << 20, 1 << 40, device="cpu")
@@ -146,8 +153,10 @@ def bench_overhead(n: int = 20000) -> None:
     with c._lock:  # straight into the device tier, as demotion does
         for k in keys:
             c._device.put(k, b"x")
-    print(f"device entry: ~{(rss() - before) / n:.0f} host bytes per entry (RSS growth; tensor objects, "
-          f"torch storage, dict slot)")
+    print(
+        f"device entry: ~{(rss() - before) / n:.0f} host bytes per entry (RSS growth; tensor objects, "
+        f"torch storage, dict slot)"
+    )
 
 
 def rss() -> int:
@@ -171,8 +180,10 @@ def bench_device(rounds: int = 2000) -> None:
         c.get(b)
     dt = (time.perf_counter() - start) / (2 * rounds)
     m = c.metrics()
-    print(f"device hit with promotion+demotion (64 KiB, CPU tensors): {dt * 1e6:.0f} us; "
-          f"promotions {m['promotions']}, demotions {m['demotions']}")
+    print(
+        f"device hit with promotion+demotion (64 KiB, CPU tensors): {dt * 1e6:.0f} us; "
+        f"promotions {m['promotions']}, demotions {m['demotions']}"
+    )
 
 
 if __name__ == "__main__":

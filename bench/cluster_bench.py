@@ -16,6 +16,7 @@ the same run: on a shared machine the absolute numbers are noise, the ratios car
 machine the workers share its cores: N workers on 2 cores cannot exceed 2x, and the daemon's own
 work competes with them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,7 @@ def run_once(path: str, text: bytes, coder: ClusterCoder | None) -> dict:
     try:
         models = Models(store)
         registry = Registry(model_resolver=models.resolve)
-        compactor = Compactor(store, registry, models.compaction_codec, store_spec(store),
-                              compact_after=0)
+        compactor = Compactor(store, registry, models.compaction_codec, store_spec(store), compact_after=0)
         models.compaction_codec()  # load before timing: the daemon holds the model already
         compactor.remote = coder
         t0 = time.perf_counter()
@@ -66,9 +66,14 @@ def run_once(path: str, text: bytes, coder: ClusterCoder | None) -> dict:
         assert fs.read_ino(ino, len(text) + 1, 0) == text, "read back differs"
         problems, _ = fsck.run_checks(store, registry=registry)
         assert not problems, [p.message for p in problems]
-        return {"seconds": secs, "lm_blocks": res.lm_blocks, "blocks": res.blocks,
-                "before": res.before, "after": res.after,
-                "cluster": coder.stats() if coder else None}
+        return {
+            "seconds": secs,
+            "lm_blocks": res.lm_blocks,
+            "blocks": res.blocks,
+            "before": res.before,
+            "after": res.after,
+            "cluster": coder.stats() if coder else None,
+        }
     finally:
         store.close()
 
@@ -83,10 +88,14 @@ def main() -> int:
     args = p.parse_args()
     text = text_corpus(args.size)
     counts = [int(x) for x in args.workers.split(",")]
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), "?")
-    print(f"cluster bench: {len(text)} bytes of text, blocks of {args.block_size}, model "
-          f"{args.model or 'default'}; CPU {cpu}, {os.cpu_count()} cores (shared: noisy)")
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        "?",
+    )
+    print(
+        f"cluster bench: {len(text)} bytes of text, blocks of {args.block_size}, model "
+        f"{args.model or 'default'}; CPU {cpu}, {os.cpu_count()} cores (shared: noisy)"
+    )
     head = None
     rows = []
     try:
@@ -98,8 +107,9 @@ def main() -> int:
                 fill(path, args.block_size, args.model, text)
                 coder = None
                 if n:
-                    coder = ClusterCoder(args.address or head.address,
-                                         args.model or DEFAULT_SPEC, workers=n, device="cpu")
+                    coder = ClusterCoder(
+                        args.address or head.address, args.model or DEFAULT_SPEC, workers=n, device="cpu"
+                    )
                     t0 = time.perf_counter()
                     coder.start()
                     start = time.perf_counter() - t0
@@ -114,9 +124,11 @@ def main() -> int:
                 rate = len(text) / r["seconds"] / 1024
                 rows.append((n, rate))
                 extra = f", workers started in {start:.0f} s" if n else ""
-                print(f"{'daemon alone' if not n else f'{n} worker(s)':<14} {rate:7.2f} KiB/s  "
-                      f"({r['seconds']:.1f} s, {r['lm_blocks']}/{r['blocks']} blocks by the LM, "
-                      f"{r['before']} -> {r['after']} bytes{extra})")
+                print(
+                    f"{'daemon alone' if not n else f'{n} worker(s)':<14} {rate:7.2f} KiB/s  "
+                    f"({r['seconds']:.1f} s, {r['lm_blocks']}/{r['blocks']} blocks by the LM, "
+                    f"{r['before']} -> {r['after']} bytes{extra})"
+                )
     finally:
         if head is not None:
             head.stop()

@@ -23,6 +23,7 @@ tokenizer files; the real model's tokenizer is plain Python and the same on ever
 cover it). At --shape smollm2 and --kib 24 the CPU half takes a few minutes on 16 cores; --kib 8 or
 --shape tiny for a quicker check.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,10 @@ from llmfs.codec.lm.engine import Engine  # noqa: E402
 from llmfs.codec.lm.tokenizer import ByteTokenizer  # noqa: E402
 
 SHAPES = {
-    "smollm2": dict(vocab_size=49152, dim=576, n_layer=30, n_head=9, n_kv_head=3, ffn_dim=1536,
-                    max_seq_len=1024),
-    "tiny": dict(vocab_size=259, dim=64, n_layer=2, n_head=4, n_kv_head=2, ffn_dim=128,
-                 max_seq_len=256),
+    "smollm2": dict(
+        vocab_size=49152, dim=576, n_layer=30, n_head=9, n_kv_head=3, ffn_dim=1536, max_seq_len=1024
+    ),
+    "tiny": dict(vocab_size=259, dim=64, n_layer=2, n_head=4, n_kv_head=2, ffn_dim=128, max_seq_len=256),
 }
 
 
@@ -56,7 +57,7 @@ def text(kib: int) -> bytes:
         out += p.read_bytes()
         if len(out) >= kib * 1024:
             break
-    return out[:kib * 1024]
+    return out[: kib * 1024]
 
 
 def sync(device: str) -> None:
@@ -95,10 +96,13 @@ def main(argv=None) -> int:
     steps = {}
     for d in a.devices:
         st = engines[d].start(3, tokens.shape[1])
-        steps[d] = torch.stack([engines[d].step(st, tokens[:, t].to(d)).cpu()
-                                for t in range(tokens.shape[1])], dim=1)
-    check("incremental steps identical across devices and to freqs",
-          torch.equal(steps[d0], steps[d1]) and torch.equal(steps[d0], f[d0]))
+        steps[d] = torch.stack(
+            [engines[d].step(st, tokens[:, t].to(d)).cpu() for t in range(tokens.shape[1])], dim=1
+        )
+    check(
+        "incremental steps identical across devices and to freqs",
+        torch.equal(steps[d0], steps[d1]) and torch.equal(steps[d0], f[d0]),
+    )
     # 2. payloads, 3. cross-device decoding
     payload, speed = {}, {}
     segments = codecs[d0].segments(data)
@@ -109,8 +113,11 @@ def main(argv=None) -> int:
         payload[d] = codecs[d].encode_payload(data)
         sync(d)
         speed[d] = {"encode_tok_s": n_tokens / (time.perf_counter() - t)}
-    check("payload bytes identical across devices", payload[d0] == payload[d1],
-          f"{len(payload[d0])} B for {len(data)} B ({len(segments)} segments)")
+    check(
+        "payload bytes identical across devices",
+        payload[d0] == payload[d1],
+        f"{len(payload[d0])} B for {len(data)} B ({len(segments)} segments)",
+    )
     for src, dst in ((d0, d1), (d1, d0)):
         sync(dst)
         t = time.perf_counter()
@@ -122,11 +129,17 @@ def main(argv=None) -> int:
     for d in a.devices:
         peak = int8_peak_ops(d)
         s = speed[d]
-        s.update(int8_peak_top_s=peak / 1e12, encode_pct_peak=100 * s["encode_tok_s"] * opt / peak,
-                 decode_pct_peak=100 * s["decode_tok_s"] * opt / peak)
-        print(f"{d}: encode {s['encode_tok_s']:.0f} tok/s = {s['encode_pct_peak']:.1f} % of its "
-              f"int8 peak ({peak / 1e12:.2f} TOP/s), decode {s['decode_tok_s']:.0f} tok/s = "
-              f"{s['decode_pct_peak']:.1f} %", flush=True)
+        s.update(
+            int8_peak_top_s=peak / 1e12,
+            encode_pct_peak=100 * s["encode_tok_s"] * opt / peak,
+            decode_pct_peak=100 * s["decode_tok_s"] * opt / peak,
+        )
+        print(
+            f"{d}: encode {s['encode_tok_s']:.0f} tok/s = {s['encode_pct_peak']:.1f} % of its "
+            f"int8 peak ({peak / 1e12:.2f} TOP/s), decode {s['decode_tok_s']:.0f} tok/s = "
+            f"{s['decode_pct_peak']:.1f} %",
+            flush=True,
+        )
     results["speed"] = speed
     results["ok"] = ok
     if os.environ.get("OUT"):

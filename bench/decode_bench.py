@@ -4,6 +4,7 @@ size per run, with the process's peak RSS. Payloads are encoded once and cached 
 
     .venv/bin/python bench/decode_bench.py --batch 64 [--segments 64] [--threads 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,17 +39,20 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--segments", type=int, default=64, help="segments to decode (about)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--payloads", default="/tmp/llmfs-decode-bench-{fingerprint}.pkl",
-                    help="cache of the encoded blocks, per codec fingerprint (payloads of another "
-                         "engine version do not decode)")
+    ap.add_argument(
+        "--payloads",
+        default="/tmp/llmfs-decode-bench-{fingerprint}.pkl",
+        help="cache of the encoded blocks, per codec fingerprint (payloads of another "
+        "engine version do not decode)",
+    )
     a = ap.parse_args(argv)
     codec = open_codec(None, batch=a.batch, threads=a.threads, device="cpu")
     a.payloads = a.payloads.format(fingerprint=codec.fingerprint.hex())
     if os.path.exists(a.payloads):
         blocks, payloads = pickle.load(open(a.payloads, "rb"))
     else:
-        text = corpus(a.segments * 1023 * 4)         # ~3.5 bytes/token: cut to whole segments below
-        blocks = [text[i:i + BLOCK] for i in range(0, len(text), BLOCK)]
+        text = corpus(a.segments * 1023 * 4)  # ~3.5 bytes/token: cut to whole segments below
+        blocks = [text[i : i + BLOCK] for i in range(0, len(text), BLOCK)]
         t0 = time.perf_counter()
         payloads = [codec.encode_payload(b) for b in blocks]
         print(f"encoded {len(blocks)} blocks in {time.perf_counter() - t0:.0f} s")
@@ -64,9 +68,11 @@ def main(argv=None) -> None:
     assert out == blocks
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tps = ntok / dt
-    print(f"decode_many batch {a.batch}: {nseg} segments, {ntok} tokens in {dt:.1f} s = "
-          f"{tps:.0f} tokens/s = {tps * opt / peak * 100:.1f} % of int8 peak "
-          f"({peak / 1e9:.0f} GOP/s); peak RSS {rss:.0f} MiB")
+    print(
+        f"decode_many batch {a.batch}: {nseg} segments, {ntok} tokens in {dt:.1f} s = "
+        f"{tps:.0f} tokens/s = {tps * opt / peak * 100:.1f} % of int8 peak "
+        f"({peak / 1e9:.0f} GOP/s); peak RSS {rss:.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ decode loop's, split by position range.
 
 Timers wrap Python-level calls (a few microseconds each, ~1000 per step: well below 1 % of a step).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,7 @@ def timed(name, fn):
         finally:
             T[name] += time.perf_counter() - t0
             N[name] += 1
+
     return wrap
 
 
@@ -52,16 +54,16 @@ def main(argv=None) -> None:
     orig_matmul = eng._matmul
 
     def matmul(q, name):
-        parts = name.split(".")          # l{i}.{layer}.q, or tok_emb.q / lm_head.q
+        parts = name.split(".")  # l{i}.{layer}.q, or tok_emb.q / lm_head.q
         kind = parts[1] if len(parts) == 3 else "head"
         t0 = time.perf_counter()
         r = orig_matmul(q, name)
         T["gemm " + kind] += time.perf_counter() - t0
         return r
+
     eng._matmul = matmul
     c = eng.config
-    for m in ["quant_rows", "rmsnorm_quant", "combine", "swiglu_quant", "qkv_post", "attend",
-              "head_freqs"]:
+    for m in ["quant_rows", "rmsnorm_quant", "combine", "swiglu_quant", "qkv_post", "attend", "head_freqs"]:
         setattr(ops, m, timed("op " + m, getattr(ops, m)))
     eng._head = timed("head total", eng._head)
     eng._embed = timed("embed", eng._embed)
@@ -79,6 +81,7 @@ def main(argv=None) -> None:
         T["engine.step"] += dt
         step_times.append((int(state.pos.max()) - 1, tokens.shape[0], dt))
         return r
+
     eng.step = step
     orig_cp = coder.coding_probabilities
     coder.coding_probabilities = timed("coder: int32->float64", orig_cp)
@@ -92,6 +95,7 @@ def main(argv=None) -> None:
         else:
             T["python gc"] += time.perf_counter() - gc_timer.t0
             N["python gc"] += 1
+
     gc.callbacks.append(gc_timer)
 
     segs = [codec.segments(b) for b in blocks]
@@ -103,21 +107,36 @@ def main(argv=None) -> None:
     dt = time.perf_counter() - t0
     assert out == blocks
     tps = ntok / dt
-    print(f"decode_many batch {a.batch}: {ntok} tokens in {dt:.1f} s = {tps:.0f} tokens/s = "
-          f"{tps * opt / peak * 100:.1f} % of int8 peak ({peak / 1e9:.0f} GOP/s); "
-          f"{len(step_times)} steps")
+    print(
+        f"decode_many batch {a.batch}: {ntok} tokens in {dt:.1f} s = {tps:.0f} tokens/s = "
+        f"{tps * opt / peak * 100:.1f} % of int8 peak ({peak / 1e9:.0f} GOP/s); "
+        f"{len(step_times)} steps"
+    )
     print(f"{'part':36s} {'s':>7s} {'%':>6s} {'ms/step':>8s}")
     n = len(step_times)
     order = sorted(T, key=lambda k: -T[k])
     for k in order:
         print(f"{k:36s} {T[k]:7.2f} {T[k] / dt * 100:6.1f} {T[k] / n * 1e3:8.2f}")
     rest = dt - T["engine.step"] - T["coder: decode (incl. conversion)"]
-    print(f"{'decode loop rest (python, feed, ...)':36s} {rest:7.2f} {rest / dt * 100:6.1f} "
-          f"{rest / n * 1e3:8.2f}")
-    layer_rest = T["layers total"] - sum(v for k, v in T.items() if k.startswith("gemm ")
-                                         and k != "gemm head") \
-        - sum(T[k] for k in ["op quant_rows", "op rmsnorm_quant", "op combine", "op swiglu_quant",
-                             "op qkv_post", "op attend"])
+    print(
+        f"{'decode loop rest (python, feed, ...)':36s} {rest:7.2f} {rest / dt * 100:6.1f} "
+        f"{rest / n * 1e3:8.2f}"
+    )
+    layer_rest = (
+        T["layers total"]
+        - sum(v for k, v in T.items() if k.startswith("gemm ") and k != "gemm head")
+        - sum(
+            T[k]
+            for k in [
+                "op quant_rows",
+                "op rmsnorm_quant",
+                "op combine",
+                "op swiglu_quant",
+                "op qkv_post",
+                "op attend",
+            ]
+        )
+    )
     # rmsnorm_quant / combine also run in the head: approximate, counted in layers above
     print(f"{'layers: unwrapped rest (kv write..)':36s} {layer_rest:7.2f}")
     # by position range and batch
@@ -129,8 +148,10 @@ def main(argv=None) -> None:
         buckets[key][2] += b
     for key in sorted(buckets):
         k, t, rows = buckets[key]
-        print(f"positions {key[0] * 256:4d}..{key[0] * 256 + 255:4d} full batch {key[1]!s:5s}: "
-              f"{k:5d} steps, {t:7.2f} s, {t / k * 1e3:6.1f} ms/step")
+        print(
+            f"positions {key[0] * 256:4d}..{key[0] * 256 + 255:4d} full batch {key[1]!s:5s}: "
+            f"{k:5d} steps, {t:7.2f} s, {t / k * 1e3:6.1f} ms/step"
+        )
 
 
 if __name__ == "__main__":

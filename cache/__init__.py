@@ -7,6 +7,7 @@ invalidation and two files sharing a block share its entry.
   get_many, background prefetch (prefetch.py), metrics.
 - Readahead (readahead.py): which blocks a sequential reader will want next.
 """
+
 from .decode_cache import DecodeCache
 from .readahead import Readahead
 

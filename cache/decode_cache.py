@@ -28,6 +28,7 @@ is held for bookkeeping and the copies between tiers (µs–ms), never during a 
 any method. decode() callables run in the calling thread (get_many) or the prefetch worker, without the
 lock, and may run concurrently for different keys.
 """
+
 from __future__ import annotations
 
 import threading
@@ -46,6 +47,7 @@ DEFAULT_RAM_BUDGET = 64 << 20
 
 class _Flight:
     """One key being decoded: the decoding thread fills it, other readers wait on it."""
+
     __slots__ = ("done", "data", "error")
 
     def __init__(self):
@@ -61,13 +63,15 @@ class _Flight:
 
 
 class DecodeCache:
-    def __init__(self, ram_budget: int = DEFAULT_RAM_BUDGET, device_budget: int = 0,
-                 device=None, **prefetch_options):
+    def __init__(
+        self, ram_budget: int = DEFAULT_RAM_BUDGET, device_budget: int = 0, device=None, **prefetch_options
+    ):
         """device None: CUDA when available, else no device tier (CPU tensors would only be RAM with
         more overhead); pass device="cpu" to run the device tier on CPU tensors (tests). torch is
         imported only when there is a device tier. prefetch_options: prefetch_batch, prefetch_queue."""
         if device is None and device_budget > 0:
             import torch
+
             device = "cuda" if torch.cuda.is_available() else None
         if device is None:
             device_budget = 0
@@ -80,9 +84,23 @@ class DecodeCache:
         self._foreground = 0  # readers' decodes running now; the prefetcher waits for 0
         self._closed = False
         self._counts = dict.fromkeys(
-            ("hits", "misses", "ram_hits", "device_hits", "ram_evictions", "demotions",
-             "promotions", "device_evictions", "decodes", "decoded_blocks", "decode_errors",
-             "prefetched", "single_flight_waits"), 0)
+            (
+                "hits",
+                "misses",
+                "ram_hits",
+                "device_hits",
+                "ram_evictions",
+                "demotions",
+                "promotions",
+                "device_evictions",
+                "decodes",
+                "decoded_blocks",
+                "decode_errors",
+                "prefetched",
+                "single_flight_waits",
+            ),
+            0,
+        )
         self._decode_seconds = 0.0
         self._prefetcher = Prefetcher(self, **prefetch_options)
 
@@ -144,8 +162,7 @@ class DecodeCache:
         with self._lock:
             if self._closed:
                 return
-            keys = [k for k in dict.fromkeys(keys)
-                    if self._policy.tier(k) is None and k not in self._flights]
+            keys = [k for k in dict.fromkeys(keys) if self._policy.tier(k) is None and k not in self._flights]
         if keys:
             self._prefetcher.submit(keys, decode)
 
@@ -194,11 +211,15 @@ class DecodeCache:
             m.update(
                 decode_seconds=round(self._decode_seconds, 6),
                 in_flight=len(self._flights),
-                ram_budget=p.ram_budget, ram_bytes=self._ram.bytes, ram_entries=len(self._ram),
+                ram_budget=p.ram_budget,
+                ram_bytes=self._ram.bytes,
+                ram_entries=len(self._ram),
                 device=str(self._device.device) if self._device.device is not None else None,
-                device_budget=p.device_budget, device_bytes=self._device.bytes,
+                device_budget=p.device_budget,
+                device_bytes=self._device.bytes,
                 device_entries=len(self._device),
-                probation_entries=len(p.probation), protected_entries=len(p.protected),
+                probation_entries=len(p.probation),
+                protected_entries=len(p.protected),
                 ghost_entries=len(p.ghosts),
             )
         m.update(self._prefetcher.stats())  # its own lock, never taken inside ours

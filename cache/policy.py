@@ -27,6 +27,7 @@ so that a hot set larger than RAM but within RAM + device can still prove itself
 The policy moves no data: every call returns the Moves that the DecodeCache applies to the tiers, in
 order. Threading: none; callers hold the DecodeCache's lock.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -49,15 +50,22 @@ CORRELATION_WINDOW = 32
 
 class Move(NamedTuple):
     """Move key's data from src to dst; src None = it arrives now, dst None = it is dropped."""
+
     key: bytes
     src: str | None
     dst: str | None
 
 
 class TwoQueue:
-    def __init__(self, ram_budget: int, device_budget: int,
-                 ram_charge: Callable[[int], int], device_charge: Callable[[int], int],
-                 probation_fraction: float = PROBATION_FRACTION, ghost_fraction: float = GHOST_FRACTION):
+    def __init__(
+        self,
+        ram_budget: int,
+        device_budget: int,
+        ram_charge: Callable[[int], int],
+        device_charge: Callable[[int], int],
+        probation_fraction: float = PROBATION_FRACTION,
+        ghost_fraction: float = GHOST_FRACTION,
+    ):
         self.ram_charge = ram_charge
         self.device_charge = device_charge
         self.probation_fraction = probation_fraction
@@ -144,7 +152,7 @@ class TwoQueue:
         moves = []
         while self.ram_bytes > self.ram_budget:
             oldest_probation = next(iter(self.probation), None)
-            probation_first = (self.probation_bytes > self.probation_budget or not self.protected)
+            probation_first = self.probation_bytes > self.probation_budget or not self.protected
             if oldest_probation is not None and oldest_probation != newest and probation_first:
                 moves.append(self._evict_probation())
             elif self.protected and next(iter(self.protected)) != newest:

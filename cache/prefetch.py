@@ -16,6 +16,7 @@ Threading: the queue has its own lock, never held while calling into the DecodeC
 never held while calling in here), so the two cannot deadlock. The worker thread starts on the first
 submit and is a daemon; close() stops it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -67,8 +68,12 @@ class Prefetcher:
 
     def stats(self) -> dict:
         with self._cond:
-            return {"decode_queue": len(self._queue), "prefetch_batches": self.batches,
-                    "prefetch_dropped": self.dropped, "prefetch_errors": self.errors}
+            return {
+                "decode_queue": len(self._queue),
+                "prefetch_batches": self.batches,
+                "prefetch_dropped": self.dropped,
+                "prefetch_errors": self.errors,
+            }
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         with self._cond:

@@ -20,6 +20,7 @@ Bounded: the state of at most MAX_FILES files and MAX_FILES directories, least r
 forgotten first.
 Threading: one lock; access() is O(window).
 """
+
 from __future__ import annotations
 
 import threading
@@ -35,21 +36,20 @@ MAX_FILES = 1024
 
 @dataclass
 class _Walk:
-    last: bytes         # name of the file opened last
+    last: bytes  # name of the file opened last
     named_until: bytes  # files up to this name were named for prefetch ...
-    refill_at: bytes    # ... and the next ones are named when the walk reaches this name
+    refill_at: bytes  # ... and the next ones are named when the walk reaches this name
 
 
 @dataclass
 class _Stream:
-    last: int           # last block index read
-    window: int         # 0: random access, no prefetch
-    named_until: int    # blocks below this were already named for prefetch
+    last: int  # last block index read
+    window: int  # 0: random access, no prefetch
+    named_until: int  # blocks below this were already named for prefetch
 
 
 class Readahead:
-    def __init__(self, initial: int = INITIAL_WINDOW, maximum: int = MAX_WINDOW,
-                 max_files: int = MAX_FILES):
+    def __init__(self, initial: int = INITIAL_WINDOW, maximum: int = MAX_WINDOW, max_files: int = MAX_FILES):
         self.initial = initial
         self.maximum = maximum
         self.max_files = max_files

@@ -11,6 +11,7 @@ in, so that a budget bounds memory even when blocks are tiny (a 100-byte file is
 
 Threading: none of its own; the DecodeCache calls a tier only while holding its lock.
 """
+
 from __future__ import annotations
 
 # A RAM entry's bytes header plus its dict/OrderedDict slots and the probation tuple (tier dict +
@@ -78,6 +79,7 @@ class DeviceTier:
         costs ~1.8 s of start-up to every llmfs command)."""
         if device is not None:
             import torch
+
             self._torch = torch
             device = torch.device(device)
         self.device = device

@@ -11,18 +11,33 @@ Layers, each depending only on the ones above it:
     progress.py   the commands' progress bar
 The filesystem (llmfs/) uses this package; this package never imports llmfs.
 """
+
 from .container import (
-                        BadMagic,
-                        ChecksumMismatch,
-                        ContainerError,
-                        Header,
-                        ModelMismatch,
-                        Quarantined,
-                        Truncated,
-                        UnknownCodec,
-                        UnsupportedVersion,
+    BadMagic,
+    ChecksumMismatch,
+    ContainerError,
+    Header,
+    ModelMismatch,
+    Quarantined,
+    Truncated,
+    UnknownCodec,
+    UnsupportedVersion,
 )
 from .registry import CODEC_NAMES, LM, RAW, ZSTD, Registry
 
-__all__ = ["ContainerError", "BadMagic", "UnsupportedVersion", "UnknownCodec", "ModelMismatch",
-           "ChecksumMismatch", "Quarantined", "Truncated", "Header", "Registry", "RAW", "ZSTD", "LM", "CODEC_NAMES"]
+__all__ = [
+    "ContainerError",
+    "BadMagic",
+    "UnsupportedVersion",
+    "UnknownCodec",
+    "ModelMismatch",
+    "ChecksumMismatch",
+    "Quarantined",
+    "Truncated",
+    "Header",
+    "Registry",
+    "RAW",
+    "ZSTD",
+    "LM",
+    "CODEC_NAMES",
+]

@@ -28,6 +28,7 @@ creating the `bench` parser the first time, so that another module (e.g. the fil
 
 Threading: single-threaded driver; --threads N gives the engine N threads (codec/lm/codec.py).
 """
+
 from __future__ import annotations
 
 import lzma
@@ -55,13 +56,19 @@ def bench_subparsers(subparsers):
 
 def register(subparsers) -> None:
     p = bench_subparsers(subparsers).add_parser(
-        "codec", help="LM codec vs xz/zstd/brotli and the float floor, with speeds")
+        "codec", help="LM codec vs xz/zstd/brotli and the float floor, with speeds"
+    )
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("-m", "--model", default=None, help="model spec (default: the default model)")
-    p.add_argument("--segment", type=int, default=None,
-                   help="tokens per segment incl. BOS (default: the codec's)")
-    p.add_argument("--max-bytes", type=int, default=None,
-                   help="use only the first N bytes of each file (the model is slow on CPU)")
+    p.add_argument(
+        "--segment", type=int, default=None, help="tokens per segment incl. BOS (default: the codec's)"
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        default=None,
+        help="use only the first N bytes of each file (the model is slow on CPU)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
@@ -73,6 +80,7 @@ def register(subparsers) -> None:
 def int8_peak_ops(device: str = "cpu", seconds: float = 1.0) -> float:
     """int8×int8→int32 GEMM throughput (ops/s, 2 per multiply-add) of torch._int_mm, warm."""
     import torch
+
     m, k, n = PEAK_SHAPE
     a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device)
     b = torch.randint(-127, 128, (k, n), dtype=torch.int8, device=device)
@@ -82,6 +90,7 @@ def int8_peak_ops(device: str = "cpu", seconds: float = 1.0) -> float:
 def f32_peak_flops(device: str = "cpu", seconds: float = 0.5) -> float:
     """float32 GEMM throughput (FLOP/s) of torch on PEAK_SHAPE, one thread on CPU."""
     import torch
+
     m, k, n = PEAK_SHAPE
     a = torch.randn(m, k, device=device)
     b = torch.randn(k, n, device=device)
@@ -92,8 +101,10 @@ def _best(run, device: str, seconds: float) -> float:
     """Shortest time of run(): on CPU at one torch thread by the thread's CPU time
     (codec/lm/backend.best_time), on CUDA by wall time after synchronising."""
     import torch
+
     if device == "cpu":
         from .lm.backend import best_time
+
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -113,10 +124,11 @@ def _best(run, device: str, seconds: float) -> float:
 @dataclass
 class Peaks:
     """The peaks "% of peak" divides by (module docstring), measured in this run."""
-    backend: str          # what ran: the backend's description, or the device
-    ops: float            # ops/s, one core: the backend's best exact GEMM form on PEAK_SHAPE
-    f32: float            # FLOP/s, one core: float32 GEMM on PEAK_SHAPE
-    cores: int            # cores the measured run uses
+
+    backend: str  # what ran: the backend's description, or the device
+    ops: float  # ops/s, one core: the backend's best exact GEMM form on PEAK_SHAPE
+    f32: float  # FLOP/s, one core: float32 GEMM on PEAK_SHAPE
+    cores: int  # cores the measured run uses
 
     def pct(self, tokens_per_s: float, ops_per_token: float) -> float:
         return 100 * tokens_per_s * ops_per_token / (self.ops * self.cores)
@@ -126,24 +138,28 @@ class Peaks:
 
     def describe(self, ops_per_token: float) -> str:
         m, k, n = PEAK_SHAPE
-        return (f"{self.backend}\n"
-                f"peaks ({m}x{k}x{n}, one core): exact int GEMM {self.ops / 1e9:.0f} GOP/s, "
-                f"float32 GEMM {self.f32 / 1e9:.0f} GFLOP/s; cores used {self.cores} "
-                f"(%: against {self.cores} x the one-core peak); ops/token = 2 x (linear-layer + "
-                f"head params) = {ops_per_token / 1e6:.0f} MOP -> roofline "
-                f"{self.ops * self.cores / ops_per_token:.0f} tokens/s (int), "
-                f"{self.f32 * self.cores / ops_per_token:.0f} (float32)")
+        return (
+            f"{self.backend}\n"
+            f"peaks ({m}x{k}x{n}, one core): exact int GEMM {self.ops / 1e9:.0f} GOP/s, "
+            f"float32 GEMM {self.f32 / 1e9:.0f} GFLOP/s; cores used {self.cores} "
+            f"(%: against {self.cores} x the one-core peak); ops/token = 2 x (linear-layer + "
+            f"head params) = {ops_per_token / 1e6:.0f} MOP -> roofline "
+            f"{self.ops * self.cores / ops_per_token:.0f} tokens/s (int), "
+            f"{self.f32 * self.cores / ops_per_token:.0f} (float32)"
+        )
 
 
 def measure_peaks(engine, cores: int = 1, seconds: float = 0.5) -> Peaks:
     """The peaks of `engine`'s backend (CPU: its GEMM forms; CUDA: torch._int_mm) and float32."""
     import torch
+
     device = str(getattr(engine, "device", "cpu"))
     b = getattr(engine, "backend", None)
     f32 = f32_peak_flops("cuda" if device.startswith("cuda") else "cpu", seconds)
     if device.startswith("cuda") or b is None:
         return Peaks(f"device {device}: torch._int_mm", int8_peak_ops(device, seconds), f32, cores)
     from .lm import backend as backends
+
     m, k, n = PEAK_SHAPE
     a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
@@ -167,13 +183,17 @@ def ops_per_token(engine, segment_tokens: int | None = None) -> float:
     c = getattr(engine, "config", engine)
     if not hasattr(c, "n_layer"):
         return float("nan")
-    layer = (c.dim * (c.n_head + 2 * c.n_kv_head) * c.head_dim + c.n_head * c.head_dim * c.dim
-             + 3 * c.dim * c.ffn_dim)
+    layer = (
+        c.dim * (c.n_head + 2 * c.n_kv_head) * c.head_dim
+        + c.n_head * c.head_dim * c.dim
+        + 3 * c.dim * c.ffn_dim
+    )
     return 2 * (c.n_layer * layer + c.dim * c.vocab_size)
 
 
 def baselines(data: bytes) -> dict[str, int]:
     import brotli
+
     return {
         "xz -9e": len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)),
         "zstd -19": len(zstandard.ZstdCompressor(level=19).compress(data)),
@@ -185,18 +205,45 @@ def run_codec(args) -> int:
     import torch
 
     from .lm import PAYLOAD_VERSION, SEGMENT_TOKENS, open_codec
-    codec = open_codec(args.model, batch=args.batch, threads=args.threads, device=args.device,
-                       segment_tokens=args.segment or SEGMENT_TOKENS)
+
+    codec = open_codec(
+        args.model,
+        batch=args.batch,
+        threads=args.threads,
+        device=args.device,
+        segment_tokens=args.segment or SEGMENT_TOKENS,
+    )
     device = str(codec.engine.device)
     cores = getattr(codec.engine, "threads", None) or torch.get_num_threads()
-    print(f"model {args.model or 'default'}  segment {codec.segment_tokens} tokens  batch "
-          f"{codec.batch}  threads {cores}  device {device}")
+    print(
+        f"model {args.model or 'default'}  segment {codec.segment_tokens} tokens  batch "
+        f"{codec.batch}  threads {cores}  device {device}"
+    )
     opt = ops_per_token(codec.engine)
     peaks = measure_peaks(codec.engine, cores)
     print(peaks.describe(opt))
-    cols = ["raw", "xz -9e", "zstd -19", "brotli -11", "bare", "lm", "bare bpb", "lm bpb",
-            "float bpb", "bare/float", "lm/float", "lm/xz", "enc tok/s", "dec tok/s", "enc/bare",
-            "dec/bare", "enc %pk", "dec %pk", "enc %f32", "dec %f32"]
+    cols = [
+        "raw",
+        "xz -9e",
+        "zstd -19",
+        "brotli -11",
+        "bare",
+        "lm",
+        "bare bpb",
+        "lm bpb",
+        "float bpb",
+        "bare/float",
+        "lm/float",
+        "lm/xz",
+        "enc tok/s",
+        "dec tok/s",
+        "enc/bare",
+        "dec/bare",
+        "enc %pk",
+        "dec %pk",
+        "enc %f32",
+        "dec %f32",
+    ]
     print("  ".join(f"{c:>10}" for c in cols) + "  file")
     rows = []
     for path in args.files:
@@ -206,7 +253,7 @@ def run_codec(args) -> int:
         segments = codec.segments(data)
         ntok = sum(len(s) for s in segments)
         timed = {}
-        for version in (2, PAYLOAD_VERSION):         # the bare model, then the full codec
+        for version in (2, PAYLOAD_VERSION):  # the bare model, then the full codec
             codec.version = version
             t, c = time.perf_counter(), time.process_time()
             payload = codec.encode_payload(data)
@@ -216,29 +263,45 @@ def run_codec(args) -> int:
             dec, dec_cpu = time.perf_counter() - t, time.process_time() - c
             timed[version] = (len(payload), enc, dec, enc_cpu, dec_cpu)
             if back != data:
-                print(f"llmfs bench: error: {path}: LM round trip (payload version {version}) "
-                      f"FAILED", file=sys.stderr)
+                print(
+                    f"llmfs bench: error: {path}: LM round trip (payload version {version}) FAILED",
+                    file=sys.stderr,
+                )
                 return 1
         head = header_size(len(data), has_fingerprint=True)
         bare, bare_enc_s, bare_dec_s, _, _ = timed[2]
         lm, enc_s, dec_s, enc_cpu, dec_cpu = timed[PAYLOAD_VERSION]
-        bare, lm = bare + head, lm + head                # the whole containers
+        bare, lm = bare + head, lm + head  # the whole containers
         n = max(1, len(data))
         floor = float("nan")
-        if not args.no_floor and args.model not in ("tiny",) and not str(args.model).startswith(
-                "tiny:"):
+        if not args.no_floor and args.model not in ("tiny",) and not str(args.model).startswith("tiny:"):
             from .lm import reference
-            floor = reference.cross_entropy_bits(
-                args.model, [[codec.engine.bos_id] + s for s in segments]) / n
+
+            floor = (
+                reference.cross_entropy_bits(args.model, [[codec.engine.bos_id] + s for s in segments]) / n
+            )
         enc_tps, dec_tps = ntok / max(enc_s, 1e-9), ntok / max(dec_s, 1e-9)
-        row = {"file": path, "raw": len(data), **base, "bare": bare, "lm": lm,
-               "bare bpb": 8 * bare / n, "lm bpb": 8 * lm / n, "float bpb": floor,
-               "bare/float": 8 * bare / n / floor, "lm/float": 8 * lm / n / floor,
-               "lm/xz": lm / max(1, base["xz -9e"]),
-               "enc tok/s": enc_tps, "dec tok/s": dec_tps,
-               "enc/bare": bare_enc_s / max(enc_s, 1e-9), "dec/bare": bare_dec_s / max(dec_s, 1e-9),
-               "enc %pk": peaks.pct(enc_tps, opt), "dec %pk": peaks.pct(dec_tps, opt),
-               "enc %f32": peaks.pct_f32(enc_tps, opt), "dec %f32": peaks.pct_f32(dec_tps, opt)}
+        row = {
+            "file": path,
+            "raw": len(data),
+            **base,
+            "bare": bare,
+            "lm": lm,
+            "bare bpb": 8 * bare / n,
+            "lm bpb": 8 * lm / n,
+            "float bpb": floor,
+            "bare/float": 8 * bare / n / floor,
+            "lm/float": 8 * lm / n / floor,
+            "lm/xz": lm / max(1, base["xz -9e"]),
+            "enc tok/s": enc_tps,
+            "dec tok/s": dec_tps,
+            "enc/bare": bare_enc_s / max(enc_s, 1e-9),
+            "dec/bare": bare_dec_s / max(dec_s, 1e-9),
+            "enc %pk": peaks.pct(enc_tps, opt),
+            "dec %pk": peaks.pct(dec_tps, opt),
+            "enc %f32": peaks.pct_f32(enc_tps, opt),
+            "dec %f32": peaks.pct_f32(dec_tps, opt),
+        }
         rows.append(row)
         print("  ".join(_fmt(row[c]) for c in cols) + f"  {path}", flush=True)
         if device == "cpu":
@@ -246,15 +309,22 @@ def run_codec(args) -> int:
             # gives when others share it, against one core's peak (the peaks are CPU-time too)
             one = Peaks(peaks.backend, peaks.ops, peaks.f32, 1)
             e, d = ntok / max(enc_cpu, 1e-9), ntok / max(dec_cpu, 1e-9)
-            print(f"{'':>10}  per CPU-second: encode {e:.1f} tokens = {one.pct(e, opt):.1f} % "
-                  f"of the backend's peak, {one.pct_f32(e, opt):.1f} % of float32's; decode "
-                  f"{d:.1f} = {one.pct(d, opt):.1f} %, {one.pct_f32(d, opt):.1f} %", flush=True)
+            print(
+                f"{'':>10}  per CPU-second: encode {e:.1f} tokens = {one.pct(e, opt):.1f} % "
+                f"of the backend's peak, {one.pct_f32(e, opt):.1f} % of float32's; decode "
+                f"{d:.1f} = {one.pct(d, opt):.1f} %, {one.pct_f32(d, opt):.1f} %",
+                flush=True,
+            )
     if len(rows) > 1:
+
         def mean(c: str) -> float:
             return sum(r[c] for r in rows) / len(rows)
-        print(f"mean over {len(rows)} files: bare/float {mean('bare/float'):.4f}  lm/float "
-              f"{mean('lm/float'):.4f}  lm/bare {sum(r['lm'] / r['bare'] for r in rows) / len(rows):.4f}"
-              f"  enc/bare {mean('enc/bare'):.3f}  dec/bare {mean('dec/bare'):.3f}")
+
+        print(
+            f"mean over {len(rows)} files: bare/float {mean('bare/float'):.4f}  lm/float "
+            f"{mean('lm/float'):.4f}  lm/bare {sum(r['lm'] / r['bare'] for r in rows) / len(rows):.4f}"
+            f"  enc/bare {mean('enc/bare'):.3f}  dec/bare {mean('dec/bare'):.3f}"
+        )
     if args.plot:
         _plot(rows, args.plot)
     return 0
@@ -269,6 +339,7 @@ def _fmt(v) -> str:
 def _plot(rows: list[dict], out: str) -> None:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -279,8 +350,7 @@ def _plot(rows: list[dict], out: str) -> None:
     width = 0.8 / len(names)
     labels = {"bare": "bare model", "lm": "full codec", "float": "float32 floor (bare)"}
     for j, name in enumerate(names):
-        vals = [r["float bpb"] if name == "float" else 8 * r[name] / max(1, r["raw"])
-                for r in rows]
+        vals = [r["float bpb"] if name == "float" else 8 * r[name] / max(1, r["raw"]) for r in rows]
         ax.bar([i + j * width for i in range(len(rows))], vals, width, label=labels.get(name, name))
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
     ax.set_xticklabels([r["file"].rsplit("/", 1)[-1] for r in rows], rotation=15)
@@ -291,5 +361,14 @@ def _plot(rows: list[dict], out: str) -> None:
     print(f"wrote {out}")
 
 
-__all__ = ["register", "bench_subparsers", "run_codec", "int8_peak_ops", "f32_peak_flops", "Peaks",
-           "measure_peaks", "ops_per_token", "PEAK_SHAPE"]
+__all__ = [
+    "register",
+    "bench_subparsers",
+    "run_codec",
+    "int8_peak_ops",
+    "f32_peak_flops",
+    "Peaks",
+    "measure_peaks",
+    "ops_per_token",
+    "PEAK_SHAPE",
+]

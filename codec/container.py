@@ -34,6 +34,7 @@ Invariants:
     raw and zstd;
   * readers refuse versions they do not know with UnsupportedVersion (we never guess a format).
 """
+
 from __future__ import annotations
 
 import struct
@@ -45,9 +46,9 @@ MAGIC = b"LMFZ"
 FORMAT_VERSION = 2
 FINGERPRINT_SIZE = 8
 _CHECKSUM = struct.Struct(">Q")
-_V1_HEAD = struct.Struct(">4sBBHQQ")      # version 1: magic, version, codec, flags, length, checksum
+_V1_HEAD = struct.Struct(">4sBBHQQ")  # version 1: magic, version, codec, flags, length, checksum
 _V1_FINGERPRINT_SIZE = 16
-_MAX_VARINT = 10                          # 64 bits in 7-bit groups
+_MAX_VARINT = 10  # 64 bits in 7-bit groups
 MAX_HEADER_SIZE = 4 + 1 + 1 + _MAX_VARINT + _CHECKSUM.size + FINGERPRINT_SIZE  # 32 (version 2)
 # Enough bytes for the header of every readable version (version 1 LM: 40): what peek_header reads.
 HEADER_PEEK_SIZE = max(MAX_HEADER_SIZE, _V1_HEAD.size + _V1_FINGERPRINT_SIZE)
@@ -131,12 +132,21 @@ def header_size(length: int, has_fingerprint: bool = False) -> int:
     return 6 + len(varint(length)) + _CHECKSUM.size + (FINGERPRINT_SIZE if has_fingerprint else 0)
 
 
-def pack(codec_id: int, data_length: int, data_checksum: int, payload: bytes,
-         fingerprint: bytes = b"") -> bytes:
+def pack(
+    codec_id: int, data_length: int, data_checksum: int, payload: bytes, fingerprint: bytes = b""
+) -> bytes:
     if fingerprint and len(fingerprint) != FINGERPRINT_SIZE:
         raise ValueError(f"model fingerprint must be {FINGERPRINT_SIZE} bytes")
-    return b"".join((MAGIC, bytes((FORMAT_VERSION, codec_id)), varint(data_length),
-                     _CHECKSUM.pack(data_checksum), fingerprint, payload))
+    return b"".join(
+        (
+            MAGIC,
+            bytes((FORMAT_VERSION, codec_id)),
+            varint(data_length),
+            _CHECKSUM.pack(data_checksum),
+            fingerprint,
+            payload,
+        )
+    )
 
 
 def read_header(buf: bytes | memoryview, has_fingerprint) -> Header:
@@ -144,7 +154,7 @@ def read_header(buf: bytes | memoryview, has_fingerprint) -> Header:
     `has_fingerprint(codec_id) -> bool` comes from the registry; it raises UnknownCodec for ids it does
     not know."""
     buf = memoryview(buf)
-    if bytes(buf[:4]) != MAGIC[:len(buf[:4])]:
+    if bytes(buf[:4]) != MAGIC[: len(buf[:4])]:
         raise BadMagic("not an llmfs container (bad magic)")
     if len(buf) < 6:
         raise Truncated(f"container truncated: {len(buf)} bytes, the header needs more")
@@ -154,14 +164,15 @@ def read_header(buf: bytes | memoryview, has_fingerprint) -> Header:
     if version != FORMAT_VERSION:
         raise UnsupportedVersion(
             f"container format version {version} is not supported (this llmfs reads versions 1 "
-            f"and {FORMAT_VERSION}); upgrade llmfs")
+            f"and {FORMAT_VERSION}); upgrade llmfs"
+        )
     length, pos = read_varint(buf, 6, "container length field")
     model = FINGERPRINT_SIZE if has_fingerprint(codec_id) else 0
     end = pos + _CHECKSUM.size + model
     if len(buf) < end:
         raise Truncated(f"container truncated: {len(buf)} bytes, the header needs {end}")
     (csum,) = _CHECKSUM.unpack_from(buf, pos)
-    return Header(codec_id, length, csum, bytes(buf[end - model:end]), end)
+    return Header(codec_id, length, csum, bytes(buf[end - model : end]), end)
 
 
 def _read_v1(buf: memoryview, has_fingerprint) -> Header:
@@ -174,6 +185,6 @@ def _read_v1(buf: memoryview, has_fingerprint) -> Header:
     if has_fingerprint(codec_id):
         if len(buf) < offset + _V1_FINGERPRINT_SIZE:
             raise Truncated("container truncated inside the model fingerprint")
-        fingerprint = bytes(buf[offset:offset + FINGERPRINT_SIZE])
+        fingerprint = bytes(buf[offset : offset + FINGERPRINT_SIZE])
         offset += _V1_FINGERPRINT_SIZE
     return Header(codec_id, length, csum, fingerprint, offset)

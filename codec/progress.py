@@ -2,6 +2,7 @@
 `llmfs compress`/`decompress` and `llmfs compact` show while they work. It lives in codec/ so that
 the standalone codec can use it without importing the filesystem; the filesystem's commands import
 it from here. tqdm is imported only when a bar is really drawn."""
+
 from __future__ import annotations
 
 import sys
@@ -20,8 +21,16 @@ class Progress:
     def _bar(self):
         if self.bar is None:
             from tqdm import tqdm
-            self.bar = tqdm(total=self.total, unit="B", unit_scale=True, unit_divisor=1024,
-                            desc=self.desc, file=sys.stderr, leave=False)
+
+            self.bar = tqdm(
+                total=self.total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=self.desc,
+                file=sys.stderr,
+                leave=False,
+            )
         return self.bar
 
     def update(self, n: int) -> None:
@@ -35,8 +44,11 @@ class Progress:
         bar = self._bar()
         if workers:
             from tqdm import tqdm
-            bar.set_postfix_str(" ".join(f"{k}:{tqdm.format_sizeof(v, 'B', 1024)}"
-                                         for k, v in sorted(workers.items())), refresh=False)
+
+            bar.set_postfix_str(
+                " ".join(f"{k}:{tqdm.format_sizeof(v, 'B', 1024)}" for k, v in sorted(workers.items())),
+                refresh=False,
+            )
         if bar.total != total:
             bar.total = total
             bar.refresh()

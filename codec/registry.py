@@ -22,6 +22,7 @@ Threading: a Registry is shared by all FUSE worker threads. zstd (de)compressor 
 thread-safe, so each thread gets its own (thread-local), which also saves re-creating their context
 on every block.
 """
+
 from __future__ import annotations
 
 import struct
@@ -54,6 +55,7 @@ ZSTD_LEVEL = 3
 
 class ModelCodec(Protocol):
     """What the registry needs from a codec that runs a model (codec/lm implements it)."""
+
     fingerprint: bytes  # container.FINGERPRINT_SIZE bytes: hash of weights + tokenizer + engine version
 
     def encode(self, data: bytes) -> bytes | None:
@@ -64,8 +66,9 @@ class ModelCodec(Protocol):
 
 
 class Registry:
-    def __init__(self, zstd_level: int = ZSTD_LEVEL,
-                 model_resolver: Callable[[bytes], ModelCodec] | None = None):
+    def __init__(
+        self, zstd_level: int = ZSTD_LEVEL, model_resolver: Callable[[bytes], ModelCodec] | None = None
+    ):
         self.zstd_level = zstd_level
         self._local = threading.local()
         self._models: dict[bytes, ModelCodec] = {}
@@ -85,7 +88,8 @@ class Registry:
                 self._models[fingerprint] = codec
         if codec is None:
             raise ModelMismatch(
-                f"container was made with model {fingerprint.hex()}, which is not loaded here")
+                f"container was made with model {fingerprint.hex()}, which is not loaded here"
+            )
         return codec
 
     # -- encode ---------------------------------------------------------------------------------
@@ -96,8 +100,7 @@ class Registry:
             local.dctx = zstandard.ZstdDecompressor()
         return local
 
-    def encode(self, data: bytes, codecs: Iterable[int] = (ZSTD,),
-               fingerprint: bytes | None = None) -> bytes:
+    def encode(self, data: bytes, codecs: Iterable[int] = (ZSTD,), fingerprint: bytes | None = None) -> bytes:
         """Encode with each codec in `codecs` (and raw, always) and return the smallest container.
         For LM, `fingerprint` names the model to use."""
         data = bytes(data)
@@ -144,22 +147,22 @@ class Registry:
         lm_groups: dict[bytes, list[int]] = {}
         for i, (blob, h) in enumerate(zip(blobs, heads)):
             if max_length is not None and h.length > max_length:
-                raise ChecksumMismatch(f"container claims {h.length} bytes, more than a block "
-                                       f"({max_length})")
-            payload = memoryview(blob)[h.payload_offset:]
+                raise ChecksumMismatch(f"container claims {h.length} bytes, more than a block ({max_length})")
+            payload = memoryview(blob)[h.payload_offset :]
             if h.codec_id == RAW:
                 out[i] = bytes(payload)
             elif h.codec_id == ZSTD:
                 out[i] = self._unzstd(payload, h.length)
             elif h.codec_id == DAMAGED:
-                raise Quarantined("this block was found damaged and quarantined by "
-                                  "`llmfs fsck --repair`; restore the file from a backup")
+                raise Quarantined(
+                    "this block was found damaged and quarantined by "
+                    "`llmfs fsck --repair`; restore the file from a backup"
+                )
             else:
                 lm_groups.setdefault(h.fingerprint, []).append(i)
         for fp, idx in lm_groups.items():
             codec = self.model(fp)
-            items = [(bytes(memoryview(blobs[i])[heads[i].payload_offset:]), heads[i].length)
-                     for i in idx]
+            items = [(bytes(memoryview(blobs[i])[heads[i].payload_offset :]), heads[i].length) for i in idx]
             try:
                 decoded = codec.decode_many(items)
             except ContainerError:
@@ -173,15 +176,13 @@ class Registry:
             verify(data, h)
         return out  # type: ignore[return-value]
 
-
     def _unzstd(self, payload: memoryview, length: int) -> bytes:
         """The zstd frame's content, at most `length` bytes: the output buffer grows only as
         output is produced and never past length + 1, whatever the frame header claims."""
         try:
             claimed = zstandard.frame_content_size(payload)
             if claimed > length:  # -1: the frame does not say
-                raise ChecksumMismatch(f"zstd frame claims {claimed} bytes, the container "
-                                       f"{length}")
+                raise ChecksumMismatch(f"zstd frame claims {claimed} bytes, the container {length}")
             reader = self._zstd().dctx.stream_reader(payload, read_size=1 << 16)
             parts, n = [], 0
             while n <= length:
@@ -200,7 +201,7 @@ class Registry:
 def peek_header(blob: bytes | memoryview) -> Header:
     """The header of a container, without decoding it. Pass the whole container (bytes or a buffer
     into the store's map): only its first container.HEADER_PEEK_SIZE bytes are read."""
-    return container.read_header(memoryview(blob)[:container.HEADER_PEEK_SIZE], Registry._has_fingerprint)
+    return container.read_header(memoryview(blob)[: container.HEADER_PEEK_SIZE], Registry._has_fingerprint)
 
 
 def verify(data: bytes, h: Header) -> None:
@@ -210,4 +211,14 @@ def verify(data: bytes, h: Header) -> None:
         raise ChecksumMismatch("decoded bytes do not match the stored checksum")
 
 
-__all__ = ["Registry", "RAW", "ZSTD", "LM", "DAMAGED", "CODEC_NAMES", "ContainerError", "verify", "peek_header"]
+__all__ = [
+    "Registry",
+    "RAW",
+    "ZSTD",
+    "LM",
+    "DAMAGED",
+    "CODEC_NAMES",
+    "ContainerError",
+    "verify",
+    "peek_header",
+]

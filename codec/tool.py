@@ -28,6 +28,7 @@ Threading: one thread drives everything; the engine uses torch's intra-op thread
 Errors: any bad input ends the command with one line on stderr and exit status 1; when OUT is a file,
 it is written under a temporary name and only renamed into place after everything verified.
 """
+
 from __future__ import annotations
 
 import os
@@ -72,19 +73,26 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("decompress", help="decompress a file made by `llmfs compress`")
     p.add_argument("input", metavar="IN", help="input file, - for stdin")
     p.add_argument("output", metavar="OUT", help="output file, - for stdout")
-    p.add_argument("-m", "--model", default=None,
-                   help="model spec to use instead of the one the file names")
+    p.add_argument("-m", "--model", default=None, help="model spec to use instead of the one the file names")
     _engine_options(p)
     p.set_defaults(func=run_decompress)
 
 
 def _engine_options(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--batch", type=int, default=16,
-                   help="segments decoded side by side (default 16; the 16 segments that share a "
-                        "coded stream always get their rows: 23.6 MB of KV cache each for SmolLM2)")
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
-                   help="where the model runs (output is identical on every device)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=16,
+        help="segments decoded side by side (default 16; the 16 segments that share a "
+        "coded stream always get their rows: 23.6 MB of KV cache each for SmolLM2)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "auto"),
+        default="cpu",
+        help="where the model runs (output is identical on every device)",
+    )
 
 
 def run_compress(args) -> int:
@@ -116,11 +124,13 @@ def _one_line(e: Exception) -> str:
 
 def _default_spec() -> str:
     from .lm import DEFAULT_MODEL
+
     return DEFAULT_MODEL
 
 
 def _open_codec(spec: str, args):
     from .lm import open_codec
+
     return open_codec(spec, batch=args.batch, threads=args.threads, device=args.device)
 
 
@@ -131,8 +141,7 @@ def _compress(args) -> None:
     registry = Registry(zstd_level=STANDALONE_ZSTD_LEVEL)
     registry.add_model(codec)
     spec_bytes = spec.encode()
-    with _open_in(args.input) as src, _Output(args.output) as dst, \
-            _progress(args.input, "compress") as bar:
+    with _open_in(args.input) as src, _Output(args.output) as dst, _progress(args.input, "compress") as bar:
         dst.write(_HEAD.pack(FILE_MAGIC, FILE_VERSION, 0, len(spec_bytes)) + spec_bytes)
         total = frames = 0
         while True:
@@ -150,15 +159,16 @@ def _compress(args) -> None:
 
 # -- decompress ---------------------------------------------------------------------------------
 def _decompress(args) -> None:
-    with _open_in(args.input) as src, _Output(args.output) as dst, \
-            _progress(args.input, "decompress") as bar:
+    with _open_in(args.input) as src, _Output(args.output) as dst, _progress(args.input, "decompress") as bar:
         head = _read_exact(src, _HEAD.size, "file header")
         magic, version, flags, n = _HEAD.unpack(head)
         if magic != FILE_MAGIC:
             raise BadMagic("not an llmfs compressed file (bad magic)")
         if version != FILE_VERSION or flags:
-            raise UnsupportedVersion(f"llmfs file format version {version} (flags {flags:#x}) is "
-                                     f"not supported; this llmfs reads version {FILE_VERSION}")
+            raise UnsupportedVersion(
+                f"llmfs file format version {version} (flags {flags:#x}) is "
+                f"not supported; this llmfs reads version {FILE_VERSION}"
+            )
         file_spec = _read_exact(src, n, "model spec").decode("utf-8", "replace")
         spec = args.model or file_spec
 
@@ -168,7 +178,8 @@ def _decompress(args) -> None:
                 raise ModelMismatch(
                     f"file was compressed with model {file_spec!r} (fingerprint "
                     f"{fingerprint.hex()}), but model {spec!r} here has fingerprint "
-                    f"{codec.fingerprint.hex()}: different weights, tokenizer or codec version")
+                    f"{codec.fingerprint.hex()}: different weights, tokenizer or codec version"
+                )
             return codec
 
         registry = Registry(model_resolver=resolve)
@@ -193,8 +204,10 @@ def _decompress(args) -> None:
                 break
         want_total, want_frames = _TRAILER.unpack(_read_exact(src, _TRAILER.size, "trailer"))
         if (want_total, want_frames) != (total, frames):
-            raise ContainerError(f"corrupt file: trailer says {want_frames} chunks / {want_total} "
-                                 f"bytes, found {frames} / {total}")
+            raise ContainerError(
+                f"corrupt file: trailer says {want_frames} chunks / {want_total} "
+                f"bytes, found {frames} / {total}"
+            )
         if src.read(1):
             raise ContainerError("corrupt file: data after the end marker")
         dst.commit()

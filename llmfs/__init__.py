@@ -5,4 +5,5 @@ Dependencies point one way: fuseops (the FUSE edge) → namespace (POSIX semanti
 codec (containers and codecs). Errors are typed exceptions below the edge and become errno only in
 fuseops.
 """
+
 __version__ = "0.1.0"

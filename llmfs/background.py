@@ -6,6 +6,7 @@ Threading: compaction runs on its own low-priority thread; each control request 
 compactor also takes around its (short) write transaction, so a batch that was still in the model
 at unmount is dropped instead of writing to a closed store.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,16 +23,19 @@ log = logging.getLogger("llmfs")
 
 
 class Background:
-    def __init__(self, fs: Filesystem, models: Models, compact_after: float | None,
-                 cluster=None):
+    def __init__(self, fs: Filesystem, models: Models, compact_after: float | None, cluster=None):
         """compact_after: seconds before a block is compacted; None disables the thread (manual
         `llmfs compact` still works). cluster: a cluster.ClusterCoder that does the compactor's
         model work on a Ray cluster, or None."""
         self.fs = fs
         self.models = models
-        self.compactor = Compactor(fs.store, fs.registry, models.compaction_codec,
-                                   store_spec(fs.store),
-                                   compact_after if compact_after is not None else 0)
+        self.compactor = Compactor(
+            fs.store,
+            fs.registry,
+            models.compaction_codec,
+            store_spec(fs.store),
+            compact_after if compact_after is not None else 0,
+        )
         self.automatic = compact_after is not None
         self.cluster = cluster
         self.compactor.remote = cluster
@@ -41,8 +45,9 @@ class Background:
     def start(self) -> None:
         if self.cluster is not None:  # connecting takes seconds to minutes: not on FUSE's thread
             threading.Thread(target=self.cluster.start, name="llmfs-cluster", daemon=True).start()
-        self._control = control.ControlServer(self.fs.store.path, {
-            "compact": self._compact, "stats": self._stats})
+        self._control = control.ControlServer(
+            self.fs.store.path, {"compact": self._compact, "stats": self._stats}
+        )
         if self.automatic:
             self.compactor.run_in_background()
 
@@ -53,15 +58,15 @@ class Background:
             inos = inodes_under(self.fs.store, req["path"].encode(errors="surrogateescape"))
         elif req.get("now"):
             self.fs.flush_all()  # "now" includes what is still buffered
+
         def progress(done: int, total: int) -> None:
             line = {"done": done, "total": total}
             if self.cluster is not None:
                 line["cluster"] = self.cluster.progress()
             send(line)
 
-        if req.get("recode"):   # llmfs compact --recode: see compactor.py
-            res = self.compactor.compact(self.compactor.recode_candidates(inos), progress,
-                                         recode=True)
+        if req.get("recode"):  # llmfs compact --recode: see compactor.py
+            res = self.compactor.compact(self.compactor.recode_candidates(inos), progress, recode=True)
             if inos is None:
                 self.models.retire_unused()
             self.fs.store.sync()  # `llmfs compact` returns when its result is durable
@@ -73,9 +78,11 @@ class Background:
 
     def _stats(self, req: dict, send) -> dict:
         cache = self.fs.cache
-        return {"compaction": asdict(self.compactor.totals),
-                "cache": cache.metrics() if cache is not None else {},
-                **({"cluster": self.cluster.stats()} if self.cluster is not None else {})}
+        return {
+            "compaction": asdict(self.compactor.totals),
+            "cache": cache.metrics() if cache is not None else {},
+            **({"cluster": self.cluster.stats()} if self.cluster is not None else {}),
+        }
 
     def stop(self) -> None:
         self.compactor.stop()

@@ -11,6 +11,7 @@ in one run on the same bytes (ratios, not absolute numbers, are what compare acr
     through the mount and on the disk;
   * the store's size for the text against zstd -3 and xz -6 of the same bytes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -69,7 +70,7 @@ def timed_write(path: Path, data: bytes) -> float:
     t = time.perf_counter()
     with open(path, "wb") as f:
         for i in range(0, len(data), CHUNK):
-            f.write(data[i:i + CHUNK])
+            f.write(data[i : i + CHUNK])
         f.flush()
         os.fsync(f.fileno())
     return time.perf_counter() - t
@@ -107,8 +108,9 @@ def llmfs(*args) -> None:
 @contextlib.contextmanager
 def memfs_mount(mnt: Path):
     """The binding's floor (llmfs/memfs.py) mounted on mnt for the duration of the block."""
-    proc = subprocess.Popen([sys.executable, "-m", "llmfs.memfs", str(mnt)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmfs.memfs", str(mnt)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 30
         while not os.path.ismount(mnt):
@@ -129,14 +131,14 @@ def source_tar(dst: Path, files: int, limit: int = 256 << 20) -> tuple[int, int]
     """A tar of up to `files` files (and `limit` bytes) of source and docs from this machine:
     Python's standard library, then /usr/share/doc and /usr/share. Returns (files, bytes)."""
     import tarfile
+
     n = total = 0
     roots = [Path(os.__file__).parent, Path("/usr/share/doc"), Path("/usr/share")]
     seen = set()
     with tarfile.open(dst, "w") as tar:
         for root in roots:
             for dirpath, dirnames, filenames in os.walk(root):
-                dirnames[:] = sorted(d for d in dirnames
-                                     if d not in ("site-packages", "__pycache__"))
+                dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__"))
                 for name in sorted(filenames):
                     p = Path(dirpath) / name
                     if n >= files or p in seen or not p.is_file() or p.is_symlink():
@@ -156,8 +158,7 @@ def source_tar(dst: Path, files: int, limit: int = 256 << 20) -> tuple[int, int]
 
 def timed_run(cmd: list[str], cwd: Path) -> float:
     t = time.perf_counter()
-    subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+    subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t
 
 
@@ -172,15 +173,12 @@ def tools_rows(mnt: Path, disk: Path, work: Path, files: int, repo: str | None) 
         d.mkdir()
         drop_caches()
         secs[where] = timed_run(["tar", "xf", str(tar)], d)
-    rows.append((f"tar x {n} files, {size >> 20} MiB", n / secs["fs"], n / secs["disk"],
-                 "files/s"))
+    rows.append((f"tar x {n} files, {size >> 20} MiB", n / secs["fs"], n / secs["disk"], "files/s"))
     tar.unlink()
     if repo:
         for where, root in (("fs", mnt), ("disk", disk)):
-            secs[where] = timed_run(["git", "clone", "-q", "--no-local", repo,
-                                     str(root / "clone")], root)
-        rows.append((f"git clone --no-local {Path(repo).name}", 1 / secs["fs"],
-                     1 / secs["disk"], "clones/s"))
+            secs[where] = timed_run(["git", "clone", "-q", "--no-local", repo, str(root / "clone")], root)
+        rows.append((f"git clone --no-local {Path(repo).name}", 1 / secs["fs"], 1 / secs["disk"], "clones/s"))
     return rows
 
 
@@ -219,38 +217,50 @@ def run_fs(args) -> int:
     zstd3 = len(zstandard.ZstdCompressor(level=3).compress(text))
     xz6 = len(lzma.compress(text, preset=6)) if args.size <= (64 << 20) else None
 
-    print(f"llmfs bench fs: {args.size >> 20} MiB per file, block size {args.block_size}, "
-          f"page cache dropped before reads: {drop_caches()}")
+    print(
+        f"llmfs bench fs: {args.size >> 20} MiB per file, block size {args.block_size}, "
+        f"page cache dropped before reads: {drop_caches()}"
+    )
     print(f"{'':34} {'llmfs':>10} {'disk':>10} {'llmfs/disk':>11}")
     for label, a, b, unit in rows:
         print(f"{label:34} {a:10.1f} {b:10.1f} {a / b:10.1%}  {unit}")
-    print(f"small files of 1 KiB, {args.files} per round, one process; memfs = the smallest "
-          f"in-memory filesystem on the same binding (the floor); best of {args.rounds}:")
+    print(
+        f"small files of 1 KiB, {args.files} per round, one process; memfs = the smallest "
+        f"in-memory filesystem on the same binding (the floor); best of {args.rounds}:"
+    )
     print(f"{'':34} {'llmfs':>10} {'memfs':>10} {'disk':>10} {'/memfs':>8} {'/disk':>8}")
     for label, i in (("create+write+close", 0), ("open+read+close", 3)):
         best = max(small, key=lambda r: r[i] / r[i + 1])
-        a, m, d = best[i:i + 3]
+        a, m, d = best[i : i + 3]
         print(f"{label:34} {a:10.0f} {m:10.0f} {d:10.0f} {a / m:8.1%} {a / d:8.1%}  files/s")
         for r in small:
-            print(f"{'  round':34} {r[i]:10.0f} {r[i + 1]:10.0f} {r[i + 2]:10.0f} "
-                  f"{r[i] / r[i + 1]:8.1%}")
-    print(f"text stored: {stored} bytes = {stored / len(text):.3f} of raw; zstd -3 alone "
-          f"{zstd3 / len(text):.3f}" + (f"; xz -6 {xz6 / len(text):.3f}" if xz6 else ""))
+            print(f"{'  round':34} {r[i]:10.0f} {r[i + 1]:10.0f} {r[i + 2]:10.0f} {r[i] / r[i + 1]:8.1%}")
+    print(
+        f"text stored: {stored} bytes = {stored / len(text):.3f} of raw; zstd -3 alone "
+        f"{zstd3 / len(text):.3f}" + (f"; xz -6 {xz6 / len(text):.3f}" if xz6 else "")
+    )
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
 def register(subparsers) -> None:
-    p = bench_subparsers(subparsers).add_parser(
-        "fs", help="throughput through a mount vs the disk under it")
+    p = bench_subparsers(subparsers).add_parser("fs", help="throughput through a mount vs the disk under it")
     p.add_argument("--size", type=parse_size, default=256 << 20, help="bytes per file (256M)")
     p.add_argument("--files", type=int, default=3_000, help="small files per round (3000)")
     p.add_argument("--rounds", type=int, default=3, help="small-file rounds; the best counts (3)")
-    p.add_argument("--tree-files", type=int, default=20_000,
-                   help="files in the tree that `tar x` unpacks (20000; 0: no tar/git rows)")
-    p.add_argument("--repo", default=str(Path(__file__).resolve().parent.parent)
-                   if (Path(__file__).resolve().parent.parent / ".git").exists() else None,
-                   help="a git repository to clone --no-local (default: llmfs's own checkout)")
+    p.add_argument(
+        "--tree-files",
+        type=int,
+        default=20_000,
+        help="files in the tree that `tar x` unpacks (20000; 0: no tar/git rows)",
+    )
+    p.add_argument(
+        "--repo",
+        default=str(Path(__file__).resolve().parent.parent)
+        if (Path(__file__).resolve().parent.parent / ".git").exists()
+        else None,
+        help="a git repository to clone --no-local (default: llmfs's own checkout)",
+    )
     p.add_argument("--block-size", type=parse_size, default=DEFAULT_BLOCK_SIZE)
     p.add_argument("--dir", default=None, help="where to put the store (default: $TMPDIR)")
     p.set_defaults(func=run_fs)
@@ -262,8 +272,9 @@ def text_tree(dst: Path, limit: int) -> int:
     """Copy real text files (licenses, Python's standard library) into dst, up to `limit` bytes.
     Returns the bytes copied."""
     total = 0
-    sources = sorted(Path("/usr/share/common-licenses").iterdir()) + \
-        sorted(Path(os.__file__).parent.glob("*.py"))
+    sources = sorted(Path("/usr/share/common-licenses").iterdir()) + sorted(
+        Path(os.__file__).parent.glob("*.py")
+    )
     dst.mkdir(parents=True)
     for src in sources:
         if not src.is_file() or src.is_symlink():
@@ -308,8 +319,7 @@ def run_compaction(args) -> int:
     with tarfile.open(fileobj=buf, mode="w") as tar:
         tar.add(work / "tree", arcname="tree")
     tar_bytes = buf.getvalue()
-    llmfs("mkfs", store, "--block-size", args.block_size, *(["--model", args.model]
-                                                            if args.model else []))
+    llmfs("mkfs", store, "--block-size", args.block_size, *(["--model", args.model] if args.model else []))
     llmfs("mount", store, mnt, "--no-compaction")
     load = text_corpus(args.write_size)  # the write workload, measured idle and busy
     try:
@@ -325,10 +335,22 @@ def run_compaction(args) -> int:
 
         def compact():
             t0 = time.perf_counter()
-            res = subprocess.run([sys.executable, "-m", "llmfs.cli", "compact", str(mnt),
-                                  "--now", "--path", str(mnt / "tree")],
-                                 capture_output=True, text=True)
+            res = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "llmfs.cli",
+                    "compact",
+                    str(mnt),
+                    "--now",
+                    "--path",
+                    str(mnt / "tree"),
+                ],
+                capture_output=True,
+                text=True,
+            )
             result.update(seconds=time.perf_counter() - t0, out=res.stdout + res.stderr)
+
         worker = threading.Thread(target=compact)
         worker.start()
         time.sleep(5)  # let the model load and start
@@ -348,57 +370,85 @@ def run_compaction(args) -> int:
     llmfs("mount", store, mnt, "--no-compaction")
     try:
         t0 = time.perf_counter()
-        differ = [p.name for p in sorted((work / "tree").iterdir())
-                  if (mnt / "tree" / p.name).read_bytes() != p.read_bytes()]
+        differ = [
+            p.name
+            for p in sorted((work / "tree").iterdir())
+            if (mnt / "tree" / p.name).read_bytes() != p.read_bytes()
+        ]
         readback = time.perf_counter() - t0
     finally:
         llmfs("umount", mnt)
-    fsck = subprocess.run([sys.executable, "-m", "llmfs.cli", "fsck", str(store),
-                           *([] if args.full_fsck else ["--quick"])],
-                          capture_output=True, text=True)
+    fsck = subprocess.run(
+        [sys.executable, "-m", "llmfs.cli", "fsck", str(store), *([] if args.full_fsck else ["--quick"])],
+        capture_output=True,
+        text=True,
+    )
     codec = open_codec(args.model or None, threads=1)
-    tokens = len(codec.tokenizer.encode(b"".join(
-        p.read_bytes() for p in sorted((work / "tree").iterdir()))))
+    tokens = len(codec.tokenizer.encode(b"".join(p.read_bytes() for p in sorted((work / "tree").iterdir()))))
     peak = int8_peak_ops()
     per_token = ops_per_token(codec.engine, codec.segment_tokens)
     base = baselines(tar_bytes)
     tok_s = tokens / result["seconds"]
-    print(f"llmfs bench compaction: {size} bytes of text in {len(list((work / 'tree').iterdir()))}"
-          f" files, block size {args.block_size}")
+    print(
+        f"llmfs bench compaction: {size} bytes of text in {len(list((work / 'tree').iterdir()))}"
+        f" files, block size {args.block_size}"
+    )
     wmib = len(load) / (1 << 20)
     print(f"write {wmib:.0f} MiB, compaction idle     {wmib / idle:8.1f} MiB/s")
-    print(f"write {wmib:.0f} MiB, compaction running  {wmib / busy:8.1f} MiB/s  "
-          f"({busy / idle:.2f}x the time{'' if busy_done else '; compaction ended first'})")
-    print(f"compaction (encode + verify) {size / result['seconds'] / 1024:8.1f} KiB/s, "
-          f"{tok_s:.0f} tokens/s = {tok_s * per_token / peak:.2%} of the int8 GEMM peak "
-          f"({peak / 1e12:.2f} TOP/s, {per_token / 1e6:.0f} MOP/token)")
+    print(
+        f"write {wmib:.0f} MiB, compaction running  {wmib / busy:8.1f} MiB/s  "
+        f"({busy / idle:.2f}x the time{'' if busy_done else '; compaction ended first'})"
+    )
+    print(
+        f"compaction (encode + verify) {size / result['seconds'] / 1024:8.1f} KiB/s, "
+        f"{tok_s:.0f} tokens/s = {tok_s * per_token / peak:.2%} of the int8 GEMM peak "
+        f"({peak / 1e12:.2f} TOP/s, {per_token / 1e6:.0f} MOP/token)"
+    )
     print(f"LM-compressed fraction     {lm_plain / size:.1%}")
-    print(f"stored: zstd tier {zstd_stored}, after compaction {stored} "
-          f"({stored / zstd_stored:.3f} of the zstd tier)")
+    print(
+        f"stored: zstd tier {zstd_stored}, after compaction {stored} "
+        f"({stored / zstd_stored:.3f} of the zstd tier)"
+    )
     for name, n in base.items():
         print(f"  tar of the tree, {name:<10} {n:>10}  llmfs/that = {stored / n:.3f}")
     print(result["out"].strip().splitlines()[-1] if result["out"].strip() else "")
-    print(f"after unmount and mount: {len(differ)} of {len(list((work / 'tree').iterdir()))} files "
-          f"differ{': ' + ', '.join(differ[:5]) if differ else ''}; cold read of the tree "
-          f"{size / readback / 1024:.1f} KiB/s ({readback:.0f} s)")
-    print(f"fsck{'' if args.full_fsck else ' --quick'}: exit {fsck.returncode}"
-          f"{'' if fsck.returncode == 0 else chr(10) + fsck.stdout + fsck.stderr}")
+    print(
+        f"after unmount and mount: {len(differ)} of {len(list((work / 'tree').iterdir()))} files "
+        f"differ{': ' + ', '.join(differ[:5]) if differ else ''}; cold read of the tree "
+        f"{size / readback / 1024:.1f} KiB/s ({readback:.0f} s)"
+    )
+    print(
+        f"fsck{'' if args.full_fsck else ' --quick'}: exit {fsck.returncode}"
+        f"{'' if fsck.returncode == 0 else chr(10) + fsck.stdout + fsck.stderr}"
+    )
     shutil.rmtree(work, ignore_errors=True)
     return 1 if differ or fsck.returncode else 0
 
 
 def _register_compaction(subparsers) -> None:
     p = bench_subparsers(subparsers).add_parser(
-        "compaction", help="LM compaction of a text tree: speed, effect on writes, final ratio")
-    p.add_argument("--size", type=parse_size, default=256 << 10,
-                   help="bytes of text to copy (default 256K: the CPU engine is slow)")
-    p.add_argument("--write-size", type=parse_size, default=64 << 20,
-                   help="bytes written to measure write throughput idle and during compaction")
+        "compaction", help="LM compaction of a text tree: speed, effect on writes, final ratio"
+    )
+    p.add_argument(
+        "--size",
+        type=parse_size,
+        default=256 << 10,
+        help="bytes of text to copy (default 256K: the CPU engine is slow)",
+    )
+    p.add_argument(
+        "--write-size",
+        type=parse_size,
+        default=64 << 20,
+        help="bytes written to measure write throughput idle and during compaction",
+    )
     p.add_argument("--block-size", type=parse_size, default=DEFAULT_BLOCK_SIZE)
     p.add_argument("--model", default=None)
     p.add_argument("--dir", default=None)
-    p.add_argument("--full-fsck", action="store_true",
-                   help="fsck decodes every block once more (the read-back already decoded each)")
+    p.add_argument(
+        "--full-fsck",
+        action="store_true",
+        help="fsck decodes every block once more (the read-back already decoded each)",
+    )
     p.set_defaults(func=run_compaction)
 
 
@@ -451,23 +501,33 @@ def run_cache(args) -> int:
             subprocess.run([sys.executable, "-m", "llmfs.cli", "umount", str(mnt)])
     mib = len(text) / (1 << 20)
     budget = parse_size(str(args.cache_size))
-    print(f"llmfs bench cache: {len(text)} bytes of text, block size {args.block_size}, "
-          f"RAM budget {budget >> 20} MiB (compaction took {compact_s:.0f} s)")
+    print(
+        f"llmfs bench cache: {len(text)} bytes of text, block size {args.block_size}, "
+        f"RAM budget {budget >> 20} MiB (compaction took {compact_s:.0f} s)"
+    )
     print(f"cold first read   time to first byte {cold_ttfb:8.3f} s, {mib / cold:8.3f} MiB/s")
     print(f"hot re-read       time to first byte {hot_ttfb:8.4f} s, {mib / hot:8.1f} MiB/s")
-    print(f"zstd-tier read    {mib / zstd:8.1f} MiB/s; hot LM re-read = {zstd / hot:.0%} of it "
-          f"(target >= 50%)")
-    print(f"daemon resident memory {rss / (1 << 20):.0f} MiB with a {budget >> 20} MiB cache "
-          f"budget (the rest: Python, torch and the model)")
+    print(
+        f"zstd-tier read    {mib / zstd:8.1f} MiB/s; hot LM re-read = {zstd / hot:.0%} of it (target >= 50%)"
+    )
+    print(
+        f"daemon resident memory {rss / (1 << 20):.0f} MiB with a {budget >> 20} MiB cache "
+        f"budget (the rest: Python, torch and the model)"
+    )
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
 def _register_cache(subparsers) -> None:
     p = bench_subparsers(subparsers).add_parser(
-        "cache", help="cold and hot reads of an LM-compacted file vs the zstd tier")
-    p.add_argument("--size", type=parse_size, default=4 << 20,
-                   help="bytes of text (default 4M; the CPU engine needs hours for that)")
+        "cache", help="cold and hot reads of an LM-compacted file vs the zstd tier"
+    )
+    p.add_argument(
+        "--size",
+        type=parse_size,
+        default=4 << 20,
+        help="bytes of text (default 4M; the CPU engine needs hours for that)",
+    )
     p.add_argument("--block-size", type=parse_size, default=DEFAULT_BLOCK_SIZE)
     p.add_argument("--cache-size", default="64M")
     p.add_argument("--dir", default=None)

@@ -1,5 +1,6 @@
 """`llmfs` command line: one subcommand per module; each module has `register(subparsers)`, which adds
 its parser and sets `func` to a `run(args) -> int`."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,8 @@ COMMAND_MODULES = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="llmfs", description="A filesystem that stores files compressed by a language model.")
+        prog="llmfs", description="A filesystem that stores files compressed by a language model."
+    )
     parser.add_argument("--debug", action="store_true", help="verbose logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:

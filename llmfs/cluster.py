@@ -25,6 +25,7 @@ threads, signal handlers and memory out of the daemon.
 Threading: ClusterCoder is called by the compactor's thread (one batch at a time: the compactor
 takes turns under its own lock) and read by `stats()` from control threads; a lock guards the pipe.
 """
+
 from __future__ import annotations
 
 import logging
@@ -71,11 +72,11 @@ class WorkerStats:
     device: str = ""
     pid: int = 0
     alive: bool = True
-    blocks: int = 0          # blocks this worker encoded
-    plain: int = 0           # their plaintext bytes
-    verified: int = 0        # blocks of other workers it decoded to check them
-    seconds: float = 0.0     # time its encodes took (as seen by the driver)
-    failures: int = 0        # calls that died, timed out or raised
+    blocks: int = 0  # blocks this worker encoded
+    plain: int = 0  # their plaintext bytes
+    verified: int = 0  # blocks of other workers it decoded to check them
+    seconds: float = 0.0  # time its encodes took (as seen by the driver)
+    failures: int = 0  # calls that died, timed out or raised
 
     @property
     def rate(self) -> float:
@@ -85,16 +86,16 @@ class WorkerStats:
 @dataclass
 class ClusterStats:
     address: str
-    state: str = "connecting"   # connecting | ready | unavailable
+    state: str = "connecting"  # connecting | ready | unavailable
     error: str = ""
     workers: list[WorkerStats] = field(default_factory=list)
     batches: int = 0
-    blocks: int = 0             # blocks that came back verified (by another worker or locally)
+    blocks: int = 0  # blocks that came back verified (by another worker or locally)
     plain: int = 0
-    seconds: float = 0.0        # wall time of the cluster batches
-    mismatches: int = 0         # verifying decodes that did not reproduce the plaintext
+    seconds: float = 0.0  # wall time of the cluster batches
+    mismatches: int = 0  # verifying decodes that did not reproduce the plaintext
     retries: int = 0
-    local_fallbacks: int = 0    # blocks the daemon encoded itself because the cluster could not
+    local_fallbacks: int = 0  # blocks the daemon encoded itself because the cluster could not
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -106,13 +107,21 @@ class ClusterStats:
 
 # -- the daemon's side -------------------------------------------------------------------------
 
+
 class ClusterCoder:
     """The compactor's remote coder. encode_many() returns, per plaintext, (container, verified) or
     None where the cluster could not do it (the compactor then encodes that block locally)."""
 
-    def __init__(self, address: str, model: str | Callable, workers: int = 0,
-                 timeout: float = TIMEOUT, device: str = "auto", threads: int = 1,
-                 reconnect: float = RECONNECT_SECONDS):
+    def __init__(
+        self,
+        address: str,
+        model: str | Callable,
+        workers: int = 0,
+        timeout: float = TIMEOUT,
+        device: str = "auto",
+        threads: int = 1,
+        reconnect: float = RECONNECT_SECONDS,
+    ):
         """model: a spec for codec.lm.open_codec (the store's), or for tests a picklable callable
         that returns a codec. workers: 0 = one per GPU of the cluster, one per CPU-only node."""
         self.address, self.model = address, model
@@ -136,9 +145,12 @@ class ClusterCoder:
         self._close_locked()
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_driver, name="llmfs-cluster", daemon=True,
-                           args=(child, self.address, self.model, self.workers, self.device,
-                                 self.threads, self.timeout))
+        proc = ctx.Process(
+            target=_driver,
+            name="llmfs-cluster",
+            daemon=True,
+            args=(child, self.address, self.model, self.workers, self.device, self.threads, self.timeout),
+        )
         proc.start()
         child.close()
         self._proc, self._conn = proc, parent
@@ -153,12 +165,20 @@ class ClusterCoder:
             return
         self._stats.workers = [WorkerStats(**w) for w in reply["workers"]]
         self._stats.state, self._stats.error, self._down_since = "ready", "", None
-        log.info("cluster %s: %d worker(s): %s", self.address, len(self._stats.workers),
-                 ", ".join(f"{w.name} on {w.host} ({w.device})" for w in self._stats.workers))
+        log.info(
+            "cluster %s: %d worker(s): %s",
+            self.address,
+            len(self._stats.workers),
+            ", ".join(f"{w.name} on {w.host} ({w.device})" for w in self._stats.workers),
+        )
 
     def _fail(self, why: str) -> None:
-        log.warning("cluster %s is not available (%s); compacting locally, trying again in "
-                    "%.0f s", self.address, why, self.reconnect)
+        log.warning(
+            "cluster %s is not available (%s); compacting locally, trying again in %.0f s",
+            self.address,
+            why,
+            self.reconnect,
+        )
         self._stats.state, self._stats.error = "unavailable", why
         self._down_since = time.monotonic()
         for w in self._stats.workers:
@@ -210,8 +230,11 @@ class ClusterCoder:
         return self._conn is not None
 
     # -- work ------------------------------------------------------------------------------------
-    def encode_many(self, datas: list[bytes], fingerprint: bytes,
-                    ) -> list[tuple[bytes, bool] | None]:
+    def encode_many(
+        self,
+        datas: list[bytes],
+        fingerprint: bytes,
+    ) -> list[tuple[bytes, bool] | None]:
         """Containers of `datas` made by the cluster with the model `fingerprint`: (container,
         True) verified by another worker, (container, False) to be verified by the caller, None
         where the cluster could not (the caller encodes it itself)."""
@@ -226,8 +249,7 @@ class ClusterCoder:
                 while True:
                     reply = self._receive(self.timeout * ATTEMPTS + 60)
                     if "progress" in reply:
-                        self._progress = {k: base.get(k, 0) + v
-                                          for k, v in reply["progress"].items()}
+                        self._progress = {k: base.get(k, 0) + v for k, v in reply["progress"].items()}
                         continue
                     break
             except (ClusterUnavailable, OSError) as e:
@@ -263,14 +285,19 @@ class ClusterCoder:
                 continue
             blob, verified = item
             try:
-                head = peek_header(blob[:container.MAX_HEADER_SIZE])
-                ok = (head.length == len(data) and head.checksum == container.checksum(data)
-                      and (head.codec_id != LM or head.fingerprint == fingerprint))
+                head = peek_header(blob[: container.MAX_HEADER_SIZE])
+                ok = (
+                    head.length == len(data)
+                    and head.checksum == container.checksum(data)
+                    and (head.codec_id != LM or head.fingerprint == fingerprint)
+                )
             except container.ContainerError:
                 ok = False
             if not ok:
-                log.error("cluster: a worker returned a container that does not describe its "
-                          "block; encoding it locally")
+                log.error(
+                    "cluster: a worker returned a container that does not describe its "
+                    "block; encoding it locally"
+                )
                 st.local_fallbacks += 1
                 out.append(None)
                 continue
@@ -293,12 +320,14 @@ class ClusterCoder:
 
 # -- the driver process ----------------------------------------------------------------------
 
+
 def _load_codec(model, device: str, threads: int):
     if callable(model):
         return model()
     from llmfs.codec.lm import open_codec
 
     from .models import DECODE_BATCH
+
     return open_codec(model, batch=DECODE_BATCH, threads=threads, device=device)
 
 
@@ -310,6 +339,7 @@ class _Worker:
         import socket
 
         from llmfs.codec import Registry
+
         try:  # encode on GPU nodes, or at low priority beside a node's other work
             os.nice(10)
         except OSError:
@@ -319,24 +349,34 @@ class _Worker:
         self.registry = Registry()
         self.registry.add_model(self.codec)
         dev = str(getattr(self.codec.engine, "device", "cpu"))
-        self._info = {"name": name, "host": socket.gethostname(), "pid": os.getpid(),
-                      "device": dev, "fingerprint": self.codec.fingerprint}
+        self._info = {
+            "name": name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": dev,
+            "fingerprint": self.codec.fingerprint,
+        }
 
     def info(self) -> dict:
         import ray
+
         return dict(self._info, node=ray.get_runtime_context().get_node_id()[:12])
 
     def encode(self, datas: list[bytes], fingerprint: bytes) -> list[bytes]:
         """The smallest container of each (LM, zstd or raw: the registry's choice)."""
         from llmfs.codec.registry import ZSTD
+
         if fingerprint != self.codec.fingerprint:
-            raise ValueError(f"worker {self.name} holds model {self.codec.fingerprint.hex()}, "
-                             f"asked for {fingerprint.hex()}")
+            raise ValueError(
+                f"worker {self.name} holds model {self.codec.fingerprint.hex()}, "
+                f"asked for {fingerprint.hex()}"
+            )
         return [self.registry.encode(d, (ZSTD, LM), fingerprint) for d in datas]
 
     def decode(self, blobs: list[bytes]) -> list[bytes | None]:
         """Decoded plaintexts (checked against their stored checksums), None for any that fail."""
         from llmfs.codec import ContainerError
+
         try:
             return self.registry.decode_many(blobs)
         except ContainerError:
@@ -349,8 +389,7 @@ class _Worker:
             return out
 
 
-def _driver(conn, address: str, model, workers: int, device: str, threads: int,
-            timeout: float) -> None:
+def _driver(conn, address: str, model, workers: int, device: str, threads: int, timeout: float) -> None:
     """The child process: connect, start the actors, serve encode requests until told to stop or
     the pipe closes."""
     try:
@@ -374,10 +413,17 @@ def _driver(conn, address: str, model, workers: int, device: str, threads: int,
         if req.get("op") != "encode":
             break
         try:
-            results = pool.encode_verified(req["datas"], req["fingerprint"],
-                                           lambda p: conn.send({"progress": p}))
-            conn.send({"results": results, "workers": pool.worker_stats(),
-                       "mismatches": pool.take("mismatches"), "retries": pool.take("retries")})
+            results = pool.encode_verified(
+                req["datas"], req["fingerprint"], lambda p: conn.send({"progress": p})
+            )
+            conn.send(
+                {
+                    "results": results,
+                    "workers": pool.worker_stats(),
+                    "mismatches": pool.take("mismatches"),
+                    "retries": pool.take("retries"),
+                }
+            )
         except Exception as e:  # noqa: BLE001
             conn.send({"error": f"{type(e).__name__}: {e}"})
     pool.shutdown()
@@ -388,9 +434,15 @@ class _Pool:
 
     def __init__(self, address, model, workers, device, threads, timeout):
         import ray
+
         self.ray = ray
-        ray.init(address=address, namespace="llmfs", logging_level=logging.WARNING,
-                 log_to_driver=False, configure_logging=False)
+        ray.init(
+            address=address,
+            namespace="llmfs",
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            configure_logging=False,
+        )
         self.timeout = timeout
         self.counters = {"mismatches": 0, "retries": 0}
         res = ray.cluster_resources()
@@ -400,16 +452,24 @@ class _Pool:
             workers = gpus + sum(1 for n in nodes if not n.get("Resources", {}).get("GPU"))
         use_gpu = gpus >= workers and device != "cpu"
         actor_cls = ray.remote(_Worker).options(
-            num_cpus=1, num_gpus=1 if use_gpu else 0, max_restarts=-1, max_task_retries=0,
-            scheduling_strategy="SPREAD")
-        self.actors = [actor_cls.remote(f"w{i}", model, "cuda" if use_gpu else
-                                        ("cpu" if device == "cuda" else device), threads)
-                       for i in range(workers)]
+            num_cpus=1,
+            num_gpus=1 if use_gpu else 0,
+            max_restarts=-1,
+            max_task_retries=0,
+            scheduling_strategy="SPREAD",
+        )
+        self.actors = [
+            actor_cls.remote(
+                f"w{i}", model, "cuda" if use_gpu else ("cpu" if device == "cuda" else device), threads
+            )
+            for i in range(workers)
+        ]
         infos = ray.get([a.info.remote() for a in self.actors], timeout=START_TIMEOUT)
         fingerprints = {info.pop("fingerprint") for info in infos}
         if len(fingerprints) != 1:
-            raise RuntimeError("the workers loaded different models: "
-                               + ", ".join(sorted(fp.hex() for fp in fingerprints)))
+            raise RuntimeError(
+                "the workers loaded different models: " + ", ".join(sorted(fp.hex() for fp in fingerprints))
+            )
         self.fingerprint = fingerprints.pop()
         self.stats = [WorkerStats(**info) for info in infos]
 
@@ -433,8 +493,9 @@ class _Pool:
         return per item (container, verified) or None."""
         ray = self.ray
         if fingerprint != self.fingerprint:
-            raise RuntimeError(f"the cluster holds model {self.fingerprint.hex()}, the store "
-                               f"needs {fingerprint.hex()}")
+            raise RuntimeError(
+                f"the cluster holds model {self.fingerprint.hex()}, the store needs {fingerprint.hex()}"
+            )
         n = len(self.actors)
         chunks: list[list[int]] = [[] for _ in range(n)]
         total = sum(len(d) for d in datas) or 1
@@ -447,7 +508,7 @@ class _Pool:
         # ref -> (step, chunk, worker, attempt, started, payload)
         inflight: dict = {}
         encoder: dict[int, int] = {}  # chunk -> the worker whose containers are being verified
-        failed: set[int] = set()      # workers that failed since the last call that succeeded
+        failed: set[int] = set()  # workers that failed since the last call that succeeded
 
         def submit(step, c, w, attempt, payload):
             actor = self.actors[w]
@@ -519,8 +580,10 @@ class _Pool:
                         results[i] = (blob, True)
                     else:
                         self.counters["mismatches"] += 1
-                        log.error("cluster: a block encoded on one worker did not decode on "
-                                  "worker %s", self.stats[w].name)
+                        log.error(
+                            "cluster: a block encoded on one worker did not decode on worker %s",
+                            self.stats[w].name,
+                        )
                         results[i] = None
         return results
 
@@ -548,6 +611,7 @@ class _Pool:
 
 # -- a cluster on this machine (tests, benchmarks, trying it out) ------------------------------
 
+
 class LocalCluster:
     """A Ray head node on this machine, `ray start --head --block` in a session of its own, with
     `cpus` slots for worker actors; stop() kills the whole session (every process Ray started for
@@ -560,6 +624,7 @@ class LocalCluster:
         import subprocess
         import sys
         import tempfile
+
         self._signal, self._subprocess, self._shutil = signal, subprocess, shutil
         self.tmp = tempfile.mkdtemp(prefix="llmfs-ray-", dir="/tmp")  # short: socket paths
         with socket.socket() as s:
@@ -573,11 +638,25 @@ class LocalCluster:
         self._log = open(self.log_path, "wb")
         ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
         self.proc = subprocess.Popen(
-            [ray_cli, "start", "--head", "--block", f"--port={self.port}",
-             "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--num-gpus=0",
-             "--include-dashboard=false", "--disable-usage-stats",
-             f"--temp-dir={self.tmp}", "--object-store-memory=78643200"],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                ray_cli,
+                "start",
+                "--head",
+                "--block",
+                f"--port={self.port}",
+                "--node-ip-address=127.0.0.1",
+                f"--num-cpus={cpus}",
+                "--num-gpus=0",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+                f"--temp-dir={self.tmp}",
+                "--object-store-memory=78643200",
+            ],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.pgid = self.proc.pid
 
     def stop(self) -> None:

@@ -4,6 +4,7 @@ blocks coded by older engine versions or other models with the current model and
 files no block needs any more (compactor.py). On a mounted store the daemon does the work
 (asked through its control socket); on an unmounted one this process does, holding the store's lock.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,13 +41,16 @@ def inodes_under(store: Store, path: bytes) -> list[int]:
     return out
 
 
-def compact_offline(store_path: str, now: bool, path: bytes | None, progress,
-                    threads: int | None = None) -> Result:
+def compact_offline(
+    store_path: str, now: bool, path: bytes | None, progress, threads: int | None = None
+) -> Result:
     store = Store(store_path)
     try:
         if not store.was_clean():
-            raise StoreError(f"{store_path} was not unmounted cleanly; mount it once or run "
-                             f"`llmfs fsck --repair {store_path}` first")
+            raise StoreError(
+                f"{store_path} was not unmounted cleanly; mount it once or run "
+                f"`llmfs fsck --repair {store_path}` first"
+            )
         models = Models(store, threads=threads or THREADS)
         registry = Registry(model_resolver=models.resolve)
         compactor = Compactor(store, registry, models.compaction_codec, store_spec(store))
@@ -56,15 +60,16 @@ def compact_offline(store_path: str, now: bool, path: bytes | None, progress,
         store.close()
 
 
-def recode_offline(store_path: str, path: bytes | None, progress,
-                   threads: int | None = None) -> Result:
+def recode_offline(store_path: str, path: bytes | None, progress, threads: int | None = None) -> Result:
     """`--recode` on an unmounted store: LM blocks of other models / engine versions re-encoded
     with the current model (compactor.py), then model files no block needs are dropped."""
     store = Store(store_path)
     try:
         if not store.was_clean():
-            raise StoreError(f"{store_path} was not unmounted cleanly; mount it once or run "
-                             f"`llmfs fsck --repair {store_path}` first")
+            raise StoreError(
+                f"{store_path} was not unmounted cleanly; mount it once or run "
+                f"`llmfs fsck --repair {store_path}` first"
+            )
         models = Models(store, threads=threads or THREADS)
         registry = Registry(model_resolver=models.resolve)
         compactor = Compactor(store, registry, models.compaction_codec, store_spec(store))
@@ -77,10 +82,13 @@ def recode_offline(store_path: str, path: bytes | None, progress,
         store.close()
 
 
-def compact_online(store_path: str, now: bool, path: bytes | None, progress,
-                   recode: bool = False) -> Result:
-    req = {"op": "compact", "now": now, "path": os.fsdecode(path) if path is not None else None,
-           "recode": recode}
+def compact_online(store_path: str, now: bool, path: bytes | None, progress, recode: bool = False) -> Result:
+    req = {
+        "op": "compact",
+        "now": now,
+        "path": os.fsdecode(path) if path is not None else None,
+        "recode": recode,
+    }
     try:
         for answer in control.request(store_path, req):
             if "error" in answer:
@@ -89,8 +97,10 @@ def compact_online(store_path: str, now: bool, path: bytes | None, progress,
                 return Result(**answer["result"])
             progress(answer["done"], answer["total"], answer.get("cluster"))
     except (ConnectionError, FileNotFoundError) as e:  # connecting: nobody serves the socket
-        raise StoreError(f"{store_path} is in use by a process that does not take compaction "
-                         f"requests ({e.strerror}); try again when it is done") from None
+        raise StoreError(
+            f"{store_path} is in use by a process that does not take compaction "
+            f"requests ({e.strerror}); try again when it is done"
+        ) from None
     raise StoreError("the daemon closed the connection without an answer")
 
 
@@ -111,15 +121,21 @@ def fs_path(arg: str) -> bytes:
 def register(sub) -> None:
     p = sub.add_parser("compact", help="compact cold blocks with the LM now")
     p.add_argument("target", metavar="MOUNTPOINT|STORE")
-    p.add_argument("--now", action="store_true",
-                   help="every pending block, however recently written")
+    p.add_argument("--now", action="store_true", help="every pending block, however recently written")
     p.add_argument("--path", help="only the files at or below this path (in the mount)")
-    p.add_argument("--recode", action="store_true",
-                   help="re-encode LM blocks of older engine versions or other models with the "
-                        "current model, then drop the model files no block needs")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads of the LM for an unmounted store (default 1; a mounted "
-                        "store compacts with its daemon's --threads)")
+    p.add_argument(
+        "--recode",
+        action="store_true",
+        help="re-encode LM blocks of older engine versions or other models with the "
+        "current model, then drop the model files no block needs",
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads of the LM for an unmounted store (default 1; a mounted "
+        "store compacts with its daemon's --threads)",
+    )
     p.set_defaults(func=run)
 
 
@@ -143,11 +159,16 @@ def run(args) -> int:
     progress.close()
     secs = time.monotonic() - t0
     if not res.blocks:
-        print("nothing to recode: every LM block uses the current model" if args.recode else
-              "nothing to compact" + ("" if args.now else " (use --now for recent writes)"))
+        print(
+            "nothing to recode: every LM block uses the current model"
+            if args.recode
+            else "nothing to compact" + ("" if args.now else " (use --now for recent writes)")
+        )
         return 0
-    print(f"compacted {res.blocks} blocks in {secs:.1f} s: {human(res.before)} -> "
-          f"{human(res.after)}, saved {human(res.saved)} "
-          f"({res.saved / res.before:.0%}); {res.lm_blocks} now stored by the LM, "
-          f"{res.skipped} left as they were")
+    print(
+        f"compacted {res.blocks} blocks in {secs:.1f} s: {human(res.before)} -> "
+        f"{human(res.after)}, saved {human(res.saved)} "
+        f"({res.saved / res.before:.0%}); {res.lm_blocks} now stored by the LM, "
+        f"{res.skipped} left as they were"
+    )
     return 0

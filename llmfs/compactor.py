@@ -39,6 +39,7 @@ Threading: the daemon runs one background thread (`run_in_background`) at the lo
 lock makes compactions take turns. `stop()` makes the loop exit between batches and aborts a batch
 before its write transaction.
 """
+
 from __future__ import annotations
 
 import logging
@@ -82,14 +83,14 @@ def lower_priority() -> None:
 
 @dataclass
 class Result:
-    blocks: int = 0          # blocks looked at
-    plain: int = 0           # their plaintext bytes
-    before: int = 0          # their container bytes before
-    after: int = 0           # ... and after
-    lm_blocks: int = 0       # blocks now stored by the LM
-    skipped: int = 0         # blocks the LM could not help (left as they were)
-    changed: int = 0         # blocks rewritten or deleted while being compacted (left alone)
-    damaged: int = 0         # blocks that could not be read (reported, taken off pending)
+    blocks: int = 0  # blocks looked at
+    plain: int = 0  # their plaintext bytes
+    before: int = 0  # their container bytes before
+    after: int = 0  # ... and after
+    lm_blocks: int = 0  # blocks now stored by the LM
+    skipped: int = 0  # blocks the LM could not help (left as they were)
+    changed: int = 0  # blocks rewritten or deleted while being compacted (left alone)
+    damaged: int = 0  # blocks that could not be read (reported, taken off pending)
     seconds: float = 0.0
 
     def add(self, other: Result) -> None:
@@ -102,9 +103,15 @@ class Result:
 
 
 class Compactor:
-    def __init__(self, store: Store, registry: Registry, lm_codec: Callable[[], object],
-                 model_spec: str, compact_after: float = COMPACT_AFTER,
-                 batch_bytes: int = BATCH_BYTES):
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry,
+        lm_codec: Callable[[], object],
+        model_spec: str,
+        compact_after: float = COMPACT_AFTER,
+        batch_bytes: int = BATCH_BYTES,
+    ):
         """`lm_codec()` returns the store's LM codec (loaded on first use: seconds)."""
         self.store = store
         self.registry = registry
@@ -154,14 +161,19 @@ class Compactor:
             with t.txn.cursor(db=t.db["blocks"]) as cur:
                 for h, blob in cur:
                     head = header_of(blob)  # None: damaged (fsck reports it)
-                    if head is not None and head.codec_id == LM and head.fingerprint not in keep \
-                            and (wanted is None or bytes(h) in wanted):
+                    if (
+                        head is not None
+                        and head.codec_id == LM
+                        and head.fingerprint not in keep
+                        and (wanted is None or bytes(h) in wanted)
+                    ):
                         out.append(bytes(h))
         return out
 
     # -- compacting ------------------------------------------------------------------------------
-    def compact(self, hashes: list[bytes], progress: Callable[[int, int], None] | None = None,
-                recode: bool = False) -> Result:
+    def compact(
+        self, hashes: list[bytes], progress: Callable[[int, int], None] | None = None, recode: bool = False
+    ) -> Result:
         """Compact these blocks in batches; progress(done_plain_bytes, total_plain_bytes).
         recode: re-encode LM blocks of other models with the current one (see above). StoreFull
         (a full disk) stops it; what was done before stays done."""
@@ -208,24 +220,31 @@ class Compactor:
                 head = peek_header(blob)
             except ContainerError as e:
                 damaged.append(h)
-                log.error("compaction: block %s is unreadable (%s); skipped for good, run "
-                          "`llmfs fsck` to name its files", h.hex()[:16], e)
+                log.error(
+                    "compaction: block %s is unreadable (%s); skipped for good, run "
+                    "`llmfs fsck` to name its files",
+                    h.hex()[:16],
+                    e,
+                )
                 continue
             if head.codec_id == LM and (not recode or head.fingerprint in keep):
                 continue  # already done (a batch that raced with another compaction)
             to_decode.append(h)
         bound = self.store.block_size
-        try:   # one batch: old LM blocks (recoding) decode side by side
-            plain = dict(zip(to_decode, self.registry.decode_many([old[h] for h in to_decode],
-                                                                  bound)))
+        try:  # one batch: old LM blocks (recoding) decode side by side
+            plain = dict(zip(to_decode, self.registry.decode_many([old[h] for h in to_decode], bound)))
         except ContainerError:
             for h in to_decode:
                 try:
                     plain[h] = self.registry.decode_many([old[h]], bound)[0]
                 except ContainerError as e:
                     damaged.append(h)
-                    log.error("compaction: block %s is unreadable (%s); skipped for good, run "
-                              "`llmfs fsck` to name its files", h.hex()[:16], e)
+                    log.error(
+                        "compaction: block %s is unreadable (%s); skipped for good, run "
+                        "`llmfs fsck` to name its files",
+                        h.hex()[:16],
+                        e,
+                    )
         if damaged:
             res.damaged += self._drop_damaged(damaged, None, old)
         if not plain:
@@ -237,7 +256,7 @@ class Compactor:
                 continue
             kept = self._ready.pop(h, None)
             if kept is not None and kept[0] == old[h]:  # coded before the disk filled: the
-                if kept[1] is None:                     # model does not run again
+                if kept[1] is None:  # model does not run again
                     res.skipped += 1
                 else:
                     new[h] = kept[1]
@@ -248,11 +267,10 @@ class Compactor:
         for h, data in todo.items():
             if self._stop.is_set():
                 return res
-            blob = remote[h][0] if remote.get(h) else self.registry.encode(data, (ZSTD, LM),
-                                                                           fingerprint)
+            blob = remote[h][0] if remote.get(h) else self.registry.encode(data, (ZSTD, LM), fingerprint)
             was = peek_header(old[h]).codec_id
             if was == LM or (peek_header(blob).codec_id == LM and len(blob) < len(old[h])):
-                new[h] = blob     # recoding keeps the best new container, whatever its size
+                new[h] = blob  # recoding keeps the best new container, whatever its size
             else:
                 res.skipped += 1
         if self._stop.is_set():
@@ -264,13 +282,11 @@ class Compactor:
             try:
                 decoded = self.registry.decode_many([new[h] for h in keys])
             except ContainerError as e:
-                log.error("compaction: an LM container failed verification (%s); keeping the "
-                          "old ones", e)
+                log.error("compaction: an LM container failed verification (%s); keeping the old ones", e)
                 decoded = [None] * len(keys)
             for h, data in zip(keys, decoded):
                 if data != plain[h]:
-                    log.error("compaction: block %s did not round-trip; kept as it was",
-                              h.hex()[:16])
+                    log.error("compaction: block %s did not round-trip; kept as it was", h.hex()[:16])
                     del new[h]
         try:
             with self.shutdown_lock:  # the daemon closes the store only under this lock
@@ -279,8 +295,9 @@ class Compactor:
                 self._swap(old, new, plain, fingerprint, res)
         except StoreFull:
             if len(self._ready) + len(plain) <= READY_KEPT:  # verified, or not worth it (None)
-                self._ready.update((h, (old[h], new.get(h))) for h in plain
-                                   if peek_header(old[h]).codec_id != RAW)
+                self._ready.update(
+                    (h, (old[h], new.get(h))) for h in plain if peek_header(old[h]).codec_id != RAW
+                )
             raise
         except StoreError as e:
             log.error("compaction: could not store the batch: %s", e)
@@ -326,8 +343,12 @@ class Compactor:
         """Take damaged blocks off the compaction queue (still the same container, if `old`)."""
         if why:
             for h in hashes:
-                log.error("compaction: block %s is unreadable (%s); skipped for good, run "
-                          "`llmfs fsck` to name its files", h.hex()[:16], why)
+                log.error(
+                    "compaction: block %s is unreadable (%s); skipped for good, run "
+                    "`llmfs fsck` to name its files",
+                    h.hex()[:16],
+                    why,
+                )
         try:
             with self.shutdown_lock, self.store.write() as t:
                 for h in hashes:
@@ -352,8 +373,13 @@ class Compactor:
                     res = self.compact(hashes[:64])
                     delay = 0.0
                     if res.blocks:
-                        log.info("compacted %d blocks: %d -> %d bytes (%d by the LM)",
-                                 res.blocks, res.before, res.after, res.lm_blocks)
+                        log.info(
+                            "compacted %d blocks: %d -> %d bytes (%d by the LM)",
+                            res.blocks,
+                            res.before,
+                            res.after,
+                            res.lm_blocks,
+                        )
                     if res.blocks or res.damaged:
                         continue  # progress: the next batch at once
             except StoreFull as e:
@@ -362,8 +388,9 @@ class Compactor:
                 except OSError:
                     free = 0
                 delay = min(self.retry_max, max(self.retry_first, 2 * delay))
-                log.warning("compaction: the disk is full (%s); trying again in %.1f s or when "
-                            "it has room", e, delay)
+                log.warning(
+                    "compaction: the disk is full (%s); trying again in %.1f s or when it has room", e, delay
+                )
                 self._wait_for_room(delay, free)
                 continue
             except Exception:  # the daemon must keep serving files whatever happens here

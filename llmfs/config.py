@@ -33,6 +33,7 @@ pretending to honour it. Command-line arguments override the file.
 
 Accepted, validated and reported as having no effect: `model` (a store's model is chosen at mkfs).
 """
+
 from __future__ import annotations
 
 import os
@@ -113,6 +114,7 @@ def _choice(*allowed):
         if value not in allowed:
             raise ValueError(f"must be one of {', '.join(map(repr, allowed))}")
         return value
+
     return parse
 
 
@@ -127,7 +129,7 @@ def _bool(value) -> bool:
 KEYS = {
     "store": (_str, "store"),
     "mountpoint": (_str, "mountpoint"),
-    "options": (_options, None),          # merged into args.options by apply()
+    "options": (_options, None),  # merged into args.options by apply()
     "log_level": (_choice(*LEVELS), None),  # applied by mount.run()
     "model": (_str, None),
     "device": (_choice("auto", "cpu", "cuda"), "device"),
@@ -143,8 +145,13 @@ KEYS = {
 }
 HANDLED = {"options", "log_level"}
 # What an argument holds when the command line did not set it (None unless listed).
-UNSET = {"no_compaction": False, "compact_after": COMPACT_AFTER, "device": "auto",
-         "cluster_workers": 0, "cluster_timeout": CLUSTER_TIMEOUT}
+UNSET = {
+    "no_compaction": False,
+    "compact_after": COMPACT_AFTER,
+    "device": "auto",
+    "cluster_workers": 0,
+    "cluster_timeout": CLUSTER_TIMEOUT,
+}
 SECTIONS = {k.split(".")[0] for k in KEYS if "." in k}
 
 
@@ -168,8 +175,7 @@ def _flatten(doc: dict, path: str) -> dict:
     for key, value in doc.items():
         if isinstance(value, dict):
             if key not in SECTIONS:
-                raise ConfigError(f"{path}: unknown section [{key}] (known: "
-                                  f"{', '.join(sorted(SECTIONS))})")
+                raise ConfigError(f"{path}: unknown section [{key}] (known: {', '.join(sorted(SECTIONS))})")
             for sub, v in value.items():
                 flat[f"{key}.{sub}"] = v
         else:

@@ -17,6 +17,7 @@ client that sends nothing (or stops reading) for IO_TIMEOUT seconds is dropped, 
 MAX_CLIENTS connections are served at once — one more is told the daemon is busy, on the accept
 thread, so that a burst of connections cannot start a thread each.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,9 +43,14 @@ def _short_path(dir_fd: int) -> str:
 
 
 class ControlServer:
-    def __init__(self, store_path: str, handlers: dict[str, Callable[[dict, Callable], dict]],
-                 max_clients: int = MAX_CLIENTS, max_request: int = MAX_REQUEST,
-                 io_timeout: float = IO_TIMEOUT):
+    def __init__(
+        self,
+        store_path: str,
+        handlers: dict[str, Callable[[dict, Callable], dict]],
+        max_clients: int = MAX_CLIENTS,
+        max_request: int = MAX_REQUEST,
+        io_timeout: float = IO_TIMEOUT,
+    ):
         """handlers[op](request, send) -> result dict; send(dict) streams a progress line."""
         self.handlers = handlers
         self.max_clients = max_clients
@@ -89,8 +95,12 @@ class ControlServer:
                 conn.settimeout(BUSY_TIMEOUT)
                 with conn.makefile("rwb") as f:
                     f.readline(self.max_request + 1)
-                    f.write(json.dumps({"error": f"the daemon is busy with {self.max_clients} "
-                                                 f"requests; try again"}).encode() + b"\n")
+                    f.write(
+                        json.dumps(
+                            {"error": f"the daemon is busy with {self.max_clients} requests; try again"}
+                        ).encode()
+                        + b"\n"
+                    )
                     f.flush()
             except OSError:
                 pass
@@ -105,9 +115,11 @@ class ControlServer:
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(self.io_timeout)
         with conn, conn.makefile("rwb") as f:
+
             def send(obj: dict) -> None:
                 f.write(json.dumps(obj).encode() + b"\n")
                 f.flush()
+
             try:
                 line = f.readline(self.max_request + 1)
                 if len(line) > self.max_request:

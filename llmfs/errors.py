@@ -6,18 +6,52 @@ class FsError(Exception):
     """A filesystem operation failed in a way POSIX names (the edge maps the class to errno)."""
 
 
-class NotFound(FsError): pass
-class Exists(FsError): pass
-class NotEmpty(FsError): pass
-class NotADirectory(FsError): pass
-class IsADirectory(FsError): pass
-class InvalidArgument(FsError): pass
-class NameTooLong(FsError): pass
-class NotPermitted(FsError): pass
-class NoAttribute(FsError): pass
-class NotSupported(FsError): pass
-class TooBig(FsError): pass
-class NoSpace(FsError): pass
+class NotFound(FsError):
+    pass
+
+
+class Exists(FsError):
+    pass
+
+
+class NotEmpty(FsError):
+    pass
+
+
+class NotADirectory(FsError):
+    pass
+
+
+class IsADirectory(FsError):
+    pass
+
+
+class InvalidArgument(FsError):
+    pass
+
+
+class NameTooLong(FsError):
+    pass
+
+
+class NotPermitted(FsError):
+    pass
+
+
+class NoAttribute(FsError):
+    pass
+
+
+class NotSupported(FsError):
+    pass
+
+
+class TooBig(FsError):
+    pass
+
+
+class NoSpace(FsError):
+    pass
 
 
 class CorruptData(FsError):

@@ -20,6 +20,7 @@ are reported but never quarantined: that is a missing model, not damage.
 The checks read the whole metadata into memory (inodes, dirents, the block map): a few dozen bytes
 per entry. Threading: runs alone, with the store's lock held (not while mounted).
 """
+
 from __future__ import annotations
 
 import logging
@@ -91,18 +92,25 @@ def check_dirents(s: Snapshot, t: Txn) -> list[Problem]:
     for parent, name, ino in s.dirents:
         pin = s.inodes.get(parent)
         if ino not in s.inodes or pin is None or not pin.is_dir:
+
             def repair(t, parent=parent, name=name):
                 t.unlink(parent, name)
-            out.append(Problem("dirents", f"entry {name!r} in inode {parent} names "
-                               f"{'a missing inode' if ino not in s.inodes else 'a non-directory'}"
-                               f" ({ino})", repair))
+
+            out.append(
+                Problem(
+                    "dirents",
+                    f"entry {name!r} in inode {parent} names "
+                    f"{'a missing inode' if ino not in s.inodes else 'a non-directory'}"
+                    f" ({ino})",
+                    repair,
+                )
+            )
     return out
 
 
 def check_link_counts(s: Snapshot, t: Txn) -> list[Problem]:
     names = Counter(ino for _, _, ino in s.dirents)
-    subdirs = Counter(parent for parent, _, ino in s.dirents
-                      if ino in s.inodes and s.inodes[ino].is_dir)
+    subdirs = Counter(parent for parent, _, ino in s.dirents if ino in s.inodes and s.inodes[ino].is_dir)
     out = []
     for ino, inode in s.inodes.items():
         if inode.is_dir:
@@ -112,30 +120,41 @@ def check_link_counts(s: Snapshot, t: Txn) -> list[Problem]:
         if ino in s.orphans and want == 0:
             continue  # unlinked while open: cleaned up at the next mount
         if want == 0 and ino != ROOT_INO:
+
             def repair(t, ino=ino):
                 t.delete_inode(ino)
-            out.append(Problem("link_counts", f"inode {ino} has no name; repair deletes it",
-                               repair))
+
+            out.append(Problem("link_counts", f"inode {ino} has no name; repair deletes it", repair))
         elif inode.nlink != want:
+
             def repair(t, ino=ino, want=want):
                 i = t.inode(ino)
                 t.put_inode(ino, i.evolve(nlink=want), i)
-            out.append(Problem("link_counts", f"{s.path(ino)}: link count {inode.nlink}, "
-                               f"{want} names", repair))
+
+            out.append(
+                Problem("link_counts", f"{s.path(ino)}: link count {inode.nlink}, {want} names", repair)
+            )
     return out
 
 
 def check_orphans(s: Snapshot, t: Txn) -> list[Problem]:
     out = []
     for ino in s.orphans:
+
         def repair(t, ino=ino):
             i = t.inode(ino)
             if i is None or i.nlink == 0:
                 t.delete_inode(ino)
             else:
                 t.remove_orphan(ino)
-        out.append(Problem("orphans", f"inode {ino} was unlinked while open when the store was "
-                           f"last used; repair deletes it", repair))
+
+        out.append(
+            Problem(
+                "orphans",
+                f"inode {ino} was unlinked while open when the store was last used; repair deletes it",
+                repair,
+            )
+        )
     return out
 
 
@@ -151,8 +170,10 @@ def check_blockmap(s: Snapshot, t: Txn) -> list[Problem]:
         elif h not in s.block_keys:
             why = f"of {s.path(ino)} names a block that is not stored; repair makes it a hole"
         if why:
+
             def repair(t, ino=ino, idx=idx):
                 t.set_block(ino, idx, None)
+
             out.append(Problem("blockmap", f"block {idx} of inode {ino} {why}", repair))
     return out
 
@@ -165,20 +186,22 @@ def check_refcounts(s: Snapshot, t: Txn) -> list[Problem]:
         if n and h not in s.block_keys:
             continue  # reported (and repaired) by check_blockmap
         if n != have:
+
             def repair(t, h=h, n=n):
                 t.set_refcount(h, n)
-            out.append(Problem("refcounts", f"block {h.hex()[:16]}: refcount {have}, "
-                               f"{n} references", repair))
+
+            out.append(Problem("refcounts", f"block {h.hex()[:16]}: refcount {have}, {n} references", repair))
     return out
 
 
 def check_pending(s: Snapshot, t: Txn) -> list[Problem]:
     out = []
     for h in s.pending - s.block_keys:
+
         def repair(t, h=h):
             t.txn.delete(h, db=t.db["pending"])
-        out.append(Problem("pending", f"compaction queue names missing block {h.hex()[:16]}",
-                           repair))
+
+        out.append(Problem("pending", f"compaction queue names missing block {h.hex()[:16]}", repair))
     return out
 
 
@@ -202,6 +225,7 @@ def check_counters(s: Snapshot, t: Txn) -> list[Problem]:
 
     def repair(t):  # recounted in the repair transaction, after the repairs before it
         t.set_counters(_count(t))
+
     return [Problem("counters", "the usage counters differ from the store's contents", repair)]
 
 
@@ -221,41 +245,65 @@ def check_models(s: Snapshot, t: Txn) -> list[Problem]:
     missing: dict[bytes, int] = {}
     for h, _blob in t.blocks():
         head = t.header(h)
-        if head is not None and head.fingerprint and head.fingerprint not in known \
-                and head.fingerprint not in keys:
+        if (
+            head is not None
+            and head.fingerprint
+            and head.fingerprint not in known
+            and head.fingerprint not in keys
+        ):
             missing[head.fingerprint] = missing.get(head.fingerprint, 0) + 1
-    out = [Problem("models", f"{n} block(s) were coded by model {fp.hex()}, which the store "
-                   f"does not record: they cannot be decoded") for fp, n in missing.items()]
+    out = [
+        Problem(
+            "models",
+            f"{n} block(s) were coded by model {fp.hex()}, which the store "
+            f"does not record: they cannot be decoded",
+        )
+        for fp, n in missing.items()
+    ]
     for fp, d in keys.items():
         if d not in files:
-            out.append(Problem("models", f"model {fp.hex()} names model file {d.hex()[:16]}, "
-                               f"which is missing from the store"))
+            out.append(
+                Problem(
+                    "models",
+                    f"model {fp.hex()} names model file {d.hex()[:16]}, which is missing from the store",
+                )
+            )
     return out
 
 
 def check_model_files(s: Snapshot, t: Txn) -> list[Problem]:
     """Each model file hashes to its key and answers to the fingerprints that name it."""
     from llmfs.codec.lm import modelfile
+
     out = []
     keys = t.model_keys()
     for d in t.model_file_digests():
         blob = t.model_file(d)
         if modelfile.digest(blob) != d:
             users = sorted(fp.hex() for fp, k in keys.items() if k == d)
-            out.append(Problem("model_files", f"model file {d.hex()[:16]} is corrupt (does not "
-                               f"match its hash); blocks of model(s) {', '.join(users)} cannot "
-                               f"be decoded until it is restored"))
+            out.append(
+                Problem(
+                    "model_files",
+                    f"model file {d.hex()[:16]} is corrupt (does not "
+                    f"match its hash); blocks of model(s) {', '.join(users)} cannot "
+                    f"be decoded until it is restored",
+                )
+            )
             continue
         try:
-            m = modelfile.read_manifest(blob[:64 << 20])
+            m = modelfile.read_manifest(blob[: 64 << 20])
         except modelfile.BadModelFile as e:
             out.append(Problem("model_files", f"model file {d.hex()[:16]}: {e}"))
             continue
         answers = {m["fingerprint"], *m["aliases"]}
         for fp, k in keys.items():
             if k == d and fp.hex() not in answers:
-                out.append(Problem("model_files", f"fingerprint {fp.hex()} names model file "
-                                   f"{d.hex()[:16]}, which does not decode it"))
+                out.append(
+                    Problem(
+                        "model_files",
+                        f"fingerprint {fp.hex()} names model file {d.hex()[:16]}, which does not decode it",
+                    )
+                )
     return out
 
 
@@ -266,22 +314,34 @@ def check_model_embedding(s: Snapshot, t: Txn) -> list[Problem]:
     out = []
     for use in models.usage():
         if use.digest is not None or use.spec is None:
-            continue   # embedded, or reported by check_models
+            continue  # embedded, or reported by check_models
         try:
             codec = models.resolve(use.fingerprint)
         except ContainerError as e:
-            out.append(Problem("model_embedding", f"{use.blocks} block(s) of model "
-                               f"{use.fingerprint.hex()} ({use.spec}) depend on the environment, "
-                               f"which cannot build it: {e}"))
+            out.append(
+                Problem(
+                    "model_embedding",
+                    f"{use.blocks} block(s) of model "
+                    f"{use.fingerprint.hex()} ({use.spec}) depend on the environment, "
+                    f"which cannot build it: {e}",
+                )
+            )
             continue
         mf = codec.model_file
 
         def repair(t, mf=mf, spec=use.spec):
             t.put_model_file(mf.digest, memoryview(mf.blob), sorted(mf.fingerprints))
             t.add_model(mf.fingerprint, spec)
-        out.append(Problem("model_embedding", f"{use.blocks} block(s) of model "
-                           f"{use.fingerprint.hex()} ({use.spec}) depend on the environment: "
-                           f"repair stores the model in the store", repair))
+
+        out.append(
+            Problem(
+                "model_embedding",
+                f"{use.blocks} block(s) of model "
+                f"{use.fingerprint.hex()} ({use.spec}) depend on the environment: "
+                f"repair stores the model in the store",
+                repair,
+            )
+        )
     return out
 
 
@@ -325,19 +385,30 @@ def check_block_headers(s: Snapshot, t: Txn) -> list[Problem]:
     out = []
     for h in s.block_keys:
         if t.header(h) is None:
+
             def repair(t, h=h):
                 quarantine(t, h, users[h])
-            out.append(Problem("block_headers", f"block {h.hex()[:16]} has a damaged header; "
-                               f"affected: {_files(s, users[h])}; repair quarantines it (its "
-                               f"range reads as EIO until the file is rewritten)", repair))
+
+            out.append(
+                Problem(
+                    "block_headers",
+                    f"block {h.hex()[:16]} has a damaged header; "
+                    f"affected: {_files(s, users[h])}; repair quarantines it (its "
+                    f"range reads as EIO until the file is rewritten)",
+                    repair,
+                )
+            )
     return out
 
 
 def quarantined(s: Snapshot, t: Txn) -> list[str]:
     """The files that use quarantined blocks: not problems, but worth saying."""
     users = _users(s)
-    return [f"block {h.hex()[:16]}: {_files(s, users[h])}" for h in sorted(s.block_keys)
-            if t.container_codec(h) == DAMAGED]
+    return [
+        f"block {h.hex()[:16]}: {_files(s, users[h])}"
+        for h in sorted(s.block_keys)
+        if t.container_codec(h) == DAMAGED
+    ]
 
 
 def check_block_checksums(s: Snapshot, t: Txn, registry: Registry | None = None) -> list[Problem]:
@@ -362,15 +433,19 @@ def check_block_checksums(s: Snapshot, t: Txn, registry: Registry | None = None)
         for (h, _), data in zip(batch, decoded):
             if data is None or block_hash(data) != h:
                 why = error if data is None else "content does not match its hash"
-                files = ", ".join(sorted({f"{s.path(ino)} (block {idx})"
-                                          for ino, idx in users[h]}))
+                files = ", ".join(sorted({f"{s.path(ino)} (block {idx})" for ino, idx in users[h]}))
                 missing_model = isinstance(error, (ModelMismatch, UnsupportedVersion))
 
                 def repair(t, h=h):
                     quarantine(t, h, users[h])
-                out.append(Problem("block_checksums", f"block {h.hex()[:16]} is corrupt "
-                                   f"({why}); affected: {files or 'no file'}",
-                                   None if missing_model else repair))
+
+                out.append(
+                    Problem(
+                        "block_checksums",
+                        f"block {h.hex()[:16]} is corrupt ({why}); affected: {files or 'no file'}",
+                        None if missing_model else repair,
+                    )
+                )
 
     batch: list[tuple[bytes, bytes]] = []
     for h, blob in t.blocks():
@@ -386,9 +461,21 @@ def check_block_checksums(s: Snapshot, t: Txn, registry: Registry | None = None)
     return out
 
 
-CHECKS = [check_root, check_dirents, check_link_counts, check_orphans, check_blockmap,
-          check_refcounts, check_pending, check_counters, check_models, check_model_files,
-          check_model_embedding, check_block_headers, check_block_checksums]
+CHECKS = [
+    check_root,
+    check_dirents,
+    check_link_counts,
+    check_orphans,
+    check_blockmap,
+    check_refcounts,
+    check_pending,
+    check_counters,
+    check_models,
+    check_model_files,
+    check_model_embedding,
+    check_block_headers,
+    check_block_checksums,
+]
 # What a damaged stored byte can make a check find: the block's own problem, never the store's.
 # A mount after a crash logs these and mounts (the reads of those blocks fail, nothing else).
 DAMAGE_CHECKS = [check_counters, check_models, check_block_headers, check_block_checksums]
@@ -396,8 +483,9 @@ DAMAGE_CHECKS = [check_counters, check_models, check_block_headers, check_block_
 QUICK_CHECKS = [c for c in CHECKS if c not in (check_block_checksums, check_model_embedding)]
 
 
-def run_checks(store: Store, checks=CHECKS, repair: bool = False,
-               registry: Registry | None = None) -> tuple[list[Problem], bool]:
+def run_checks(
+    store: Store, checks=CHECKS, repair: bool = False, registry: Registry | None = None
+) -> tuple[list[Problem], bool]:
     """Run the checks; with repair, apply every repair in one transaction. Returns (problems,
     whether all of them were repaired)."""
     with store.read() as t:
@@ -434,8 +522,7 @@ def run(args) -> int:
         print(f"llmfs fsck: {e}", file=sys.stderr)
         return 8
     try:
-        problems, repairable = run_checks(store, QUICK_CHECKS if args.quick else CHECKS,
-                                          repair=args.repair)
+        problems, repairable = run_checks(store, QUICK_CHECKS if args.quick else CHECKS, repair=args.repair)
         for p in problems:
             print(f"{p.check}: {p.message}")
         with store.read() as t:
@@ -453,9 +540,10 @@ def run(args) -> int:
             print(f"{args.store}: {len(problems)} problem(s) repaired")
             return 1
         left = [p for p in problems if not (args.repair and p.repair)]
-        print(f"{args.store}: {len(left)} problem(s) left"
-              + ("" if args.repair else "; run with --repair to fix what can be fixed"))
+        print(
+            f"{args.store}: {len(left)} problem(s) left"
+            + ("" if args.repair else "; run with --repair to fix what can be fixed")
+        )
         return 4
     finally:
         store.close()
-

@@ -35,6 +35,7 @@ namespace is thread-safe. State kept here: the hidden aliases (under their own l
 thread a call counter and what its last call left for the next one (each thread touches only
 its own entries).
 """
+
 from __future__ import annotations
 
 import errno
@@ -54,11 +55,19 @@ from .store import StoreError, StoreFull  # noqa: E402
 log = logging.getLogger("llmfs")
 
 ERRNO = {
-    ns.NotFound: errno.ENOENT, ns.Exists: errno.EEXIST, ns.NotEmpty: errno.ENOTEMPTY,
-    ns.NotADirectory: errno.ENOTDIR, ns.IsADirectory: errno.EISDIR,
-    ns.InvalidArgument: errno.EINVAL, ns.NameTooLong: errno.ENAMETOOLONG,
-    ns.NotPermitted: errno.EPERM, ns.NoAttribute: errno.ENODATA, ns.NotSupported: errno.ENOTSUP,
-    ns.TooBig: errno.E2BIG, ns.NoSpace: errno.ENOSPC, ns.CorruptData: errno.EIO,
+    ns.NotFound: errno.ENOENT,
+    ns.Exists: errno.EEXIST,
+    ns.NotEmpty: errno.ENOTEMPTY,
+    ns.NotADirectory: errno.ENOTDIR,
+    ns.IsADirectory: errno.EISDIR,
+    ns.InvalidArgument: errno.EINVAL,
+    ns.NameTooLong: errno.ENAMETOOLONG,
+    ns.NotPermitted: errno.EPERM,
+    ns.NoAttribute: errno.ENODATA,
+    ns.NotSupported: errno.ENOTSUP,
+    ns.TooBig: errno.E2BIG,
+    ns.NoSpace: errno.ENOSPC,
+    ns.CorruptData: errno.EIO,
 }
 FUSE_UNKNOWN_INO = 0xFFFFFFFF
 UTIME_NOW = (1 << 30) - 1
@@ -99,6 +108,7 @@ def _errno_edge(method):
         except StoreError as e:
             log.error("%s: %s", method.__name__, e)
             raise FuseOSError(errno.EIO) from None
+
     return wrapper
 
 
@@ -186,10 +196,18 @@ class Operations(mfusepy.Operations):
     def _attrs(self, ino: int, inode) -> dict:
         blocks = -(-inode.size // 512) if inode.is_reg else 0
         return {
-            "st_ino": ino, "st_mode": inode.mode, "st_nlink": inode.nlink,
-            "st_uid": inode.uid, "st_gid": inode.gid, "st_size": inode.size,
-            "st_atime": inode.atime, "st_mtime": inode.mtime, "st_ctime": inode.ctime,
-            "st_rdev": inode.rdev, "st_blocks": blocks, "st_blksize": self.fs.block_size,
+            "st_ino": ino,
+            "st_mode": inode.mode,
+            "st_nlink": inode.nlink,
+            "st_uid": inode.uid,
+            "st_gid": inode.gid,
+            "st_size": inode.size,
+            "st_atime": inode.atime,
+            "st_mtime": inode.mtime,
+            "st_ctime": inode.ctime,
+            "st_rdev": inode.rdev,
+            "st_blocks": blocks,
+            "st_blksize": self.fs.block_size,
         }
 
     # -- metadata --------------------------------------------------------------------------------
@@ -220,8 +238,7 @@ class Operations(mfusepy.Operations):
         out = []
         for name, ino, mode in entries:
             if ino is None:  # '..'
-                ino = self._parent(path)[0] if path not in (None, "/") else 1 if path else \
-                    FUSE_UNKNOWN_INO
+                ino = self._parent(path)[0] if path not in (None, "/") else 1 if path else FUSE_UNKNOWN_INO
             out.append((os.fsdecode(name), {"st_ino": ino, "st_mode": mode}, 0))
         return out
 
@@ -307,9 +324,9 @@ class Operations(mfusepy.Operations):
             moved = {}
             for p in list(self._hidden):
                 if p.startswith(o):
-                    moved[n + p[len(o):]] = self._hidden.pop(p)
+                    moved[n + p[len(o) :]] = self._hidden.pop(p)
                 elif exchange and p.startswith(n):
-                    moved[o + p[len(n):]] = self._hidden.pop(p)
+                    moved[o + p[len(n) :]] = self._hidden.pop(p)
             self._hidden.update(moved)
 
     @_errno_edge
@@ -332,6 +349,7 @@ class Operations(mfusepy.Operations):
             if t == UTIME_OMIT:
                 return None
             return ns.now_ns() if t == UTIME_NOW else t
+
         self.fs.utimens(self._ino(path, fh), resolve(times[0]), resolve(times[1]))
         return 0
 
@@ -445,6 +463,8 @@ class FUSE(mfusepy.FUSE):
     def utimens_fuse_3(self, path: bytes | None, buf, fip) -> int:
         times = None
         if buf:
-            times = (mfusepy.time_of_timespec(buf.contents.actime, use_ns=self.use_ns),
-                     mfusepy.time_of_timespec(buf.contents.modtime, use_ns=self.use_ns))
+            times = (
+                mfusepy.time_of_timespec(buf.contents.actime, use_ns=self.use_ns),
+                mfusepy.time_of_timespec(buf.contents.modtime, use_ns=self.use_ns),
+            )
         return self.operations.utimens(self._path(path), times, self._fh(fip))

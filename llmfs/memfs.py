@@ -10,6 +10,7 @@ binding.
 
 `python -m llmfs.memfs MOUNTPOINT` serves it in the foreground until unmounted.
 """
+
 from __future__ import annotations
 
 import errno
@@ -28,8 +29,17 @@ class MemFS(mfusepy.Operations):
 
     def __init__(self) -> None:
         now = time.time_ns()
-        self.attrs = {"/": dict(st_mode=stat.S_IFDIR | 0o755, st_nlink=2, st_size=0, st_ino=1,
-                                st_atime=now, st_mtime=now, st_ctime=now)}
+        self.attrs = {
+            "/": dict(
+                st_mode=stat.S_IFDIR | 0o755,
+                st_nlink=2,
+                st_size=0,
+                st_ino=1,
+                st_atime=now,
+                st_mtime=now,
+                st_ctime=now,
+            )
+        }
         self.data: dict[str, bytearray] = {}
         self._mutex = threading.Lock()
         self.next_ino = 2
@@ -39,8 +49,15 @@ class MemFS(mfusepy.Operations):
         with self._mutex:
             if path in self.attrs:
                 raise mfusepy.FuseOSError(errno.EEXIST)
-            self.attrs[path] = dict(st_mode=mode, st_nlink=1, st_size=0, st_ino=self.next_ino,
-                                    st_atime=now, st_mtime=now, st_ctime=now)
+            self.attrs[path] = dict(
+                st_mode=mode,
+                st_nlink=1,
+                st_size=0,
+                st_ino=self.next_ino,
+                st_atime=now,
+                st_mtime=now,
+                st_ctime=now,
+            )
             self.next_ino += 1
 
     def getattr(self, path, fh=None):
@@ -51,8 +68,11 @@ class MemFS(mfusepy.Operations):
 
     def readdir(self, path, fh):
         prefix = path.rstrip("/") + "/"
-        return [".", ".."] + [p[len(prefix):] for p in list(self.attrs)
-                              if p.startswith(prefix) and "/" not in p[len(prefix):] and p != "/"]
+        return [".", ".."] + [
+            p[len(prefix) :]
+            for p in list(self.attrs)
+            if p.startswith(prefix) and "/" not in p[len(prefix) :] and p != "/"
+        ]
 
     def mkdir(self, path, mode):
         self._new(path, stat.S_IFDIR | mode)
@@ -66,11 +86,11 @@ class MemFS(mfusepy.Operations):
         return 0
 
     def read(self, path, size, offset, fh):
-        return bytes(self.data[path][offset:offset + size])
+        return bytes(self.data[path][offset : offset + size])
 
     def write(self, path, buf, offset, fh):
         d = self.data[path]
-        d[offset:offset + len(buf)] = buf
+        d[offset : offset + len(buf)] = buf
         self.attrs[path]["st_size"] = len(d)
         return len(buf)
 
@@ -110,14 +130,15 @@ class MemFS(mfusepy.Operations):
         a["st_mode"] = stat.S_IFMT(a["st_mode"]) | mode
 
     def statfs(self, path):
-        return dict(f_bsize=4096, f_frsize=4096, f_blocks=1 << 20, f_bfree=1 << 20,
-                    f_bavail=1 << 20, f_namemax=255)
+        return dict(
+            f_bsize=4096, f_frsize=4096, f_blocks=1 << 20, f_bfree=1 << 20, f_bavail=1 << 20, f_namemax=255
+        )
 
 
 def main() -> None:
     from .mount import BASE_OPTIONS
-    mfusepy.FUSE(MemFS(), sys.argv[1], foreground=True, nothreads=False, fsname="memfs",
-                 **BASE_OPTIONS)
+
+    mfusepy.FUSE(MemFS(), sys.argv[1], foreground=True, nothreads=False, fsname="memfs", **BASE_OPTIONS)
 
 
 if __name__ == "__main__":

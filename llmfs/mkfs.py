@@ -1,4 +1,5 @@
 """`llmfs mkfs STORE [--block-size N] [--model M]`: create an empty store."""
+
 from __future__ import annotations
 
 import os
@@ -22,10 +23,17 @@ NAMED_MODELS = (DEFAULT_MODEL, TINY_SPEC)
 def register(sub) -> None:
     p = sub.add_parser("mkfs", help="create an empty store")
     p.add_argument("store", help="directory to create the store in")
-    p.add_argument("--block-size", type=parse_size, default=DEFAULT_BLOCK_SIZE,
-                   help="logical block size, a power of two (default 64K)")
-    p.add_argument("--model", default="",
-                   help="model for compaction: a GGUF file or HF directory (default: SmolLM2-135M)")
+    p.add_argument(
+        "--block-size",
+        type=parse_size,
+        default=DEFAULT_BLOCK_SIZE,
+        help="logical block size, a power of two (default 64K)",
+    )
+    p.add_argument(
+        "--model",
+        default="",
+        help="model for compaction: a GGUF file or HF directory (default: SmolLM2-135M)",
+    )
     p.set_defaults(func=run)
 
 
@@ -33,8 +41,11 @@ def run(args) -> int:
     model = args.model
     if model and model not in NAMED_MODELS and not model.startswith(TINY_SPEC + ":"):
         if not os.path.exists(model):
-            print(f"llmfs mkfs: model {model} does not exist (a GGUF file, a Hugging Face "
-                  f"directory, or one of: {', '.join(NAMED_MODELS)})", file=sys.stderr)
+            print(
+                f"llmfs mkfs: model {model} does not exist (a GGUF file, a Hugging Face "
+                f"directory, or one of: {', '.join(NAMED_MODELS)})",
+                file=sys.stderr,
+            )
             return 1
         model = os.path.abspath(model)
     try:

@@ -23,6 +23,7 @@ naming the release that wrote it. fsck and stat report instead (`Models(store, c
 
 Threading: models load lazily (seconds) on first use, once, under a lock; the loaded codec is shared.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,27 +61,34 @@ def store_spec(store: Store) -> str:
 @dataclass
 class ModelUse:
     """One fingerprint found in a store's LM blocks (fsck and stat report these)."""
+
     fingerprint: bytes
-    blocks: int                  # LM blocks whose container carries it
-    spec: str | None             # from the models table
-    digest: bytes | None         # its model file, if embedded
-    engine_version: int | None   # from the model file's manifest
+    blocks: int  # LM blocks whose container carries it
+    spec: str | None  # from the models table
+    digest: bytes | None  # its model file, if embedded
+    engine_version: int | None  # from the model file's manifest
     written_by: str
-    decodable: bool              # whether this installation can decode them
-    why: str                     # what decodable rests on, in words
+    decodable: bool  # whether this installation can decode them
+    why: str  # what decodable rests on, in words
 
 
 class Models:
-    def __init__(self, store: Store, threads: int | None = THREADS, batch: int = DECODE_BATCH,
-                 device: str = "auto", check: bool = True):
+    def __init__(
+        self,
+        store: Store,
+        threads: int | None = THREADS,
+        batch: int = DECODE_BATCH,
+        device: str = "auto",
+        check: bool = True,
+    ):
         """check: raise UndecodableStore if a model file of the store needs an engine version
         this release lacks (a mount or compaction must not start on such a store)."""
         self.store = store
         self.threads, self.batch, self.device = threads, batch, device
         self._lock = threading.Lock()
-        self._codecs: dict[object, object] = {}        # model file digest or spec -> LM codec
+        self._codecs: dict[object, object] = {}  # model file digest or spec -> LM codec
         self._compaction = None
-        self._to_embed: dict[bytes, tuple[object, str]] = {}   # fp -> (codec, spec)
+        self._to_embed: dict[bytes, tuple[object, str]] = {}  # fp -> (codec, spec)
         if check:
             self.check()
 
@@ -88,6 +96,7 @@ class Models:
     def manifests(self) -> dict[bytes, dict]:
         """digest -> manifest of every model file in the store (headers only, not verified)."""
         from llmfs.codec.lm import modelfile
+
         out = {}
         with self.store.read(buffers=True) as t:
             for d in t.model_file_digests():
@@ -99,19 +108,22 @@ class Models:
 
     def check(self) -> None:
         from llmfs.codec.lm import engines
+
         for d, m in self.manifests().items():
             if "error" in m:
-                continue   # a corrupt model file: its blocks read as EIO, fsck names them
+                continue  # a corrupt model file: its blocks read as EIO, fsck names them
             try:
                 engines.check(int(m["engine_version"]), m.get("written_by", ""))
             except engines.UnsupportedEngine as e:
-                raise UndecodableStore(f"{self.store.path}: model {m.get('fingerprint', '?')} "
-                                       f"(file {d.hex()[:16]}): {e}") from None
+                raise UndecodableStore(
+                    f"{self.store.path}: model {m.get('fingerprint', '?')} (file {d.hex()[:16]}): {e}"
+                ) from None
 
     def usage(self) -> list[ModelUse]:
         """Per fingerprint of the store's LM blocks: how many blocks, which model file and engine
         version, and whether this installation can decode them (without loading any model)."""
         from llmfs.codec.lm import engines
+
         counts: Counter = Counter()
         with self.store.read(buffers=True) as t:
             with t.txn.cursor(db=t.db["blocks"]) as cur:
@@ -122,7 +134,7 @@ class Models:
             keys, specs = t.model_keys(), t.models()
         manifests = self.manifests()
         used = {keys.get(fp) for fp in counts}
-        for d in set(keys.values()) - used:          # embedded models no block uses yet, too
+        for d in set(keys.values()) - used:  # embedded models no block uses yet, too
             fp = bytes.fromhex(manifests.get(d, {}).get("fingerprint", "")) or None
             if fp is not None:
                 counts[fp] = 0
@@ -133,15 +145,21 @@ class Models:
             version, by = m.get("engine_version"), m.get("written_by", "")
             if d is None:
                 ok = spec is not None
-                why = (f"not embedded: needs model {spec!r} buildable on this machine "
-                       f"(`llmfs fsck --repair` embeds it)" if ok else
-                       "no model recorded for it: undecodable")
+                why = (
+                    f"not embedded: needs model {spec!r} buildable on this machine "
+                    f"(`llmfs fsck --repair` embeds it)"
+                    if ok
+                    else "no model recorded for it: undecodable"
+                )
             elif "error" in m:
                 ok, why = False, f"model file corrupt: {m['error']}"
             else:
                 ok = int(version) in engines.SUPPORTED
-                why = "embedded" if ok else f"embedded, but engine version {version} is not " \
-                                            f"in this release (written by {by})"
+                why = (
+                    "embedded"
+                    if ok
+                    else f"embedded, but engine version {version} is not in this release (written by {by})"
+                )
             out.append(ModelUse(fp, n, spec, d, version, by, ok, why))
         return out
 
@@ -151,6 +169,7 @@ class Models:
         codec = self._codecs.get(digest)
         if codec is None:
             from llmfs.codec.lm import codec_of, modelfile
+
             with self.store.read(buffers=True) as t:
                 raw = t.model_file(digest)
                 blob = bytearray(raw) if raw is not None else None
@@ -158,8 +177,13 @@ class Models:
                 raise ModelMismatch(f"model file {digest.hex()[:16]} is missing from the store")
             log.info("loading model %s from the store", digest.hex()[:16])
             mf = modelfile.parse(blob, digest)
-            codec = codec_of(mf, batch=self.batch, threads=self.threads, device=self.device,
-                             source=f"store model {digest.hex()[:16]}")
+            codec = codec_of(
+                mf,
+                batch=self.batch,
+                threads=self.threads,
+                device=self.device,
+                source=f"store model {digest.hex()[:16]}",
+            )
             self._codecs[digest] = codec
         return codec
 
@@ -168,14 +192,20 @@ class Models:
         codec = self._codecs.get(spec)
         if codec is None:
             from llmfs.codec.lm import open_codec  # torch and the model: only when needed
+
             log.info("loading model %s", spec)
             codec = open_codec(spec, batch=self.batch, threads=self.threads, device=self.device)
             b = getattr(codec.engine, "backend", None)
-            log.info("model %s on %s, %d engine threads%s", spec, codec.engine.device,
-                     getattr(codec.engine, "threads", 1), f"; {b.describe()}" if b else "")
+            log.info(
+                "model %s on %s, %d engine threads%s",
+                spec,
+                codec.engine.device,
+                getattr(codec.engine, "threads", 1),
+                f"; {b.describe()}" if b else "",
+            )
             self._codecs[spec] = codec
             mf = getattr(codec, "model_file", None)
-            if mf is not None:    # the same model read back from the store: not a second copy
+            if mf is not None:  # the same model read back from the store: not a second copy
                 self._codecs.setdefault(mf.digest, codec)
         return codec
 
@@ -196,6 +226,7 @@ class Models:
 
     def _current_codec(self):
         from llmfs.codec.lm import engines
+
         spec = store_spec(self.store)
         with self.store.read() as t:
             specs, keys = t.models(), t.model_keys()
@@ -203,8 +234,11 @@ class Models:
         for fp, s in specs.items():
             d = keys.get(fp)
             m = manifests.get(d, {}) if d else {}
-            if s == spec and m.get("engine_version") == engines.current_version() \
-                    and m.get("fingerprint") == fp.hex():
+            if (
+                s == spec
+                and m.get("engine_version") == engines.current_version()
+                and m.get("fingerprint") == fp.hex()
+            ):
                 return self._file_codec(d)
         codec = self._spec_codec(spec)
         self._embed(codec, spec)
@@ -260,25 +294,32 @@ class Models:
                 except ModelMismatch:
                     raise
                 except Exception as e:  # corrupt file, an engine version this release lacks
-                    raise ModelMismatch(f"blocks {fingerprint.hex()} need model file "
-                                        f"{digest.hex()[:16]} of the store, which cannot be "
-                                        f"used: {e}") from None
+                    raise ModelMismatch(
+                        f"blocks {fingerprint.hex()} need model file "
+                        f"{digest.hex()[:16]} of the store, which cannot be "
+                        f"used: {e}"
+                    ) from None
             elif spec is None:
-                raise ModelMismatch(f"blocks were coded by model {fingerprint.hex()}, which this "
-                                    f"store does not record")
+                raise ModelMismatch(
+                    f"blocks were coded by model {fingerprint.hex()}, which this store does not record"
+                )
             else:
                 try:
                     codec = self._spec_codec(spec)
                 except Exception as e:  # a missing file, an unsupported model
-                    raise ModelMismatch(f"model {spec} (needed by blocks {fingerprint.hex()}) "
-                                        f"is not stored in the store and cannot be loaded: "
-                                        f"{e}") from None
+                    raise ModelMismatch(
+                        f"model {spec} (needed by blocks {fingerprint.hex()}) "
+                        f"is not stored in the store and cannot be loaded: "
+                        f"{e}"
+                    ) from None
                 if fingerprint in codec.fingerprints:
                     self._to_embed[fingerprint] = (codec, spec)
         if fingerprint not in codec.fingerprints:
-            raise ModelMismatch(f"model {spec or digest.hex()[:16]} now has fingerprint "
-                                f"{codec.fingerprint.hex()}, but blocks need "
-                                f"{fingerprint.hex()}: was the model file replaced?")
+            raise ModelMismatch(
+                f"model {spec or digest.hex()[:16]} now has fingerprint "
+                f"{codec.fingerprint.hex()}, but blocks need "
+                f"{fingerprint.hex()}: was the model file replaced?"
+            )
         return codec
 
 
@@ -288,7 +329,9 @@ def model_report(store: Store) -> list[str]:
     lines = []
     for u in Models(store, check=False).usage():
         version = f"engine v{u.engine_version}" if u.engine_version is not None else "engine ?"
-        lines.append(f"model {u.fingerprint.hex()} ({u.spec or 'unnamed'}, {version}): "
-                     f"{u.blocks} LM block(s), {'decodable' if u.decodable else 'NOT decodable'}"
-                     f" here ({u.why})")
+        lines.append(
+            f"model {u.fingerprint.hex()} ({u.spec or 'unnamed'}, {version}): "
+            f"{u.blocks} LM block(s), {'decodable' if u.decodable else 'NOT decodable'}"
+            f" here ({u.why})"
+        )
     return lines

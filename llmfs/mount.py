@@ -14,6 +14,7 @@ Lifecycle of a mount (the daemon):
   4. on unmount or SIGINT/SIGTERM: tell systemd STOPPING=1, flush every buffered write, sync, mark
      clean, release the lock, exit 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,7 @@ STORE_FILES = ("data.mdb", "lock.mdb", LOCK_FILE, LOG_FILE)
 # and no CPU. With FUSE_THREADS workers, metadata, writes and zstd/raw reads never wait behind LM
 # decodes unless more than FUSE_THREADS - 1 cold LM reads are in flight at once.
 FUSE_THREADS = 64
-BASE_OPTIONS = {"use_ino": True, "default_permissions": True, "attr_timeout": 0,
-                "max_threads": FUSE_THREADS}
+BASE_OPTIONS = {"use_ino": True, "default_permissions": True, "attr_timeout": 0, "max_threads": FUSE_THREADS}
 
 
 # The -o options a user may give (on the command line, in a config file's `options`, or in fstab
@@ -68,12 +68,32 @@ BASE_OPTIONS = {"use_ino": True, "default_permissions": True, "attr_timeout": 0,
 # opened: libfuse's own tuning (attr_timeout, kernel_cache, umask, uid, modules, ...) would change
 # what BASE_OPTIONS guarantee, and fsname/subtype are how `llmfs umount` and `llmfs stat` find the
 # store of a mount.
-FLAG_OPTIONS = {"ro", "rw", "suid", "nosuid", "dev", "nodev", "exec", "noexec", "async", "sync",
-                "dirsync", "atime", "noatime", "allow_other", "allow_root", "auto_unmount",
-                "default_permissions"}
+FLAG_OPTIONS = {
+    "ro",
+    "rw",
+    "suid",
+    "nosuid",
+    "dev",
+    "nodev",
+    "exec",
+    "noexec",
+    "async",
+    "sync",
+    "dirsync",
+    "atime",
+    "noatime",
+    "allow_other",
+    "allow_root",
+    "auto_unmount",
+    "default_permissions",
+}
 # (max_read= is not among them: libfuse 3's high-level API then fails its init and exits.)
-VALUE_OPTIONS = {"context": "an SELinux context", "fscontext": "an SELinux context",
-                 "defcontext": "an SELinux context", "rootcontext": "an SELinux context"}
+VALUE_OPTIONS = {
+    "context": "an SELinux context",
+    "fscontext": "an SELinux context",
+    "defcontext": "an SELinux context",
+    "rootcontext": "an SELinux context",
+}
 OWN_OPTIONS = {"fsname": "the store's path", "subtype": "llmfs"}
 
 
@@ -93,8 +113,7 @@ def parse_options(values: list[str]) -> dict:
                 continue
             key, eq, val = item.partition("=")
             if key in OWN_OPTIONS:
-                raise MountError(f"option {key} is set by llmfs ({OWN_OPTIONS[key]}); remove "
-                                 f"-o {item}")
+                raise MountError(f"option {key} is set by llmfs ({OWN_OPTIONS[key]}); remove -o {item}")
             if key in FLAG_OPTIONS:
                 if eq:
                     raise MountError(f"option {key} takes no value (-o {item})")
@@ -107,7 +126,8 @@ def parse_options(values: list[str]) -> dict:
                 raise MountError(
                     f"unsupported mount option {item!r}; llmfs passes these to FUSE: "
                     f"{', '.join(sorted(FLAG_OPTIONS))}, "
-                    f"{', '.join(k + '=' for k in sorted(VALUE_OPTIONS))}")
+                    f"{', '.join(k + '=' for k in sorted(VALUE_OPTIONS))}"
+                )
     return opts
 
 
@@ -128,19 +148,18 @@ def secure_store(path: str) -> list[str]:
         if st.st_mode & 0o077:
             mode = stat.S_IMODE(st.st_mode) & 0o700
             _chmod(dfd, mode, path)
-            changed.append(f"{path} was mode {stat.S_IMODE(st.st_mode):04o}, open to other "
-                           f"users; made it {mode:04o}")
+            changed.append(
+                f"{path} was mode {stat.S_IMODE(st.st_mode):04o}, open to other users; made it {mode:04o}"
+            )
         for name in STORE_FILES:
             where = os.path.join(path, name)
             try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                             dir_fd=dfd)
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
             except FileNotFoundError:
                 continue
             except OSError as e:
                 if e.errno == errno.ELOOP:
-                    raise MountError(f"{where} is a symbolic link; a store's files must be its "
-                                     f"own") from None
+                    raise MountError(f"{where} is a symbolic link; a store's files must be its own") from None
                 raise MountError(f"cannot open {where}: {e.strerror}") from None
             try:
                 st = os.fstat(fd)
@@ -149,8 +168,7 @@ def secure_store(path: str) -> list[str]:
                 if st.st_mode & 0o077:
                     mode = stat.S_IMODE(st.st_mode) & 0o600
                     _chmod(fd, mode, where)
-                    changed.append(f"{where} was mode {stat.S_IMODE(st.st_mode):04o}; made it "
-                                   f"{mode:04o}")
+                    changed.append(f"{where} was mode {stat.S_IMODE(st.st_mode):04o}; made it {mode:04o}")
             finally:
                 os.close(fd)
     finally:
@@ -162,14 +180,20 @@ def _chmod(fd: int, mode: int, where: str) -> None:
     try:
         os.fchmod(fd, mode)
     except OSError as e:
-        raise MountError(f"{where} can be read or written by other users and cannot be made "
-                         f"private ({e.strerror}); `chmod go-rwx` it as its owner") from None
+        raise MountError(
+            f"{where} can be read or written by other users and cannot be made "
+            f"private ({e.strerror}); `chmod go-rwx` it as its owner"
+        ) from None
 
 
-def open_filesystem(store_path: str, dirty_limit: int = DIRTY_LIMIT,
-                    cache_size: int | None = None, gpu_cache_size: int | None = None,
-                    device: str = "auto", threads: int | None = None
-                    ) -> tuple[Filesystem, Models]:
+def open_filesystem(
+    store_path: str,
+    dirty_limit: int = DIRTY_LIMIT,
+    cache_size: int | None = None,
+    gpu_cache_size: int | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+) -> tuple[Filesystem, Models]:
     """Open (and lock) a store for serving, recovering from an unclean shutdown first."""
     store = Store(store_path)
     try:
@@ -183,22 +207,28 @@ def open_filesystem(store_path: str, dirty_limit: int = DIRTY_LIMIT,
             # Counters are derived: recount them (damaged blocks leave them off). A damaged block
             # is its files' problem (their reads of it fail), never a reason to refuse the mount.
             fsck.run_checks(store, [fsck.check_counters], repair=True)
-            damage = [p for p in fsck.run_checks(store, [
-                c for c in fsck.QUICK_CHECKS if c in fsck.DAMAGE_CHECKS])[0]]
+            damage = [
+                p
+                for p in fsck.run_checks(store, [c for c in fsck.QUICK_CHECKS if c in fsck.DAMAGE_CHECKS])[0]
+            ]
             for p in damage:
                 log.warning("fsck %s: %s", p.check, p.message)
-            problems, _ = fsck.run_checks(store, [c for c in fsck.QUICK_CHECKS
-                                                  if c not in fsck.DAMAGE_CHECKS])
+            problems, _ = fsck.run_checks(
+                store, [c for c in fsck.QUICK_CHECKS if c not in fsck.DAMAGE_CHECKS]
+            )
             if problems:
                 for p in problems:
                     log.error("fsck %s: %s", p.check, p.message)
-                raise MountError(f"{store_path} has {len(problems)} problem(s) after an unclean "
-                                 f"shutdown; run `llmfs fsck --repair {store_path}`")
+                raise MountError(
+                    f"{store_path} has {len(problems)} problem(s) after an unclean "
+                    f"shutdown; run `llmfs fsck --repair {store_path}`"
+                )
             log.info("%s: checks passed", store_path)
         # The device tier holds decoded blocks in GPU memory when CUDA is present (device=None
         # picks it); without a GPU budget there is no device tier.
-        cache = DecodeCache(cache_size if cache_size is not None else DEFAULT_RAM_BUDGET,
-                            device_budget=gpu_cache_size or 0)
+        cache = DecodeCache(
+            cache_size if cache_size is not None else DEFAULT_RAM_BUDGET, device_budget=gpu_cache_size or 0
+        )
         fs = Filesystem(store, registry, cache, dirty_limit=dirty_limit, readahead=Readahead())
         return fs, models
     except BaseException:
@@ -228,18 +258,22 @@ def serve(args, ready_fd: int | None) -> int:
             os.stat(mountpoint)
         except OSError as e:
             # Under systemd (Restart=on-failure, a mount unit) nobody is there to run umount.
-            if e.errno == errno.ENOTCONN and not (service.under_systemd()
-                                                  and service.detach_stale(mountpoint)):
-                raise MountError(f"{args.mountpoint} is the mount of a daemon that died; run "
-                                 f"`llmfs umount {args.mountpoint}` first") from None
+            if e.errno == errno.ENOTCONN and not (
+                service.under_systemd() and service.detach_stale(mountpoint)
+            ):
+                raise MountError(
+                    f"{args.mountpoint} is the mount of a daemon that died; run "
+                    f"`llmfs umount {args.mountpoint}` first"
+                ) from None
         if not os.path.isdir(mountpoint):
             raise MountError(f"mount point {args.mountpoint} is not a directory")
         if os.path.ismount(mountpoint):
             raise MountError(f"{args.mountpoint} is already a mount point")
         for change in secure_store(args.store):
             warn(change)
-        fs, models = open_filesystem(args.store, args.dirty_limit, args.cache_size,
-                                     args.gpu_cache_size, args.device, args.threads)
+        fs, models = open_filesystem(
+            args.store, args.dirty_limit, args.cache_size, args.gpu_cache_size, args.device, args.threads
+        )
     except (StoreError, MountError) as e:
         report(f"error: {e}")
         print(f"llmfs mount: {e}", file=sys.stderr)
@@ -251,8 +285,9 @@ def serve(args, ready_fd: int | None) -> int:
     store.describe_lock_holder(mounts.lock_text(real_mountpoint, os.getpid()))
     store.set_clean(False)
     store.start_group_commit(args.commit_interval)  # changes reach the disk in groups
-    background = Background(fs, models, None if args.no_compaction else args.compact_after,
-                            cluster_coder(args, fs.store))
+    background = Background(
+        fs, models, None if args.no_compaction else args.compact_after, cluster_coder(args, fs.store)
+    )
     served = False
 
     def ready():
@@ -260,8 +295,9 @@ def serve(args, ready_fd: int | None) -> int:
         served = True
         dev = mounts.own_device(real_mountpoint, store.path)
         if dev is None:
-            log.warning("%s is not in /proc/self/mountinfo; `llmfs umount` will not know this "
-                        "daemon", real_mountpoint)
+            log.warning(
+                "%s is not in /proc/self/mountinfo; `llmfs umount` will not know this daemon", real_mountpoint
+            )
         else:
             store.describe_lock_holder(mounts.lock_text(real_mountpoint, os.getpid(), dev))
         log.info("mounted %s on %s", store.path, mountpoint)
@@ -317,8 +353,11 @@ def finish(fs: Filesystem) -> int:
     try:
         lost = fs.flush_all()
     except StoreError as e:
-        log.error("unmount: the store could not be synced (%s); it stays marked unclean and "
-                  "the next mount checks it", e)
+        log.error(
+            "unmount: the store could not be synced (%s); it stays marked unclean and "
+            "the next mount checks it",
+            e,
+        )
         print(f"llmfs: unmount: the store could not be synced: {e}", file=sys.stderr)
         return 1
     for line in lost:
@@ -327,8 +366,7 @@ def finish(fs: Filesystem) -> int:
     try:
         fs.store.set_clean(True)
     except StoreError as e:
-        log.error("unmount: the store could not be marked clean (%s); the next mount checks it",
-                  e)
+        log.error("unmount: the store could not be marked clean (%s); the next mount checks it", e)
         return 1
     return 1 if lost else 0
 
@@ -338,25 +376,47 @@ def cluster_coder(args, store: Store):
     if not args.cluster:
         return None
     from .cluster import ClusterCoder, ray_available
+
     if not ray_available():
-        log.error("--cluster %s: ray is not installed (pip install 'llmfs[cluster]'); "
-                  "compacting locally", args.cluster)
+        log.error(
+            "--cluster %s: ray is not installed (pip install 'llmfs[cluster]'); compacting locally",
+            args.cluster,
+        )
         return None
-    return ClusterCoder(args.cluster, store_spec(store), workers=args.cluster_workers,
-                        timeout=args.cluster_timeout, device=args.device,
-                        threads=args.threads or THREADS)
+    return ClusterCoder(
+        args.cluster,
+        store_spec(store),
+        workers=args.cluster_workers,
+        timeout=args.cluster_timeout,
+        device=args.device,
+        threads=args.threads or THREADS,
+    )
 
 
 def start_daemon(args) -> int:
     """Start `llmfs mount -f` detached and wait until it reports the mount ready."""
     if not os.path.isfile(os.path.join(args.store, "data.mdb")):
-        print(f"llmfs mount: {args.store} is not an llmfs store (no data.mdb); create one with "
-              f"`llmfs mkfs {args.store}`", file=sys.stderr)
+        print(
+            f"llmfs mount: {args.store} is not an llmfs store (no data.mdb); create one with "
+            f"`llmfs mkfs {args.store}`",
+            file=sys.stderr,
+        )
         return 1
     read_fd, write_fd = os.pipe()
-    cmd = [sys.executable, "-m", "llmfs.cli"] + (["--debug"] if args.debug else []) + [
-        "mount", args.store, args.mountpoint, "-f", "--ready-fd", str(write_fd),
-        "--dirty-limit", str(args.dirty_limit)]
+    cmd = (
+        [sys.executable, "-m", "llmfs.cli"]
+        + (["--debug"] if args.debug else [])
+        + [
+            "mount",
+            args.store,
+            args.mountpoint,
+            "-f",
+            "--ready-fd",
+            str(write_fd),
+            "--dirty-limit",
+            str(args.dirty_limit),
+        ]
+    )
     if args.cache_size is not None:
         cmd += ["--cache-size", str(args.cache_size)]
     if args.gpu_cache_size is not None:
@@ -365,23 +425,35 @@ def start_daemon(args) -> int:
     if args.threads is not None:
         cmd += ["--threads", str(args.threads)]
     cmd += ["--commit-interval", str(args.commit_interval)]
-    cmd += ["--compact-after", str(args.compact_after)] + (
-        ["--no-compaction"] if args.no_compaction else [])
+    cmd += ["--compact-after", str(args.compact_after)] + (["--no-compaction"] if args.no_compaction else [])
     if args.cluster:
-        cmd += ["--cluster", args.cluster, "--cluster-workers", str(args.cluster_workers),
-                "--cluster-timeout", str(args.cluster_timeout)]
+        cmd += [
+            "--cluster",
+            args.cluster,
+            "--cluster-workers",
+            str(args.cluster_workers),
+            "--cluster-timeout",
+            str(args.cluster_timeout),
+        ]
     for o in args.options:
         cmd += ["-o", o]
     log_path = os.path.join(args.store, LOG_FILE)
     try:  # private like the rest of the store (secure_store), whatever the umask
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600)
+        log_fd = os.open(
+            log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
     except OSError as e:
         print(f"llmfs mount: cannot open {log_path}: {e.strerror}", file=sys.stderr)
         return 1
     with os.fdopen(log_fd, "ab") as logf:
-        proc = subprocess.Popen(cmd, pass_fds=(write_fd,), start_new_session=True,
-                                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+        proc = subprocess.Popen(
+            cmd,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+        )
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as r:
         while True:
@@ -400,40 +472,87 @@ def register(sub) -> None:
     p = sub.add_parser("mount", help="mount a store (returns once the mount is usable)")
     p.add_argument("store", nargs="?", help="the store (or `store` in --config)")
     p.add_argument("mountpoint", nargs="?", help="where to mount (or `mountpoint` in --config)")
-    p.add_argument("--config", metavar="FILE",
-                   help="TOML file with store, mountpoint and options (e.g. /etc/llmfs/NAME.toml); "
-                        "arguments given here override it")
-    p.add_argument("-f", "--foreground", action="store_true",
-                   help="stay in the foreground (Ctrl-C unmounts)")
-    p.add_argument("-o", dest="options", action="append", default=[],
-                   help="FUSE mount options, e.g. allow_other")
-    p.add_argument("--dirty-limit", type=parse_size, default=None,
-                   help="buffered write bytes before files are flushed (default 64M)")
-    p.add_argument("--cache-size", type=parse_size, default=None,
-                   help="bytes of decoded blocks kept in RAM (default 64M)")
-    p.add_argument("--gpu-cache-size", type=parse_size, default=None,
-                   help="bytes of decoded blocks kept in GPU memory when CUDA is present "
-                        "(default 0: none)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where the LM runs: a CUDA GPU when present (auto), or the CPU")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads of the LM (default 1). More only on cores nothing else "
-                        "needs: torch's threads spin while they wait, and on a busy 2-core "
-                        "machine 2 threads compacted a block 27x slower than 1")
-    p.add_argument("--compact-after", type=float, default=COMPACT_AFTER, metavar="SECONDS",
-                   help="compress blocks with the LM once unchanged this long (default 600)")
-    p.add_argument("--commit-interval", type=float, default=COMMIT_INTERVAL, metavar="SECONDS",
-                   help="changes not fsync'ed reach the disk within this many seconds: what a "
-                        "crash can lose (default 5, like ext4's commit=)")
-    p.add_argument("--no-compaction", action="store_true",
-                   help="no background compaction (`llmfs compact` still works)")
-    p.add_argument("--cluster", metavar="ADDRESS", default=None,
-                   help="compact on a Ray cluster (ray://HEAD:10001, or HOST:6379 when this "
-                        "machine is a Ray node); needs `pip install llmfs[cluster]`")
-    p.add_argument("--cluster-workers", type=int, default=0, metavar="N",
-                   help="model actors on the cluster (default 0: one per GPU, one per CPU node)")
-    p.add_argument("--cluster-timeout", type=float, default=config.CLUSTER_TIMEOUT, metavar="SECONDS",
-                   help="a batch not back in this long is retried on another worker (default 600)")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file with store, mountpoint and options (e.g. /etc/llmfs/NAME.toml); "
+        "arguments given here override it",
+    )
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground (Ctrl-C unmounts)")
+    p.add_argument(
+        "-o", dest="options", action="append", default=[], help="FUSE mount options, e.g. allow_other"
+    )
+    p.add_argument(
+        "--dirty-limit",
+        type=parse_size,
+        default=None,
+        help="buffered write bytes before files are flushed (default 64M)",
+    )
+    p.add_argument(
+        "--cache-size",
+        type=parse_size,
+        default=None,
+        help="bytes of decoded blocks kept in RAM (default 64M)",
+    )
+    p.add_argument(
+        "--gpu-cache-size",
+        type=parse_size,
+        default=None,
+        help="bytes of decoded blocks kept in GPU memory when CUDA is present (default 0: none)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the LM runs: a CUDA GPU when present (auto), or the CPU",
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads of the LM (default 1). More only on cores nothing else "
+        "needs: torch's threads spin while they wait, and on a busy 2-core "
+        "machine 2 threads compacted a block 27x slower than 1",
+    )
+    p.add_argument(
+        "--compact-after",
+        type=float,
+        default=COMPACT_AFTER,
+        metavar="SECONDS",
+        help="compress blocks with the LM once unchanged this long (default 600)",
+    )
+    p.add_argument(
+        "--commit-interval",
+        type=float,
+        default=COMMIT_INTERVAL,
+        metavar="SECONDS",
+        help="changes not fsync'ed reach the disk within this many seconds: what a "
+        "crash can lose (default 5, like ext4's commit=)",
+    )
+    p.add_argument(
+        "--no-compaction", action="store_true", help="no background compaction (`llmfs compact` still works)"
+    )
+    p.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        default=None,
+        help="compact on a Ray cluster (ray://HEAD:10001, or HOST:6379 when this "
+        "machine is a Ray node); needs `pip install llmfs[cluster]`",
+    )
+    p.add_argument(
+        "--cluster-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="model actors on the cluster (default 0: one per GPU, one per CPU node)",
+    )
+    p.add_argument(
+        "--cluster-timeout",
+        type=float,
+        default=config.CLUSTER_TIMEOUT,
+        metavar="SECONDS",
+        help="a batch not back in this long is retried on another worker (default 600)",
+    )
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
@@ -450,11 +569,9 @@ def run(args) -> int:
             logging.getLogger().setLevel(service.LEVELS[cfg.log_level])
         args.debug = args.debug or cfg.log_level == "debug"
         for key in cfg.not_yet:
-            log.warning("%s: %s is accepted but not implemented yet; it has no effect",
-                        args.config, key)
+            log.warning("%s: %s is accepted but not implemented yet; it has no effect", args.config, key)
     if args.store is None or args.mountpoint is None:
-        print("llmfs mount: give STORE and MOUNTPOINT, or --config FILE that names them",
-              file=sys.stderr)
+        print("llmfs mount: give STORE and MOUNTPOINT, or --config FILE that names them", file=sys.stderr)
         return 2
     if args.dirty_limit is None:
         args.dirty_limit = DIRTY_LIMIT

@@ -12,6 +12,7 @@ Options are sorted three ways:
   - llmfs's own (config=FILE, dirty_limit=SIZE, cache_size=SIZE, debug): become arguments;
   - everything else (allow_other, ro, noatime, ...): passed to FUSE as -o.
 """
+
 from __future__ import annotations
 
 import sys
@@ -19,8 +20,19 @@ import sys
 from . import cli
 
 # Meant for mount(8), fstab or systemd's fstab generator; FUSE would reject them.
-FOR_MOUNT = {"auto", "noauto", "nofail", "_netdev", "user", "nouser", "users", "owner", "group",
-             "defaults", "loop"}
+FOR_MOUNT = {
+    "auto",
+    "noauto",
+    "nofail",
+    "_netdev",
+    "user",
+    "nouser",
+    "users",
+    "owner",
+    "group",
+    "defaults",
+    "loop",
+}
 FOR_MOUNT_PREFIXES = ("x-", "comment=", "_netdev")
 # llmfs mount arguments given as -o key[=value]
 OWN = {"config": "--config", "dirty_limit": "--dirty-limit", "cache_size": "--cache-size"}

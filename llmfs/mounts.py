@@ -15,6 +15,7 @@ if it is a regular file, names
 Nothing here opens anything in the store but that one file. Every function takes the mount table's
 text and the /proc directory as parameters so that the checks can be tested with fake ones.
 """
+
 from __future__ import annotations
 
 import os
@@ -79,8 +80,14 @@ def read_mountinfo(text: str | None = None) -> list[MountEntry]:
         try:
             sep = fields.index("-", 6)
             major, minor = fields[2].split(":")
-            out.append(MountEntry(_unescape(fields[sep + 2]), _unescape(fields[4]),
-                                  fields[sep + 1], (int(major), int(minor))))
+            out.append(
+                MountEntry(
+                    _unescape(fields[sep + 2]),
+                    _unescape(fields[4]),
+                    fields[sep + 1],
+                    (int(major), int(minor)),
+                )
+            )
         except (ValueError, IndexError):
             continue
     return out
@@ -140,7 +147,7 @@ def process_start(pid: int, proc: str = "/proc") -> int | None:
             text = f.read()
     except OSError:
         return None
-    fields = text[text.rfind(")") + 2:].split()
+    fields = text[text.rfind(")") + 2 :].split()
     if not fields or fields[0] in ("Z", "X"):
         return None
     try:
@@ -161,8 +168,9 @@ def is_llmfs_daemon(pid: int, proc: str = "/proc") -> bool:
     except ValueError:
         return False
     program = argv[:at]
-    return any(a == "llmfs.cli" or os.path.basename(a) == "llmfs" for a in program) and \
-        any(a in ("-f", "--foreground") for a in argv[at:])
+    return any(a == "llmfs.cli" or os.path.basename(a) == "llmfs" for a in program) and any(
+        a in ("-f", "--foreground") for a in argv[at:]
+    )
 
 
 def holds_flock(pid: int, st: os.stat_result, proc: str = "/proc") -> bool:
@@ -197,10 +205,12 @@ def verify(entry: MountEntry, proc: str = "/proc") -> Daemon:
         raise NotOurs(f"the lock file of {entry.source} names no daemon")
     mountpoint, pid, dev = parsed
     if mountpoint != entry.target or dev != entry.dev:
-        raise NotOurs(f"{entry.source} is not the store mounted at {entry.target} (its lock "
-                      f"file names {mountpoint}, device {dev[0] if dev else '?'}:"
-                      f"{dev[1] if dev else '?'}; the mount is device {entry.dev[0]}:"
-                      f"{entry.dev[1]})")
+        raise NotOurs(
+            f"{entry.source} is not the store mounted at {entry.target} (its lock "
+            f"file names {mountpoint}, device {dev[0] if dev else '?'}:"
+            f"{dev[1] if dev else '?'}; the mount is device {entry.dev[0]}:"
+            f"{entry.dev[1]})"
+        )
     start = process_start(pid, proc)
     if start is None:
         raise NotOurs(f"the daemon of {entry.target} (pid {pid}) is not running")

@@ -19,6 +19,7 @@ has its own lock for its data. Lock order: a file's lock, then `self._lock`, the
 lock; never the other way round. Decoding (zstd, raw or the LM) runs outside all locks, on
 containers read in one LMDB snapshot, so a slow decode never blocks other files or metadata.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,8 +82,9 @@ def _check_name(name: bytes) -> None:
 
 
 class Filesystem:
-    def __init__(self, store: Store, registry: Registry, cache=None, dirty_limit: int = DIRTY_LIMIT,
-                 readahead=None):
+    def __init__(
+        self, store: Store, registry: Registry, cache=None, dirty_limit: int = DIRTY_LIMIT, readahead=None
+    ):
         """cache: decoded blocks by hash (cache.DecodeCache), None = no cache; readahead:
         cache.Readahead, which blocks a sequential reader wants next, None = off."""
         self.store = store
@@ -161,8 +163,9 @@ class Filesystem:
         return out
 
     # ------------------------------------------------------------------ creating names
-    def _new_inode(self, t, parent: int, name: bytes, mode: int, uid: int, gid: int,
-                   rdev: int = 0, target: bytes = b"") -> tuple[int, Inode]:
+    def _new_inode(
+        self, t, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0, target: bytes = b""
+    ) -> tuple[int, Inode]:
         _check_name(name)
         pinode = t.inode(parent)
         if pinode is None:
@@ -183,8 +186,7 @@ class Filesystem:
         ino = t.next_ino()
         t.put_inode(ino, inode)
         t.link(parent, name, ino)
-        t.put_inode(parent, pinode.evolve(nlink=pinode.nlink + (1 if is_dir else 0),
-                                          mtime=now, ctime=now))
+        t.put_inode(parent, pinode.evolve(nlink=pinode.nlink + (1 if is_dir else 0), mtime=now, ctime=now))
         return ino, inode
 
     def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> int:
@@ -203,8 +205,7 @@ class Filesystem:
         if len(target) > 4095:
             raise NameTooLong(target)
         with self._lock, self.store.write() as t:
-            return self._new_inode(t, parent, name, stat.S_IFLNK | 0o777, uid, gid,
-                                   target=target)[0]
+            return self._new_inode(t, parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)[0]
 
     def readlink(self, ino: int) -> bytes:
         inode = self.getattr(ino)
@@ -227,8 +228,7 @@ class Filesystem:
             with self.store.write() as t:
                 existing = t.lookup(parent, name) if t.inode(parent) else None
                 if existing is None:
-                    ino = self._new_inode(t, parent, name, stat.S_IFREG | (mode & 0o7777),
-                                          uid, gid)[0]
+                    ino = self._new_inode(t, parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)[0]
             if existing is not None:
                 if flags & os.O_EXCL:
                     raise Exists(name)
@@ -297,10 +297,8 @@ class Filesystem:
             pinode = t.inode(parent)
             t.put_inode(parent, pinode.evolve(nlink=pinode.nlink - 1, mtime=now, ctime=now))
 
-    def rename(self, old_parent: int, old: bytes, new_parent: int, new: bytes,
-               flags: int = 0) -> None:
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (RENAME_NOREPLACE |
-                                                                        RENAME_EXCHANGE):
+    def rename(self, old_parent: int, old: bytes, new_parent: int, new: bytes, flags: int = 0) -> None:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (RENAME_NOREPLACE | RENAME_EXCHANGE):
             raise InvalidArgument(flags)
         _check_name(new)
         with self._lock, self.store.write() as t:
@@ -323,8 +321,7 @@ class Filesystem:
                 if flags & RENAME_NOREPLACE:
                     raise Exists(new)
                 if flags & RENAME_EXCHANGE:
-                    if dinode.is_dir and old_parent != new_parent and \
-                            self._is_ancestor(t, dst, old_parent):
+                    if dinode.is_dir and old_parent != new_parent and self._is_ancestor(t, dst, old_parent):
                         raise InvalidArgument("cannot move a directory into itself")
                     t.link(old_parent, old, dst)
                     t.link(new_parent, new, src)
@@ -558,8 +555,14 @@ class Filesystem:
                 self.buffer.truncate(f, 0)
         return fh
 
-    def open(self, ino: int, flags: int, uid: int | None = None, gid: int | None = None,
-             groups: tuple[int, ...] = ()) -> int:
+    def open(
+        self,
+        ino: int,
+        flags: int,
+        uid: int | None = None,
+        gid: int | None = None,
+        groups: tuple[int, ...] = (),
+    ) -> int:
         """uid, gid, groups: the opener's credentials (the FUSE edge passes them), which bound
         what is decoded ahead for it: only files it could read itself. None: unknown, so only
         world-readable files are."""
@@ -630,8 +633,10 @@ class Filesystem:
                     self.buffer.flush(f)
                 self._drop_user(f, 0)  # one whose last user left while its flush failed
             except (FsError, StoreError) as e:
-                line = (f"{self.path_of(f.ino).decode(errors='replace')}: {pending} buffered "
-                        f"bytes ({pending // self.block_size} blocks) could not be stored: {e}")
+                line = (
+                    f"{self.path_of(f.ino).decode(errors='replace')}: {pending} buffered "
+                    f"bytes ({pending // self.block_size} blocks) could not be stored: {e}"
+                )
                 log.warning("flush: %s", line)
                 lost.append(line)
         self.store.sync()
@@ -656,6 +661,7 @@ class Filesystem:
             if any(by_hash[h] is None for h in hashes):
                 raise ContainerError("block map names a block that is not in the store")
             return self.registry.decode_many([by_hash[h] for h in hashes], self.block_size)
+
         order = sorted(blocks)
         try:
             if self.cache is None:
@@ -681,10 +687,15 @@ class Filesystem:
             if len(self._reported) >= DAMAGE_REPORTS_KEPT:
                 self._reported.clear()
             self._reported.add((ino, h))
-        log.error("%s: block %d (bytes %d-%d) is unreadable: %s; its reads fail with EIO (run "
-                  "`llmfs fsck` to list every damaged file)", self.path_of(ino).decode(
-                      errors="replace"), idx, idx * self.block_size,
-                  (idx + 1) * self.block_size - 1, error)
+        log.error(
+            "%s: block %d (bytes %d-%d) is unreadable: %s; its reads fail with EIO (run "
+            "`llmfs fsck` to list every damaged file)",
+            self.path_of(ino).decode(errors="replace"),
+            idx,
+            idx * self.block_size,
+            (idx + 1) * self.block_size - 1,
+            error,
+        )
 
     def path_of(self, ino: int) -> bytes:
         """One path of an inode, for messages: found by walking the tree (directories keep no
@@ -788,10 +799,14 @@ class Filesystem:
         frsize = 4096
         free = disk.f_bavail * disk.f_frsize
         return {
-            "f_bsize": self.block_size, "f_frsize": frsize,
+            "f_bsize": self.block_size,
+            "f_frsize": frsize,
             "f_blocks": (counters.stored + free) // frsize,
-            "f_bfree": free // frsize, "f_bavail": free // frsize,
-            "f_files": n_inodes + (1 << 32), "f_ffree": 1 << 32, "f_favail": 1 << 32,
+            "f_bfree": free // frsize,
+            "f_bavail": free // frsize,
+            "f_files": n_inodes + (1 << 32),
+            "f_ffree": 1 << 32,
+            "f_favail": 1 << 32,
             "f_namemax": NAME_MAX,
         }
 

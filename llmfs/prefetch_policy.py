@@ -17,6 +17,7 @@ credentials read it (owner, group or other bits, as the kernel's default_permiss
 root reads everything) is skipped. Its decoded blocks would otherwise sit in the shared cache on
 another user's behalf, and how fast that user's next read is would tell whether they are there.
 """
+
 from __future__ import annotations
 
 import threading
@@ -43,6 +44,7 @@ LOOKUPS_KEPT = 4096
 @dataclass(frozen=True)
 class Credentials:
     """Who opened a file: uid, gid and supplementary groups (uid None: unknown, nobody's)."""
+
     uid: int | None = None
     gid: int | None = None
     groups: tuple[int, ...] = ()
@@ -101,8 +103,7 @@ class PrefetchPolicy:
                 return  # no LM block in the store: nothing to prefetch, no sibling scan to pay
             start = None
             if where is not None and self.readahead is not None:
-                start = self.readahead.open_in_dir(
-                    *where, lambda after: self._next_file(t, where[0], after))
+                start = self.readahead.open_in_dir(*where, lambda after: self._next_file(t, where[0], after))
             hashes = self._lm_hashes(t, ino, inode.size) if 0 < inode.size <= hot else []
             if start is not None:
                 names = []
@@ -110,9 +111,13 @@ class PrefetchPolicy:
                     if len(hashes) >= DIR_PREFETCH_BLOCKS or len(names) >= DIR_PREFETCH_FILES:
                         break
                     names.append(name)
-                    sibling = t.inode(child)      # a big one gets readahead when read
-                    if sibling is not None and sibling.is_reg and 0 < sibling.size <= small \
-                            and who.may_read(sibling):
+                    sibling = t.inode(child)  # a big one gets readahead when read
+                    if (
+                        sibling is not None
+                        and sibling.is_reg
+                        and 0 < sibling.size <= small
+                        and who.may_read(sibling)
+                    ):
                         hashes += self._lm_hashes(t, child, sibling.size)
                 self.readahead.named_files(where[0], names)
         if hashes:
@@ -150,5 +155,8 @@ class PrefetchPolicy:
         if not indices:
             return []
         wanted = set(indices)
-        return [h for i, h in t.block_hashes(ino, min(wanted), max(wanted)).items()
-                if i in wanted and t.container_codec(h) == LM]
+        return [
+            h
+            for i, h in t.block_hashes(ino, min(wanted), max(wanted)).items()
+            if i in wanted and t.container_codec(h) == LM
+        ]

@@ -10,6 +10,7 @@ service (no $NOTIFY_SOCKET) every call is a no-op.
 Threading: `notify` opens a socket per call and may run on libfuse's threads; `on_stop` must run
 on the main thread (it installs a signal handler), which FUSE's `destroy` callback does.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,10 +23,8 @@ import sys
 log = logging.getLogger("llmfs")
 
 # syslog priorities, which journald reads from a "<N>" line prefix (SyslogLevelPrefix=, on by default)
-PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
-            logging.CRITICAL: 2}
-LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-          "error": logging.ERROR}
+PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
 def notify(*assignments: str) -> bool:
@@ -100,8 +99,7 @@ def on_stop(what: str) -> None:
     _stopping = True
 
     def already_stopping(signum, _frame):
-        log.warning("%s received while flushing; still finishing the flush",
-                    signal.Signals(signum).name)
+        log.warning("%s received while flushing; still finishing the flush", signal.Signals(signum).name)
 
     # Handlers first: whoever hears STOPPING=1 may signal again at once.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

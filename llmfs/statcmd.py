@@ -4,6 +4,7 @@ PATH may be a store directory, a mount point, or a file or directory inside a mo
 read in one LMDB read transaction alongside the running daemon (LMDB readers never block the
 writer); writes the daemon still buffers are not counted until they are flushed.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,9 @@ def find_store(path: str) -> tuple[str, str | None]:
     try:
         daemon = mounts.verify(entry)
     except mounts.NotOurs as e:
-        raise StoreError(f"{path} is in the fuse.llmfs mount {entry.target}, which no running "
-                         f"llmfs daemon serves: {e}") from None
+        raise StoreError(
+            f"{path} is in the fuse.llmfs mount {entry.target}, which no running llmfs daemon serves: {e}"
+        ) from None
     return daemon.store, path
 
 
@@ -42,19 +44,28 @@ def store_report(store: Store) -> list[tuple[str, str]]:
         for h, _ in t.pending():
             pending += t.plain_length(h) or 0  # 0: gone, or a damaged header
         clean = t.meta("clean") == b"1"
-    rows = [("store", store.path), ("block size", human(store.block_size)),
-            ("logical bytes", f"{c.logical} ({human(c.logical)})")]
+    rows = [
+        ("store", store.path),
+        ("block size", human(store.block_size)),
+        ("logical bytes", f"{c.logical} ({human(c.logical)})"),
+    ]
     unique = sum(r[1] for r in c.per_codec)
     stored = c.stored
     for cid, (n, plain, size) in enumerate(c.per_codec):
         if n:
-            rows.append((f"stored {CODEC_NAMES.get(cid, cid)}",
-                         f"{size} ({human(size)}) in {n} blocks holding {human(plain)}"))
+            rows.append(
+                (
+                    f"stored {CODEC_NAMES.get(cid, cid)}",
+                    f"{size} ({human(size)}) in {n} blocks holding {human(plain)}",
+                )
+            )
     lm_plain = c.per_codec[2][1] if len(c.per_codec) > 2 else 0
     rows += [
         ("stored bytes", f"{stored} ({human(stored)})"),
-        ("unique block bytes", f"{unique} ({human(unique)}); dedup and holes save "
-                               f"{human(max(c.logical - unique, 0))}"),
+        (
+            "unique block bytes",
+            f"{unique} ({human(unique)}); dedup and holes save {human(max(c.logical - unique, 0))}",
+        ),
         ("LM-compressed fraction", f"{lm_plain / unique:.1%}" if unique else "-"),
         ("pending compaction", f"{pending} ({human(pending)})"),
         ("ratio", f"{c.logical / stored:.2f}x" if stored else "-"),
@@ -82,8 +93,7 @@ def file_report(store: Store, path: str) -> list[tuple[str, str]]:
     rows = [("file", path), ("inode", str(ino)), ("logical bytes", str(inode.size))]
     for cid, (n, size) in sorted(per_codec.items()):
         rows.append((f"stored {CODEC_NAMES.get(cid, cid)}", f"{size} in {n} blocks"))
-    rows += [("stored bytes", str(stored)),
-             ("ratio", f"{inode.size / stored:.2f}x" if stored else "-")]
+    rows += [("stored bytes", str(stored)), ("ratio", f"{inode.size / stored:.2f}x" if stored else "-")]
     return rows
 
 
@@ -99,9 +109,14 @@ def daemon_report(store_path: str) -> list[tuple[str, str]]:
         rows.append((f"cache {key}", f"{value:.3f}" if isinstance(value, float) else str(value)))
     comp = stats.get("compaction", {})
     if comp:
-        rows.append(("compacted this mount", f"{comp.get('blocks', 0)} blocks, "
-                     f"{comp.get('lm_blocks', 0)} by the LM, saved "
-                     f"{human(comp.get('before', 0) - comp.get('after', 0))}"))
+        rows.append(
+            (
+                "compacted this mount",
+                f"{comp.get('blocks', 0)} blocks, "
+                f"{comp.get('lm_blocks', 0)} by the LM, saved "
+                f"{human(comp.get('before', 0) - comp.get('after', 0))}",
+            )
+        )
     rows += cluster_rows(stats.get("cluster"))
     return rows
 
@@ -111,18 +126,29 @@ def cluster_rows(cl: dict | None) -> list[tuple[str, str]]:
     if not cl:
         return []
     state = cl["state"] + (f" ({cl['error']})" if cl.get("error") else "")
-    rows = [("cluster", f"{cl['address']}: {state}, {len(cl['workers'])} worker(s)"),
-            ("cluster compacted", f"{cl['blocks']} blocks, {human(cl['plain'])} in "
-                                  f"{cl['batches']} batches, {human(cl['rate'])}/s"),
-            ("cluster failures", f"{sum(w['failures'] for w in cl['workers'])} worker call(s) "
-                                 f"failed, {cl['retries']} retried, {cl['mismatches']} did not "
-                                 f"verify, {cl['local_fallbacks']} block(s) done locally")]
+    rows = [
+        ("cluster", f"{cl['address']}: {state}, {len(cl['workers'])} worker(s)"),
+        (
+            "cluster compacted",
+            f"{cl['blocks']} blocks, {human(cl['plain'])} in {cl['batches']} batches, {human(cl['rate'])}/s",
+        ),
+        (
+            "cluster failures",
+            f"{sum(w['failures'] for w in cl['workers'])} worker call(s) "
+            f"failed, {cl['retries']} retried, {cl['mismatches']} did not "
+            f"verify, {cl['local_fallbacks']} block(s) done locally",
+        ),
+    ]
     for w in cl["workers"]:
-        rows.append((f"cluster worker {w['name']}",
-                     f"{w['host']} pid {w['pid']} {w['device']}"
-                     f"{'' if w['alive'] else ' (lost)'}: {w['blocks']} blocks, "
-                     f"{human(w['plain'])} at {human(w['rate'])}/s, verified {w['verified']}, "
-                     f"{w['failures']} failure(s)"))
+        rows.append(
+            (
+                f"cluster worker {w['name']}",
+                f"{w['host']} pid {w['pid']} {w['device']}"
+                f"{'' if w['alive'] else ' (lost)'}: {w['blocks']} blocks, "
+                f"{human(w['plain'])} at {human(w['rate'])}/s, verified {w['verified']}, "
+                f"{w['failures']} failure(s)",
+            )
+        )
     return rows
 
 

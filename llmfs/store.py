@@ -114,6 +114,7 @@ here, because py-lmdb write transactions must stay on the thread that began them
 reads and writes go through the group under that lock (the GIL serialises them anyway; decoding
 and compression run outside it).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -147,15 +148,25 @@ MAP_SIZE = 1 << 40
 # limit (64 MiB) plus LMDB's copy-on-write pages.
 FULL_DISK_SLACK = 128 << 20
 # Group commit (see GROUP COMMIT above).
-COMMIT_INTERVAL = 5.0     # seconds from a group's first change to its commit: the crash-loss bound
-DRAIN = 0.1               # seconds a timed commit waits for no file to be open for writing
-GROUP_BYTES = 64 << 20    # new container bytes that make a group commit early
+COMMIT_INTERVAL = 5.0  # seconds from a group's first change to its commit: the crash-loss bound
+DRAIN = 0.1  # seconds a timed commit waits for no file to be open for writing
+GROUP_BYTES = 64 << 20  # new container bytes that make a group commit early
 LOW_SPACE = FULL_DISK_SLACK + 2 * GROUP_BYTES  # below this much free disk, no groups
-SPACE_CHECK = 0.5         # seconds between looks at the free disk space
+SPACE_CHECK = 0.5  # seconds between looks at the free disk space
 
-DB_NAMES_V1 = ("meta", "inodes", "dirents", "blockmap", "blocks", "refs", "xattrs", "orphans",
-               "pending", "models")
-DB_NAMES = DB_NAMES_V1 + ("modelfiles", "modelkeys")     # format 2
+DB_NAMES_V1 = (
+    "meta",
+    "inodes",
+    "dirents",
+    "blockmap",
+    "blocks",
+    "refs",
+    "xattrs",
+    "orphans",
+    "pending",
+    "models",
+)
+DB_NAMES = DB_NAMES_V1 + ("modelfiles", "modelkeys")  # format 2
 
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
@@ -200,13 +211,13 @@ class _Group:
         self.drain = drain
         self.max_bytes = max_bytes
         self.txn: lmdb.Transaction | None = None  # the open group (None: paused, low space)
-        self.first_change: float | None = None    # monotonic time of the group's first change
-        self.bytes = 0              # new container bytes in the group
-        self.changes = 0            # write() blocks committed into groups, ever
-        self.durable = 0            # `changes` value that the last commit + sync made durable
-        self.wanted = 0             # highest `changes` value a sync() caller waits for
-        self.holds = 0              # files open for writing (namespace holds)
-        self.draining = False       # a timed commit waits for holds to reach 0
+        self.first_change: float | None = None  # monotonic time of the group's first change
+        self.bytes = 0  # new container bytes in the group
+        self.changes = 0  # write() blocks committed into groups, ever
+        self.durable = 0  # `changes` value that the last commit + sync made durable
+        self.wanted = 0  # highest `changes` value a sync() caller waits for
+        self.holds = 0  # files open for writing (namespace holds)
+        self.draining = False  # a timed commit waits for holds to reach 0
         self.failed: str | None = None
         self.stop = False
         self.low_space = False
@@ -225,6 +236,7 @@ def now_ns() -> int:
 class Inode(NamedTuple):
     """An inode record. A NamedTuple (not a frozen dataclass): unpacked on every lookup and stat,
     where a dataclass's field-by-field init cost several times as much."""
+
     mode: int
     uid: int
     gid: int
@@ -237,12 +249,24 @@ class Inode(NamedTuple):
     target: bytes = b""  # symlinks only
 
     def pack(self) -> bytes:
-        return _INODE.pack(self.mode, self.uid, self.gid, self.nlink, self.size, self.atime,
-                           self.mtime, self.ctime, self.rdev) + self.target
+        return (
+            _INODE.pack(
+                self.mode,
+                self.uid,
+                self.gid,
+                self.nlink,
+                self.size,
+                self.atime,
+                self.mtime,
+                self.ctime,
+                self.rdev,
+            )
+            + self.target
+        )
 
     @classmethod
     def unpack(cls, buf) -> Inode:
-        return cls(*_INODE.unpack_from(buf, 0), bytes(buf[_INODE.size:]))
+        return cls(*_INODE.unpack_from(buf, 0), bytes(buf[_INODE.size :]))
 
     def evolve(self, **changes) -> Inode:
         return self._replace(**changes)
@@ -271,7 +295,7 @@ class Counters:
     @classmethod
     def unpack(cls, buf) -> Counters:
         vals = _COUNTERS.unpack(buf)
-        return cls(vals[0], [list(vals[1 + 3 * i:4 + 3 * i]) for i in range(_N_CODECS)])
+        return cls(vals[0], [list(vals[1 + 3 * i : 4 + 3 * i]) for i in range(_N_CODECS)])
 
     @property
     def stored(self) -> int:
@@ -441,16 +465,28 @@ class Txn:
         raw = self.txn.get(h, db=self.db["refs"])
         return _U64.unpack(raw)[0] if raw is not None else 0
 
-    def set_block(self, ino: int, index: int, h: bytes | None, container: bytes | None = None,
-                  codec_id: int = 0, plain_len: int = 0, pending: bool = False) -> None:
+    def set_block(
+        self,
+        ino: int,
+        index: int,
+        h: bytes | None,
+        container: bytes | None = None,
+        codec_id: int = 0,
+        plain_len: int = 0,
+        pending: bool = False,
+    ) -> None:
         """Point block `index` of `ino` at `h` (None: a hole). When `h` is new to the store,
         `container` (its encoding) is stored with it. Keeps refs and counters exact."""
         bm = self.db["blockmap"]
         key = blockmap_key(ino, index)
         old = self.txn.get(key, db=bm)
         old = bytes(old) if old is not None else None
-        if h is not None and container is not None and self.refcount(h) \
-                and self.container_codec(h) == DAMAGED:
+        if (
+            h is not None
+            and container is not None
+            and self.refcount(h)
+            and self.container_codec(h) == DAMAGED
+        ):
             self.replace_container(h, container)  # its content again: heal the block
         if old == h:
             return
@@ -518,7 +554,7 @@ class Txn:
 
     def model_spec(self, fingerprint: bytes) -> str | None:
         raw = self.txn.get(fingerprint, db=self.db["models"])
-        if raw is None:      # a key written before container format 2: the 16-byte fingerprint
+        if raw is None:  # a key written before container format 2: the 16-byte fingerprint
             with self.txn.cursor(db=self.db["models"]) as cur:
                 if cur.set_range(fingerprint) and bytes(cur.key()).startswith(fingerprint):
                     raw = cur.value()
@@ -619,7 +655,7 @@ class Txn:
                 return []
             keys = []
             for key in cur.iternext(values=False):
-                if key[:len(prefix)] != prefix:
+                if key[: len(prefix)] != prefix:
                     break
                 keys.append(bytes(key))
             return keys
@@ -645,8 +681,9 @@ class Store:
         StoreLocked if another process holds it."""
         self.path = os.path.abspath(path)
         if not os.path.isdir(self.path) or not os.path.exists(os.path.join(self.path, "data.mdb")):
-            raise NotAStore(f"{path} is not an llmfs store (no data.mdb); create one with "
-                            f"`llmfs mkfs {path}`")
+            raise NotAStore(
+                f"{path} is not an llmfs store (no data.mdb); create one with `llmfs mkfs {path}`"
+            )
         self._lock_fd = None
         self._lock = threading.RLock()
         self._group: _Group | None = None
@@ -654,9 +691,17 @@ class Store:
         if lock:
             self._take_lock()
         try:
-            self.env = lmdb.open(self.path, map_size=MAP_SIZE, max_dbs=len(DB_NAMES), subdir=True,
-                                 sync=True, metasync=False, readonly=readonly, create=False,
-                                 max_readers=512)
+            self.env = lmdb.open(
+                self.path,
+                map_size=MAP_SIZE,
+                max_dbs=len(DB_NAMES),
+                subdir=True,
+                sync=True,
+                metasync=False,
+                readonly=readonly,
+                create=False,
+                max_readers=512,
+            )
         except lmdb.Error as e:
             self.release_lock()
             raise NotAStore(f"{path} is not an llmfs store: {e}") from None
@@ -677,7 +722,8 @@ class Store:
             self.close()
             raise UnsupportedFormat(
                 f"{path} has store format version {version}; this llmfs reads versions "
-                f"{', '.join(map(str, READS_FORMATS))}: install a newer llmfs to use it")
+                f"{', '.join(map(str, READS_FORMATS))}: install a newer llmfs to use it"
+            )
         try:
             self._open_format(version, upgrade=lock and not readonly)
         except lmdb.Error as e:
@@ -694,13 +740,13 @@ class Store:
             if not upgrade:
                 return
             with self.env.begin(write=True) as txn:
-                for n in DB_NAMES[len(DB_NAMES_V1):]:
+                for n in DB_NAMES[len(DB_NAMES_V1) :]:
                     self.db[n] = self.env.open_db(n.encode(), txn=txn, create=True)
                 txn.put(b"format", _U32.pack(FORMAT_VERSION), db=self.db["meta"])
             self.env.sync(True)
             self.format = FORMAT_VERSION
             return
-        for n in DB_NAMES[len(DB_NAMES_V1):]:
+        for n in DB_NAMES[len(DB_NAMES_V1) :]:
             self.db[n] = self.env.open_db(n.encode(), create=False)
 
     @classmethod
@@ -742,8 +788,9 @@ class Store:
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip()
             os.close(fd)
-            raise StoreLocked(f"store {self.path} is in use ({holder or 'another process'}); "
-                              f"unmount it first") from None
+            raise StoreLocked(
+                f"store {self.path} is in use ({holder or 'another process'}); unmount it first"
+            ) from None
         self._lock_fd = fd
 
     def describe_lock_holder(self, text: str) -> None:
@@ -840,15 +887,15 @@ class Store:
             raise StoreIOError(f"the store could not be synced: {e}") from None
 
     # -- group commit ----------------------------------------------------------------------------
-    def start_group_commit(self, interval: float = COMMIT_INTERVAL, drain: float = DRAIN,
-                           max_bytes: int = GROUP_BYTES) -> None:
+    def start_group_commit(
+        self, interval: float = COMMIT_INTERVAL, drain: float = DRAIN, max_bytes: int = GROUP_BYTES
+    ) -> None:
         """Collect changes in groups committed by a thread of their own (GROUP COMMIT above)."""
         with self._lock:
             if self._group is not None:
                 return
             g = self._group = _Group(self._lock, interval, drain, max_bytes)
-            g.thread = threading.Thread(target=self._committer, args=(g,), name="llmfs-commit",
-                                        daemon=True)
+            g.thread = threading.Thread(target=self._committer, args=(g,), name="llmfs-commit", daemon=True)
             g.thread.start()
             while g.txn is None and g.thread.is_alive() and not g.low_space:
                 g.cond.wait(0.1)
@@ -970,9 +1017,11 @@ class Store:
                 g.cond.acquire()
             g.durable = max(g.durable, target)
         except lmdb.Error as e:
-            g.failed = (f"the store could not commit the changes of the last "
-                        f"{COMMIT_INTERVAL:g} s ({e}); they are lost, and the store accepts no "
-                        f"more writes until it is mounted again")
+            g.failed = (
+                f"the store could not commit the changes of the last "
+                f"{COMMIT_INTERVAL:g} s ({e}); they are lost, and the store accepts no "
+                f"more writes until it is mounted again"
+            )
             log.critical("%s", g.failed)
         g.cond.notify_all()
 

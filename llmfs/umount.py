@@ -6,6 +6,7 @@ served by an llmfs daemon before anything under its claimed store is trusted. A 
 that no live daemon serves (one whose daemon died, or someone's own FUSE mount that only claims to
 be llmfs) is detached as asked, without waiting and without touching the directory it names.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -66,16 +67,22 @@ def unmount(mountpoint: str, lazy: bool = False) -> str | None:
     if res.returncode != 0:
         raise RuntimeError(res.stderr.strip() or f"fusermount3 failed ({res.returncode})")
     if daemon is not None and not wait_for_exit(daemon):
-        raise RuntimeError(f"unmounted, but the daemon of {daemon.store} (pid {daemon.pid}) did "
-                           f"not exit within {WAIT_SECONDS} s")
+        raise RuntimeError(
+            f"unmounted, but the daemon of {daemon.store} (pid {daemon.pid}) did "
+            f"not exit within {WAIT_SECONDS} s"
+        )
     return note
 
 
 def register(sub) -> None:
     p = sub.add_parser("umount", help="flush, unmount and wait for the daemon to exit")
     p.add_argument("mountpoint")
-    p.add_argument("-z", "--lazy", action="store_true",
-                   help="detach now even if busy; the daemon exits when the last file closes")
+    p.add_argument(
+        "-z",
+        "--lazy",
+        action="store_true",
+        help="detach now even if busy; the daemon exits when the last file closes",
+    )
     p.set_defaults(func=run)
 
 

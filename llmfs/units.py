@@ -1,5 +1,6 @@
 """Sizes and counts as people write them: command-line arguments (`--block-size 64K`,
 `--threads 2`), config-file values (`ram = "64M"`) and the sizes commands print."""
+
 from __future__ import annotations
 
 import argparse

@@ -25,6 +25,7 @@ Every method here except `make_room` and `dirty_files` is called with the file's
 (`OpenFile.lock`) held; the namespace owns the table of open files and the locks
 (llmfs/namespace.py).
 """
+
 from __future__ import annotations
 
 import threading
@@ -44,6 +45,7 @@ DIRTY_LIMIT = 64 << 20
 @dataclass
 class OpenFile:
     """In-memory state of a file that is open or being changed: pinned while `users` > 0."""
+
     ino: int
     size: int
     users: int = 0
@@ -59,8 +61,14 @@ class WriteBuffer:
     read path, so that a partial write of a stored block decodes it with the same checks as a read.
     """
 
-    def __init__(self, store: Store, registry: Registry, load: Callable[[int, int], bytes | None],
-                 dirty_limit: int = DIRTY_LIMIT, codecs: tuple[int, ...] = (ZSTD,)):
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry,
+        load: Callable[[int, int], bytes | None],
+        dirty_limit: int = DIRTY_LIMIT,
+        codecs: tuple[int, ...] = (ZSTD,),
+    ):
         self.store = store
         self.registry = registry
         self.block_size = store.block_size
@@ -113,7 +121,7 @@ class WriteBuffer:
                 f.dirty[idx] = bytearray(view[:n])
                 self._account(f, 1)
             else:
-                self._block(f, idx)[lo:lo + n] = view[:n]
+                self._block(f, idx)[lo : lo + n] = view[:n]
             pos += n
             view = view[n:]
         f.size = max(f.size, offset + len(data))
@@ -150,8 +158,11 @@ class WriteBuffer:
             else:
                 blocks[idx] = (block_hash(plain), plain)
         with self.store.read(buffers=True) as t:  # headers only
-            known = {h for h, _ in blocks.values()  # a quarantined block is stored anew
-                     if h is not None and t.refcount(h) and t.container_codec(h) != DAMAGED}
+            known = {
+                h
+                for h, _ in blocks.values()  # a quarantined block is stored anew
+                if h is not None and t.refcount(h) and t.container_codec(h) != DAMAGED
+            }
         encoded = {}
         for h, plain in blocks.values():  # compress outside the write transaction
             if h is not None and h not in known and h not in encoded:
@@ -163,8 +174,15 @@ class WriteBuffer:
                     if h is not None and blob is None and not t.refcount(h):
                         blob = encoded[h] = self._encode(plain)  # deleted since we looked
                     codec_id = self.registry.header(blob).codec_id if blob else RAW
-                    t.set_block(f.ino, idx, h, blob, codec_id, len(plain),
-                                pending=blob is not None and codec_id != RAW)
+                    t.set_block(
+                        f.ino,
+                        idx,
+                        h,
+                        blob,
+                        codec_id,
+                        len(plain),
+                        pending=blob is not None and codec_id != RAW,
+                    )
                 t.truncate_blocks(f.ino, -(-f.size // bs))
                 inode = t.inode(f.ino)
                 if inode is None:
@@ -188,7 +206,7 @@ class WriteBuffer:
             if idx * self.block_size < f.size:
                 plain = self._load(f.ino, idx)
                 if plain:
-                    buf[:len(plain)] = plain
+                    buf[: len(plain)] = plain
             f.dirty[idx] = buf
             self._account(f, 1)
         return buf

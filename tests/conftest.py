@@ -1,5 +1,6 @@
 """Shared fixtures. Mounted tests use `mounted` (a fresh store mounted in a temp dir, always
 unmounted, failing the test if the daemon logged an unexpected error)."""
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,9 @@ LLMFS = [sys.executable, "-m", "llmfs.cli"]
 def llmfs(*args, check=True, **kw) -> subprocess.CompletedProcess:
     res = subprocess.run(LLMFS + [str(a) for a in args], capture_output=True, text=True, **kw)
     if check and res.returncode != 0:
-        raise AssertionError(f"llmfs {' '.join(map(str, args))} failed ({res.returncode}):\n"
-                             f"{res.stdout}\n{res.stderr}")
+        raise AssertionError(
+            f"llmfs {' '.join(map(str, args))} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+        )
     return res
 
 
@@ -114,9 +116,12 @@ def mounted(tmp_path):
     if m.fsck_after:
         res = llmfs("fsck", m.store, check=False)
         assert res.returncode == 0, f"fsck after the test:\n{res.stdout}{res.stderr}"
-    bad = [line for line in m.log().splitlines()
-           if ("ERROR" in line or "Traceback" in line or "CRITICAL" in line)
-           and not any(a in line for a in m.allowed_errors)]
+    bad = [
+        line
+        for line in m.log().splitlines()
+        if ("ERROR" in line or "Traceback" in line or "CRITICAL" in line)
+        and not any(a in line for a in m.allowed_errors)
+    ]
     assert not bad, "the daemon logged errors:\n" + "\n".join(bad)
 
 

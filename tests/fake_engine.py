@@ -4,6 +4,7 @@ Frequencies depend on the previous token only (a bigram table), so any batch lay
 parallel and incremental evaluation give identical rows by construction — a codec bug cannot hide
 behind an engine bug. `train` fits the table to some text (add-one counts), so that text compresses
 and the registry picks the LM container."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,8 +14,14 @@ import torch
 
 
 class BigramEngine:
-    def __init__(self, seed: int = 0, vocab_size: int = 259, bos_id: int = 256,
-                 max_seq_len: int = 256, train: bytes = b""):
+    def __init__(
+        self,
+        seed: int = 0,
+        vocab_size: int = 259,
+        bos_id: int = 256,
+        max_seq_len: int = 256,
+        train: bytes = b"",
+    ):
         rng = np.random.default_rng(seed)
         table = rng.integers(1, 4, size=(vocab_size, vocab_size)).astype(np.int64)
         prev = bos_id
@@ -57,4 +64,4 @@ class _State:
         self.pos, self.max_len = pos, max_len
 
     def rows(self, n: int) -> _State:
-        return _State(self.pos[:n], self.max_len)   # a view, as engine.State.rows
+        return _State(self.pos[:n], self.max_len)  # a view, as engine.State.rows

@@ -2,6 +2,7 @@
 payloads, and a decode that holds one lock for `delay` seconds per call, as the real engine's one
 lock makes cold LM decodes take turns. For tests of what waits behind LM decoding (and what must
 not), and of LM-only policies (prefetch), without a model."""
+
 from __future__ import annotations
 
 import threading
@@ -17,7 +18,7 @@ class SlowZlibModel:
     def __init__(self, delay: float = 0.0):
         self.delay = delay
         self.engine_lock = threading.Lock()
-        self.decoded: list[int] = []   # blocks per decode_many call
+        self.decoded: list[int] = []  # blocks per decode_many call
 
     def encode(self, data: bytes) -> bytes | None:
         return zlib.compress(data, 9)
@@ -32,6 +33,7 @@ class SlowZlibModel:
 def compact_all(store, registry, model) -> None:
     """Re-encode every block of the store with `model` (what compaction does, minus its checks)."""
     from llmfs.codec.registry import LM
+
     registry.add_model(model)
     with store.read() as t:
         hashes = [h for h, _ in t.blocks()]

@@ -1,4 +1,5 @@
 """Shared helpers for the LM codec tests: the default model's tokenizer JSON, test engines."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -18,12 +19,14 @@ def smollm2_tokenizer_json() -> str:
     """The default model's tokenizer as HF tokenizers JSON, read from its GGUF."""
     try:
         from llmfs.codec.lm import loader
+
         getter = getattr(loader, "tokenizer_json", None)
         if getter is not None:
             return getter()
     except ImportError:
         pass
     from transformers import AutoTokenizer
+
     path = default_gguf()
     tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     return tok.backend_tokenizer.to_str()
@@ -35,5 +38,6 @@ def tiny_engine(seed: int = 0):
         from llmfs.codec.lm.engine import Engine
     except ImportError:
         from tests.fake_engine import BigramEngine
+
         return BigramEngine(seed=seed)
     return Engine.tiny(seed=seed)

@@ -4,6 +4,7 @@ any number of cold LM reads in flight and look at what else still answers.
 
     python -m tests.slow_lm_daemon STORE MOUNTPOINT GATE_FILE
 """
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,13 @@ def main() -> None:
     fs = Filesystem(store, registry, DecodeCache(16 << 20), readahead=Readahead())
     ops = Operations(fs, on_destroy=fs.flush_all)
     try:
-        FUSE(ops, mountpoint, foreground=True, nothreads=False,
-             **dict(BASE_OPTIONS, fsname=store.path, subtype="llmfs-test"))
+        FUSE(
+            ops,
+            mountpoint,
+            foreground=True,
+            nothreads=False,
+            **dict(BASE_OPTIONS, fsname=store.path, subtype="llmfs-test"),
+        )
     finally:
         fs.flush_all()
         fs.cache.close(timeout=1)

@@ -1,6 +1,7 @@
 """The exact GEMM backends (codec/lm/backend.py) give the same int32 results, each forced in turn, at
 the int8 extremes and the largest K, on any thread count, in the engine, and on the real model's
 weights; the choice is cached and logged; the kernels cache is trusted only when it is ours."""
+
 from __future__ import annotations
 
 import ctypes
@@ -39,7 +40,7 @@ def _extremes(M: int, K: int, N: int, seed: int) -> tuple[torch.Tensor, torch.Te
     g = torch.Generator().manual_seed(seed)
     a = torch.randint(-128, 128, (M, K), generator=g).to(torch.int8)
     w = torch.randint(-128, 128, (N, K), generator=g).to(torch.int8)
-    a[0], w[0] = -128, -128                 # the largest sum: 2^14 per product, all positive
+    a[0], w[0] = -128, -128  # the largest sum: 2^14 per product, all positive
     w[-1] = 127
     if M > 1:
         a[-1] = 127
@@ -48,8 +49,10 @@ def _extremes(M: int, K: int, N: int, seed: int) -> tuple[torch.Tensor, torch.Te
 
 @needs_kernels
 @pytest.mark.parametrize("form", backend.FORMS)
-@pytest.mark.parametrize("M, K, N", [(1, 4, 16), (2, 576, 1536), (7, 1536, 576), (65, 64, 80),
-                                     (300, 576, 96), (3, 2048, 32), (2, 65532, 16)])
+@pytest.mark.parametrize(
+    "M, K, N",
+    [(1, 4, 16), (2, 576, 1536), (7, 1536, 576), (65, 64, 80), (300, 576, 96), (3, 2048, 32), (2, 65532, 16)],
+)
 def test_backend_equals_int64_reference(form, M, K, N):
     """Every form against the int64 product: row/column tails, the int8 extremes, K past one float32
     chunk (2048: two chunks of partial sums exactly 2^24 for the -128 row) and the largest K the
@@ -57,7 +60,7 @@ def test_backend_equals_int64_reference(form, M, K, N):
     _runnable(form)
     a, w = _extremes(M, K, N, M * 7 + K + N)
     ref = a.to(torch.int64) @ w.to(torch.int64).t()
-    assert int(ref.abs().max()) == 16384 * K          # the -128 row against the -128 column
+    assert int(ref.abs().max()) == 16384 * K  # the -128 row against the -128 column
     for threads in (1, 3):
         out = _gemm(form, a, w, threads)
         assert out.dtype == torch.int32 and torch.equal(out.to(torch.int64), ref), (form, threads)
@@ -80,9 +83,9 @@ def test_blas_stays_exact_at_reduced_matmul_precision():
 def test_float32_chunk_bound():
     """The blas bound: F32_CHUNK products of the largest magnitude sum to 2^24, where float32 still
     holds every integer (2^24 + 1 it does not)."""
-    assert backend.F32_CHUNK * 128 * 128 == 2 ** 24
-    assert float(torch.tensor(2.0 ** 24, dtype=torch.float32)) == 2 ** 24
-    assert float(torch.tensor(2.0 ** 24 + 1, dtype=torch.float32)) != 2 ** 24 + 1
+    assert backend.F32_CHUNK * 128 * 128 == 2**24
+    assert float(torch.tensor(2.0**24, dtype=torch.float32)) == 2**24
+    assert float(torch.tensor(2.0**24 + 1, dtype=torch.float32)) != 2**24 + 1
 
 
 @needs_kernels
@@ -91,11 +94,10 @@ def test_engine_on_each_backend_equals_torch_ops(form):
     """The fused engine forced onto each backend (2 threads) gives the torch form's tables, parallel
     and stepped, on a tiny model whose shapes the packed kernels take."""
     _runnable(form)
-    t = Engine.tiny(seed=9, dim=64, n_head=4, n_kv_head=2, ffn_dim=128, vocab_size=272,
-                    max_seq_len=80)
+    t = Engine.tiny(seed=9, dim=64, n_head=4, n_kv_head=2, ffn_dim=128, vocab_size=272, max_seq_len=80)
     e = Engine(t.config, t.tensors, backend=form, threads=2)
     assert e.backend.few == e.backend.many == form
-    if form in ("avx2", "blas"):                          # what an AVX2-only CPU encodes with
+    if form in ("avx2", "blas"):  # what an AVX2-only CPU encodes with
         assert e._ops.attention == "steps" and e.backend.variant == "noavx512"
     g = torch.Generator().manual_seed(3)
     x = torch.randint(0, 272, (3, 70), generator=g)
@@ -114,8 +116,9 @@ def test_forced_backend_errors(monkeypatch):
     with pytest.raises(backend.BackendError, match="unknown backend"):
         backend._choose()
     monkeypatch.setenv(backend.ENV, "vnni")
-    monkeypatch.setattr(backend, "unsupported",
-                        lambda f: "this CPU has no AVX-512 VNNI (test)" if f == "vnni" else None)
+    monkeypatch.setattr(
+        backend, "unsupported", lambda f: "this CPU has no AVX-512 VNNI (test)" if f == "vnni" else None
+    )
     with pytest.raises(backend.BackendError, match="LLMFS_BACKEND=vnni: this CPU has no"):
         backend._choose()
     with pytest.raises(backend.BackendError):
@@ -132,8 +135,9 @@ def test_choice_is_measured_once_cached_and_logged(tmp_path, monkeypatch, caplog
     monkeypatch.setattr(backend, "_choice_path", lambda key: tmp_path / f"backend-{key}.json")
     measured = []
     real = backend._measure
-    monkeypatch.setattr(backend, "_measure",
-                        lambda f, n, seconds=0.01: measured.append(f) or real(f, n, 0.01))
+    monkeypatch.setattr(
+        backend, "_measure", lambda f, n, seconds=0.01: measured.append(f) or real(f, n, 0.01)
+    )
     first = backend._choose()
     assert first.reason == "measured at first use" and measured
     runnable = [f for f in backend.FORMS if backend.unsupported(f) is None]
@@ -147,12 +151,14 @@ def test_choice_is_measured_once_cached_and_logged(tmp_path, monkeypatch, caplog
     monkeypatch.setattr(backend, "_current", None)
     monkeypatch.setattr(backend, "_choice_path", lambda key: tmp_path / "fresh.json")
     with caplog.at_level(logging.INFO, logger="llmfs"):
-        backend.current()                                  # measured now: said at INFO
-    assert any("exact engine on" in r.getMessage() and "GEMM few rows" in r.getMessage()
-               for r in caplog.records)
+        backend.current()  # measured now: said at INFO
+    assert any(
+        "exact engine on" in r.getMessage() and "GEMM few rows" in r.getMessage() for r in caplog.records
+    )
 
 
 # ---- the kernels cache: only our own, not writable by others --------------------------------------
+
 
 @pytest.fixture
 def small_source(tmp_path, monkeypatch):
@@ -172,15 +178,15 @@ def test_cache_dir_is_private_and_checked(tmp_path, monkeypatch, caplog, small_s
     path = kernels.build(("LLMFS_NO_CLONES",))
     d = kernels.cache_dir()
     assert path.parent == d and stat.S_IMODE(os.stat(d).st_mode) == 0o700
-    assert kernels.load(path).llmfs_test_symbol() == 7   # ours, 0700: loads
+    assert kernels.load(path).llmfs_test_symbol() == 7  # ours, 0700: loads
 
-    os.chmod(path, 0o775)                                # group-writable object: refused
+    os.chmod(path, 0o775)  # group-writable object: refused
     with pytest.raises(RuntimeError, match="writable by group or others"):
         kernels.load(path)
-    again = kernels.build(("LLMFS_NO_CLONES",))          # and rebuilt, not reused
+    again = kernels.build(("LLMFS_NO_CLONES",))  # and rebuilt, not reused
     assert again == path and not os.stat(path).st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
-    os.chmod(d, 0o777)                                   # a directory others can write to
+    os.chmod(d, 0o777)  # a directory others can write to
     with pytest.raises(RuntimeError, match="writable by group or others"):
         kernels.load(path)
     with caplog.at_level(logging.WARNING):
@@ -205,9 +211,11 @@ def test_cache_of_another_user_is_not_loaded(tmp_path, monkeypatch, small_source
 
 # ---- the real model ------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def real():
     from llmfs.codec.lm import loader
+
     return loader.load()
 
 

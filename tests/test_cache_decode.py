@@ -1,6 +1,7 @@
 """Decode cache: get_many decodes each cold block once whoever asks (single flight), batches
 a call's misses into one decode, spreads a decode error to every waiter; prefetch decodes in the
 background, in batches, after readers; metrics count it all."""
+
 from __future__ import annotations
 
 import threading
@@ -238,10 +239,27 @@ def test_metrics_names_and_decode_time():
     cache = DecodeCache(1 << 20, 1 << 20, device="cpu")
     cache.get_many([key(1)], lambda keys: (time.sleep(0.01), [plain(k) for k in keys])[1])
     m = cache.metrics()
-    for name in ("hits", "misses", "ram_hits", "device_hits", "ram_bytes", "ram_entries",
-                 "ram_evictions", "device_bytes", "device_entries", "device_evictions", "demotions",
-                 "promotions", "decode_queue", "decodes", "decode_seconds", "prefetched",
-                 "single_flight_waits", "in_flight", "ghost_entries"):
+    for name in (
+        "hits",
+        "misses",
+        "ram_hits",
+        "device_hits",
+        "ram_bytes",
+        "ram_entries",
+        "ram_evictions",
+        "device_bytes",
+        "device_entries",
+        "device_evictions",
+        "demotions",
+        "promotions",
+        "decode_queue",
+        "decodes",
+        "decode_seconds",
+        "prefetched",
+        "single_flight_waits",
+        "in_flight",
+        "ghost_entries",
+    ):
         assert name in m, name
     assert m["decode_seconds"] >= 0.01 and m["decodes"] == 1 and m["device"] == "cpu"
     cache.close()

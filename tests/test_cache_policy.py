@@ -1,5 +1,6 @@
 """Decode cache: 2Q keeps a hot set through a scan, budgets hold, blocks move between the RAM
 and device tiers (CPU tensors here, CUDA in production), and resize() releases memory."""
+
 from __future__ import annotations
 
 import gc
@@ -77,8 +78,9 @@ def test_protected_blocks_demote_to_device_and_promote_back_on_a_hit():
     assert m["demotions"] == 5
     assert m["ram_bytes"] <= m["ram_budget"] and m["device_bytes"] <= m["device_budget"]
     tensors = list(cache._device._data.values())
-    assert all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.device.type == "cpu"
-               for t in tensors)
+    assert all(
+        isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.device.type == "cpu" for t in tensors
+    )
     on_device = [k for k in hot if k in cache._device]
     assert read(cache, on_device[0])  # a device hit: right bytes, back in RAM
     assert on_device[0] in cache._ram and on_device[0] not in cache._device
@@ -89,10 +91,13 @@ def test_protected_blocks_demote_to_device_and_promote_back_on_a_hit():
 
 
 @settings(max_examples=60, deadline=None)
-@given(ram_slots=st.integers(0, 6), dev_slots=st.integers(0, 6),
-       ops=st.lists(st.tuples(st.integers(0, 12), st.sampled_from([0, 1, 100, 3000, 9000])),
-                    max_size=80),
-       resize_at=st.integers(0, 80), new_slots=st.tuples(st.integers(0, 6), st.integers(0, 6)))
+@given(
+    ram_slots=st.integers(0, 6),
+    dev_slots=st.integers(0, 6),
+    ops=st.lists(st.tuples(st.integers(0, 12), st.sampled_from([0, 1, 100, 3000, 9000])), max_size=80),
+    resize_at=st.integers(0, 80),
+    new_slots=st.tuples(st.integers(0, 6), st.integers(0, 6)),
+)
 def test_budgets_are_never_exceeded_and_reads_are_exact(ram_slots, dev_slots, ops, resize_at, new_slots):
     cache = DecodeCache(ram_slots * SLOT, dev_slots * device_charge(BLOCK), device="cpu")
     for n, (i, size) in enumerate(ops):
@@ -175,7 +180,9 @@ def test_without_cuda_and_without_device_the_device_tier_is_off():
 
 def test_a_cache_without_device_tier_does_not_import_torch():
     # torch costs ~1.8 s of start-up to every llmfs command that imports the cache.
-    code = ("import sys, llmfs.cache as cache; c = cache.DecodeCache(1 << 20); c.put(b'k' * 32, b'x'); "
-            "c.get_many([b'j' * 32], lambda ks: [b'y' for k in ks]); c.metrics(); c.resize(0); "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, llmfs.cache as cache; c = cache.DecodeCache(1 << 20); c.put(b'k' * 32, b'x'); "
+        "c.get_many([b'j' * 32], lambda ks: [b'y' for k in ks]); c.metrics(); c.resize(0); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)

@@ -1,5 +1,6 @@
 """The `llmfs` command line as a user's shell runs it: a reader that closes the pipe early
 (`llmfs stat | head`) ends the command quietly, without a traceback."""
+
 from __future__ import annotations
 
 import subprocess

@@ -7,6 +7,7 @@ container wins as it does on real text, in milliseconds. Each test compacts thro
 while the daemon's own codec refuses to encode, so only the cluster can have made the containers,
 then reads every file back through a fresh filesystem with a fresh local model and runs fsck.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,9 +34,11 @@ BS = 4096  # small blocks: the bigram model decodes in Python, one step per byte
 
 try:
     import ray  # noqa: F401
+
     HAVE_RAY = True
 except ImportError:
     HAVE_RAY = False
+
 
 def bigram_codec(delay: float = 0.0, switch: str | None = None) -> LMCodec:
     """The codec the workers and the local daemon share. `delay` seconds per encoded block (while
@@ -49,6 +52,7 @@ def bigram_codec(delay: float = 0.0, switch: str | None = None) -> LMCodec:
             if switch is None or os.path.exists(switch):
                 time.sleep(delay)
             return real(data)
+
         codec.encode = slow
     return codec
 
@@ -103,10 +107,15 @@ def env(tmp_path):
 
     def refuse(data):
         raise AssertionError("the daemon encoded a block the cluster should have")
+
     local.encode = refuse
     compactor = Compactor(store, registry, lambda: local, "test-bigram", compact_after=0)
-    files = {b"a": TEXT[:3 * BS], b"b": TEXT[3 * BS:5 * BS], b"c": TEXT[5 * BS:6 * BS],
-             b"bin": os.urandom(BS)}
+    files = {
+        b"a": TEXT[: 3 * BS],
+        b"b": TEXT[3 * BS : 5 * BS],
+        b"c": TEXT[5 * BS : 6 * BS],
+        b"bin": os.urandom(BS),
+    }
     inos = {name: write(fs, name, data) for name, data in files.items()}
     yield fs, compactor, files, inos
     if not getattr(fs, "closed_by_test", False):  # tests close it to reopen it fresh
@@ -116,6 +125,7 @@ def env(tmp_path):
 
 def coder_for(cluster: LocalCluster, model, workers: int = 2, timeout: float = 60.0):
     from llmfs.cluster import ClusterCoder
+
     coder = ClusterCoder(cluster.address, model, workers=workers, timeout=timeout, device="cpu")
     coder.start()
     assert coder.stats()["state"] == "ready", coder.stats()
@@ -173,8 +183,7 @@ def test_worker_killed_in_the_middle_of_a_batch(shared, env):
     open(switch, "w").close()  # 1.5 s per block: w0 encodes 3 blocks
     try:
         out = {}
-        t = threading.Thread(target=lambda: out.update(res=compactor.compact(
-            compactor.candidates())))
+        t = threading.Thread(target=lambda: out.update(res=compactor.compact(compactor.candidates())))
         t.start()
         time.sleep(2.0)
         os.kill(victim, signal.SIGKILL)
@@ -197,8 +206,7 @@ def test_cluster_stopped_in_the_middle_of_a_compaction(cluster, env):
     try:
         compactor.remote = coder
         out = {}
-        t = threading.Thread(target=lambda: out.update(res=compactor.compact(
-            compactor.candidates())))
+        t = threading.Thread(target=lambda: out.update(res=compactor.compact(compactor.candidates())))
         t.start()
         time.sleep(1.0)
         cluster.stop()
@@ -224,9 +232,12 @@ def test_cluster_config_keys(tmp_path):
     import argparse
 
     from llmfs import mount
+
     cfg_path = tmp_path / "m.toml"
-    cfg_path.write_text('store = "s"\nmountpoint = "m"\n[cluster]\naddress = "ray://head:10001"\n'
-                        'workers = 4\ntimeout = "2m"\n')
+    cfg_path.write_text(
+        'store = "s"\nmountpoint = "m"\n[cluster]\naddress = "ray://head:10001"\n'
+        'workers = 4\ntimeout = "2m"\n'
+    )
     parser = argparse.ArgumentParser()
     mount.register(parser.add_subparsers())
     args = parser.parse_args(["mount", "--config", str(cfg_path)])
@@ -235,7 +246,7 @@ def test_cluster_config_keys(tmp_path):
     assert (args.cluster, args.cluster_workers, args.cluster_timeout) == ("ray://head:10001", 4, 120)
     assert cfg.not_yet == []
     bad = tmp_path / "bad.toml"
-    bad.write_text('[cluster]\nworkers = -1\n')
+    bad.write_text("[cluster]\nworkers = -1\n")
     with pytest.raises(config.ConfigError, match="cluster.workers"):
         config.load(str(bad))
 
@@ -252,6 +263,7 @@ class FakeRemote:
 
     def encode_many(self, datas, fingerprint):
         from llmfs.codec import ZSTD
+
         self.calls += 1
         out = []
         for data, how in zip(datas, self.answers):
@@ -281,20 +293,24 @@ def test_cluster_coder_checks_headers():
     from llmfs.codec import ZSTD
 
     from llmfs.cluster import ClusterCoder
+
     reg = Registry()
     codec = bigram_codec()
     reg.add_model(codec)
     data = TEXT[:BS]
     good = reg.encode(data, (ZSTD, LM), codec.fingerprint)
-    other = reg.encode(TEXT[BS:2 * BS], (ZSTD, LM), codec.fingerprint)
+    other = reg.encode(TEXT[BS : 2 * BS], (ZSTD, LM), codec.fingerprint)
     coder = ClusterCoder("nowhere:1", "tiny")
-    reply = {"workers": [], "mismatches": 0, "retries": 0,
-             "results": [(good, True), (other, True), None, (good, False)]}
+    reply = {
+        "workers": [],
+        "mismatches": 0,
+        "retries": 0,
+        "results": [(good, True), (other, True), None, (good, False)],
+    }
     out = coder._check([data, data, data, data], codec.fingerprint, reply)
     assert out == [(good, True), None, None, (good, False)]
     assert out == coder._check([data] * 4, codec.fingerprint, reply)
-    wrong_model = coder._check([data], b"\0" * len(codec.fingerprint),
-                               dict(reply, results=[(good, True)]))
+    wrong_model = coder._check([data], b"\0" * len(codec.fingerprint), dict(reply, results=[(good, True)]))
     assert wrong_model == [None]
     st = coder.stats()
     assert st["blocks"] == 2 and st["local_fallbacks"] == 5
@@ -303,11 +319,30 @@ def test_cluster_coder_checks_headers():
 def test_stat_shows_the_cluster():
     from llmfs.cluster import ClusterStats, WorkerStats
     from llmfs.statcmd import cluster_rows
-    st = ClusterStats("ray://head:10001", state="ready", workers=[
-        WorkerStats("w0", host="n1", pid=7, device="cuda", blocks=3, plain=3 << 16, seconds=2.0,
-                    verified=2, failures=1),
-        WorkerStats("w1", host="n2", pid=8, device="cpu", alive=False)],
-        batches=1, blocks=5, plain=5 << 16, seconds=4.0, retries=1)
+
+    st = ClusterStats(
+        "ray://head:10001",
+        state="ready",
+        workers=[
+            WorkerStats(
+                "w0",
+                host="n1",
+                pid=7,
+                device="cuda",
+                blocks=3,
+                plain=3 << 16,
+                seconds=2.0,
+                verified=2,
+                failures=1,
+            ),
+            WorkerStats("w1", host="n2", pid=8, device="cpu", alive=False),
+        ],
+        batches=1,
+        blocks=5,
+        plain=5 << 16,
+        seconds=4.0,
+        retries=1,
+    )
     rows = dict(cluster_rows(st.as_dict()))
     assert "2 worker(s)" in rows["cluster"] and "ready" in rows["cluster"]
     assert "80.0 KiB/s" in rows["cluster compacted"]

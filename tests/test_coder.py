@@ -1,4 +1,5 @@
 """Range coding with integer frequency rows: round trips, determinism, pinned words."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,6 +1,7 @@
 """Compaction in-process, with a bigram test model fitted to the text (so the LM container wins):
 cold blocks shrink below zstd, read back identical, binary blocks are left alone, a block rewritten
 while it is compacted keeps the newer data, and the store's invariants hold."""
+
 from __future__ import annotations
 
 import os
@@ -62,8 +63,7 @@ def write(fs, name: bytes, data: bytes) -> int:
 
 def codecs_of(fs, ino):
     with fs.store.read() as t:
-        return [peek_header(t.container(h)).codec_id
-                for h in t.block_hashes(ino, 0, 1 << 40).values()]
+        return [peek_header(t.container(h)).codec_id for h in t.block_hashes(ino, 0, 1 << 40).values()]
 
 
 def test_compaction_shrinks_text_and_keeps_bytes(env):
@@ -88,16 +88,16 @@ def test_compaction_shrinks_text_and_keeps_bytes(env):
 def test_compaction_respects_age_and_paths(env):
     fs, compactor = env
     a = write(fs, b"a", TEXT[:BS])
-    write(fs, b"b", TEXT[BS:2 * BS])
+    write(fs, b"b", TEXT[BS : 2 * BS])
     assert compactor.candidates(older_than=3600) == []
     assert len(compactor.candidates(older_than=0, inos=[a])) == 1
 
 
 def test_block_rewritten_during_compaction_keeps_newer_data(env):
     fs, compactor = env
-    ino = write(fs, b"f", TEXT[:2 * BS])
+    ino = write(fs, b"f", TEXT[: 2 * BS])
     codec = compactor._lm_codec()
-    newer = TEXT[2 * BS:4 * BS]
+    newer = TEXT[2 * BS : 4 * BS]
     real_encode = codec.encode
 
     raced = []
@@ -109,6 +109,7 @@ def test_block_rewritten_during_compaction_keeps_newer_data(env):
             fs.write(fh, newer, 0)
             fs.release(fh)
         return real_encode(data)
+
     codec.encode = encode_and_race
     res = compactor.compact(compactor.candidates())
     assert res.changed == 2 and res.lm_blocks == 0
@@ -134,7 +135,7 @@ def test_failed_verification_keeps_the_old_block(env, caplog):
 
 def test_storage_xattrs(env):
     fs, compactor = env
-    ino = write(fs, b"f", TEXT[:2 * BS])
+    ino = write(fs, b"f", TEXT[: 2 * BS])
     assert fs.getxattr(ino, b"user.llmfs.codec") == b"zstd"
     before = int(fs.getxattr(ino, b"user.llmfs.stored_size"))
     compactor.compact(compactor.candidates())
@@ -147,8 +148,9 @@ def test_storage_xattrs(env):
 
 def test_opening_an_lm_file_prefetches_its_blocks_in_one_batch(env):
     from llmfs.cache import DecodeCache, Readahead
+
     fs, compactor = env
-    ino = write(fs, b"f", TEXT[:4 * BS])
+    ino = write(fs, b"f", TEXT[: 4 * BS])
     compactor.compact(compactor.candidates())
     fs = ns.Filesystem(fs.store, fs.registry, DecodeCache(64 << 20), readahead=Readahead())
     try:
@@ -156,7 +158,7 @@ def test_opening_an_lm_file_prefetches_its_blocks_in_one_batch(env):
         assert fs.cache.wait_prefetch(30)
         m = fs.cache.metrics()
         assert m["prefetched"] == 4 and m["prefetch_batches"] == 1
-        assert fs.read(fh, 4 * BS, 0) == TEXT[:4 * BS]
+        assert fs.read(fh, 4 * BS, 0) == TEXT[: 4 * BS]
         assert fs.cache.metrics()["decoded_blocks"] == 4  # the read decoded nothing more
         fs.release(fh)
     finally:
@@ -168,9 +170,10 @@ def test_walking_a_directory_decodes_the_next_files_in_one_batch(env):
     gets the next files' blocks decoded in the batch of the second file it opens, instead of one
     tiny batch per file; opening files out of order prefetches nothing beyond the file itself."""
     from llmfs.cache import DecodeCache, Readahead
+
     fs, compactor = env
     d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
-    files = {f"f{i:02}".encode(): TEXT[i * 2000:i * 2000 + 1500] for i in range(12)}
+    files = {f"f{i:02}".encode(): TEXT[i * 2000 : i * 2000 + 1500] for i in range(12)}
     for name, data in files.items():
         fh = fs.create(d, name, 0o644, os.O_RDWR, 0, 0)
         fs.write(fh, data, 0)
@@ -184,7 +187,7 @@ def test_walking_a_directory_decodes_the_next_files_in_one_batch(env):
             fh = fs.open(fs.lookup(d, name), os.O_RDONLY)
             got[name] = fs.read(fh, 1 << 20, 0)
             fs.release(fh)
-            if k == 1:      # the second file opened in order: the next ones are on their way
+            if k == 1:  # the second file opened in order: the next ones are on their way
                 assert fs.cache.wait_prefetch(30)
         assert got == files
         m = fs.cache.metrics()
@@ -194,7 +197,7 @@ def test_walking_a_directory_decodes_the_next_files_in_one_batch(env):
         fs.cache.close()
     fs = ns.Filesystem(fs.store, fs.registry, DecodeCache(64 << 20), readahead=Readahead())
     try:
-        for name in (names[5], names[2], names[7]):    # out of order: no walk
+        for name in (names[5], names[2], names[7]):  # out of order: no walk
             fh = fs.open(fs.lookup(d, name), os.O_RDONLY)
             assert fs.read(fh, 1 << 20, 0) == files[name]
             fs.release(fh)
@@ -208,8 +211,8 @@ def test_walking_a_directory_decodes_the_next_files_in_one_batch(env):
 def test_mixed_tree_never_grows(env):
     """Text, an ELF binary, random bytes and zeros: compaction may only shrink the store."""
     fs, compactor = env
-    write(fs, b"text", TEXT[:3 * BS])
-    write(fs, b"ls", Path("/bin/ls").read_bytes()[:4 * BS])
+    write(fs, b"text", TEXT[: 3 * BS])
+    write(fs, b"ls", Path("/bin/ls").read_bytes()[: 4 * BS])
     write(fs, b"random", os.urandom(BS + 123))
     write(fs, b"zeros", bytes(2 * BS))
     with fs.store.read() as t:
@@ -218,5 +221,4 @@ def test_mixed_tree_never_grows(env):
     with fs.store.read() as t:
         after = t.counters.stored
     assert after <= before and res.after <= res.before
-    assert fs.read_ino(fs.lookup(ROOT_INO, b"ls"), 4 * BS, 0) == \
-        Path("/bin/ls").read_bytes()[:4 * BS]
+    assert fs.read_ino(fs.lookup(ROOT_INO, b"ls"), 4 * BS, 0) == Path("/bin/ls").read_bytes()[: 4 * BS]

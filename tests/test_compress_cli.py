@@ -3,6 +3,7 @@
 Subprocess runs use the built-in "tiny" model (random weights: its chunks end up zstd or raw) to test
 the file format, stdin/stdout and error handling; in-process runs swap in a bigram model fitted to the
 test text so that chunks really are LM containers; one slow test runs the real default model."""
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,7 @@ def bigram_codec(monkeypatch):
 
     def fake_open(spec=None, batch=16, threads=None, device="cpu", segment_tokens=64):
         seed = 0 if spec in (None, "bigram") else 1
-        c = LMCodec((BigramEngine(seed=seed, train=TEXT), ByteTokenizer()), batch=batch,
-                    segment_tokens=64)
+        c = LMCodec((BigramEngine(seed=seed, train=TEXT), ByteTokenizer()), batch=batch, segment_tokens=64)
         made[spec] = c
         return c
 
@@ -98,7 +98,7 @@ def test_in_process_lm_chunks_round_trip(tmp_path, bigram_codec, monkeypatch):
     assert out.read_bytes() == data
     # the chunks really are LM containers
     blob = packed.read_bytes()
-    first = blob[8 + len(b"bigram") + 4:]  # file header + spec + first frame length
+    first = blob[8 + len(b"bigram") + 4 :]  # file header + spec + first frame length
     assert Registry().header(first).codec_id == LM
 
 
@@ -137,8 +137,9 @@ def test_payload_identical_across_batch_and_threads(tmp_path):
     data = TEXT[:200] + bytes(range(0, 256, 3))  # 5 segments of <= 47 tokens
     (tmp_path / "data").write_bytes(data)
     a, b = tmp_path / "a", tmp_path / "b"
-    run = lambda *args: subprocess.run([PY, "-c", PAYLOAD_SCRIPT, *map(str, args)], cwd=ROOT,
-                                       capture_output=True, timeout=300, text=True)
+    run = lambda *args: subprocess.run(
+        [PY, "-c", PAYLOAD_SCRIPT, *map(str, args)], cwd=ROOT, capture_output=True, timeout=300, text=True
+    )
     pa = run(1, 1, tmp_path / "data", a)
     assert pa.returncode == 0, pa.stderr
     pb = run(2, 16, tmp_path / "data", b, a)
@@ -152,15 +153,17 @@ def test_payload_identical_across_batch_and_threads(tmp_path):
 
 @pytest.mark.slow
 def test_real_default_model_through_the_cli(tmp_path):
-    text = (b"This program is free software: you can redistribute it and/or modify it under the "
-            b"terms of the GNU General Public License as published by the Free Software "
-            b"Foundation, either version 3 of the License.\n")
+    text = (
+        b"This program is free software: you can redistribute it and/or modify it under the "
+        b"terms of the GNU General Public License as published by the Free Software "
+        b"Foundation, either version 3 of the License.\n"
+    )
     src, packed, _out = tmp_path / "in", tmp_path / "in.lmfs", tmp_path / "out"
     src.write_bytes(text)
     llmfs("compress", str(src), str(packed), "--batch", "1", "--threads", "1")
     blob = packed.read_bytes()
     spec_len = int.from_bytes(blob[6:8], "big")
-    first = blob[8 + spec_len + 4:]
+    first = blob[8 + spec_len + 4 :]
     assert Registry().header(first).codec_id == LM  # the model, not zstd, won
     p = llmfs("decompress", str(packed), "-", "--batch", "16", "--threads", "2")
     assert p.stdout == text

@@ -1,5 +1,6 @@
 """The container format (codec/container.py): pinned bytes of both versions, typed errors for every
 truncation and for garbage, and the registry's round trip through it."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,8 +23,14 @@ FP = bytes(range(1, 9))
 # Version 2 as written since 2026-11-30: these bytes must never change.
 V2_RAW = bytes.fromhex("4c4d465a020011") + CSUM.to_bytes(8, "big") + DATA
 # Version 1 (written until 2026-11-29): 24-byte fixed header, LM with a 16-byte fingerprint.
-V1_LM = (bytes.fromhex("4c4d465a01020000") + (300).to_bytes(8, "big") + (77).to_bytes(8, "big")
-         + FP + bytes(8) + b"payload")
+V1_LM = (
+    bytes.fromhex("4c4d465a01020000")
+    + (300).to_bytes(8, "big")
+    + (77).to_bytes(8, "big")
+    + FP
+    + bytes(8)
+    + b"payload"
+)
 
 
 def test_pinned_version_2_bytes():
@@ -37,9 +44,8 @@ def test_pinned_version_2_bytes():
 def test_version_1_still_reads():
     h = peek_header(V1_LM)
     assert (h.codec_id, h.length, h.checksum, h.fingerprint) == (LM, 300, 77, FP)
-    assert V1_LM[h.payload_offset:] == b"payload"
-    v1_raw = bytes.fromhex("4c4d465a01000000") + len(DATA).to_bytes(8, "big") + \
-        CSUM.to_bytes(8, "big") + DATA
+    assert V1_LM[h.payload_offset :] == b"payload"
+    v1_raw = bytes.fromhex("4c4d465a01000000") + len(DATA).to_bytes(8, "big") + CSUM.to_bytes(8, "big") + DATA
     assert Registry().decode(v1_raw) == DATA
 
 
@@ -47,7 +53,7 @@ def test_version_2_lm_header_fields():
     blob = container.pack(LM, 1 << 40, 5, b"xyz", FP)
     h = peek_header(blob)
     assert (h.codec_id, h.length, h.checksum, h.fingerprint) == (LM, 1 << 40, 5, FP)
-    assert blob[h.payload_offset:] == b"xyz"
+    assert blob[h.payload_offset :] == b"xyz"
     assert h.payload_offset == container.header_size(1 << 40, has_fingerprint=True)
     with pytest.raises(ValueError):
         container.pack(LM, 1, 5, b"", b"short")

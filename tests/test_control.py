@@ -1,6 +1,7 @@
 """The daemon's control socket (llmfs/control.py) on its own: request and answer lines, progress,
 errors, the socket's mode, store paths longer than a socket address, and a slow request that does
 not hold up another."""
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,12 @@ def test_progress_lines_then_the_result(serve):
 
     path = serve({"count": count})
     answers = list(control.request(path, {"op": "count", "n": 3}))
-    assert answers == [{"done": 1, "total": 3}, {"done": 2, "total": 3}, {"done": 3, "total": 3},
-                       {"result": {"counted": 3}}]
+    assert answers == [
+        {"done": 1, "total": 3},
+        {"done": 2, "total": 3},
+        {"done": 3, "total": 3},
+        {"result": {"counted": 3}},
+    ]
 
 
 def test_unknown_requests_and_failing_handlers_answer_an_error(serve):

@@ -1,5 +1,6 @@
 """The daemon's control socket bounds what a client can make it hold: the length of a
 request line, the connections served at once, and how long a silent client keeps its slot."""
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,13 @@ def server(tmp_path):
         release.wait(10)
         return {"n": req.get("n")}
 
-    srv = control.ControlServer(str(tmp_path), {"stats": lambda req, send: {"ok": True},
-                                                "slow": slow},
-                                max_clients=2, max_request=1024, io_timeout=0.5)
+    srv = control.ControlServer(
+        str(tmp_path),
+        {"stats": lambda req, send: {"ok": True}, "slow": slow},
+        max_clients=2,
+        max_request=1024,
+        io_timeout=0.5,
+    )
     srv.release, srv.started, srv.path = release, started, str(tmp_path)
     yield srv
     release.set()
@@ -61,6 +66,7 @@ def test_connections_beyond_the_limit_are_told_the_daemon_is_busy(server):
 
     def client(n):
         answers[n] = list(control.request(server.path, {"op": "slow", "n": n}))
+
     clients = [threading.Thread(target=client, args=(n,)) for n in range(2)]
     for c in clients:
         c.start()

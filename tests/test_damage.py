@@ -3,6 +3,7 @@ range (EIO, logged once with the file's path); unlink, overwrite, truncate, rena
 and compaction keep working; fsck names the file and --repair quarantines the block (the file keeps
 its size, the range keeps reading as EIO) and then checks clean. And no stored byte can make a
 decode allocate or compute without bound (zstd frame headers, LM token counts)."""
+
 from __future__ import annotations
 
 import logging
@@ -34,18 +35,23 @@ def text(n: int, seed: int) -> bytes:
     return bytes(out[:n])
 
 
-DATA = text(3 * BS, 1)      # victim: 3 blocks, block 1 gets damaged
-OTHER = text(BS + 100, 2)   # a bystander file
+DATA = text(3 * BS, 1)  # victim: 3 blocks, block 1 gets damaged
+OTHER = text(BS + 100, 2)  # a bystander file
 
 
 # ---------------------------------------------------------------- the codec: bounded decoding
 def _zstd_frame_claiming(content_size: int, payload: bytes) -> bytes:
     """A zstd frame whose header claims content_size bytes, holding `payload` as one raw block."""
-    descriptor = 0xC0            # 8-byte frame content size, not single-segment, no checksum
-    window = 0x00                # 1 KiB window
+    descriptor = 0xC0  # 8-byte frame content size, not single-segment, no checksum
+    window = 0x00  # 1 KiB window
     block_header = (len(payload) << 3 | 0 << 1 | 1).to_bytes(3, "little")  # last, raw
-    return (b"\x28\xb5\x2f\xfd" + bytes((descriptor, window)) + struct.pack("<Q", content_size)
-            + block_header + payload)
+    return (
+        b"\x28\xb5\x2f\xfd"
+        + bytes((descriptor, window))
+        + struct.pack("<Q", content_size)
+        + block_header
+        + payload
+    )
 
 
 def test_zstd_frame_claiming_a_terabyte_is_corrupt_not_a_memory_error():
@@ -78,6 +84,7 @@ def test_lm_payload_claiming_more_tokens_than_its_length_allows_is_refused():
     from llmfs.codec.lm import ByteTokenizer, LMCodec
 
     from .fake_engine import BigramEngine
+
     codec = LMCodec((BigramEngine(max_seq_len=64), ByteTokenizer()), batch=2)
     good = codec.encode(b"hello world")
     assert codec.decode_many([(good, 11)]) == [b"hello world"]
@@ -133,7 +140,7 @@ def test_damaged_byte_costs_only_the_reads_of_its_block(fs, offset, caplog):
     fh = fs.open(ino, os.O_RDONLY)
     caplog.set_level(logging.ERROR, logger="llmfs")
     assert fs.read(fh, BS, 0) == DATA[:BS]
-    assert fs.read(fh, BS, 2 * BS) == DATA[2 * BS:]
+    assert fs.read(fh, BS, 2 * BS) == DATA[2 * BS :]
     for _ in range(3):
         with pytest.raises(ns.CorruptData):
             fs.read(fh, 100, BS + 10)
@@ -145,8 +152,12 @@ def test_damaged_byte_costs_only_the_reads_of_its_block(fs, offset, caplog):
     # metadata, stat and statfs work
     assert fs.getattr(ino).size == len(DATA)
     assert fs.statfs()["f_blocks"] > 0
-    assert fs.getxattr(ino, b"user.llmfs.codec") in (b"zstd", b"damaged:1,zstd:2", b"raw:1,zstd:2",
-                                                     b"lm:1,zstd:2")
+    assert fs.getxattr(ino, b"user.llmfs.codec") in (
+        b"zstd",
+        b"damaged:1,zstd:2",
+        b"raw:1,zstd:2",
+        b"lm:1,zstd:2",
+    )
     d = fs.lookup(ROOT_INO, b"dir")
     fs.rename(d, b"victim", ROOT_INO, b"moved")
     assert fs.lookup(ROOT_INO, b"moved") == ino
@@ -159,8 +170,8 @@ def test_unlink_truncate_and_overwrite_of_a_damaged_file_work(fs, offset):
     damage(fs.store, ino, 1, offset)
     with pytest.raises(ns.CorruptData):  # keeping part of the damaged block must read it
         fs.truncate(ino, BS + 5)
-    fs.truncate(ino, 2 * BS)           # keeps the damaged block whole
-    fs.truncate(ino, BS)               # drops it
+    fs.truncate(ino, 2 * BS)  # keeps the damaged block whole
+    fs.truncate(ino, BS)  # drops it
     fh = fs.open(ino, os.O_RDWR | os.O_TRUNC)  # overwrite
     fs.write(fh, b"new", 0)
     fs.release(fh)
@@ -183,20 +194,20 @@ def test_fsck_names_the_file_and_repair_quarantines_the_block(fs, offset):
     assert any("/dir/victim (block 1)" in p.message for p in problems), problems
     assert repairable
     fsck.run_checks(fs.store, repair=True)
-    assert fsck.run_checks(fs.store)[0] == []           # the repaired store checks clean
+    assert fsck.run_checks(fs.store)[0] == []  # the repaired store checks clean
     with fs.store.read() as t:
         assert t.container_codec(h) == DAMAGED
         assert t.plain_length(h) == BS
         snap = fsck.Snapshot(t)
         assert any("/dir/victim (block 1)" in line for line in fsck.quarantined(snap, t))
-    assert fs.getattr(ino).size == len(DATA)            # the file keeps its size ...
+    assert fs.getattr(ino).size == len(DATA)  # the file keeps its size ...
     fh = fs.open(ino, os.O_RDWR)
     assert fs.read(fh, BS, 0) == DATA[:BS]
-    with pytest.raises(ns.CorruptData):                 # ... and the range reads as EIO
+    with pytest.raises(ns.CorruptData):  # ... and the range reads as EIO
         fs.read(fh, 10, BS)
     assert fs.getxattr(ino, b"user.llmfs.codec") == b"damaged:1,zstd:2"
     # restoring the content (from a backup) heals the block, in every file that shares it
-    fs.write(fh, DATA[BS:2 * BS], BS)
+    fs.write(fh, DATA[BS : 2 * BS], BS)
     fs.release(fh)
     assert fs.read_ino(ino, len(DATA), 0) == DATA
     with fs.store.read() as t:
@@ -208,7 +219,7 @@ def test_fsck_does_not_quarantine_blocks_of_a_missing_model(fs):
     """A model that cannot be loaded is not damage: reported, never quarantined."""
     model = SlowZlibModel()
     compact_all(fs.store, fs.registry, model)
-    registry = Registry()                               # knows no model
+    registry = Registry()  # knows no model
     problems, repairable = fsck.run_checks(fs.store, registry=registry)
     assert problems and not repairable
     fsck.run_checks(fs.store, repair=True, registry=registry)
@@ -218,6 +229,7 @@ def test_fsck_does_not_quarantine_blocks_of_a_missing_model(fs):
 
 def test_mount_after_a_crash_recounts_and_mounts_a_store_with_a_damaged_block(tmp_path):
     from llmfs.mount import open_filesystem
+
     Store.create(str(tmp_path / "s"), BS)
     store = Store(str(tmp_path / "s"))
     f = ns.Filesystem(store, Registry())
@@ -226,12 +238,12 @@ def test_mount_after_a_crash_recounts_and_mounts_a_store_with_a_damaged_block(tm
     f.release(fh)
     ino = f.lookup(ROOT_INO, b"victim")
     damage(store, ino, 1, 5)
-    f.unlink(ROOT_INO, b"victim")                       # counters now off by the damaged block
+    f.unlink(ROOT_INO, b"victim")  # counters now off by the damaged block
     fh = f.create(ROOT_INO, b"second", 0o644, os.O_RDWR, 0, 0)
     f.write(fh, DATA, 0)
     f.release(fh)
     damage(store, f.lookup(ROOT_INO, b"second"), 2, 0)
-    store.set_clean(False)                              # as if the daemon had been killed
+    store.set_clean(False)  # as if the daemon had been killed
     store.close()
     fs2, _models = open_filesystem(str(tmp_path / "s"))
     try:
@@ -240,7 +252,7 @@ def test_mount_after_a_crash_recounts_and_mounts_a_store_with_a_damaged_block(tm
         with pytest.raises(ns.CorruptData):
             fs2.read_ino(ino2, BS, 2 * BS)
         problems = fsck.run_checks(fs2.store, [fsck.check_counters])[0]
-        assert problems == []                           # recounted at mount
+        assert problems == []  # recounted at mount
     finally:
         fs2.cache.close()
         fs2.store.close()
@@ -251,14 +263,14 @@ def test_compaction_skips_and_reports_a_damaged_block_once(fs, caplog):
     model = SlowZlibModel()
     compactor = Compactor(fs.store, fs.registry, lambda: model, "fake-zlib", compact_after=0)
     ino = victim(fs)
-    h_head = damage(fs.store, ino, 1, 5)                 # header
-    h_body = damage(fs.store, ino, 2, -20)               # payload
+    h_head = damage(fs.store, ino, 1, 5)  # header
+    h_body = damage(fs.store, ino, 2, -20)  # payload
     caplog.set_level(logging.ERROR, logger="llmfs")
     res = compactor.compact(compactor.candidates(0))
     assert res.damaged == 2
-    assert res.lm_blocks >= 2                            # the others were compacted
+    assert res.lm_blocks >= 2  # the others were compacted
     left = compactor.candidates(0)
-    assert h_head not in left and h_body not in left     # never retried
+    assert h_head not in left and h_body not in left  # never retried
     assert left == []
     assert compactor.compact(left).damaged == 0
     assert sum("unreadable" in r.getMessage() for r in caplog.records) == 2

@@ -1,5 +1,6 @@
 """The exact engine (docs/design.md, "Exactness"): integer frequency tables are bit-identical whatever the batch
 composition, padding, parallel vs incremental evaluation and thread count."""
+
 import math
 import subprocess
 import sys
@@ -36,8 +37,8 @@ def test_freqs_shape_dtype_bounds(engine):
     assert f.dtype == torch.int32 and f.shape == (3, 50, engine.vocab_size)
     assert int(f.min()) >= 1
     total = f.sum(-1, dtype=torch.int64)
-    assert int(total.max()) <= 2 ** FREQ_TOTAL_BITS
-    assert int(total.min()) > 2 ** FREQ_TOTAL_BITS - engine.vocab_size  # the budget is used
+    assert int(total.max()) <= 2**FREQ_TOTAL_BITS
+    assert int(total.min()) > 2**FREQ_TOTAL_BITS - engine.vocab_size  # the budget is used
     # not degenerate: the model prefers some tokens
     assert int(f.max()) > 100 * int(f.median())
 
@@ -45,7 +46,7 @@ def test_freqs_shape_dtype_bounds(engine):
 def test_batch_size_and_neighbours_do_not_matter(engine):
     x = _tokens(engine, 8, 64, 2)
     lengths = [64, 17, 40, 3, 64, 33, 50, 9]
-    ref = [engine.freqs(x[i:i + 1, :n])[0] for i, n in enumerate(lengths)]
+    ref = [engine.freqs(x[i : i + 1, :n])[0] for i, n in enumerate(lengths)]
     # batch of 8: each row padded after its length with different junk
     padded = x.clone()
     for i, n in enumerate(lengths):
@@ -56,7 +57,7 @@ def test_batch_size_and_neighbours_do_not_matter(engine):
     # batch of 3 with other neighbours and other padding
     rows = [5, 1, 6]
     x3 = torch.stack([x[r] for r in rows])
-    x3[1, lengths[1]:] = 0
+    x3[1, lengths[1] :] = 0
     f3 = engine.freqs(x3[:, :55])
     for j, r in enumerate(rows):
         n = min(lengths[r], 55)
@@ -110,9 +111,14 @@ _THREADS_SCRIPT = textwrap.dedent("""
 def test_thread_count_does_not_matter():
     """1 thread in one process, 2 in another: the tables are byte-identical."""
     import os
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    outs = [subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(n)], cwd=root,
-                           capture_output=True, check=True).stdout for n in (1, 2)]
+    outs = [
+        subprocess.run(
+            [sys.executable, "-c", _THREADS_SCRIPT, str(n)], cwd=root, capture_output=True, check=True
+        ).stdout
+        for n in (1, 2)
+    ]
     assert len(outs[0]) > 1000 and outs[0] == outs[1]
 
 
@@ -125,7 +131,7 @@ def test_fused_kernels_equal_torch_ops():
     e = Engine.tiny(seed=5, dim=128, n_head=4, n_kv_head=2, ffn_dim=256, max_seq_len=512)
     t = Engine(e.config, e.tensors, fused=False)
     assert e.fused and not t.fused
-    x = _tokens(e, 3, 300, 6)                      # 3 attention blocks
+    x = _tokens(e, 3, 300, 6)  # 3 attention blocks
     assert torch.equal(e.freqs(x), t.freqs(x))
     se, st = e.start(3, 12), t.start(3, 12)
     for i in range(12):
@@ -139,18 +145,20 @@ def test_fused_ops_equal_torch_ops(scale):
     g = torch.Generator().manual_seed(int(scale * 1000) % 997)
     fused, ref = FusedOps(kernels.lib()), TorchOps()
     x = torch.randn(37, 96, generator=g, dtype=torch.float64) * scale
-    x[3] = torch.round(x[3] * 4) / 4                  # exact halves: rounding ties
-    x[5] = 0                                          # an all-zero row
+    x[3] = torch.round(x[3] * 4) / 4  # exact halves: rounding ties
+    x[5] = 0  # an all-zero row
     w = 1 + 0.1 * torch.randn(96, generator=g, dtype=torch.float64)
     for int8 in (False, True):
-        for a, b in [(fused.quant_rows(x, int8), ref.quant_rows(x, int8)),
-                     (fused.rmsnorm_quant(x, w, 1e-5, int8), ref.rmsnorm_quant(x, w, 1e-5, int8))]:
+        for a, b in [
+            (fused.quant_rows(x, int8), ref.quant_rows(x, int8)),
+            (fused.rmsnorm_quant(x, w, 1e-5, int8), ref.rmsnorm_quant(x, w, 1e-5, int8)),
+        ]:
             assert a[0].shape == (37 if int8 else 74, 96)
             assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     ws = torch.rand(96, generator=g, dtype=torch.float64) * scale * 1e-6
     s = torch.rand(37, 1, generator=g, dtype=torch.float64)
-    for rows in (2 * 37, 37):                         # stacked hi/lo (int16 input), single (int8)
-        acc = torch.randint(-2 ** 30, 2 ** 30, (rows, 96), generator=g, dtype=torch.int32)
+    for rows in (2 * 37, 37):  # stacked hi/lo (int16 input), single (int8)
+        acc = torch.randint(-(2**30), 2**30, (rows, 96), generator=g, dtype=torch.int32)
         assert torch.equal(fused.combine(acc, ws, s), ref.combine(acc, ws, s))
         assert torch.equal(fused.combine(acc, ws, s, x.clone()), ref.combine(acc, ws, s, x.clone()))
         a = fused.swiglu_quant(acc, ws, s, sigmoid_table())
@@ -162,7 +170,7 @@ def test_det_sqrt_is_accurate():
     d = torch.cat([torch.logspace(-12, 12, 999, dtype=torch.float64), torch.tensor([1e-5, 2.0, 4.0])])
     r = det_sqrt(d)
     want = torch.tensor([math.sqrt(v) for v in d.tolist()], dtype=torch.float64)
-    assert float(((r - want).abs() / want).max()) <= 2.3e-16      # within one ulp
+    assert float(((r - want).abs() / want).max()) <= 2.3e-16  # within one ulp
 
 
 def test_reset_rows_starts_a_new_segment(engine):
@@ -194,7 +202,7 @@ def test_stepping_a_prefix_of_the_rows(engine):
     for t in range(10, 22):
         assert torch.equal(engine.step(state.rows(2), x[:2, t]), full[:2, t])
     assert state.pos.tolist() == [22, 22, 10, 10]
-    for t in range(10, 18):                        # the others catch up, then all four again
+    for t in range(10, 18):  # the others catch up, then all four again
         feed = x[:, t].clone()
         feed[:2] = x[:2, t + 12]
         rows = engine.step(state, feed)
@@ -207,20 +215,22 @@ def test_attend_step_equals_torch_attend():
     at late positions and at the int32 chunk bounds of its P.V sums: every value at +-2^14 and
     every visible weight at its maximum (f ~ 0), so each chunk is as full as the bound allows."""
     from llmfs.codec.lm.engine import KV_BITS, Q_MAX, attn_exp_table
+
     g = torch.Generator().manual_seed(11)
     B, nkv, grp, L, hs = 4, 2, 3, 700, 64
     nh = nkv * grp
-    lim = 2 ** KV_BITS
+    lim = 2**KV_BITS
     keys = torch.randint(-lim, lim + 1, (B, nkv, L, hs), generator=g).to(torch.int16)
     values = torch.randint(-lim, lim + 1, (B, nkv, L, hs), generator=g).to(torch.int16)
     values[3] = lim * torch.where(torch.rand(nkv, L, hs, generator=g) < 0.5, -1, 1)
     values[2] = lim
     qi = torch.randint(-Q_MAX, Q_MAX + 1, (B, nh, 1, hs), generator=g).to(torch.float64)
     f = torch.rand(B, nh, 1, generator=g, dtype=torch.float64) * 1e-5
-    f[2:] = 1e-30                                      # visible weights all 2^P_BITS
+    f[2:] = 1e-30  # visible weights all 2^P_BITS
     qpos = torch.tensor([[0], [350], [699], [698]])
-    vscale = torch.ldexp(torch.ones(nkv, 1, hs, dtype=torch.float64),
-                         torch.randint(-12, -4, (nkv, 1, hs), generator=g))
+    vscale = torch.ldexp(
+        torch.ones(nkv, 1, hs, dtype=torch.float64), torch.randint(-12, -4, (nkv, 1, hs), generator=g)
+    )
     table = attn_exp_table()
     outs = []
     for ops in (FusedOps(kernels.lib()), TorchOps()):
@@ -236,6 +246,7 @@ def test_smoothing_is_exact_and_deterministic(monkeypatch):
     batch and incremental invariants."""
     import numpy as np
     from llmfs.codec.lm import engine as E
+
     got = {}
     real = E.prepare_weights
     monkeypatch.setattr(E, "prepare_weights", lambda c, f, *a: got.setdefault("f", f) and real(c, f, *a))
@@ -249,7 +260,7 @@ def test_smoothing_is_exact_and_deterministic(monkeypatch):
     for i in range(cfg.n_layer):
         ratio = np.asarray(f[f"l{i}.ffn_norm"], dtype=np.float64) / t1[f"l{i}.ffn_norm"].numpy()
         m, _ = np.frexp(ratio)
-        assert np.all(m == 0.5)                        # powers of two
+        assert np.all(m == 0.5)  # powers of two
     assert not all(torch.equal(t1[k], plain.tensors[k]) for k in t1)
     e = Engine(cfg, t1)
     x = _tokens(e, 3, 40, 5)
@@ -265,8 +276,9 @@ def _attend_step_inputs(seed, B, nkv, grp, L, hs):
     with every visible weight at its maximum (f ~ 0, values all +2^14: int32 chunks as full as the
     bound allows), rows at positions around the 16-key blocks of the VNNI form."""
     from llmfs.codec.lm.engine import KV_BITS, Q_MAX
+
     g = torch.Generator().manual_seed(seed)
-    nh, lim = nkv * grp, 2 ** KV_BITS
+    nh, lim = nkv * grp, 2**KV_BITS
     keys = torch.randint(-lim, lim + 1, (B, nkv, L, hs), generator=g).to(torch.int16)
     values = torch.randint(-lim, lim + 1, (B, nkv, L, hs), generator=g).to(torch.int16)
     values[1] = lim
@@ -275,24 +287,43 @@ def _attend_step_inputs(seed, B, nkv, grp, L, hs):
     qi[3] = Q_MAX
     keys[3] = lim
     f = torch.rand(B, nh, 1, generator=g, dtype=torch.float64) * 10 ** -torch.randint(
-        2, 7, (B, nh, 1), generator=g).to(torch.float64)
-    f[1:3] = 1e-30                                     # visible weights all 2^P_BITS
+        2, 7, (B, nh, 1), generator=g
+    ).to(torch.float64)
+    f[1:3] = 1e-30  # visible weights all 2^P_BITS
     qpos = torch.tensor([[L - 1], [L - 1], [L - 2], [15], [16], [17], [0], [L // 2]][:B])
-    vscale = torch.ldexp(torch.ones(nkv, 1, hs, dtype=torch.float64),
-                         torch.randint(-12, -4, (nkv, 1, hs), generator=g))
+    vscale = torch.ldexp(
+        torch.ones(nkv, 1, hs, dtype=torch.float64), torch.randint(-12, -4, (nkv, 1, hs), generator=g)
+    )
     return qi, f, keys, values, qpos, vscale
 
 
 def _attend_step(lib, impl, qi, f, keys, values, qpos, vscale, threads=1):
     from llmfs.codec.lm.engine import attn_exp_table
+
     B, nh, _, hs = qi.shape
     nkv, L = keys.shape[1], keys.shape[2]
     table = attn_exp_table().to(torch.int32)
     pos = qpos[:, 0].contiguous()
     out = torch.empty(B, 1, nh * hs, dtype=torch.float64)
-    ran = lib.attend_step(qi.data_ptr(), f.data_ptr(), keys.data_ptr(), values.data_ptr(), B, nkv,
-                          nh // nkv, L, hs, pos.data_ptr(), table.data_ptr(), table.numel(),
-                          vscale.data_ptr(), out.data_ptr(), impl, threads, 1)
+    ran = lib.attend_step(
+        qi.data_ptr(),
+        f.data_ptr(),
+        keys.data_ptr(),
+        values.data_ptr(),
+        B,
+        nkv,
+        nh // nkv,
+        L,
+        hs,
+        pos.data_ptr(),
+        table.data_ptr(),
+        table.numel(),
+        vscale.data_ptr(),
+        out.data_ptr(),
+        impl,
+        threads,
+        1,
+    )
     return out, ran
 
 
@@ -302,8 +333,9 @@ def test_kv_store_equals_torch(L, hs):
     """kernels.c kv_store (the fused engine's cache write) puts keys and values where the torch
     form does, at the first and last positions and at the bounds +-2^KV_BITS."""
     from llmfs.codec.lm.engine import KV_BITS
+
     g = torch.Generator().manual_seed(L + hs)
-    B, nkv, lim = 6, 2, 2 ** KV_BITS
+    B, nkv, lim = 6, 2, 2**KV_BITS
     keys = torch.randint(-lim, lim + 1, (B, nkv, L, hs), generator=g).to(torch.int16)
     values = torch.randint(-lim, lim + 1, (B, nkv, L, hs), generator=g).to(torch.int16)
     fused, ref = FusedOps(kernels.lib()), TorchOps()
@@ -319,14 +351,25 @@ def test_kv_store_equals_torch(L, hs):
 
 
 @needs_kernels
-@pytest.mark.parametrize("M, K, N", [(1, 4, 16), (7, 576, 48), (8, 576, 32), (9, 64, 80),
-                                     (64, 576, 3072), (130, 1536, 576), (128, 576, 1024),
-                                     (17, 8, 64)])
+@pytest.mark.parametrize(
+    "M, K, N",
+    [
+        (1, 4, 16),
+        (7, 576, 48),
+        (8, 576, 32),
+        (9, 64, 80),
+        (64, 576, 3072),
+        (130, 1536, 576),
+        (128, 576, 1024),
+        (17, 8, 64),
+    ],
+)
 def test_gemm_packed_equals_int_mm(M, K, N):
     """kernels.c gemm_packed (decoding's linear layers, AVX-512 VNNI on pack_weight's layout)
     gives torch._int_mm's integers: row and column blocks with tails, every int8 extreme (the
     largest accumulators: a row of -128 against a column of -128)."""
     from llmfs.codec.lm.engine import pack_weight
+
     g = torch.Generator().manual_seed(M + K + N)
     a = torch.randint(-128, 128, (M, K), generator=g).to(torch.int8)
     w = torch.randint(-128, 128, (N, K), generator=g).to(torch.int8)
@@ -334,11 +377,10 @@ def test_gemm_packed_equals_int_mm(M, K, N):
     a[-1] = 127
     ref = a.to(torch.int64) @ w.to(torch.int64).t()
     assert torch.equal(torch._int_mm(torch.cat([a, a.new_zeros(17, K)]), w.t())[:M].long(), ref)
-    wp = pack_weight(w)                                  # held: the call only sees its address
+    wp = pack_weight(w)  # held: the call only sees its address
     for impl, ok in ((2, _has_vnni()), (3, "avx2" in open("/proc/cpuinfo").read().split())):
         out = torch.full((M, N), 7, dtype=torch.int32)
-        ran = kernels.lib().gemm_packed(a.data_ptr(), M, K, wp.data_ptr(), N, out.data_ptr(),
-                                        impl, 1)
+        ran = kernels.lib().gemm_packed(a.data_ptr(), M, K, wp.data_ptr(), N, out.data_ptr(), impl, 1)
         assert ran == (impl if ok else 0)
         assert not ok or torch.equal(out.long(), ref)
 
@@ -350,11 +392,11 @@ def test_engine_with_packed_gemms_equals_torch_ops(form):
     incremental, on a model whose shapes fit gemm_packed (N % 16, K % 4)."""
     from llmfs.codec.lm import backend
     from llmfs.codec.lm import engine as E
+
     why = backend.unsupported(form)
     if why:
         pytest.skip(why)
-    t = Engine.tiny(seed=5, dim=64, n_head=4, n_kv_head=2, ffn_dim=128, vocab_size=272,
-                    max_seq_len=64)
+    t = Engine.tiny(seed=5, dim=64, n_head=4, n_kv_head=2, ffn_dim=128, vocab_size=272, max_seq_len=64)
     e = Engine(t.config, t.tensors, backend=form, threads=2)
     x = _tokens(e, 3, 40, 6)
     got = e.freqs(x)
@@ -366,7 +408,7 @@ def test_engine_with_packed_gemms_equals_torch_ops(form):
     assert torch.equal(got, want)
     for t in range(40):
         assert torch.equal(steps[t], want[:, t])
-    assert E.PACKED_ROWS >= 2 * 64                       # decoding batch 64 with int16 inputs
+    assert E.PACKED_ROWS >= 2 * 64  # decoding batch 64 with int16 inputs
 
 
 def _has_vnni() -> bool:
@@ -374,13 +416,14 @@ def _has_vnni() -> bool:
         flags = open("/proc/cpuinfo").read()
     except OSError:
         return False
-    return all(f in flags.split() for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl",
-                                             "avx512_vnni"))
+    return all(f in flags.split() for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"))
 
 
 @needs_kernels
-@pytest.mark.parametrize("shape", [(8, 3, 3, 700, 64), (8, 2, 2, 33, 32), (8, 1, 4, 129, 128),
-                                   (8, 2, 3, 16, 96), (8, 3, 3, 4096, 64)])
+@pytest.mark.parametrize(
+    "shape",
+    [(8, 3, 3, 700, 64), (8, 2, 2, 33, 32), (8, 1, 4, 129, 128), (8, 2, 3, 16, 96), (8, 3, 3, 4096, 64)],
+)
 def test_attend_step_vnni_equals_portable(shape):
     """The AVX-512 VNNI decoding kernel and the portable one give the same bits (the model's shape
     g=3, hs=64 is a specialised instance, the others the generic one), up to the longest cache."""
@@ -394,7 +437,7 @@ def test_attend_step_vnni_equals_portable(shape):
     assert torch.equal(out, ref)
     auto, ran = _attend_step(lib, 0, *args)
     assert torch.equal(auto, ref)
-    for impl in (1, 2):                                  # rows split over threads: the same bits
+    for impl in (1, 2):  # rows split over threads: the same bits
         assert torch.equal(_attend_step(lib, impl, *args, threads=3)[0], ref)
 
 
@@ -404,11 +447,11 @@ def test_kernels_without_clones_or_vnni_agree():
     the same bits as the library in use (decoding attention and the whole engine)."""
     try:
         plain = kernels.load(kernels.build(("LLMFS_NO_CLONES", "LLMFS_NO_VNNI")))
-    except Exception as e:                                # pragma: no cover - compiler trouble
+    except Exception as e:  # pragma: no cover - compiler trouble
         pytest.skip(f"baseline build failed: {e}")
     args = _attend_step_inputs(3, 8, 3, 3, 300, 64)
     a, ran = _attend_step(plain, 2, *args)
-    assert ran == 1                                       # no VNNI form in this build
+    assert ran == 1  # no VNNI form in this build
     assert torch.equal(a, _attend_step(kernels.lib(), 0, *args)[0])
     e = Engine.tiny(seed=4, dim=192, n_head=6, n_kv_head=2, ffn_dim=256, max_seq_len=256)
     x = _tokens(e, 2, 140, 9)
@@ -421,35 +464,41 @@ def test_kernels_without_clones_or_vnni_agree():
 
 
 @needs_kernels
-@pytest.mark.parametrize("shape", [(2, 3, 3, 300, 64), (2, 2, 2, 130, 32), (1, 1, 4, 70, 128),
-                                   (2, 2, 3, 65, 96), (1, 3, 3, 1024, 64)])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 3, 3, 300, 64), (2, 2, 2, 130, 32), (1, 1, 4, 70, 128), (2, 2, 3, 65, 96), (1, 3, 3, 1024, 64)],
+)
 def test_attend_many_queries_vnni_equals_digits_and_torch(shape):
     """Encoding attention (T > 1): the VNNI kernel on int16 operands, the int8 digit GEMMs and the
     float64 GEMMs give the same bits, with rows at the int32 chunk bounds of P.V (every visible
     weight 2^P_BITS and every value +-2^14) and ordinary random rows."""
     from llmfs.codec.lm.engine import ATTN_BLOCK, KV_BITS, Q_MAX, attn_exp_table
+
     B, nkv, grp, T, hs = shape
     g = torch.Generator().manual_seed(sum(shape))
-    nh, lim = nkv * grp, 2 ** KV_BITS
+    nh, lim = nkv * grp, 2**KV_BITS
     keys = torch.randint(-lim, lim + 1, (B, nkv, T, hs), generator=g).to(torch.float64)
     values = torch.randint(-lim, lim + 1, (B, nkv, T, hs), generator=g).to(torch.float64)
     qi = torch.randint(-Q_MAX, Q_MAX + 1, (B, nh, T, hs), generator=g).to(torch.float64)
     f = torch.rand(B, nh, T, 1, generator=g, dtype=torch.float64) * 1e-4
-    values[0, 0] = lim                                 # chunk bounds: all weights at the maximum
+    values[0, 0] = lim  # chunk bounds: all weights at the maximum
     f[0, :grp] = 1e-30
     if B > 1:
         values[1, -1] = -lim
         f[1, -grp:] = 1e-30
-        f[1, 0] = 1e-2                                 # sharp: most weights 0
+        f[1, 0] = 1e-2  # sharp: most weights 0
     qpos = torch.arange(T).expand(B, T)
     kmax = [min(a + ATTN_BLOCK, T) for a in range(0, T, ATTN_BLOCK)]
-    vscale = torch.ldexp(torch.ones(nkv, 1, hs, dtype=torch.float64),
-                         torch.randint(-12, -4, (nkv, 1, hs), generator=g))
+    vscale = torch.ldexp(
+        torch.ones(nkv, 1, hs, dtype=torch.float64), torch.randint(-12, -4, (nkv, 1, hs), generator=g)
+    )
     table = attn_exp_table()
     outs = []
     # the per-query form (attend_step) in its VNNI and portable builds, on 1-3 threads
-    steps = [FusedOps(kernels.lib(v), impl, attention="steps")
-             for v, impl in (("full", 0), ("full", 1), ("noavx512", 0))]
+    steps = [
+        FusedOps(kernels.lib(v), impl, attention="steps")
+        for v, impl in (("full", 0), ("full", 1), ("noavx512", 0))
+    ]
     for i, ops in enumerate(steps):
         ops.threads = 1 + i
     for ops in (FusedOps(kernels.lib(), 0), FusedOps(kernels.lib(), 1), *steps, TorchOps()):
@@ -465,18 +514,18 @@ def _head_inputs(seed, M, V):
     max - z), logits far below the maximum (the table's last entry), an all-zero row, huge and tiny
     scales."""
     g = torch.Generator().manual_seed(seed)
-    acc = torch.randint(-2 ** 12, 2 ** 12, (2 * M, V), generator=g, dtype=torch.int32)
+    acc = torch.randint(-(2**12), 2**12, (2 * M, V), generator=g, dtype=torch.int32)
     ws = torch.rand(V, generator=g, dtype=torch.float64) * 64
     s = torch.rand(M, 1, generator=g, dtype=torch.float64)
-    ws[: V // 4] = 0.5                                 # z = value / 2 in rows with s = 1: ties
+    ws[: V // 4] = 0.5  # z = value / 2 in rows with s = 1: ties
     s[1] = 1.0
-    acc[M + 1] = 0                                     # lo = 0: row 1's values are multiples of 128
-    acc[M + 1, :V // 4] = torch.randint(-3, 4, (V // 4,), generator=g)
-    acc[1, V // 4:] = 0                                # the maximum among the halves
-    acc[2], acc[M + 2] = 0, 0                          # a zero row: every d = 0
-    s[3] = 1e-9                                        # all logits within one step of the maximum
-    s[4] = 1e6                                         # nearly all at the last entry
-    acc[5, :3] = 2 ** 24 // 128                        # a few large values, the rest tiny
+    acc[M + 1] = 0  # lo = 0: row 1's values are multiples of 128
+    acc[M + 1, : V // 4] = torch.randint(-3, 4, (V // 4,), generator=g)
+    acc[1, V // 4 :] = 0  # the maximum among the halves
+    acc[2], acc[M + 2] = 0, 0  # a zero row: every d = 0
+    s[3] = 1e-9  # all logits within one step of the maximum
+    s[4] = 1e6  # nearly all at the last entry
+    acc[5, :3] = 2**24 // 128  # a few large values, the rest tiny
     return acc, ws, s
 
 
@@ -484,9 +533,10 @@ def _head_inputs(seed, M, V):
 @pytest.mark.parametrize("M,V", [(6, 49152), (7, 1000), (6, 259), (8, 9), (6, 16)])
 def test_head_freqs_avx512_equals_portable_and_torch(M, V):
     from llmfs.codec.lm.engine import logit_exp_table
+
     acc, ws, s = _head_inputs(M * 1000 + V, M, V)
     table = logit_exp_table()
-    budget = 2 ** FREQ_TOTAL_BITS - V
+    budget = 2**FREQ_TOTAL_BITS - V
     outs, ran = [], []
     for ops in (FusedOps(kernels.lib(), 1), FusedOps(kernels.lib(), 2), TorchOps()):
         out = torch.empty(M, V, dtype=torch.int32)
@@ -495,10 +545,10 @@ def test_head_freqs_avx512_equals_portable_and_torch(M, V):
     assert ran[:2] == [1, 2 if _has_avx512() else 1]
     z = TorchOps().combine(acc, ws, s)
     d = z.amax(dim=1, keepdim=True) - z
-    assert bool(((d[1] - d[1].floor()) == 0.5).any())   # ties for round-half-even
+    assert bool(((d[1] - d[1].floor()) == 0.5).any())  # ties for round-half-even
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
     assert int(outs[2][2].min()) > 1 and int((outs[2][4] == 1).sum()) >= V - 3
-    assert int(outs[2].sum(dim=1).max()) <= 2 ** FREQ_TOTAL_BITS
+    assert int(outs[2].sum(dim=1).max()) <= 2**FREQ_TOTAL_BITS
 
 
 def _has_avx512() -> bool:
@@ -519,12 +569,12 @@ def test_elementwise_avx512_equals_portable_and_torch(K, scale):
     g = torch.Generator().manual_seed(K * 7 + int(scale * 10) % 1000)
     forms = (FusedOps(kernels.lib(), 1), FusedOps(kernels.lib(), 2), TorchOps())
     x = torch.randn(9, K, generator=g, dtype=torch.float64) * scale
-    x[1] = torch.round(x[1] * 4) / 4                  # exact quarters and halves: ties
-    x[1, 0] = 2.0 * scale                             # so that the row's scale is a power of two
-    x[2] = 0                                          # an all-zero row
-    x[3, ::2] = 1e-300                                # tiny next to ordinary values
+    x[1] = torch.round(x[1] * 4) / 4  # exact quarters and halves: ties
+    x[1, 0] = 2.0 * scale  # so that the row's scale is a power of two
+    x[2] = 0  # an all-zero row
+    x[3, ::2] = 1e-300  # tiny next to ordinary values
     x[4] = torch.randint(-ACT_MAX, ACT_MAX, (K,), generator=g, dtype=torch.float64) + 0.5
-    x[4, 0] = ACT_MAX                                 # s = 1: x / s has ties at .5
+    x[4, 0] = ACT_MAX  # s = 1: x / s has ties at .5
     w = 1 + 0.1 * torch.randn(K, generator=g, dtype=torch.float64)
 
     def same(name, *args):
@@ -536,18 +586,18 @@ def test_elementwise_avx512_equals_portable_and_torch(K, scale):
         same("quant_rows", x, int8)
         same("rmsnorm_quant", x, w, 1e-5, int8)
     sig = sigmoid_table()
-    for rows in (2 * 9, 9):                           # stacked hi/lo, single
-        acc = torch.randint(-2 ** 20, 2 ** 20, (rows, 2 * K), generator=g, dtype=torch.int32)
-        acc[1] = torch.randint(-2 ** 18, 2 ** 18, (2 * K,), generator=g)
+    for rows in (2 * 9, 9):  # stacked hi/lo, single
+        acc = torch.randint(-(2**20), 2**20, (rows, 2 * K), generator=g, dtype=torch.int32)
+        acc[1] = torch.randint(-(2**18), 2**18, (2 * K,), generator=g)
         acc[2] = 0
         if rows == 2 * 9:
-            acc[9 + 1] = torch.randint(-64, 64, (2 * K,), generator=g)   # odd values: ties
+            acc[9 + 1] = torch.randint(-64, 64, (2 * K,), generator=g)  # odd values: ties
             acc[9 + 2] = 0
         ws = torch.rand(2 * K, generator=g, dtype=torch.float64) * scale * 1e-5
-        ws[:K] = 2.0 ** -13                           # gate = acc * 2^-13 * s: index ties ...
+        ws[:K] = 2.0**-13  # gate = acc * 2^-13 * s: index ties ...
         s = torch.rand(9, 1, generator=g, dtype=torch.float64)
-        s[1] = 1.0                                    # ... in row 1 (odd acc), |gate| up to 32
-        s[5] = 1e6                                    # gates far beyond +-24
+        s[1] = 1.0  # ... in row 1 (odd acc), |gate| up to 32
+        s[5] = 1e6  # gates far beyond +-24
         same("swiglu_quant", acc, ws, s, sig)
         for add in (False, True):
             r = [f.combine(acc, ws, s, x.repeat(1, 2).clone() if add else None) for f in forms]

@@ -1,5 +1,6 @@
 """Model loading: the default GGUF converts once, the cache is reused and verified, and
 models the exact engine cannot run are refused with a clear message."""
+
 import shutil
 
 import numpy as np
@@ -28,8 +29,15 @@ def converted(tmp_path_factory):
 def test_default_model_converts(converted):
     cache, m = converted
     c = m.engine.config
-    assert (c.n_layer, c.dim, c.n_head, c.n_kv_head, c.head_dim, c.ffn_dim, c.vocab_size) == \
-        (30, 576, 9, 3, 64, 1536, 49152)
+    assert (c.n_layer, c.dim, c.n_head, c.n_kv_head, c.head_dim, c.ffn_dim, c.vocab_size) == (
+        30,
+        576,
+        9,
+        3,
+        64,
+        1536,
+        49152,
+    )
     assert c.rope_theta == 100000.0 and c.tied_embeddings and m.engine.bos_id == 1
     assert len(m.engine.fingerprint) == 16
     assert '"model"' in m.tokenizer_json and m.source.endswith(".gguf")
@@ -51,7 +59,7 @@ def test_corrupt_cache_is_rebuilt(converted, tmp_path, monkeypatch):
     src = next(cache.glob("*.llmfsmodel"))
     bad = tmp_path / src.name
     shutil.copy(src, bad)
-    with open(bad, "r+b") as f:          # flip bytes inside the weights, header intact
+    with open(bad, "r+b") as f:  # flip bytes inside the weights, header intact
         f.seek(bad.stat().st_size // 2)
         f.write(b"\xff" * 64)
     calls = []
@@ -63,21 +71,24 @@ def test_corrupt_cache_is_rebuilt(converted, tmp_path, monkeypatch):
     with open(bad, "r+b") as f:
         f.truncate(1000)
     calls.clear()
-    assert loader.load(DEFAULT_MODEL, cache_dir=str(tmp_path)).engine.fingerprint == \
-        m.engine.fingerprint and calls
+    assert (
+        loader.load(DEFAULT_MODEL, cache_dir=str(tmp_path)).engine.fingerprint == m.engine.fingerprint
+        and calls
+    )
 
 
 @pytest.mark.slow
 def test_real_model_batch_and_incremental_agree(converted):
     e = converted[1].engine
-    x = torch.tensor([[e.bos_id, 504, 3271, 314, 253, 1789, 30, 1330],
-                      [e.bos_id, 14, 4200, 11, 2240, 6, 6, 6]])
+    x = torch.tensor(
+        [[e.bos_id, 504, 3271, 314, 253, 1789, 30, 1330], [e.bos_id, 14, 4200, 11, 2240, 6, 6, 6]]
+    )
     full = e.freqs(x)
     assert torch.equal(e.freqs(x[1:, :5])[0], full[1, :5])
     state = e.start(2, 8)
     for t in range(8):
         assert torch.equal(e.step(state, x[:, t]), full[:, t])
-    assert int(full.min()) >= 1 and int(full.sum(-1).max()) <= 2 ** 24
+    assert int(full.min()) >= 1 and int(full.sum(-1).max()) <= 2**24
 
 
 def test_garbage_file_is_unsupported(tmp_path):
@@ -89,6 +100,7 @@ def test_garbage_file_is_unsupported(tmp_path):
 
 def test_non_llama_gguf_is_unsupported(tmp_path):
     import gguf
+
     p = tmp_path / "gpt2.gguf"
     w = gguf.GGUFWriter(str(p), "gpt2")
     w.add_block_count(1)

@@ -6,6 +6,7 @@ versions this release lacks are refused with a message; the cache is trusted onl
 The model here is a small Llama directory made in the test (random weights, a byte-level BPE
 tokenizer with merges and an <|endoftext|> token): the same conversion path as a real model, in
 seconds."""
+
 from __future__ import annotations
 
 import hashlib
@@ -29,9 +30,11 @@ from llmfs.models import Models, UndecodableStore, model_report
 from llmfs.store import DB_NAMES, DB_NAMES_V1, ROOT_INO, Store, UnsupportedFormat
 
 BS = 4096
-TEXTS = {b"en.txt": b"The quick brown fox jumps over the lazy dog. " * 40,
-         b"ru.txt": "Съешь же ещё этих мягких французских булок. ".encode() * 30,
-         b"code.py": b"def f(x):\n    return x * 2 + 1\n\n" * 60}
+TEXTS = {
+    b"en.txt": b"The quick brown fox jumps over the lazy dog. " * 40,
+    b"ru.txt": "Съешь же ещё этих мягких французских булок. ".encode() * 30,
+    b"code.py": b"def f(x):\n    return x * 2 + 1\n\n" * 60,
+}
 MERGES = [("t", "h"), ("h", "e"), ("Ġ", "t"), ("Ġt", "he"), ("e", "r"), ("o", "u"), ("Ġ", "a"), ("th", "e")]
 
 
@@ -46,6 +49,7 @@ def one_thread():
 def write_model_dir(path, seed: int = 0):
     """A tiny Llama directory: config.json, model.safetensors, tokenizer.json (byte-level BPE)."""
     from safetensors.torch import save_file
+
     path.mkdir(parents=True)
     b2u = gpt2_bytes_to_unicode()
     vocab = {"<|endoftext|>": 0}
@@ -53,36 +57,77 @@ def write_model_dir(path, seed: int = 0):
         vocab[b2u[b]] = len(vocab)
     for a, b in MERGES:
         vocab[a + b] = len(vocab)
-    tok = {"version": "1.0", "truncation": None, "padding": None,
-           "added_tokens": [{"id": 0, "content": "<|endoftext|>", "single_word": False,
-                             "lstrip": False, "rstrip": False, "normalized": False,
-                             "special": True}],
-           "normalizer": None,
-           "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                             "use_regex": True},
-           "post_processor": None,
-           "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
-                       "use_regex": True},
-           "model": {"type": "BPE", "dropout": None, "unk_token": None,
-                     "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": False,
-                     "byte_fallback": False, "ignore_merges": False, "vocab": vocab,
-                     "merges": [f"{a} {b}" for a, b in MERGES]}}
+    tok = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": 0,
+                "content": "<|endoftext|>",
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {
+            "type": "ByteLevel",
+            "add_prefix_space": False,
+            "trim_offsets": True,
+            "use_regex": True,
+        },
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": "",
+            "end_of_word_suffix": "",
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [f"{a} {b}" for a, b in MERGES],
+        },
+    }
     (path / "tokenizer.json").write_text(json.dumps(tok))
     V, D, L, H, F = len(vocab), 64, 2, 4, 128
-    (path / "config.json").write_text(json.dumps({
-        "model_type": "llama", "vocab_size": V, "hidden_size": D, "num_hidden_layers": L,
-        "num_attention_heads": H, "num_key_value_heads": 2, "intermediate_size": F,
-        "max_position_embeddings": 256, "bos_token_id": 0, "tie_word_embeddings": True}))
+    (path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "vocab_size": V,
+                "hidden_size": D,
+                "num_hidden_layers": L,
+                "num_attention_heads": H,
+                "num_key_value_heads": 2,
+                "intermediate_size": F,
+                "max_position_embeddings": 256,
+                "bos_token_id": 0,
+                "tie_word_embeddings": True,
+            }
+        )
+    )
     rng = np.random.default_rng(seed)
     g = lambda *s: torch.from_numpy(rng.normal(0, 0.2, size=s).astype(np.float32))
     w = {"model.embed_tokens.weight": g(V, D), "model.norm.weight": 1 + g(D)}
     for i in range(L):
         q = f"model.layers.{i}."
-        w |= {q + "input_layernorm.weight": 1 + g(D), q + "post_attention_layernorm.weight": 1 + g(D),
-              q + "self_attn.q_proj.weight": g(D, D), q + "self_attn.k_proj.weight": g(D // 2, D),
-              q + "self_attn.v_proj.weight": g(D // 2, D), q + "self_attn.o_proj.weight": g(D, D),
-              q + "mlp.gate_proj.weight": g(F, D), q + "mlp.up_proj.weight": g(F, D),
-              q + "mlp.down_proj.weight": g(D, F)}
+        w |= {
+            q + "input_layernorm.weight": 1 + g(D),
+            q + "post_attention_layernorm.weight": 1 + g(D),
+            q + "self_attn.q_proj.weight": g(D, D),
+            q + "self_attn.k_proj.weight": g(D // 2, D),
+            q + "self_attn.v_proj.weight": g(D // 2, D),
+            q + "self_attn.o_proj.weight": g(D, D),
+            q + "mlp.gate_proj.weight": g(F, D),
+            q + "mlp.up_proj.weight": g(F, D),
+            q + "mlp.down_proj.weight": g(D, F),
+        }
     save_file(w, str(path / "model.safetensors"))
     return path
 
@@ -100,6 +145,7 @@ def reserialise_tokenizer(path) -> None:
             rng.shuffle(items)
             return dict(items)
         return [shuffle(v) for v in o] if isinstance(o, list) else o
+
     (path / "tokenizer.json").write_text(json.dumps(shuffle(tok), indent=7) + "\n\n")
 
 
@@ -134,11 +180,12 @@ def lm_store(tmp_path, spec: str, legacy: bool = False):
     with s.write() as t:
         for h, blob in list(t.blocks()):
             data = reg.decode(blob)
-            t.replace_container(h, container.pack(LM, len(data), container.checksum(data),
-                                                  codec.encode_payload(data), fp))
+            t.replace_container(
+                h, container.pack(LM, len(data), container.checksum(data), codec.encode_payload(data), fp)
+            )
         t.add_model(fp, spec)
         if legacy:
-            for n in DB_NAMES[len(DB_NAMES_V1):]:
+            for n in DB_NAMES[len(DB_NAMES_V1) :]:
                 t.txn.drop(t.db[n], delete=True)
             t.set_meta("format", (1).to_bytes(4, "big"))
     s.close()
@@ -219,7 +266,7 @@ def test_format_1_store_opens_upgrades_and_embeds(env):
     s = Store(path)
     assert s.format == 2
     problems, _ = fsck.run_checks(s, fsck.QUICK_CHECKS)
-    assert problems == []      # a mount after a crash is not refused for an unembedded model
+    assert problems == []  # a mount after a crash is not refused for an unembedded model
     problems, _ = fsck.run_checks(s)
     assert [p.check for p in problems] == ["model_embedding"]
     fsck.run_checks(s, repair=True)
@@ -246,6 +293,7 @@ def test_unknown_engine_version_refuses_to_start(env):
     refuses with a message naming the release to install; fsck/stat report it."""
     e = Engine.tiny()
     from llmfs.codec.lm.tokenizer import ByteTokenizer
+
     blob = loader.make_model_file(e.config, e.tensors, ByteTokenizer())
     mf = modelfile.parse(bytearray(blob))
     manifest = dict(mf.manifest, engine_version=99, written_by="llmfs 9.0.0")
@@ -277,21 +325,21 @@ def test_cache_is_trusted_only_when_ours_and_intact(env, monkeypatch):
     real = loader.convert
     monkeypatch.setattr(loader, "convert", lambda p: calls.append(p) or real(p))
     assert loader.model_file(str(model)).digest == mf.digest and not calls
-    os.chmod(cached, 0o666)                      # writable by others: not trusted
+    os.chmod(cached, 0o666)  # writable by others: not trusted
     assert loader.model_file(str(model)).digest == mf.digest and len(calls) == 1
-    assert cached.stat().st_mode & 0o777 == 0o600     # rewritten by us
+    assert cached.stat().st_mode & 0o777 == 0o600  # rewritten by us
     calls.clear()
     euid = os.geteuid()
-    monkeypatch.setattr(os, "geteuid", lambda: euid + 1)   # someone else's cache
+    monkeypatch.setattr(os, "geteuid", lambda: euid + 1)  # someone else's cache
     assert loader.model_file(str(model)).digest == mf.digest and len(calls) == 1
     monkeypatch.setattr(os, "geteuid", lambda: euid)
     calls.clear()
-    with open(cached, "r+b") as f:               # content that does not match its hash
+    with open(cached, "r+b") as f:  # content that does not match its hash
         f.seek(cached.stat().st_size // 2)
         f.write(b"\x55" * 16)
     assert loader.model_file(str(model)).digest == mf.digest and len(calls) == 1
     calls.clear()
-    os.chmod(cache, 0o777)                       # a world-writable directory: used not at all
+    os.chmod(cache, 0o777)  # a world-writable directory: used not at all
     assert loader.model_file(str(model)).digest == mf.digest and len(calls) == 1
     calls.clear()
     assert loader.model_file(str(model)).digest == mf.digest and len(calls) == 1
@@ -301,6 +349,7 @@ def test_recode_moves_blocks_to_the_current_model_and_retires_the_old(env):
     """compact --recode: blocks of another model are re-encoded with the store's current one
     (verified), and the model files no block needs any more are dropped."""
     from llmfs.compact import recode_offline
+
     old = write_model_dir(env / "old", seed=1)
     new = write_model_dir(env / "new", seed=2)
     path, old_fp = lm_store(env, str(old))
@@ -311,7 +360,7 @@ def test_recode_moves_blocks_to_the_current_model_and_retires_the_old(env):
     res = recode_offline(path, None, lambda done, total: None)
     assert res.blocks > 0 and res.changed == 0
     fps = lm_fingerprints(path)
-    assert old_fp not in fps     # (the random test model loses to zstd: the blocks are zstd now)
+    assert old_fp not in fps  # (the random test model loses to zstd: the blocks are zstd now)
     s = Store(path)
     with s.read() as t:
         assert old_fp not in t.model_keys() and len(t.model_file_digests()) == 1
@@ -332,8 +381,11 @@ TINY_V5_FREQS_SHA256 = "e028710d575d84e7088d82e2cb5561277d96e19f403aa5bc5720bb57
 def test_engine_v5_frequencies_do_not_change(fused):
     """Pinned at main 2fa6d7d (engine v5), for the C kernels (where they build) and TorchOps."""
     tiny = Engine.tiny(seed=0)
-    e = engines.build(5, tiny.config, tiny.tensors) if fused is None else \
-        Engine(tiny.config, tiny.tensors, fused=False)
+    e = (
+        engines.build(5, tiny.config, tiny.tensors)
+        if fused is None
+        else Engine(tiny.config, tiny.tensors, fused=False)
+    )
     tokens = torch.tensor([[e.bos_id] + list(FREQ_TEXT)])
     got = hashlib.sha256(e.freqs(tokens).numpy().astype("<i4").tobytes()).hexdigest()
     assert got == TINY_V5_FREQS_SHA256

@@ -1,5 +1,6 @@
 """Each fsck check: corrupt one thing, the check named after it finds it, --repair fixes what can
 be fixed, and then a full check comes back clean."""
+
 from __future__ import annotations
 
 import os
@@ -73,12 +74,19 @@ def corrupt_unnamed_inode(t):
     t.txn.delete(dirent_key(t.lookup(ROOT_INO, b"dir"), b"b"), db=t.db["dirents"])
 
 
-@pytest.mark.parametrize("corrupt, check", [
-    (corrupt_refcount, "refcounts"), (corrupt_dirent, "dirents"),
-    (corrupt_link_count, "link_counts"), (corrupt_blockmap, "blockmap"),
-    (corrupt_orphan, "orphans"), (corrupt_counters, "counters"), (corrupt_pending, "pending"),
-    (corrupt_unnamed_inode, "link_counts"),
-])
+@pytest.mark.parametrize(
+    "corrupt, check",
+    [
+        (corrupt_refcount, "refcounts"),
+        (corrupt_dirent, "dirents"),
+        (corrupt_link_count, "link_counts"),
+        (corrupt_blockmap, "blockmap"),
+        (corrupt_orphan, "orphans"),
+        (corrupt_counters, "counters"),
+        (corrupt_pending, "pending"),
+        (corrupt_unnamed_inode, "link_counts"),
+    ],
+)
 def test_check_finds_and_repairs(store, corrupt, check):
     with store.write() as t:
         corrupt(t)
@@ -106,6 +114,6 @@ def test_corrupt_block_is_named_and_quarantined(store):
     fsck.run_checks(store, repair=True)
     assert fsck.run_checks(store)[0] == []
     fs = ns.Filesystem(store, Registry())
-    assert fs.getattr(ino).size == size                 # the file stays, with its size
+    assert fs.getattr(ino).size == size  # the file stays, with its size
     with pytest.raises(ns.CorruptData):
         fs.read_ino(ino, 10, 2 * BS)

@@ -1,5 +1,6 @@
 """The FUSE edge in-process: the calls libfuse makes, in the order it makes them, without a kernel.
 The mounted tests (test_mount_posix.py) show the same behaviour end to end."""
+
 from __future__ import annotations
 
 import errno
@@ -61,8 +62,10 @@ def test_libfuse_hiding_becomes_an_unlink_with_an_alias(ops):
     fh = ops.create("/f", 0o644, os.O_RDWR)
     ops.write(None, b"data", 0, fh)
     hide(ops, "/f")
-    assert ops.readdir("/", None) == [(".", {"st_ino": 1, "st_mode": 0o40755}, 0),
-                                      ("..", {"st_ino": 1, "st_mode": 0o40000}, 0)]
+    assert ops.readdir("/", None) == [
+        (".", {"st_ino": 1, "st_mode": 0o40755}, 0),
+        ("..", {"st_ino": 1, "st_mode": 0o40000}, 0),
+    ]
     assert fuse_errno(lambda: ops.getattr("/f")) == errno.ENOENT
     # libfuse subtracts one from a hidden node's st_nlink: the alias reports nlink + 1
     assert ops.getattr(HIDDEN)["st_nlink"] == 1
@@ -161,8 +164,7 @@ def test_aliases_move_with_their_directory(ops):
     assert fuse_errno(lambda: ops.getattr("/d/.fuse_hidden0000000500000001")) == errno.ENOENT
     ops.rename("/d2", "/e", 2)  # RENAME_EXCHANGE
     assert ops.getattr("/e/.fuse_hidden0000000500000001")["st_ino"] == ops.getattr(None, fh)["st_ino"]
-    assert ops.getattr("/d2/.fuse_hidden0000000600000002")["st_ino"] == \
-        ops.getattr(None, fh2)["st_ino"]
+    assert ops.getattr("/d2/.fuse_hidden0000000600000002")["st_ino"] == ops.getattr(None, fh2)["st_ino"]
     ops.release(None, fh)
     ops.release(None, fh2)
     assert ops._hidden == {}

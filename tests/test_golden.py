@@ -3,6 +3,7 @@ for bit with this one. tests/golden (this repository: tiny and default model, fi
 ../shared/golden (beside the repository: default model, written on an AMD EPYC with AVX2 and no
 AVX-512 from main at 16af6cc) hold `llmfs compress` files and the plaintexts' sha256. They are data:
 never regenerate them; a new engine version adds its own."""
+
 from __future__ import annotations
 
 import hashlib
@@ -32,14 +33,14 @@ def containers(path: Path) -> tuple[str, list[bytes]]:
     buf = path.read_bytes()
     magic, _version, _flags, n = _HEAD.unpack_from(buf, 0)
     assert magic == FILE_MAGIC
-    spec = buf[_HEAD.size:_HEAD.size + n].decode()
+    spec = buf[_HEAD.size : _HEAD.size + n].decode()
     pos, out = _HEAD.size + n, []
     while True:
         (size,) = _FRAME.unpack_from(buf, pos)
         pos += _FRAME.size
         if size == 0:
             return spec, out
-        out.append(buf[pos:pos + size])
+        out.append(buf[pos : pos + size])
         pos += size
 
 
@@ -52,6 +53,7 @@ def decode_all(files: list[tuple[Path, str]], spec: str) -> None:
         if fp not in codec.fingerprints:
             raise ModelMismatch(f"{fp.hex()} is not a fingerprint of {spec}")
         return codec
+
     registry = Registry(model_resolver=resolve)
     blobs, owners = [], []
     for path, _digest in files:
@@ -66,8 +68,11 @@ def decode_all(files: list[tuple[Path, str]], spec: str) -> None:
 
 
 def golden(folder: Path, prefix: str = "") -> list[tuple[Path, str]]:
-    return [(folder / f"{prefix}{name}.llmz", digest) for name, digest in sums(folder).items()
-            if (folder / f"{prefix}{name}.llmz").exists()]
+    return [
+        (folder / f"{prefix}{name}.llmz", digest)
+        for name, digest in sums(folder).items()
+        if (folder / f"{prefix}{name}.llmz").exists()
+    ]
 
 
 def test_tiny_model_goldens_decode():
@@ -94,14 +99,14 @@ def test_default_model_goldens_decode(isolated_cache):
         files += shared
     decode_all(files, "smollm2-135m")
     if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} is absent (CI clones shared/ beside the repository): only "
-                    f"tests/golden was decoded")
+        pytest.skip(
+            f"{SHARED} is absent (CI clones shared/ beside the repository): only tests/golden was decoded"
+        )
 
 
 def test_golden_files_are_unchanged():
     """The containers themselves are pinned (the README: never regenerated)."""
-    pinned = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16]
-              for p in sorted(HERE.glob("*.llmz"))}
+    pinned = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in sorted(HERE.glob("*.llmz"))}
     assert pinned == GOLDEN_FILES
 
 

@@ -2,6 +2,7 @@
 
 Most tests use a tiny deterministic model with the byte tokenizer so they run in seconds; one test
 (marked slow, run in CI) goes through the real default model."""
+
 from __future__ import annotations
 
 import os
@@ -19,19 +20,29 @@ from tests.fake_engine import BigramEngine
 from tests.lm_helpers import tiny_engine
 
 ADVERSARIAL = [
-    b"", b"a", b"\x00", b"\x00" * 300, b"\xff\xfe\xed\xa0\x80", b"a\r\nb\r\n", b"  lead",
-    bytes(range(256)), b"z" * 600, "naïve café 日本 🙂".encode(),
+    b"",
+    b"a",
+    b"\x00",
+    b"\x00" * 300,
+    b"\xff\xfe\xed\xa0\x80",
+    b"a\r\nb\r\n",
+    b"  lead",
+    bytes(range(256)),
+    b"z" * 600,
+    "naïve café 日本 🙂".encode(),
 ]
-TEXT = (b"It is a truth universally acknowledged, that a single man in possession of a good "
-        b"fortune, must be in want of a wife. However little known the feelings or views of such a "
-        b"man may be on his first entering a neighbourhood, this truth is so well fixed in the minds "
-        b"of the surrounding families, that he is considered the rightful property of some one or "
-        b"other of their daughters. \"My dear Mr. Bennet,\" said his lady to him one day, \"have "
-        b"you heard that Netherfield Park is let at last?\" Mr. Bennet replied that he had not. "
-        b"\"But it is,\" returned she; \"for Mrs. Long has just been here, and she told me all "
-        b"about it.\" Mr. Bennet made no answer. \"Do you not want to know who has taken it?\" "
-        b"cried his wife impatiently. \"You want to tell me, and I have no objection to hearing "
-        b"it.\"\n")
+TEXT = (
+    b"It is a truth universally acknowledged, that a single man in possession of a good "
+    b"fortune, must be in want of a wife. However little known the feelings or views of such a "
+    b"man may be on his first entering a neighbourhood, this truth is so well fixed in the minds "
+    b"of the surrounding families, that he is considered the rightful property of some one or "
+    b'other of their daughters. "My dear Mr. Bennet," said his lady to him one day, "have '
+    b'you heard that Netherfield Park is let at last?" Mr. Bennet replied that he had not. '
+    b'"But it is," returned she; "for Mrs. Long has just been here, and she told me all '
+    b'about it." Mr. Bennet made no answer. "Do you not want to know who has taken it?" '
+    b'cried his wife impatiently. "You want to tell me, and I have no objection to hearing '
+    b'it."\n'
+)
 
 
 def make_codec(engine=None, **kw) -> LMCodec:
@@ -100,14 +111,14 @@ def version1(c: LMCodec, data: bytes) -> bytes:
     assert v2[0] == 2
     head = bytearray([1])
     pos = 1
-    for _ in range(2):                      # N, S: copied
+    for _ in range(2):  # N, S: copied
         while v2[pos] & 0x80:
             head.append(v2[pos])
             pos += 1
         head.append(v2[pos])
         pos += 1
-    assert v2[pos] == 1                     # G = 1: dropped
-    return bytes(head) + v2[pos + 1:]
+    assert v2[pos] == 1  # G = 1: dropped
+    return bytes(head) + v2[pos + 1 :]
 
 
 def test_version_1_payloads_still_decode():
@@ -120,7 +131,7 @@ def test_groups_share_a_stream_and_save_bytes():
     """Payloads with segments grouped GROUP_SEGMENTS per stream are smaller than one stream per
     segment, and decode with any batch, also one smaller than a group (the group still gets its
     rows)."""
-    c, data = make_codec(trained()), TEXT * 2        # 18 segments of <= 63 tokens
+    c, data = make_codec(trained()), TEXT * 2  # 18 segments of <= 63 tokens
     grouped, single = c.encode_payload(data), version1(c, data)
     assert len(grouped) < len(single) - 2 * 12
     for b in (1, 3, 5, 64):
@@ -133,16 +144,16 @@ def test_streaming_encoder_codes_what_whole_tables_would(monkeypatch):
     chunk size — on the tiny real engine, whose hidden states and head are the real code."""
     engine = tiny_engine()
     c = LMCodec((engine, ByteTokenizer()), segment_tokens=40)
-    data = TEXT[:700]                                   # 18 segments: groups of 16 and 2
+    data = TEXT[:700]  # 18 segments: groups of 16 and 2
     segs = c.segments(data)
     expect = []
     for a in range(0, len(segs), c.group):
-        group = segs[a:a + c.group]
+        group = segs[a : a + c.group]
         batch = torch.full((len(group), 1 + max(map(len, group))), engine.bos_id)
         for r, seg in enumerate(group):
-            batch[r, 1:1 + len(seg)] = torch.tensor(seg)
+            batch[r, 1 : 1 + len(seg)] = torch.tensor(seg)
         f = engine.freqs(batch).numpy()
-        expect.append(coder.encode_interleaved(group, [f[r, :len(s)] for r, s in enumerate(group)]))
+        expect.append(coder.encode_interleaved(group, [f[r, : len(s)] for r, s in enumerate(group)]))
     assert [w.tolist() for w in c._encode_groups(segs)] == [w.tolist() for w in expect]
     payload = c.encode_payload(data)
     monkeypatch.setattr(coder, "ENCODE_CHUNK_ROWS", 7)
@@ -153,7 +164,7 @@ def test_streaming_encoder_codes_what_whole_tables_would(monkeypatch):
 def test_garbled_group_size_is_a_typed_error():
     c = make_codec(trained())
     payload = bytearray(c.encode_payload(TEXT))
-    at = 3 if payload[1] < 0x80 else 4      # after version, N (1 or 2 bytes) and S (63)
+    at = 3 if payload[1] < 0x80 else 4  # after version, N (1 or 2 bytes) and S (63)
     assert payload[at] == GROUP_SEGMENTS
     for g in (0, 65, 127):
         payload[at] = g
@@ -241,11 +252,14 @@ def test_fingerprint_depends_on_segment_format_not_batch():
 def test_real_default_model_round_trip():
     """A few hundred bytes of English through SmolLM2-135M and its BPE tokenizer."""
     from llmfs.codec.lm import open_codec
+
     c = open_codec(batch=4)
-    text = (b"The Free Software Foundation may publish revised and/or new versions of the GNU "
-            b"General Public License from time to time. Such new versions will be similar in "
-            b"spirit to the present version, but may differ in detail to address new problems "
-            b"or concerns.\n\nEach version is given a distinguishing version number.\r\n\xff")
+    text = (
+        b"The Free Software Foundation may publish revised and/or new versions of the GNU "
+        b"General Public License from time to time. Such new versions will be similar in "
+        b"spirit to the present version, but may differ in detail to address new problems "
+        b"or concerns.\n\nEach version is given a distinguishing version number.\r\n\xff"
+    )
     payload = c.encode_payload(text)
     assert len(payload) < len(text) * 0.35  # an LM, not a byte model: well under 3 bits/byte
     assert c.decode_many([(payload, len(text))]) == [text]

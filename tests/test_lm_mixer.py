@@ -4,6 +4,7 @@ The mixer's state must be the same in the encoder (rows from one parallel pass, 
 chunk) and the decoder (rows from engine.step, groups side by side in a batch): these tests code
 with different batch sizes, chunk sizes and thread counts and require identical words, and pin one
 payload's bytes so the format cannot change by accident. All on the tiny models (seconds)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -19,8 +20,11 @@ from tests.lm_helpers import tiny_engine
 from tests.test_lm_codec import TEXT, make_codec, trained, version1
 
 # repetitive data, as a log or a package list: the match model and the n-grams must find it
-LOG = b"".join(b"Package: lib%d\nStatus: install ok installed\nPriority: optional\n"
-               b"Architecture: amd64\n\n" % (i * 37 % 101) for i in range(12))
+LOG = b"".join(
+    b"Package: lib%d\nStatus: install ok installed\nPriority: optional\n"
+    b"Architecture: amd64\n\n" % (i * 37 % 101)
+    for i in range(12)
+)
 
 
 def test_squash_and_stretch_tables_are_pinned():
@@ -30,7 +34,7 @@ def test_squash_and_stretch_tables_are_pinned():
     assert sq[mixer.D_MAX] == mixer.P_ONE // 2
     assert all(a <= b for a, b in zip(sq, sq[1:]))
     assert all(sq[i] + sq[-1 - i] == mixer.P_ONE for i in range(len(sq)))
-    assert sq[mixer.D_MAX + 256] == 47911                 # 65536 / (1 + e^-1) = 47910.7
+    assert sq[mixer.D_MAX + 256] == 47911  # 65536 / (1 + e^-1) = 47910.7
     digest = hashlib.sha256(repr((sq, st)).encode()).hexdigest()
     assert digest[:16] == "5b69c72bab2442c3"
 
@@ -39,17 +43,17 @@ def test_masses_stay_exact_under_extreme_confidence():
     """Long repeats drive the mixer to its most confident: masses stay >= 1 and the patched row's
     total below 2^53 (float64 sums exact)."""
     m = mixer.GroupMixer(1)
-    row = [1000] * 300                         # a model that knows nothing
+    row = [1000] * 300  # a model that knows nothing
     big = 0
     for i in range(3000):
         y = (i % 9) * 11 if i % 97 else i % 256
         cands, masses = m.predict(0, row, sum(row))
         assert all(v >= 1 for v in masses) and len(set(cands)) == len(cands)
         total = sum(row) + sum(v - row[x] for x, v in zip(cands, masses))
-        assert total < 2 ** 53
+        assert total < 2**53
         big = max(big, total)
         m.update(0, y)
-    assert big > 2 ** 30          # it did get confident
+    assert big > 2**30  # it did get confident
 
 
 @pytest.fixture(scope="module", params=["bigram", "tiny"])
@@ -70,7 +74,7 @@ def test_mixed_is_the_default_payload_and_v2_still_written_on_request(engine):
 def test_mixed_payload_independent_of_batch_chunks_and_threads(engine, monkeypatch):
     """Same payload whatever the batch, the encoder's chunk size or the thread count; it decodes
     with any batch, alone or beside other payloads (groups interleaved in one engine batch)."""
-    data = TEXT * 2 + LOG                                   # 30 segments: groups of 16 and 14
+    data = TEXT * 2 + LOG  # 30 segments: groups of 16 and 14
     payloads = set()
     for batch in (1, 2, 16):
         payloads.add(make_codec(engine, batch=batch).encode_payload(data))
@@ -80,7 +84,7 @@ def test_mixed_payload_independent_of_batch_chunks_and_threads(engine, monkeypat
         payloads.add(make_codec(engine).encode_payload(data))
     finally:
         torch.set_num_threads(old)
-    monkeypatch.setattr(coder, "ENCODE_CHUNK_ROWS", 7)      # mixer state crosses chunk borders
+    monkeypatch.setattr(coder, "ENCODE_CHUNK_ROWS", 7)  # mixer state crosses chunk borders
     payloads.add(make_codec(engine).encode_payload(data))
     monkeypatch.undo()
     assert len(payloads) == 1
@@ -90,8 +94,11 @@ def test_mixed_payload_independent_of_batch_chunks_and_threads(engine, monkeypat
     for batch in (1, 3, 16, 64):
         c = make_codec(engine, batch=batch)
         assert c.decode_many([(payload, len(data))]) == [data]
-        assert c.decode_many([(other, 200), (payload, len(data)), (other, 200)]) == \
-            [LOG[:200], data, LOG[:200]]
+        assert c.decode_many([(other, 200), (payload, len(data)), (other, 200)]) == [
+            LOG[:200],
+            data,
+            LOG[:200],
+        ]
 
 
 def test_groups_decode_on_their_own():
@@ -99,9 +106,9 @@ def test_groups_decode_on_their_own():
     second group the same words as in the whole payload."""
     c = make_codec(trained())
     per = c.segment_tokens - 1
-    data = (TEXT * 3)[:per * c.group * 2]               # exactly two full groups (byte tokens)
+    data = (TEXT * 3)[: per * c.group * 2]  # exactly two full groups (byte tokens)
     whole = c._encode_groups(c.segments(data), mixed=True)
-    second = c._encode_groups(c.segments(data[per * c.group:]), mixed=True)
+    second = c._encode_groups(c.segments(data[per * c.group :]), mixed=True)
     assert len(whole) == 2 and whole[1].tolist() == second[0].tolist()
 
 
@@ -128,7 +135,10 @@ def test_mixed_payload_bytes_are_pinned():
     c = LMCodec((BigramEngine(seed=3, train=TEXT), ByteTokenizer()), segment_tokens=64)
     payload = c.encode_payload(TEXT + LOG)
     assert payload[0] == 3
-    assert hashlib.sha256(payload).hexdigest() == "a48d1f27ef432b8411ec640f711773ee906de219ceb10a30da9ddc708b3e72ac"
+    assert (
+        hashlib.sha256(payload).hexdigest()
+        == "a48d1f27ef432b8411ec640f711773ee906de219ceb10a30da9ddc708b3e72ac"
+    )
     assert len(payload) == PIN_LEN
     assert c.decode_many([(payload, len(TEXT + LOG))]) == [TEXT + LOG]
 
@@ -151,15 +161,32 @@ def test_bench_codec_reports_bare_and_full_codec(tmp_path):
     both round trips checked."""
     import subprocess
     import sys
+
     f = tmp_path / "log.txt"
     f.write_bytes(LOG)
-    res = subprocess.run([sys.executable, "-m", "llmfs.cli", "bench", "codec", "-m", "tiny",
-                          "--no-floor", "--threads", "1", "--segment", "64", str(f)],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmfs.cli",
+            "bench",
+            "codec",
+            "-m",
+            "tiny",
+            "--no-floor",
+            "--threads",
+            "1",
+            "--segment",
+            "64",
+            str(f),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     head, row = [ln for ln in res.stdout.splitlines() if "raw" in ln or str(f) in ln][-2:]
-    names = [head[i:i + 12].strip() for i in range(0, len(head.rstrip()) - 4, 12)]  # 10 + 2 wide
+    names = [head[i : i + 12].strip() for i in range(0, len(head.rstrip()) - 4, 12)]  # 10 + 2 wide
     values = dict(zip(names, row.split()))
     assert {"bare", "lm", "bare bpb", "lm bpb", "enc/bare", "dec/bare"} <= set(values)
-    assert int(values["lm"]) < 0.5 * int(values["bare"])   # the repeats, learned by the mixer
-
+    assert int(values["lm"]) < 0.5 * int(values["bare"])  # the repeats, learned by the mixer

@@ -2,6 +2,7 @@
 disk makes compaction back off (and resume when there is room), a flush error at unmount says
 what was lost and leaves the store consistent, a failed close does not leave its file pinned, and
 opening a file decodes ahead only the siblings its opener could read."""
+
 from __future__ import annotations
 
 import contextlib
@@ -93,6 +94,7 @@ def test_dirty_accounting_is_exact_with_concurrent_writers(tmp_path):
             fs.release(fh)
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
+
     threads = [threading.Thread(target=writer, args=(k,)) for k in range(8)]
     for t in threads:
         t.start()
@@ -115,9 +117,9 @@ def test_failed_close_does_not_pin_the_file_and_keeps_its_data(tmp_path):
     with pytest.raises(ns.NoSpace):
         fs.release(fh)
     f = fs._files[ino]
-    assert f.users == 0 and f.dirty        # no user, data still buffered
+    assert f.users == 0 and f.dirty  # no user, data still buffered
     disk.full = False
-    assert fs.flush_all() == []            # stored now, and forgotten
+    assert fs.flush_all() == []  # stored now, and forgotten
     assert ino not in fs._files
     assert fs.read_ino(ino, 8000, 0) == b"precious" * 1000
     fs.store.close()
@@ -125,7 +127,7 @@ def test_failed_close_does_not_pin_the_file_and_keeps_its_data(tmp_path):
 
 def test_unmount_with_a_flush_error_says_what_was_lost_and_marks_the_store(tmp_path, capsys):
     fs = make_fs(tmp_path, 4096, 1 << 20)
-    fs.store.set_clean(False)              # as mounted
+    fs.store.set_clean(False)  # as mounted
     fhs = {}
     for name in (b"a", b"b", b"c"):
         fhs[name] = fs.create(ROOT_INO, name, 0o644, os.O_RDWR, 0, 0)
@@ -137,11 +139,12 @@ def test_unmount_with_a_flush_error_says_what_was_lost_and_marks_the_store(tmp_p
         if f.ino == bad:
             raise ns.NoSpace("no space left on the store's disk (test)")
         flush(f)
+
     fs.buffer.flush = failing
     assert finish(fs) == 1
     err = capsys.readouterr().err
     assert "/b: 12288 buffered bytes" in err and "lost" in err, err
-    assert fs.store.was_clean()            # every flush is a transaction: consistent
+    assert fs.store.was_clean()  # every flush is a transaction: consistent
     assert fs.read_ino(fs.handle_ino(fhs[b"a"]), 10, 0) == b"a" * 10
     assert fs.read_ino(fs.handle_ino(fhs[b"c"]), 10, 0) == b"c" * 10
     assert fsck.run_checks(fs.store)[0] == []
@@ -156,10 +159,11 @@ def test_unmount_whose_sync_fails_leaves_the_store_marked_unclean(tmp_path, caps
 
     def sync():
         raise StoreIOError("the store could not be synced: Input/output error (test)")
+
     fs.store.sync = sync
     assert finish(fs) == 1
     assert "could not be synced" in capsys.readouterr().err
-    assert not fs.store.was_clean()        # the next mount checks it
+    assert not fs.store.was_clean()  # the next mount checks it
     fs.store.close()
 
 
@@ -200,8 +204,8 @@ def test_compaction_backs_off_on_a_full_disk_without_reencoding(tmp_path):
         time.sleep(1.0)
         # doubling from 0.05 s to 0.2 s: about 7 tries in a second (a tight loop made thousands)
         assert 1 <= disk.attempts <= 10, disk.attempts
-        assert len(encodes) == n               # the model ran once per block, not per try
-        disk.full = False                      # room again: the kept batch is stored
+        assert len(encodes) == n  # the model ran once per block, not per try
+        disk.full = False  # room again: the kept batch is stored
         assert _wait(lambda: not compactor.candidates(0), 5)
         assert len(encodes) == n
     finally:
@@ -219,7 +223,7 @@ def test_compaction_resumes_as_soon_as_the_disk_has_room(tmp_path):
     try:
         assert _wait(lambda: disk.attempts == 1, 5)
         disk.full = False
-        free[0] += 64 << 20                    # ... cut short when space returns
+        free[0] += 64 << 20  # ... cut short when space returns
         assert _wait(lambda: not compactor.candidates(0), 5)
         assert disk.attempts == 1
     finally:
@@ -233,10 +237,14 @@ def test_opening_a_file_prefetches_only_siblings_the_opener_may_read(tmp_path):
     fs = make_fs(tmp_path, bs, 1 << 20, cache=DecodeCache(1 << 20), readahead=Readahead())
     d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
     files = {  # name: (mode, uid, gid)
-        b"a": (0o644, 1000, 1000), b"b": (0o644, 1000, 1000),
-        b"c_private": (0o600, 1000, 1000), b"d_public": (0o644, 1000, 1000),
-        b"e_group": (0o640, 1000, 50), b"f_suppl": (0o640, 1000, 60),
-        b"g_mine_no_r": (0o044, 2000, 50), b"h_other_grp": (0o604, 3000, 50),
+        b"a": (0o644, 1000, 1000),
+        b"b": (0o644, 1000, 1000),
+        b"c_private": (0o600, 1000, 1000),
+        b"d_public": (0o644, 1000, 1000),
+        b"e_group": (0o640, 1000, 50),
+        b"f_suppl": (0o640, 1000, 60),
+        b"g_mine_no_r": (0o044, 2000, 50),
+        b"h_other_grp": (0o604, 3000, 50),
     }
     inos = {}
     for name, (mode, uid, gid) in files.items():

@@ -1,6 +1,7 @@
 """The decode cache in a mounted filesystem, through the real default model: a compacted
 file read twice decodes once, and opening it decodes its blocks ahead of the reader. Metrics come
 from the user.llmfs.cache xattr on the mount root."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,12 @@ GPL = Path("/usr/share/common-licenses/GPL-3").read_bytes()
 
 
 def metrics(mnt: Path) -> dict:
-    out = subprocess.run(["getfattr", "--only-values", "-n", "user.llmfs.cache", str(mnt)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["getfattr", "--only-values", "-n", "user.llmfs.cache", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return json.loads(out)
 
 

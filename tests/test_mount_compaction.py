@@ -1,5 +1,6 @@
 """Compaction in a mounted filesystem: `llmfs compact` asks the daemon, kill -9 during
 compaction loses nothing, and one round trip of a file through the real default model."""
+
 from __future__ import annotations
 
 import subprocess
@@ -27,6 +28,7 @@ def mounted_with(tmp_path):
         m.mount(*mount_args)
         made.append(m)
         return m
+
     yield make
     for m in made:
         if in_proc_mounts(m.mnt):
@@ -37,8 +39,9 @@ def mounted_with(tmp_path):
 
 
 def getfattr(path, name) -> str:
-    return subprocess.run(["getfattr", "--only-values", "-n", name, str(path)],
-                          capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        ["getfattr", "--only-values", "-n", name, str(path)], capture_output=True, text=True, check=True
+    ).stdout
 
 
 def test_compact_asks_the_daemon(mounted_with):
@@ -77,8 +80,11 @@ def test_real_model_compaction_round_trip_and_kill9(mounted_with):
     assert (m.mnt / "a").read_bytes() == text
 
     (m.mnt / "b").write_bytes(GPL[4096:12288])
-    compact = subprocess.Popen([sys.executable, "-m", "llmfs.cli", "compact", str(m.mnt),
-                                "--now"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    compact = subprocess.Popen(
+        [sys.executable, "-m", "llmfs.cli", "compact", str(m.mnt), "--now"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     time.sleep(3)  # the model is running on b's blocks
     m.kill9()
     compact.communicate(timeout=60)
@@ -92,13 +98,32 @@ def test_real_model_compaction_round_trip_and_kill9(mounted_with):
 def test_bench_compaction_checks_its_own_result(tmp_path):
     """`llmfs bench compaction` end to end with the tiny model: it mounts, compacts, remounts,
     compares every file with its source and runs fsck — and says so."""
+
     def mounts_below() -> list[Path]:
         with open("/proc/mounts") as f:
             return [Path(line.split()[1]) for line in f if line.split()[1].startswith(f"{tmp_path}/")]
+
     try:
-        res = subprocess.run([sys.executable, "-m", "llmfs.cli", "bench", "compaction", "--size",
-                              "12K", "--model", "tiny", "--write-size", "2M", "--dir", str(tmp_path)],
-                             capture_output=True, text=True, timeout=300)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "llmfs.cli",
+                "bench",
+                "compaction",
+                "--size",
+                "12K",
+                "--model",
+                "tiny",
+                "--write-size",
+                "2M",
+                "--dir",
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert res.returncode == 0, res.stdout + res.stderr
         assert "after unmount and mount: 0 of" in res.stdout
         assert "fsck --quick: exit 0" in res.stdout

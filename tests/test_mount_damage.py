@@ -2,6 +2,7 @@
 range reads EIO (not EINVAL), everything else works, a mount after kill -9 still starts, fsck
 names the file and --repair quarantines the block, after which fsck is clean and the file keeps
 its size with the range still reading EIO."""
+
 from __future__ import annotations
 
 import errno
@@ -19,8 +20,9 @@ BS = 65536
 
 
 def _text(seed: int) -> bytes:
-    return b"".join(b"line %d of file %d, with words that compress\n" % (i, seed)
-                    for i in range(3 * BS // 40))[:3 * BS]
+    return b"".join(
+        b"line %d of file %d, with words that compress\n" % (i, seed) for i in range(3 * BS // 40)
+    )[: 3 * BS]
 
 
 def _damage_header(store_path, name: bytes, idx: int) -> None:
@@ -53,7 +55,7 @@ def test_damaged_header_reads_eio_and_stays_local(mounted):
             f.read(BS)
         assert e.value.errno == errno.EIO
         f.seek(2 * BS)
-        assert f.read() == victim[2 * BS:]
+        assert f.read() == victim[2 * BS :]
     assert os.stat(mounted.mnt / "victim").st_size == 3 * BS
     os.statvfs(mounted.mnt)
     os.rename(mounted.mnt / "victim", mounted.mnt / "moved")
@@ -62,7 +64,7 @@ def test_damaged_header_reads_eio_and_stays_local(mounted):
     assert (mounted.mnt / "bystander").read_bytes() == b"overwritten\n"
     assert "/victim: block 1" in mounted.log()
 
-    mounted.kill9()            # a mount after a crash starts despite the damaged block
+    mounted.kill9()  # a mount after a crash starts despite the damaged block
     mounted.mount()
     with open(mounted.mnt / "keep", "rb") as f:
         f.seek(BS)

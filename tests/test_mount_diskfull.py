@@ -1,6 +1,7 @@
 """A full disk under the store (fusecompress lost writes when the disk filled):
 writes fail with ENOSPC, nothing that was acknowledged with fsync is lost, deleting files makes
 room again, and the store stays consistent."""
+
 from __future__ import annotations
 
 import errno
@@ -18,8 +19,12 @@ pytestmark = [needs_fuse, pytest.mark.mount]
 def small_disk(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24M", "tmpfs", str(disk)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=24M", "tmpfs", str(disk)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here")
     try:
         yield disk

@@ -5,6 +5,7 @@ than NAME_MAX (ENAMETOOLONG on both sides), and rename, link, symlink, mkdir/rmd
 O_TRUNC, O_EXCL, reads and writes at offsets (some across a block boundary). Writes stay small
 so that the run is dominated by the calls themselves; test_mount_random.py writes large data.
 """
+
 from __future__ import annotations
 
 import collections
@@ -90,8 +91,14 @@ class Exerciser:
         return self.rng.randbytes(n)
 
     def offset(self) -> int:
-        return self.rng.choice([0, self.rng.randrange(4096), self.rng.randrange(BLOCK - 50, BLOCK + 50),
-                                self.rng.randrange(3 * BLOCK)])
+        return self.rng.choice(
+            [
+                0,
+                self.rng.randrange(4096),
+                self.rng.randrange(BLOCK - 50, BLOCK + 50),
+                self.rng.randrange(3 * BLOCK),
+            ]
+        )
 
     def both(self, name: str, call, *args) -> tuple:
         """call(root_index) on each side; the results must agree. The last calls are kept to
@@ -101,20 +108,26 @@ class Exerciser:
         if got[1][0] == "ok":
             self.succeeded[name] = self.succeeded.get(name, 0) + 1
             if name == "fstat" and got[1][1][2] == 0:
-                self.succeeded["fstat of an unlinked file"] = \
+                self.succeeded["fstat of an unlinked file"] = (
                     self.succeeded.get("fstat of an unlinked file", 0) + 1
+                )
         elif got[1][1] == "ENAMETOOLONG":
             self.succeeded["ENAMETOOLONG"] = self.succeeded.get("ENAMETOOLONG", 0) + 1
         self.history.append(f"{self.step} {name}{tuple(map(short, args))} -> {short(got[1])}")
         if got[0] != got[1]:
-            raise Mismatch(f"step {self.step}: {name}: mount {short(got[0])} vs plain "
-                           f"{short(got[1])}; the last calls:\n" + "\n".join(self.history))
+            raise Mismatch(
+                f"step {self.step}: {name}: mount {short(got[0])} vs plain "
+                f"{short(got[1])}; the last calls:\n" + "\n".join(self.history)
+            )
         return got[0]
 
     def on_paths(self, name: str, fn, *paths: str, view=lambda r: r, extra=()) -> tuple:
-        return self.both(name, lambda i: view(fn(*(str(self.roots[i] / p) if p else
-                                                    str(self.roots[i]) for p in paths))),
-                         *paths, *extra)
+        return self.both(
+            name,
+            lambda i: view(fn(*(str(self.roots[i] / p) if p else str(self.roots[i]) for p in paths))),
+            *paths,
+            *extra,
+        )
 
     def open_pair(self) -> dict | None:
         return self.rng.choice(self.fds) if self.fds else None
@@ -129,8 +142,7 @@ class Exerciser:
         p = self.path()
         acc = self.rng.choice([os.O_RDONLY, os.O_WRONLY, os.O_RDWR, os.O_RDWR])
         flags = acc
-        for f, chance in ((os.O_CREAT, 0.6), (os.O_EXCL, 0.15), (os.O_TRUNC, 0.15),
-                          (os.O_APPEND, 0.15)):
+        for f, chance in ((os.O_CREAT, 0.6), (os.O_EXCL, 0.15), (os.O_TRUNC, 0.15), (os.O_APPEND, 0.15)):
             if self.rng.random() < chance:
                 flags |= f
         if len(self.fds) >= MAX_OPEN:
@@ -141,6 +153,7 @@ class Exerciser:
             fd = os.open(self.roots[i] / p, flags, 0o644)
             fds.append(fd)
             return None
+
         kind, _ = self.both("open", opener, p, hex(flags))
         if kind == "ok":
             is_dir = stat.S_ISDIR(os.fstat(fds[1]).st_mode)
@@ -159,8 +172,9 @@ class Exerciser:
         pair = self.open_pair()
         if pair:
             data, off = self.data(), self.offset()
-            self.both("pwrite", lambda i: os.pwrite(pair["fds"][i], data, off), pair["fds"][1],
-                      len(data), off)
+            self.both(
+                "pwrite", lambda i: os.pwrite(pair["fds"][i], data, off), pair["fds"][1], len(data), off
+            )
 
     def op_write(self) -> None:  # at the descriptor's position (O_APPEND: at the end)
         pair = self.open_pair()
@@ -172,10 +186,8 @@ class Exerciser:
         pair = self.open_pair()
         if pair and not pair["dir"]:  # directory offsets are each filesystem's own cookies
             how = self.rng.choice([os.SEEK_SET, os.SEEK_CUR, os.SEEK_END])
-            off = self.rng.randrange(0, 3 * BLOCK) if how == os.SEEK_SET else \
-                self.rng.randrange(-100, 100)
-            self.both("lseek", lambda i: os.lseek(pair["fds"][i], off, how), pair["fds"][1], off,
-                      how)
+            off = self.rng.randrange(0, 3 * BLOCK) if how == os.SEEK_SET else self.rng.randrange(-100, 100)
+            self.both("lseek", lambda i: os.lseek(pair["fds"][i], off, how), pair["fds"][1], off, how)
 
     def op_read(self) -> None:
         pair = self.open_pair()
@@ -183,8 +195,7 @@ class Exerciser:
             n = self.rng.choice([1, 100, 5000, BLOCK + 10])
             if self.rng.random() < 0.5:
                 off = self.offset()
-                self.both("pread", lambda i: os.pread(pair["fds"][i], n, off), pair["fds"][1],
-                          n, off)
+                self.both("pread", lambda i: os.pread(pair["fds"][i], n, off), pair["fds"][1], n, off)
             else:
                 self.both("read", lambda i: os.read(pair["fds"][i], n), pair["fds"][1], n)
 
@@ -192,8 +203,7 @@ class Exerciser:
         pair = self.open_pair()
         if pair:
             size = self.rng.choice([0, self.rng.randrange(100), self.rng.randrange(3 * BLOCK)])
-            self.both("ftruncate", lambda i: os.ftruncate(pair["fds"][i], size), pair["fds"][1],
-                      size)
+            self.both("ftruncate", lambda i: os.ftruncate(pair["fds"][i], size), pair["fds"][1], size)
 
     def op_fstat(self) -> None:
         pair = self.open_pair()
@@ -263,10 +273,30 @@ class Exerciser:
             if where == gone or where.startswith(gone + "/"):
                 pair["gone"] = True
 
-    OPS = [("open", 14), ("close", 5), ("pwrite", 12), ("write", 5), ("seek", 3), ("read", 10),
-           ("ftruncate", 7), ("fstat", 6), ("fsync", 1), ("unlink", 6), ("rmdir", 2),
-           ("mkdir", 3), ("rename", 6), ("link", 3), ("symlink", 2), ("readlink", 1),
-           ("truncate", 3), ("stat", 6), ("chmod", 2), ("chown", 1), ("utime", 1), ("listdir", 2)]
+    OPS = [
+        ("open", 14),
+        ("close", 5),
+        ("pwrite", 12),
+        ("write", 5),
+        ("seek", 3),
+        ("read", 10),
+        ("ftruncate", 7),
+        ("fstat", 6),
+        ("fsync", 1),
+        ("unlink", 6),
+        ("rmdir", 2),
+        ("mkdir", 3),
+        ("rename", 6),
+        ("link", 3),
+        ("symlink", 2),
+        ("readlink", 1),
+        ("truncate", 3),
+        ("stat", 6),
+        ("chmod", 2),
+        ("chown", 1),
+        ("utime", 1),
+        ("listdir", 2),
+    ]
 
     def run(self, n: int) -> None:
         names, weights = zip(*self.OPS)
@@ -287,9 +317,32 @@ def test_random_system_calls_match_a_plain_directory(mounted, tmp_path):
     ex.run(N_OPS)
     print(f"{N_OPS} operations in {time.monotonic() - t0:.1f} s")
     # every kind of call ran, and succeeded often enough to mean something
-    calls = ["open", "close", "pwrite", "write", "lseek", "pread", "read", "ftruncate", "fstat",
-             "fsync", "unlink", "rmdir", "mkdir", "rename", "link", "symlink", "readlink",
-             "truncate", "stat", "lstat", "chmod", "chown", "utime", "listdir"]
+    calls = [
+        "open",
+        "close",
+        "pwrite",
+        "write",
+        "lseek",
+        "pread",
+        "read",
+        "ftruncate",
+        "fstat",
+        "fsync",
+        "unlink",
+        "rmdir",
+        "mkdir",
+        "rename",
+        "link",
+        "symlink",
+        "readlink",
+        "truncate",
+        "stat",
+        "lstat",
+        "chmod",
+        "chown",
+        "utime",
+        "listdir",
+    ]
     rare = {name: ex.succeeded.get(name, 0) for name in calls if ex.succeeded.get(name, 0) < N_OPS // 2000}
     assert not rare, (rare, ex.succeeded)
     for what in ("ftruncate", "fstat of an unlinked file", "ENAMETOOLONG"):

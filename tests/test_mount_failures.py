@@ -1,5 +1,6 @@
 """Crashes, corruption and bad input: the store survives kill -9, a corrupt block reads as EIO and
 fsck names its file, a path that is not a store or has another format is refused clearly."""
+
 from __future__ import annotations
 
 import errno
@@ -39,8 +40,9 @@ WRITER = textwrap.dedent("""
 
 
 def test_kill9_during_writes_keeps_every_fsynced_file(mounted):
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(mounted.mnt)],
-                              stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(mounted.mnt)], stdout=subprocess.PIPE, text=True
+    )
     time.sleep(3)
     mounted.kill9()
     out, _ = writer.communicate(timeout=60)
@@ -49,8 +51,7 @@ def test_kill9_during_writes_keeps_every_fsynced_file(mounted):
     mounted.mount()  # notices the unclean shutdown, checks and recovers
     assert "not unmounted cleanly" in mounted.log()
     for i in synced:
-        want = __import__("random").Random(i).randbytes(
-            __import__("random").Random(-i).randrange(1, 300_000))
+        want = __import__("random").Random(i).randbytes(__import__("random").Random(-i).randrange(1, 300_000))
         assert (mounted.mnt / f"f{i}").read_bytes() == want, f"fsync'ed file f{i} damaged"
     mounted.umount()
     res = llmfs("fsck", mounted.store)
@@ -145,8 +146,9 @@ def test_kill9_after_a_burst_of_closes_leaves_each_file_absent_or_whole(mounted,
         f.flush()
         os.fsync(f.fileno())
     n = 400
-    res = subprocess.run([sys.executable, "-c", BURST, str(mounted.mnt), str(n)],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", BURST, str(mounted.mnt), str(n)], capture_output=True, text=True, timeout=300
+    )
     assert res.stdout.strip() == "done", res.stderr
     mounted.kill9()
     mounted.mount()

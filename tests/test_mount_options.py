@@ -2,6 +2,7 @@
 (fsname, subtype) or does not pass to FUSE fails at once with a clear message, and the store stays
 as it was (a failure after it was marked in use would leave it unclean: a restart loop under
 systemd)."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,21 +15,28 @@ from .conftest import llmfs
 
 def test_supported_options_pass():
     assert parse_options(["allow_other,noatime", "ro", " nodev , nosuid", ""]) == {
-        "allow_other": True, "noatime": True, "ro": True, "nodev": True, "nosuid": True}
-    assert parse_options(["context=system_u:object_r:tmp_t:s0"]) == {
-        "context": "system_u:object_r:tmp_t:s0"}
+        "allow_other": True,
+        "noatime": True,
+        "ro": True,
+        "nodev": True,
+        "nosuid": True,
+    }
+    assert parse_options(["context=system_u:object_r:tmp_t:s0"]) == {"context": "system_u:object_r:tmp_t:s0"}
 
 
-@pytest.mark.parametrize("option, says", [
-    ("fsname=/etc", "set by llmfs"),
-    ("subtype=other", "set by llmfs"),
-    ("kernel_cache", "unsupported mount option 'kernel_cache'"),
-    ("attr_timeout=5", "unsupported"),
-    ("modules=subdir", "unsupported"),
-    ("max_read=4096", "unsupported"),
-    ("ro=1", "takes no value"),
-    ("context=", "needs an SELinux context"),
-])
+@pytest.mark.parametrize(
+    "option, says",
+    [
+        ("fsname=/etc", "set by llmfs"),
+        ("subtype=other", "set by llmfs"),
+        ("kernel_cache", "unsupported mount option 'kernel_cache'"),
+        ("attr_timeout=5", "unsupported"),
+        ("modules=subdir", "unsupported"),
+        ("max_read=4096", "unsupported"),
+        ("ro=1", "takes no value"),
+        ("context=", "needs an SELinux context"),
+    ],
+)
 def test_unsupported_options_are_refused(option, says):
     with pytest.raises(MountError, match=says):
         parse_options(["allow_other", option])

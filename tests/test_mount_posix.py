@@ -1,6 +1,7 @@
 """POSIX corners through a real mount: ftruncate on an open descriptor, the temporary-file
 idiom (fstat, read, write, ftruncate on a file whose last name is gone), and names longer than
 NAME_MAX, which must fail with ENAMETOOLONG from every call that takes a path."""
+
 from __future__ import annotations
 
 import errno
@@ -27,7 +28,7 @@ def test_ftruncate_on_open_descriptor_shrinks_and_extends(mounted):
         os.ftruncate(fd, BLOCK + 10)  # shrink into the middle of block 1, data still buffered
         assert os.fstat(fd).st_size == BLOCK + 10
         os.ftruncate(fd, 3 * BLOCK + 5)  # extend: the cut-off bytes must come back as zeros
-        want = data[:BLOCK + 10] + bytes(3 * BLOCK + 5 - (BLOCK + 10))
+        want = data[: BLOCK + 10] + bytes(3 * BLOCK + 5 - (BLOCK + 10))
         assert os.pread(fd, 4 * BLOCK, 0) == want
         os.fsync(fd)
         os.ftruncate(fd, 7)  # shrink after the data reached the store

@@ -1,5 +1,6 @@
 """A seeded random sequence of file operations applied to the mount and to a plain directory in
 lockstep; every read and the final trees must agree."""
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,9 @@ def test_random_operations_match_plain_directory(mounted, tmp_path, seed):
         paths = [r / name for r in roots]
         exists = paths[1].exists()
         if op < 0.35 and (exists or rng.random() < 0.5):
-            off = rng.choice([0, rng.randrange(4 * BLOCK), rng.randrange(BLOCK - 100, BLOCK + 100),
-                              rng.randrange(1 << 20)])
+            off = rng.choice(
+                [0, rng.randrange(4 * BLOCK), rng.randrange(BLOCK - 100, BLOCK + 100), rng.randrange(1 << 20)]
+            )
             data = _data(rng, rng.choice([1, 100, 4096, BLOCK, BLOCK + 7, 3 * BLOCK]))
             for p in paths:
                 fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o644)

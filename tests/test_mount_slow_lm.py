@@ -2,6 +2,7 @@
 for the (one, slow) engine, stat, ls, zstd reads and a 1 MiB write on the same mount each answer
 within a second. The daemon is tests/slow_lm_daemon.py: the real mount's FUSE options and
 namespace with a fake LM whose decodes wait for a gate file."""
+
 from __future__ import annotations
 
 import os
@@ -44,15 +45,18 @@ def test_metadata_and_writes_answer_while_16_cold_lm_reads_wait(tmp_path):
         fh = fs.create(ROOT_INO, name, 0o644, os.O_RDWR, 0, 0)
         fs.write(fh, data, 0)
         fs.release(fh)
-    compact_all(store, fs.registry, SlowZlibModel())   # every block is LM-coded now
+    compact_all(store, fs.registry, SlowZlibModel())  # every block is LM-coded now
     fh = fs.create(ROOT_INO, b"warm", 0o644, os.O_RDWR, 0, 0)
-    fs.write(fh, b"zstd-coded text " * 1000, 0)        # written after: zstd
+    fs.write(fh, b"zstd-coded text " * 1000, 0)  # written after: zstd
     fs.release(fh)
     store.close()
 
-    daemon = subprocess.Popen([sys.executable, "-m", "tests.slow_lm_daemon", str(store_path),
-                               str(mnt), str(gate)], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "tests.slow_lm_daemon", str(store_path), str(mnt), str(gate)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     results: dict[bytes, bytes | Exception] = {}
     readers = []
     try:
@@ -67,6 +71,7 @@ def test_metadata_and_writes_answer_while_16_cold_lm_reads_wait(tmp_path):
                 results[name] = (mnt / name.decode()).read_bytes()
             except Exception as e:  # reported by the assertion below
                 results[name] = e
+
         readers = [threading.Thread(target=read, args=(n,), daemon=True) for n in texts]
         for r in readers:
             r.start()

@@ -1,5 +1,6 @@
 """Ordinary tools on a real mount, checked against the source by content; then unmount, mount
 again, and everything is still identical."""
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,13 @@ def test_ordinary_tools(mounted, tmp_path):
 
     repo = mnt / "repo"
     sh("cp", "-r", str(src / "py"), str(repo))
-    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.org",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.org")
+    env = dict(
+        os.environ,
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@example.org",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@example.org",
+    )
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "one"]):
         subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
     (repo / "a.txt").write_text("hello\n")
@@ -54,8 +60,9 @@ def test_ordinary_tools(mounted, tmp_path):
 
     db = sqlite3.connect(mnt / "db.sqlite")
     db.execute("create table t (id integer primary key, name text, value real)")
-    db.executemany("insert into t (name, value) values (?, ?)",
-                   ((f"row {i}", i * 0.5) for i in range(10_000)))
+    db.executemany(
+        "insert into t (name, value) values (?, ?)", ((f"row {i}", i * 0.5) for i in range(10_000))
+    )
     db.commit()
     db.execute("create index t_name on t(name)")
     db.commit()
@@ -75,12 +82,27 @@ def test_ordinary_tools(mounted, tmp_path):
     sh("chmod", "600", str(mnt / "hard"))
     assert os.stat(mnt / "over_b").st_mode & 0o777 == 0o600
     sh("touch", "-d", "2001-02-03 04:05:06.123456789", str(mnt / "hard"))
-    assert os.stat(mnt / "hard").st_mtime_ns == os.stat(
-        Path(sh("sh", "-c", f"touch -d '2001-02-03 04:05:06.123456789' {tmp_path}/ref && "
-                            f"echo {tmp_path}/ref").strip())).st_mtime_ns
+    assert (
+        os.stat(mnt / "hard").st_mtime_ns
+        == os.stat(
+            Path(
+                sh(
+                    "sh",
+                    "-c",
+                    f"touch -d '2001-02-03 04:05:06.123456789' {tmp_path}/ref && echo {tmp_path}/ref",
+                ).strip()
+            )
+        ).st_mtime_ns
+    )
+
     def du(root):  # files only: directory sizes differ between filesystems
-        return sh("du", "-ab", *sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                                       if p.is_file() and not p.is_symlink()), cwd=root)
+        return sh(
+            "du",
+            "-ab",
+            *sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not p.is_symlink()),
+            cwd=root,
+        )
+
     assert du(mnt / "cp") == du(src)
     assert str(mnt) in sh("df", str(mnt))
     sh("setfattr", "-n", "user.color", "-v", "blue", str(mnt / "hard"))
@@ -103,6 +125,7 @@ def test_allow_other_and_kernel_enforced_modes(tmp_path):
     import tempfile
 
     from .conftest import Mount, force_unmount
+
     if shutil.which("setpriv") is None or os.getuid() != 0:
         pytest.skip("needs root and setpriv")
     top = Path(tempfile.mkdtemp(prefix="llmfs-multi-", dir="/tmp"))
@@ -120,8 +143,12 @@ def test_allow_other_and_kernel_enforced_modes(tmp_path):
         os.chmod(m.mnt / "shared", 0o1777)
 
         def as_nobody(*cmd):
-            return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                                   *cmd], capture_output=True, text=True)
+            return subprocess.run(
+                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd],
+                capture_output=True,
+                text=True,
+            )
+
         assert as_nobody("cat", str(m.mnt / "public")).stdout == "everyone"
         res = as_nobody("cat", str(m.mnt / "secret"))
         assert res.returncode != 0 and "Permission denied" in res.stderr

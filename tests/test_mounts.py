@@ -2,6 +2,7 @@
 source column of a mount that anyone can make with subtype=llmfs,fsname=DIR. Unit tests against
 a fake mount table and a fake /proc; then a real mount, and a foreign FUSE mount that claims to be
 llmfs."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,10 @@ START = 777
 
 def mountinfo_line(target: str, source: str, dev=(0, 55), fstype="fuse.llmfs", mid=40) -> str:
     esc = lambda p: p.replace("\\", "\\134").replace(" ", "\\040")
-    return (f"{mid} 27 {dev[0]}:{dev[1]} / {esc(target)} rw,nosuid,nodev,relatime - {fstype} "
-            f"{esc(source)} rw,user_id=0,group_id=0,default_permissions\n")
+    return (
+        f"{mid} 27 {dev[0]}:{dev[1]} / {esc(target)} rw,nosuid,nodev,relatime - {fstype} "
+        f"{esc(source)} rw,user_id=0,group_id=0,default_permissions\n"
+    )
 
 
 class FakeSystem:
@@ -47,7 +50,8 @@ class FakeSystem:
         (self.proc / str(PID) / "cmdline").write_bytes(cmdline)
         rest = " ".join(["0"] * 13)  # fields 9..21; 22 is the start time
         (self.proc / str(PID) / "stat").write_text(
-            f"{PID} (python3 (x)) {state} 1 {PID} {PID} 0 -1 {rest} {start} 0 0\n")
+            f"{PID} (python3 (x)) {state} 1 {PID} {PID} 0 -1 {rest} {start} 0 0\n"
+        )
 
     def set_locks(self, pid: int, path: Path) -> None:
         st = os.stat(path)
@@ -55,11 +59,11 @@ class FakeSystem:
         (self.proc / "locks").write_text(
             f"1: POSIX  ADVISORY  WRITE {pid} {dev} 0 EOF\n"
             f"2: FLOCK  ADVISORY  WRITE 1 00:00:1 0 EOF\n"
-            f"3: FLOCK  ADVISORY  WRITE {pid} {dev} 0 EOF\n")
+            f"3: FLOCK  ADVISORY  WRITE {pid} {dev} 0 EOF\n"
+        )
 
     def entry(self, **changes) -> MountEntry:
-        fields = dict(source=str(self.store), target=self.target, fstype="fuse.llmfs",
-                      dev=self.dev)
+        fields = dict(source=str(self.store), target=self.target, fstype="fuse.llmfs", dev=self.dev)
         fields.update(changes)
         return MountEntry(**fields)
 
@@ -81,10 +85,12 @@ def test_lock_text_round_trip():
 
 def test_mountinfo_parsing_and_the_visible_mount(tmp_path):
     a, b = str(tmp_path / "a b"), str(tmp_path / "c")
-    table = (mountinfo_line("/", "/dev/root", (8, 1), "ext4", 1)
-             + mountinfo_line(a, "/srv/store one", (0, 50))
-             + mountinfo_line(b, "/srv/s2", (0, 51))
-             + mountinfo_line(b, "tmpfs", (0, 52), "tmpfs"))  # mounted over c later
+    table = (
+        mountinfo_line("/", "/dev/root", (8, 1), "ext4", 1)
+        + mountinfo_line(a, "/srv/store one", (0, 50))
+        + mountinfo_line(b, "/srv/s2", (0, 51))
+        + mountinfo_line(b, "tmpfs", (0, 52), "tmpfs")
+    )  # mounted over c later
     entries = mounts.read_mountinfo(table)
     assert entries[1] == MountEntry("/srv/store one", a, "fuse.llmfs", (0, 50))
     assert mounts.mount_at(a, table).source == "/srv/store one"
@@ -96,8 +102,7 @@ def test_mountinfo_parsing_and_the_visible_mount(tmp_path):
 
 def test_a_healthy_mount_is_ours(system):
     d = system.verify()
-    assert (d.pid, d.store, d.mountpoint, d.start_time) == (PID, str(system.store), system.target,
-                                                             START)
+    assert (d.pid, d.store, d.mountpoint, d.start_time) == (PID, str(system.store), system.target, START)
     assert mounts.running(d, str(system.proc))
     system.set_process(b"/usr/local/bin/llmfs\0--debug\0mount\0--config\0c.toml\0-f\0")
     assert system.verify().pid == PID
@@ -126,10 +131,13 @@ def test_a_symlinked_or_special_lock_file_is_not_followed(system, tmp_path):
         system.verify()
 
 
-@pytest.mark.parametrize("change, says", [
-    (dict(target="/elsewhere"), "not the store mounted at /elsewhere"),
-    (dict(dev=(0, 99)), "device 0:55; the mount is device 0:99"),
-])
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        (dict(target="/elsewhere"), "not the store mounted at /elsewhere"),
+        (dict(dev=(0, 99)), "device 0:55; the mount is device 0:99"),
+    ],
+)
 def test_the_lock_file_must_name_this_mount(system, change, says):
     with pytest.raises(NotOurs, match=says):
         system.verify(**change)
@@ -204,8 +212,11 @@ def test_a_foreign_fuse_mount_claiming_llmfs(tmp_path):
     mnt.mkdir()
     victim.mkdir()
     (victim / "data.mdb").symlink_to(tmp_path / "not-there")
-    proc = subprocess.Popen([sys.executable, "-c", FAKE_FS, str(mnt), str(victim)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FAKE_FS, str(mnt), str(victim)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(200):
             if in_proc_mounts(mnt):

@@ -1,5 +1,6 @@
 """The namespace in-process (no kernel): POSIX semantics, block handling, and the store's
 invariants after each kind of operation."""
+
 from __future__ import annotations
 
 import os
@@ -39,12 +40,12 @@ def test_write_read_across_blocks_and_holes(fs):
     fs.write(fh, b"end", 10 * BS)  # leaves a hole
     want = bytearray(10 * BS + 3)
     want[0:10] = b"a" * 10
-    want[BS - 5:2 * BS + 5] = b"b" * (BS + 10)
-    want[10 * BS:] = b"end"
+    want[BS - 5 : 2 * BS + 5] = b"b" * (BS + 10)
+    want[10 * BS :] = b"end"
     assert fs.read(fh, len(want) + 100, 0) == bytes(want)
     fs.flush(fh)
     assert fs.read(fh, len(want), 0) == bytes(want)
-    assert fs.read(fh, 7, BS - 8) == bytes(want[BS - 8:BS - 1])
+    assert fs.read(fh, 7, BS - 8) == bytes(want[BS - 8 : BS - 1])
     fs.release(fh)
     ino = fs.lookup(ROOT_INO, b"f")
     with fs.store.read() as t:
@@ -203,6 +204,7 @@ def test_concurrent_writers_and_readers(fs):
                     fs.flush(fhs[i])
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
+
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()

@@ -1,4 +1,5 @@
 """What pyproject.toml promises matches the code."""
+
 from __future__ import annotations
 
 import ast
@@ -24,8 +25,13 @@ def test_requires_python_covers_the_imports_and_ruffs_target():
     for folder in ("llmfs", "codec", "cache"):
         for path in (ROOT / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                    [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module]
+                    if isinstance(node, ast.ImportFrom) and node.module
+                    else []
+                )
                 for name in names:
                     needed = max(needed, NEW_STDLIB.get(name.split(".")[0], (3, 0)))
     assert declared >= needed, f"the code imports a module of Python {needed}"

@@ -1,6 +1,7 @@
 """llmfs as a system service: the systemd unit verifies; the unit's ExecStart reports READY=1
 only once the mount answers and stops cleanly on SIGTERM (twice, even); `mount -t fuse.llmfs`, an
 fstab line and `umount` work; config files are validated key by key."""
+
 from __future__ import annotations
 
 import os
@@ -32,6 +33,7 @@ def unit_exec_start() -> list[str]:
 
 # -- the unit ------------------------------------------------------------------------------------
 
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 def test_unit_verifies():
     exe = unit_exec_start()[0]
@@ -41,16 +43,29 @@ def test_unit_verifies():
     assert res.returncode == 0 and not res.stderr.strip(), res.stderr
     assert os.path.realpath(exe) == os.path.realpath(ROOT / ".venv" / "bin" / "llmfs")
     text = UNIT.read_text()
-    for line in ("Type=notify", "Restart=on-failure", "DeviceAllow=/dev/fuse rw",
-                 "SystemCallFilter=@system-service @mount"):
+    for line in (
+        "Type=notify",
+        "Restart=on-failure",
+        "DeviceAllow=/dev/fuse rw",
+        "SystemCallFilter=@system-service @mount",
+    ):
         assert f"\n{line}\n" in text
     # Each of these puts the service in a mount namespace whose mounts never reach the host.
-    for opt in ("ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "PrivateMounts",
-                "ReadWritePaths", "ProtectKernelTunables", "MemoryDenyWriteExecute"):
+    for opt in (
+        "ProtectSystem",
+        "ProtectHome",
+        "PrivateTmp",
+        "PrivateDevices",
+        "PrivateMounts",
+        "ReadWritePaths",
+        "ProtectKernelTunables",
+        "MemoryDenyWriteExecute",
+    ):
         assert f"\n{opt}=" not in text, f"{opt} would hide the FUSE mount from the host"
 
 
 # -- sd_notify and logging -----------------------------------------------------------------------
+
 
 def test_notify_reaches_an_abstract_socket(monkeypatch):
     name = f"llmfs-test-{os.getpid()}"
@@ -71,13 +86,17 @@ def test_journal_lines_carry_a_priority_and_no_timestamp():
 
 # -- config files --------------------------------------------------------------------------------
 
+
 def write_config(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
 
 
 def test_config_reads_every_key_and_resolves_paths(tmp_path):
-    cfg = config.load(write_config(tmp_path / "c.toml", """
+    cfg = config.load(
+        write_config(
+            tmp_path / "c.toml",
+            """
         store = "store"
         mountpoint = "/mnt/x"
         options = ["allow_other", "noatime"]
@@ -93,7 +112,9 @@ def test_config_reads_every_key_and_resolves_paths(tmp_path):
         [compaction]
         enabled = false
         after = "2h"
-    """.replace("\n        ", "\n")))
+    """.replace("\n        ", "\n"),
+        )
+    )
     assert cfg.options == ["allow_other", "noatime"] and cfg.log_level == "warning"
     args = llmfs_mount_args()
     config.apply(cfg, args)
@@ -106,18 +127,21 @@ def test_config_reads_every_key_and_resolves_paths(tmp_path):
     assert cfg.not_yet == ["model"]  # chosen at mkfs: accepted, reported as having no effect
 
 
-@pytest.mark.parametrize("text, message", [
-    ('stor = "/x"', "unknown key 'stor'"),
-    ('[cache]\nsize = "1M"', "unknown key 'cache.size'"),
-    ('[compacton]\nenabled = false', "unknown section [compacton]"),
-    ('[write]\ndirty_limit = "lots"', "write.dirty_limit: 'lots' is not a size"),
-    ('[compaction]\nafter = "soon"', "compaction.after: 'soon' is not a duration"),
-    ('[compaction]\nenabled = "no"', "compaction.enabled: must be true or false"),
-    ('log_level = "loud"', "log_level: must be one of"),
-    ('threads = 0', "threads: must be a positive integer"),
-    ('device = "tpu"', "device: must be one of"),
-    ('options = "allow_other', "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('stor = "/x"', "unknown key 'stor'"),
+        ('[cache]\nsize = "1M"', "unknown key 'cache.size'"),
+        ("[compacton]\nenabled = false", "unknown section [compacton]"),
+        ('[write]\ndirty_limit = "lots"', "write.dirty_limit: 'lots' is not a size"),
+        ('[compaction]\nafter = "soon"', "compaction.after: 'soon' is not a duration"),
+        ('[compaction]\nenabled = "no"', "compaction.enabled: must be true or false"),
+        ('log_level = "loud"', "log_level: must be one of"),
+        ("threads = 0", "threads: must be a positive integer"),
+        ('device = "tpu"', "device: must be one of"),
+        ('options = "allow_other', "not valid TOML"),
+    ],
+)
 def test_config_errors_name_the_key(tmp_path, text, message):
     path = write_config(tmp_path / "bad.toml", text)
     with pytest.raises(config.ConfigError, match=r"bad\.toml") as e:
@@ -129,8 +153,12 @@ def test_config_errors_name_the_key(tmp_path, text, message):
 
 
 def test_command_line_overrides_config(tmp_path):
-    cfg = config.load(write_config(tmp_path / "c.toml", 'store = "/a"\nmountpoint = "/b"\n'
-                                   'options = ["ro"]\n[write]\ndirty_limit = "1M"\n'))
+    cfg = config.load(
+        write_config(
+            tmp_path / "c.toml",
+            'store = "/a"\nmountpoint = "/b"\noptions = ["ro"]\n[write]\ndirty_limit = "1M"\n',
+        )
+    )
     args = llmfs_mount_args("--config", "c.toml", "/other", "-o", "rw", "--dirty-limit", "2M")
     config.apply(cfg, args)
     assert (args.store, args.mountpoint, args.dirty_limit) == ("/other", "/b", 2 << 20)
@@ -139,20 +167,27 @@ def test_command_line_overrides_config(tmp_path):
 
 def llmfs_mount_args(*argv):
     from llmfs.cli import build_parser
+
     return build_parser().parse_args(["mount", *argv])
 
 
 def test_mount_helper_sorts_options():
     own, fuse, debug = mounthelper.split_options(
         "rw,noauto,_netdev,x-systemd.automount,x-systemd.idle-timeout=60,nofail,defaults,"
-        "allow_other,noatime,config=/etc/llmfs/a.toml,dirty_limit=8M,debug,comment=x")
+        "allow_other,noatime,config=/etc/llmfs/a.toml,dirty_limit=8M,debug,comment=x"
+    )
     assert own == ["--config", "/etc/llmfs/a.toml", "--dirty-limit", "8M"]
     assert fuse == ["rw", "allow_other", "noatime"] and debug
-    assert mounthelper.parse_helper_args(["s", "m", "-n", "-o", "a,b", "-t", "fuse.llmfs"]) == \
-        (["s", "m"], "a,b", False, False)
+    assert mounthelper.parse_helper_args(["s", "m", "-n", "-o", "a,b", "-t", "fuse.llmfs"]) == (
+        ["s", "m"],
+        "a,b",
+        False,
+        False,
+    )
 
 
 # -- the service's ExecStart under a NOTIFY_SOCKET we own ----------------------------------------
+
 
 class Service:
     """`llmfs mount --config FILE -f` started as systemd would: NOTIFY_SOCKET, INVOCATION_ID."""
@@ -161,9 +196,10 @@ class Service:
         self.store, self.mnt = tmp_path / "store", tmp_path / "mnt"
         self.mnt.mkdir()
         llmfs("mkfs", self.store)
-        self.config = write_config(tmp_path / "svc.toml",
-                                   f'store = "{self.store}"\nmountpoint = "{self.mnt}"\n'
-                                   '[write]\ndirty_limit = "32M"\n')
+        self.config = write_config(
+            tmp_path / "svc.toml",
+            f'store = "{self.store}"\nmountpoint = "{self.mnt}"\n[write]\ndirty_limit = "32M"\n',
+        )
         self.sock_path = str(tmp_path / "notify.sock")
         self.stderr_path = tmp_path / "stderr"
         self.proc = None
@@ -178,10 +214,15 @@ class Service:
         argv[2] = str(self.config)
         self.stderr = open(self.stderr_path, "a")
         st = os.fstat(self.stderr.fileno())  # stderr "is the journal": see stderr_is_journal()
-        env = dict(os.environ, NOTIFY_SOCKET=self.sock_path, INVOCATION_ID="0" * 32,
-                   JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
-        self.proc = subprocess.Popen([sys.executable, "-m", "llmfs.cli", *argv], env=env,
-                                     stdin=subprocess.DEVNULL, stderr=self.stderr)
+        env = dict(
+            os.environ,
+            NOTIFY_SOCKET=self.sock_path,
+            INVOCATION_ID="0" * 32,
+            JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}",
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llmfs.cli", *argv], env=env, stdin=subprocess.DEVNULL, stderr=self.stderr
+        )
 
     def recv(self, timeout: float = 60) -> dict:
         self.sock.settimeout(timeout)
@@ -212,8 +253,11 @@ def svc(tmp_path):
         yield s
     finally:
         s.cleanup()
-    bad = [line for line in s.log().splitlines()
-           if line.startswith(("<0>", "<1>", "<2>", "<3>")) or "Traceback" in line]
+    bad = [
+        line
+        for line in s.log().splitlines()
+        if line.startswith(("<0>", "<1>", "<2>", "<3>")) or "Traceback" in line
+    ]
     assert not bad, "the daemon logged errors:\n" + "\n".join(bad)
 
 
@@ -309,9 +353,11 @@ def test_restarted_service_replaces_the_dead_mount(svc):
 
 # -- mount(8), fstab and umount(8) ---------------------------------------------------------------
 
+
 def helper_installed() -> bool:
-    return os.path.realpath("/sbin/mount.fuse.llmfs") == \
-        os.path.realpath(ROOT / ".venv" / "bin" / "mount.fuse.llmfs")
+    return os.path.realpath("/sbin/mount.fuse.llmfs") == os.path.realpath(
+        ROOT / ".venv" / "bin" / "mount.fuse.llmfs"
+    )
 
 
 @pytest.fixture
@@ -351,8 +397,15 @@ def mount_options(mnt: Path) -> str:
 @pytest.mark.mount
 def test_mount_t_fuse_llmfs_and_umount(store_and_mnt):
     store, mnt = store_and_mnt
-    run("mount", "-t", "fuse.llmfs", store, mnt,
-        "-o", "noauto,_netdev,x-systemd.automount,allow_other,noatime,dirty_limit=4M")
+    run(
+        "mount",
+        "-t",
+        "fuse.llmfs",
+        store,
+        mnt,
+        "-o",
+        "noauto,_netdev,x-systemd.automount,allow_other,noatime,dirty_limit=4M",
+    )
     assert os.path.ismount(mnt)
     opts = mount_options(mnt)
     assert opts.startswith("fuse.llmfs ") and "allow_other" in opts and "noatime" in opts

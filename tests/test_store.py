@@ -1,6 +1,7 @@
 """The block store (llmfs/store.py) on its own: creating and opening stores, the lock, and the tables'
 operations keeping the schema's invariants — refcounts equal block-map references, a block lives
 exactly as long as something names it, counters equal the sums, write transactions are atomic."""
+
 from __future__ import annotations
 
 import os

@@ -1,6 +1,7 @@
 """The store's group commit (llmfs/store.py, GROUP COMMIT): changes are visible at once, durable
 after sync() or the commit interval, a failed operation rolls back alone, and a commit waits
 briefly for files open for writing."""
+
 from __future__ import annotations
 
 import threading
@@ -88,6 +89,7 @@ def test_concurrent_syncs_share_commits(store):
                 assert committed(store, 1000 + 100 * k + i)
         except Exception as e:  # noqa: BLE001
             errors.append(e)
+
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
     for th in threads:
         th.start()

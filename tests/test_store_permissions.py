@@ -1,5 +1,6 @@
 """A store is private to its owner: mkfs makes it so whatever the umask, and mount fixes
 (saying so in the log and on stderr) or refuses a store others could read or write."""
+
 from __future__ import annotations
 
 import os
@@ -69,13 +70,17 @@ def test_mount_fixes_an_open_store_and_says_so(tmp_path):
     os.chmod(store, 0o755)
     for name in ("data.mdb", "lock.mdb"):
         os.chmod(store / name, 0o644)
-    res = subprocess.run(LLMFS + ["mount", str(store), str(mnt)], capture_output=True, text=True,
-                         umask=0o022)
+    res = subprocess.run(LLMFS + ["mount", str(store), str(mnt)], capture_output=True, text=True, umask=0o022)
     try:
         assert res.returncode == 0, res.stderr
         assert "open to other users" in res.stderr and "data.mdb was mode 0644" in res.stderr
-        assert modes(store) == {".": 0o700, "data.mdb": 0o600, "lock.mdb": 0o600,
-                                "llmfs.lock": 0o600, "llmfs.log": 0o600}
+        assert modes(store) == {
+            ".": 0o700,
+            "data.mdb": 0o600,
+            "lock.mdb": 0o600,
+            "llmfs.lock": 0o600,
+            "llmfs.log": 0o600,
+        }
         (mnt / "f").write_text("x")
     finally:
         if in_proc_mounts(mnt):
@@ -91,6 +96,7 @@ def test_secure_store_refuses_what_it_cannot_fix(tmp_path, monkeypatch):
 
     def refuse(fd, mode):
         raise PermissionError(1, "Operation not permitted")
+
     monkeypatch.setattr(os, "fchmod", refuse)  # as for a store another user owns
     with pytest.raises(MountError, match="cannot be made private"):
         secure_store(str(store))

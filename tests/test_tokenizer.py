@@ -1,4 +1,5 @@
 """Tokenization is lossless for every byte string (docs/design.md, "Containers and codecs") and deterministic."""
+
 from __future__ import annotations
 
 import os
@@ -11,17 +12,37 @@ from llmfs.codec.lm.tokenizer import ByteLevelBPE, ByteTokenizer, gpt2_bytes_to_
 from tests.lm_helpers import smollm2_tokenizer_json
 
 ADVERSARIAL = [
-    b"", b"a", b" ", b"\x00", b"\x00" * 100, b"\xff", b"\xfe\xff", b"\x80", b"\xc0\xaf",
-    b"\xed\xa0\x80",             # a lone surrogate, UTF-8-encoded (invalid UTF-8)
+    b"",
+    b"a",
+    b" ",
+    b"\x00",
+    b"\x00" * 100,
+    b"\xff",
+    b"\xfe\xff",
+    b"\x80",
+    b"\xc0\xaf",
+    b"\xed\xa0\x80",  # a lone surrogate, UTF-8-encoded (invalid UTF-8)
     b"\xed\xa0\x80\xed\xb0\x80",  # a surrogate pair encoded CESU-style
-    b"\xf4\x90\x80\x80",         # beyond U+10FFFF
-    b"\xe2\x82",                 # truncated multi-byte sequence
-    b"a\r\nb\r\n", b"\r", b"\r\r\n\n",
-    b"  leading spaces", b" ", b"\t\tx", b"trailing   ",
+    b"\xf4\x90\x80\x80",  # beyond U+10FFFF
+    b"\xe2\x82",  # truncated multi-byte sequence
+    b"a\r\nb\r\n",
+    b"\r",
+    b"\r\r\n\n",
+    b"  leading spaces",
+    b" ",
+    b"\t\tx",
+    b"trailing   ",
     "caf\u00e9 cafe\u0301 \ufb01 \u212b \uff21".encode(),  # text an NFC/NFKC normalizer would change
-    "日本語のテキスト 🙂".encode(), "\ufeffBOM".encode(),
-    b"<|endoftext|><|im_start|>user", b"\x04\x06\x13\x14\x16\x1d", b"x\x04y",
-    bytes(range(256)), bytes(range(255, -1, -1)), b"a" * 5000, b" " * 3000, b"\n" * 2000,
+    "日本語のテキスト 🙂".encode(),
+    "\ufeffBOM".encode(),
+    b"<|endoftext|><|im_start|>user",
+    b"\x04\x06\x13\x14\x16\x1d",
+    b"x\x04y",
+    bytes(range(256)),
+    bytes(range(255, -1, -1)),
+    b"a" * 5000,
+    b" " * 3000,
+    b"\n" * 2000,
 ]
 
 
@@ -72,6 +93,7 @@ def test_bpe_concatenations(bpe, parts):
 def test_bpe_text_uses_the_models_own_tokens(bpe):
     """Valid text tokenizes exactly as the HF tokenizer does (what the model was trained on)."""
     from tokenizers import Tokenizer
+
     hf = Tokenizer.from_str(smollm2_tokenizer_json())
     text = "The quick brown fox jumps over the lazy dog.\n  def f(x):\r\n    return x\n"
     assert bpe.encode(text.encode()) == hf.encode(text, add_special_tokens=False).ids

@@ -1,4 +1,5 @@
 """Compare directory trees by content: what a user means by "the copy is identical"."""
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,12 @@ def digest(root: Path, times: bool = False) -> dict:
             elif stat.S_ISDIR(st.st_mode):
                 entry = ("dir", stat.S_IMODE(st.st_mode))
             else:
-                entry = ("file", stat.S_IMODE(st.st_mode), st.st_size,
-                         hashlib.sha256(p.read_bytes()).hexdigest())
+                entry = (
+                    "file",
+                    stat.S_IMODE(st.st_mode),
+                    st.st_size,
+                    hashlib.sha256(p.read_bytes()).hexdigest(),
+                )
                 if st.st_nlink > 1:
                     inodes.setdefault(st.st_ino, []).append(rel)
             if times and not stat.S_ISLNK(st.st_mode) and not stat.S_ISDIR(st.st_mode):

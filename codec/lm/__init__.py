@@ -12,6 +12,7 @@ Importing this package is cheap: the defaults below are plain values that the fi
 without loading torch, and the codec, tokenizer, engine and loader are imported on first use (the
 names below resolve lazily; `load` and `open_codec` import the engine and loader only when called).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -34,8 +35,14 @@ DEFAULT_MODEL = "smollm2-135m"
 DECODE_BATCH = 64
 
 # name -> submodule that defines it, imported on first access (PEP 562)
-_LAZY = {"LMCodec": "codec", "PAYLOAD_VERSION": "codec", "SEGMENT_TOKENS": "codec",
-         "ByteLevelBPE": "tokenizer", "ByteTokenizer": "tokenizer", "UnsupportedTokenizer": "tokenizer"}
+_LAZY = {
+    "LMCodec": "codec",
+    "PAYLOAD_VERSION": "codec",
+    "SEGMENT_TOKENS": "codec",
+    "ByteLevelBPE": "tokenizer",
+    "ByteTokenizer": "tokenizer",
+    "UnsupportedTokenizer": "tokenizer",
+}
 
 
 def __getattr__(name: str):
@@ -56,12 +63,14 @@ TINY_SPEC = "tiny"
 def load(spec: str | None = None, cache_dir=None):
     """loader.load: a model spec (None = the default model) -> LoadedModel."""
     from .loader import load as _load
+
     return _load(spec, cache_dir=cache_dir)
 
 
 def resolve_device(device: str | None) -> str:
     """'auto' -> 'cuda' when available, else 'cpu'."""
     import torch
+
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -69,35 +78,71 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def open_codec(spec: str | None = None, batch: int = DECODE_BATCH, threads: int | None = None,
-               device: str | None = DEFAULT_DEVICE, segment_tokens: int | None = None) -> LMCodec:
+def open_codec(
+    spec: str | None = None,
+    batch: int = DECODE_BATCH,
+    threads: int | None = None,
+    device: str | None = DEFAULT_DEVICE,
+    segment_tokens: int | None = None,
+) -> LMCodec:
     """Load a model and wrap it in an LMCodec, on `device` ('cpu', 'cuda' or 'auto');
     segment_tokens None = codec.SEGMENT_TOKENS."""
     from .loader import model_file
-    return codec_of(model_file(spec), batch=batch, threads=threads, device=device,
-                    segment_tokens=segment_tokens, source=spec or "")
+
+    return codec_of(
+        model_file(spec),
+        batch=batch,
+        threads=threads,
+        device=device,
+        segment_tokens=segment_tokens,
+        source=spec or "",
+    )
 
 
-def codec_of(mf, batch: int = DECODE_BATCH, threads: int | None = None,
-             device: str | None = DEFAULT_DEVICE, segment_tokens: int | None = None,
-             source: str = "") -> LMCodec:
+def codec_of(
+    mf,
+    batch: int = DECODE_BATCH,
+    threads: int | None = None,
+    device: str | None = DEFAULT_DEVICE,
+    segment_tokens: int | None = None,
+    source: str = "",
+) -> LMCodec:
     """The LMCodec of a verified model file (modelfile.ModelFile). Its `fingerprints` are every
     container fingerprint it decodes (its own and the aliases older releases gave the model);
     `model_file` is the file, for stores that embed it."""
     from .codec import SEGMENT_TOKENS, LMCodec  # noqa: F811 (the TYPE_CHECKING import is for annotations)
     from .loader import from_model_file
+
     dev = resolve_device(device)
     loaded = from_model_file(mf, source, dev)
-    codec = LMCodec((loaded.engine, loaded.tokenizer), batch=batch, threads=threads,
-                    segment_tokens=SEGMENT_TOKENS if segment_tokens is None else segment_tokens)
+    codec = LMCodec(
+        (loaded.engine, loaded.tokenizer),
+        batch=batch,
+        threads=threads,
+        segment_tokens=SEGMENT_TOKENS if segment_tokens is None else segment_tokens,
+    )
     if codec.fingerprint != mf.fingerprint:
-        raise RuntimeError(f"codec fingerprint {codec.fingerprint.hex()} differs from its model "
-                           f"file's {mf.fingerprint.hex()}")
+        raise RuntimeError(
+            f"codec fingerprint {codec.fingerprint.hex()} differs from its model "
+            f"file's {mf.fingerprint.hex()}"
+        )
     codec.fingerprints = mf.fingerprints
     codec.model_file = mf
     return codec
 
 
-__all__ = ["LMCodec", "load", "open_codec", "codec_of", "TINY_SPEC", "DEFAULT_MODEL", "DECODE_BATCH",
-           "resolve_device", "ByteTokenizer", "ByteLevelBPE", "UnsupportedTokenizer", "PAYLOAD_VERSION",
-           "SEGMENT_TOKENS"]
+__all__ = [
+    "LMCodec",
+    "load",
+    "open_codec",
+    "codec_of",
+    "TINY_SPEC",
+    "DEFAULT_MODEL",
+    "DECODE_BATCH",
+    "resolve_device",
+    "ByteTokenizer",
+    "ByteLevelBPE",
+    "UnsupportedTokenizer",
+    "PAYLOAD_VERSION",
+    "SEGMENT_TOKENS",
+]

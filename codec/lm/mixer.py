@@ -39,6 +39,7 @@ tokens already coded (a match whose continuation is not coded yet predicts nothi
 State lives per segment group (one coded stream), so every group — and every block — decodes on its
 own. Threading: a GroupMixer belongs to one stream and one thread.
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,23 +48,23 @@ import mpmath
 
 # Any change to a constant or formula below changes coded words: it needs a new payload version
 # (codec.py keeps the old mixer for old payloads).
-P_BITS = 16                 # probabilities are integers in (0, 2^16)
+P_BITS = 16  # probabilities are integers in (0, 2^16)
 P_ONE = 1 << P_BITS
-D_RES = 256                 # stretch domain: 1/256 nat
-D_MAX = 12 * D_RES          # |stretch| <= 12 nats: p in [6e-6, 1 - 6e-6]
-W_ONE = 1 << 16             # mixer weights: 16 fractional bits
-LR_SHIFT = 14               # weight step = stretch * error >> LR_SHIFT (error in 2^-16 units)
-ORDERS = (1, 2, 3, 4, 6)    # n-gram context lengths (the segment's own last k tokens)
-MATCH_MIN = 4               # tokens of context a match needs
-MATCH_MAX = 48              # match lengths are counted up to this
+D_RES = 256  # stretch domain: 1/256 nat
+D_MAX = 12 * D_RES  # |stretch| <= 12 nats: p in [6e-6, 1 - 6e-6]
+W_ONE = 1 << 16  # mixer weights: 16 fractional bits
+LR_SHIFT = 14  # weight step = stretch * error >> LR_SHIFT (error in 2^-16 units)
+ORDERS = (1, 2, 3, 4, 6)  # n-gram context lengths (the segment's own last k tokens)
+MATCH_MIN = 4  # tokens of context a match needs
+MATCH_MAX = 48  # match lengths are counted up to this
 MAX_CANDIDATES = 3
 # A row's total after mixing stays below about this (2^44 + the row's own total), far below 2^53:
 # float64 sums of the row stay exact. (The coder's 24-bit quantisation gives no candidate more
 # than 1 - V / 2^24 anyway.)
 MASS_CAP = 1 << 44
-HIT_SHIFT = 4               # match hit probabilities adapt by 1/16 of the error
+HIT_SHIFT = 4  # match hit probabilities adapt by 1/16 of the error
 _HIT_INIT = 3 * P_ONE // 4
-_BUCKETS = (0, 6, 12, 24)   # match length >= these: bucket 1..4 (0: no match prediction)
+_BUCKETS = (0, 6, 12, 24)  # match length >= these: bucket 1..4 (0: no match prediction)
 # initial weights: [lm, match, order 1.., bias]
 _W_INIT = (W_ONE, W_ONE // 2) + tuple(W_ONE // 8 for _ in ORDERS) + (0,)
 
@@ -116,7 +117,7 @@ class GroupMixer:
         self._sq = _squash_table()
         self._st = _stretch_table()
         self.hist: list[list[int]] = [[] for _ in range(n_segments)]
-        self._ngram: list[dict] = [{} for _ in ORDERS]   # context tuple -> [best, best_n, n, counts]
+        self._ngram: list[dict] = [{} for _ in ORDERS]  # context tuple -> [best, best_n, n, counts]
         self._match_at: dict[tuple, tuple[int, int]] = {}  # context -> (segment, index after it)
         self._match: list[list[int] | None] = [None] * n_segments  # [segment, index, length]
         self._hit = [_HIT_INIT] * (len(_BUCKETS) + 1)
@@ -128,7 +129,7 @@ class GroupMixer:
         """Candidates for segment j's next token and the masses that replace their entries of
         `row` (an int frequency row whose entries sum to `total`); ([], []) leaves the row as is."""
         h = self.hist[j]
-        ctxs = []                       # per order: the context's entry, or None
+        ctxs = []  # per order: the context's entry, or None
         cands: list[int] = []
         xm, bucket = -1, 0
         m = self._match[j]
@@ -139,7 +140,7 @@ class GroupMixer:
                 cands.append(xm)
         n = len(h)
         for k, table in zip(ORDERS, self._ngram):
-            ctxs.append(table.get(tuple(h[n - k:])) if n >= k else None)
+            ctxs.append(table.get(tuple(h[n - k :])) if n >= k else None)
         for e in reversed(ctxs):
             if e is not None and e[0] not in cands and len(cands) < MAX_CANDIDATES:
                 cands.append(e[0])
@@ -190,7 +191,7 @@ class GroupMixer:
                 if hit:
                     break
             if xm >= 0:
-                self._hit[bucket] += (((P_ONE if xm == y else 0) - self._hit[bucket]) >> HIT_SHIFT)
+                self._hit[bucket] += ((P_ONE if xm == y else 0) - self._hit[bucket]) >> HIT_SHIFT
                 self._hit[bucket] = min(P_ONE - 1, max(1, self._hit[bucket]))
             self._pending = None
         h = self.hist[j]
@@ -198,7 +199,7 @@ class GroupMixer:
         for k, table in zip(ORDERS, self._ngram):
             if n < k:
                 break
-            key = tuple(h[n - k:])
+            key = tuple(h[n - k :])
             e = table.get(key)
             if e is None:
                 table[key] = [y, 1, 1, {y: 1}]
@@ -219,15 +220,19 @@ class GroupMixer:
             else:
                 m = None
         if n >= MATCH_MIN:
-            key = tuple(h[n - MATCH_MIN:])
+            key = tuple(h[n - MATCH_MIN :])
             if m is None:
                 at = self._match_at.get(key)
                 if at is not None:
                     s, q = at
                     src = self.hist[s]
                     length = MATCH_MIN
-                    while (length < MATCH_MAX and q - length - 1 >= 0 and n - length - 1 >= 0
-                           and src[q - length - 1] == h[n - length - 1]):
+                    while (
+                        length < MATCH_MAX
+                        and q - length - 1 >= 0
+                        and n - length - 1 >= 0
+                        and src[q - length - 1] == h[n - length - 1]
+                    ):
                         length += 1
                     m = [s, q, length]
             self._match_at[key] = (j, n)

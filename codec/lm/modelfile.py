@@ -37,6 +37,7 @@ Invariants:
 
 Threading: pure functions; a parsed ModelFile is immutable.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,15 @@ MAGIC = b"LLMFSMDL"
 FORMAT = 1
 _HEAD = struct.Struct(">8sIQ")
 _ALIGN = 64
-_DTYPES = {"int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
-           "float32": np.float32, "float64": np.float64, "uint8": np.uint8}
+_DTYPES = {
+    "int8": np.int8,
+    "int16": np.int16,
+    "int32": np.int32,
+    "int64": np.int64,
+    "float32": np.float32,
+    "float64": np.float64,
+    "uint8": np.uint8,
+}
 
 
 class BadModelFile(Exception):
@@ -60,8 +68,7 @@ class BadModelFile(Exception):
 
 def canonical_json(obj) -> bytes:
     """The one serialisation of `obj` (sorted keys, no whitespace, ASCII escapes)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode()
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
 def digest(blob) -> bytes:
@@ -72,9 +79,9 @@ def digest(blob) -> bytes:
 @dataclass(frozen=True)
 class ModelFile:
     manifest: dict
-    tensors: dict           # name -> torch.Tensor (CPU; views into `blob`)
+    tensors: dict  # name -> torch.Tensor (CPU; views into `blob`)
     digest: bytes
-    blob: object            # the file's bytes (a writable buffer)
+    blob: object  # the file's bytes (a writable buffer)
 
     @property
     def engine_version(self) -> int:
@@ -93,11 +100,11 @@ class ModelFile:
 def build(manifest: dict, tensors: dict) -> bytes:
     """Serialise: `manifest` without "tensors" (added here) and name -> CPU tensor."""
     import torch
+
     arrays, table, offset = [], [], 0
     for name in sorted(tensors):
         t = tensors[name]
-        a = (t.detach().cpu().contiguous().numpy() if isinstance(t, torch.Tensor)
-             else np.ascontiguousarray(t))
+        a = t.detach().cpu().contiguous().numpy() if isinstance(t, torch.Tensor) else np.ascontiguousarray(t)
         dt = a.dtype.name
         if dt not in _DTYPES:
             raise ValueError(f"tensor {name}: dtype {dt} has no place in a model file")
@@ -121,12 +128,14 @@ def read_manifest(prefix) -> dict:
         raise BadModelFile("not an llmfs model file (bad magic)")
     _magic, version, n = _HEAD.unpack_from(prefix, 0)
     if version != FORMAT:
-        raise BadModelFile(f"model file format {version} is unknown to this llmfs (it reads "
-                           f"format {FORMAT}); install a newer llmfs")
+        raise BadModelFile(
+            f"model file format {version} is unknown to this llmfs (it reads "
+            f"format {FORMAT}); install a newer llmfs"
+        )
     if len(prefix) < _HEAD.size + n:
         raise BadModelFile("model file truncated inside its manifest")
     try:
-        return json.loads(bytes(prefix[_HEAD.size:_HEAD.size + n]))
+        return json.loads(bytes(prefix[_HEAD.size : _HEAD.size + n]))
     except ValueError:
         raise BadModelFile("model file manifest is not JSON") from None
 
@@ -141,10 +150,13 @@ def parse(blob, want_digest: bytes | None = None) -> ModelFile:
     """A verified ModelFile. `blob` should be a writable buffer (a bytearray or a memoryview of
     one): the tensors are views into it, not copies. With want_digest, the bytes must hash to it (BadModelFile otherwise)."""
     import torch
+
     got = digest(blob)
     if want_digest is not None and got != want_digest:
-        raise BadModelFile(f"model file {want_digest.hex()[:16]} does not match its hash "
-                           f"(it hashes to {got.hex()[:16]}): corrupt")
+        raise BadModelFile(
+            f"model file {want_digest.hex()[:16]} does not match its hash "
+            f"(it hashes to {got.hex()[:16]}): corrupt"
+        )
     manifest = read_manifest(blob)
     base = -(-manifest_size(blob) // _ALIGN) * _ALIGN
     tensors = {}
@@ -163,5 +175,13 @@ def parse(blob, want_digest: bytes | None = None) -> ModelFile:
     return ModelFile(manifest, tensors, got, buf)
 
 
-__all__ = ["ModelFile", "BadModelFile", "build", "parse", "read_manifest", "digest",
-           "canonical_json", "FORMAT"]
+__all__ = [
+    "ModelFile",
+    "BadModelFile",
+    "build",
+    "parse",
+    "read_manifest",
+    "digest",
+    "canonical_json",
+    "FORMAT",
+]

@@ -40,6 +40,7 @@ from it (`hf_json`).
 
 Threading: a tokenizer is immutable after construction; `encode`/`decode` may run in any thread.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,8 +58,11 @@ _INVALID_UTF8 = "\udc80-\udcff"
 @lru_cache(maxsize=1)
 def gpt2_bytes_to_unicode() -> dict[int, str]:
     """GPT-2's table: each byte ↦ a printable unicode character (byte-level BPE's alphabet)."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):
@@ -71,6 +75,7 @@ def gpt2_bytes_to_unicode() -> dict[int, str]:
 class ByteTokenizer:
     """Token id = byte value. Ids >= 256 (BOS and other specials of the tiny test model) never occur
     in encoded data."""
+
     vocab_size = 256
     identity = b"llmfs-byte-tokenizer-v1"
 
@@ -89,13 +94,14 @@ class ByteLevelBPE:
     def __init__(self, tokenizer):
         """`tokenizer`: a HF tokenizers JSON string, or the canonical form (canonical_bpe)."""
         if isinstance(tokenizer, str):
-            self.source_json: str | None = tokenizer   # legacy fingerprints hash it (loader.py)
+            self.source_json: str | None = tokenizer  # legacy fingerprints hash it (loader.py)
             canon = canonical_bpe(tokenizer)
         else:
             self.source_json, canon = None, tokenizer
         if canon.get("kind") != "byte-level-bpe" or canon.get("version") != 1:
-            raise UnsupportedTokenizer(f"unknown canonical tokenizer {canon.get('kind')!r} "
-                                       f"version {canon.get('version')!r}")
+            raise UnsupportedTokenizer(
+                f"unknown canonical tokenizer {canon.get('kind')!r} version {canon.get('version')!r}"
+            )
         self.canonical = canon
         self.identity = canonical_json(canon)  # what the codec fingerprint hashes
         tokens: list[str | None] = canon["tokens"]
@@ -131,7 +137,8 @@ class ByteLevelBPE:
                 self._byte_ids.append((self.escape_id, self._hex_id[b >> 4], self._hex_id[b & 15]))
             else:
                 raise UnsupportedTokenizer(
-                    f"vocabulary has no token for byte {b:#04x} and no special token to escape it")
+                    f"vocabulary has no token for byte {b:#04x} and no special token to escape it"
+                )
 
         # Text runs end at invalid UTF-8 and at ASCII bytes without a token (they get escaped).
         unmapped = "".join(re.escape(chr(b)) for b in range(128) if len(self._byte_ids[b]) > 1)
@@ -147,6 +154,7 @@ class ByteLevelBPE:
             with self._hf_lock:
                 if self._hf_pipeline is None:
                     from tokenizers import Tokenizer
+
                     self._hf_pipeline = Tokenizer.from_str(hf_json(self.canonical, pipeline=True))
         return self._hf_pipeline
 
@@ -160,7 +168,7 @@ class ByteLevelBPE:
         ids: list[int] = []
         pos = 0
         for m in self._byte_path.finditer(text):
-            self._encode_valid(text[pos:m.start()], ids)
+            self._encode_valid(text[pos : m.start()], ids)
             self._encode_bytes(m.group().encode("utf-8", "surrogateescape"), ids)
             pos = m.end()
         self._encode_valid(text[pos:], ids)
@@ -227,15 +235,21 @@ def canonical_bpe(tokenizer_json: str) -> dict:
         tokens[i] = token
     merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges", [])]
     return {
-        "kind": "byte-level-bpe", "version": 1, "tokens": tokens, "merges": merges,
+        "kind": "byte-level-bpe",
+        "version": 1,
+        "tokens": tokens,
+        "merges": merges,
         "added": sorted([int(t["id"]), t["content"]] for t in spec.get("added_tokens", [])),
         "pre_tokenizer": pre,
-        "bpe": {"continuing_subword_prefix": model.get("continuing_subword_prefix") or "",
-                "end_of_word_suffix": model.get("end_of_word_suffix") or "",
-                "unk_token": model.get("unk_token"),
-                "fuse_unk": bool(model.get("fuse_unk", False)),
-                "byte_fallback": bool(model.get("byte_fallback", False)),
-                "ignore_merges": bool(model.get("ignore_merges", False))}}
+        "bpe": {
+            "continuing_subword_prefix": model.get("continuing_subword_prefix") or "",
+            "end_of_word_suffix": model.get("end_of_word_suffix") or "",
+            "unk_token": model.get("unk_token"),
+            "fuse_unk": bool(model.get("fuse_unk", False)),
+            "byte_fallback": bool(model.get("byte_fallback", False)),
+            "ignore_merges": bool(model.get("ignore_merges", False)),
+        },
+    }
 
 
 def hf_json(canon: dict, pipeline: bool = False) -> str:
@@ -244,14 +258,38 @@ def hf_json(canon: dict, pipeline: bool = False) -> str:
     added tokens too (the encoder's pipeline: nothing adds, drops or rewrites text); otherwise
     they are listed, so that canonical_bpe of the result is `canon` again."""
     vocab = {t: i for i, t in enumerate(canon["tokens"]) if t is not None}
-    model = dict(canon["bpe"], type="BPE", dropout=None, vocab=vocab,
-                 merges=[list(m) for m in canon["merges"]])
-    added = [] if pipeline else [
-        {"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": True} for i, c in canon["added"]]
-    return json.dumps({"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-                       "normalizer": None, "pre_tokenizer": canon["pre_tokenizer"],
-                       "post_processor": None, "decoder": None, "model": model})
+    model = dict(
+        canon["bpe"], type="BPE", dropout=None, vocab=vocab, merges=[list(m) for m in canon["merges"]]
+    )
+    added = (
+        []
+        if pipeline
+        else [
+            {
+                "id": i,
+                "content": c,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for i, c in canon["added"]
+        ]
+    )
+    return json.dumps(
+        {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": added,
+            "normalizer": None,
+            "pre_tokenizer": canon["pre_tokenizer"],
+            "post_processor": None,
+            "decoder": None,
+            "model": model,
+        }
+    )
 
 
 def canonical(tokenizer) -> dict:
@@ -275,6 +313,14 @@ def from_json(tokenizer_json: str | None):
     return ByteLevelBPE(tokenizer_json)
 
 
-__all__ = ["ByteTokenizer", "ByteLevelBPE", "UnsupportedTokenizer", "from_json", "canonical_bpe",
-           "canonical", "from_canonical", "hf_json",
-           "gpt2_bytes_to_unicode"]
+__all__ = [
+    "ByteTokenizer",
+    "ByteLevelBPE",
+    "UnsupportedTokenizer",
+    "from_json",
+    "canonical_bpe",
+    "canonical",
+    "from_canonical",
+    "hf_json",
+    "gpt2_bytes_to_unicode",
+]

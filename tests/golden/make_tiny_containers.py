@@ -10,7 +10,15 @@ from llmfs.codec.tool import _FRAME, _HEAD, _TRAILER, FILE_MAGIC, FILE_VERSION
 codec = open_codec("tiny")
 for name in sys.argv[1:]:
     data = open(name, "rb").read()
-    blob = container.pack(LM, len(data), container.checksum(data), codec.encode_payload(data), codec.fingerprint)
+    blob = container.pack(
+        LM, len(data), container.checksum(data), codec.encode_payload(data), codec.fingerprint
+    )
     with open(f"out/tiny_{name}.llmz", "wb") as f:
-        f.write(_HEAD.pack(FILE_MAGIC, FILE_VERSION, 0, 4) + b"tiny" + _FRAME.pack(len(blob)) + blob
-                + _FRAME.pack(0) + _TRAILER.pack(len(data), 1))
+        f.write(
+            _HEAD.pack(FILE_MAGIC, FILE_VERSION, 0, 4)
+            + b"tiny"
+            + _FRAME.pack(len(blob))
+            + blob
+            + _FRAME.pack(0)
+            + _TRAILER.pack(len(data), 1)
+        )
