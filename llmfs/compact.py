@@ -42,8 +42,16 @@ def inodes_under(store: Store, path: bytes) -> list[int]:
 
 
 def compact_offline(
-    store_path: str, now: bool, path: bytes | None, progress, threads: int | None = None
+    store_path: str,
+    now: bool,
+    path: bytes | None,
+    progress,
+    threads: int | None = None,
+    recode: bool = False,
 ) -> Result:
+    """Compaction of an unmounted store, in this process. recode: LM blocks of other models or
+    engine versions are re-encoded with the current model (compactor.py), then model files no
+    block needs are dropped."""
     store = Store(store_path)
     try:
         if not store.was_clean():
@@ -55,31 +63,19 @@ def compact_offline(
         registry = Registry(model_resolver=models.resolve)
         compactor = Compactor(store, registry, models.compaction_codec, store_spec(store))
         inos = inodes_under(store, path) if path is not None else None
-        return compactor.compact(compactor.candidates(0 if now else None, inos), progress)
-    finally:
-        store.close()
-
-
-def recode_offline(store_path: str, path: bytes | None, progress, threads: int | None = None) -> Result:
-    """`--recode` on an unmounted store: LM blocks of other models / engine versions re-encoded
-    with the current model (compactor.py), then model files no block needs are dropped."""
-    store = Store(store_path)
-    try:
-        if not store.was_clean():
-            raise StoreError(
-                f"{store_path} was not unmounted cleanly; mount it once or run "
-                f"`llmfs fsck --repair {store_path}` first"
-            )
-        models = Models(store, threads=threads or THREADS)
-        registry = Registry(model_resolver=models.resolve)
-        compactor = Compactor(store, registry, models.compaction_codec, store_spec(store))
-        inos = inodes_under(store, path) if path is not None else None
+        if not recode:
+            return compactor.compact(compactor.candidates(0 if now else None, inos), progress)
         res = compactor.compact(compactor.recode_candidates(inos), progress, recode=True)
         if path is None:
             models.retire_unused()
         return res
     finally:
         store.close()
+
+
+def recode_offline(store_path: str, path: bytes | None, progress, threads: int | None = None) -> Result:
+    """`--recode` on an unmounted store (compact_offline with recode)."""
+    return compact_offline(store_path, True, path, progress, threads, recode=True)
 
 
 def compact_online(store_path: str, now: bool, path: bytes | None, progress, recode: bool = False) -> Result:

@@ -209,7 +209,8 @@ class Compactor:
         with self.store.read() as t:
             old = {h: t.container(h) for h in hashes}
         old = {h: blob for h, blob in old.items() if blob is not None}
-        plain, new, damaged, reused = {}, {}, [], set()
+        plain, new, reused = {}, {}, set()
+        damaged: dict[bytes, ContainerError] = {}  # unreadable blocks and why
         codec = self._lm_codec()
         self.registry.add_model(codec)
         fingerprint = codec.fingerprint
@@ -219,13 +220,7 @@ class Compactor:
             try:
                 head = peek_header(blob)
             except ContainerError as e:
-                damaged.append(h)
-                log.error(
-                    "compaction: block %s is unreadable (%s); skipped for good, run "
-                    "`llmfs fsck` to name its files",
-                    h.hex()[:16],
-                    e,
-                )
+                damaged[h] = e
                 continue
             if head.codec_id == LM and (not recode or head.fingerprint in keep):
                 continue  # already done (a batch that raced with another compaction)
@@ -238,15 +233,16 @@ class Compactor:
                 try:
                     plain[h] = self.registry.decode_many([old[h]], bound)[0]
                 except ContainerError as e:
-                    damaged.append(h)
-                    log.error(
-                        "compaction: block %s is unreadable (%s); skipped for good, run "
-                        "`llmfs fsck` to name its files",
-                        h.hex()[:16],
-                        e,
-                    )
+                    damaged[h] = e
+        for h, e in damaged.items():
+            log.error(
+                "compaction: block %s is unreadable (%s); skipped for good, run "
+                "`llmfs fsck` to name its files",
+                h.hex()[:16],
+                e,
+            )
         if damaged:
-            res.damaged += self._drop_damaged(damaged, None, old)
+            res.damaged += self._drop_damaged(list(damaged), None, old)
         if not plain:
             return res
         todo = {}
