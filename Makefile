@@ -64,6 +64,7 @@ run: setup
 
 test: setup
 	@echo "CPU: $$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+	@$(PY) -c "from llmfs.codec.lm import backend; print('engine', backend.current().describe())"
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -ra tests
