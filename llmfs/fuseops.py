@@ -386,7 +386,8 @@ class Operations(mfusepy.Operations):
     @_errno_edge
     def open(self, path, flags):
         uid, gid, pid = mfusepy.fuse_get_context()  # prefetch only what the opener may read
-        return self.fs.open(self._ino(path), flags, uid, gid, _groups(pid))
+        # Its groups are read from /proc only if a sibling's group decides (once per open).
+        return self.fs.open(self._ino(path), flags, uid, gid, functools.cache(lambda: _groups(pid)))
 
     @_errno_edge
     def read(self, path, size, offset, fh):

@@ -27,6 +27,7 @@ import logging
 import os
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from llmfs.codec import ContainerError
@@ -233,7 +234,9 @@ class Filesystem:
                 if flags & os.O_EXCL:
                     raise Exists(name)
                 return self.open(existing, flags)
-            return self._open_handle(ino, flags)
+            # A new file is empty and its times are now: O_TRUNC has nothing to do (and would
+            # cost a transaction of its own on every `>` redirection, tar x and cp).
+            return self._open_handle(ino, flags & ~os.O_TRUNC)
 
     def link(self, ino: int, parent: int, name: bytes) -> None:
         with self._lock, self.store.write() as t:
@@ -561,11 +564,13 @@ class Filesystem:
         flags: int,
         uid: int | None = None,
         gid: int | None = None,
-        groups: tuple[int, ...] = (),
+        groups: tuple[int, ...] | Callable[[], tuple[int, ...]] = (),
     ) -> int:
         """uid, gid, groups: the opener's credentials (the FUSE edge passes them), which bound
         what is decoded ahead for it: only files it could read itself. None: unknown, so only
-        world-readable files are."""
+        world-readable files are. groups may be a function that finds them (the edge reads them
+        from /proc, which costs more than a whole small-file open: only worth it when a
+        sibling's group decides)."""
         inode = self.getattr(ino)
         if inode.is_dir and (flags & os.O_ACCMODE) != os.O_RDONLY:
             raise IsADirectory(ino)

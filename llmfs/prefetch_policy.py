@@ -47,14 +47,17 @@ class Credentials:
 
     uid: int | None = None
     gid: int | None = None
-    groups: tuple[int, ...] = ()
+    groups: tuple[int, ...] | Callable[[], tuple[int, ...]] = ()  # or a function that finds them
 
     def may_read(self, inode: Inode) -> bool:
         if self.uid == 0:
             return True
         if self.uid is not None and inode.uid == self.uid:
             return bool(inode.mode & 0o400)
-        if self.uid is not None and (inode.gid == self.gid or inode.gid in self.groups):
+        if self.uid is not None and inode.gid == self.gid:
+            return bool(inode.mode & 0o040)
+        groups = self.groups() if callable(self.groups) else self.groups
+        if self.uid is not None and inode.gid in groups:
             return bool(inode.mode & 0o040)
         return bool(inode.mode & 0o004)
 

@@ -931,8 +931,8 @@ class Store:
             return
         with self._lock:
             g.holds = max(0, g.holds - 1)
-            if not g.holds:
-                g.cond.notify_all()
+            if not g.holds and g.draining:  # only a draining commit waits for this; waking
+                g.cond.notify_all()  # the committer on every close costs a thread switch
 
     def _check_space(self, g: _Group) -> None:
         """Pause the group mode (commit now, then one commit per write) while the disk is low."""
