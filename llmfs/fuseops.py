@@ -18,10 +18,12 @@ the hidden path in memory only, as an alias of the inode:
   * libfuse unlinks the hidden path when the last descriptor of its node closes, which drops the
     alias; release drops the aliases of a file nobody has open any more (libfuse cannot build the
     hidden path once its directory is gone; its unlink then finds nothing, which it ignores).
-A rename is taken for libfuse's hiding only when the new name has exactly that form, the source is
-open, and the call just before on the same thread was libfuse's getattr probe of that name
-(hidden_name() checks that it is free): a user who renames an open file to such a name right
-after looking it up on the same FUSE thread gets an unlinked file instead — a name nobody picks.
+A rename is taken for libfuse's hiding only when the new name has exactly that form, in the same
+directory, with no flags, and the call just before on the same thread was libfuse's getattr probe
+of that name (hidden_name() checks that it is free): a user who renames a file to such a name
+right after looking it up on the same FUSE thread gets an unlinked file instead — a name nobody
+picks. (Whether the file is open here does not decide: libfuse may still count a descriptor whose
+asynchronous RELEASE we have already served; _hide.)
 libfuse also hides the open target of a rename before asking for the rename; where POSIX keeps the
 target's name (the source is a hard link of the same file) or fails (RENAME_NOREPLACE), the
 rename that follows at once on the same thread gives the name back.
@@ -30,18 +32,39 @@ ftruncate(2) (and a chmod that ftruncate's suid-clearing adds) arrives as SETATT
 handle and, with nullpath_ok, no path: mfusepy's libfuse 3 wrappers drop the handle of truncate,
 chmod, chown and utimens, so the FUSE subclass below passes it on and these methods use it.
 
+Kernel attribute caching (mount.py's attr_timeout) and hard links: libfuse's high-level API gives
+every *name* its own kernel inode, so the kernel caches a copy of a file's attributes per name, and
+updates only the copy of the name a request came through. A change through one name (chmod, a
+write, `ln` — nlink —, unlink, rename over it) leaves the other names' copies stale. So the names
+of every file seen with more than one link are remembered here (from lookups and link(), kept
+right across unlink and rename, in memory only: a file with one name needs none), with the hidden
+aliases of open unlinked files, and a change through one name tells the kernel to drop the other
+names' copies (fuse_invalidate_path: their attributes and cached pages):
+  * a request that names its path (chmod, utimens, link, unlink, rename, setxattr, truncate): at
+    once, before it returns, for the *other* names (the kernel updates the requested one from the
+    reply; link also the source, whose nlink the kernel does not update). Nothing the kernel holds
+    for a metadata request blocks an invalidation, and we hold no lock of ours then;
+  * a request by file handle only (write, ftruncate, fchmod): it does not say which name it came
+    through, and the kernel holds that name's page locks during a write, which an invalidation of
+    that name would wait for: a deadlock if done inside the request. So these go to a thread of
+    their own, which does them within a moment of the change.
+Files with one name, and all directories, need nothing: every change to them comes through their
+one kernel inode.
+
 Threading: libfuse's multithreaded loop calls these methods from several threads at once; the
-namespace is thread-safe. State kept here: the hidden aliases (under their own lock), and per OS
-thread a call counter and what its last call left for the next one (each thread touches only
-its own entries).
+namespace is thread-safe. State kept here: the hidden aliases and the names of linked files (under
+one lock), and per OS thread a call counter and what its last call left for the next one (each
+thread touches only its own entries).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import logging
 import os
+import queue
 import re
 import threading
 
@@ -116,6 +139,49 @@ def _fs(path: str) -> bytes:
     return os.fsencode(path)
 
 
+_invalidate_path = mfusepy._libfuse.fuse_invalidate_path  # libfuse >= 3.1
+_invalidate_path.argtypes = (ctypes.c_void_p, ctypes.c_char_p)
+_invalidate_path.restype = ctypes.c_int
+
+
+class Invalidator:
+    """Tells the kernel to drop its cached attributes and pages of libfuse paths (module
+    docstring), now or from a thread of its own. `fuse` is libfuse's `struct fuse *`, known from
+    init on; before that and after stop() nothing is sent (no kernel inode exists then)."""
+
+    def __init__(self) -> None:
+        self.fuse: int | None = None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self, fuse: int) -> None:
+        self.fuse = fuse
+        self._thread = threading.Thread(target=self._run, name="llmfs-invalidate", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Send what is queued and stop (destroy: libfuse frees `fuse` after it)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        self.fuse = None
+
+    def now(self, paths) -> None:
+        fuse = self.fuse
+        if fuse is not None:
+            for p in paths:
+                _invalidate_path(fuse, p)  # -ENOENT: no kernel node for it now, nothing cached
+
+    def later(self, paths) -> None:
+        if self.fuse is not None and paths:
+            self._queue.put(list(paths))
+
+    def _run(self) -> None:
+        while (paths := self._queue.get()) is not None:
+            self.now(paths)
+
+
 class Operations(mfusepy.Operations):
     use_ns = True  # integer-nanosecond times
     # Operations on open, unlinked files arrive with no path; we use the file handle.
@@ -134,13 +200,23 @@ class Operations(mfusepy.Operations):
         # each callback a fresh thread state, so thread-local data would not outlive the call.
         self._calls: dict[int, int] = {}
         self._marks: dict[int, tuple[int, tuple]] = {}
+        # inode -> the paths the kernel may hold a node for, of files seen with nlink > 1
+        # (module docstring: kernel attribute caching); under _hidden_lock.
+        self._names: dict[int, set[bytes]] = {}
+        # file handle -> the path of the node it was opened through, kept across renames: a
+        # GETATTR by handle of a hidden node needs the link back that libfuse takes off
+        # (module docstring); under _hidden_lock.
+        self._fh_paths: dict[int, bytes] = {}
+        self.invalidator = Invalidator()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def init(self, path):
+        self.invalidator.start(mfusepy._libfuse.fuse_get_context().contents.fuse)
         if self._on_ready:
             self._on_ready()
 
     def destroy(self, path):
+        self.invalidator.stop()
         if self._on_destroy:
             self._on_destroy()
 
@@ -170,19 +246,88 @@ class Operations(mfusepy.Operations):
 
     def _hide(self, old: str, new: str, flags: int, previous: tuple) -> bool:
         """If this rename is libfuse hiding an open file (module docstring): unlink the old name
-        in the namespace, remember the new path as an alias, and return True."""
+        in the namespace, remember the new path as an alias, and return True.
+
+        libfuse hides a file its node counts open, and the kernel sends RELEASE after close(2)
+        has returned: libfuse may still count a descriptor whose release we have served (an
+        unlink right after a close, common once the kernel caches attributes). Then the file
+        is closed here: the hiding is an unlink, with no alias (libfuse's later unlink of the
+        hidden path finds nothing, which it ignores)."""
         p = _fs(new)
         if flags or previous != ("probe", p) or not HIDDEN_NAME.fullmatch(p.rpartition(b"/")[2]):
             return False
         head, old_head = p.rpartition(b"/")[0], _fs(old).rpartition(b"/")[0]
         ino = self._ino(old)
-        if head != old_head or not self.fs.is_open(ino):
+        if head != old_head:
             return False
         self.fs.unlink(*self._parent(old))
         with self._hidden_lock:
-            self._hidden[p] = ino
+            if self.fs.is_open(ino):
+                self._hidden[p] = ino
+            names = self._names.get(ino)
+            if names is not None:
+                names.discard(_fs(old))  # its node is the hidden alias now
+            for fh, q in self._fh_paths.items():
+                if q == _fs(old):
+                    self._fh_paths[fh] = p
+        self._changed(ino, new)  # nlink and ctime of its other names
         self._mark("hid", _fs(old), ino)
         return True
+
+    def _others(self, ino: int, *skip: bytes) -> list[bytes]:
+        """The paths of ino's other names (and hidden aliases) the kernel may cache, but `skip`."""
+        with self._hidden_lock:
+            names = self._names.get(ino)
+            if names is None:
+                return []
+            out = [p for p in names if p not in skip]
+            if self._hidden:
+                out += [p for p, i in self._hidden.items() if i == ino and p not in skip]
+        return out
+
+    def _changed(self, ino: int, path: str | None) -> None:
+        """ino changed through `path` (None: through a file handle): the kernel's copies of its
+        other names are stale (module docstring)."""
+        if ino not in self._names:  # (a racy look is fine: a file gets a second name only by link())
+            return
+        if path is None:
+            self.invalidator.later(self._others(ino))
+        else:
+            self.invalidator.now(self._others(ino, _fs(path)))
+
+    def _forget_name(self, ino: int, p: bytes) -> None:
+        with self._hidden_lock:
+            names = self._names.get(ino)
+            if names is not None:
+                names.discard(p)
+                if not names:
+                    del self._names[ino]
+
+    def _move_names(self, old: str, new: str, exchange: bool) -> None:
+        """A rename: remembered paths (names of linked files, the paths handles were opened by)
+        at or below old move to new (and back with exchange), as libfuse's nodes do."""
+        o, n = _fs(old), _fs(new)
+        moves = ((o, n), (n, o)) if exchange else ((o, n),)
+
+        def moved(p: bytes) -> bytes | None:
+            for a, b in moves:
+                if p == a or p.startswith(a + b"/"):
+                    return b + p[len(a) :]
+            return None
+
+        with self._hidden_lock:
+            for names in self._names.values():
+                new_names = set()
+                for p in list(names):
+                    q = moved(p)
+                    if q is not None:
+                        names.discard(p)
+                        new_names.add(q)
+                names |= new_names
+            for fh, p in self._fh_paths.items():
+                q = moved(p)
+                if q is not None:
+                    self._fh_paths[fh] = q
 
     def _unhide(self, path: str) -> bool:
         """libfuse unlinks a hidden path after the last close: forget the alias."""
@@ -220,12 +365,23 @@ class Operations(mfusepy.Operations):
             if HIDDEN_NAME.fullmatch(p.rpartition(b"/")[2]):
                 self._mark("probe", p)  # libfuse checks that a name to hide a file under is free
             raise
-        attrs = self._attrs(ino, self.fs.getattr(ino))
+        inode = self.fs.getattr(ino)
+        attrs = self._attrs(ino, inode)
+        # libfuse's setattr replies with the getattr it makes next, on the same thread, and takes
+        # nothing off for a hidden node there: the count is given as it is.
+        exact = self._previous() == ("setattr",)
+        hidden = False
         if fh is None and path is not None:
+            p = _fs(path)
             with self._hidden_lock:
-                hidden = _fs(path) in self._hidden
-            if hidden:  # libfuse takes one off for the hidden name (module docstring)
-                attrs["st_nlink"] += 1
+                hidden = p in self._hidden
+                if inode.nlink > 1 and not inode.is_dir:  # the kernel may cache it per name
+                    self._names.setdefault(ino, set()).add(p)
+        elif fh is not None and self._hidden:  # the kernel refreshes attributes by handle too
+            with self._hidden_lock:
+                hidden = self._fh_paths.get(fh) in self._hidden
+        if hidden and not exact:  # libfuse takes one off for the hidden name (module docstring)
+            attrs["st_nlink"] += 1
         return attrs
 
     @_errno_edge
@@ -280,13 +436,23 @@ class Operations(mfusepy.Operations):
     @_errno_edge
     def link(self, target, source):  # mfusepy: target = the new name, source = the existing file
         parent, name = self._parent(target)
-        self.fs.link(self._ino(source), parent, name)
+        ino = self._ino(source)
+        self.fs.link(ino, parent, name)
+        with self._hidden_lock:
+            self._names.setdefault(ino, set()).update((_fs(source), _fs(target)))
+        # The kernel gives the new name a node of its own and does not count the link on the
+        # source's: every name but the new one is stale (module docstring).
+        self.invalidator.now(self._others(ino, _fs(target)))
         return 0
 
     @_errno_edge
     def unlink(self, path):
         if not self._unhide(path):
+            ino = self._ino(path) if self._names else None
             self.fs.unlink(*self._parent(path))
+            if ino is not None and ino in self._names:
+                self._forget_name(ino, _fs(path))
+                self._changed(ino, path)  # nlink and ctime of its other names
         return 0
 
     @_errno_edge
@@ -306,13 +472,28 @@ class Operations(mfusepy.Operations):
             ino = previous[2]
             if flags & ns.RENAME_NOREPLACE or self._ino(old) == ino:
                 self.fs.link(ino, *self._parent(new))
+                self._changed(ino, new)
                 if flags & ns.RENAME_NOREPLACE:
                     raise ns.Exists(new)
                 return 0
         op, oname = self._parent(old)
         np_, nname = self._parent(new)
+        src = dst = None
+        if self._names:  # linked files this rename changes (ctime; the replaced one's nlink)
+            src = self._ino(old)
+            try:
+                dst = self._ino(new)
+            except ns.NotFound:
+                pass
         self.fs.rename(op, oname, np_, nname, flags)
-        self._move_hidden(old, new, exchange=bool(flags & ns.RENAME_EXCHANGE))
+        exchange = bool(flags & ns.RENAME_EXCHANGE)
+        self._move_hidden(old, new, exchange)
+        if dst is not None and dst != src and not exchange:
+            self._forget_name(dst, _fs(new))  # the replaced file lost this name
+        self._move_names(old, new, exchange)
+        for ino in {src, dst} - {None}:
+            if ino in self._names:  # the kernel updates the nodes at old and new itself
+                self.invalidator.now(self._others(ino, _fs(old), _fs(new)))
         return 0
 
     def _move_hidden(self, old: str, new: str, exchange: bool) -> None:
@@ -331,12 +512,18 @@ class Operations(mfusepy.Operations):
 
     @_errno_edge
     def chmod(self, path, mode, fh=None):
-        self.fs.chmod(self._ino(path, fh), mode)
+        ino = self._ino(path, fh)
+        self.fs.chmod(ino, mode)
+        self._changed(ino, path if fh is None else None)
+        self._mark("setattr")  # (getattr)
         return 0
 
     @_errno_edge
     def chown(self, path, uid, gid, fh=None):
-        self.fs.chown(self._ino(path, fh), uid, gid)
+        ino = self._ino(path, fh)
+        self.fs.chown(ino, uid, gid)
+        self._changed(ino, path if fh is None else None)
+        self._mark("setattr")  # (getattr)
         return 0
 
     @_errno_edge
@@ -350,7 +537,10 @@ class Operations(mfusepy.Operations):
                 return None
             return ns.now_ns() if t == UTIME_NOW else t
 
-        self.fs.utimens(self._ino(path, fh), resolve(times[0]), resolve(times[1]))
+        ino = self._ino(path, fh)
+        self.fs.utimens(ino, resolve(times[0]), resolve(times[1]))
+        self._changed(ino, path if fh is None else None)
+        self._mark("setattr")  # (getattr)
         return 0
 
     @_errno_edge
@@ -364,7 +554,9 @@ class Operations(mfusepy.Operations):
 
     @_errno_edge
     def setxattr(self, path, name, value, options, position=0):
-        self.fs.setxattr(self._ino(path), _fs(name), value, options)
+        ino = self._ino(path)
+        self.fs.setxattr(ino, _fs(name), value, options)
+        self._changed(ino, path)
         return 0
 
     @_errno_edge
@@ -373,7 +565,9 @@ class Operations(mfusepy.Operations):
 
     @_errno_edge
     def removexattr(self, path, name):
-        self.fs.removexattr(self._ino(path), _fs(name))
+        ino = self._ino(path)
+        self.fs.removexattr(ino, _fs(name))
+        self._changed(ino, path)
         return 0
 
     # -- file data -------------------------------------------------------------------------------
@@ -381,13 +575,24 @@ class Operations(mfusepy.Operations):
     def create(self, path, mode, flags):
         uid, gid, _ = mfusepy.fuse_get_context()
         parent, name = self._parent(path)
-        return self.fs.create(parent, name, mode, flags, uid, gid)
+        fh = self.fs.create(parent, name, mode, flags, uid, gid)
+        with self._hidden_lock:
+            self._fh_paths[fh] = _fs(path)
+        if flags & os.O_TRUNC and self._names:  # an existing file, opened and truncated
+            self._changed(self.fs.handle_ino(fh), path)
+        return fh
 
     @_errno_edge
     def open(self, path, flags):
         uid, gid, pid = mfusepy.fuse_get_context()  # prefetch only what the opener may read
         # Its groups are read from /proc only if a sibling's group decides (once per open).
-        return self.fs.open(self._ino(path), flags, uid, gid, functools.cache(lambda: _groups(pid)))
+        ino = self._ino(path)
+        fh = self.fs.open(ino, flags, uid, gid, functools.cache(lambda: _groups(pid)))
+        with self._hidden_lock:
+            self._fh_paths[fh] = _fs(path)
+        if flags & os.O_TRUNC:
+            self._changed(ino, path)
+        return fh
 
     @_errno_edge
     def read(self, path, size, offset, fh):
@@ -395,11 +600,17 @@ class Operations(mfusepy.Operations):
 
     @_errno_edge
     def write(self, path, data, offset, fh):
-        return self.fs.write(fh, data, offset)
+        n = self.fs.write(fh, data, offset)
+        if self._names:
+            self._changed(self.fs.handle_ino(fh), None)  # size, mtime, pages of its other names
+        return n
 
     @_errno_edge
     def truncate(self, path, length, fh=None):
-        self.fs.truncate(self._ino(path, fh), length, fh)
+        ino = self._ino(path, fh)
+        self.fs.truncate(ino, length, fh)
+        self._changed(ino, path if fh is None else None)
+        self._mark("setattr")  # (getattr)
         return 0
 
     @_errno_edge
@@ -422,6 +633,7 @@ class Operations(mfusepy.Operations):
         ino = self.fs.handle_ino(fh)
         self.fs.release(fh)
         with self._hidden_lock:
+            self._fh_paths.pop(fh, None)
             stale = [p for p, i in self._hidden.items() if i == ino] if self._hidden else []
         if stale and not self.fs.is_open(ino):
             # Normally libfuse unlinks the hidden path next; it cannot once the directory that

@@ -46,10 +46,18 @@ STORE_FILES = ("data.mdb", "lock.mdb", LOCK_FILE, LOG_FILE)
 # Options we always pass: inode numbers are ours (hard links show as such), and the kernel checks
 # permissions. No hard_remove: libfuse then hides an open file that loses its last name by a
 # rename that fuseops.py turns into an unlink plus an in-memory alias, so fstat(2) on it keeps
-# working (no .fuse_hidden file is ever listed or stored). libfuse's high-level API gives every
-# *name* its own kernel inode, so a cached attribute of one hard link goes stale when another name
-# changes it (nlink after `ln`, which tar and rsync -H rely on): attr_timeout=0 makes the kernel
-# ask us on every stat.
+# working (no .fuse_hidden file is ever listed or stored).
+#
+# The kernel caches attributes and names for ATTR_TIMEOUT seconds. Without it every path walk
+# asked us for the attributes of each directory on the way (default_permissions checks them):
+# a small file's create took twelve requests, six of them GETATTRs. libfuse's high-level API gives
+# every *name* its own kernel inode, so a change through one hard link (nlink after `ln`, which
+# tar and rsync -H rely on; chmod; a write) leaves the others' cached attributes stale:
+# fuseops.py remembers the names of linked files and invalidates the others' on every change.
+# Files with one name, and directories, change only through their own kernel inode, which the
+# kernel keeps current. One second, like libfuse's default: a case the invalidation missed would
+# show stale attributes for at most that long.
+ATTR_TIMEOUT = 1.0
 #
 # max_threads: libfuse answers requests on at most this many worker threads (its default is 10).
 # A cold read of an LM block waits seconds to minutes for the model (decodes take turns on the
@@ -59,7 +67,13 @@ STORE_FILES = ("data.mdb", "lock.mdb", LOCK_FILE, LOG_FILE)
 # and no CPU. With FUSE_THREADS workers, metadata, writes and zstd/raw reads never wait behind LM
 # decodes unless more than FUSE_THREADS - 1 cold LM reads are in flight at once.
 FUSE_THREADS = 64
-BASE_OPTIONS = {"use_ino": True, "default_permissions": True, "attr_timeout": 0, "max_threads": FUSE_THREADS}
+BASE_OPTIONS = {
+    "use_ino": True,
+    "default_permissions": True,
+    "attr_timeout": ATTR_TIMEOUT,
+    "entry_timeout": ATTR_TIMEOUT,
+    "max_threads": FUSE_THREADS,
+}
 
 
 # The -o options a user may give (on the command line, in a config file's `options`, or in fstab
