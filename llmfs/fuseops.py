@@ -44,10 +44,12 @@ names' copies (fuse_invalidate_path: their attributes and cached pages):
     once, before it returns, for the *other* names (the kernel updates the requested one from the
     reply; link also the source, whose nlink the kernel does not update). Nothing the kernel holds
     for a metadata request blocks an invalidation, and we hold no lock of ours then;
-  * a request by file handle only (write, ftruncate, fchmod): it does not say which name it came
-    through, and the kernel holds that name's page locks during a write, which an invalidation of
-    that name would wait for: a deadlock if done inside the request. So these go to a thread of
-    their own, which does them within a moment of the change.
+  * a request by file handle only (write, ftruncate, fchmod): the kernel holds the page locks of
+    the name it came through during a write, which an invalidation of that name would wait for:
+    a deadlock if done inside the request. The handle's name is known (the path it was opened by,
+    kept across renames), and the others are invalidated by a thread of their own while the
+    request waits for it — at most HANDLE_INVALIDATION_WAIT, so that a name we got wrong costs
+    that delay once, never a hung mount.
 Files with one name, and all directories, need nothing: every change to them comes through their
 one kernel inode.
 
@@ -139,6 +141,9 @@ def _fs(path: str) -> bytes:
     return os.fsencode(path)
 
 
+# How long a request by file handle waits for the invalidation of its file's other names.
+HANDLE_INVALIDATION_WAIT = 0.1
+
 _invalidate_path = mfusepy._libfuse.fuse_invalidate_path  # libfuse >= 3.1
 _invalidate_path.argtypes = (ctypes.c_void_p, ctypes.c_char_p)
 _invalidate_path.restype = ctypes.c_int
@@ -173,13 +178,19 @@ class Invalidator:
             for p in paths:
                 _invalidate_path(fuse, p)  # -ENOENT: no kernel node for it now, nothing cached
 
-    def later(self, paths) -> None:
+    def soon(self, paths, wait: float = HANDLE_INVALIDATION_WAIT) -> None:
+        """From the thread; waits up to `wait` seconds for it, so that the change is seen by
+        the next call, and never forever (module docstring)."""
         if self.fuse is not None and paths:
-            self._queue.put(list(paths))
+            done = threading.Event()
+            self._queue.put((list(paths), done))
+            done.wait(wait)
 
     def _run(self) -> None:
-        while (paths := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None:
+            paths, done = item
             self.now(paths)
+            done.set()
 
 
 class Operations(mfusepy.Operations):
@@ -285,15 +296,17 @@ class Operations(mfusepy.Operations):
                 out += [p for p, i in self._hidden.items() if i == ino and p not in skip]
         return out
 
-    def _changed(self, ino: int, path: str | None) -> None:
-        """ino changed through `path` (None: through a file handle): the kernel's copies of its
-        other names are stale (module docstring)."""
+    def _changed(self, ino: int, path: str | None, fh: int | None = None) -> None:
+        """ino changed through `path`, or else through file handle `fh`: the kernel's copies of
+        its other names are stale (module docstring)."""
         if ino not in self._names:  # (a racy look is fine: a file gets a second name only by link())
             return
-        if path is None:
-            self.invalidator.later(self._others(ino))
-        else:
+        if path is not None:
             self.invalidator.now(self._others(ino, _fs(path)))
+        else:
+            with self._hidden_lock:
+                own = self._fh_paths.get(fh)
+            self.invalidator.soon(self._others(ino, own) if own is not None else self._others(ino))
 
     def _forget_name(self, ino: int, p: bytes) -> None:
         with self._hidden_lock:
@@ -472,6 +485,8 @@ class Operations(mfusepy.Operations):
             ino = previous[2]
             if flags & ns.RENAME_NOREPLACE or self._ino(old) == ino:
                 self.fs.link(ino, *self._parent(new))
+                if not flags & ns.RENAME_NOREPLACE:
+                    self._move_names(old, new, False)  # libfuse moved the source's node there
                 self._changed(ino, new)
                 if flags & ns.RENAME_NOREPLACE:
                     raise ns.Exists(new)
@@ -514,7 +529,7 @@ class Operations(mfusepy.Operations):
     def chmod(self, path, mode, fh=None):
         ino = self._ino(path, fh)
         self.fs.chmod(ino, mode)
-        self._changed(ino, path if fh is None else None)
+        self._changed(ino, path if fh is None else None, fh)
         self._mark("setattr")  # (getattr)
         return 0
 
@@ -522,7 +537,7 @@ class Operations(mfusepy.Operations):
     def chown(self, path, uid, gid, fh=None):
         ino = self._ino(path, fh)
         self.fs.chown(ino, uid, gid)
-        self._changed(ino, path if fh is None else None)
+        self._changed(ino, path if fh is None else None, fh)
         self._mark("setattr")  # (getattr)
         return 0
 
@@ -539,7 +554,7 @@ class Operations(mfusepy.Operations):
 
         ino = self._ino(path, fh)
         self.fs.utimens(ino, resolve(times[0]), resolve(times[1]))
-        self._changed(ino, path if fh is None else None)
+        self._changed(ino, path if fh is None else None, fh)
         self._mark("setattr")  # (getattr)
         return 0
 
@@ -602,14 +617,14 @@ class Operations(mfusepy.Operations):
     def write(self, path, data, offset, fh):
         n = self.fs.write(fh, data, offset)
         if self._names:
-            self._changed(self.fs.handle_ino(fh), None)  # size, mtime, pages of its other names
+            self._changed(self.fs.handle_ino(fh), None, fh)  # size, mtime, pages of other names
         return n
 
     @_errno_edge
     def truncate(self, path, length, fh=None):
         ino = self._ino(path, fh)
         self.fs.truncate(ino, length, fh)
-        self._changed(ino, path if fh is None else None)
+        self._changed(ino, path if fh is None else None, fh)
         self._mark("setattr")  # (getattr)
         return 0
 

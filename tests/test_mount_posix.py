@@ -116,6 +116,49 @@ def _errno_of(call) -> int | None:
     return None
 
 
+def test_cached_attributes_of_hard_links_follow_changes_through_the_other_name(mounted):
+    """The kernel caches attributes per name (libfuse gives each name its own kernel inode), for
+    the mount's attr_timeout: every change through one name must reach what stat shows through
+    the others at once — nlink after ln and unlink, mode, owner's times, size after a write or a
+    truncate by descriptor, and the pages read through the other name."""
+    d = mounted.mnt / "hl"
+    d.mkdir()
+    a, b, c = d / "a", d / "b", d / "c"
+    a.write_bytes(b"one")
+    assert a.stat().st_nlink == 1  # cached now
+    os.link(a, b)
+    assert a.stat().st_nlink == b.stat().st_nlink == 2
+    assert b.read_bytes() == b"one"  # b's pages cached
+    os.chmod(b, 0o600)
+    assert stat.S_IMODE(a.stat().st_mode) == 0o600
+    os.utime(a, ns=(10**18, 10**18))
+    assert b.stat().st_mtime_ns == 10**18
+    fd = os.open(a, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"three", 0)
+        assert b.stat().st_size == 5 and b.read_bytes() == b"three"
+        os.ftruncate(fd, 2)
+        assert b.stat().st_size == 2 and b.read_bytes() == b"th"
+        os.fchmod(fd, 0o640)
+        assert stat.S_IMODE(b.stat().st_mode) == 0o640
+    finally:
+        os.close(fd)
+    os.setxattr(a, "user.k", b"v")
+    assert os.getxattr(b, "user.k") == b"v"
+    os.link(b, c)
+    assert a.stat().st_nlink == 3
+    os.rename(d, mounted.mnt / "hl2")  # the remembered names move with their directory
+    a, b, c = (mounted.mnt / "hl2" / n for n in "abc")
+    os.unlink(a)
+    assert b.stat().st_nlink == c.stat().st_nlink == 2
+    b.write_bytes(b"x")  # truncates through b: c sees it
+    assert c.read_bytes() == b"x" and c.stat().st_size == 1
+    other = mounted.mnt / "hl2" / "other"
+    other.write_bytes(b"other file")
+    os.rename(other, b)  # b now names another file; c lost a link
+    assert c.stat().st_nlink == 1 and b.read_bytes() == b"other file"
+
+
 @pytest.mark.parametrize("length", [256, 1000, 1100])
 def test_names_longer_than_name_max(mounted, length):
     mnt = mounted.mnt
