@@ -372,13 +372,16 @@ class Operations(mfusepy.Operations):
     @_errno_edge
     def getattr(self, path, fh=None):
         try:
-            ino = self._ino(path, fh)
+            if fh is None and path is not None and not self._hidden:
+                ino, inode = self.fs.lookup_path(_fs(path))  # one snapshot
+            else:
+                ino = self._ino(path, fh)
+                inode = self.fs.getattr(ino)
         except ns.NotFound:
             p = _fs(path) if path is not None else b""
             if HIDDEN_NAME.fullmatch(p.rpartition(b"/")[2]):
                 self._mark("probe", p)  # libfuse checks that a name to hide a file under is free
             raise
-        inode = self.fs.getattr(ino)
         attrs = self._attrs(ino, inode)
         # libfuse's setattr replies with the getattr it makes next, on the same thread, and takes
         # nothing off for a hidden node there: the count is given as it is.

@@ -122,6 +122,22 @@ class Filesystem:
             raise NotFound(name)
         return ino
 
+    def lookup_path(self, path: bytes) -> tuple[int, Inode]:
+        """Inode number and attributes (as getattr) of an absolute path, in one snapshot: the
+        FUSE edge's getattr, the most frequent call there is."""
+        ino, parent, name = ROOT_INO, None, b""
+        with self.store.read() as t:
+            for part in path.split(b"/"):
+                if part:
+                    parent, name = ino, part
+                    ino = self._lookup(t, ino, part)
+            inode = t.inode(ino)
+        if inode is None:
+            raise NotFound(ino)
+        if parent is not None:
+            self.prefetch.remember(ino, parent, name)
+        return ino, self._with_dirty(ino, inode)
+
     def resolve(self, path: bytes) -> int:
         """Inode of an absolute path (no symlinks followed: the kernel does that)."""
         ino, parent, name = ROOT_INO, None, b""
@@ -140,6 +156,9 @@ class Filesystem:
             inode = t.inode(ino)
         if inode is None:
             raise NotFound(ino)
+        return self._with_dirty(ino, inode)
+
+    def _with_dirty(self, ino: int, inode: Inode) -> Inode:
         f = self._files.get(ino)
         if f is not None and (f.mtime is not None or f.size != inode.size):
             changes = {"size": f.size}
@@ -229,14 +248,14 @@ class Filesystem:
             with self.store.write() as t:
                 existing = t.lookup(parent, name) if t.inode(parent) else None
                 if existing is None:
-                    ino = self._new_inode(t, parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)[0]
+                    ino, inode = self._new_inode(t, parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
             if existing is not None:
                 if flags & os.O_EXCL:
                     raise Exists(name)
                 return self.open(existing, flags)
             # A new file is empty and its times are now: O_TRUNC has nothing to do (and would
             # cost a transaction of its own on every `>` redirection, tar x and cp).
-            return self._open_handle(ino, flags & ~os.O_TRUNC)
+            return self._open_handle(ino, flags & ~os.O_TRUNC, inode)
 
     def link(self, ino: int, parent: int, name: bytes) -> None:
         with self._lock, self.store.write() as t:
@@ -504,12 +523,16 @@ class Filesystem:
             t.put_inode(ino, inode.evolve(ctime=now_ns()), inode)
 
     # ------------------------------------------------------------------ open files
-    def _pin(self, ino: int) -> OpenFile:
+    def _pin(self, ino: int, inode: Inode | None = None) -> OpenFile:
+        """inode: the file's inode if the caller read it under self._lock, which this takes (a
+        file not in the table changes size only through a pinned one, dropped under the lock:
+        what was read under it is current); else it is read here."""
         with self._lock:
             f = self._files.get(ino)
             if f is None:
-                with self.store.read() as t:
-                    inode = t.inode(ino)
+                if inode is None:
+                    with self.store.read() as t:
+                        inode = t.inode(ino)
                 if inode is None:
                     raise NotFound(ino)
                 f = self._files[ino] = OpenFile(ino, inode.size)
@@ -542,8 +565,9 @@ class Filesystem:
                     if t.inode(f.ino) is not None:
                         t.delete_inode(f.ino)  # the last user of an unlinked file is gone
 
-    def _open_handle(self, ino: int, flags: int) -> int:
-        f = self._pin(ino)
+    def _open_handle(self, ino: int, flags: int, inode: Inode | None = None) -> int:
+        """A handle of ino, pinned (inode: as for _pin)."""
+        f = self._pin(ino, inode)
         held = _writes(flags)
         if held:
             self.store.hold()  # released with the handle (see create)
@@ -571,10 +595,11 @@ class Filesystem:
         world-readable files are. groups may be a function that finds them (the edge reads them
         from /proc, which costs more than a whole small-file open: only worth it when a
         sibling's group decides)."""
-        inode = self.getattr(ino)
+        with self._lock:  # (an RLock) read under it, so _pin need not read the inode again
+            inode = self.getattr(ino)
         if inode.is_dir and (flags & os.O_ACCMODE) != os.O_RDONLY:
             raise IsADirectory(ino)
-        fh = self._open_handle(ino, flags)
+        fh = self._open_handle(ino, flags, inode)
         if inode.is_reg:
             self.prefetch.on_open(ino, inode, Credentials(uid, gid, groups))
         return fh
