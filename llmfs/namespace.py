@@ -565,9 +565,12 @@ class Filesystem:
                     if t.inode(f.ino) is not None:
                         t.delete_inode(f.ino)  # the last user of an unlinked file is gone
 
-    def _open_handle(self, ino: int, flags: int, inode: Inode | None = None) -> int:
-        """A handle of ino, pinned (inode: as for _pin)."""
-        f = self._pin(ino, inode)
+    def _open_handle(
+        self, ino: int, flags: int, inode: Inode | None = None, f: OpenFile | None = None
+    ) -> int:
+        """A handle of ino, pinned (inode: as for _pin; f: ino already pinned for it)."""
+        if f is None:
+            f = self._pin(ino, inode)
         held = _writes(flags)
         if held:
             self.store.hold()  # released with the handle (see create)
@@ -595,11 +598,12 @@ class Filesystem:
         world-readable files are. groups may be a function that finds them (the edge reads them
         from /proc, which costs more than a whole small-file open: only worth it when a
         sibling's group decides)."""
-        with self._lock:  # (an RLock) read under it, so _pin need not read the inode again
+        with self._lock:  # read and pinned under it: _pin need not read the inode again
             inode = self.getattr(ino)
-        if inode.is_dir and (flags & os.O_ACCMODE) != os.O_RDONLY:
-            raise IsADirectory(ino)
-        fh = self._open_handle(ino, flags, inode)
+            if inode.is_dir and (flags & os.O_ACCMODE) != os.O_RDONLY:
+                raise IsADirectory(ino)
+            f = self._pin(ino, inode)
+        fh = self._open_handle(ino, flags, f=f)
         if inode.is_reg:
             self.prefetch.on_open(ino, inode, Credentials(uid, gid, groups))
         return fh
