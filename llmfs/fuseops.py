@@ -133,6 +133,11 @@ def _errno_edge(method):
         except StoreError as e:
             log.error("%s: %s", method.__name__, e)
             raise FuseOSError(errno.EIO) from None
+        finally:
+            if self._kept:  # a file kept by this thread's previous call (the hide): now decided
+                kept = self._kept.get(tid)
+                if kept is not None and kept[0] != self._calls.get(tid):
+                    self._let_go(tid, kept[1])
 
     return wrapper
 
@@ -141,6 +146,8 @@ def _fs(path: str) -> bytes:
     return os.fsencode(path)
 
 
+# How long the data of a closed file that libfuse hid is kept at most for the rename that may follow.
+KEEP_SECONDS = 5.0
 # How long a request by file handle waits for the invalidation of its file's other names.
 HANDLE_INVALIDATION_WAIT = 0.1
 
@@ -219,6 +226,9 @@ class Operations(mfusepy.Operations):
         # (module docstring); under _hidden_lock.
         self._fh_paths: dict[int, bytes] = {}
         self.invalidator = Invalidator()
+        # Per OS thread: a closed file its last hide unlinked, kept until the next call on that
+        # thread (or KEEP_SECONDS) shows whether the hide was an unlink or a rename's (_hide).
+        self._kept: dict[int, tuple[int, object]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
     def init(self, path):
@@ -262,8 +272,10 @@ class Operations(mfusepy.Operations):
         libfuse hides a file its node counts open, and the kernel sends RELEASE after close(2)
         has returned: libfuse may still count a descriptor whose release we have served (an
         unlink right after a close, common once the kernel caches attributes). Then the file
-        is closed here: the hiding is an unlink, with no alias (libfuse's later unlink of the
-        hidden path finds nothing, which it ignores)."""
+        is closed here: the hiding is an unlink with no alias (libfuse's later unlink of the
+        hidden path finds nothing, which it ignores) — unless the rename that made libfuse hide
+        the file follows on this thread and gives the name back, so the file's data is kept
+        (Filesystem.keep) until that next call, or KEEP_SECONDS, has passed."""
         p = _fs(new)
         if flags or previous != ("probe", p) or not HIDDEN_NAME.fullmatch(p.rpartition(b"/")[2]):
             return False
@@ -271,9 +283,27 @@ class Operations(mfusepy.Operations):
         ino = self._ino(old)
         if head != old_head:
             return False
-        self.fs.unlink(*self._parent(old))
+        kept = None
+        is_open = self.fs.is_open(ino)
+        if not is_open:
+            # Closed here, but counted open by libfuse: this is an unlink, or libfuse making way
+            # for a rename onto the file, which may yet give the name back (RENAME_NOREPLACE, the
+            # same file: rename()). Its data is kept until the next call on this thread decides.
+            kept = self.fs.keep(ino)
+        try:
+            self.fs.unlink(*self._parent(old))
+        except BaseException:
+            if kept is not None:
+                self.fs.let_go(kept)
+            raise
+        if kept is not None:
+            tid = threading.get_native_id()
+            self._kept[tid] = (self._calls.get(tid, 0), kept)
+            timer = threading.Timer(KEEP_SECONDS, self._let_go, (tid, kept))
+            timer.daemon = True
+            timer.start()
         with self._hidden_lock:
-            if self.fs.is_open(ino):
+            if is_open:
                 self._hidden[p] = ino
             names = self._names.get(ino)
             if names is not None:
@@ -284,6 +314,19 @@ class Operations(mfusepy.Operations):
         self._changed(ino, new)  # nlink and ctime of its other names
         self._mark("hid", _fs(old), ino)
         return True
+
+    def _let_go(self, tid: int, kept) -> None:
+        """End the keeping of a hidden closed file (once, by whichever comes first: the thread's
+        next call or the timer)."""
+        with self._hidden_lock:
+            current = self._kept.get(tid)
+            if current is None or current[1] is not kept:
+                return
+            del self._kept[tid]
+        try:
+            self.fs.let_go(kept)
+        except (ns.FsError, StoreError) as e:
+            log.error("deleting an unlinked file: %s", e)
 
     def _others(self, ino: int, *skip: bytes) -> list[bytes]:
         """The paths of ino's other names (and hidden aliases) the kernel may cache, but `skip`."""

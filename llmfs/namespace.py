@@ -621,6 +621,16 @@ class Filesystem:
         with self._lock:
             self._handles.pop(fh, None)
 
+    def keep(self, ino: int) -> OpenFile:
+        """Keep ino's inode and data while it may lose its last name, as an open handle does,
+        until let_go(): for the FUSE edge, which cannot tell at once whether libfuse's hiding of
+        a file it still counts open is an unlink or the first half of a rename (fuseops.py)."""
+        return self._pin(ino)
+
+    def let_go(self, f: OpenFile) -> None:
+        """The end of keep(): a file with no name left and no user is deleted now."""
+        self._drop_user(f, 1)
+
     def is_open(self, ino: int) -> bool:
         """Whether a handle (or an internal user) has the file pinned."""
         return ino in self._files

@@ -181,3 +181,57 @@ def test_long_names_are_enametoolong(ops, op):
     path = "/" + "n" * 256
     args = {"chmod": (0o600,), "open": (os.O_RDONLY,)}.get(op, ())
     assert fuse_errno(lambda: getattr(ops, op)(path, *args)) == errno.ENAMETOOLONG
+
+
+def test_rename_noreplace_onto_a_file_closed_just_before_fails_and_keeps_it(ops):
+    """libfuse may still count a descriptor whose RELEASE we served (the kernel sends it after
+    close returns): it hides the closed target of a renameat2(RENAME_NOREPLACE) too, and the
+    rename that follows must give the file back whole, not find it deleted."""
+    fh = ops.create("/target", 0o644, os.O_RDWR)
+    ops.write(None, b"keep", 0, fh)
+    ops.release(None, fh)  # served; libfuse's count drops a moment later
+    ops.release(None, ops.create("/src", 0o644, os.O_RDWR))
+    hide(ops, "/target")
+    assert fuse_errno(lambda: ops.rename("/src", "/target", 1)) == errno.EEXIST
+    attrs = ops.getattr("/target")
+    assert attrs["st_nlink"] == 1 and attrs["st_size"] == 4
+    fh = ops.open("/target", os.O_RDONLY)
+    assert ops.read(None, 4, 0, fh) == b"keep"
+    ops.release(None, fh)
+    assert ops._kept == {} and not ops.fs.is_open(attrs["st_ino"])
+
+
+def test_a_closed_file_hidden_for_an_unlink_is_deleted_after_the_next_call(ops):
+    fh = ops.create("/f", 0o644, os.O_RDWR)
+    ops.write(None, b"x" * 10, 0, fh)
+    ino = ops.getattr(None, fh)["st_ino"]
+    ops.release(None, fh)
+    hide(ops, "/f")  # libfuse's unlink of a file it still counted open: nothing follows it
+    with ops.fs.store.read() as t:
+        assert t.inode(ino) is not None  # kept until this thread's next call decides
+    assert fuse_errno(lambda: ops.getattr("/f")) == errno.ENOENT  # the next call
+    assert ops._kept == {}
+    with ops.fs.store.read() as t:
+        assert t.inode(ino) is None and not t.orphans()
+
+
+def test_a_kept_file_is_let_go_after_a_while_without_a_next_call(ops, monkeypatch):
+    import threading
+
+    from llmfs import fuseops
+
+    monkeypatch.setattr(fuseops, "KEEP_SECONDS", 0.05)
+    fh = ops.create("/f", 0o644, os.O_RDWR)
+    ino = ops.getattr(None, fh)["st_ino"]
+    ops.release(None, fh)
+    done = threading.Event()
+    threading.Thread(target=lambda: (hide(ops, "/f"), done.set())).start()  # a thread that then idles
+    assert done.wait(5)
+    for _ in range(100):
+        with ops.fs.store.read() as t:
+            if t.inode(ino) is None:
+                break
+        threading.Event().wait(0.05)
+    assert ops._kept == {}
+    with ops.fs.store.read() as t:
+        assert t.inode(ino) is None and not t.orphans()
