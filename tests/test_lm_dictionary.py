@@ -9,8 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from llmfs.codec.lm import backend, kernels
+from llmfs.codec.container import ContainerError, ModelMismatch
+from llmfs.codec.lm import backend, coder, dictionary, kernels
+from llmfs.codec.lm.codec import LMCodec
 from llmfs.codec.lm.engine import Engine
+from llmfs.codec.lm.tokenizer import ByteTokenizer
+
+from tests.lm_helpers import tiny_engine
+from tests.test_lm_codec import TEXT
+from tests.test_lm_mixer import LOG
 
 
 def _tiny() -> Engine:
@@ -60,3 +67,83 @@ def test_prefix_bounds():
         e.hidden(torch.zeros(1, 60, dtype=torch.long), prefix=p)  # 150 + 60 > 200
     with pytest.raises(ValueError):
         e.reset_rows(e.start(1, 100), [0], prefix=p)
+
+
+# -- the codec: payload version 4 ---------------------------------------------------------------
+
+
+def _codec(engine=None, **kw) -> LMCodec:
+    kw.setdefault("segment_tokens", 64)
+    return LMCodec((engine or tiny_engine(), ByteTokenizer()), **kw)
+
+
+def test_version4_round_trips_beside_older_versions():
+    c = _codec(dictionary="default")
+    assert c.dictionary is c.default_dictionary and len(c.dictionary.tokens) == 256 // 4
+    data = TEXT * 2 + LOG
+    v4 = c.encode_payload(data)
+    assert v4[0] == 4 and v4[1:9] == c.dictionary.id
+    c.version = 3
+    v3 = c.encode_payload(data)
+    c.version = 2
+    v2 = c.encode_payload(data)
+    assert v3[0] == 3 and v2[0] == 2
+    for batch in (1, 3, 64):
+        d = _codec(batch=batch)  # decodes the built-in default without using it
+        assert d.dictionary is None
+        assert (
+            d.decode_many([(v2, len(data)), (v4, len(data)), (v3, len(data)), (v4, len(data))]) == [data] * 4
+        )
+    # a codec without a dictionary writes version 3
+    assert _codec().encode_payload(data)[0] == 3
+
+
+def test_version4_independent_of_batch_chunks_and_threads(monkeypatch):
+    data = TEXT * 2 + LOG
+    d = dictionary.choose([TEXT, LOG, LOG[:300] + TEXT], ByteTokenizer(), 256)
+    payloads = {_codec(batch=b, dictionary=d).encode_payload(data) for b in (1, 16)}
+    monkeypatch.setattr(coder, "ENCODE_CHUNK_ROWS", 7)
+    payloads.add(_codec(dictionary=d).encode_payload(data))
+    monkeypatch.undo()
+    assert len(payloads) == 1
+    (payload,) = payloads
+    reader = _codec(batch=2)
+    with pytest.raises(ModelMismatch):  # a dictionary the reader does not hold
+        reader.decode_many([(payload, len(data))])
+    reader.add_dictionary(dictionary.parse(d.blob))
+    assert reader.decode_many([(payload, len(data))]) == [data]
+
+
+def test_store_dictionary_makes_repeats_cheaper_from_the_first_token():
+    """Small files that share headers: a dictionary chosen from similar data codes them smaller
+    than no dictionary (the tiny random model knows nothing; the primed mixer does)."""
+    files = [LOG[i * 40 : i * 40 + 300] for i in range(6)]
+    d = dictionary.choose(files[:4], ByteTokenizer(), 256)
+    plain, primed = _codec(), _codec(dictionary=d)
+    a = sum(len(plain.encode_payload(f)) for f in files[4:])
+    b = sum(len(primed.encode_payload(f)) for f in files[4:])
+    assert b < 0.8 * a
+
+
+@pytest.mark.parametrize("name, engine", _engines(), ids=lambda x: x if isinstance(x, str) else "")
+def test_version4_same_words_on_every_backend(name, engine):
+    """Encoder (parallel pass after the prefix) and decoder (stepped rows) on each forced backend
+    give the words of the torch engine."""
+    data = TEXT + LOG
+    want = _codec(_engines()[0][1], dictionary="default").encode_payload(data)
+    c = _codec(engine, dictionary="default", batch=5)
+    assert c.encode_payload(data) == want
+    assert c.decode_many([(want, len(data))]) == [data]
+
+
+def test_dictionary_blob_and_default_are_pinned():
+    d = dictionary.default(ByteTokenizer(), 4096)
+    assert bytes(d.tokens) == dictionary.DEFAULT_TEXT.encode()[: dictionary.DEFAULT_TOKENS]
+    assert dictionary.parse(d.blob) == d
+    assert d.id.hex() == PINNED_DEFAULT_ID
+    for bad in (b"", b"\x02\x01\x05", b"\x01\x00", b"\x01\x02\x05", b"\x01\x01\x05\x00"):
+        with pytest.raises(ContainerError):
+            dictionary.parse(bad)
+
+
+PINNED_DEFAULT_ID = "3d49cd1d4f66dea2"
