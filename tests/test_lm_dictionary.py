@@ -16,6 +16,7 @@ from llmfs.codec.lm.engine import Engine
 from llmfs.codec.lm.tokenizer import ByteTokenizer
 
 from tests.lm_helpers import tiny_engine
+from tests.test_forever import TEXTS, lm_store, read_all, write_model_dir
 from tests.test_lm_codec import TEXT
 from tests.test_lm_mixer import LOG
 
@@ -147,3 +148,97 @@ def test_dictionary_blob_and_default_are_pinned():
 
 
 PINNED_DEFAULT_ID = "3d49cd1d4f66dea2"
+
+
+# -- the store: dictionaries held, tuned, applied by --recode, checked by fsck --------------------
+
+
+def _lm_dictionaries(path: str) -> dict[bytes, bytes | None]:
+    """block hash -> the dictionary id its LM payload names (LM blocks only)."""
+    from llmfs.codec.lm.codec import payload_dictionary
+    from llmfs.codec.registry import LM, peek_header
+
+    from llmfs.store import Store
+
+    s = Store(path, lock=False, readonly=True)
+    try:
+        with s.read() as t:
+            out = {}
+            for h, b in t.blocks():
+                head = peek_header(bytes(b))
+                if head.codec_id == LM:
+                    out[bytes(h)] = payload_dictionary(bytes(b)[head.payload_offset :])
+            return out
+    finally:
+        s.close()
+
+
+def _problems(path: str) -> list:
+    from llmfs import fsck
+    from llmfs.store import Store
+
+    s = Store(path)
+    try:
+        return [p.check for p in fsck.run_checks(s, fsck.CHECKS)[0]]
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """An isolated cache and HOME (as test_forever's)."""
+    monkeypatch.setenv("LLMFS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+def test_store_holds_tunes_recodes_and_checks_its_dictionary(env):
+    """A store's blocks name the built-in dictionary, which the store holds before any block
+    names it; fsck reports a block whose dictionary is gone; `tune` makes a dictionary from the
+    files current, every block becomes a recode candidate, `compact --recode` applies it, and
+    everything reads back and checks clean."""
+    from llmfs.codec import Registry
+
+    from llmfs.compact import recode_offline
+    from llmfs.compactor import Compactor
+    from llmfs.models import Models, store_spec
+    from llmfs.store import Store
+    from llmfs.tune import tune
+
+    model = write_model_dir(env / "model")
+    path, _fp = lm_store(env, str(model))
+    named = _lm_dictionaries(path)
+    s = Store(path)
+    with s.read() as t:
+        held = t.dictionaries()
+        assert t.current_dictionary() is None  # the built-in default until tune
+    s.close()
+    (default_id,) = set(named.values())
+    assert len(named) == len(TEXTS) and default_id in held  # stored before any block named it
+    assert _problems(path) == []
+    s = Store(path)  # a block naming a dictionary the store lost: fsck says so
+    with s.write() as t:
+        t.txn.delete(b"dict:" + default_id.hex().encode(), db=t.db["meta"])
+    s.close()
+    assert "dictionaries" in _problems(path)
+    s = Store(path)
+    with s.write() as t:
+        t.put_dictionary(default_id, held[default_id])
+    s.close()
+
+    msg = tune(path)
+    assert "now current" in msg
+    s = Store(path)
+    with s.read() as t:
+        cur = t.current_dictionary()
+        assert cur is not None and cur != default_id and cur in t.dictionaries()
+    models = Models(s)
+    compactor = Compactor(s, Registry(model_resolver=models.resolve), models.compaction_codec, store_spec(s))
+    assert sorted(compactor.recode_candidates()) == sorted(named)  # every block: another dictionary
+    s.close()
+    res = recode_offline(path, None, lambda done, total: None)
+    assert res.blocks == len(named)
+    assert set(_lm_dictionaries(path).values()) <= {cur}  # (the random model may lose to zstd)
+    assert read_all(path) == TEXTS
+    assert _problems(path) == []
+    assert "already current" in tune(path)

@@ -120,6 +120,7 @@ def codec_of(
         batch=batch,
         threads=threads,
         segment_tokens=SEGMENT_TOKENS if segment_tokens is None else segment_tokens,
+        dictionary="default",  # a store replaces it with its own (llmfs tune): models.py
     )
     if codec.fingerprint != mf.fingerprint:
         raise RuntimeError(

@@ -473,4 +473,19 @@ class LMCodec:
         return out
 
 
-__all__ = ["DECODE_BATCH", "LMCodec", "PAYLOAD_VERSION", "READ_VERSIONS", "SEGMENT_TOKENS"]
+def payload_dictionary(payload) -> bytes | None:
+    """The id of the dictionary an LM payload continues (version 4), None for older versions or
+    a payload too short to say. Reads only the first bytes (the compactor and fsck scan blocks)."""
+    if len(payload) < 1 + dictionaries.ID_SIZE or payload[0] != 4:
+        return None
+    return bytes(payload[1 : 1 + dictionaries.ID_SIZE])
+
+
+__all__ = [
+    "payload_dictionary",
+    "DECODE_BATCH",
+    "LMCodec",
+    "PAYLOAD_VERSION",
+    "READ_VERSIONS",
+    "SEGMENT_TOKENS",
+]

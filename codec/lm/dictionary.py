@@ -44,6 +44,7 @@ ID_SIZE = 8
 DEFAULT_TOKENS = 192
 TUNED_TOKENS = 256
 MAX_TOKENS = 1024  # a reader refuses more
+SAMPLE_BYTES = 4096  # what `choose` reads of each sampled file
 _TAG = b"llmfs-lm-dictionary-1\0"
 
 # The built-in default's text: part of the format (its tokens' digest is recorded in payloads).
