@@ -270,21 +270,17 @@ class Models:
                 log.error("LM dictionary %s in %s is unusable: %s", did.hex(), self.store.path, e)
 
     def _use_store_dictionary(self, codec) -> None:
-        """Make `codec` encode with the store's current dictionary (`llmfs tune`), or the built-in
-        default where none is set, and store that dictionary before any block names it."""
+        """Make `codec` encode with the store's current dictionary (`llmfs tune`; none until one
+        is set), and store that dictionary before any block names it."""
         if not hasattr(codec, "use_dictionary"):
             return
         with self.store.read() as t:
             cur, held = t.current_dictionary(), t.dictionaries()
-        d = codec.default_dictionary
+        d = None
         if cur is not None:
             d = codec.dictionaries.get(cur)
             if d is None:
-                log.error(
-                    "the store's dictionary %s is missing or unusable; new blocks use the built-in one",
-                    cur.hex(),
-                )
-                d = codec.default_dictionary
+                log.error("the store's dictionary %s is missing or unusable; new blocks use none", cur.hex())
         codec.use_dictionary(d)
         if d is not None and d.id not in held:
             with self.store.write() as t:

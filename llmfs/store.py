@@ -620,7 +620,7 @@ class Txn:
         return out
 
     def current_dictionary(self) -> bytes | None:
-        """The id new LM blocks continue (set by `llmfs tune`); None: the codec's built-in default."""
+        """The id new LM blocks continue (set by `llmfs tune`); None: no dictionary."""
         v = self.meta("dictionary")
         return bytes(v) if v else None
 

@@ -47,9 +47,12 @@ def sample_files(store: Store, registry: Registry, limit: int, nbytes: int) -> l
     return out
 
 
-def tune(store_path: str, files: int = SAMPLE_FILES, threads: int | None = None) -> str:
-    """Choose and store the dictionary of the unmounted store at `store_path`; what was done, in
-    words. StoreError when the store is in use or holds no file to sample."""
+def tune(
+    store_path: str, files: int = SAMPLE_FILES, threads: int | None = None, default: bool = False
+) -> str:
+    """Choose and store the dictionary of the unmounted store at `store_path` (`default`: the
+    codec's built-in one instead of one from the files); what was done, in words. StoreError when
+    the store is in use or holds no file to sample."""
     from llmfs.codec.lm import dictionary
 
     store = Store(store_path)
@@ -57,8 +60,12 @@ def tune(store_path: str, files: int = SAMPLE_FILES, threads: int | None = None)
         models = Models(store, threads=threads or THREADS)
         registry = Registry(model_resolver=models.resolve)
         codec = models.compaction_codec()
-        samples = sample_files(store, registry, files, dictionary.SAMPLE_BYTES)
-        d = dictionary.choose(samples, codec.tokenizer, codec.engine.max_seq_len)
+        samples = [] if default else sample_files(store, registry, files, dictionary.SAMPLE_BYTES)
+        d = (
+            codec.default_dictionary
+            if default
+            else dictionary.choose(samples, codec.tokenizer, codec.engine.max_seq_len)
+        )
         if d is None:
             raise StoreError(f"{store_path}: no file to learn a dictionary from")
         codec.add_dictionary(d)
@@ -69,7 +76,8 @@ def tune(store_path: str, files: int = SAMPLE_FILES, threads: int | None = None)
         if old == d.id:
             return f"dictionary {d.id.hex()} ({len(d.tokens)} tokens) is already current"
         return (
-            f"dictionary {d.id.hex()} ({len(d.tokens)} tokens, from {len(samples)} files) is now "
+            f"dictionary {d.id.hex()} ({len(d.tokens)} tokens, "
+            f"{'built in' if default else f'from {len(samples)} files'}) is now "
             f"current; `llmfs compact --recode {store_path}` re-encodes the blocks coded before"
         )
     finally:
@@ -81,13 +89,18 @@ def register(sub) -> None:
     p.add_argument("store", metavar="STORE")
     p.add_argument("--files", type=positive_int, default=SAMPLE_FILES, help="files to sample")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads of the LM")
+    p.add_argument(
+        "--default",
+        action="store_true",
+        help="use the built-in dictionary (generic prose, code, configuration and log lines)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     try:
         store_path, _ = find_store(args.store)
-        print(tune(store_path, args.files, args.threads))
+        print(tune(store_path, args.files, args.threads, args.default))
     except StoreLocked:
         print(f"llmfs tune: {args.store} is mounted; unmount it first", file=sys.stderr)
         return 1

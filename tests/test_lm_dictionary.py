@@ -193,11 +193,12 @@ def env(tmp_path, monkeypatch):
 
 
 def test_store_holds_tunes_recodes_and_checks_its_dictionary(env):
-    """A store's blocks name the built-in dictionary, which the store holds before any block
-    names it; fsck reports a block whose dictionary is gone; `tune` makes a dictionary from the
-    files current, every block becomes a recode candidate, `compact --recode` applies it, and
-    everything reads back and checks clean."""
-    from llmfs.codec import Registry
+    """Blocks of an untuned store name no dictionary; `tune` stores one chosen from the files and
+    makes it current, every LM block becomes a recode candidate and `compact --recode` recodes
+    them; blocks that name it decode from the store; fsck reports a block whose dictionary is
+    gone; `tune --default` makes the built-in one current."""
+    from llmfs.codec import Registry, container
+    from llmfs.codec.registry import LM
 
     from llmfs.compact import recode_offline
     from llmfs.compactor import Compactor
@@ -206,32 +207,16 @@ def test_store_holds_tunes_recodes_and_checks_its_dictionary(env):
     from llmfs.tune import tune
 
     model = write_model_dir(env / "model")
-    path, _fp = lm_store(env, str(model))
+    path, fp = lm_store(env, str(model))
     named = _lm_dictionaries(path)
-    s = Store(path)
-    with s.read() as t:
-        held = t.dictionaries()
-        assert t.current_dictionary() is None  # the built-in default until tune
-    s.close()
-    (default_id,) = set(named.values())
-    assert len(named) == len(TEXTS) and default_id in held  # stored before any block named it
+    assert len(named) == len(TEXTS) and set(named.values()) == {None}  # version 3
     assert _problems(path) == []
-    s = Store(path)  # a block naming a dictionary the store lost: fsck says so
-    with s.write() as t:
-        t.txn.delete(b"dict:" + default_id.hex().encode(), db=t.db["meta"])
-    s.close()
-    assert "dictionaries" in _problems(path)
-    s = Store(path)
-    with s.write() as t:
-        t.put_dictionary(default_id, held[default_id])
-    s.close()
 
-    msg = tune(path)
-    assert "now current" in msg
+    assert "now current" in tune(path)
     s = Store(path)
     with s.read() as t:
         cur = t.current_dictionary()
-        assert cur is not None and cur != default_id and cur in t.dictionaries()
+        assert cur is not None and cur in t.dictionaries()
     models = Models(s)
     compactor = Compactor(s, Registry(model_resolver=models.resolve), models.compaction_codec, store_spec(s))
     assert sorted(compactor.recode_candidates()) == sorted(named)  # every block: another dictionary
@@ -240,5 +225,31 @@ def test_store_holds_tunes_recodes_and_checks_its_dictionary(env):
     assert res.blocks == len(named)
     assert set(_lm_dictionaries(path).values()) <= {cur}  # (the random model may lose to zstd)
     assert read_all(path) == TEXTS
+
+    s = Store(path)  # LM blocks that continue the store's dictionary, as compaction writes them
+    models = Models(s)
+    codec = models.compaction_codec()
+    assert codec.dictionary.id == cur
+    reg = Registry(model_resolver=models.resolve)
+    with s.write() as t:
+        for h, blob in list(t.blocks()):
+            data = reg.decode(blob)
+            payload = codec.encode_payload(data)
+            t.replace_container(h, container.pack(LM, len(data), container.checksum(data), payload, fp))
+        held = t.dictionaries()
+    s.close()
+    assert set(_lm_dictionaries(path).values()) == {cur}
+    assert read_all(path) == TEXTS
+    assert _problems(path) == []
+    s = Store(path)  # the store loses the dictionary: fsck says which blocks cannot decode
+    with s.write() as t:
+        t.txn.delete(b"dict:" + cur.hex().encode(), db=t.db["meta"])
+    s.close()
+    assert set(_problems(path)) == {"dictionaries", "block_checksums"}
+    s = Store(path)
+    with s.write() as t:
+        t.put_dictionary(cur, held[cur])
+    s.close()
     assert _problems(path) == []
     assert "already current" in tune(path)
+    assert "built in" in tune(path, default=True)
