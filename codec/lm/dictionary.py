@@ -10,10 +10,13 @@ same tokens (match model and n-gram counts), so a store's recurring headers, key
 shapes predict from the first token on.
 
 Where dictionaries come from:
-  * a built-in default (`default`): a fixed mixed sample of prose, source code, configuration and
-    log lines, tokenized by the model's own tokenizer and cut to what the model's window allows;
   * the store's own data (`choose`, run by `llmfs tune STORE`): the lines that recur in the most
-    sampled files, most widespread first, then the beginning of a typical file, up to TUNED_TOKENS.
+    sampled files, most widespread first, then the beginning of a typical file, up to TUNED_TOKENS;
+  * a built-in default (`default`, `llmfs tune --default`): a fixed mixed sample of prose, source
+    code, configuration and log lines, tokenized by the model's own tokenizer and cut to what the
+    model's window allows. It is not used unless chosen: context from another kind of text costs
+    about as much as it saves (it primes the model for the wrong kind of file), so an untuned store
+    writes version 3 payloads (docs/benchmarks.md, session 5).
 
 Identity: a dictionary is its token ids (the tokenizer is already fixed by the model fingerprint
 in every container). Its id is an 8-byte digest of its serialized form, which is what a version 4
