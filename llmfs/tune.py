@@ -67,7 +67,14 @@ def tune(
             else dictionary.choose(samples, codec.tokenizer, codec.engine.max_seq_len)
         )
         if d is None:
-            raise StoreError(f"{store_path}: no file to learn a dictionary from")
+            raise StoreError(
+                f"{store_path}: "
+                + (
+                    "this model has no built-in dictionary"
+                    if default
+                    else "no file to learn a dictionary from"
+                )
+            )
         codec.add_dictionary(d)
         with store.write() as t:
             old = t.current_dictionary()

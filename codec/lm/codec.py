@@ -162,8 +162,12 @@ class LMCodec:
         self.dictionaries: dict[bytes, Dictionary] = {}  # id -> dictionary this codec decodes
         self._prefixes: dict[bytes, object] = {}  # id -> engine.Prefix, made on first use
         self.dictionary: Dictionary | None = None
+        self.default_dictionary: Dictionary | None = None  # the built-in one, where the engine has prefix()
         if hasattr(self.engine, "prefix"):
-            self.add_dictionary(dictionaries.default(self.tokenizer, self.engine.max_seq_len))
+            d = dictionaries.default(self.tokenizer, self.engine.max_seq_len)
+            if d.tokens:  # a window of fewer than 4 positions has no room for one
+                self.default_dictionary = d
+                self.add_dictionary(d)
             if dictionary == "default":
                 dictionary = self.default_dictionary
             if dictionary is not None:
@@ -185,8 +189,6 @@ class LMCodec:
         if len(d.tokens) + 2 > self.engine.max_seq_len:
             raise ValueError("dictionary longer than this model's window")
         self.dictionaries.setdefault(d.id, d)
-        if not hasattr(self, "default_dictionary"):
-            self.default_dictionary = d
 
     def use_dictionary(self, d: Dictionary | None) -> None:
         """What encode continues from now on (None: no dictionary, version 3 payloads)."""
