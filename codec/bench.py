@@ -2,8 +2,10 @@
 
 Everything in one report is measured in one run on the same bytes: raw size, xz -9e, zstd -19,
 brotli -11, the LM container of the bare model ("bare": payload version 2, the engine's rows as
-they are) and of the full codec ("lm": version 3, rows mixed with the online side models of
-codec/lm/mixer.py), both in bytes and bits per byte, the float32 model's cross-entropy on the very
+they are), of the rows mixed with the online side models of codec/lm/mixer.py ("mix": version 3)
+and of the full codec ("lm": version 4, the mixer and the codec's dictionary, codec/lm/dictionary.py:
+the built-in default unless --dictionary names a file whose start is sampled as `llmfs tune`
+would), all in bytes and bits per byte, the float32 model's cross-entropy on the very
 segments the codec codes (codec/lm/reference.py — the bare model's floor, which the exact engine
 should stay within ~1 % of and the full codec should go below), the full codec's encode and decode
 speed in tokens/s, those speeds against the bare model's measured in the same run ("enc/bare"), and
@@ -74,6 +76,12 @@ def register(subparsers) -> None:
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
     p.add_argument("--no-floor", action="store_true", help="skip the float32 reference")
     p.add_argument("--plot", metavar="PNG", help="write a bar chart of bits per byte")
+    p.add_argument(
+        "--dictionary",
+        nargs="+",
+        metavar="SAMPLE",
+        help="files to choose the dictionary from (as llmfs tune does; default: the built-in one)",
+    )
     p.set_defaults(func=run_codec)
 
 
@@ -213,6 +221,16 @@ def run_codec(args) -> int:
         device=args.device,
         segment_tokens=args.segment or SEGMENT_TOKENS,
     )
+    if args.dictionary:
+        from .lm import dictionary
+
+        samples = []
+        for path in args.dictionary:
+            with open(path, "rb") as f:
+                samples.append(f.read(dictionary.SAMPLE_BYTES))
+        codec.use_dictionary(dictionary.choose(samples, codec.tokenizer, codec.engine.max_seq_len))
+    d = codec.dictionary
+    print(f"dictionary {d.id.hex()} ({len(d.tokens)} tokens)" if d else "no dictionary")
     device = str(codec.engine.device)
     cores = getattr(codec.engine, "threads", None) or torch.get_num_threads()
     print(
@@ -228,11 +246,14 @@ def run_codec(args) -> int:
         "zstd -19",
         "brotli -11",
         "bare",
+        "mix",
         "lm",
         "bare bpb",
+        "mix bpb",
         "lm bpb",
         "float bpb",
         "bare/float",
+        "mix/float",
         "lm/float",
         "lm/xz",
         "enc tok/s",
@@ -253,7 +274,7 @@ def run_codec(args) -> int:
         segments = codec.segments(data)
         ntok = sum(len(s) for s in segments)
         timed = {}
-        for version in (2, PAYLOAD_VERSION):  # the bare model, then the full codec
+        for version in (2, 3, PAYLOAD_VERSION):  # the bare model, the mixer, the full codec
             codec.version = version
             t, c = time.perf_counter(), time.process_time()
             payload = codec.encode_payload(data)
@@ -271,6 +292,7 @@ def run_codec(args) -> int:
         head = header_size(len(data), has_fingerprint=True)
         bare, bare_enc_s, bare_dec_s, _, _ = timed[2]
         lm, enc_s, dec_s, enc_cpu, dec_cpu = timed[PAYLOAD_VERSION]
+        mix = timed[3][0] + head
         bare, lm = bare + head, lm + head  # the whole containers
         n = max(1, len(data))
         floor = float("nan")
@@ -287,11 +309,14 @@ def run_codec(args) -> int:
             **base,
             "bare": bare,
             "lm": lm,
+            "mix": mix,
             "bare bpb": 8 * bare / n,
+            "mix bpb": 8 * mix / n,
             "lm bpb": 8 * lm / n,
             "float bpb": floor,
             "bare/float": 8 * bare / n / floor,
             "lm/float": 8 * lm / n / floor,
+            "mix/float": 8 * mix / n / floor,
             "lm/xz": lm / max(1, base["xz -9e"]),
             "enc tok/s": enc_tps,
             "dec tok/s": dec_tps,
@@ -321,7 +346,8 @@ def run_codec(args) -> int:
             return sum(r[c] for r in rows) / len(rows)
 
         print(
-            f"mean over {len(rows)} files: bare/float {mean('bare/float'):.4f}  lm/float "
+            f"mean over {len(rows)} files: bare/float {mean('bare/float'):.4f}  mix/float "
+            f"{mean('mix/float'):.4f}  lm/float "
             f"{mean('lm/float'):.4f}  lm/bare {sum(r['lm'] / r['bare'] for r in rows) / len(rows):.4f}"
             f"  enc/bare {mean('enc/bare'):.3f}  dec/bare {mean('dec/bare'):.3f}"
         )

@@ -326,6 +326,10 @@ def run_compaction(args) -> int:
         timed_copy(work / "tree", mnt / "tree")
         idle = timed_write(mnt / "load-idle", load)
         os.unlink(mnt / "load-idle")
+        if args.tune:  # the store's dictionary from the tree (llmfs tune needs the store unmounted)
+            llmfs("umount", mnt)
+            llmfs("tune", store)
+            llmfs("mount", store, mnt, "--no-compaction")
         s = Store(str(store), lock=False, readonly=True)
         with s.read() as t:
             zstd_stored = t.counters.stored
@@ -444,6 +448,11 @@ def _register_compaction(subparsers) -> None:
     p.add_argument("--block-size", type=parse_size, default=DEFAULT_BLOCK_SIZE)
     p.add_argument("--model", default=None)
     p.add_argument("--dir", default=None)
+    p.add_argument(
+        "--tune",
+        action="store_true",
+        help="run `llmfs tune` on the store before compacting (its dictionary from the tree)",
+    )
     p.add_argument(
         "--full-fsck",
         action="store_true",

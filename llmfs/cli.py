@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "llmfs.statcmd",
     "llmfs.fsck",
     "llmfs.compact",
+    "llmfs.tune",
     "llmfs.codec.tool",
     "llmfs.codec.bench",
     "llmfs.bench",

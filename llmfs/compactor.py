@@ -28,7 +28,8 @@ room again (checked every few seconds), instead of re-encoding the same batch in
 
 Recoding (`compact(..., recode=True)`, `llmfs compact --recode`): the candidates are LM blocks
 coded by a model other than the current one (an older engine version, another model, a fingerprint
-of an older release: `recode_candidates`). Each is decoded with the model that made it, encoded
+of an older release: `recode_candidates`), or continuing another dictionary than the current
+model's (codec/lm/dictionary.py: after `llmfs tune` chose a new one, or older payloads without). Each is decoded with the model that made it, encoded
 again with zstd and the current model (the smallest container wins, as always — it need not beat
 the old one: the point is to stop needing the old model), verified and swapped in like any other
 batch. Afterwards the store's model files that no block needs are dropped (`Models.retire_unused`),
@@ -147,8 +148,22 @@ class Compactor:
                 pending = [(ts, h) for ts, h in pending if h in wanted]
         return [h for _, h in pending]
 
+    @staticmethod
+    def _is_current(blob, head, codec, keep) -> bool:
+        """Whether LM block `blob` (header `head`) is coded as `codec` codes now: one of its
+        fingerprints `keep` and, where the codec continues a dictionary, that dictionary."""
+        if head.fingerprint not in keep:
+            return False
+        d = getattr(codec, "dictionary", None)
+        if d is None:
+            return True
+        from llmfs.codec.lm.codec import payload_dictionary
+
+        return payload_dictionary(bytes(blob[head.payload_offset : head.payload_offset + 16])) == d.id
+
     def recode_candidates(self, inos=None) -> list[bytes]:
-        """LM blocks whose model is not the current compaction model (of inodes `inos` if given)."""
+        """LM blocks not coded as the current compaction codec codes (another model, another
+        dictionary: _is_current), of inodes `inos` if given."""
         current = self._lm_codec()
         keep = getattr(current, "fingerprints", {current.fingerprint})
         with self.store.read(buffers=True) as t:
@@ -164,7 +179,7 @@ class Compactor:
                     if (
                         head is not None
                         and head.codec_id == LM
-                        and head.fingerprint not in keep
+                        and not self._is_current(blob, head, current, keep)
                         and (wanted is None or bytes(h) in wanted)
                     ):
                         out.append(bytes(h))
@@ -222,7 +237,7 @@ class Compactor:
             except ContainerError as e:
                 damaged[h] = e
                 continue
-            if head.codec_id == LM and (not recode or head.fingerprint in keep):
+            if head.codec_id == LM and (not recode or self._is_current(blob, head, codec, keep)):
                 continue  # already done (a batch that raced with another compaction)
             to_decode.append(h)
         bound = self.store.block_size

@@ -34,7 +34,7 @@ from llmfs.codec.container import pack
 from llmfs.codec.registry import DAMAGED
 
 from .models import Models, model_report
-from .store import ROOT_INO, Counters, Store, StoreError, Txn, block_hash
+from .store import ROOT_INO, Counters, Store, StoreError, Txn, block_hash, header_of
 
 log = logging.getLogger("llmfs")
 
@@ -271,6 +271,44 @@ def check_models(s: Snapshot, t: Txn) -> list[Problem]:
     return out
 
 
+def check_dictionaries(s: Snapshot, t: Txn) -> list[Problem]:
+    """Every LM block that continues a dictionary (payload version 4) names one the store holds,
+    and each held dictionary parses and hashes to its id. (Blocks naming a missing one cannot be
+    decoded: like a missing model, that is reported, not quarantined.)"""
+    from llmfs.codec.lm import dictionary
+    from llmfs.codec.lm.codec import payload_dictionary
+
+    held = t.dictionaries()
+    out = []
+    for did, blob in held.items():
+        try:
+            ok = dictionary.parse(blob).id == did
+        except ContainerError:
+            ok = False
+        if not ok:
+            out.append(Problem("dictionaries", f"LM dictionary {did.hex()} is corrupt"))
+    cur = t.current_dictionary()
+    if cur is not None and cur not in held:
+        out.append(Problem("dictionaries", f"the store's current dictionary {cur.hex()} is missing"))
+    missing: dict[bytes, int] = {}
+    for _h, blob in t.blocks():
+        head = header_of(blob)
+        if head is None or not head.fingerprint:
+            continue
+        did = payload_dictionary(bytes(blob[head.payload_offset : head.payload_offset + 16]))
+        if did is not None and did not in held:
+            missing[did] = missing.get(did, 0) + 1
+    out += [
+        Problem(
+            "dictionaries",
+            f"{n} block(s) continue LM dictionary {did.hex()}, which the store does not hold: "
+            f"they cannot be decoded",
+        )
+        for did, n in missing.items()
+    ]
+    return out
+
+
 def check_model_files(s: Snapshot, t: Txn) -> list[Problem]:
     """Each model file hashes to its key and answers to the fingerprints that name it."""
     from llmfs.codec.lm import modelfile
@@ -471,6 +509,7 @@ CHECKS = [
     check_pending,
     check_counters,
     check_models,
+    check_dictionaries,
     check_model_files,
     check_model_embedding,
     check_block_headers,

@@ -184,6 +184,7 @@ class Models:
                 device=self.device,
                 source=f"store model {digest.hex()[:16]}",
             )
+            self._attach_dictionaries(codec)
             self._codecs[digest] = codec
         return codec
 
@@ -203,6 +204,7 @@ class Models:
                 getattr(codec.engine, "threads", 1),
                 f"; {b.describe()}" if b else "",
             )
+            self._attach_dictionaries(codec)
             self._codecs[spec] = codec
             mf = getattr(codec, "model_file", None)
             if mf is not None:  # the same model read back from the store: not a second copy
@@ -219,7 +221,9 @@ class Models:
         version, embedded in the store before it codes anything."""
         with self._lock:
             if self._compaction is None:
-                self._compaction = self._current_codec()
+                codec = self._current_codec()
+                self._use_store_dictionary(codec)
+                self._compaction = codec
             codec = self._compaction
         self.embed_pending()
         return codec
@@ -243,6 +247,44 @@ class Models:
         codec = self._spec_codec(spec)
         self._embed(codec, spec)
         return codec
+
+    # -- dictionaries (codec/lm/dictionary.py) ------------------------------------------------------
+    def _attach_dictionaries(self, codec) -> None:
+        """Give `codec` every dictionary the store holds, so the blocks that name one decode. One
+        that does not parse, hash to its key or fit the model is left out (its blocks read as EIO;
+        fsck names it)."""
+        if not hasattr(codec, "add_dictionary"):
+            return
+        from llmfs.codec.container import ContainerError
+        from llmfs.codec.lm import dictionary
+
+        with self.store.read() as t:
+            blobs = t.dictionaries()
+        for did, blob in blobs.items():
+            try:
+                d = dictionary.parse(blob)
+                if d.id != did:
+                    raise ContainerError("does not match its id")
+                codec.add_dictionary(d)
+            except (ContainerError, ValueError) as e:
+                log.error("LM dictionary %s in %s is unusable: %s", did.hex(), self.store.path, e)
+
+    def _use_store_dictionary(self, codec) -> None:
+        """Make `codec` encode with the store's current dictionary (`llmfs tune`; none until one
+        is set), and store that dictionary before any block names it."""
+        if not hasattr(codec, "use_dictionary"):
+            return
+        with self.store.read() as t:
+            cur, held = t.current_dictionary(), t.dictionaries()
+        d = None
+        if cur is not None:
+            d = codec.dictionaries.get(cur)
+            if d is None:
+                log.error("the store's dictionary %s is missing or unusable; new blocks use none", cur.hex())
+        codec.use_dictionary(d)
+        if d is not None and d.id not in held:
+            with self.store.write() as t:
+                t.put_dictionary(d.id, d.blob)
 
     def _embed(self, codec, spec: str) -> None:
         mf = codec.model_file

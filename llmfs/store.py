@@ -607,6 +607,26 @@ class Txn:
                 self.txn.delete(fp, db=self.db["modelkeys"])
         self.txn.delete(digest, db=self.db["modelfiles"])
 
+    # LM dictionaries (codec/lm/dictionary.py), content-addressed in the meta table: "dict:" + id
+    # -> the dictionary's serialized form; "dictionary" -> the id new LM blocks continue.
+    def put_dictionary(self, did: bytes, blob: bytes) -> None:
+        self.set_meta("dict:" + did.hex(), bytes(blob))
+
+    def dictionaries(self) -> dict[bytes, bytes]:
+        """id -> serialized dictionary, every one the store holds."""
+        out = {}
+        for key in self._prefix_keys(self.db["meta"], b"dict:"):
+            out[bytes.fromhex(key[5:].decode())] = bytes(self.txn.get(key, db=self.db["meta"]))
+        return out
+
+    def current_dictionary(self) -> bytes | None:
+        """The id new LM blocks continue (set by `llmfs tune`); None: no dictionary."""
+        v = self.meta("dictionary")
+        return bytes(v) if v else None
+
+    def set_current_dictionary(self, did: bytes) -> None:
+        self.set_meta("dictionary", bytes(did))
+
     def truncate_blocks(self, ino: int, n_blocks: int) -> None:
         """Drop the block map entries of `ino` at index >= n_blocks."""
         doomed = list(self.block_hashes(ino, n_blocks, (1 << 64) - 1))

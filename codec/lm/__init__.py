@@ -120,6 +120,9 @@ def codec_of(
         batch=batch,
         threads=threads,
         segment_tokens=SEGMENT_TOKENS if segment_tokens is None else segment_tokens,
+        # no dictionary until a store sets its own (llmfs tune; models.py): the built-in default
+        # costs prose and code more than it saves (docs/benchmarks.md, session 5)
+        dictionary=None,
     )
     if codec.fingerprint != mf.fingerprint:
         raise RuntimeError(

@@ -4,24 +4,28 @@ It implements the registry's `ModelCodec` protocol (codec/registry.py): `fingerp
 `decode_many([(payload, length)])`. The container around the payload (magic, length, checksum, model
 fingerprint) is codec/container.py's; this module owns only the payload.
 
-Payload format (version PAYLOAD_VERSION = 3; varint = unsigned LEB128):
+Payload format (version PAYLOAD_VERSION = 4; varint = unsigned LEB128):
 
-    u8       payload version (3; 2 and 1 are still read)
+    u8       payload version (4; 3, 2 and 1 are still read)
+    8 bytes  (version 4 only) the id of the dictionary every segment continues (dictionary.py)
     varint   total token count N
     varint   segment length S in tokens, BOS excluded (every segment but the last holds S tokens)
     varint   group size G: consecutive segments that share one coded stream (1 <= G <= MAX_GROUP)
     varint × ceil(ceil(N / S) / G)   number of 32-bit words of each group's coded stream
     u32le ×  ...           the groups' words, concatenated in group order
 
-Version 3 codes each group's stream with the LM's rows mixed with online side models (mixer.py:
+Version 4 is version 3 with a store dictionary: every segment continues the dictionary's tokens
+(BOS + dictionary is the engine prefix whose KV state is computed once per codec and copied into
+each row: engine.Engine.prefix), and each group's mixer is primed with them. A codec without a
+dictionary writes version 3. Version 3 codes each group's stream with the LM's rows mixed with online side models (mixer.py:
 a match model, token n-gram counts and a logistic mixer, learned from the group's own earlier tokens
 in coding order, exact integer arithmetic); its layout is version 2's. Version 2 is the bare LM's
 rows. Version 1 (still read) is version 2 without the G field and with G = 1: one stream per
 segment.
 
 Invariants:
-  * a segment is coded independently: its tokens are predicted from BOS + the segment's own earlier
-    tokens only, so segments encode in one parallel pass and decode many at a time;
+  * a segment is coded independently: its tokens are predicted from BOS (+ the dictionary, version
+    4) + the segment's own earlier tokens only, so segments encode in one parallel pass and decode many at a time;
   * a group's stream holds its segments' tokens position-major (coder.encode_interleaved): token t
     of each of its segments in segment order, then token t+1 — so the group's segments decode side
     by side, in rows of one engine state that start together. Sharing a stream saves each further
@@ -52,14 +56,24 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..container import FINGERPRINT_SIZE, ChecksumMismatch, Truncated, UnsupportedVersion, read_varint, varint
+from ..container import (
+    FINGERPRINT_SIZE,
+    ChecksumMismatch,
+    ModelMismatch,
+    Truncated,
+    UnsupportedVersion,
+    read_varint,
+    varint,
+)
 from . import DECODE_BATCH, coder
+from . import dictionary as dictionaries
+from .dictionary import Dictionary
 from .mixer import GroupMixer
 from .tokenizer import from_json
 
-PAYLOAD_VERSION = 3
-MIXED_VERSIONS = frozenset({3})  # payload versions whose rows go through a GroupMixer
-READ_VERSIONS = (1, 2, 3)
+PAYLOAD_VERSION = 4
+MIXED_VERSIONS = frozenset({3, 4})  # payload versions whose rows go through a GroupMixer
+READ_VERSIONS = (1, 2, 3, 4)
 # Hashed into the codec fingerprint; the payload carries its own version, so readers of version 3
 # also read version 1 and 2 payloads made with the same model.
 _FINGERPRINT_TAG = b"llmfs-lm-payload-1\0"
@@ -106,7 +120,8 @@ class _Group:
     item: int  # which payload of decode_many it belongs to
     tokens: list[int]  # each segment's token count, BOS excluded
     words: np.ndarray  # their coded stream
-    mixed: bool = False  # version 3: rows go through a GroupMixer
+    mixed: bool = False  # version 3, 4: rows go through a GroupMixer
+    dictionary: Dictionary | None = None  # version 4: the context every segment continues
 
 
 class LMCodec:
@@ -116,8 +131,12 @@ class LMCodec:
         batch: int = DECODE_BATCH,
         threads: int | None = None,
         segment_tokens: int = SEGMENT_TOKENS,
+        dictionary: Dictionary | str | None = None,
     ):
-        """`model` is a loader.LoadedModel (.engine, .tokenizer_json) or an (engine, tokenizer) pair."""
+        """`model` is a loader.LoadedModel (.engine, .tokenizer_json) or an (engine, tokenizer) pair.
+        `dictionary`: what encode continues (version 4): a Dictionary, "default" (the built-in
+        one, dictionary.default) or None (version 3). The codec decodes the dictionaries it was
+        given (add_dictionary) and the built-in default."""
         if isinstance(model, tuple):
             self.engine, self.tokenizer = model
         else:
@@ -138,13 +157,60 @@ class LMCodec:
         if self.segment_tokens < 2:
             raise ValueError("segments need room for BOS and one token")
         self.group = GROUP_SEGMENTS
-        self.version = PAYLOAD_VERSION  # what encode writes: 3 (mixed) or 2 (the bare model)
+        # what encode writes: 4 (mixed, with self.dictionary; 3 without one), 3 or 2 (bare model)
+        self.version = PAYLOAD_VERSION
+        self.dictionaries: dict[bytes, Dictionary] = {}  # id -> dictionary this codec decodes
+        self._prefixes: dict[bytes, object] = {}  # id -> engine.Prefix, made on first use
+        self.dictionary: Dictionary | None = None
+        self.default_dictionary: Dictionary | None = None  # the built-in one, where the engine has prefix()
+        if hasattr(self.engine, "prefix"):
+            d = dictionaries.default(self.tokenizer, self.engine.max_seq_len)
+            if d.tokens:  # a window of fewer than 4 positions has no room for one
+                self.default_dictionary = d
+                self.add_dictionary(d)
+            if dictionary == "default":
+                dictionary = self.default_dictionary
+            if dictionary is not None:
+                self.use_dictionary(dictionary)
+        elif dictionary is not None:
+            raise ValueError("this engine cannot continue a dictionary (no prefix entry point)")
         # the first 8 bytes of a 16-byte digest: version 1 containers carry all 16 (container.py)
         self.fingerprint = hashlib.blake2b(
             _FINGERPRINT_TAG + bytes(self.engine.fingerprint) + b"\0" + self.tokenizer.identity,
             digest_size=16,
         ).digest()[:FINGERPRINT_SIZE]
         self._engine_lock = threading.Lock()
+
+    # -- dictionaries ---------------------------------------------------------------------------
+    def add_dictionary(self, d: Dictionary) -> None:
+        """Let this codec decode payloads that name `d` (a store adds the ones it holds)."""
+        if not 1 <= len(d.tokens) <= dictionaries.MAX_TOKENS or max(d.tokens) >= self.engine.vocab_size:
+            raise ValueError("dictionary tokens out of range for this model")
+        if len(d.tokens) + 2 > self.engine.max_seq_len:
+            raise ValueError("dictionary longer than this model's window")
+        self.dictionaries.setdefault(d.id, d)
+
+    def use_dictionary(self, d: Dictionary | None) -> None:
+        """What encode continues from now on (None: no dictionary, version 3 payloads)."""
+        if d is not None:
+            self.add_dictionary(d)
+        self.dictionary = d
+
+    def _prefix(self, d: Dictionary):
+        """The engine prefix of `d`: BOS + its tokens but the last (the last is each row's first
+        input, at position len(d.tokens)). Call with the engine lock held."""
+        p = self._prefixes.get(d.id)
+        if p is None:
+            p = self._prefixes[d.id] = self.engine.prefix([self.engine.bos_id, *d.tokens[:-1]])
+        return p
+
+    def _segment_len(self, d: Dictionary | None) -> int:
+        """Tokens per segment, BOS included, after dictionary `d`."""
+        return (
+            self.segment_tokens
+            if d is None
+            else min(self.segment_tokens, self.engine.max_seq_len - len(d.tokens))
+        )
 
     # -- encode ---------------------------------------------------------------------------------
     def encode(self, data: bytes) -> bytes | None:
@@ -157,26 +223,34 @@ class LMCodec:
 
     def encode_payload(self, data: bytes) -> bytes:
         """Always LM-code `data` (tests use it on adversarial bytes that encode() would skip)."""
-        if self.version not in (2, 3):
+        if self.version not in (2, 3, 4):
             raise ValueError(f"cannot write LM payload version {self.version}")
-        segments = self.segments(data)
-        streams = self._encode_groups(segments, self.version in MIXED_VERSIONS)
+        version, d = self.version, self.dictionary
+        if version == 4 and d is None:
+            version = 3
+        if version != 4:
+            d = None
+        segments = self.segments(data, d)
+        streams = self._encode_groups(segments, version in MIXED_VERSIONS, d)
         head = [
-            bytes([self.version]),
+            bytes([version]) + (d.id if d is not None else b""),
             varint(sum(len(s) for s in segments)),
-            varint(self.segment_tokens - 1),
+            varint(self._segment_len(d) - 1),
             varint(self.group),
         ]
         head += [varint(len(words)) for words in streams]
         return b"".join(head) + b"".join(w.astype("<u4").tobytes() for w in streams)
 
-    def segments(self, data: bytes) -> list[list[int]]:
-        """The token ids of `data` cut into the segments the payload codes (BOS not included)."""
+    def segments(self, data: bytes, d: Dictionary | None = None) -> list[list[int]]:
+        """The token ids of `data` cut into the segments the payload codes (BOS not included),
+        after dictionary `d`."""
         tokens = self.tokenizer.encode(bytes(data))
-        per_seg = self.segment_tokens - 1
+        per_seg = self._segment_len(d) - 1
         return [tokens[i : i + per_seg] for i in range(0, len(tokens), per_seg)]
 
-    def _encode_groups(self, segments: list[list[int]], mixed: bool = False) -> list[np.ndarray]:
+    def _encode_groups(
+        self, segments: list[list[int]], mixed: bool = False, d: Dictionary | None = None
+    ) -> list[np.ndarray]:
         """One coded stream per group of self.group consecutive segments. One parallel engine pass
         gives a group's final hidden states (engine.hidden: 4.7 MB per SmolLM2 segment); the LM
         head then runs on ENCODE_CHUNK_ROWS of them at a time, in the stream's position-major
@@ -184,17 +258,24 @@ class LMCodec:
         (201 MB per segment) — so a group can be as large as its decoder's rows allow — and reuses
         one output buffer instead of faulting in fresh pages for every segment. `mixed`: each
         chunk's rows then go through the group's GroupMixer, row by row in coding order (the
-        encoder knows every token, so the mixer learns from each as the decoder will)."""
+        encoder knows every token, so the mixer learns from each as the decoder will). `d`: every
+        segment continues this dictionary (the engine's prefix; the mixer primed with it)."""
         engine, streams, out = self.engine, [], None
+        first = engine.bos_id if d is None else d.tokens[-1]  # each row's input at its position 0
         for a in range(0, len(segments), self.group):
             group = segments[a : a + self.group]
             width = 1 + max(len(s) for s in group)
-            # BOS + tokens, right-padded with BOS (padding never affects real positions)
+            # BOS (or the dictionary's last token) + tokens, right-padded with BOS (padding never
+            # affects real positions)
             batch = torch.full((len(group), width), engine.bos_id, dtype=torch.long)
+            batch[:, 0] = first
             for r, seg in enumerate(group):
                 batch[r, 1 : 1 + len(seg)] = torch.tensor(seg, dtype=torch.long)
             with self._engine_lock:
-                hidden = engine.hidden(batch.to(engine.device))  # (n, width, D)
+                if d is None:
+                    hidden = engine.hidden(batch.to(engine.device))  # (n, width, D)
+                else:
+                    hidden = engine.hidden(batch.to(engine.device), prefix=self._prefix(d))
             hidden = hidden.view(len(group) * width, -1)
             if out is None:
                 out = torch.empty(
@@ -202,7 +283,7 @@ class LMCodec:
                 )
             order = coder.interleaved_order([len(s) for s in group])
             encoder = coder.StreamEncoder()
-            mixer = GroupMixer(len(group)) if mixed else None
+            mixer = GroupMixer(len(group), d.tokens if d is not None else ()) if mixed else None
             for lo in range(0, len(order), coder.ENCODE_CHUNK_ROWS):
                 chunk = order[lo : lo + coder.ENCODE_CHUNK_ROWS]
                 at = torch.tensor([j * width + t for j, t in chunk], device=hidden.device)
@@ -253,7 +334,18 @@ class LMCodec:
                 f"LM payload version {buf[0]} is not supported (this llmfs "
                 f"reads versions {', '.join(map(str, READ_VERSIONS))})"
             )
-        total, pos = read_varint(buf, 1, _TABLE)
+        d, pos = None, 1
+        if buf[0] == 4:
+            if len(buf) < 1 + dictionaries.ID_SIZE:
+                raise Truncated("LM payload truncated inside its dictionary id")
+            did = buf[1 : 1 + dictionaries.ID_SIZE]
+            d = self.dictionaries.get(did)
+            if d is None:  # the store lost it, or another store's block: nothing else decodes it
+                raise ModelMismatch(
+                    f"LM payload names dictionary {did.hex()}, which this store does not hold"
+                )
+            pos += dictionaries.ID_SIZE
+        total, pos = read_varint(buf, pos, _TABLE)
         if (
             length is not None and total > 3 * length
         ):  # a token stands for at least a third of a byte (tokenizer.py: an
@@ -261,7 +353,7 @@ class LMCodec:
             # the engine for hours (the store bounds length by its block size)
             raise ChecksumMismatch(f"LM payload is corrupt: {total} tokens for {length} bytes")
         per_seg, pos = read_varint(buf, pos, _TABLE)
-        if per_seg < 1 or per_seg + 1 > self.engine.max_seq_len:
+        if per_seg < 1 or per_seg + 1 + (len(d.tokens) if d else 0) > self.engine.max_seq_len:
             raise ChecksumMismatch(f"LM payload is corrupt: segment length {per_seg}")
         g = 1
         if buf[0] >= 2:
@@ -285,7 +377,7 @@ class LMCodec:
         groups, start = [], 0
         for k, n in enumerate(sizes):
             tokens = [min(per_seg, total - s * per_seg) for s in range(k * g, min(count, k * g + g))]
-            groups.append(_Group(item, tokens, words[start : start + n], buf[0] in MIXED_VERSIONS))
+            groups.append(_Group(item, tokens, words[start : start + n], buf[0] in MIXED_VERSIONS, d))
             start += n
         return groups
 
@@ -321,17 +413,27 @@ class LMCodec:
                     continue
                 free.sort()  # lowest rows first: the rows in use stay a prefix
                 rows = [free.pop(0) for _ in range(need)]
+                d = groups[k].dictionary
                 active[k] = (
                     rows,
                     coder.StreamDecoder(groups[k].words),
-                    GroupMixer(need) if groups[k].mixed else None,
+                    GroupMixer(need, d.tokens if d is not None else ()) if groups[k].mixed else None,
                 )
                 queue.remove(k)
+                if d is not None:  # the rows continue the dictionary: its KV state, its last token
+                    engine.reset_rows(state, rows, prefix=self._prefix(d))
+                    feed[rows] = d.tokens[-1]
+                else:
+                    engine.reset_rows(state, rows)
+                    feed[rows] = engine.bos_id
                 taken += rows
             return taken
 
         with self._engine_lock:
-            state = engine.start(n_rows, max(max(g.tokens) for g in groups) + 1)
+            state = engine.start(
+                n_rows,
+                max(max(g.tokens) + 1 + (len(g.dictionary.tokens) if g.dictionary else 0) for g in groups),
+            )
             start_waiting()
             while active:
                 # only the rows up to the last one in use step (idle rows past it would cost a full
@@ -366,13 +468,26 @@ class LMCodec:
                             free.append(r)
                     if all(r is None for r in rows):
                         del active[k]
-                for r in start_waiting():
-                    feed[r] = engine.bos_id
-                    restart.append(r)
+                start_waiting()  # resets its rows itself
                 restart += [r for r in free]  # idle rows stay at position 0
                 if restart:
                     engine.reset_rows(state, restart)
         return out
 
 
-__all__ = ["DECODE_BATCH", "LMCodec", "PAYLOAD_VERSION", "READ_VERSIONS", "SEGMENT_TOKENS"]
+def payload_dictionary(payload) -> bytes | None:
+    """The id of the dictionary an LM payload continues (version 4), None for older versions or
+    a payload too short to say. Reads only the first bytes (the compactor and fsck scan blocks)."""
+    if len(payload) < 1 + dictionaries.ID_SIZE or payload[0] != 4:
+        return None
+    return bytes(payload[1 : 1 + dictionaries.ID_SIZE])
+
+
+__all__ = [
+    "payload_dictionary",
+    "DECODE_BATCH",
+    "LMCodec",
+    "PAYLOAD_VERSION",
+    "READ_VERSIONS",
+    "SEGMENT_TOKENS",
+]

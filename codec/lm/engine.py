@@ -690,13 +690,14 @@ class FusedOps(TorchOps):
             )
             return
         g = nh // nkv
-        kd = torch.empty(B, nkv, T, 2, hs, dtype=torch.int8)  # key digits: rows (key, digit)
-        vd = torch.empty(B, nkv, 2, hs, T, dtype=torch.int8)  # value digits, keys last
+        Tall = keys.shape[2]  # T, or a prefix's keys (Engine.prefix) + T
+        kd = torch.empty(B, nkv, Tall, 2, hs, dtype=torch.int8)  # key digits: rows (key, digit)
+        vd = torch.empty(B, nkv, 2, hs, Tall, dtype=torch.int8)  # value digits, keys last
         self.lib.split_kv(
             _ptr(keys, torch.float64),
             _ptr(values, torch.float64),
             B * nkv,
-            T,
+            Tall,
             hs,
             kd.data_ptr(),
             vd.data_ptr(),
@@ -816,6 +817,16 @@ class State:
         """A state of the first n rows sharing this one's cache and positions (views): stepping it
         steps those rows of this state and leaves the others as they are."""
         return State([k[:n] for k in self.k], [v[:n] for v in self.v], self.pos[:n], self.max_len)
+
+
+@dataclass
+class Prefix:
+    """The KV state of a priming context (Engine.prefix): int16 keys and values per layer, one row,
+    `length` positions. Read-only once made; shared by every row and thread that continues it."""
+
+    k: list[torch.Tensor]  # per layer (1, n_kv_head, length, hs)
+    v: list[torch.Tensor]
+    length: int
 
 
 class Engine:
@@ -1045,17 +1056,25 @@ class Engine:
         qpos: torch.Tensor,
         kmax: list[int],
         cache: tuple[torch.Tensor, torch.Tensor] | None,
+        prefix: Prefix | None = None,
+        record: list | None = None,
     ) -> torch.Tensor:
         """One transformer block on x (B*T, D) float64 (may be updated in place). Without a cache
-        the keys are the T positions' own; with one, row b's keys go to cache position qpos[b, 0]."""
+        the keys are `prefix`'s (if any) then the T positions' own; with one, row b's keys go to
+        cache position qpos[b, 0]. `record` (a list) receives this layer's keys and values."""
         c, t, ops, p = self.config, self._t, self._ops, f"l{i}."
         if self._act_max is not None:  # calibrate(): input maxima
             self._record(p + "qkv", x, t[p + "attn_norm"])
         hq, s = ops.rmsnorm_quant(x, t[p + "attn_norm"], c.norm_eps, QKV_INT8)
         h = ops.combine(self._matmul(hq, p + "qkv.q"), t[p + "qkv.s"], s)
         qi, f, ki, vi = self._qkv(i, h, B, T, qpos)
+        if record is not None:  # prefix(): this layer's keys and values, as the cache holds them
+            record.append((ki.to(torch.int16), vi.to(torch.int16)))
         if cache is None:
             keys, values = ki, vi
+            if prefix is not None:  # hidden() after a prefix: its keys come first
+                pk, pv = (x.to(ki.dtype).expand(B, -1, -1, -1) for x in (prefix.k[i], prefix.v[i]))
+                keys, values = torch.cat([pk, ki], dim=2), torch.cat([pv, vi], dim=2)
         else:
             keys, values = cache
             ops.store_kv(ki, vi, qpos[:, 0], keys, values)
@@ -1098,27 +1117,49 @@ class Engine:
         return self.head(self.hidden(tokens).view(B * T, -1)).view(B, T, -1)
 
     @torch.no_grad()
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor, prefix: Prefix | None = None) -> torch.Tensor:
         """tokens (B, T) -> the final hidden states (B, T, D) float64, head()'s input: one parallel
         pass. 4.7 MB per 1024 positions of SmolLM2, where its frequencies take 201 MB — an encoder
-        that runs head() on a few positions at a time never holds whole tables."""
+        that runs head() on a few positions at a time never holds whole tables. With a `prefix`
+        (Engine.prefix) every row continues it: its tokens sit at positions prefix.length.. and
+        attend to the prefix's cached keys, the same integers as hidden() of prefix + tokens."""
         B, T = tokens.shape
-        if T > self.max_seq_len:
-            raise ValueError(f"segment of {T} tokens exceeds max_seq_len {self.max_seq_len}")
+        L = 0 if prefix is None else prefix.length
+        if L + T > self.max_seq_len:
+            raise ValueError(f"segment of {L} + {T} tokens exceeds max_seq_len {self.max_seq_len}")
         self._check(tokens)
         out = torch.empty(B, T, self.config.dim, dtype=torch.float64, device=self.device)
         tokens = tokens.to(self.device)
         # rows are independent: passes of a few rows give the same states with a smaller working set
         rows = max(1, FREQS_ROWS_CPU * 1024 // max(T, 1)) if self.fused else B
-        kmax = [min(a + ATTN_BLOCK, T) for a in range(0, T, ATTN_BLOCK)]
+        kmax = [L + min(a + ATTN_BLOCK, T) for a in range(0, T, ATTN_BLOCK)]
         for r in range(0, B, rows):
             n = min(rows, B - r)
             x = self._embed(tokens[r : r + n].reshape(-1))  # (n*T, D)
-            qpos = torch.arange(T, device=self.device).expand(n, T)
+            qpos = torch.arange(L, L + T, device=self.device).expand(n, T)
             for i in range(self.config.n_layer):
-                x = self._layer(i, x, n, T, qpos, kmax, None)
+                x = self._layer(i, x, n, T, qpos, kmax, None, prefix)
             out[r : r + n] = x.view(n, T, -1)
         return out
+
+    @torch.no_grad()
+    def prefix(self, tokens: list[int]) -> Prefix:
+        """The KV state of `tokens` at positions 0.. (a priming context: the caller includes BOS):
+        computed once, then shared by every row that continues it (hidden(prefix=),
+        reset_rows(prefix=)). Its keys and values are the integers step() would have cached for
+        these tokens (keys at a position depend only on earlier positions, all exact)."""
+        t = torch.tensor([list(tokens)], dtype=torch.long)
+        T = t.shape[1]
+        if not 1 <= T < self.max_seq_len:
+            raise ValueError(f"prefix of {T} tokens: 1 .. {self.max_seq_len - 1} allowed")
+        self._check(t)
+        x = self._embed(t.to(self.device).reshape(-1))
+        qpos = torch.arange(T, device=self.device).expand(1, T)
+        kmax = [min(a + ATTN_BLOCK, T) for a in range(0, T, ATTN_BLOCK)]
+        kv: list = []
+        for i in range(self.config.n_layer):
+            x = self._layer(i, x, 1, T, qpos, kmax, None, record=kv)
+        return Prefix([k.contiguous() for k, _ in kv], [v.contiguous() for _, v in kv], T)
 
     def start(self, batch: int, max_len: int) -> State:
         if max_len > self.max_seq_len:
@@ -1134,11 +1175,23 @@ class Engine:
             max_len,
         )
 
-    def reset_rows(self, state: State, rows) -> None:
+    def reset_rows(self, state: State, rows, prefix: Prefix | None = None) -> None:
         """Start a new segment in the given rows of `state` (their next step is position 0, fed
-        BOS); the other rows continue. The old keys need no clearing: a row never attends beyond
-        its own position, and those keys get weight exactly 0."""
-        state.pos[torch.as_tensor(rows, dtype=torch.long)] = 0
+        BOS; or, with a `prefix`, position prefix.length, its keys copied in); the other rows
+        continue. The old keys need no clearing: a row never attends beyond its own position,
+        and those keys get weight exactly 0."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        if prefix is None:
+            state.pos[idx] = 0
+            return
+        L = prefix.length
+        if L >= state.max_len:
+            raise ValueError(f"prefix of {L} tokens does not fit a cache of {state.max_len}")
+        dev = idx.to(self.device)
+        for i in range(self.config.n_layer):
+            state.k[i][dev, :, :L] = prefix.k[i][0].to(state.k[i].device)
+            state.v[i][dev, :, :L] = prefix.v[i][0].to(state.v[i].device)
+        state.pos[idx] = L
 
     @torch.no_grad()
     def step(self, state: State, tokens: torch.Tensor) -> torch.Tensor:
@@ -1162,6 +1215,7 @@ __all__ = [
     "Config",
     "Engine",
     "State",
+    "Prefix",
     "TorchOps",
     "FusedOps",
     "prepare_weights",

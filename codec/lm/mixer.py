@@ -113,16 +113,24 @@ class GroupMixer:
     candidates' tokens and integer masses for segment j's next token; `update(j, token)` then
     learns from the token actually coded. Calls alternate, in coding order."""
 
-    def __init__(self, n_segments: int):
+    def __init__(self, n_segments: int, primer: tuple[int, ...] | list[int] = ()):
+        """`primer` (payload version 4: the store dictionary's tokens) is learned first, as one more
+        segment (index n_segments) that is never predicted: it seeds the n-gram counts and gives
+        the match model a history to find, while the mixer's weights start as without it."""
         self._sq = _squash_table()
         self._st = _stretch_table()
-        self.hist: list[list[int]] = [[] for _ in range(n_segments)]
+        extra = 1 if primer else 0
+        self.hist: list[list[int]] = [[] for _ in range(n_segments + extra)]
         self._ngram: list[dict] = [{} for _ in ORDERS]  # context tuple -> [best, best_n, n, counts]
         self._match_at: dict[tuple, tuple[int, int]] = {}  # context -> (segment, index after it)
-        self._match: list[list[int] | None] = [None] * n_segments  # [segment, index, length]
+        self._match: list[list[int] | None] = [None] * (n_segments + extra)  # [segment, index, length]
         self._hit = [_HIT_INIT] * (len(_BUCKETS) + 1)
         self._w = list(_W_INIT)
         self._pending: tuple | None = None
+        for t in primer:
+            self.update(n_segments, int(t))
+        if primer:
+            self._match[n_segments] = None
 
     # -- prediction ---------------------------------------------------------------------------------
     def predict(self, j: int, row, total: int) -> tuple[list[int], list[int]]:

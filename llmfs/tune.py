@@ -1,0 +1,117 @@
+"""`llmfs tune STORE [--files N]`: choose the store's LM dictionary from its own data.
+
+The dictionary (codec/lm/dictionary.py) is the priming context every LM segment of the store
+continues, so that no segment starts cold. `tune` samples the start of up to N of the store's
+files (spread evenly over its inodes), lets dictionary.choose pick the lines they share, stores the
+result (content-addressed, in the store's meta table) and makes it the one new LM blocks continue.
+Blocks already coded keep the dictionary they name (the store keeps every one a block names);
+`llmfs compact --recode` re-encodes them with the new one.
+
+This is the adaptation step of the design: the model adapted to the user's data without touching
+its weights (docs/design.md weighs a LoRA-style weight adaptation against it). The store must be
+unmounted: a running daemon keeps coding with the dictionary it started with.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from llmfs.codec import Registry
+
+from .models import THREADS, Models
+from .statcmd import find_store
+from .store import Store, StoreError, StoreLocked
+from .units import positive_int
+
+SAMPLE_FILES = 64
+
+
+def sample_files(store: Store, registry: Registry, limit: int, nbytes: int) -> list[bytes]:
+    """The first `nbytes` of up to `limit` regular files, spread evenly over the store's inodes
+    (their first block only; unreadable ones are skipped)."""
+    with store.read() as t:
+        inos = [ino for ino, inode in t.inodes() if inode.is_reg and inode.size > 0]
+        step = max(1, len(inos) // max(1, limit))
+        hashes = []
+        for ino in inos[::step][:limit]:
+            h = t.block_hashes(ino, 0, 0).get(0)
+            blob = t.container(h) if h is not None else None
+            if blob is not None:
+                hashes.append(bytes(blob))
+    out = []
+    for blob in hashes:
+        try:
+            out.append(registry.decode_many([blob], store.block_size)[0][:nbytes])
+        except Exception as e:  # a damaged block: not a sample (fsck reports it)
+            print(f"llmfs tune: skipping an unreadable block ({e})", file=sys.stderr)
+    return out
+
+
+def tune(
+    store_path: str, files: int = SAMPLE_FILES, threads: int | None = None, default: bool = False
+) -> str:
+    """Choose and store the dictionary of the unmounted store at `store_path` (`default`: the
+    codec's built-in one instead of one from the files); what was done, in words. StoreError when
+    the store is in use or holds no file to sample."""
+    from llmfs.codec.lm import dictionary
+
+    store = Store(store_path)
+    try:
+        models = Models(store, threads=threads or THREADS)
+        registry = Registry(model_resolver=models.resolve)
+        codec = models.compaction_codec()
+        samples = [] if default else sample_files(store, registry, files, dictionary.SAMPLE_BYTES)
+        d = (
+            codec.default_dictionary
+            if default
+            else dictionary.choose(samples, codec.tokenizer, codec.engine.max_seq_len)
+        )
+        if d is None:
+            raise StoreError(
+                f"{store_path}: "
+                + (
+                    "this model has no built-in dictionary"
+                    if default
+                    else "no file to learn a dictionary from"
+                )
+            )
+        codec.add_dictionary(d)
+        with store.write() as t:
+            old = t.current_dictionary()
+            t.put_dictionary(d.id, d.blob)
+            t.set_current_dictionary(d.id)
+        if old == d.id:
+            return f"dictionary {d.id.hex()} ({len(d.tokens)} tokens) is already current"
+        return (
+            f"dictionary {d.id.hex()} ({len(d.tokens)} tokens, "
+            f"{'built in' if default else f'from {len(samples)} files'}) is now "
+            f"current; `llmfs compact --recode {store_path}` re-encodes the blocks coded before"
+        )
+    finally:
+        store.close()
+
+
+def register(sub) -> None:
+    p = sub.add_parser("tune", help="choose the store's LM dictionary from its data")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--files", type=positive_int, default=SAMPLE_FILES, help="files to sample")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads of the LM")
+    p.add_argument(
+        "--default",
+        action="store_true",
+        help="use the built-in dictionary (generic prose, code, configuration and log lines)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    try:
+        store_path, _ = find_store(args.store)
+        print(tune(store_path, args.files, args.threads, args.default))
+    except StoreLocked:
+        print(f"llmfs tune: {args.store} is mounted; unmount it first", file=sys.stderr)
+        return 1
+    except (StoreError, OSError) as e:
+        print(f"llmfs tune: {e}", file=sys.stderr)
+        return 1
+    return 0

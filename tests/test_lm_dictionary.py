@@ -1,0 +1,255 @@
+"""The store dictionary (codec/lm/dictionary.py, payload version 4): a priming context whose KV
+state (engine.Engine.prefix) is computed once and continued by every segment.
+
+Exactness first: a prefix's cached keys must be the integers the engine computes for those tokens
+in one pass, on every backend, in the parallel encoder pass (hidden(prefix=)) and in the stepped
+decoder (reset_rows(prefix=)). All on the tiny models (seconds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from llmfs.codec.container import ContainerError, ModelMismatch
+from llmfs.codec.lm import backend, coder, dictionary, kernels
+from llmfs.codec.lm.codec import LMCodec
+from llmfs.codec.lm.engine import Engine
+from llmfs.codec.lm.tokenizer import ByteTokenizer
+
+from tests.lm_helpers import tiny_engine
+from tests.test_forever import TEXTS, lm_store, read_all, write_model_dir
+from tests.test_lm_codec import TEXT
+from tests.test_lm_mixer import LOG
+
+
+def _tiny() -> Engine:
+    return Engine.tiny(seed=9, dim=64, n_head=4, n_kv_head=2, ffn_dim=128, vocab_size=272, max_seq_len=200)
+
+
+def _engines():
+    t = _tiny()
+    out = [("torch", Engine(t.config, t.tensors, fused=False))]
+    if kernels.lib() is not None:
+        for form in backend.FORMS:
+            if backend.unsupported(form) is None:
+                out.append((form, Engine(t.config, t.tensors, backend=form, threads=2)))
+    return out
+
+
+@pytest.mark.parametrize("name, engine", _engines(), ids=lambda x: x if isinstance(x, str) else "")
+def test_prefix_continues_exactly_on_every_backend(name, engine):
+    """hidden(seg, prefix=P) and stepping after reset_rows(prefix=P) give the rows of one plain
+    pass over P + seg, bit for bit; the prefix's keys are the ones step() caches."""
+    g = torch.Generator().manual_seed(5)
+    pre = [engine.bos_id] + torch.randint(0, 271, (90,), generator=g).tolist()  # > one ATTN_BLOCK
+    seg = torch.randint(0, 271, (3, 75), generator=g)
+    want = _tiny().freqs(torch.cat([torch.tensor([pre] * 3), seg], dim=1))[:, len(pre) :]
+    p = engine.prefix(pre)
+    assert p.length == len(pre) and p.k[0].dtype == torch.int16
+    got = engine.head(engine.hidden(seg, prefix=p).view(3 * 75, -1)).view(3, 75, -1)
+    assert torch.equal(got, want)
+    st = engine.start(4, len(pre) + 75)  # one extra row that stays idle at position 0
+    for t in range(len(pre)):
+        engine.step(st.rows(1), torch.tensor([pre[t]]))
+    for i in range(engine.config.n_layer):  # the prefix's keys are what stepping caches
+        assert torch.equal(st.k[i][:1, :, : len(pre)], p.k[i])
+        assert torch.equal(st.v[i][:1, :, : len(pre)], p.v[i])
+    engine.reset_rows(st, [0, 1, 2], prefix=p)
+    assert st.pos.tolist()[:3] == [len(pre)] * 3
+    for t in range(75):
+        assert torch.equal(engine.step(st.rows(3), seg[:, t]), want[:, t])
+
+
+def test_prefix_bounds():
+    e = _tiny()
+    with pytest.raises(ValueError):
+        e.prefix([])
+    p = e.prefix([e.bos_id] * 150)
+    with pytest.raises(ValueError):
+        e.hidden(torch.zeros(1, 60, dtype=torch.long), prefix=p)  # 150 + 60 > 200
+    with pytest.raises(ValueError):
+        e.reset_rows(e.start(1, 100), [0], prefix=p)
+
+
+# -- the codec: payload version 4 ---------------------------------------------------------------
+
+
+def _codec(engine=None, **kw) -> LMCodec:
+    kw.setdefault("segment_tokens", 64)
+    return LMCodec((engine or tiny_engine(), ByteTokenizer()), **kw)
+
+
+def test_version4_round_trips_beside_older_versions():
+    c = _codec(dictionary="default")
+    assert c.dictionary is c.default_dictionary and len(c.dictionary.tokens) == 256 // 4
+    data = TEXT * 2 + LOG
+    v4 = c.encode_payload(data)
+    assert v4[0] == 4 and v4[1:9] == c.dictionary.id
+    c.version = 3
+    v3 = c.encode_payload(data)
+    c.version = 2
+    v2 = c.encode_payload(data)
+    assert v3[0] == 3 and v2[0] == 2
+    for batch in (1, 3, 64):
+        d = _codec(batch=batch)  # decodes the built-in default without using it
+        assert d.dictionary is None
+        assert (
+            d.decode_many([(v2, len(data)), (v4, len(data)), (v3, len(data)), (v4, len(data))]) == [data] * 4
+        )
+    # a codec without a dictionary writes version 3
+    assert _codec().encode_payload(data)[0] == 3
+
+
+def test_version4_independent_of_batch_chunks_and_threads(monkeypatch):
+    data = TEXT * 2 + LOG
+    d = dictionary.choose([TEXT, LOG, LOG[:300] + TEXT], ByteTokenizer(), 256)
+    payloads = {_codec(batch=b, dictionary=d).encode_payload(data) for b in (1, 16)}
+    monkeypatch.setattr(coder, "ENCODE_CHUNK_ROWS", 7)
+    payloads.add(_codec(dictionary=d).encode_payload(data))
+    monkeypatch.undo()
+    assert len(payloads) == 1
+    (payload,) = payloads
+    reader = _codec(batch=2)
+    with pytest.raises(ModelMismatch):  # a dictionary the reader does not hold
+        reader.decode_many([(payload, len(data))])
+    reader.add_dictionary(dictionary.parse(d.blob))
+    assert reader.decode_many([(payload, len(data))]) == [data]
+
+
+def test_store_dictionary_makes_repeats_cheaper_from_the_first_token():
+    """Small files that share headers: a dictionary chosen from similar data codes them smaller
+    than no dictionary (the tiny random model knows nothing; the primed mixer does)."""
+    files = [LOG[i * 40 : i * 40 + 300] for i in range(6)]
+    d = dictionary.choose(files[:4], ByteTokenizer(), 256)
+    plain, primed = _codec(), _codec(dictionary=d)
+    a = sum(len(plain.encode_payload(f)) for f in files[4:])
+    b = sum(len(primed.encode_payload(f)) for f in files[4:])
+    assert b < 0.8 * a
+
+
+@pytest.mark.parametrize("name, engine", _engines(), ids=lambda x: x if isinstance(x, str) else "")
+def test_version4_same_words_on_every_backend(name, engine):
+    """Encoder (parallel pass after the prefix) and decoder (stepped rows) on each forced backend
+    give the words of the torch engine."""
+    data = TEXT + LOG
+    want = _codec(_engines()[0][1], dictionary="default").encode_payload(data)
+    c = _codec(engine, dictionary="default", batch=5)
+    assert c.encode_payload(data) == want
+    assert c.decode_many([(want, len(data))]) == [data]
+
+
+def test_dictionary_blob_and_default_are_pinned():
+    d = dictionary.default(ByteTokenizer(), 4096)
+    assert bytes(d.tokens) == dictionary.DEFAULT_TEXT.encode()[: dictionary.DEFAULT_TOKENS]
+    assert dictionary.parse(d.blob) == d
+    assert d.id.hex() == PINNED_DEFAULT_ID
+    for bad in (b"", b"\x02\x01\x05", b"\x01\x00", b"\x01\x02\x05", b"\x01\x01\x05\x00"):
+        with pytest.raises(ContainerError):
+            dictionary.parse(bad)
+
+
+PINNED_DEFAULT_ID = "3d49cd1d4f66dea2"
+
+
+# -- the store: dictionaries held, tuned, applied by --recode, checked by fsck --------------------
+
+
+def _lm_dictionaries(path: str) -> dict[bytes, bytes | None]:
+    """block hash -> the dictionary id its LM payload names (LM blocks only)."""
+    from llmfs.codec.lm.codec import payload_dictionary
+    from llmfs.codec.registry import LM, peek_header
+
+    from llmfs.store import Store
+
+    s = Store(path, lock=False, readonly=True)
+    try:
+        with s.read() as t:
+            out = {}
+            for h, b in t.blocks():
+                head = peek_header(bytes(b))
+                if head.codec_id == LM:
+                    out[bytes(h)] = payload_dictionary(bytes(b)[head.payload_offset :])
+            return out
+    finally:
+        s.close()
+
+
+def _problems(path: str) -> list:
+    from llmfs import fsck
+    from llmfs.store import Store
+
+    s = Store(path)
+    try:
+        return [p.check for p in fsck.run_checks(s, fsck.CHECKS)[0]]
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """An isolated cache and HOME (as test_forever's)."""
+    monkeypatch.setenv("LLMFS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+def test_store_holds_tunes_recodes_and_checks_its_dictionary(env):
+    """Blocks of an untuned store name no dictionary; `tune` stores one chosen from the files and
+    makes it current, every LM block becomes a recode candidate and `compact --recode` recodes
+    them; blocks that name it decode from the store; fsck reports a block whose dictionary is
+    gone; `tune --default` makes the built-in one current."""
+    from llmfs.codec import Registry, container
+    from llmfs.codec.registry import LM
+
+    from llmfs.compact import recode_offline
+    from llmfs.compactor import Compactor
+    from llmfs.models import Models, store_spec
+    from llmfs.store import Store
+    from llmfs.tune import tune
+
+    model = write_model_dir(env / "model")
+    path, fp = lm_store(env, str(model))
+    named = _lm_dictionaries(path)
+    assert len(named) == len(TEXTS) and set(named.values()) == {None}  # version 3
+    assert _problems(path) == []
+
+    assert "now current" in tune(path)
+    s = Store(path)
+    with s.read() as t:
+        cur = t.current_dictionary()
+        assert cur is not None and cur in t.dictionaries()
+    models = Models(s)
+    compactor = Compactor(s, Registry(model_resolver=models.resolve), models.compaction_codec, store_spec(s))
+    assert sorted(compactor.recode_candidates()) == sorted(named)  # every block: another dictionary
+    s.close()
+    res = recode_offline(path, None, lambda done, total: None)
+    assert res.blocks == len(named)
+    assert set(_lm_dictionaries(path).values()) <= {cur}  # (the random model may lose to zstd)
+    assert read_all(path) == TEXTS
+
+    s = Store(path)  # LM blocks that continue the store's dictionary, as compaction writes them
+    models = Models(s)
+    codec = models.compaction_codec()
+    assert codec.dictionary.id == cur
+    reg = Registry(model_resolver=models.resolve)
+    with s.write() as t:
+        for h, blob in list(t.blocks()):
+            data = reg.decode(blob)
+            payload = codec.encode_payload(data)
+            t.replace_container(h, container.pack(LM, len(data), container.checksum(data), payload, fp))
+        held = t.dictionaries()
+    s.close()
+    assert set(_lm_dictionaries(path).values()) == {cur}
+    assert read_all(path) == TEXTS
+    assert _problems(path) == []
+    s = Store(path)  # the store loses the dictionary: fsck says which blocks cannot decode
+    with s.write() as t:
+        t.txn.delete(b"dict:" + cur.hex().encode(), db=t.db["meta"])
+    s.close()
+    assert set(_problems(path)) == {"dictionaries", "block_checksums"}
+    s = Store(path)
+    with s.write() as t:
+        t.put_dictionary(cur, held[cur])
+    s.close()
+    assert _problems(path) == []
+    assert "already current" in tune(path)
+    assert "built in" in tune(path, default=True)
