@@ -17,6 +17,11 @@ big-endian so keys sort numerically. Named sub-databases:
               "counters"       COUNTERS struct: logical file bytes, and per codec id
                                (block count, plaintext bytes, container bytes) of unique blocks
               "created"        i64 ns since the epoch
+              "dict:" + hex id an LM dictionary (codec/lm/dictionary.py: the priming tokens every
+                               segment of an LM block of payload version 4 continues), stored
+                               under its content id; never deleted (a few hundred bytes each)
+              "dictionary"     8-byte id of the dictionary new LM blocks continue (absent: none,
+                               blocks are written as payload version 3); set by `llmfs tune`
   inodes    u64 ino → INODE struct (mode, uid, gid, nlink, size, atime, mtime, ctime, rdev: times are
             integer nanoseconds) followed, for symlinks only, by the target bytes
   dirents   u64 parent ino + name bytes → u64 child ino
@@ -60,6 +65,8 @@ INVARIANTS (fsck.py checks each one by name)
     exactly inodes[ino].nlink dirents (directories: by one dirent, nlink = 2 + subdirectories).
   * the root inode is ROOT_INO and is a directory; inode numbers are never reused.
   * pending ⊆ blocks; counters equal the sums over inodes and blocks.
+  * every "dict:" entry's id is the content id of its value, and every LM block of payload
+    version 4 names a dictionary the meta table holds (it is stored before its first block).
   * blake3(modelfiles[d]) == d; every modelkeys value is a key of modelfiles, and the model file
     it names lists that fingerprint (as its own or an alias); every LM block written by a format 2
     release has its fingerprint in modelkeys (the model is embedded before its first block is
