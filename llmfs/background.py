@@ -26,7 +26,7 @@ class Background:
     def __init__(self, fs: Filesystem, models: Models, compact_after: float | None, cluster=None):
         """compact_after: seconds before a block is compacted; None disables the thread (manual
         `llmfs compact` still works). cluster: a cluster.ClusterCoder that does the compactor's
-        model work on a Ray cluster, or None."""
+        model work on a Ray cluster (and decodes cold reads there when that is faster), or None."""
         self.fs = fs
         self.models = models
         self.compactor = Compactor(
@@ -39,6 +39,7 @@ class Background:
         self.automatic = compact_after is not None
         self.cluster = cluster
         self.compactor.remote = cluster
+        fs.remote = cluster  # cold reads too, when the cluster decodes faster (cluster.py)
         self.shutdown_lock = self.compactor.shutdown_lock
         self._control: control.ControlServer | None = None
 

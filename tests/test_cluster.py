@@ -40,10 +40,10 @@ except ImportError:
     HAVE_RAY = False
 
 
-def bigram_codec(delay: float = 0.0, switch: str | None = None) -> LMCodec:
+def bigram_codec(delay: float = 0.0, switch: str | None = None, decode_switch: str | None = None) -> LMCodec:
     """The codec the workers and the local daemon share. `delay` seconds per encoded block (while
     the file `switch` exists, when given) make a batch last long enough to kill something in the
-    middle of it."""
+    middle of it; a decode call waits while the file `decode_switch` exists (up to 2 minutes)."""
     codec = LMCodec((BigramEngine(train=TEXT, max_seq_len=512), ByteTokenizer()), batch=4)
     if delay:
         real = codec.encode
@@ -54,6 +54,16 @@ def bigram_codec(delay: float = 0.0, switch: str | None = None) -> LMCodec:
             return real(data)
 
         codec.encode = slow
+    if decode_switch:
+        real_decode = codec.decode_many
+
+        def slow_decode(items):
+            deadline = time.monotonic() + 120
+            while os.path.exists(decode_switch) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            return real_decode(items)
+
+        codec.decode_many = slow_decode
     return codec
 
 
@@ -75,7 +85,7 @@ def shared(tmp_path_factory):
     switch = str(tmp_path_factory.mktemp("switch") / "slow")
     c = start_cluster()
     try:
-        coder = coder_for(c, functools.partial(bigram_codec, 1.5, switch))
+        coder = coder_for(c, functools.partial(bigram_codec, 1.5, switch, switch + "-decode"))
         try:
             yield c, coder, switch
         finally:
@@ -349,3 +359,91 @@ def test_stat_shows_the_cluster():
     assert "1 worker call(s) failed, 1 retried" in rows["cluster failures"]
     assert "n1 pid 7 cuda: 3 blocks" in rows["cluster worker w0"]
     assert "(lost)" in rows["cluster worker w1"]
+
+
+class CountingCodec:
+    """The daemon's local model for a cold read: the bigram codec, `delay` s slower per decode call
+    (a machine slower than the cluster), counting the blocks it decodes."""
+
+    def __init__(self, delay: float = 0.0):
+        self.codec = bigram_codec()
+        self.fingerprint = self.codec.fingerprint
+        self.delay, self.blocks = delay, 0
+
+    def __getattr__(self, name):
+        return getattr(self.codec, name)
+
+    def decode_many(self, items):
+        self.blocks += len(items)
+        time.sleep(self.delay)
+        return self.codec.decode_many(items)
+
+
+def compacted_reader(coder, fs, compactor, delay: float = 0.5):
+    """Compact env's tree through the cluster, then a fresh filesystem on the same store with a
+    decode cache, the cluster as its remote decoder, and a local model that the start-up
+    measurement finds slower than the cluster. Returns (filesystem, local codec)."""
+    from llmfs.cache import DecodeCache
+
+    compactor.remote = coder
+    assert compactor.compact(compactor.candidates()).lm_blocks == 6
+    fs.flush_all()
+    local = CountingCodec(delay)
+    registry = Registry()
+    registry.add_model(local)
+    fresh = ns.Filesystem(fs.store, registry, DecodeCache())
+    coder.local_decode = registry.decode_many
+    coder.calibrate()
+    st = coder.stats()
+    assert st["decode_remote_rate"] > st["decode_local_rate"] > 0, st
+    local.blocks = 0  # the measurement's sample
+    fresh.remote = coder
+    return fresh, local
+
+
+def test_cold_reads_decoded_on_the_cluster(shared, env):
+    fs, compactor, files, inos = env
+    _, coder, _ = shared
+    fresh, local = compacted_reader(coder, fs, compactor)
+    before = coder.stats()
+    for name, data in files.items():
+        assert fresh.read_ino(inos[name], len(data) + 1, 0) == data, name
+    st = coder.stats()
+    assert local.blocks == 0  # every LM block came from the cluster, checked here
+    assert st["decode_blocks"] - before["decode_blocks"] == 6
+    assert sum(w["decoded"] for w in st["workers"]) >= 6
+    assert fresh.cache.metrics()["decoded_blocks"] == 7  # single flight: each block once
+    for name, data in files.items():  # now cached
+        assert fresh.read_ino(inos[name], len(data) + 1, 0) == data, name
+    assert coder.stats()["decode_blocks"] == st["decode_blocks"]
+    check_fresh(close_env(fs), files, inos)
+
+
+def test_cluster_stopped_in_the_middle_of_a_read(shared, env):
+    """The last test of the shared cluster: it stops it."""
+    fs, compactor, files, inos = env
+    c, coder, switch = shared
+    fresh, local = compacted_reader(coder, fs, compactor)
+    open(switch + "-decode", "w").close()  # decodes on the workers hang until it is removed
+    try:
+        out = {}
+        t = threading.Thread(target=lambda: out.update(a=fresh.read_ino(inos[b"a"], 3 * BS, 0)))
+        t0 = time.monotonic()
+        t.start()
+        time.sleep(0.7)
+        c.stop()
+        t.join(60)
+        assert not t.is_alive()
+        elapsed = time.monotonic() - t0
+    finally:
+        os.unlink(switch + "-decode")
+    assert out["a"] == files[b"a"]
+    assert local.blocks == 3  # decoded here after the cluster went away
+    st = coder.stats()
+    assert st["state"] == "unavailable" or st["decode_failures"] >= 1, st
+    # the other files decode here without asking the lost cluster (no wait)
+    t0 = time.monotonic()
+    assert fresh.read_ino(inos[b"b"], 2 * BS, 0) == files[b"b"]
+    assert time.monotonic() - t0 < 5.0
+    print(f"read finished {elapsed:.1f} s after it started, the cluster stopped at 0.7 s")
+    check_fresh(close_env(fs), files, inos)
