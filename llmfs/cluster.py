@@ -180,6 +180,7 @@ class ClusterCoder:
         self._pending: dict[int, queue.SimpleQueue] = {}
         self._next_id = 0
         self._down_since: float | None = None
+        self._reads_local_until = 0.0  # after a read's decode failed there: reads stay local
         self._stats = ClusterStats(address)
         self._progress: dict[str, int] = {}
 
@@ -486,15 +487,18 @@ class ClusterCoder:
         st = self._stats
         if self._conn is None or not st.decode_remote_rate or blocks < 1:
             return False
+        if time.monotonic() < self._reads_local_until:
+            return False
         return st.decode_remote_rate * min(blocks, len(st.workers)) > st.decode_local_rate
 
     def decode_many(self, blobs: list[bytes]) -> list[bytes | None] | None:
         """Plaintexts of LM containers decoded on the cluster (each checked there against its
         stored checksum, and to be checked again by the caller), None per block the cluster could
         not do; None when it should not be asked (not connected, slower than here by the
-        start-up measurement, every worker busy compacting). Never waits on a lost cluster: the
-        driver's exit fails the call at once, and a call is given up after twice its expected
-        time (the caller then decodes locally)."""
+        start-up measurement, every worker busy compacting, a read failed there in the last
+        `reconnect` seconds). Never waits long on a lost cluster: the driver's exit fails the call
+        at once, a call is given up after twice its expected time plus DECODE_SLACK (the caller
+        then decodes locally), and after a failure reads stay local for a while."""
         st = self._stats
         if not self.worth_it(len(blobs)):
             if self._conn is None:
@@ -503,7 +507,15 @@ class ClusterCoder:
         size = sum(peek_header(b).length for b in blobs)
         expected = size / (st.decode_remote_rate * min(len(blobs), len(st.workers)))
         t0 = time.perf_counter()
+        failures = st.decode_failures
         got = self._decode_remote(blobs, 2 * expected + DECODE_SLACK)
+        if st.decode_failures > failures:
+            # a worker died or missed its time: the cluster may be going away (a lost head is
+            # noticed by the driver only later), so reads stop paying for it for a while
+            self._reads_local_until = time.monotonic() + self.reconnect
+            log.warning(
+                "cluster: a read's decode failed there; cold reads decode here for %.0f s", self.reconnect
+            )
         if got is None:
             st.decode_fallbacks += len(blobs)
             return None

@@ -441,6 +441,7 @@ def test_cluster_stopped_in_the_middle_of_a_read(shared, env):
     assert local.blocks == 3  # decoded here after the cluster went away
     st = coder.stats()
     assert st["state"] == "unavailable" or st["decode_failures"] >= 1, st
+    assert elapsed < 30.0  # bounded by the read's timeout on the cluster (a few seconds here)
     # the other files decode here without asking the lost cluster (no wait)
     t0 = time.monotonic()
     assert fresh.read_ino(inos[b"b"], 2 * BS, 0) == files[b"b"]
