@@ -21,6 +21,9 @@ from .namespace import Filesystem
 
 log = logging.getLogger("llmfs")
 
+# How often `llmfs compact` on a mount with a cluster gets each worker's bytes within a batch.
+PROGRESS_SECONDS = 2.0
+
 
 class Background:
     def __init__(self, fs: Filesystem, models: Models, compact_after: float | None, cluster=None):
@@ -60,20 +63,38 @@ class Background:
         elif req.get("now"):
             self.fs.flush_all()  # "now" includes what is still buffered
 
-        def progress(done: int, total: int) -> None:
-            line = {"done": done, "total": total}
-            if self.cluster is not None:
-                line["cluster"] = self.cluster.progress()
-            send(line)
+        lock, last, finished = threading.Lock(), [0, 0], threading.Event()
 
-        if req.get("recode"):  # llmfs compact --recode: see compactor.py
-            res = self.compactor.compact(self.compactor.recode_candidates(inos), progress, recode=True)
-            if inos is None:
-                self.models.retire_unused()
-            self.fs.store.sync()  # `llmfs compact` returns when its result is durable
-            return asdict(res)
-        hashes = self.compactor.candidates(0 if req.get("now") else None, inos)
-        res = self.compactor.compact(hashes, progress)
+        def progress(done: int, total: int) -> None:
+            with lock:  # the compactor's thread and the ticker below share the connection
+                last[:] = done, total
+                line = {"done": done, "total": total}
+                if self.cluster is not None:
+                    line["cluster"] = self.cluster.progress()
+                send(line)
+
+        def tick() -> None:
+            # the compactor reports after each batch (1 MiB: minutes on CPU workers); the bytes
+            # each worker has encoded within the batch come in between
+            while not finished.wait(PROGRESS_SECONDS):
+                try:
+                    progress(*last)
+                except OSError:
+                    return  # `llmfs compact` went away; the compaction goes on
+
+        if self.cluster is not None:
+            threading.Thread(target=tick, name="llmfs-compact-progress", daemon=True).start()
+        try:
+            if req.get("recode"):  # llmfs compact --recode: see compactor.py
+                res = self.compactor.compact(self.compactor.recode_candidates(inos), progress, recode=True)
+                if inos is None:
+                    self.models.retire_unused()
+            else:
+                hashes = self.compactor.candidates(0 if req.get("now") else None, inos)
+                res = self.compactor.compact(hashes, progress)
+        finally:
+            with lock:
+                finished.set()
         self.fs.store.sync()  # `llmfs compact` returns when its result is durable
         return asdict(res)
 

@@ -312,8 +312,20 @@ def test_stat_shows_the_cluster():
         plain=5 << 16,
         seconds=4.0,
         retries=1,
+        decode_remote_rate=4096.0,
+        decode_local_rate=1024.0,
+        decode_blocks=4,
+        decode_plain=4 << 16,
+        decode_seconds=32.0,
+        decode_fallbacks=2,
+        decode_failures=1,
     )
     rows = dict(cluster_rows(st.as_dict()))
+    assert rows["cluster reads"] == (
+        "measured 4.0 KiB/s per worker there, 1.0 KiB/s here; decoded 4 blocks, 256.0 KiB at "
+        "8.0 KiB/s; 2 decoded here after asking, 1 call(s) failed"
+    ), rows["cluster reads"]
+    assert dict(cluster_rows(ClusterStats("a").as_dict()))["cluster reads"].startswith("not measured")
     assert "2 worker(s)" in rows["cluster"] and "ready" in rows["cluster"]
     assert "80.0 KiB/s" in rows["cluster compacted"]
     assert "1 worker call(s) failed, 1 retried" in rows["cluster failures"]
@@ -429,3 +441,44 @@ def test_cluster_stopped_in_the_middle_of_a_read_and_a_compaction(shared, env):
     files[b"new"] = TEXT[:BS]
     inos[b"new"] = fs.lookup(1, b"new")
     check_fresh(close_env(fs), files, inos)
+
+
+def test_compact_now_shows_each_workers_progress_within_a_batch(env, monkeypatch):
+    """No ray needed: `llmfs compact` on a mount with a cluster gets each worker's bytes while a
+    batch is still on the cluster, not only after it."""
+    from llmfs import background
+    from llmfs.models import Models
+
+    fs, compactor, files, inos = env
+    monkeypatch.setattr(background, "PROGRESS_SECONDS", 0.1)
+
+    class SlowCluster(FakeRemote):
+        def __init__(self):
+            super().__init__(["verified"] * 6)
+            self.done = {"w0": 0, "w1": 0}
+
+        def encode_many(self, datas, fingerprint):
+            for i in range(4):  # the workers' progress within the batch
+                self.done = {"w0": (i + 1) * 100, "w1": i * 100}
+                time.sleep(0.3)
+            return super().encode_many(datas, fingerprint)
+
+        def progress(self):
+            return dict(self.done)
+
+        def start(self):
+            pass
+
+        def close(self):
+            pass
+
+    cluster = SlowCluster()
+    bg = background.Background(fs, Models(fs.store, check=False), None, cluster)
+    bg.compactor = compactor
+    compactor.remote = cluster
+    lines = []
+    result = bg._compact({"now": True}, lines.append)
+    assert result["lm_blocks"] == 6
+    seen = [line["cluster"] for line in lines if line["done"] == 0]  # before the batch returned
+    assert {"w0": 300, "w1": 200} in seen or {"w0": 400, "w1": 300} in seen, lines
+    assert lines[-1]["done"] == lines[-1]["total"] > 0
