@@ -27,6 +27,7 @@ import argparse
 import os
 import sys
 import tempfile
+import threading
 import time
 
 from llmfs.codec import LM, Registry
@@ -118,7 +119,13 @@ def run_once(
         meter = CpuMeter(head, coder)
         meter.start()
         t0 = time.perf_counter()
-        res = compactor.compact(compactor.candidates())
+        # on a thread of its own, as in the daemon: compact() lowers its thread's priority to 19
+        # for good, and the cold read below must not inherit that
+        box = {}
+        worker = threading.Thread(target=lambda: box.update(res=compactor.compact(compactor.candidates())))
+        worker.start()
+        worker.join()
+        res = box["res"]
         secs = time.perf_counter() - t0
         cpu = meter.stop()
         local_registry = Registry(model_resolver=Models(store).resolve)
