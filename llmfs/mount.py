@@ -539,7 +539,7 @@ def register(sub) -> None:
         "--cluster",
         metavar="ADDRESS",
         default=None,
-        help="compact on a Ray cluster (ray://HEAD:10001, or HOST:6379 when this "
+        help="compact (and decode cold reads, when faster) on a Ray cluster (ray://HEAD:10001, or HOST:6379 when this "
         "machine is a Ray node); needs `pip install llmfs[cluster]`",
     )
     p.add_argument(
