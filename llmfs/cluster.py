@@ -175,6 +175,7 @@ class ClusterCoder:
         self._life = threading.Lock()
         self._mutex = threading.Lock()
         self._encoding = threading.Lock()
+        self._reading = threading.Lock()  # one read's decode on the cluster at a time
         self._proc = None
         self._conn = None
         self._pending: dict[int, queue.SimpleQueue] = {}
@@ -495,8 +496,8 @@ class ClusterCoder:
         """Plaintexts of LM containers decoded on the cluster (each checked there against its
         stored checksum, and to be checked again by the caller), None per block the cluster could
         not do; None when it should not be asked (not connected, slower than here by the
-        start-up measurement, every worker busy compacting, a read failed there in the last
-        `reconnect` seconds). Never waits long on a lost cluster: the driver's exit fails the call
+        start-up measurement, another read on the cluster now, every worker busy compacting, a
+        read failed there in the last `reconnect` seconds). Never waits long on a lost cluster: the driver's exit fails the call
         at once, a call is given up after twice its expected time plus DECODE_SLACK (the caller
         then decodes locally), and after a failure reads stay local for a while."""
         st = self._stats
@@ -504,11 +505,18 @@ class ClusterCoder:
             if self._conn is None:
                 self._reconnect_later()
             return None
-        size = sum(peek_header(b).length for b in blobs)
-        expected = size / (st.decode_remote_rate * min(len(blobs), len(st.workers)))
-        t0 = time.perf_counter()
-        failures = st.decode_failures
-        got = self._decode_remote(blobs, 2 * expected + DECODE_SLACK)
+        # A second read while one is on the cluster decodes here: it would only queue behind the
+        # first in the driver (its idle workers are taken) and miss its own time.
+        if not self._reading.acquire(blocking=False):
+            return None
+        try:
+            size = sum(peek_header(b).length for b in blobs)
+            expected = size / (st.decode_remote_rate * min(len(blobs), len(st.workers)))
+            t0 = time.perf_counter()
+            failures = st.decode_failures
+            got = self._decode_remote(blobs, 2 * expected + DECODE_SLACK)
+        finally:
+            self._reading.release()
         if st.decode_failures > failures:
             # a worker died or missed its time: the cluster may be going away (a lost head is
             # noticed by the driver only later), so reads stop paying for it for a while
