@@ -482,3 +482,44 @@ def test_compact_now_shows_each_workers_progress_within_a_batch(env, monkeypatch
     seen = [line["cluster"] for line in lines if line["done"] == 0]  # before the batch returned
     assert {"w0": 300, "w1": 200} in seen or {"w0": 400, "w1": 300} in seen, lines
     assert lines[-1]["done"] == lines[-1]["total"] > 0
+
+
+def test_reads_ask_the_cluster_only_when_it_is_faster_and_free():
+    """No ray needed: the decision of ClusterCoder.decode_many — the start-up measurement, one
+    read on the cluster at a time, and local reads for a while after one failed there."""
+    from llmfs.cluster import ClusterCoder, WorkerStats
+
+    reg = Registry()
+    codec = bigram_codec()
+    reg.add_model(codec)
+    blob = reg.encode(TEXT[:BS], (LM,), codec.fingerprint)
+    coder = ClusterCoder("nowhere:1", "tiny")
+    assert coder.decode_many([blob]) is None  # not connected
+    coder._conn = object()
+    coder._stats.workers = [WorkerStats("w0"), WorkerStats("w1")]
+    calls = []
+
+    def remote(blobs, timeout):
+        calls.append(timeout)
+        return [TEXT[:BS]] * len(blobs)
+
+    coder._decode_remote = remote
+    assert coder.decode_many([blob]) is None  # not measured
+    coder._stats.decode_local_rate, coder._stats.decode_remote_rate = 1000.0, 600.0
+    assert coder.decode_many([blob]) is None and not calls  # one worker is slower than here
+    assert coder.decode_many([blob, blob]) == [TEXT[:BS]] * 2  # two are faster
+    assert calls == [pytest.approx(2 * BS / 600.0 + 5.0)]  # twice the expected time + slack
+    with coder._reading:  # another read is on the cluster
+        assert coder.decode_many([blob, blob]) is None
+    assert coder.stats()["decode_blocks"] == 2
+
+    def failing(blobs, timeout):
+        coder._stats.decode_failures += 1
+        return None
+
+    coder._decode_remote = failing
+    assert coder.decode_many([blob, blob]) is None
+    coder._decode_remote = remote
+    assert coder.decode_many([blob, blob]) is None  # reads stay local for `reconnect` seconds
+    coder._reads_local_until = 0.0
+    assert coder.decode_many([blob, blob]) == [TEXT[:BS]] * 2
