@@ -107,7 +107,12 @@ class CpuMeter:
 
 
 def run_once(
-    path: str, text: bytes, coder: ClusterCoder | None, head: LocalCluster | None, fsck_too: bool
+    path: str,
+    text: bytes,
+    coder: ClusterCoder | None,
+    head: LocalCluster | None,
+    fsck_too: bool,
+    read_too: bool = True,
 ) -> dict:
     store = Store(path)
     try:
@@ -143,7 +148,7 @@ def run_once(
             hashes = t.block_hashes(ino, 0, len(text) // store.block_size)
             blobs = [bytes(t.container(hashes[i])) for i in sorted(hashes)]
         lm = [b for b in blobs if peek_header(b).codec_id == LM]
-        if not lm:
+        if not lm or not read_too:
             out["read_seconds"] = 0.0
         elif coder is None:  # the cold read decoded here (the other runs read the same text)
             t0 = time.perf_counter()
@@ -165,7 +170,7 @@ def run_once(
                 )
                 == text
             )
-        out["read_bytes"] = sum(peek_header(b).length for b in lm)
+        out["read_bytes"] = sum(peek_header(b).length for b in lm) if out["read_seconds"] else 0
         if fsck_too:
             problems, _ = fsck.run_checks(store, registry=registry)
             assert not problems, [p.message for p in problems]
@@ -183,6 +188,7 @@ def main() -> int:
     p.add_argument("--model", default="", help="the store's model (default SmolLM2-135M)")
     p.add_argument("--address", default=None, help="an existing Ray cluster (default: start one)")
     p.add_argument("--fsck", action="store_true", help="fsck each store afterwards (decodes it all again)")
+    p.add_argument("--no-read", action="store_true", help="compaction only, no cold-read decode")
     args = p.parse_args()
     text = text_corpus(args.size)
     counts = [int(x) for x in args.workers.split(",")]
@@ -215,7 +221,9 @@ def main() -> int:
                         print(f"{n} worker(s): cluster not ready: {coder.stats()['error']}")
                         continue
                 try:
-                    r = run_once(path, text, coder, head if args.address is None else None, args.fsck)
+                    r = run_once(
+                        path, text, coder, head if args.address is None else None, args.fsck, not args.no_read
+                    )
                 finally:
                     if coder:
                         coder.close()
