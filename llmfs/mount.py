@@ -539,8 +539,8 @@ def register(sub) -> None:
         "--cluster",
         metavar="ADDRESS",
         default=None,
-        help="compact (and decode cold reads, when faster) on a Ray cluster (ray://HEAD:10001, or HOST:6379 when this "
-        "machine is a Ray node); needs `pip install llmfs[cluster]`",
+        help="compact (and decode cold reads, when faster) on a Ray cluster (ray://HEAD:10001, "
+        "or HOST:6379 when this machine is a Ray node); needs `pip install llmfs[cluster]`",
     )
     p.add_argument(
         "--cluster-workers",
