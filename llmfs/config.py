@@ -26,7 +26,7 @@ pretending to honour it. Command-line arguments override the file.
     device = "auto"                   # where the LM runs: auto | cpu | cuda
     threads = 1                       # CPU threads of the LM
 
-    [cluster]                         # compaction on a Ray cluster (pip install .[cluster])
+    [cluster]                         # compaction (and cold reads) on a Ray cluster: .[cluster]
     address = "ray://head:10001"      # --cluster; "host:6379" when this machine is a Ray node
     workers = 0                       # actors holding the model; 0: one per GPU / CPU-only node
     timeout = "10m"                   # a batch not back in this long is retried elsewhere

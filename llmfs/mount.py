@@ -300,7 +300,7 @@ def serve(args, ready_fd: int | None) -> int:
     store.set_clean(False)
     store.start_group_commit(args.commit_interval)  # changes reach the disk in groups
     background = Background(
-        fs, models, None if args.no_compaction else args.compact_after, cluster_coder(args, fs.store)
+        fs, models, None if args.no_compaction else args.compact_after, cluster_coder(args, fs)
     )
     served = False
 
@@ -385,8 +385,9 @@ def finish(fs: Filesystem) -> int:
     return 1 if lost else 0
 
 
-def cluster_coder(args, store: Store):
-    """The compactor's Ray cluster coder for --cluster, or None (llmfs/cluster.py)."""
+def cluster_coder(args, fs: Filesystem):
+    """The Ray cluster coder for --cluster (the compactor's remote coder and the reads' remote
+    decoder, measured against fs's own decode at connect), or None (llmfs/cluster.py)."""
     if not args.cluster:
         return None
     from .cluster import ClusterCoder, ray_available
@@ -399,11 +400,13 @@ def cluster_coder(args, store: Store):
         return None
     return ClusterCoder(
         args.cluster,
-        store_spec(store),
+        store_spec(fs.store),
         workers=args.cluster_workers,
         timeout=args.cluster_timeout,
         device=args.device,
-        threads=args.threads or THREADS,
+        # one engine thread per actor: a node runs one actor per CPU slot (cluster.ClusterCoder)
+        threads=1,
+        local_decode=lambda blobs: fs.registry.decode_many(blobs, fs.block_size),
     )
 
 
@@ -550,8 +553,8 @@ def register(sub) -> None:
         "--cluster",
         metavar="ADDRESS",
         default=None,
-        help="compact on a Ray cluster (ray://HEAD:10001, or HOST:6379 when this "
-        "machine is a Ray node); needs `pip install llmfs[cluster]`",
+        help="compact (and decode cold reads, when faster) on a Ray cluster (ray://HEAD:10001, "
+        "or HOST:6379 when this machine is a Ray node); needs `pip install llmfs[cluster]`",
     )
     p.add_argument(
         "--cluster-workers",

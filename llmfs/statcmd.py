@@ -139,6 +139,19 @@ def cluster_rows(cl: dict | None) -> list[tuple[str, str]]:
             f"verify, {cl['local_fallbacks']} block(s) done locally",
         ),
     ]
+    if cl.get("decode_remote_rate"):
+        rows.append(
+            (
+                "cluster reads",
+                f"measured {human(cl['decode_remote_rate'])}/s per worker there, "
+                f"{human(cl['decode_local_rate'])}/s here; decoded {cl['decode_blocks']} blocks, "
+                f"{human(cl['decode_plain'])} at {human(cl['decode_rate'])}/s; "
+                f"{cl['decode_fallbacks']} decoded here after asking, "
+                f"{cl['decode_failures']} call(s) failed",
+            )
+        )
+    elif "decode_remote_rate" in cl:
+        rows.append(("cluster reads", "not measured: cold reads decode here"))
     for w in cl["workers"]:
         rows.append(
             (
@@ -146,7 +159,7 @@ def cluster_rows(cl: dict | None) -> list[tuple[str, str]]:
                 f"{w['host']} pid {w['pid']} {w['device']}"
                 f"{'' if w['alive'] else ' (lost)'}: {w['blocks']} blocks, "
                 f"{human(w['plain'])} at {human(w['rate'])}/s, verified {w['verified']}, "
-                f"{w['failures']} failure(s)",
+                f"decoded {w.get('decoded', 0)} for reads, {w['failures']} failure(s)",
             )
         )
     return rows

@@ -1,6 +1,7 @@
-"""Compaction on a Ray cluster, against a local cluster this module starts: a head node
-with room for two worker actors, on this machine, always stopped afterwards (its processes run in
-a session of their own and the whole session is killed).
+"""Compaction and cold reads on a Ray cluster, against one local cluster this module starts
+(shared by its tests, to keep CI fast): a head node with two worker actors, on this machine,
+always stopped afterwards (its processes run in a session of their own and the whole session is
+killed). The last test stops it in the middle of a read and a compaction.
 
 The workers hold the bigram test model fitted to the text (tests/fake_engine.py), so the LM
 container wins as it does on real text, in milliseconds. Each test compacts through the cluster
@@ -40,10 +41,10 @@ except ImportError:
     HAVE_RAY = False
 
 
-def bigram_codec(delay: float = 0.0, switch: str | None = None) -> LMCodec:
+def bigram_codec(delay: float = 0.0, switch: str | None = None, decode_switch: str | None = None) -> LMCodec:
     """The codec the workers and the local daemon share. `delay` seconds per encoded block (while
     the file `switch` exists, when given) make a batch last long enough to kill something in the
-    middle of it."""
+    middle of it; a decode call waits while the file `decode_switch` exists (up to 2 minutes)."""
     codec = LMCodec((BigramEngine(train=TEXT, max_seq_len=512), ByteTokenizer()), batch=4)
     if delay:
         real = codec.encode
@@ -54,6 +55,16 @@ def bigram_codec(delay: float = 0.0, switch: str | None = None) -> LMCodec:
             return real(data)
 
         codec.encode = slow
+    if decode_switch:
+        real_decode = codec.decode_many
+
+        def slow_decode(items):
+            deadline = time.monotonic() + 120
+            while os.path.exists(decode_switch) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            return real_decode(items)
+
+        codec.decode_many = slow_decode
     return codec
 
 
@@ -75,23 +86,11 @@ def shared(tmp_path_factory):
     switch = str(tmp_path_factory.mktemp("switch") / "slow")
     c = start_cluster()
     try:
-        coder = coder_for(c, functools.partial(bigram_codec, 1.5, switch))
+        coder = coder_for(c, functools.partial(bigram_codec, 1.5, switch, switch + "-decode"))
         try:
             yield c, coder, switch
         finally:
             coder.close()
-    finally:
-        stop_cluster(c)
-
-
-@pytest.fixture
-def cluster():
-    """A cluster of the test's own, for a test that stops it."""
-    if not HAVE_RAY:
-        pytest.skip("ray is not installed: `pip install .[cluster]` runs these tests")
-    c = start_cluster()
-    try:
-        yield c
     finally:
         stop_cluster(c)
 
@@ -195,35 +194,6 @@ def test_worker_killed_in_the_middle_of_a_batch(shared, env):
     assert out["res"].lm_blocks == 6
     assert st["workers"][0]["failures"] >= 1 and st["retries"] >= 1
     assert st["local_fallbacks"] == 0  # the retry went to the other worker
-    check_fresh(close_env(fs), files, inos)
-
-
-def test_cluster_stopped_in_the_middle_of_a_compaction(cluster, env):
-    fs, compactor, files, inos = env
-    coder = coder_for(cluster, functools.partial(bigram_codec, 2.0), timeout=20.0)
-    local = compactor._lm_codec()
-    del local.encode  # the daemon may encode now: the cluster goes away
-    try:
-        compactor.remote = coder
-        out = {}
-        t = threading.Thread(target=lambda: out.update(res=compactor.compact(compactor.candidates())))
-        t.start()
-        time.sleep(1.0)
-        cluster.stop()
-        # reads and writes go on while the compactor waits for the lost cluster
-        t0 = time.monotonic()
-        write(fs, b"new", TEXT[:BS])
-        assert fs.read_ino(inos[b"a"], 3 * BS, 0) == files[b"a"]
-        assert time.monotonic() - t0 < 5.0
-        t.join(300)
-        assert not t.is_alive()
-        st = coder.stats()
-    finally:
-        coder.close()
-    assert out["res"].lm_blocks == 6
-    assert st["state"] == "unavailable" and st["local_fallbacks"] >= 1
-    files[b"new"] = TEXT[:BS]
-    inos[b"new"] = fs.lookup(1, b"new")
     check_fresh(close_env(fs), files, inos)
 
 
@@ -342,10 +312,214 @@ def test_stat_shows_the_cluster():
         plain=5 << 16,
         seconds=4.0,
         retries=1,
+        decode_remote_rate=4096.0,
+        decode_local_rate=1024.0,
+        decode_blocks=4,
+        decode_plain=4 << 16,
+        decode_seconds=32.0,
+        decode_fallbacks=2,
+        decode_failures=1,
     )
     rows = dict(cluster_rows(st.as_dict()))
+    assert rows["cluster reads"] == (
+        "measured 4.0 KiB/s per worker there, 1.0 KiB/s here; decoded 4 blocks, 256.0 KiB at "
+        "8.0 KiB/s; 2 decoded here after asking, 1 call(s) failed"
+    ), rows["cluster reads"]
+    assert dict(cluster_rows(ClusterStats("a").as_dict()))["cluster reads"].startswith("not measured")
     assert "2 worker(s)" in rows["cluster"] and "ready" in rows["cluster"]
     assert "80.0 KiB/s" in rows["cluster compacted"]
     assert "1 worker call(s) failed, 1 retried" in rows["cluster failures"]
     assert "n1 pid 7 cuda: 3 blocks" in rows["cluster worker w0"]
     assert "(lost)" in rows["cluster worker w1"]
+
+
+class CountingCodec:
+    """The daemon's local model for a cold read: the bigram codec, `delay` s slower per decode call
+    (a machine slower than the cluster), counting the blocks it decodes."""
+
+    def __init__(self, delay: float = 0.0):
+        self.codec = bigram_codec()
+        self.fingerprint = self.codec.fingerprint
+        self.delay, self.blocks = delay, 0
+
+    def __getattr__(self, name):
+        return getattr(self.codec, name)
+
+    def decode_many(self, items):
+        self.blocks += len(items)
+        time.sleep(self.delay)
+        return self.codec.decode_many(items)
+
+
+def compacted_reader(coder, fs, compactor, delay: float = 0.5):
+    """Compact env's tree through the cluster, then a fresh filesystem on the same store with a
+    decode cache, the cluster as its remote decoder, and a local model that the start-up
+    measurement finds slower than the cluster. Returns (filesystem, local codec)."""
+    from llmfs.cache import DecodeCache
+
+    compactor.remote = coder
+    assert compactor.compact(compactor.candidates()).lm_blocks == 6
+    fs.flush_all()
+    local = CountingCodec(delay)
+    registry = Registry()
+    registry.add_model(local)
+    fresh = ns.Filesystem(fs.store, registry, DecodeCache())
+    coder.local_decode = registry.decode_many
+    coder.calibrate()
+    st = coder.stats()
+    assert st["decode_remote_rate"] > st["decode_local_rate"] > 0, st
+    local.blocks = 0  # the measurement's sample
+    fresh.remote = coder
+    return fresh, local
+
+
+def test_cold_reads_decoded_on_the_cluster(shared, env):
+    fs, compactor, files, inos = env
+    _, coder, _ = shared
+    fresh, local = compacted_reader(coder, fs, compactor)
+    before = coder.stats()
+    for name, data in files.items():
+        assert fresh.read_ino(inos[name], len(data) + 1, 0) == data, name
+    st = coder.stats()
+    assert local.blocks == 0  # every LM block came from the cluster, checked here
+    assert st["decode_blocks"] - before["decode_blocks"] == 6
+    assert sum(w["decoded"] for w in st["workers"]) >= 6
+    assert fresh.cache.metrics()["decoded_blocks"] == 7  # single flight: each block once
+    for name, data in files.items():  # now cached
+        assert fresh.read_ino(inos[name], len(data) + 1, 0) == data, name
+    assert coder.stats()["decode_blocks"] == st["decode_blocks"]
+    check_fresh(close_env(fs), files, inos)
+
+
+def test_cluster_stopped_in_the_middle_of_a_read_and_a_compaction(shared, env):
+    """The last test of the shared cluster: it stops it. A cold read's decode is on both
+    workers (hanging there until the switch goes) and a compaction batch queued behind it when
+    the head is stopped: the read decodes here, the compactor encodes here, reads and writes go
+    on meanwhile, and every byte is right afterwards."""
+    fs, compactor, files, inos = env
+    c, coder, switch = shared
+    fresh, local = compacted_reader(coder, fs, compactor)
+    del compactor._lm_codec().encode  # the daemon may encode now: the cluster goes away
+    more = {b"d": TEXT[6 * BS : 8 * BS], b"e": TEXT[8 * BS : 9 * BS]}
+    for name, data in more.items():
+        inos[name] = write(fs, name, data)
+    files.update(more)
+    fs.flush_all()
+    open(switch + "-decode", "w").close()  # decodes on the workers hang until it is removed
+    try:
+        out = {}
+        reader = threading.Thread(target=lambda: out.update(a=fresh.read_ino(inos[b"a"], 3 * BS, 0)))
+        t0 = time.monotonic()
+        reader.start()
+        time.sleep(0.5)
+        comp = threading.Thread(target=lambda: out.update(res=compactor.compact(compactor.candidates())))
+        comp.start()
+        time.sleep(0.5)
+        c.stop()
+        # reads and writes go on while the read and the compaction wait for the lost cluster
+        t1 = time.monotonic()
+        write(fs, b"new", TEXT[:BS])
+        assert fs.read_ino(inos[b"d"], 2 * BS, 0) == files[b"d"]
+        assert time.monotonic() - t1 < 5.0
+        reader.join(60)  # its timeout on the cluster is a few seconds (twice the expected + 5 s)
+        assert not reader.is_alive()
+        elapsed = time.monotonic() - t0
+        comp.join(300)
+        assert not comp.is_alive()
+    finally:
+        os.unlink(switch + "-decode")
+    assert out["a"] == files[b"a"]
+    assert local.blocks == 3  # decoded here after the cluster went away
+    assert out["res"].lm_blocks == 3  # d and e, encoded here
+    st = coder.stats()
+    assert st["decode_failures"] >= 1 and st["local_fallbacks"] >= 3, st
+    # the other files decode here without asking the lost cluster (no wait)
+    t1 = time.monotonic()
+    assert fresh.read_ino(inos[b"b"], 2 * BS, 0) == files[b"b"]
+    assert time.monotonic() - t1 < 5.0
+    print(f"read finished {elapsed:.1f} s after it started, the cluster stopped at 1 s")
+    files[b"new"] = TEXT[:BS]
+    inos[b"new"] = fs.lookup(1, b"new")
+    check_fresh(close_env(fs), files, inos)
+
+
+def test_compact_now_shows_each_workers_progress_within_a_batch(env, monkeypatch):
+    """No ray needed: `llmfs compact` on a mount with a cluster gets each worker's bytes while a
+    batch is still on the cluster, not only after it."""
+    from llmfs import background
+    from llmfs.models import Models
+
+    fs, compactor, files, inos = env
+    monkeypatch.setattr(background, "PROGRESS_SECONDS", 0.1)
+
+    class SlowCluster(FakeRemote):
+        def __init__(self):
+            super().__init__(["verified"] * 6)
+            self.done = {"w0": 0, "w1": 0}
+
+        def encode_many(self, datas, fingerprint):
+            for i in range(4):  # the workers' progress within the batch
+                self.done = {"w0": (i + 1) * 100, "w1": i * 100}
+                time.sleep(0.3)
+            return super().encode_many(datas, fingerprint)
+
+        def progress(self):
+            return dict(self.done)
+
+        def start(self):
+            pass
+
+        def close(self):
+            pass
+
+    cluster = SlowCluster()
+    bg = background.Background(fs, Models(fs.store, check=False), None, cluster)
+    bg.compactor = compactor
+    compactor.remote = cluster
+    lines = []
+    result = bg._compact({"now": True}, lines.append)
+    assert result["lm_blocks"] == 6
+    seen = [line["cluster"] for line in lines if line["done"] == 0]  # before the batch returned
+    assert {"w0": 300, "w1": 200} in seen or {"w0": 400, "w1": 300} in seen, lines
+    assert lines[-1]["done"] == lines[-1]["total"] > 0
+
+
+def test_reads_ask_the_cluster_only_when_it_is_faster_and_free():
+    """No ray needed: the decision of ClusterCoder.decode_many — the start-up measurement, one
+    read on the cluster at a time, and local reads for a while after one failed there."""
+    from llmfs.cluster import ClusterCoder, WorkerStats
+
+    reg = Registry()
+    codec = bigram_codec()
+    reg.add_model(codec)
+    blob = reg.encode(TEXT[:BS], (LM,), codec.fingerprint)
+    coder = ClusterCoder("nowhere:1", "tiny")
+    assert coder.decode_many([blob]) is None  # not connected
+    coder._conn = object()
+    coder._stats.workers = [WorkerStats("w0"), WorkerStats("w1")]
+    calls = []
+
+    def remote(blobs, timeout):
+        calls.append(timeout)
+        return [TEXT[:BS]] * len(blobs)
+
+    coder._decode_remote = remote
+    assert coder.decode_many([blob]) is None  # not measured
+    coder._stats.decode_local_rate, coder._stats.decode_remote_rate = 1000.0, 600.0
+    assert coder.decode_many([blob]) is None and not calls  # one worker is slower than here
+    assert coder.decode_many([blob, blob]) == [TEXT[:BS]] * 2  # two are faster
+    assert calls == [pytest.approx(2 * BS / 600.0 + 5.0)]  # twice the expected time + slack
+    with coder._reading:  # another read is on the cluster
+        assert coder.decode_many([blob, blob]) is None
+    assert coder.stats()["decode_blocks"] == 2
+
+    def failing(blobs, timeout):
+        coder._stats.decode_failures += 1
+        return None
+
+    coder._decode_remote = failing
+    assert coder.decode_many([blob, blob]) is None
+    coder._decode_remote = remote
+    assert coder.decode_many([blob, blob]) is None  # reads stay local for `reconnect` seconds
+    coder._reads_local_until = 0.0
+    assert coder.decode_many([blob, blob]) == [TEXT[:BS]] * 2
