@@ -26,12 +26,11 @@ error, BackendError). avx2, blas and intmm also load kernels.c built without any
 AVX-512 machine runs the elementwise kernels an AVX2-only CPU runs; vnni (and auto on a VNNI CPU)
 load the full build.
 
-Attention when encoding (many queries per row): kernels.c attend_fwd, fused VNNI, where the backend
-loads the full build on a VNNI CPU; otherwise kernels.c attend_step once per query on the segment's
-int16 keys (its AVX2 clone; on the engine's threads), or for intmm the int8 digit GEMMs of the
-operands by torch._int_mm. (Per query costs about what the float64 or digit GEMM forms cost, but
-needs no BLAS and runs on the engine's threads; the fused VNNI tile is ~5x faster than all of them,
-and an AVX2 form of it is the next step for AVX2-only CPUs.)
+Attention when encoding (many queries per row): kernels.c attend_fwd, scores, weights and P.V fused
+per tile of query rows on the int16 integers: its VNNI tile where the backend loads the full build
+on a VNNI CPU, else its AVX2 tile (vpmaddwd + vpaddd, the same int32 sums), every backend alike, on
+the engine's threads. Only a CPU without AVX2 falls back to kernels.c attend_step once per query on
+the segment's int16 keys, or for intmm to the int8 digit GEMMs of the operands by torch._int_mm.
 When decoding, kernels.c attend_step: VNNI or its portable loops (compiled with an AVX2 clone).
 """
 
@@ -158,11 +157,13 @@ class Backend:
 
     @property
     def attention(self) -> str:
-        """The encoding attention: "vnni" (fused kernels.c attend_fwd), "digits" (int8 digit GEMMs
-        by torch._int_mm, for intmm) or "steps" (kernels.c attend_step per query, its AVX2 clone,
-        on the engine's threads)."""
+        """The encoding attention: "vnni" or "avx2" (kernels.c attend_fwd's fused tile: VNNI where
+        the build and CPU have it, else AVX2), "digits" (int8 digit GEMMs by torch._int_mm) or
+        "steps" (kernels.c attend_step per query), the last two only for CPUs without AVX2."""
         if self.variant == "full" and has_vnni():
             return "vnni"
+        if "avx2" in cpu_flags():
+            return "avx2"
         return "digits" if self.many == "intmm" else "steps"
 
     def digits_mm(self):

@@ -489,6 +489,10 @@ def _ptr(t: torch.Tensor, dtype: torch.dtype) -> int:
     return t.data_ptr()
 
 
+# kernels.c attend_fwd's impl for FusedOps.attention: the VNNI tile or the AVX2 one
+_FWD_IMPL = {"vnni": 2, "avx2": 3}
+
+
 class FusedOps(TorchOps):
     """The same steps through kernels.c (CPU only): one or two passes instead of ~10 torch ops."""
 
@@ -496,14 +500,15 @@ class FusedOps(TorchOps):
         """impl: which form of the C kernels runs (attention, head_freqs, ...), 0 the fastest the
         CPU allows, 1 the portable one, 2 AVX-512 (VNNI for attention) where the CPU has it
         (tests compare them). attention, when encoding (the backend decides,
-        codec/lm/backend.py): "vnni" kernels.c attend_fwd where the CPU has it, else "digits";
+        codec/lm/backend.py): "vnni" / "avx2" kernels.c attend_fwd's VNNI or AVX2 tile where the CPU
+        has it (on the engine's threads), else "digits";
         "digits" int8 GEMMs on digits of the operands by digits_mm (a (M, K), b (N, K)) -> a @ b.T
         int32 (default torch._int_mm); "steps" kernels.c attend_step once per query."""
         self.lib = lib
         self.impl = impl
         self.attention = attention
         self.digits_mm = digits_mm or _mm
-        self.threads = 1  # POSIX threads of attend_step (Engine.threads sets it)
+        self.threads = 1  # POSIX threads of attend_step and attend_fwd (Engine.threads sets it)
 
     def quant_rows(self, x, int8=False):
         M, K = x.shape
@@ -643,7 +648,7 @@ class FusedOps(TorchOps):
                 1,
             )
             return
-        if self.impl != 1 and self.attention == "vnni" and keys.dtype == torch.float64:
+        if self.impl != 1 and self.attention in _FWD_IMPL and keys.dtype == torch.float64:
             qp = qpos.contiguous()
             if self.lib.attend_fwd(
                 _ptr(qi, torch.float64),
@@ -661,6 +666,8 @@ class FusedOps(TorchOps):
                 table.numel(),
                 _ptr(vscale, torch.float64),
                 _ptr(out, torch.float64),
+                _FWD_IMPL[self.attention],
+                self.threads,
             ):
                 return
         if self.attention == "steps":  # per query on int16 keys

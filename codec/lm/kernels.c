@@ -1302,10 +1302,10 @@ int attend_step(const double *qi, const double *f, const int16_t *K, const int16
     return form;
 }
 
-#ifdef HAVE_VNNI
 /* ---- attention of many queries per row on int16 operands (engine.FusedOps.attend, T > 1) --------
  * The digit form above costs 2 int8 GEMMs for the scores and 4 for P.V (plus splitting keys and
- * values into digits and recombining); vpdpwssd multiplies the 15-bit integers directly, and
+ * values into digits and recombining); vpdpwssd (AVX2: vpmaddwd then vpaddd, the same pair sums;
+ * fwd_tile_avx2 below) multiplies the 15-bit integers directly, and
  * scores, weights and P.V run fused per tile of RT query rows, so no (rows, keys) temporary leaves
  * L1/L2. Per (row b, KV head): keys go to blocks of 16 keys with channel pairs as int32 lanes
  * (Kt[block][c/2][16]), values to key pairs per channel (Vp[k/2][c] = v[2i][c] | v[2i+1][c] << 16),
@@ -1335,6 +1335,13 @@ static inline void pv_block_flags(const int32_t *bs, int64_t nb, const int32_t *
     *used = u, *full = f, *split = sp;
 }
 
+/* one tile of RT rows (attend_fwd_pairs calls one form): nc = hs / 32 */
+typedef void (*fwd_tile_fn)(const int32_t *Qp, const int32_t *Kt, const int32_t *Vp,
+                            const int64_t *vis, const double *fr, int64_t kspan, int nc,
+                            const int32_t *table, double last, int32_t *S, int16_t *P, int32_t *bs,
+                            int64_t *o64, int32_t *l);
+
+#ifdef HAVE_VNNI
 VNNI_TARGET static inline __attribute__((always_inline)) void
 fwd_tile(const int32_t *restrict Qp, const int32_t *restrict Kt, const int32_t *restrict Vp,
          const int64_t *restrict vis, const double *restrict fr, int64_t kspan, const int nc,
@@ -1539,17 +1546,189 @@ fwd_tile(const int32_t *restrict Qp, const int32_t *restrict Kt, const int32_t *
 #undef FLUSH1
 }
 
-/* qi (B, nh, T, hs), f (B, nh, T), keys, values (B, nkv, Tkeys, hs) integer-valued doubles; query
- * (b, t) sees keys 0..qpos[b, t]; out (B, T, nh * hs). Returns 0 (nothing done) unless the CPU has
- * VNNI and hs is a multiple of 32 up to 128. */
-VNNI_TARGET static int attend_fwd_vnni(const double *qi, const double *f, const double *keys,
-                                       const double *values, int64_t B, int64_t nkv, int64_t g,
-                                       int64_t T, int64_t Tkeys, int64_t hs, const int64_t *qpos,
-                                       const int32_t *table, int64_t ntab, const double *vscale,
-                                       double *out) {
+/* the VNNI tile, inlined with nc = 2 (SmolLM2's hs = 64) spelled out */
+VNNI_TARGET static void fwd_tile_vnni(const int32_t *Qp, const int32_t *Kt, const int32_t *Vp,
+                                      const int64_t *vis, const double *fr, int64_t kspan, int nc,
+                                      const int32_t *table, double last, int32_t *S, int16_t *P,
+                                      int32_t *bs, int64_t *o64, int32_t *l) {
+    if (nc == 2)
+        fwd_tile(Qp, Kt, Vp, vis, fr, kspan, 2, table, last, S, P, bs, o64, l);
+    else
+        fwd_tile(Qp, Kt, Vp, vis, fr, kspan, nc, table, last, S, P, bs, o64, l);
+}
+#endif
+
+#ifdef HAVE_AVX2_KERNELS
+/* The AVX2 tile: fwd_tile's integers and float steps, 8 lanes at a time, on the same packed
+ * operands. vpmaddwd multiplies int16 pairs and adds each pair into an int32 lane (exact: no
+ * operand here is -32768 paired with -32768, its one wrapping case: |q| <= 127, 0 <= p <= 2^13),
+ * and vpaddd accumulates, wrapping like vpdpwssd: the bounds of the header hold lane by lane
+ * (|s| < 2^28; P.V lanes <= 2^14 * PV_CHUNK_P < 2^31 between flushes). Scores: 16 keys (two
+ * vectors of a Kt block) x RT rows = 12 accumulators; weights: two 4-double halves per 8 keys,
+ * the table by a masked vpgatherdd (hidden keys and those at the table's last entry, which is 0,
+ * are not loaded); P.V one 16-channel slice at a time (12 accumulators again), each slice with its
+ * own chunk counters (the flush points only bound a lane, they do not change a sum). */
+AVX2_TARGET static inline int32_t hsum8(__m256i v) {
+    __m128i x = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    x = _mm_add_epi32(x, _mm_shuffle_epi32(x, _MM_SHUFFLE(1, 0, 3, 2)));
+    x = _mm_add_epi32(x, _mm_shuffle_epi32(x, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(x);
+}
+
+/* lanes i < n set (n may be <= 0 or >= 8) */
+AVX2_TARGET static inline __m256i lanes_below(int64_t n) {
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    int32_t c = (int32_t)(n < 0 ? 0 : n > 8 ? 8 : n);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), idx);
+}
+
+AVX2_TARGET static void fwd_tile_avx2(const int32_t *restrict Qp, const int32_t *restrict Kt,
+                                      const int32_t *restrict Vp, const int64_t *restrict vis,
+                                      const double *restrict fr, int64_t kspan, int nc,
+                                      const int32_t *restrict table, double last,
+                                      int32_t *restrict S, int16_t *restrict P,
+                                      int32_t *restrict bs, int64_t *restrict o64,
+                                      int32_t *restrict l) {
+    const int64_t hs = 32 * nc, hp = 16 * nc;
+    /* scores */
+    for (int64_t kb = 0; kb < kspan / 16; kb++) {
+        __m256i a[RT][2];
+        for (int r = 0; r < RT; r++) a[r][0] = a[r][1] = _mm256_setzero_si256();
+        const int32_t *kt = Kt + kb * hp * 16;
+        for (int64_t cp = 0; cp < hp; cp++) {
+            __m256i k0 = _mm256_loadu_si256((const __m256i *)(kt + cp * 16));
+            __m256i k1 = _mm256_loadu_si256((const __m256i *)(kt + cp * 16 + 8));
+            for (int r = 0; r < RT; r++) {
+                __m256i qb = _mm256_set1_epi32(Qp[r * hp + cp]);
+                a[r][0] = _mm256_add_epi32(a[r][0], _mm256_madd_epi16(k0, qb));
+                a[r][1] = _mm256_add_epi32(a[r][1], _mm256_madd_epi16(k1, qb));
+            }
+        }
+        for (int r = 0; r < RT; r++) {
+            _mm256_storeu_si256((__m256i *)(S + r * kspan + kb * 16), a[r][0]);
+            _mm256_storeu_si256((__m256i *)(S + r * kspan + kb * 16 + 8), a[r][1]);
+        }
+    }
+    /* weights: int16 into P, int32 into S, per 16 keys their sum into bs */
+    const __m256d lastv = _mm256_set1_pd(last), magic = _mm256_set1_pd(6755399441055744.0);
+    const __m256i lasti = _mm256_set1_epi32((int32_t)last), zero = _mm256_setzero_si256();
+    for (int r = 0; r < RT; r++) {
+        int32_t *sr = S + r * kspan;
+        int16_t *pr = P + r * kspan;
+        int64_t v = vis[r];
+        __m256i mv = _mm256_set1_epi32(INT32_MIN);
+        for (int64_t k = 0; k < v; k += 8) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(sr + k));
+            x = _mm256_blendv_epi8(_mm256_set1_epi32(INT32_MIN), x, lanes_below(v - k));
+            mv = _mm256_max_epi32(mv, x);
+        }
+        __m128i m4 = _mm_max_epi32(_mm256_castsi256_si128(mv), _mm256_extracti128_si256(mv, 1));
+        m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, _MM_SHUFFLE(1, 0, 3, 2)));
+        m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, _MM_SHUFFLE(2, 3, 0, 1)));
+        const __m256i m = _mm256_broadcastd_epi32(m4);
+        const __m256d f = _mm256_set1_pd(fr[r]);
+        __m256i lsum = zero;
+        for (int64_t k = 0; k < kspan; k += 16) {
+            __m256i pv[2];
+            for (int h = 0; h < 2; h++) {
+                __m256i vm = lanes_below(v - k - 8 * h);
+                pv[h] = zero;
+                if (!_mm256_testz_si256(vm, vm)) {
+                    __m256i d = _mm256_sub_epi32(m, _mm256_loadu_si256((const __m256i *)(sr + k + 8 * h)));
+                    __m256d v0 = _mm256_cvtepi32_pd(_mm256_castsi256_si128(d));
+                    __m256d v1 = _mm256_cvtepi32_pd(_mm256_extracti128_si256(d, 1));
+                    v0 = _mm256_min_pd(_mm256_mul_pd(v0, f), lastv);   /* MIN(v, last): no NaN */
+                    v1 = _mm256_min_pd(_mm256_mul_pd(v1, f), lastv);
+                    v0 = _mm256_sub_pd(_mm256_add_pd(v0, magic), magic); /* round_even */
+                    v1 = _mm256_sub_pd(_mm256_add_pd(v1, magic), magic);
+                    __m256i ix = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm256_cvtpd_epi32(v0)),
+                                                         _mm256_cvtpd_epi32(v1), 1);
+                    __m256i nz = _mm256_andnot_si256(_mm256_cmpeq_epi32(ix, lasti), vm);
+                    if (!_mm256_testz_si256(nz, nz))
+                        pv[h] = _mm256_mask_i32gather_epi32(zero, table, ix, nz, 4);
+                }
+                _mm256_storeu_si256((__m256i *)(sr + k + 8 * h), pv[h]);
+                /* p <= 2^13: packs does not saturate; qwords (0, 2) hold p0..7 */
+                __m256i p16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(pv[h], pv[h]), 0x08);
+                _mm_storeu_si128((__m128i *)(pr + k + 8 * h), _mm256_castsi256_si128(p16));
+            }
+            __m256i b = _mm256_add_epi32(pv[0], pv[1]);
+            lsum = _mm256_add_epi32(lsum, b);
+            bs[r * (kspan / 16) + k / 16] = hsum8(b);
+        }
+        l[r] = hsum8(lsum);
+    }
+    /* P.V, 16 channels at a time */
+    int64_t kend = 0;
+    for (int r = 0; r < RT; r++) kend = MAX(kend, vis[r]);
+    for (int64_t i = 0; i < RT * hs; i++) o64[i] = 0;
+    const int64_t nb = kspan / 16;
+#define FLUSH2(o, a)                                                                               \
+    {                                                                                              \
+        __m256i x0 = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(a));                             \
+        __m256i x1 = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(a, 1));                        \
+        _mm256_storeu_si256((__m256i *)(o), _mm256_add_epi64(_mm256_loadu_si256((__m256i *)(o)), x0)); \
+        _mm256_storeu_si256((__m256i *)((o) + 4),                                                  \
+                            _mm256_add_epi64(_mm256_loadu_si256((__m256i *)((o) + 4)), x1));       \
+        a = _mm256_setzero_si256();                                                                \
+    }
+#define FLUSH_SLICE()                                                                              \
+    for (int r = 0; r < RT; r++) {                                                                 \
+        FLUSH2(o64 + r * hs + c0, acc[r][0])                                                       \
+        FLUSH2(o64 + r * hs + c0 + 8, acc[r][1])                                                   \
+    }
+    for (int64_t c0 = 0; c0 < hs; c0 += 16) {
+        __m256i acc[RT][2];
+        int32_t chunk[RT];
+        for (int r = 0; r < RT; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256(), chunk[r] = 0;
+        for (int64_t k = 0; k < kend; k += 16) {
+            int full, used, split;
+            pv_block_flags(bs + k / 16, nb, chunk, &used, &full, &split);
+            if (!used) continue;
+            if (full) {
+                FLUSH_SLICE()
+                for (int r = 0; r < RT; r++) chunk[r] = 0;
+            }
+            for (int64_t kp = k / 2; kp < k / 2 + 8; kp++) {
+                if (split && kp == k / 2 + 4) FLUSH_SLICE()
+                __m256i v0 = _mm256_loadu_si256((const __m256i *)(Vp + kp * hs + c0));
+                __m256i v1 = _mm256_loadu_si256((const __m256i *)(Vp + kp * hs + c0 + 8));
+                for (int r = 0; r < RT; r++) {
+                    int32_t w;
+                    __builtin_memcpy(&w, P + r * kspan + 2 * kp, 4);   /* p[2kp] | p[2kp+1] << 16 */
+                    __m256i wb = _mm256_set1_epi32(w);
+                    acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(v0, wb));
+                    acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(v1, wb));
+                }
+            }
+            for (int r = 0; r < RT; r++) chunk[r] = split ? 65536 : chunk[r] + bs[r * nb + k / 16];
+        }
+        FLUSH_SLICE()
+    }
+#undef FLUSH_SLICE
+#undef FLUSH2
+}
+#endif
+
+/* attend_fwd's work: (row b, KV head) pairs, each packed once and run tile by tile */
+struct fwd_job {
+    fwd_tile_fn tile;
+    const double *qi, *f, *keys, *values;
+    int64_t nkv, g, T, Tkeys, hs;
+    const int64_t *qpos;
+    const int32_t *table;
+    int64_t ntab;
+    const double *vscale;
+    double *out;
+};
+
+/* pairs [bk0, bk1) of (b, kv), b major; scratch per call (calls run on the engine's threads) */
+static void attend_fwd_pairs(const void *ctx, int64_t bk0, int64_t bk1) {
+    const struct fwd_job *J = ctx;
+    const int64_t hs = J->hs, g = J->g, T = J->T, Tkeys = J->Tkeys, nkv = J->nkv;
     const int64_t hp = hs / 2, nh = nkv * g, Tr = (Tkeys + 63) / 64 * 64;
     const int64_t Rg = g * T, Rgr = (Rg + RT - 1) / RT * RT;
-    const double last = (double)(ntab - 1);
+    const double last = (double)(J->ntab - 1);
     int32_t *Kt = aligned_alloc(64, sizeof(int32_t) * Tr * hp);
     int32_t *Vp = aligned_alloc(64, sizeof(int32_t) * Tr / 2 * hs);
     int32_t *Qp = calloc(Rgr * hp, sizeof(int32_t));
@@ -1560,66 +1739,79 @@ VNNI_TARGET static int attend_fwd_vnni(const double *qi, const double *f, const 
     int64_t *vis = malloc(sizeof(int64_t) * Rgr);
     double *fr = calloc(Rgr, sizeof(double));
     int32_t l[RT];
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t kv = 0; kv < nkv; kv++) {
-            const double *kb = keys + (b * nkv + kv) * Tkeys * hs;
-            const double *vb = values + (b * nkv + kv) * Tkeys * hs;
-            for (int64_t k = 0; k < Tr; k++)
-                for (int64_t cp = 0; cp < hp; cp++) {
-                    int32_t x0 = 0, x1 = 0;
-                    if (k < Tkeys) x0 = (int32_t)kb[k * hs + 2 * cp], x1 = (int32_t)kb[k * hs + 2 * cp + 1];
-                    Kt[((k / 16) * hp + cp) * 16 + k % 16] = (int32_t)((uint32_t)(uint16_t)x0 | ((uint32_t)(uint16_t)x1 << 16));
-                }
-            for (int64_t kp = 0; kp < Tr / 2; kp++)
-                for (int64_t c = 0; c < hs; c++) {
-                    int32_t x0 = 0, x1 = 0;
-                    if (2 * kp < Tkeys) x0 = (int32_t)vb[2 * kp * hs + c];
-                    if (2 * kp + 1 < Tkeys) x1 = (int32_t)vb[(2 * kp + 1) * hs + c];
-                    Vp[kp * hs + c] = (int32_t)((uint32_t)(uint16_t)x0 | ((uint32_t)(uint16_t)x1 << 16));
-                }
-            /* rows (j, t), j major; padding rows: q = 0, nothing visible */
-            for (int64_t j = 0; j < g; j++)
-                for (int64_t t = 0; t < T; t++) {
-                    int64_t r = j * T + t, h = kv * g + j;
-                    const double *q = qi + ((b * nh + h) * T + t) * hs;
-                    for (int64_t cp = 0; cp < hp; cp++)
-                        Qp[r * hp + cp] = (int32_t)((uint32_t)(uint16_t)(int16_t)q[2 * cp] |
-                                                    ((uint32_t)(uint16_t)(int16_t)q[2 * cp + 1] << 16));
-                    vis[r] = MIN(qpos[b * T + t] + 1, Tkeys);
-                    fr[r] = f[(b * nh + h) * T + t];
-                }
-            for (int64_t r = Rg; r < Rgr; r++) vis[r] = 0;
-            for (int64_t r0 = 0; r0 < Rgr; r0 += RT) {
-                int64_t mv = 0;
-                for (int r = 0; r < RT; r++) mv = MAX(mv, vis[r0 + r]);
-                int64_t kspan = MAX((mv + 63) / 64 * 64, 64);
-                if (hs == 64)
-                    fwd_tile(Qp + r0 * hp, Kt, Vp, vis + r0, fr + r0, kspan, 2, table, last, S, P, bs, o64, l);
-                else
-                    fwd_tile(Qp + r0 * hp, Kt, Vp, vis + r0, fr + r0, kspan, (int)(hs / 32), table, last, S, P, bs, o64, l);
-                const double *vs = vscale + kv * hs;
-                for (int r = 0; r < RT && r0 + r < Rg; r++) {
-                    int64_t j = (r0 + r) / T, t = (r0 + r) % T;
-                    double *dst = out + ((b * T + t) * nh + kv * g + j) * hs, dl = (double)l[r];
-                    for (int64_t c = 0; c < hs; c++) dst[c] = (double)o64[r * hs + c] * vs[c] / dl;
-                }
+    for (int64_t bk = bk0; bk < bk1; bk++) {
+        const int64_t b = bk / nkv, kv = bk % nkv;
+        const double *kb = J->keys + (b * nkv + kv) * Tkeys * hs;
+        const double *vb = J->values + (b * nkv + kv) * Tkeys * hs;
+        for (int64_t k = 0; k < Tr; k++)
+            for (int64_t cp = 0; cp < hp; cp++) {
+                int32_t x0 = 0, x1 = 0;
+                if (k < Tkeys) x0 = (int32_t)kb[k * hs + 2 * cp], x1 = (int32_t)kb[k * hs + 2 * cp + 1];
+                Kt[((k / 16) * hp + cp) * 16 + k % 16] = (int32_t)((uint32_t)(uint16_t)x0 | ((uint32_t)(uint16_t)x1 << 16));
+            }
+        for (int64_t kp = 0; kp < Tr / 2; kp++)
+            for (int64_t c = 0; c < hs; c++) {
+                int32_t x0 = 0, x1 = 0;
+                if (2 * kp < Tkeys) x0 = (int32_t)vb[2 * kp * hs + c];
+                if (2 * kp + 1 < Tkeys) x1 = (int32_t)vb[(2 * kp + 1) * hs + c];
+                Vp[kp * hs + c] = (int32_t)((uint32_t)(uint16_t)x0 | ((uint32_t)(uint16_t)x1 << 16));
+            }
+        /* rows (j, t), j major; padding rows: q = 0, nothing visible */
+        for (int64_t j = 0; j < g; j++)
+            for (int64_t t = 0; t < T; t++) {
+                int64_t r = j * T + t, h = kv * g + j;
+                const double *q = J->qi + ((b * nh + h) * T + t) * hs;
+                for (int64_t cp = 0; cp < hp; cp++)
+                    Qp[r * hp + cp] = (int32_t)((uint32_t)(uint16_t)(int16_t)q[2 * cp] |
+                                                ((uint32_t)(uint16_t)(int16_t)q[2 * cp + 1] << 16));
+                vis[r] = MIN(J->qpos[b * T + t] + 1, Tkeys);
+                fr[r] = J->f[(b * nh + h) * T + t];
+            }
+        for (int64_t r = Rg; r < Rgr; r++) vis[r] = 0;
+        for (int64_t r0 = 0; r0 < Rgr; r0 += RT) {
+            int64_t mv = 0;
+            for (int r = 0; r < RT; r++) mv = MAX(mv, vis[r0 + r]);
+            int64_t kspan = MAX((mv + 63) / 64 * 64, 64);
+            J->tile(Qp + r0 * hp, Kt, Vp, vis + r0, fr + r0, kspan, (int)(hs / 32), J->table, last,
+                    S, P, bs, o64, l);
+            const double *vs = J->vscale + kv * hs;
+            for (int r = 0; r < RT && r0 + r < Rg; r++) {
+                int64_t j = (r0 + r) / T, t = (r0 + r) % T;
+                double *dst = J->out + ((b * T + t) * nh + kv * g + j) * hs, dl = (double)l[r];
+                for (int64_t c = 0; c < hs; c++) dst[c] = (double)o64[r * hs + c] * vs[c] / dl;
             }
         }
+    }
     free(Kt); free(Vp); free(Qp); free(S); free(P); free(bs); free(o64); free(vis); free(fr);
-    return 2;
 }
-#endif
 
+/* qi (B, nh, T, hs), f (B, nh, T), keys, values (B, nkv, Tkeys, hs) integer-valued doubles; query
+ * (b, t) sees keys 0..qpos[b, t]; out (B, T, nh * hs). impl: 0 the fastest this CPU runs, 2 the
+ * VNNI tile, 3 the AVX2 tile. The (b, KV head) pairs go to nthreads threads. Returns the form
+ * that ran, or 0 (nothing done) when the CPU or build has none of the asked forms or hs is not a
+ * multiple of 32 up to 128: the caller then uses another form. */
 int attend_fwd(const double *qi, const double *f, const double *keys, const double *values,
                int64_t B, int64_t nkv, int64_t g, int64_t T, int64_t Tkeys, int64_t hs,
                const int64_t *qpos, const int32_t *table, int64_t ntab, const double *vscale,
-               double *out) {
+               double *out, int64_t impl, int64_t nthreads) {
+    if (hs % 32 != 0 || hs <= 0 || hs > 128)
+        return 0;
+    fwd_tile_fn tile = NULL;
+    int form = 0;
 #ifdef HAVE_VNNI
-    if (have_vnni() && hs % 32 == 0 && hs <= 32 * NCMAX)
-        return attend_fwd_vnni(qi, f, keys, values, B, nkv, g, T, Tkeys, hs, qpos, table, ntab,
-                               vscale, out);
+    if ((impl == 0 || impl == 2) && have_vnni())
+        tile = fwd_tile_vnni, form = 2;
 #endif
-    return 0;
+#ifdef HAVE_AVX2_KERNELS
+    if (!tile && (impl == 0 || impl == 3) && have_avx2())
+        tile = fwd_tile_avx2, form = 3;
+#endif
+    if (!tile)
+        return 0;
+    struct fwd_job job = {tile, qi, f, keys, values, nkv, g, T, Tkeys, hs, qpos, table, ntab,
+                          vscale, out};
+    par_for(attend_fwd_pairs, &job, B * nkv, 1, nthreads);
+    return form;
 }
 
 /* LM head (engine._freq_rows): logits z = value * ws[v] * s[m] (2^12 per nat folded into ws),
