@@ -66,6 +66,35 @@ def test_backend_equals_int64_reference(form, M, K, N):
         assert out.dtype == torch.int32 and torch.equal(out.to(torch.int64), ref), (form, threads)
 
 
+@needs_kernels
+@pytest.mark.parametrize("variant", ["full", "noavx512"])
+@pytest.mark.parametrize(
+    "M, K, N", [(1, 4, 16), (5, 576, 1536), (7, 1536, 576), (50, 260, 48), (2, 65532, 16)]
+)
+def test_int16_pass_equals_two_int8_passes(variant, M, K, N):
+    """avx2's one pass over an int16 input's rebuilt rows (gemm_packed16) gives accumulator halves
+    whose value 128 hi + lo is the int64 product, lo in [0, 127], at the extremes: hi = lo = -128
+    (a = -16512) against -128 weights, over K chunks and up to the largest K, on 1 and 3 threads."""
+    if "avx2" not in backend.cpu_flags():
+        pytest.skip("no AVX2 on this CPU")
+    g = torch.Generator().manual_seed(M + K + N)
+    hi = torch.randint(-128, 128, (M, K), generator=g).to(torch.int8)
+    lo = torch.randint(-128, 128, (M, K), generator=g).to(torch.int8)
+    w = torch.randint(-128, 128, (N, K), generator=g).to(torch.int8)
+    hi[0], lo[0], w[0] = -128, -128, -128
+    w[-1] = 127
+    if M > 1:
+        hi[-1], lo[-1] = 127, 127
+    q = torch.cat([hi, lo]).contiguous()
+    ref = (hi.to(torch.int64) * 128 + lo.to(torch.int64)) @ w.to(torch.int64).t()
+    assert int(ref.abs().max()) == 16512 * 128 * K
+    for threads in (1, 3):
+        out = backend.gemm_packed16(kernels.lib(variant), q, backend.pack_weight(w), N, threads)
+        assert out is not None and out.shape == (2 * M, N)
+        assert torch.equal(out[:M].to(torch.int64) * 128 + out[M:].to(torch.int64), ref), threads
+        assert int(out[M:].min()) >= 0 and int(out[M:].max()) <= 127
+
+
 def test_blas_stays_exact_at_reduced_matmul_precision():
     """torch.set_float32_matmul_precision("medium") allows bfloat16 products on CPUs with AMX:
     mm_f32 then computes in float64 and stays exact."""

@@ -5,7 +5,8 @@ the same integers may do it, and which is fastest depends on the CPU:
 
   vnni   kernels.c gemm_packed on AVX-512 VNNI (vpdpbusd) on pack_weight's layout;
   avx2   kernels.c gemm_packed on AVX2 (vpmaddwd on int16-widened bytes: exact; vpmaddubsw would
-         saturate), the same packed weights;
+         saturate), the same packed weights; an int16 input's stacked hi/lo int8 rows in one pass
+         on the rebuilt int16 rows (gemm_packed16: half the work of two int8 passes);
   blas   float32 GEMM (MKL/oneDNN through torch) on the integer values, K cut into chunks of at most
          F32_CHUNK = 1024: every product is at most 128 * 127 < 2^14 in magnitude, so every partial
          sum any BLAS forms, in any order, with or without FMA, is an integer of magnitude <= 2^24
@@ -138,6 +139,19 @@ def gemm_packed(
         q.data_ptr(), q.shape[0], q.shape[1], wp.data_ptr(), N, out.data_ptr(), _IMPL[form], threads
     )
     return out if ran == _IMPL[form] else None
+
+
+def gemm_packed16(lib, q: torch.Tensor, wp: torch.Tensor, N: int, threads: int = 1) -> torch.Tensor | None:
+    """kernels.c gemm_packed16: the stacked hi/lo int8 rows q (2M, K) of an int16 input (xq = 128 hi
+    + lo) with packed wp -> int32 (2M, N) stacked accumulators of the same values as
+    gemm_packed's (128 hi + lo), in one AVX2 pass on the int16 rows instead of two int8 ones; None
+    if it could not run."""
+    assert q.dtype == torch.int8 and q.is_contiguous() and q.device.type == "cpu" and q.shape[0] % 2 == 0
+    out = torch.empty(q.shape[0], N, dtype=torch.int32)
+    ran = lib.gemm_packed16(
+        q.data_ptr(), q.shape[0] // 2, q.shape[1], wp.data_ptr(), N, out.data_ptr(), threads
+    )
+    return out if ran == _IMPL["avx2"] else None
 
 
 @dataclass
@@ -330,6 +344,7 @@ __all__ = [
     "mm_f32",
     "mm_intmm",
     "gemm_packed",
+    "gemm_packed16",
     "cpu_model",
     "has_vnni",
     "best_time",

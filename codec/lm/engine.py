@@ -898,10 +898,13 @@ class Engine:
         self._threads = max(1, int(n))
         self._ops.threads = self._threads
 
-    def _matmul(self, q: torch.Tensor, name: str) -> torch.Tensor:
+    def _matmul(self, q: torch.Tensor, name: str, stacked: bool = False) -> torch.Tensor:
         """int8 rows q (M, K) @ weight `name` (N, K).T -> int32 (M, N), exact, by the backend's
         form for few rows (at most PACKED_ROWS) or many: kernels.c gemm_packed (vnni, avx2),
-        float32 chunks (blas) or torch._int_mm (intmm); the same integers."""
+        float32 chunks (blas) or torch._int_mm (intmm); the same integers. stacked: q is an int16
+        input's hi/lo halves (quant_rows); avx2 then multiplies the rebuilt int16 rows in one pass
+        (gemm_packed16), giving other int32 halves of the same values 128 hi + lo, which is all
+        that combine, swiglu_quant and head_freqs read."""
         w = self._t[name]
         b = self.backend
         form = None if b is None or not self.fused else b.few if q.shape[0] <= PACKED_ROWS else b.many
@@ -922,6 +925,10 @@ class Engine:
                             > 0
                         )
                         wp = self._packed[name] = pack_weight(w) if ok else None
+            if wp is not None and stacked and form == "avx2":
+                out = backends.gemm_packed16(self._ops.lib, q, wp, w.shape[0], self.threads)
+                if out is not None:
+                    return out
             if wp is not None:
                 out = backends.gemm_packed(self._ops.lib, form, q, wp, w.shape[0], self.threads)
                 if out is not None:
@@ -1059,7 +1066,7 @@ class Engine:
         if self._act_max is not None:  # calibrate(): input maxima
             self._record(p + "qkv", x, t[p + "attn_norm"])
         hq, s = ops.rmsnorm_quant(x, t[p + "attn_norm"], c.norm_eps, QKV_INT8)
-        h = ops.combine(self._matmul(hq, p + "qkv.q"), t[p + "qkv.s"], s)
+        h = ops.combine(self._matmul(hq, p + "qkv.q", not QKV_INT8), t[p + "qkv.s"], s)
         qi, f, ki, vi = self._qkv(i, h, B, T, qpos)
         if cache is None:
             keys, values = ki, vi
@@ -1069,12 +1076,14 @@ class Engine:
         a = torch.empty(B, T, c.n_head * c.head_dim, dtype=torch.float64, device=x.device)
         self._attend(i, qi, f, keys, values, qpos, kmax, a)
         aq, s = ops.quant_rows(a.view(B * T, -1), WO_INT8)
-        x = ops.combine(self._matmul(aq, p + "wo.q"), t[p + "wo.s"], s, residual=x)
+        x = ops.combine(self._matmul(aq, p + "wo.q", not WO_INT8), t[p + "wo.s"], s, residual=x)
         if self._act_max is not None:  # calibrate(): input maxima
             self._record(p + "gate_up", x, t[p + "ffn_norm"])
         hq, s = ops.rmsnorm_quant(x, t[p + "ffn_norm"], c.norm_eps, GATE_UP_INT8)
-        mq, s = ops.swiglu_quant(self._matmul(hq, p + "gate_up.q"), t[p + "gate_up.s"], s, self._sig)
-        return ops.combine(self._matmul(mq, p + "down.q"), t[p + "down.s"], s, residual=x)
+        mq, s = ops.swiglu_quant(
+            self._matmul(hq, p + "gate_up.q", not GATE_UP_INT8), t[p + "gate_up.s"], s, self._sig
+        )
+        return ops.combine(self._matmul(mq, p + "down.q", True), t[p + "down.s"], s, residual=x)
 
     @torch.no_grad()
     def head(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -1090,7 +1099,12 @@ class Engine:
             hq, s = self._ops.rmsnorm_quant(x[r : r + HEAD_ROWS], t["norm"], c.norm_eps)
             # logits * 2^LOGIT_RES_BITS: the power of two is folded into the weight scale (exact)
             self._ops.head_freqs(
-                self._matmul(hq, w + ".q"), self._head_scale, s, self._lexp, budget, out[r : r + HEAD_ROWS]
+                self._matmul(hq, w + ".q", True),
+                self._head_scale,
+                s,
+                self._lexp,
+                budget,
+                out[r : r + HEAD_ROWS],
             )
         return out
 

@@ -1111,6 +1111,79 @@ AVX2_TARGET static void gemm_range_avx2(const int16_t *restrict A16, int64_t M, 
         }
     }
 }
+
+/* The AVX2 GEMM of an int16 input (engine: qkv, down, the LM head), in one pass instead of two.
+ * The engine splits such a row xq (|xq| <= ACT_MAX) into int8 halves hi and lo (xq = 128 hi + lo)
+ * and stacks them, (2M, K), because int8 is what VNNI, BLAS-free int8 GEMMs and CUDA multiply; but
+ * vpmaddwd multiplies int16 anyway, so here the row is rebuilt, a = 128 hi + lo (|a| <= 128 * 128
+ * + 128 = 16512: never -32768, vpmaddwd's one wrapping case), and multiplied once. A pair sum is
+ * at most 2 * 16512 * 255 and a lane sums at most KC16 / 2 pairs: |lane| <= 16512 * 255 * KC16 <
+ * 2^31, so every KC16 k the lanes are added into int64 (the value needs up to ~2^34). The result is
+ * the exact value v = a @ W^T, written as the stacked accumulators every consumer reads (combine,
+ * swiglu_quant, head_freqs take 128 hi + lo): hi = floor(v / 128), lo = v - 128 hi in [0, 127].
+ * The value is the one the two int8 passes give, so are all the engine's outputs. */
+#define KC16 256
+AVX2_TARGET static inline __attribute__((always_inline)) void
+gemm_block16_avx2(const int16_t *restrict A16, int64_t K, const uint8_t *restrict w,
+                  int32_t *restrict C, int64_t M, int64_t N, const int64_t *restrict corr,
+                  int64_t m0, int64_t col0, const int mr) {
+    int64_t tot[MR2][32];
+    for (int r = 0; r < mr; r++)
+        for (int i = 0; i < 32; i++) tot[r][i] = 0;
+    const int16_t *a = A16 + m0 * K;
+    for (int64_t k0 = 0; k0 < K; k0 += KC16) {
+        const int64_t k1 = MIN(K, k0 + KC16);
+        __m256i acc[MR2][4];
+        for (int r = 0; r < mr; r++)
+            for (int g = 0; g < 4; g++) acc[r][g] = _mm256_setzero_si256();
+        for (int64_t k = k0; k < k1; k += 4) {
+            __m256i av[MR2];
+            for (int r = 0; r < mr; r++) {
+                int64_t x;
+                __builtin_memcpy(&x, a + r * K + k, 8);
+                av[r] = _mm256_set1_epi64x(x);
+            }
+            for (int g = 0; g < 4; g++) {
+                __m256i wv = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w + 16 * k + 4 * 4 * g)));
+                for (int r = 0; r < mr; r++)
+                    acc[r][g] = _mm256_add_epi32(acc[r][g], _mm256_madd_epi16(wv, av[r]));
+            }
+        }
+        for (int r = 0; r < mr; r++)
+            for (int g = 0; g < 4; g++) {
+                __m256i lo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(acc[r][g]));
+                __m256i hi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(acc[r][g], 1));
+                int64_t *t = tot[r] + 8 * g;
+                _mm256_storeu_si256((__m256i *)t, _mm256_add_epi64(_mm256_loadu_si256((__m256i *)t), lo));
+                _mm256_storeu_si256((__m256i *)(t + 4),
+                                    _mm256_add_epi64(_mm256_loadu_si256((__m256i *)(t + 4)), hi));
+            }
+    }
+    /* lane j of group g: column 4g + j / 2 (k, k+1 in even lanes, k+2, k+3 in odd ones) */
+    for (int r = 0; r < mr; r++)
+        for (int c = 0; c < 16; c++) {
+            int64_t v = tot[r][2 * c] + tot[r][2 * c + 1] - corr[m0 + r];
+            int64_t h = v >> 7;                         /* floor(v / 128): arithmetic shift */
+            C[(m0 + r) * N + col0 + c] = (int32_t)h;
+            C[(M + m0 + r) * N + col0 + c] = (int32_t)(v - h * 128);
+        }
+}
+
+AVX2_TARGET static void gemm_range16_avx2(const int16_t *restrict A16, int64_t M, int64_t K,
+                                          const uint8_t *restrict Wp, int64_t N,
+                                          int32_t *restrict C, const int64_t *restrict corr,
+                                          int64_t p_begin, int64_t p_end) {
+    for (int64_t mb = 0; mb < M; mb += ROWS_AVX2) {
+        int64_t me = MIN(M, mb + ROWS_AVX2);
+        for (int64_t p = p_begin; p < p_end; p++) {
+            const uint8_t *w = Wp + p * 16 * K;
+            int64_t m0 = mb;
+            for (; m0 + MR2 <= me; m0 += MR2)
+                gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, 16 * p, MR2);
+            for (; m0 < me; m0++) gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, 16 * p, 1);
+        }
+    }
+}
 #endif
 
 /* Parallel loops over POSIX threads, started per call and joined before it returns: no pool whose
@@ -1153,13 +1226,14 @@ static void par_for(void (*fn)(const void *, int64_t, int64_t), const void *ctx,
 }
 
 struct gemm_job {
-    int form;                    /* 2 VNNI, 3 AVX2 */
+    int form;                    /* 2 VNNI, 3 AVX2, 4 AVX2 on the rebuilt int16 rows */
     const int8_t *A;
     const int16_t *A16;
     int64_t M, K, N;
     const uint8_t *Wp;
     int32_t *C;
     const int32_t *corr;
+    const int64_t *corr64;       /* form 4 */
 };
 
 /* panels [p_begin, p_end) */
@@ -1172,6 +1246,8 @@ static void gemm_run(const void *ctx, int64_t p_begin, int64_t p_end) {
 #ifdef HAVE_AVX2_KERNELS
     if (j->form == 3)
         gemm_range_avx2(j->A16, j->M, j->K, j->Wp, j->N, j->C, j->corr, p_begin, p_end);
+    if (j->form == 4)
+        gemm_range16_avx2(j->A16, j->M, j->K, j->Wp, j->N, j->C, j->corr64, p_begin, p_end);
 #endif
     (void)j; (void)p_begin; (void)p_end;
 }
@@ -1208,11 +1284,49 @@ int gemm_packed(const int8_t *A, int64_t M, int64_t K, const uint8_t *Wp, int64_
     }
     if (A16)
         for (int64_t i = 0; i < M * K; i++) A16[i] = A[i];
-    struct gemm_job job = {form, A, A16, M, K, N, Wp, C, corr};
+    struct gemm_job job = {form, A, A16, M, K, N, Wp, C, corr, NULL};
     /* chunks of 6 panels (96 columns; the VNNI kernel's blocks are 3 panels) */
     par_for(gemm_run, &job, N / 16, 6, nthreads);
     free(corr); free(A16);
     return form;
+}
+
+/* The stacked hi/lo int8 rows A (2M, K) of an int16 input (xq = 128 hi + lo) times W packed ->
+ * C (2M, N), the stacked accumulators of the value (gemm_block16_avx2), one int16 pass on AVX2.
+ * Returns 3 when it ran, 0 (nothing done) when the CPU or build has no AVX2 or the shape does not
+ * fit; A = NULL only answers. Other CPUs' forms multiply the two int8 halves (gemm_packed). */
+int gemm_packed16(const int8_t *A, int64_t M, int64_t K, const uint8_t *Wp, int64_t N, int32_t *C,
+                  int64_t nthreads) {
+    if (N % 16 != 0 || K % 4 != 0 || K >= 65536 || M < 0)
+        return 0;
+#ifdef HAVE_AVX2_KERNELS
+    if (!have_avx2())
+        return 0;
+    if (A == NULL)
+        return 3;
+    int64_t *corr = malloc(sizeof(int64_t) * (M > 0 ? M : 1));
+    int16_t *A16 = malloc(sizeof(int16_t) * (M * K > 0 ? M * K : 1));
+    if (!corr || !A16) {
+        free(corr); free(A16);
+        return 0;
+    }
+    for (int64_t m = 0; m < M; m++) {
+        int64_t t = 0;
+        for (int64_t k = 0; k < K; k++) {
+            int16_t a = (int16_t)(128 * (int32_t)A[m * K + k] + A[(M + m) * K + k]);
+            A16[m * K + k] = a;
+            t += a;
+        }
+        corr[m] = 128 * t;
+    }
+    struct gemm_job job = {4, A, A16, M, K, N, Wp, C, NULL, corr};
+    par_for(gemm_run, &job, N / 16, 6, nthreads);
+    free(corr); free(A16);
+    return 3;
+#else
+    (void)A; (void)Wp; (void)C; (void)nthreads;
+    return 0;
+#endif
 }
 
 /* The decoding KV cache write (engine.State on CPU, (B, nkv, L, hs) int16 keys and values): row b's

@@ -92,16 +92,18 @@ _SIGNATURES = {
     "attend_step": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _i64, _i64],
     "kv_store": [_p, _p, _i64, _i64, _i64, _p, _i64, _p, _p],
     "gemm_packed": [_p, _i64, _i64, _p, _i64, _p, _i64, _i64],
+    "gemm_packed16": [_p, _i64, _i64, _p, _i64, _p, _i64],
     "attend_fwd": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _i64],
     "head_freqs": [_p, _i64, _i64, _p, _p, _p, _i64, _i64, _p, _i64],
 }
 
 # functions that return something: attend_step returns the form that ran (1 portable, 2 VNNI);
-# gemm_packed the form that ran (2 VNNI, 3 AVX2) or 0 when none could
+# gemm_packed the form that ran (2 VNNI, 3 AVX2) or 0 when none could, gemm_packed16 3 or 0
 # attend_fwd the form that ran (2 VNNI, 3 AVX2) or 0 when the CPU or shape needs another; head_freqs,
 # quant_rows, rmsnorm_quant and swiglu_quant take impl like attend_step and return the form that ran
 _RESTYPES = {
     "gemm_packed": ctypes.c_int,
+    "gemm_packed16": ctypes.c_int,
     "attend_step": ctypes.c_int,
     "attend_fwd": ctypes.c_int,
     "head_freqs": ctypes.c_int,
