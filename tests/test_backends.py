@@ -273,3 +273,75 @@ def test_backends_on_the_real_weights(real, form):
     st = forced.start(2, 4)
     for i in range(4):
         assert torch.equal(forced.step(st, x[0, i].repeat(2))[0], want[0, i])
+
+
+def _thread_nices() -> dict[int, int]:
+    """tid -> nice of this process's threads (/proc/self/task/*/stat, field 19)."""
+    out = {}
+    for task in os.listdir("/proc/self/task"):
+        try:
+            stat_line = open(f"/proc/self/task/{task}/stat").read()
+        except OSError:
+            continue
+        out[int(task)] = int(stat_line.rsplit(")", 1)[1].split()[16])
+    return out
+
+
+@needs_kernels
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_worker_pool_concurrent_callers_nice_and_fork():
+    """kernels.c's persistent helper threads: callers on several threads at once (one gets the pool,
+    the others their own threads) all get the exact product; a nice-19 caller's helpers run at nice
+    19 (a pool per nice value) and sleep between calls; a forked child, which has none of the
+    parent's helpers, still computes (no hang)."""
+    import threading
+    import time
+
+    _runnable("avx2")
+    lib = kernels.lib("noavx512")
+    a, w = _extremes(40, 576, 192, 5)
+    wp, ref = backend.pack_weight(w), a.to(torch.int64) @ w.to(torch.int64).t()
+    errors = []
+
+    def work(nice):
+        try:
+            if nice:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            for _ in range(20):
+                out = backend.gemm_packed(lib, "avx2", a, wp, 192, 2)
+                if not torch.equal(out.to(torch.int64), ref):
+                    errors.append(nice)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    before = set(_thread_nices())
+    threads = [threading.Thread(target=work, args=(n,)) for n in (0, 0, 19, 19)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    new = {tid: n for tid, n in _thread_nices().items() if tid not in before}
+    assert 19 in new.values()  # the nice-19 pool's helper, created by a nice-19 caller
+    time.sleep(0.05)
+    for tid in new:  # the helpers still there sleep on the condition variable, not spinning
+        try:
+            state = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue  # a thread that ended (the callers)
+        assert state in ("S", "D"), state
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        ok = torch.equal(backend.gemm_packed(lib, "avx2", a, wp, 192, 2).to(torch.int64), ref)
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:  # pragma: no cover - a hang
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung in the worker pool")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0

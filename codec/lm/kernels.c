@@ -9,10 +9,14 @@
  *
  * Row-major, contiguous arrays throughout; the Python side checks dtypes and contiguity.
  */
+#define _GNU_SOURCE   /* getpriority's per-thread meaning, pthread_atfork */
+#include <errno.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
 /* -DLLMFS_NO_AVX512: no AVX-512 code at all (no VNNI kernels, no x86-64-v4 clones), what an AVX2-only
  * CPU runs: LLMFS_BACKEND=avx2|blas|intmm load this build so that a VNNI machine runs those paths. */
 #if defined(LLMFS_NO_AVX512) && !defined(LLMFS_NO_VNNI)
@@ -1186,14 +1190,24 @@ AVX2_TARGET static void gemm_range16_avx2(const int16_t *restrict A16, int64_t M
 }
 #endif
 
-/* Parallel loops over POSIX threads, started per call and joined before it returns: no pool whose
- * idle workers spin (torch's OpenMP threads spin between calls and made a loaded 2-core machine
- * 27-70x slower), and threads inherit the caller's nice value (compaction: 19). The work is cut
- * into chunks that the threads take from a shared counter, the calling thread too: a thread that
- * gets little CPU (the other core busy) delays the call by at most its current chunk. Every output
- * entry is computed by exactly one thread with the same instructions, so the result does not
- * depend on the number of threads. */
+/* Parallel loops over POSIX threads. The work is cut into chunks that the threads take from a
+ * shared counter, the calling thread too: a thread that gets little CPU (the other core busy)
+ * delays the call by at most its current chunk. Every output entry is computed by exactly one
+ * thread with the same instructions, so the result does not depend on the number of threads.
+ *
+ * The helpers are a persistent pool that sleeps on a condition variable between calls: no
+ * spinning (torch's OpenMP threads spin between calls and made a loaded 2-core machine 27-70x
+ * slower), so idle threads cost nothing, and no thread creation per call (a GEMM call is ~0.1-1 ms
+ * when decoding: creating and joining its helpers each time cost a measurable share). A call
+ * wakes the helpers it wants, works itself, then waits until every helper that took part has left
+ * the job. Priorities: nice is per thread on Linux and a thread inherits its creator's, and a
+ * thread may raise its own nice but not lower it back, so there is one pool per nice value of the
+ * calling threads (compaction runs at nice 19: its helpers are created by it and run at 19 too),
+ * each created lazily by its first caller. One call at a time per pool: a second concurrent caller
+ * (another engine on another thread) starts and joins its own helpers as before, rather than wait.
+ * After fork() the child has none of the pools' threads: an atfork handler forgets them. */
 #define MAX_THREADS 64
+#define POOLS 4
 struct par {
     void (*fn)(const void *ctx, int64_t begin, int64_t end);
     const void *ctx;
@@ -1210,18 +1224,115 @@ static void *par_worker(void *arg) {
     }
 }
 
+struct pool {
+    int used, nice, nworkers;
+    pthread_mutex_t busy;           /* held by the call that uses the pool */
+    pthread_mutex_t lk;             /* guards the fields below */
+    pthread_cond_t go, done;
+    struct par *job;
+    int slots;                      /* helpers the current call still wants */
+    int active;                     /* helpers inside the current job */
+};
+static struct pool pools[POOLS];
+static pthread_mutex_t pools_lk = PTHREAD_MUTEX_INITIALIZER;
+static int pools_atfork;
+
+static void *pool_worker(void *arg) {
+    struct pool *P = arg;
+    pthread_mutex_lock(&P->lk);
+    for (;;) {
+        while (P->slots == 0)
+            pthread_cond_wait(&P->go, &P->lk);
+        P->slots--;
+        P->active++;
+        struct par *j = P->job;
+        pthread_mutex_unlock(&P->lk);
+        par_worker(j);
+        pthread_mutex_lock(&P->lk);
+        if (--P->active == 0 && P->slots == 0)
+            pthread_cond_signal(&P->done);
+    }
+    return NULL;
+}
+
+static void pools_forget(void) {     /* in a fork child: the helpers do not exist there */
+    for (int i = 0; i < POOLS; i++) pools[i].used = 0;
+    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    pools_lk = fresh;
+}
+
+/* the pool of the calling thread's nice value, or NULL (all slots taken by other values) */
+static struct pool *pool_of_caller(void) {
+    errno = 0;
+    int nice = getpriority(PRIO_PROCESS, 0);  /* Linux: the calling thread's */
+    if (nice == -1 && errno != 0)
+        return NULL;
+    struct pool *P = NULL;
+    pthread_mutex_lock(&pools_lk);
+    if (!pools_atfork)
+        pools_atfork = pthread_atfork(NULL, NULL, pools_forget) == 0 ? 1 : -1;
+    for (int i = 0; i < POOLS && !P; i++)
+        if (pools[i].used && pools[i].nice == nice)
+            P = &pools[i];
+    for (int i = 0; i < POOLS && !P; i++)
+        if (!pools[i].used) {
+            P = &pools[i];
+            memset(P, 0, sizeof(*P));
+            pthread_mutex_init(&P->busy, NULL);
+            pthread_mutex_init(&P->lk, NULL);
+            pthread_cond_init(&P->go, NULL);
+            pthread_cond_init(&P->done, NULL);
+            P->used = 1, P->nice = nice;
+        }
+    pthread_mutex_unlock(&pools_lk);
+    return P;
+}
+
 /* fn(ctx, begin, end) over [0, n) in chunks of `step`, on up to nthreads threads */
 static void par_for(void (*fn)(const void *, int64_t, int64_t), const void *ctx, int64_t n,
                     int64_t step, int64_t nthreads) {
     struct par p = {fn, ctx, n, step, 0};
     int64_t chunks = (n + step - 1) / step;
-    int64_t nt = MAX(1, MIN(MIN(nthreads, MAX_THREADS), chunks));
+    int nt = (int)MAX(1, MIN(MIN(nthreads, MAX_THREADS), chunks));
+    if (nt == 1) {
+        par_worker(&p);
+        return;
+    }
+    struct pool *P = pool_of_caller();
+    if (P && pthread_mutex_trylock(&P->busy) == 0) {
+        while (P->nworkers < nt - 1) {   /* grow: helpers inherit this thread's nice */
+            pthread_t t;
+            if (pthread_create(&t, NULL, pool_worker, P) != 0)
+                break;
+            pthread_detach(t);
+            P->nworkers++;
+        }
+        pthread_mutex_lock(&P->lk);
+        P->job = &p;
+        P->slots = MIN(nt - 1, P->nworkers);
+        P->active = 0;
+        if (P->slots == 1)
+            pthread_cond_signal(&P->go);
+        else if (P->slots > 1)
+            pthread_cond_broadcast(&P->go);
+        pthread_mutex_unlock(&P->lk);
+        par_worker(&p);                   /* helpers that get no CPU leave their share here */
+        pthread_mutex_lock(&P->lk);
+        P->slots = 0;                     /* the counter is spent: helpers not yet awake stay asleep */
+        while (P->active > 0)
+            pthread_cond_wait(&P->done, &P->lk);
+        P->job = NULL;
+        pthread_mutex_unlock(&P->lk);
+        pthread_mutex_unlock(&P->busy);
+        return;
+    }
+    /* the pool is in use by another call: threads of this call only */
     pthread_t tid[MAX_THREADS];
     int started[MAX_THREADS] = {0};
-    for (int64_t t = 1; t < nt; t++)
+    for (int t = 1; t < nt; t++)
         started[t] = pthread_create(&tid[t], NULL, par_worker, &p) == 0;
-    par_worker(&p);                       /* a thread that could not start leaves its share here */
-    for (int64_t t = 1; t < nt; t++)
+    par_worker(&p);
+    for (int t = 1; t < nt; t++)
         if (started[t]) pthread_join(tid[t], NULL);
 }
 
