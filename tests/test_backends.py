@@ -345,3 +345,26 @@ def test_worker_pool_concurrent_callers_nice_and_fork():
             pytest.fail("the forked child hung in the worker pool")
         time.sleep(0.05)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_inexact_intmm_is_refused(monkeypatch):
+    """A torch._int_mm that saturates (oneDNN's vpmaddubsw without VNNI/AMX) is not a backend: the
+    probe at the int8 extremes catches it and says why; an exact one passes."""
+    exact = backend.mm_intmm
+
+    def saturating(q, w):  # pair sums clamped to int16, as vpmaddubsw does
+        p = (q.to(torch.int32).unsqueeze(1) * w.to(torch.int32).unsqueeze(0)).view(
+            q.shape[0], w.shape[0], -1, 2
+        )
+        return p.sum(-1).clamp(-32768, 32767).sum(-1).to(torch.int32)
+
+    try:
+        backend._intmm_inexact.cache_clear()
+        monkeypatch.setattr(backend, "mm_intmm", saturating)
+        assert "not exact" in backend.unsupported("intmm")
+        backend._intmm_inexact.cache_clear()
+        monkeypatch.setattr(backend, "mm_intmm", lambda q, w: q.to(torch.int32) @ w.to(torch.int32).t())
+        assert backend.unsupported("intmm") is None
+    finally:
+        monkeypatch.setattr(backend, "mm_intmm", exact)
+        backend._intmm_inexact.cache_clear()

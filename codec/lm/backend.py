@@ -14,7 +14,9 @@ the same integers may do it, and which is fastest depends on the CPU:
          int32 (|total| <= 128 * 127 * K < 2^31). The int16 inputs of qkv, down and the LM head
          reach the GEMM as two int8 rows (hi and lo, engine.TorchOps.quant_rows), so this bound
          covers them too; the float32 weights cost 4 bytes per weight (built on first use);
-  intmm  torch._int_mm (oneDNN): fast where it has VNNI/AMX, 1.7-1.9 GOP/s on an AVX2-only AMD EPYC.
+  intmm  torch._int_mm (oneDNN): fast where it has VNNI/AMX, 1.7-1.9 GOP/s on an AVX2-only AMD EPYC;
+         without VNNI/AMX oneDNN's vpmaddubsw saturates and the integers are wrong, so a probe at
+         the int8 extremes (_intmm_inexact) rules it out there.
 
 They give the same int32 results (tests/test_backends.py checks each, at the int8 extremes and on the
 real model's weights), so the choice never changes a frequency table, only the speed. It is made per
@@ -38,6 +40,7 @@ When decoding, kernels.c attend_step: VNNI or its portable loops (compiled with 
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -178,7 +181,7 @@ class Backend:
             return "vnni"
         if "avx2" in cpu_flags():
             return "avx2"
-        return "digits" if self.many == "intmm" else "steps"
+        return "digits" if self.many == "intmm" else "steps"  # intmm: only where it is exact
 
     def digits_mm(self):
         """FusedOps' digits_mm: the GEMM of the digit form (vnni's fallback and intmm's)."""
@@ -194,10 +197,29 @@ class Backend:
         )
 
 
+@functools.cache
+def _intmm_inexact() -> bool:
+    """Whether torch._int_mm gives wrong integers here. oneDNN's int8 GEMM without VNNI/AMX (an
+    AVX2-only CPU, or ONEDNN_MAX_CPU_ISA=AVX2) multiplies with vpmaddubsw, whose int16 pair sums
+    saturate: with rows of +-127 against weights of +-127 it returned other integers (measured on
+    this Sapphire Rapids limited to AVX2, at 2-1024 rows, K 576 and 1536). Probed at the int8
+    extremes on two row counts, once per process."""
+    g = torch.Generator().manual_seed(0)
+    for m in (2, 64):
+        a = torch.randint(-128, 128, (m, 576), dtype=torch.int8, generator=g)
+        w = torch.randint(-128, 128, (32, 576), dtype=torch.int8, generator=g)
+        a[0], a[1], w[0], w[1] = 127, -128, 127, -128
+        if not torch.equal(mm_intmm(a, w).to(torch.int64), a.to(torch.int64) @ w.to(torch.int64).t()):
+            return True
+    return False
+
+
 def unsupported(form: str) -> str | None:
     """Why this CPU/build cannot run `form` (None: it can)."""
     if form not in FORMS:
         return f"unknown backend {form!r} (one of {', '.join(FORMS)})"
+    if form == "intmm" and _intmm_inexact():
+        return f"torch._int_mm is not exact on this CPU or oneDNN ISA (int16 saturation; {cpu_model()})"
     if form in _IMPL:
         lib = kernels.lib("full")  # holds both packed forms
         if lib is None:
