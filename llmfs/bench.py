@@ -487,12 +487,13 @@ def run_cache(args) -> int:
     work = Path(tempfile.mkdtemp(prefix="llmfs-bench-", dir=args.dir))
     text = text_corpus(args.size)
     mounts = {}
+    threads = ["--threads", args.threads] if args.threads else []
     try:
         for name in ("lm", "zstd"):
             store, mnt = work / f"{name}.store", work / f"{name}.mnt"
             mnt.mkdir()
             llmfs("mkfs", store, "--block-size", args.block_size)
-            llmfs("mount", store, mnt, "--no-compaction", "--cache-size", args.cache_size)
+            llmfs("mount", store, mnt, "--no-compaction", "--cache-size", args.cache_size, *threads)
             mounts[name] = (store, mnt)
             (mnt / "f").write_bytes(text)
         store, mnt = mounts["lm"]
@@ -500,7 +501,7 @@ def run_cache(args) -> int:
         llmfs("compact", mnt, "--now")
         compact_s = time.perf_counter() - t
         llmfs("umount", mnt)  # a fresh daemon: nothing decoded yet
-        llmfs("mount", store, mnt, "--no-compaction", "--cache-size", args.cache_size)
+        llmfs("mount", store, mnt, "--no-compaction", "--cache-size", args.cache_size, *threads)
         cold_ttfb, cold = timed_read_ttfb(mnt / "f")
         hot_ttfb, hot = timed_read_ttfb(mnt / "f")
         rss = daemon_rss(store)
@@ -512,7 +513,8 @@ def run_cache(args) -> int:
     budget = parse_size(str(args.cache_size))
     print(
         f"llmfs bench cache: {len(text)} bytes of text, block size {args.block_size}, "
-        f"RAM budget {budget >> 20} MiB (compaction took {compact_s:.0f} s)"
+        f"RAM budget {budget >> 20} MiB, engine threads {args.threads or 'default'} "
+        f"(compaction took {compact_s:.0f} s)"
     )
     print(f"cold first read   time to first byte {cold_ttfb:8.3f} s, {mib / cold:8.3f} MiB/s")
     print(f"hot re-read       time to first byte {hot_ttfb:8.4f} s, {mib / hot:8.1f} MiB/s")
@@ -539,5 +541,6 @@ def _register_cache(subparsers) -> None:
     )
     p.add_argument("--block-size", type=parse_size, default=DEFAULT_BLOCK_SIZE)
     p.add_argument("--cache-size", default="64M")
+    p.add_argument("--threads", type=int, default=None, help="the daemons' engine threads (mount --threads)")
     p.add_argument("--dir", default=None)
     p.set_defaults(func=run_cache)

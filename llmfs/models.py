@@ -41,10 +41,11 @@ log = logging.getLogger("llmfs")
 
 # The engine's own threads (codec/lm/codec.py; --threads N). They never spin-wait (torch's OpenMP
 # threads did, which on a loaded 2-core machine made the model many times slower, so torch keeps
-# one), take work in chunks from a shared counter and inherit the compactor thread's nice 19; but
-# each call joins its workers, and on an oversubscribed machine a worker may wait a scheduler slice
-# before it runs at all, per GEMM call. One thread by default until the kernels stop waiting for
-# workers that never got a chunk (docs/design.md, "Threading and locks").
+# one): kernels.c keeps helper threads asleep on a condition variable between calls, one pool per
+# nice value (the compactor's helpers run at its nice 19), and work goes in chunks from a shared
+# counter. A call still waits for the helpers that took part to leave it, and on an oversubscribed
+# machine a woken helper may wait a scheduler slice before it runs, per GEMM call
+# (docs/design.md, "Threading and locks").
 THREADS = 1
 # Bytes of a model file read to find its manifest (the canonical tokenizer is ~1.6 MB of it).
 _MANIFEST_PEEK = 8 << 20

@@ -527,9 +527,9 @@ def register(sub) -> None:
         "--threads",
         type=positive_int,
         default=None,
-        help="CPU threads of the LM (default 1). More only on cores nothing else "
-        "needs: torch's threads spin while they wait, and on a busy 2-core "
-        "machine 2 threads compacted a block 27x slower than 1",
+        help="CPU threads of the LM's kernels (default 1). They sleep between calls "
+        "(no spinning), but a call waits for the helpers it woke: more pay off on "
+        "cores that nothing else keeps busy",
     )
     p.add_argument(
         "--compact-after",

@@ -66,6 +66,35 @@ def test_backend_equals_int64_reference(form, M, K, N):
         assert out.dtype == torch.int32 and torch.equal(out.to(torch.int64), ref), (form, threads)
 
 
+@needs_kernels
+@pytest.mark.parametrize("variant", ["full", "noavx512"])
+@pytest.mark.parametrize(
+    "M, K, N", [(1, 4, 16), (5, 576, 1536), (7, 1536, 576), (50, 260, 48), (2, 65532, 16)]
+)
+def test_int16_pass_equals_two_int8_passes(variant, M, K, N):
+    """avx2's one pass over an int16 input's rebuilt rows (gemm_packed16) gives accumulator halves
+    whose value 128 hi + lo is the int64 product, lo in [0, 127], at the extremes: hi = lo = -128
+    (a = -16512) against -128 weights, over K chunks and up to the largest K, on 1 and 3 threads."""
+    if "avx2" not in backend.cpu_flags():
+        pytest.skip("no AVX2 on this CPU")
+    g = torch.Generator().manual_seed(M + K + N)
+    hi = torch.randint(-128, 128, (M, K), generator=g).to(torch.int8)
+    lo = torch.randint(-128, 128, (M, K), generator=g).to(torch.int8)
+    w = torch.randint(-128, 128, (N, K), generator=g).to(torch.int8)
+    hi[0], lo[0], w[0] = -128, -128, -128
+    w[-1] = 127
+    if M > 1:
+        hi[-1], lo[-1] = 127, 127
+    q = torch.cat([hi, lo]).contiguous()
+    ref = (hi.to(torch.int64) * 128 + lo.to(torch.int64)) @ w.to(torch.int64).t()
+    assert int(ref.abs().max()) == 16512 * 128 * K
+    for threads in (1, 3):
+        out = backend.gemm_packed16(kernels.lib(variant), q, backend.pack_weight(w), N, threads)
+        assert out is not None and out.shape == (2 * M, N)
+        assert torch.equal(out[:M].to(torch.int64) * 128 + out[M:].to(torch.int64), ref), threads
+        assert int(out[M:].min()) >= 0 and int(out[M:].max()) <= 127
+
+
 def test_blas_stays_exact_at_reduced_matmul_precision():
     """torch.set_float32_matmul_precision("medium") allows bfloat16 products on CPUs with AMX:
     mm_f32 then computes in float64 and stays exact."""
@@ -97,8 +126,8 @@ def test_engine_on_each_backend_equals_torch_ops(form):
     t = Engine.tiny(seed=9, dim=64, n_head=4, n_kv_head=2, ffn_dim=128, vocab_size=272, max_seq_len=80)
     e = Engine(t.config, t.tensors, backend=form, threads=2)
     assert e.backend.few == e.backend.many == form
-    if form in ("avx2", "blas"):  # what an AVX2-only CPU encodes with
-        assert e._ops.attention == "steps" and e.backend.variant == "noavx512"
+    if form != "vnni":  # what an AVX2-only CPU encodes with: the fused AVX2 attention tile
+        assert e._ops.attention == "avx2" and e.backend.variant == "noavx512"
     g = torch.Generator().manual_seed(3)
     x = torch.randint(0, 272, (3, 70), generator=g)
     got = e.freqs(x)
@@ -244,3 +273,98 @@ def test_backends_on_the_real_weights(real, form):
     st = forced.start(2, 4)
     for i in range(4):
         assert torch.equal(forced.step(st, x[0, i].repeat(2))[0], want[0, i])
+
+
+def _thread_nices() -> dict[int, int]:
+    """tid -> nice of this process's threads (/proc/self/task/*/stat, field 19)."""
+    out = {}
+    for task in os.listdir("/proc/self/task"):
+        try:
+            stat_line = open(f"/proc/self/task/{task}/stat").read()
+        except OSError:
+            continue
+        out[int(task)] = int(stat_line.rsplit(")", 1)[1].split()[16])
+    return out
+
+
+@needs_kernels
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_worker_pool_concurrent_callers_nice_and_fork():
+    """kernels.c's persistent helper threads: callers on several threads at once (one gets the pool,
+    the others their own threads) all get the exact product; a nice-19 caller's helpers run at nice
+    19 (a pool per nice value) and sleep between calls; a forked child, which has none of the
+    parent's helpers, still computes (no hang)."""
+    import threading
+    import time
+
+    _runnable("avx2")
+    lib = kernels.lib("noavx512")
+    a, w = _extremes(40, 576, 192, 5)
+    wp, ref = backend.pack_weight(w), a.to(torch.int64) @ w.to(torch.int64).t()
+    errors = []
+
+    def work(nice):
+        try:
+            if nice:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            for _ in range(20):
+                out = backend.gemm_packed(lib, "avx2", a, wp, 192, 2)
+                if not torch.equal(out.to(torch.int64), ref):
+                    errors.append(nice)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    before = set(_thread_nices())
+    threads = [threading.Thread(target=work, args=(n,)) for n in (0, 0, 19, 19)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    new = {tid: n for tid, n in _thread_nices().items() if tid not in before}
+    assert 19 in new.values()  # the nice-19 pool's helper, created by a nice-19 caller
+    time.sleep(0.05)
+    for tid in new:  # the helpers still there sleep on the condition variable, not spinning
+        try:
+            state = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue  # a thread that ended (the callers)
+        assert state in ("S", "D"), state
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        ok = torch.equal(backend.gemm_packed(lib, "avx2", a, wp, 192, 2).to(torch.int64), ref)
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:  # pragma: no cover - a hang
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung in the worker pool")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_inexact_intmm_is_refused(monkeypatch):
+    """A torch._int_mm that saturates (oneDNN's vpmaddubsw without VNNI/AMX) is not a backend: the
+    probe at the int8 extremes catches it and says why; an exact one passes."""
+    exact = backend.mm_intmm
+
+    def saturating(q, w):  # pair sums clamped to int16, as vpmaddubsw does
+        p = (q.to(torch.int32).unsqueeze(1) * w.to(torch.int32).unsqueeze(0)).view(
+            q.shape[0], w.shape[0], -1, 2
+        )
+        return p.sum(-1).clamp(-32768, 32767).sum(-1).to(torch.int32)
+
+    try:
+        backend._intmm_inexact.cache_clear()
+        monkeypatch.setattr(backend, "mm_intmm", saturating)
+        assert "not exact" in backend.unsupported("intmm")
+        backend._intmm_inexact.cache_clear()
+        monkeypatch.setattr(backend, "mm_intmm", lambda q, w: q.to(torch.int32) @ w.to(torch.int32).t())
+        assert backend.unsupported("intmm") is None
+    finally:
+        monkeypatch.setattr(backend, "mm_intmm", exact)
+        backend._intmm_inexact.cache_clear()

@@ -8,13 +8,14 @@ import textwrap
 
 import pytest
 import torch
-from llmfs.codec.lm import kernels
+from llmfs.codec.lm import backend, kernels
 from llmfs.codec.lm.engine import (
     ACT_MAX,
     FREQ_TOTAL_BITS,
     Engine,
     FusedOps,
     TorchOps,
+    _table32,
     det_sqrt,
     sigmoid_table,
 )
@@ -469,7 +470,8 @@ def test_kernels_without_clones_or_vnni_agree():
     [(2, 3, 3, 300, 64), (2, 2, 2, 130, 32), (1, 1, 4, 70, 128), (2, 2, 3, 65, 96), (1, 3, 3, 1024, 64)],
 )
 def test_attend_many_queries_vnni_equals_digits_and_torch(shape):
-    """Encoding attention (T > 1): the VNNI kernel on int16 operands, the int8 digit GEMMs and the
+    """Encoding attention (T > 1): the fused kernel on int16 operands (its VNNI and AVX2 tiles, the
+    latter in both builds and on 1-3 threads), the int8 digit GEMMs, the per-query form and the
     float64 GEMMs give the same bits, with rows at the int32 chunk bounds of P.V (every visible
     weight 2^P_BITS and every value +-2^14) and ordinary random rows."""
     from llmfs.codec.lm.engine import ATTN_BLOCK, KV_BITS, Q_MAX, attn_exp_table
@@ -499,9 +501,22 @@ def test_attend_many_queries_vnni_equals_digits_and_torch(shape):
         FusedOps(kernels.lib(v), impl, attention="steps")
         for v, impl in (("full", 0), ("full", 1), ("noavx512", 0))
     ]
-    for i, ops in enumerate(steps):
-        ops.threads = 1 + i
-    for ops in (FusedOps(kernels.lib(), 0), FusedOps(kernels.lib(), 1), *steps, TorchOps()):
+    # the AVX2 tile of attend_fwd, in the full build and in the one without AVX-512 code
+    fused = [FusedOps(kernels.lib(v), 0, attention="avx2") for v in ("full", "noavx512")]
+    for i, ops in enumerate(steps + fused):
+        ops.threads = 1 + i % 3
+    if "avx2" not in backend.cpu_flags():
+        pytest.skip("no AVX2 on this CPU")
+    qp, t32 = qpos.contiguous(), _table32(table)
+    for ops in fused:  # the tile runs (impl 3: the AVX2 tile or nothing), not a fallback
+        out = torch.zeros(B, T, nh * hs, dtype=torch.float64)
+        ptrs = [t.data_ptr() for t in (qi, f, keys, values)]
+        ran = ops.lib.attend_fwd(
+            *ptrs, B, nkv, grp, T, T, hs, qp.data_ptr(), t32.data_ptr(), table.numel(),
+            vscale.data_ptr(), out.data_ptr(), 3, ops.threads,
+        )  # fmt: skip
+        assert ran == 3
+    for ops in (FusedOps(kernels.lib(), 0), FusedOps(kernels.lib(), 1), *steps, *fused, TorchOps()):
         out = torch.empty(B, T, nh * hs, dtype=torch.float64)
         ops.attend(qi, f, keys, values, qpos, kmax, vscale, table, out)
         outs.append(out)

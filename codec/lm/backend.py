@@ -5,7 +5,8 @@ the same integers may do it, and which is fastest depends on the CPU:
 
   vnni   kernels.c gemm_packed on AVX-512 VNNI (vpdpbusd) on pack_weight's layout;
   avx2   kernels.c gemm_packed on AVX2 (vpmaddwd on int16-widened bytes: exact; vpmaddubsw would
-         saturate), the same packed weights;
+         saturate), the same packed weights; an int16 input's stacked hi/lo int8 rows in one pass
+         on the rebuilt int16 rows (gemm_packed16: half the work of two int8 passes);
   blas   float32 GEMM (MKL/oneDNN through torch) on the integer values, K cut into chunks of at most
          F32_CHUNK = 1024: every product is at most 128 * 127 < 2^14 in magnitude, so every partial
          sum any BLAS forms, in any order, with or without FMA, is an integer of magnitude <= 2^24
@@ -13,7 +14,9 @@ the same integers may do it, and which is fastest depends on the CPU:
          int32 (|total| <= 128 * 127 * K < 2^31). The int16 inputs of qkv, down and the LM head
          reach the GEMM as two int8 rows (hi and lo, engine.TorchOps.quant_rows), so this bound
          covers them too; the float32 weights cost 4 bytes per weight (built on first use);
-  intmm  torch._int_mm (oneDNN): fast where it has VNNI/AMX, 1.7-1.9 GOP/s on an AVX2-only AMD EPYC.
+  intmm  torch._int_mm (oneDNN): fast where it has VNNI/AMX, 1.7-1.9 GOP/s on an AVX2-only AMD EPYC;
+         without VNNI/AMX oneDNN's vpmaddubsw saturates and the integers are wrong, so a probe at
+         the int8 extremes (_intmm_inexact) rules it out there.
 
 They give the same int32 results (tests/test_backends.py checks each, at the int8 extremes and on the
 real model's weights), so the choice never changes a frequency table, only the speed. It is made per
@@ -26,18 +29,18 @@ error, BackendError). avx2, blas and intmm also load kernels.c built without any
 AVX-512 machine runs the elementwise kernels an AVX2-only CPU runs; vnni (and auto on a VNNI CPU)
 load the full build.
 
-Attention when encoding (many queries per row): kernels.c attend_fwd, fused VNNI, where the backend
-loads the full build on a VNNI CPU; otherwise kernels.c attend_step once per query on the segment's
-int16 keys (its AVX2 clone; on the engine's threads), or for intmm the int8 digit GEMMs of the
-operands by torch._int_mm. (Per query costs about what the float64 or digit GEMM forms cost, but
-needs no BLAS and runs on the engine's threads; the fused VNNI tile is ~5x faster than all of them,
-and an AVX2 form of it is the next step for AVX2-only CPUs.)
+Attention when encoding (many queries per row): kernels.c attend_fwd, scores, weights and P.V fused
+per tile of query rows on the int16 integers: its VNNI tile where the backend loads the full build
+on a VNNI CPU, else its AVX2 tile (vpmaddwd + vpaddd, the same int32 sums), every backend alike, on
+the engine's threads. Only a CPU without AVX2 falls back to kernels.c attend_step once per query on
+the segment's int16 keys, or for intmm to the int8 digit GEMMs of the operands by torch._int_mm.
 When decoding, kernels.c attend_step: VNNI or its portable loops (compiled with an AVX2 clone).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -141,6 +144,19 @@ def gemm_packed(
     return out if ran == _IMPL[form] else None
 
 
+def gemm_packed16(lib, q: torch.Tensor, wp: torch.Tensor, N: int, threads: int = 1) -> torch.Tensor | None:
+    """kernels.c gemm_packed16: the stacked hi/lo int8 rows q (2M, K) of an int16 input (xq = 128 hi
+    + lo) with packed wp -> int32 (2M, N) stacked accumulators of the same values as
+    gemm_packed's (128 hi + lo), in one AVX2 pass on the int16 rows instead of two int8 ones; None
+    if it could not run."""
+    assert q.dtype == torch.int8 and q.is_contiguous() and q.device.type == "cpu" and q.shape[0] % 2 == 0
+    out = torch.empty(q.shape[0], N, dtype=torch.int32)
+    ran = lib.gemm_packed16(
+        q.data_ptr(), q.shape[0] // 2, q.shape[1], wp.data_ptr(), N, out.data_ptr(), threads
+    )
+    return out if ran == _IMPL["avx2"] else None
+
+
 @dataclass
 class Backend:
     """What the engine runs on CPU: the GEMM form per regime, the kernels build, and why."""
@@ -158,12 +174,14 @@ class Backend:
 
     @property
     def attention(self) -> str:
-        """The encoding attention: "vnni" (fused kernels.c attend_fwd), "digits" (int8 digit GEMMs
-        by torch._int_mm, for intmm) or "steps" (kernels.c attend_step per query, its AVX2 clone,
-        on the engine's threads)."""
+        """The encoding attention: "vnni" or "avx2" (kernels.c attend_fwd's fused tile: VNNI where
+        the build and CPU have it, else AVX2), "digits" (int8 digit GEMMs by torch._int_mm) or
+        "steps" (kernels.c attend_step per query), the last two only for CPUs without AVX2."""
         if self.variant == "full" and has_vnni():
             return "vnni"
-        return "digits" if self.many == "intmm" else "steps"
+        if "avx2" in cpu_flags():
+            return "avx2"
+        return "digits" if self.many == "intmm" else "steps"  # intmm: only where it is exact
 
     def digits_mm(self):
         """FusedOps' digits_mm: the GEMM of the digit form (vnni's fallback and intmm's)."""
@@ -179,10 +197,29 @@ class Backend:
         )
 
 
+@functools.cache
+def _intmm_inexact() -> bool:
+    """Whether torch._int_mm gives wrong integers here. oneDNN's int8 GEMM without VNNI/AMX (an
+    AVX2-only CPU, or ONEDNN_MAX_CPU_ISA=AVX2) multiplies with vpmaddubsw, whose int16 pair sums
+    saturate: with rows of +-127 against weights of +-127 it returned other integers (measured on
+    this Sapphire Rapids limited to AVX2, at 2-1024 rows, K 576 and 1536). Probed at the int8
+    extremes on two row counts, once per process."""
+    g = torch.Generator().manual_seed(0)
+    for m in (2, 64):
+        a = torch.randint(-128, 128, (m, 576), dtype=torch.int8, generator=g)
+        w = torch.randint(-128, 128, (32, 576), dtype=torch.int8, generator=g)
+        a[0], a[1], w[0], w[1] = 127, -128, 127, -128
+        if not torch.equal(mm_intmm(a, w).to(torch.int64), a.to(torch.int64) @ w.to(torch.int64).t()):
+            return True
+    return False
+
+
 def unsupported(form: str) -> str | None:
     """Why this CPU/build cannot run `form` (None: it can)."""
     if form not in FORMS:
         return f"unknown backend {form!r} (one of {', '.join(FORMS)})"
+    if form == "intmm" and _intmm_inexact():
+        return f"torch._int_mm is not exact on this CPU or oneDNN ISA (int16 saturation; {cpu_model()})"
     if form in _IMPL:
         lib = kernels.lib("full")  # holds both packed forms
         if lib is None:
@@ -329,6 +366,7 @@ __all__ = [
     "mm_f32",
     "mm_intmm",
     "gemm_packed",
+    "gemm_packed16",
     "cpu_model",
     "has_vnni",
     "best_time",

@@ -489,6 +489,10 @@ def _ptr(t: torch.Tensor, dtype: torch.dtype) -> int:
     return t.data_ptr()
 
 
+# kernels.c attend_fwd's impl for FusedOps.attention: the VNNI tile or the AVX2 one
+_FWD_IMPL = {"vnni": 2, "avx2": 3}
+
+
 class FusedOps(TorchOps):
     """The same steps through kernels.c (CPU only): one or two passes instead of ~10 torch ops."""
 
@@ -496,14 +500,15 @@ class FusedOps(TorchOps):
         """impl: which form of the C kernels runs (attention, head_freqs, ...), 0 the fastest the
         CPU allows, 1 the portable one, 2 AVX-512 (VNNI for attention) where the CPU has it
         (tests compare them). attention, when encoding (the backend decides,
-        codec/lm/backend.py): "vnni" kernels.c attend_fwd where the CPU has it, else "digits";
+        codec/lm/backend.py): "vnni" / "avx2" kernels.c attend_fwd's VNNI or AVX2 tile where the CPU
+        has it (on the engine's threads), else "digits";
         "digits" int8 GEMMs on digits of the operands by digits_mm (a (M, K), b (N, K)) -> a @ b.T
         int32 (default torch._int_mm); "steps" kernels.c attend_step once per query."""
         self.lib = lib
         self.impl = impl
         self.attention = attention
         self.digits_mm = digits_mm or _mm
-        self.threads = 1  # POSIX threads of attend_step (Engine.threads sets it)
+        self.threads = 1  # POSIX threads of attend_step and attend_fwd (Engine.threads sets it)
 
     def quant_rows(self, x, int8=False):
         M, K = x.shape
@@ -643,7 +648,7 @@ class FusedOps(TorchOps):
                 1,
             )
             return
-        if self.impl != 1 and self.attention == "vnni" and keys.dtype == torch.float64:
+        if self.impl != 1 and self.attention in _FWD_IMPL and keys.dtype == torch.float64:
             qp = qpos.contiguous()
             if self.lib.attend_fwd(
                 _ptr(qi, torch.float64),
@@ -661,9 +666,11 @@ class FusedOps(TorchOps):
                 table.numel(),
                 _ptr(vscale, torch.float64),
                 _ptr(out, torch.float64),
+                _FWD_IMPL[self.attention],
+                self.threads,
             ):
                 return
-        if self.attention == "steps":  # per query on int16 keys
+        if self.attention in ("steps", "avx2"):  # per query on int16 keys (avx2: a shape its tile lacks)
             k16 = keys.to(torch.int16).contiguous()  # |x| <= 2^KV_BITS: exact
             v16 = values.to(torch.int16).contiguous()
             q = qi.transpose(1, 2).contiguous()  # (B, T, nh, hs)
@@ -902,10 +909,13 @@ class Engine:
         self._threads = max(1, int(n))
         self._ops.threads = self._threads
 
-    def _matmul(self, q: torch.Tensor, name: str) -> torch.Tensor:
+    def _matmul(self, q: torch.Tensor, name: str, stacked: bool = False) -> torch.Tensor:
         """int8 rows q (M, K) @ weight `name` (N, K).T -> int32 (M, N), exact, by the backend's
         form for few rows (at most PACKED_ROWS) or many: kernels.c gemm_packed (vnni, avx2),
-        float32 chunks (blas) or torch._int_mm (intmm); the same integers."""
+        float32 chunks (blas) or torch._int_mm (intmm); the same integers. stacked: q is an int16
+        input's hi/lo halves (quant_rows); avx2 then multiplies the rebuilt int16 rows in one pass
+        (gemm_packed16), giving other int32 halves of the same values 128 hi + lo, which is all
+        that combine, swiglu_quant and head_freqs read."""
         w = self._t[name]
         b = self.backend
         form = None if b is None or not self.fused else b.few if q.shape[0] <= PACKED_ROWS else b.many
@@ -926,6 +936,10 @@ class Engine:
                             > 0
                         )
                         wp = self._packed[name] = pack_weight(w) if ok else None
+            if wp is not None and stacked and form == "avx2":
+                out = backends.gemm_packed16(self._ops.lib, q, wp, w.shape[0], self.threads)
+                if out is not None:
+                    return out
             if wp is not None:
                 out = backends.gemm_packed(self._ops.lib, form, q, wp, w.shape[0], self.threads)
                 if out is not None:
@@ -1066,7 +1080,7 @@ class Engine:
         if self._act_max is not None:  # calibrate(): input maxima
             self._record(p + "qkv", x, t[p + "attn_norm"])
         hq, s = ops.rmsnorm_quant(x, t[p + "attn_norm"], c.norm_eps, QKV_INT8)
-        h = ops.combine(self._matmul(hq, p + "qkv.q"), t[p + "qkv.s"], s)
+        h = ops.combine(self._matmul(hq, p + "qkv.q", not QKV_INT8), t[p + "qkv.s"], s)
         qi, f, ki, vi = self._qkv(i, h, B, T, qpos)
         if record is not None:  # prefix(): this layer's keys and values, as the cache holds them
             record.append((ki.to(torch.int16), vi.to(torch.int16)))
@@ -1081,12 +1095,14 @@ class Engine:
         a = torch.empty(B, T, c.n_head * c.head_dim, dtype=torch.float64, device=x.device)
         self._attend(i, qi, f, keys, values, qpos, kmax, a)
         aq, s = ops.quant_rows(a.view(B * T, -1), WO_INT8)
-        x = ops.combine(self._matmul(aq, p + "wo.q"), t[p + "wo.s"], s, residual=x)
+        x = ops.combine(self._matmul(aq, p + "wo.q", not WO_INT8), t[p + "wo.s"], s, residual=x)
         if self._act_max is not None:  # calibrate(): input maxima
             self._record(p + "gate_up", x, t[p + "ffn_norm"])
         hq, s = ops.rmsnorm_quant(x, t[p + "ffn_norm"], c.norm_eps, GATE_UP_INT8)
-        mq, s = ops.swiglu_quant(self._matmul(hq, p + "gate_up.q"), t[p + "gate_up.s"], s, self._sig)
-        return ops.combine(self._matmul(mq, p + "down.q"), t[p + "down.s"], s, residual=x)
+        mq, s = ops.swiglu_quant(
+            self._matmul(hq, p + "gate_up.q", not GATE_UP_INT8), t[p + "gate_up.s"], s, self._sig
+        )
+        return ops.combine(self._matmul(mq, p + "down.q", True), t[p + "down.s"], s, residual=x)
 
     @torch.no_grad()
     def head(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -1102,7 +1118,12 @@ class Engine:
             hq, s = self._ops.rmsnorm_quant(x[r : r + HEAD_ROWS], t["norm"], c.norm_eps)
             # logits * 2^LOGIT_RES_BITS: the power of two is folded into the weight scale (exact)
             self._ops.head_freqs(
-                self._matmul(hq, w + ".q"), self._head_scale, s, self._lexp, budget, out[r : r + HEAD_ROWS]
+                self._matmul(hq, w + ".q", True),
+                self._head_scale,
+                s,
+                self._lexp,
+                budget,
+                out[r : r + HEAD_ROWS],
             )
         return out
 

@@ -9,10 +9,14 @@
  *
  * Row-major, contiguous arrays throughout; the Python side checks dtypes and contiguity.
  */
+#define _GNU_SOURCE   /* getpriority's per-thread meaning, pthread_atfork */
+#include <errno.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
 /* -DLLMFS_NO_AVX512: no AVX-512 code at all (no VNNI kernels, no x86-64-v4 clones), what an AVX2-only
  * CPU runs: LLMFS_BACKEND=avx2|blas|intmm load this build so that a VNNI machine runs those paths. */
 #if defined(LLMFS_NO_AVX512) && !defined(LLMFS_NO_VNNI)
@@ -1111,16 +1115,99 @@ AVX2_TARGET static void gemm_range_avx2(const int16_t *restrict A16, int64_t M, 
         }
     }
 }
+
+/* The AVX2 GEMM of an int16 input (engine: qkv, down, the LM head), in one pass instead of two.
+ * The engine splits such a row xq (|xq| <= ACT_MAX) into int8 halves hi and lo (xq = 128 hi + lo)
+ * and stacks them, (2M, K), because int8 is what VNNI, BLAS-free int8 GEMMs and CUDA multiply; but
+ * vpmaddwd multiplies int16 anyway, so here the row is rebuilt, a = 128 hi + lo (|a| <= 128 * 128
+ * + 128 = 16512: never -32768, vpmaddwd's one wrapping case), and multiplied once. A pair sum is
+ * at most 2 * 16512 * 255 and a lane sums at most KC16 / 2 pairs: |lane| <= 16512 * 255 * KC16 <
+ * 2^31, so every KC16 k the lanes are added into int64 (the value needs up to ~2^34). The result is
+ * the exact value v = a @ W^T, written as the stacked accumulators every consumer reads (combine,
+ * swiglu_quant, head_freqs take 128 hi + lo): hi = floor(v / 128), lo = v - 128 hi in [0, 127].
+ * The value is the one the two int8 passes give, so are all the engine's outputs. */
+#define KC16 256
+AVX2_TARGET static inline __attribute__((always_inline)) void
+gemm_block16_avx2(const int16_t *restrict A16, int64_t K, const uint8_t *restrict w,
+                  int32_t *restrict C, int64_t M, int64_t N, const int64_t *restrict corr,
+                  int64_t m0, int64_t col0, const int mr) {
+    int64_t tot[MR2][32];
+    for (int r = 0; r < mr; r++)
+        for (int i = 0; i < 32; i++) tot[r][i] = 0;
+    const int16_t *a = A16 + m0 * K;
+    for (int64_t k0 = 0; k0 < K; k0 += KC16) {
+        const int64_t k1 = MIN(K, k0 + KC16);
+        __m256i acc[MR2][4];
+        for (int r = 0; r < mr; r++)
+            for (int g = 0; g < 4; g++) acc[r][g] = _mm256_setzero_si256();
+        for (int64_t k = k0; k < k1; k += 4) {
+            __m256i av[MR2];
+            for (int r = 0; r < mr; r++) {
+                int64_t x;
+                __builtin_memcpy(&x, a + r * K + k, 8);
+                av[r] = _mm256_set1_epi64x(x);
+            }
+            for (int g = 0; g < 4; g++) {
+                __m256i wv = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w + 16 * k + 4 * 4 * g)));
+                for (int r = 0; r < mr; r++)
+                    acc[r][g] = _mm256_add_epi32(acc[r][g], _mm256_madd_epi16(wv, av[r]));
+            }
+        }
+        for (int r = 0; r < mr; r++)
+            for (int g = 0; g < 4; g++) {
+                __m256i lo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(acc[r][g]));
+                __m256i hi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(acc[r][g], 1));
+                int64_t *t = tot[r] + 8 * g;
+                _mm256_storeu_si256((__m256i *)t, _mm256_add_epi64(_mm256_loadu_si256((__m256i *)t), lo));
+                _mm256_storeu_si256((__m256i *)(t + 4),
+                                    _mm256_add_epi64(_mm256_loadu_si256((__m256i *)(t + 4)), hi));
+            }
+    }
+    /* lane j of group g: column 4g + j / 2 (k, k+1 in even lanes, k+2, k+3 in odd ones) */
+    for (int r = 0; r < mr; r++)
+        for (int c = 0; c < 16; c++) {
+            int64_t v = tot[r][2 * c] + tot[r][2 * c + 1] - corr[m0 + r];
+            int64_t h = v >> 7;                         /* floor(v / 128): arithmetic shift */
+            C[(m0 + r) * N + col0 + c] = (int32_t)h;
+            C[(M + m0 + r) * N + col0 + c] = (int32_t)(v - h * 128);
+        }
+}
+
+AVX2_TARGET static void gemm_range16_avx2(const int16_t *restrict A16, int64_t M, int64_t K,
+                                          const uint8_t *restrict Wp, int64_t N,
+                                          int32_t *restrict C, const int64_t *restrict corr,
+                                          int64_t p_begin, int64_t p_end) {
+    for (int64_t mb = 0; mb < M; mb += ROWS_AVX2) {
+        int64_t me = MIN(M, mb + ROWS_AVX2);
+        for (int64_t p = p_begin; p < p_end; p++) {
+            const uint8_t *w = Wp + p * 16 * K;
+            int64_t m0 = mb;
+            for (; m0 + MR2 <= me; m0 += MR2)
+                gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, 16 * p, MR2);
+            for (; m0 < me; m0++) gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, 16 * p, 1);
+        }
+    }
+}
 #endif
 
-/* Parallel loops over POSIX threads, started per call and joined before it returns: no pool whose
- * idle workers spin (torch's OpenMP threads spin between calls and made a loaded 2-core machine
- * 27-70x slower), and threads inherit the caller's nice value (compaction: 19). The work is cut
- * into chunks that the threads take from a shared counter, the calling thread too: a thread that
- * gets little CPU (the other core busy) delays the call by at most its current chunk. Every output
- * entry is computed by exactly one thread with the same instructions, so the result does not
- * depend on the number of threads. */
+/* Parallel loops over POSIX threads. The work is cut into chunks that the threads take from a
+ * shared counter, the calling thread too: a thread that gets little CPU (the other core busy)
+ * delays the call by at most its current chunk. Every output entry is computed by exactly one
+ * thread with the same instructions, so the result does not depend on the number of threads.
+ *
+ * The helpers are a persistent pool that sleeps on a condition variable between calls: no
+ * spinning (torch's OpenMP threads spin between calls and made a loaded 2-core machine 27-70x
+ * slower), so idle threads cost nothing, and no thread creation per call (a GEMM call is ~0.1-1 ms
+ * when decoding: creating and joining its helpers each time cost a measurable share). A call
+ * wakes the helpers it wants, works itself, then waits until every helper that took part has left
+ * the job. Priorities: nice is per thread on Linux and a thread inherits its creator's, and a
+ * thread may raise its own nice but not lower it back, so there is one pool per nice value of the
+ * calling threads (compaction runs at nice 19: its helpers are created by it and run at 19 too),
+ * each created lazily by its first caller. One call at a time per pool: a second concurrent caller
+ * (another engine on another thread) starts and joins its own helpers as before, rather than wait.
+ * After fork() the child has none of the pools' threads: an atfork handler forgets them. */
 #define MAX_THREADS 64
+#define POOLS 4
 struct par {
     void (*fn)(const void *ctx, int64_t begin, int64_t end);
     const void *ctx;
@@ -1137,29 +1224,127 @@ static void *par_worker(void *arg) {
     }
 }
 
+struct pool {
+    int used, nice, nworkers;
+    pthread_mutex_t busy;           /* held by the call that uses the pool */
+    pthread_mutex_t lk;             /* guards the fields below */
+    pthread_cond_t go, done;
+    struct par *job;
+    int slots;                      /* helpers the current call still wants */
+    int active;                     /* helpers inside the current job */
+};
+static struct pool pools[POOLS];
+static pthread_mutex_t pools_lk = PTHREAD_MUTEX_INITIALIZER;
+static int pools_atfork;
+
+static void *pool_worker(void *arg) {
+    struct pool *P = arg;
+    pthread_mutex_lock(&P->lk);
+    for (;;) {
+        while (P->slots == 0)
+            pthread_cond_wait(&P->go, &P->lk);
+        P->slots--;
+        P->active++;
+        struct par *j = P->job;
+        pthread_mutex_unlock(&P->lk);
+        par_worker(j);
+        pthread_mutex_lock(&P->lk);
+        if (--P->active == 0 && P->slots == 0)
+            pthread_cond_signal(&P->done);
+    }
+    return NULL;
+}
+
+static void pools_forget(void) {     /* in a fork child: the helpers do not exist there */
+    for (int i = 0; i < POOLS; i++) pools[i].used = 0;
+    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    pools_lk = fresh;
+}
+
+/* the pool of the calling thread's nice value, or NULL (all slots taken by other values) */
+static struct pool *pool_of_caller(void) {
+    errno = 0;
+    int nice = getpriority(PRIO_PROCESS, 0);  /* Linux: the calling thread's */
+    if (nice == -1 && errno != 0)
+        return NULL;
+    struct pool *P = NULL;
+    pthread_mutex_lock(&pools_lk);
+    if (!pools_atfork)
+        pools_atfork = pthread_atfork(NULL, NULL, pools_forget) == 0 ? 1 : -1;
+    for (int i = 0; i < POOLS && !P; i++)
+        if (pools[i].used && pools[i].nice == nice)
+            P = &pools[i];
+    for (int i = 0; i < POOLS && !P; i++)
+        if (!pools[i].used) {
+            P = &pools[i];
+            memset(P, 0, sizeof(*P));
+            pthread_mutex_init(&P->busy, NULL);
+            pthread_mutex_init(&P->lk, NULL);
+            pthread_cond_init(&P->go, NULL);
+            pthread_cond_init(&P->done, NULL);
+            P->used = 1, P->nice = nice;
+        }
+    pthread_mutex_unlock(&pools_lk);
+    return P;
+}
+
 /* fn(ctx, begin, end) over [0, n) in chunks of `step`, on up to nthreads threads */
 static void par_for(void (*fn)(const void *, int64_t, int64_t), const void *ctx, int64_t n,
                     int64_t step, int64_t nthreads) {
     struct par p = {fn, ctx, n, step, 0};
     int64_t chunks = (n + step - 1) / step;
-    int64_t nt = MAX(1, MIN(MIN(nthreads, MAX_THREADS), chunks));
+    int nt = (int)MAX(1, MIN(MIN(nthreads, MAX_THREADS), chunks));
+    if (nt == 1) {
+        par_worker(&p);
+        return;
+    }
+    struct pool *P = pool_of_caller();
+    if (P && pthread_mutex_trylock(&P->busy) == 0) {
+        while (P->nworkers < nt - 1) {   /* grow: helpers inherit this thread's nice */
+            pthread_t t;
+            if (pthread_create(&t, NULL, pool_worker, P) != 0)
+                break;
+            pthread_detach(t);
+            P->nworkers++;
+        }
+        pthread_mutex_lock(&P->lk);
+        P->job = &p;
+        P->slots = MIN(nt - 1, P->nworkers);
+        P->active = 0;
+        if (P->slots == 1)
+            pthread_cond_signal(&P->go);
+        else if (P->slots > 1)
+            pthread_cond_broadcast(&P->go);
+        pthread_mutex_unlock(&P->lk);
+        par_worker(&p);                   /* helpers that get no CPU leave their share here */
+        pthread_mutex_lock(&P->lk);
+        P->slots = 0;                     /* the counter is spent: helpers not yet awake stay asleep */
+        while (P->active > 0)
+            pthread_cond_wait(&P->done, &P->lk);
+        P->job = NULL;
+        pthread_mutex_unlock(&P->lk);
+        pthread_mutex_unlock(&P->busy);
+        return;
+    }
+    /* the pool is in use by another call: threads of this call only */
     pthread_t tid[MAX_THREADS];
     int started[MAX_THREADS] = {0};
-    for (int64_t t = 1; t < nt; t++)
+    for (int t = 1; t < nt; t++)
         started[t] = pthread_create(&tid[t], NULL, par_worker, &p) == 0;
-    par_worker(&p);                       /* a thread that could not start leaves its share here */
-    for (int64_t t = 1; t < nt; t++)
+    par_worker(&p);
+    for (int t = 1; t < nt; t++)
         if (started[t]) pthread_join(tid[t], NULL);
 }
 
 struct gemm_job {
-    int form;                    /* 2 VNNI, 3 AVX2 */
+    int form;                    /* 2 VNNI, 3 AVX2, 4 AVX2 on the rebuilt int16 rows */
     const int8_t *A;
     const int16_t *A16;
     int64_t M, K, N;
     const uint8_t *Wp;
     int32_t *C;
     const int32_t *corr;
+    const int64_t *corr64;       /* form 4 */
 };
 
 /* panels [p_begin, p_end) */
@@ -1172,6 +1357,8 @@ static void gemm_run(const void *ctx, int64_t p_begin, int64_t p_end) {
 #ifdef HAVE_AVX2_KERNELS
     if (j->form == 3)
         gemm_range_avx2(j->A16, j->M, j->K, j->Wp, j->N, j->C, j->corr, p_begin, p_end);
+    if (j->form == 4)
+        gemm_range16_avx2(j->A16, j->M, j->K, j->Wp, j->N, j->C, j->corr64, p_begin, p_end);
 #endif
     (void)j; (void)p_begin; (void)p_end;
 }
@@ -1208,11 +1395,49 @@ int gemm_packed(const int8_t *A, int64_t M, int64_t K, const uint8_t *Wp, int64_
     }
     if (A16)
         for (int64_t i = 0; i < M * K; i++) A16[i] = A[i];
-    struct gemm_job job = {form, A, A16, M, K, N, Wp, C, corr};
+    struct gemm_job job = {form, A, A16, M, K, N, Wp, C, corr, NULL};
     /* chunks of 6 panels (96 columns; the VNNI kernel's blocks are 3 panels) */
     par_for(gemm_run, &job, N / 16, 6, nthreads);
     free(corr); free(A16);
     return form;
+}
+
+/* The stacked hi/lo int8 rows A (2M, K) of an int16 input (xq = 128 hi + lo) times W packed ->
+ * C (2M, N), the stacked accumulators of the value (gemm_block16_avx2), one int16 pass on AVX2.
+ * Returns 3 when it ran, 0 (nothing done) when the CPU or build has no AVX2 or the shape does not
+ * fit; A = NULL only answers. Other CPUs' forms multiply the two int8 halves (gemm_packed). */
+int gemm_packed16(const int8_t *A, int64_t M, int64_t K, const uint8_t *Wp, int64_t N, int32_t *C,
+                  int64_t nthreads) {
+    if (N % 16 != 0 || K % 4 != 0 || K >= 65536 || M < 0)
+        return 0;
+#ifdef HAVE_AVX2_KERNELS
+    if (!have_avx2())
+        return 0;
+    if (A == NULL)
+        return 3;
+    int64_t *corr = malloc(sizeof(int64_t) * (M > 0 ? M : 1));
+    int16_t *A16 = malloc(sizeof(int16_t) * (M * K > 0 ? M * K : 1));
+    if (!corr || !A16) {
+        free(corr); free(A16);
+        return 0;
+    }
+    for (int64_t m = 0; m < M; m++) {
+        int64_t t = 0;
+        for (int64_t k = 0; k < K; k++) {
+            int16_t a = (int16_t)(128 * (int32_t)A[m * K + k] + A[(M + m) * K + k]);
+            A16[m * K + k] = a;
+            t += a;
+        }
+        corr[m] = 128 * t;
+    }
+    struct gemm_job job = {4, A, A16, M, K, N, Wp, C, NULL, corr};
+    par_for(gemm_run, &job, N / 16, 6, nthreads);
+    free(corr); free(A16);
+    return 3;
+#else
+    (void)A; (void)Wp; (void)C; (void)nthreads;
+    return 0;
+#endif
 }
 
 /* The decoding KV cache write (engine.State on CPU, (B, nkv, L, hs) int16 keys and values): row b's
@@ -1302,10 +1527,10 @@ int attend_step(const double *qi, const double *f, const int16_t *K, const int16
     return form;
 }
 
-#ifdef HAVE_VNNI
 /* ---- attention of many queries per row on int16 operands (engine.FusedOps.attend, T > 1) --------
  * The digit form above costs 2 int8 GEMMs for the scores and 4 for P.V (plus splitting keys and
- * values into digits and recombining); vpdpwssd multiplies the 15-bit integers directly, and
+ * values into digits and recombining); vpdpwssd (AVX2: vpmaddwd then vpaddd, the same pair sums;
+ * fwd_tile_avx2 below) multiplies the 15-bit integers directly, and
  * scores, weights and P.V run fused per tile of RT query rows, so no (rows, keys) temporary leaves
  * L1/L2. Per (row b, KV head): keys go to blocks of 16 keys with channel pairs as int32 lanes
  * (Kt[block][c/2][16]), values to key pairs per channel (Vp[k/2][c] = v[2i][c] | v[2i+1][c] << 16),
@@ -1335,6 +1560,13 @@ static inline void pv_block_flags(const int32_t *bs, int64_t nb, const int32_t *
     *used = u, *full = f, *split = sp;
 }
 
+/* one tile of RT rows (attend_fwd_pairs calls one form): nc = hs / 32 */
+typedef void (*fwd_tile_fn)(const int32_t *Qp, const int32_t *Kt, const int32_t *Vp,
+                            const int64_t *vis, const double *fr, int64_t kspan, int nc,
+                            const int32_t *table, double last, int32_t *S, int16_t *P, int32_t *bs,
+                            int64_t *o64, int32_t *l);
+
+#ifdef HAVE_VNNI
 VNNI_TARGET static inline __attribute__((always_inline)) void
 fwd_tile(const int32_t *restrict Qp, const int32_t *restrict Kt, const int32_t *restrict Vp,
          const int64_t *restrict vis, const double *restrict fr, int64_t kspan, const int nc,
@@ -1539,17 +1771,189 @@ fwd_tile(const int32_t *restrict Qp, const int32_t *restrict Kt, const int32_t *
 #undef FLUSH1
 }
 
-/* qi (B, nh, T, hs), f (B, nh, T), keys, values (B, nkv, Tkeys, hs) integer-valued doubles; query
- * (b, t) sees keys 0..qpos[b, t]; out (B, T, nh * hs). Returns 0 (nothing done) unless the CPU has
- * VNNI and hs is a multiple of 32 up to 128. */
-VNNI_TARGET static int attend_fwd_vnni(const double *qi, const double *f, const double *keys,
-                                       const double *values, int64_t B, int64_t nkv, int64_t g,
-                                       int64_t T, int64_t Tkeys, int64_t hs, const int64_t *qpos,
-                                       const int32_t *table, int64_t ntab, const double *vscale,
-                                       double *out) {
+/* the VNNI tile, inlined with nc = 2 (SmolLM2's hs = 64) spelled out */
+VNNI_TARGET static void fwd_tile_vnni(const int32_t *Qp, const int32_t *Kt, const int32_t *Vp,
+                                      const int64_t *vis, const double *fr, int64_t kspan, int nc,
+                                      const int32_t *table, double last, int32_t *S, int16_t *P,
+                                      int32_t *bs, int64_t *o64, int32_t *l) {
+    if (nc == 2)
+        fwd_tile(Qp, Kt, Vp, vis, fr, kspan, 2, table, last, S, P, bs, o64, l);
+    else
+        fwd_tile(Qp, Kt, Vp, vis, fr, kspan, nc, table, last, S, P, bs, o64, l);
+}
+#endif
+
+#ifdef HAVE_AVX2_KERNELS
+/* The AVX2 tile: fwd_tile's integers and float steps, 8 lanes at a time, on the same packed
+ * operands. vpmaddwd multiplies int16 pairs and adds each pair into an int32 lane (exact: no
+ * operand here is -32768 paired with -32768, its one wrapping case: |q| <= 127, 0 <= p <= 2^13),
+ * and vpaddd accumulates, wrapping like vpdpwssd: the bounds of the header hold lane by lane
+ * (|s| < 2^28; P.V lanes <= 2^14 * PV_CHUNK_P < 2^31 between flushes). Scores: 16 keys (two
+ * vectors of a Kt block) x RT rows = 12 accumulators; weights: two 4-double halves per 8 keys,
+ * the table by a masked vpgatherdd (hidden keys and those at the table's last entry, which is 0,
+ * are not loaded); P.V one 16-channel slice at a time (12 accumulators again), each slice with its
+ * own chunk counters (the flush points only bound a lane, they do not change a sum). */
+AVX2_TARGET static inline int32_t hsum8(__m256i v) {
+    __m128i x = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    x = _mm_add_epi32(x, _mm_shuffle_epi32(x, _MM_SHUFFLE(1, 0, 3, 2)));
+    x = _mm_add_epi32(x, _mm_shuffle_epi32(x, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(x);
+}
+
+/* lanes i < n set (n may be <= 0 or >= 8) */
+AVX2_TARGET static inline __m256i lanes_below(int64_t n) {
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    int32_t c = (int32_t)(n < 0 ? 0 : n > 8 ? 8 : n);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), idx);
+}
+
+AVX2_TARGET static void fwd_tile_avx2(const int32_t *restrict Qp, const int32_t *restrict Kt,
+                                      const int32_t *restrict Vp, const int64_t *restrict vis,
+                                      const double *restrict fr, int64_t kspan, int nc,
+                                      const int32_t *restrict table, double last,
+                                      int32_t *restrict S, int16_t *restrict P,
+                                      int32_t *restrict bs, int64_t *restrict o64,
+                                      int32_t *restrict l) {
+    const int64_t hs = 32 * nc, hp = 16 * nc;
+    /* scores */
+    for (int64_t kb = 0; kb < kspan / 16; kb++) {
+        __m256i a[RT][2];
+        for (int r = 0; r < RT; r++) a[r][0] = a[r][1] = _mm256_setzero_si256();
+        const int32_t *kt = Kt + kb * hp * 16;
+        for (int64_t cp = 0; cp < hp; cp++) {
+            __m256i k0 = _mm256_loadu_si256((const __m256i *)(kt + cp * 16));
+            __m256i k1 = _mm256_loadu_si256((const __m256i *)(kt + cp * 16 + 8));
+            for (int r = 0; r < RT; r++) {
+                __m256i qb = _mm256_set1_epi32(Qp[r * hp + cp]);
+                a[r][0] = _mm256_add_epi32(a[r][0], _mm256_madd_epi16(k0, qb));
+                a[r][1] = _mm256_add_epi32(a[r][1], _mm256_madd_epi16(k1, qb));
+            }
+        }
+        for (int r = 0; r < RT; r++) {
+            _mm256_storeu_si256((__m256i *)(S + r * kspan + kb * 16), a[r][0]);
+            _mm256_storeu_si256((__m256i *)(S + r * kspan + kb * 16 + 8), a[r][1]);
+        }
+    }
+    /* weights: int16 into P, int32 into S, per 16 keys their sum into bs */
+    const __m256d lastv = _mm256_set1_pd(last), magic = _mm256_set1_pd(6755399441055744.0);
+    const __m256i lasti = _mm256_set1_epi32((int32_t)last), zero = _mm256_setzero_si256();
+    for (int r = 0; r < RT; r++) {
+        int32_t *sr = S + r * kspan;
+        int16_t *pr = P + r * kspan;
+        int64_t v = vis[r];
+        __m256i mv = _mm256_set1_epi32(INT32_MIN);
+        for (int64_t k = 0; k < v; k += 8) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(sr + k));
+            x = _mm256_blendv_epi8(_mm256_set1_epi32(INT32_MIN), x, lanes_below(v - k));
+            mv = _mm256_max_epi32(mv, x);
+        }
+        __m128i m4 = _mm_max_epi32(_mm256_castsi256_si128(mv), _mm256_extracti128_si256(mv, 1));
+        m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, _MM_SHUFFLE(1, 0, 3, 2)));
+        m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, _MM_SHUFFLE(2, 3, 0, 1)));
+        const __m256i m = _mm256_broadcastd_epi32(m4);
+        const __m256d f = _mm256_set1_pd(fr[r]);
+        __m256i lsum = zero;
+        for (int64_t k = 0; k < kspan; k += 16) {
+            __m256i pv[2];
+            for (int h = 0; h < 2; h++) {
+                __m256i vm = lanes_below(v - k - 8 * h);
+                pv[h] = zero;
+                if (!_mm256_testz_si256(vm, vm)) {
+                    __m256i d = _mm256_sub_epi32(m, _mm256_loadu_si256((const __m256i *)(sr + k + 8 * h)));
+                    __m256d v0 = _mm256_cvtepi32_pd(_mm256_castsi256_si128(d));
+                    __m256d v1 = _mm256_cvtepi32_pd(_mm256_extracti128_si256(d, 1));
+                    v0 = _mm256_min_pd(_mm256_mul_pd(v0, f), lastv);   /* MIN(v, last): no NaN */
+                    v1 = _mm256_min_pd(_mm256_mul_pd(v1, f), lastv);
+                    v0 = _mm256_sub_pd(_mm256_add_pd(v0, magic), magic); /* round_even */
+                    v1 = _mm256_sub_pd(_mm256_add_pd(v1, magic), magic);
+                    __m256i ix = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm256_cvtpd_epi32(v0)),
+                                                         _mm256_cvtpd_epi32(v1), 1);
+                    __m256i nz = _mm256_andnot_si256(_mm256_cmpeq_epi32(ix, lasti), vm);
+                    if (!_mm256_testz_si256(nz, nz))
+                        pv[h] = _mm256_mask_i32gather_epi32(zero, table, ix, nz, 4);
+                }
+                _mm256_storeu_si256((__m256i *)(sr + k + 8 * h), pv[h]);
+                /* p <= 2^13: packs does not saturate; qwords (0, 2) hold p0..7 */
+                __m256i p16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(pv[h], pv[h]), 0x08);
+                _mm_storeu_si128((__m128i *)(pr + k + 8 * h), _mm256_castsi256_si128(p16));
+            }
+            __m256i b = _mm256_add_epi32(pv[0], pv[1]);
+            lsum = _mm256_add_epi32(lsum, b);
+            bs[r * (kspan / 16) + k / 16] = hsum8(b);
+        }
+        l[r] = hsum8(lsum);
+    }
+    /* P.V, 16 channels at a time */
+    int64_t kend = 0;
+    for (int r = 0; r < RT; r++) kend = MAX(kend, vis[r]);
+    for (int64_t i = 0; i < RT * hs; i++) o64[i] = 0;
+    const int64_t nb = kspan / 16;
+#define FLUSH2(o, a)                                                                               \
+    {                                                                                              \
+        __m256i x0 = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(a));                             \
+        __m256i x1 = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(a, 1));                        \
+        _mm256_storeu_si256((__m256i *)(o), _mm256_add_epi64(_mm256_loadu_si256((__m256i *)(o)), x0)); \
+        _mm256_storeu_si256((__m256i *)((o) + 4),                                                  \
+                            _mm256_add_epi64(_mm256_loadu_si256((__m256i *)((o) + 4)), x1));       \
+        a = _mm256_setzero_si256();                                                                \
+    }
+#define FLUSH_SLICE()                                                                              \
+    for (int r = 0; r < RT; r++) {                                                                 \
+        FLUSH2(o64 + r * hs + c0, acc[r][0])                                                       \
+        FLUSH2(o64 + r * hs + c0 + 8, acc[r][1])                                                   \
+    }
+    for (int64_t c0 = 0; c0 < hs; c0 += 16) {
+        __m256i acc[RT][2];
+        int32_t chunk[RT];
+        for (int r = 0; r < RT; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256(), chunk[r] = 0;
+        for (int64_t k = 0; k < kend; k += 16) {
+            int full, used, split;
+            pv_block_flags(bs + k / 16, nb, chunk, &used, &full, &split);
+            if (!used) continue;
+            if (full) {
+                FLUSH_SLICE()
+                for (int r = 0; r < RT; r++) chunk[r] = 0;
+            }
+            for (int64_t kp = k / 2; kp < k / 2 + 8; kp++) {
+                if (split && kp == k / 2 + 4) FLUSH_SLICE()
+                __m256i v0 = _mm256_loadu_si256((const __m256i *)(Vp + kp * hs + c0));
+                __m256i v1 = _mm256_loadu_si256((const __m256i *)(Vp + kp * hs + c0 + 8));
+                for (int r = 0; r < RT; r++) {
+                    int32_t w;
+                    __builtin_memcpy(&w, P + r * kspan + 2 * kp, 4);   /* p[2kp] | p[2kp+1] << 16 */
+                    __m256i wb = _mm256_set1_epi32(w);
+                    acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(v0, wb));
+                    acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(v1, wb));
+                }
+            }
+            for (int r = 0; r < RT; r++) chunk[r] = split ? 65536 : chunk[r] + bs[r * nb + k / 16];
+        }
+        FLUSH_SLICE()
+    }
+#undef FLUSH_SLICE
+#undef FLUSH2
+}
+#endif
+
+/* attend_fwd's work: (row b, KV head) pairs, each packed once and run tile by tile */
+struct fwd_job {
+    fwd_tile_fn tile;
+    const double *qi, *f, *keys, *values;
+    int64_t nkv, g, T, Tkeys, hs;
+    const int64_t *qpos;
+    const int32_t *table;
+    int64_t ntab;
+    const double *vscale;
+    double *out;
+};
+
+/* pairs [bk0, bk1) of (b, kv), b major; scratch per call (calls run on the engine's threads) */
+static void attend_fwd_pairs(const void *ctx, int64_t bk0, int64_t bk1) {
+    const struct fwd_job *J = ctx;
+    const int64_t hs = J->hs, g = J->g, T = J->T, Tkeys = J->Tkeys, nkv = J->nkv;
     const int64_t hp = hs / 2, nh = nkv * g, Tr = (Tkeys + 63) / 64 * 64;
     const int64_t Rg = g * T, Rgr = (Rg + RT - 1) / RT * RT;
-    const double last = (double)(ntab - 1);
+    const double last = (double)(J->ntab - 1);
     int32_t *Kt = aligned_alloc(64, sizeof(int32_t) * Tr * hp);
     int32_t *Vp = aligned_alloc(64, sizeof(int32_t) * Tr / 2 * hs);
     int32_t *Qp = calloc(Rgr * hp, sizeof(int32_t));
@@ -1560,66 +1964,79 @@ VNNI_TARGET static int attend_fwd_vnni(const double *qi, const double *f, const 
     int64_t *vis = malloc(sizeof(int64_t) * Rgr);
     double *fr = calloc(Rgr, sizeof(double));
     int32_t l[RT];
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t kv = 0; kv < nkv; kv++) {
-            const double *kb = keys + (b * nkv + kv) * Tkeys * hs;
-            const double *vb = values + (b * nkv + kv) * Tkeys * hs;
-            for (int64_t k = 0; k < Tr; k++)
-                for (int64_t cp = 0; cp < hp; cp++) {
-                    int32_t x0 = 0, x1 = 0;
-                    if (k < Tkeys) x0 = (int32_t)kb[k * hs + 2 * cp], x1 = (int32_t)kb[k * hs + 2 * cp + 1];
-                    Kt[((k / 16) * hp + cp) * 16 + k % 16] = (int32_t)((uint32_t)(uint16_t)x0 | ((uint32_t)(uint16_t)x1 << 16));
-                }
-            for (int64_t kp = 0; kp < Tr / 2; kp++)
-                for (int64_t c = 0; c < hs; c++) {
-                    int32_t x0 = 0, x1 = 0;
-                    if (2 * kp < Tkeys) x0 = (int32_t)vb[2 * kp * hs + c];
-                    if (2 * kp + 1 < Tkeys) x1 = (int32_t)vb[(2 * kp + 1) * hs + c];
-                    Vp[kp * hs + c] = (int32_t)((uint32_t)(uint16_t)x0 | ((uint32_t)(uint16_t)x1 << 16));
-                }
-            /* rows (j, t), j major; padding rows: q = 0, nothing visible */
-            for (int64_t j = 0; j < g; j++)
-                for (int64_t t = 0; t < T; t++) {
-                    int64_t r = j * T + t, h = kv * g + j;
-                    const double *q = qi + ((b * nh + h) * T + t) * hs;
-                    for (int64_t cp = 0; cp < hp; cp++)
-                        Qp[r * hp + cp] = (int32_t)((uint32_t)(uint16_t)(int16_t)q[2 * cp] |
-                                                    ((uint32_t)(uint16_t)(int16_t)q[2 * cp + 1] << 16));
-                    vis[r] = MIN(qpos[b * T + t] + 1, Tkeys);
-                    fr[r] = f[(b * nh + h) * T + t];
-                }
-            for (int64_t r = Rg; r < Rgr; r++) vis[r] = 0;
-            for (int64_t r0 = 0; r0 < Rgr; r0 += RT) {
-                int64_t mv = 0;
-                for (int r = 0; r < RT; r++) mv = MAX(mv, vis[r0 + r]);
-                int64_t kspan = MAX((mv + 63) / 64 * 64, 64);
-                if (hs == 64)
-                    fwd_tile(Qp + r0 * hp, Kt, Vp, vis + r0, fr + r0, kspan, 2, table, last, S, P, bs, o64, l);
-                else
-                    fwd_tile(Qp + r0 * hp, Kt, Vp, vis + r0, fr + r0, kspan, (int)(hs / 32), table, last, S, P, bs, o64, l);
-                const double *vs = vscale + kv * hs;
-                for (int r = 0; r < RT && r0 + r < Rg; r++) {
-                    int64_t j = (r0 + r) / T, t = (r0 + r) % T;
-                    double *dst = out + ((b * T + t) * nh + kv * g + j) * hs, dl = (double)l[r];
-                    for (int64_t c = 0; c < hs; c++) dst[c] = (double)o64[r * hs + c] * vs[c] / dl;
-                }
+    for (int64_t bk = bk0; bk < bk1; bk++) {
+        const int64_t b = bk / nkv, kv = bk % nkv;
+        const double *kb = J->keys + (b * nkv + kv) * Tkeys * hs;
+        const double *vb = J->values + (b * nkv + kv) * Tkeys * hs;
+        for (int64_t k = 0; k < Tr; k++)
+            for (int64_t cp = 0; cp < hp; cp++) {
+                int32_t x0 = 0, x1 = 0;
+                if (k < Tkeys) x0 = (int32_t)kb[k * hs + 2 * cp], x1 = (int32_t)kb[k * hs + 2 * cp + 1];
+                Kt[((k / 16) * hp + cp) * 16 + k % 16] = (int32_t)((uint32_t)(uint16_t)x0 | ((uint32_t)(uint16_t)x1 << 16));
+            }
+        for (int64_t kp = 0; kp < Tr / 2; kp++)
+            for (int64_t c = 0; c < hs; c++) {
+                int32_t x0 = 0, x1 = 0;
+                if (2 * kp < Tkeys) x0 = (int32_t)vb[2 * kp * hs + c];
+                if (2 * kp + 1 < Tkeys) x1 = (int32_t)vb[(2 * kp + 1) * hs + c];
+                Vp[kp * hs + c] = (int32_t)((uint32_t)(uint16_t)x0 | ((uint32_t)(uint16_t)x1 << 16));
+            }
+        /* rows (j, t), j major; padding rows: q = 0, nothing visible */
+        for (int64_t j = 0; j < g; j++)
+            for (int64_t t = 0; t < T; t++) {
+                int64_t r = j * T + t, h = kv * g + j;
+                const double *q = J->qi + ((b * nh + h) * T + t) * hs;
+                for (int64_t cp = 0; cp < hp; cp++)
+                    Qp[r * hp + cp] = (int32_t)((uint32_t)(uint16_t)(int16_t)q[2 * cp] |
+                                                ((uint32_t)(uint16_t)(int16_t)q[2 * cp + 1] << 16));
+                vis[r] = MIN(J->qpos[b * T + t] + 1, Tkeys);
+                fr[r] = J->f[(b * nh + h) * T + t];
+            }
+        for (int64_t r = Rg; r < Rgr; r++) vis[r] = 0;
+        for (int64_t r0 = 0; r0 < Rgr; r0 += RT) {
+            int64_t mv = 0;
+            for (int r = 0; r < RT; r++) mv = MAX(mv, vis[r0 + r]);
+            int64_t kspan = MAX((mv + 63) / 64 * 64, 64);
+            J->tile(Qp + r0 * hp, Kt, Vp, vis + r0, fr + r0, kspan, (int)(hs / 32), J->table, last,
+                    S, P, bs, o64, l);
+            const double *vs = J->vscale + kv * hs;
+            for (int r = 0; r < RT && r0 + r < Rg; r++) {
+                int64_t j = (r0 + r) / T, t = (r0 + r) % T;
+                double *dst = J->out + ((b * T + t) * nh + kv * g + j) * hs, dl = (double)l[r];
+                for (int64_t c = 0; c < hs; c++) dst[c] = (double)o64[r * hs + c] * vs[c] / dl;
             }
         }
+    }
     free(Kt); free(Vp); free(Qp); free(S); free(P); free(bs); free(o64); free(vis); free(fr);
-    return 2;
 }
-#endif
 
+/* qi (B, nh, T, hs), f (B, nh, T), keys, values (B, nkv, Tkeys, hs) integer-valued doubles; query
+ * (b, t) sees keys 0..qpos[b, t]; out (B, T, nh * hs). impl: 0 the fastest this CPU runs, 2 the
+ * VNNI tile, 3 the AVX2 tile. The (b, KV head) pairs go to nthreads threads. Returns the form
+ * that ran, or 0 (nothing done) when the CPU or build has none of the asked forms or hs is not a
+ * multiple of 32 up to 128: the caller then uses another form. */
 int attend_fwd(const double *qi, const double *f, const double *keys, const double *values,
                int64_t B, int64_t nkv, int64_t g, int64_t T, int64_t Tkeys, int64_t hs,
                const int64_t *qpos, const int32_t *table, int64_t ntab, const double *vscale,
-               double *out) {
+               double *out, int64_t impl, int64_t nthreads) {
+    if (hs % 32 != 0 || hs <= 0 || hs > 128)
+        return 0;
+    fwd_tile_fn tile = NULL;
+    int form = 0;
 #ifdef HAVE_VNNI
-    if (have_vnni() && hs % 32 == 0 && hs <= 32 * NCMAX)
-        return attend_fwd_vnni(qi, f, keys, values, B, nkv, g, T, Tkeys, hs, qpos, table, ntab,
-                               vscale, out);
+    if ((impl == 0 || impl == 2) && have_vnni())
+        tile = fwd_tile_vnni, form = 2;
 #endif
-    return 0;
+#ifdef HAVE_AVX2_KERNELS
+    if (!tile && (impl == 0 || impl == 3) && have_avx2())
+        tile = fwd_tile_avx2, form = 3;
+#endif
+    if (!tile)
+        return 0;
+    struct fwd_job job = {tile, qi, f, keys, values, nkv, g, T, Tkeys, hs, qpos, table, ntab,
+                          vscale, out};
+    par_for(attend_fwd_pairs, &job, B * nkv, 1, nthreads);
+    return form;
 }
 
 /* LM head (engine._freq_rows): logits z = value * ws[v] * s[m] (2^12 per nat folded into ws),

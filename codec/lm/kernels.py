@@ -46,7 +46,7 @@ _SOURCE = Path(__file__).with_name("kernels.c")
 # No -march: the cache may be shared between machines. -O3 vectorises the loops with the baseline
 # ISA, and the hot functions carry an AVX2 clone too (gcc target_clones: an ifunc picks one when the
 # library loads); -ffp-contract=off forbids FMA contraction (it would change rounding, see kernels.c).
-# The attention kernels also have AVX-512 VNNI forms, and head_freqs, swiglu_quant, rmsnorm_quant and
+# The attention kernels also have AVX-512 VNNI forms (attend_fwd an AVX2 one too), and head_freqs, swiglu_quant, rmsnorm_quant and
 # quant_rows AVX-512 forms (target attributes, chosen at run time by __builtin_cpu_supports), with
 # the same results as the portable ones.
 CFLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math"]
@@ -92,16 +92,18 @@ _SIGNATURES = {
     "attend_step": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _i64, _i64],
     "kv_store": [_p, _p, _i64, _i64, _i64, _p, _i64, _p, _p],
     "gemm_packed": [_p, _i64, _i64, _p, _i64, _p, _i64, _i64],
-    "attend_fwd": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p],
+    "gemm_packed16": [_p, _i64, _i64, _p, _i64, _p, _i64],
+    "attend_fwd": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _i64],
     "head_freqs": [_p, _i64, _i64, _p, _p, _p, _i64, _i64, _p, _i64],
 }
 
 # functions that return something: attend_step returns the form that ran (1 portable, 2 VNNI);
-# gemm_packed the form that ran (2 VNNI, 3 AVX2) or 0 when none could
-# attend_fwd returns 2 when it ran, 0 when the CPU or shape needs the digit form; head_freqs,
+# gemm_packed the form that ran (2 VNNI, 3 AVX2) or 0 when none could, gemm_packed16 3 or 0
+# attend_fwd the form that ran (2 VNNI, 3 AVX2) or 0 when the CPU or shape needs another; head_freqs,
 # quant_rows, rmsnorm_quant and swiglu_quant take impl like attend_step and return the form that ran
 _RESTYPES = {
     "gemm_packed": ctypes.c_int,
+    "gemm_packed16": ctypes.c_int,
     "attend_step": ctypes.c_int,
     "attend_fwd": ctypes.c_int,
     "head_freqs": ctypes.c_int,
