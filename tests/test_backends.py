@@ -321,8 +321,11 @@ def test_worker_pool_concurrent_callers_nice_and_fork():
     for t in threads:
         t.join()
     assert not errors
-    new = {tid: n for tid, n in _thread_nices().items() if tid not in before}
-    assert 19 in new.values()  # the nice-19 pool's helper, created by a nice-19 caller
+    nices = _thread_nices()  # the callers have ended: what is left are helpers (and others')
+    new = {tid: n for tid, n in nices.items() if tid not in before}
+    # the nice-19 pool's helpers: made by a nice-19 caller now, or earlier in this process (the
+    # pool outlives its callers: an earlier test's compaction may have made it)
+    assert 19 in new.values() or 19 in nices.values()
     time.sleep(0.05)
     for tid in new:  # the helpers still there sleep on the condition variable, not spinning
         try:
