@@ -21,7 +21,8 @@ the same integers may do it, and which is fastest depends on the CPU:
 They give the same int32 results (tests/test_backends.py checks each, at the int8 extremes and on the
 real model's weights), so the choice never changes a frequency table, only the speed. It is made per
 regime — few rows (decoding: at most engine.PACKED_ROWS) and many rows (encoding) — by a short
-measurement at first use on the model's 576 x 1536 shape, cached in the kernels cache directory per
+measurement at first use on the model's 576 x 1536 shape (int8 rows, and for avx2 also its one-pass
+int16 rows, weighed by the model's share of int16 inputs: _model_rate), cached in the kernels cache directory per
 CPU model and kernels build, and logged on the "llmfs" logger at INFO.
 
 LLMFS_BACKEND=vnni|avx2|blas|intmm forces one form for every regime (a CPU that cannot run it is an
@@ -65,6 +66,15 @@ F32_CHUNK = 1024
 # The measured shape: SmolLM2's gate_up (K 576 -> N 1536) at decoding's and encoding's row counts
 _SHAPE_K, _SHAPE_N = 576, 1536
 _ROWS = {"few": 64, "many": 1024}
+# Share of a token's GEMM multiply-adds whose input is int16 (qkv, down, the LM head: the engine
+# passes them as stacked hi/lo int8 rows) in SmolLM2-135M: per layer qkv 576x960 + down 1536x576
+# of 576x960 + o 576x576 + gate_up 576x3072 + down, times 30 layers, plus the head 576x49152:
+# 71.4 of 134.4 M. Every form but avx2 multiplies those rows twice (hi and lo); avx2 once
+# (gemm_packed16). The choice compares forms on this mix (_model_rate), not on int8 alone.
+_INT16_SHARE = 0.53
+# The rule the choice follows: part of the cached choice's name, so a choice made by an older rule
+# is measured again (2: weighed by _model_rate).
+_CHOICE_RULE = 2
 
 
 class BackendError(RuntimeError):
@@ -188,7 +198,15 @@ class Backend:
         return mm_intmm
 
     def describe(self) -> str:
-        t = ", ".join(f"{f} {v['few']:.0f}/{v['many']:.0f}" for f, v in self.timings.items())
+        t = ", ".join(
+            f"{f} {v['few']:.0f}/{v['many']:.0f}"
+            + (
+                f" (int16 rows in one pass {v['int16 few']:.0f}/{v['int16 many']:.0f})"
+                if "int16 few" in v
+                else ""
+            )
+            for f, v in self.timings.items()
+        )
         return (
             f"backend {self.name}: GEMM few rows {self.few}, many rows {self.many}, "
             f"attention {self.attention}, kernels {self.variant} ({self.reason}"
@@ -240,7 +258,15 @@ def _measure(form: str, rows: int, seconds: float = 0.08) -> float:
         torch.randint(-127, 128, (_SHAPE_N, _SHAPE_K), dtype=torch.int8, generator=g)
         for _ in range(8 if rows <= 256 else 1)
     ]
-    if form in _IMPL:
+    if form == "avx2-int16":  # the stacked hi/lo rows of `rows` int16 inputs, in one pass
+        hi = torch.randint(-127, 128, (rows, _SHAPE_K), dtype=torch.int8, generator=g)
+        lo = torch.randint(-64, 65, (rows, _SHAPE_K), dtype=torch.int8, generator=g)
+        a = torch.cat([hi, lo]).contiguous()
+        lib, wps = kernels.lib("full"), [pack_weight(w) for w in ws]
+        if gemm_packed16(lib, a, wps[0], _SHAPE_N) is None:
+            return 0.0
+        one = lambda i: gemm_packed16(lib, a, wps[i], _SHAPE_N)
+    elif form in _IMPL:
         lib, wps = kernels.lib("full"), [pack_weight(w) for w in ws]
         one = lambda i: gemm_packed(lib, form, a, wps[i], _SHAPE_N)
     elif form == "blas":
@@ -255,6 +281,17 @@ def _measure(form: str, rows: int, seconds: float = 0.08) -> float:
         return 2 * rows * _SHAPE_K * _SHAPE_N * len(ws) / best_time(run, seconds) / 1e9
     finally:
         torch.set_num_threads(threads)
+
+
+def _model_rate(form: str, timings: dict, regime: str) -> float:
+    """Useful GOP/s of `form` on the model's mix of int8 and int16 inputs (_INT16_SHARE): an int16
+    input costs two int8 passes, except on avx2, whose one pass on the rebuilt rows was measured
+    ("int16", in int16 GOP/s: each stacked pair of rows counted once)."""
+    r8 = timings[form][regime]
+    r16 = timings[form].get(f"int16 {regime}") or r8 / 2
+    if r8 <= 0 or r16 <= 0:
+        return 0.0
+    return 1.0 / ((1 - _INT16_SHARE) / r8 + _INT16_SHARE / r16)
 
 
 def best_time(run, seconds: float) -> float:
@@ -274,7 +311,7 @@ def best_time(run, seconds: float) -> float:
 
 def _choice_path(build_key: str) -> Path:
     key = re.sub(r"[^A-Za-z0-9]+", "-", cpu_model()).strip("-")
-    return kernels.cache_dir() / f"backend-{key}-{build_key}.json"
+    return kernels.cache_dir() / f"backend-{key}-{build_key}-r{_CHOICE_RULE}.json"
 
 
 def _choose() -> Backend:
@@ -302,8 +339,10 @@ def _choose() -> Backend:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     timings = {f: {r: _measure(f, n) for r, n in _ROWS.items()} for f in runnable}
-    few = max(runnable, key=lambda f: timings[f]["few"])
-    many = max(runnable, key=lambda f: timings[f]["many"])
+    if "avx2" in runnable:
+        timings["avx2"].update({f"int16 {r}": _measure("avx2-int16", n) for r, n in _ROWS.items()})
+    few = max(runnable, key=lambda f: _model_rate(f, timings, "few"))
+    many = max(runnable, key=lambda f: _model_rate(f, timings, "many"))
     variant = "full"  # the build with every form this CPU has
     b = Backend("auto", few, many, variant, "measured at first use", timings)
     try:
