@@ -273,27 +273,13 @@ class ClusterCoder:
             self._stats.state = "closed"
         for q in pending.values():
             q.put({"error": "closed"})
-        if conn is not None:
-            try:
-                conn.send({"op": "stop"})
-            except OSError:
-                pass
-            conn.close()
-        if proc is not None:
-            _reap(proc)
+        _stop_driver(conn, proc)
 
     def _close_locked(self) -> None:
         with self._mutex:
             conn, proc = self._conn, self._proc
             self._conn = self._proc = None
-        if conn is not None:
-            try:
-                conn.send({"op": "stop"})
-            except OSError:
-                pass
-            conn.close()
-        if proc is not None:
-            _reap(proc)
+        _stop_driver(conn, proc)
 
     def _receive_loop(self, conn) -> None:
         """Hand every message of the driver to the request it answers; a closed pipe (the driver
@@ -576,6 +562,18 @@ class ClusterCoder:
         done = {w.name: w.plain for w in self._stats.workers}
         done.update(self._progress)
         return done
+
+
+def _stop_driver(conn, proc) -> None:
+    """Tell the driver process to stop (if its pipe is still open) and wait for it to exit."""
+    if conn is not None:
+        try:
+            conn.send({"op": "stop"})
+        except OSError:
+            pass
+        conn.close()
+    if proc is not None:
+        _reap(proc)
 
 
 def _reap(proc) -> None:

@@ -133,33 +133,32 @@ class Filesystem:
             raise NotFound(name)
         return ino
 
+    def _walk(self, t, path: bytes) -> int:
+        """Inode of an absolute path in snapshot t (no symlinks followed: the kernel does that);
+        the prefetch policy remembers where it was found."""
+        ino, parent, name = ROOT_INO, None, b""
+        for part in path.split(b"/"):
+            if part:
+                parent, name = ino, part
+                ino = self._lookup(t, ino, part)
+        if parent is not None:
+            self.prefetch.remember(ino, parent, name)
+        return ino
+
     def lookup_path(self, path: bytes) -> tuple[int, Inode]:
         """Inode number and attributes (as getattr) of an absolute path, in one snapshot: the
         FUSE edge's getattr, the most frequent call there is."""
-        ino, parent, name = ROOT_INO, None, b""
         with self.store.read() as t:
-            for part in path.split(b"/"):
-                if part:
-                    parent, name = ino, part
-                    ino = self._lookup(t, ino, part)
+            ino = self._walk(t, path)
             inode = t.inode(ino)
         if inode is None:
             raise NotFound(ino)
-        if parent is not None:
-            self.prefetch.remember(ino, parent, name)
         return ino, self._with_dirty(ino, inode)
 
     def resolve(self, path: bytes) -> int:
         """Inode of an absolute path (no symlinks followed: the kernel does that)."""
-        ino, parent, name = ROOT_INO, None, b""
         with self.store.read() as t:
-            for part in path.split(b"/"):
-                if part:
-                    parent, name = ino, part
-                    ino = self._lookup(t, ino, part)
-        if parent is not None:
-            self.prefetch.remember(ino, parent, name)
-        return ino
+            return self._walk(t, path)
 
     def getattr(self, ino: int) -> Inode:
         """The inode, with the size and mtime of unflushed writes applied."""
