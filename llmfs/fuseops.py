@@ -116,6 +116,22 @@ def _groups(pid: int) -> tuple[int, ...]:
     return ()
 
 
+CAP_FSETID = 4  # linux/capability.h
+
+
+def _has_cap_fsetid(pid: int) -> bool:
+    """Whether process (or thread) pid may keep set-ID bits when it truncates a file: CAP_FSETID
+    in its effective set. Gone or unreadable: no (the bits are cleared, the safe side)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_FSETID & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
 def _errno_edge(method):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
@@ -611,7 +627,12 @@ class Operations(mfusepy.Operations):
     # -- xattrs ----------------------------------------------------------------------------------
     @_errno_edge
     def getxattr(self, path, name, position=0):
-        return self.fs.getxattr(self._ino(path), _fs(name))
+        if self._hidden:
+            with self._hidden_lock:
+                ino = self._hidden.get(_fs(path))
+            if ino is not None:
+                return self.fs.getxattr(ino, _fs(name))
+        return self.fs.getxattr_path(_fs(path), _fs(name))  # (namespace: asked before writes)
 
     @_errno_edge
     def setxattr(self, path, name, value, options, position=0):
@@ -634,9 +655,9 @@ class Operations(mfusepy.Operations):
     # -- file data -------------------------------------------------------------------------------
     @_errno_edge
     def create(self, path, mode, flags):
-        uid, gid, _ = mfusepy.fuse_get_context()
+        uid, gid, pid = mfusepy.fuse_get_context()
         parent, name = self._parent(path)
-        fh = self.fs.create(parent, name, mode, flags, uid, gid)
+        fh = self.fs.create(parent, name, mode, flags, uid, gid, lambda: _has_cap_fsetid(pid))
         with self._hidden_lock:
             self._fh_paths[fh] = _fs(path)
         if flags & os.O_TRUNC and self._names:  # an existing file, opened and truncated
@@ -648,7 +669,9 @@ class Operations(mfusepy.Operations):
         uid, gid, pid = mfusepy.fuse_get_context()  # prefetch only what the opener may read
         # Its groups are read from /proc only if a sibling's group decides (once per open).
         ino = self._ino(path)
-        fh = self.fs.open(ino, flags, uid, gid, functools.cache(lambda: _groups(pid)))
+        fh = self.fs.open(
+            ino, flags, uid, gid, functools.cache(lambda: _groups(pid)), lambda: _has_cap_fsetid(pid)
+        )
         with self._hidden_lock:
             self._fh_paths[fh] = _fs(path)
         if flags & os.O_TRUNC:

@@ -76,6 +76,17 @@ def _writes(flags: int) -> bool:
     return (flags & os.O_ACCMODE) != os.O_RDONLY
 
 
+def _setid_killed(mode: int) -> int:
+    """The set-ID bits that a write or truncate by a process without CAP_FSETID clears: setuid,
+    and setgid if the file is group-executable (setgid without it marks mandatory locking)."""
+    if not stat.S_ISREG(mode):
+        return 0
+    kill = mode & stat.S_ISUID
+    if mode & (stat.S_ISGID | stat.S_IXGRP) == stat.S_ISGID | stat.S_IXGRP:
+        kill |= stat.S_ISGID
+    return kill
+
+
 def _check_name(name: bytes) -> None:
     if len(name) > NAME_MAX:
         raise NameTooLong(name)
@@ -133,15 +144,16 @@ class Filesystem:
             raise NotFound(name)
         return ino
 
-    def _walk(self, t, path: bytes) -> int:
+    def _walk(self, t, path: bytes, remember: bool = True) -> int:
         """Inode of an absolute path in snapshot t (no symlinks followed: the kernel does that);
-        the prefetch policy remembers where it was found."""
+        the prefetch policy remembers where it was found (unless told not to: only lookups and
+        opens tell it what a directory walk reads next)."""
         ino, parent, name = ROOT_INO, None, b""
         for part in path.split(b"/"):
             if part:
                 parent, name = ino, part
                 ino = self._lookup(t, ino, part)
-        if parent is not None:
+        if parent is not None and remember:
             self.prefetch.remember(ino, parent, name)
         return ino
 
@@ -243,17 +255,29 @@ class Filesystem:
             raise InvalidArgument(ino)
         return inode.target
 
-    def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> int:
+    def create(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        uid: int,
+        gid: int,
+        may_keep_setid: Callable[[], bool] | bool = True,
+    ) -> int:
         """Create (or with no O_EXCL, open an existing) regular file; returns a file handle.
         From here to the handle's release the store's group commit is held (a timed commit
-        waits briefly for the close), so a crash finds a small file absent or whole."""
+        waits briefly for the close), so a crash finds a small file absent or whole.
+        may_keep_setid: as for open (an existing file opened with O_TRUNC)."""
         self.store.hold()
         try:
-            return self._create(parent, name, mode, flags, uid, gid)
+            return self._create(parent, name, mode, flags, uid, gid, may_keep_setid)
         finally:
             self.store.unhold()
 
-    def _create(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> int:
+    def _create(
+        self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int, may_keep_setid
+    ) -> int:
         with self._lock:
             with self.store.write() as t:
                 existing = t.lookup(parent, name) if t.inode(parent) else None
@@ -262,7 +286,7 @@ class Filesystem:
             if existing is not None:
                 if flags & os.O_EXCL:
                     raise Exists(name)
-                return self.open(existing, flags)
+                return self.open(existing, flags, uid, gid, may_keep_setid=may_keep_setid)
             # A new file is empty and its times are now: O_TRUNC has nothing to do (and would
             # cost a transaction of its own on every `>` redirection, tar x and cp).
             return self._open_handle(ino, flags & ~os.O_TRUNC, inode)
@@ -496,6 +520,20 @@ class Filesystem:
             raise NoAttribute(name)
         return value
 
+    def getxattr_path(self, path: bytes, name: bytes) -> bytes:
+        """getxattr of an absolute path, the walk and the attribute in one snapshot. The kernel
+        asks for security.capability before a write to a file whose attributes it has just
+        refreshed (the first write after a create or an open, and more: Linux clears setuid
+        bits and capabilities itself, and libfuse 3.14 cannot hand that to us), so a small-file
+        copy pays this once per file: one walk, no second transaction."""
+        if name.startswith(VIRTUAL_XATTR):
+            return self._virtual_xattr(self.resolve(path), name)
+        with self.store.read() as t:
+            value = t.xattr(self._walk(t, path, remember=False), name)
+        if value is None:
+            raise NoAttribute(name)
+        return value
+
     def listxattr(self, ino: int) -> list[bytes]:
         with self.store.read() as t:
             if t.inode(ino) is None:
@@ -602,17 +640,33 @@ class Filesystem:
         uid: int | None = None,
         gid: int | None = None,
         groups: tuple[int, ...] | Callable[[], tuple[int, ...]] = (),
+        may_keep_setid: Callable[[], bool] | bool = True,
     ) -> int:
         """uid, gid, groups: the opener's credentials (the FUSE edge passes them), which bound
         what is decoded ahead for it: only files it could read itself. None: unknown, so only
         world-readable files are. groups may be a function that finds them (the edge reads them
         from /proc, which costs more than a whole small-file open: only worth it when a
-        sibling's group decides)."""
+        sibling's group decides).
+
+        may_keep_setid: whether the opener has CAP_FSETID (or a function that tells, asked only
+        when it decides): an O_TRUNC open by one that has not clears the setuid bit, and the
+        setgid bit of a group-executable file, as a truncate does. The kernel does that itself
+        for write and truncate, but with atomic_o_trunc (libfuse 3's default) it leaves the
+        truncation of open(O_TRUNC) to the filesystem and drops the mode change it computed for
+        it; so it is done here."""
         with self._lock:  # read and pinned under it: _pin need not read the inode again
             inode = self.getattr(ino)
             if inode.is_dir and (flags & os.O_ACCMODE) != os.O_RDONLY:
                 raise IsADirectory(ino)
             f = self._pin(ino, inode)
+        if flags & os.O_TRUNC and _setid_killed(inode.mode):
+            try:
+                keep = may_keep_setid() if callable(may_keep_setid) else may_keep_setid
+                if not keep:
+                    self._update_inode(ino, mode=inode.mode & ~_setid_killed(inode.mode))
+            except BaseException:
+                self._unpin(f)
+                raise
         fh = self._open_handle(ino, flags, f=f)
         if inode.is_reg:
             self.prefetch.on_open(ino, inode, Credentials(uid, gid, groups))
@@ -662,7 +716,19 @@ class Filesystem:
                     self.store.unhold()
 
     def flush(self, fh: int) -> None:
+        """close(2) of a descriptor (FUSE FLUSH). The file's buffered data is stored by the
+        release that follows the last close of the open file (FUSE RELEASE, which the kernel
+        sends after close(2) has returned), in the same single transaction: the closing process
+        does not wait for it. Nothing is promised in between that this would break: until the
+        release, reads and stat see the buffered data; the handle holds the group commit
+        (create), so a crash still finds a small file absent or whole; and once released, the
+        data is at most the commit interval from the disk, as before. Only when a change
+        commits by itself (the disk is nearly full: Store.commits_later) is the data stored
+        here, so that close(2) reports a full disk (ENOSPC) — in group mode a full disk is the
+        group commit's failure, which a flush here could not report either."""
         f = self._files[self.handle_ino(fh)]
+        if not f.dirty and f.mtime is None or self.store.commits_later():
+            return
         with f.lock:
             self.buffer.flush(f)
 

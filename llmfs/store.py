@@ -961,6 +961,17 @@ class Store:
             if not g.holds and g.draining:  # only a draining commit waits for this; waking
                 g.cond.notify_all()  # the committer on every close costs a thread switch
 
+    def commits_later(self) -> bool:
+        """Whether a change made now joins a group that is committed later, so that it cannot
+        fail for want of disk space now (the group mode, not paused for low space; the space is
+        looked at as a write() would). False without a group: every change commits at once."""
+        g = self._group
+        if g is None or g.failed:
+            return False
+        with self._lock:
+            self._check_space(g)
+            return g.txn is not None and not g.low_space
+
     def _check_space(self, g: _Group) -> None:
         """Pause the group mode (commit now, then one commit per write) while the disk is low."""
         now = time.monotonic()

@@ -232,3 +232,92 @@ def test_models_table_reads_keys_written_before_container_format_2(tmp_path):
         assert t.model_spec(bytes(8)) is None and t.model_spec(old[:7] + b"\xff") is None
         assert t.models() == {old[:8]: "old-model", new: "new-model"}
     store.close()
+
+
+def test_close_leaves_the_data_to_release_in_group_mode(new_fs, monkeypatch):
+    """FLUSH (every close) stores nothing while changes join a group committed later: the release
+    that follows the last close stores the file in one transaction. Without a group, or with the
+    disk nearly full, the close itself stores it, so that it can report ENOSPC."""
+    fs = new_fs(BS)
+
+    def stored(ino: int) -> list[int]:
+        with fs.store.read() as t:
+            return sorted(t.block_hashes(ino, 0, 10))
+
+    fh = new_file(fs, b"plain", b"x" * 100)
+    ino = fs.handle_ino(fh)
+    fs.flush(fh)  # no group: every change commits at once
+    assert stored(ino) == [0]
+    fs.release(fh)
+    fs.store.start_group_commit(interval=60)
+    fh = new_file(fs, b"grouped", b"y" * 100)
+    ino = fs.handle_ino(fh)
+    fs.flush(fh)
+    assert stored(ino) == [] and fs.getattr(ino).size == 100
+    fh2 = fs.open(ino, os.O_RDONLY)  # a reader meanwhile sees the buffered data
+    assert fs.read(fh2, 200, 0) == b"y" * 100
+    fs.release(fh2)
+    fs.release(fh)
+    assert stored(ino) == [0]
+    monkeypatch.setattr(fs.store, "commits_later", lambda: False)  # as with low disk space
+    fh = new_file(fs, b"low", b"z" * 100)
+    ino = fs.handle_ino(fh)
+    fs.flush(fh)
+    assert stored(ino) == [0]
+    fs.release(fh)
+    fs.store.stop_group_commit()
+
+
+def test_commits_later_only_in_an_unpaused_group(tmp_path, monkeypatch):
+    from llmfs import store as store_mod
+
+    Store.create(str(tmp_path / "s"), BS)
+    s = Store(str(tmp_path / "s"))
+    try:
+        assert not s.commits_later()
+        s.start_group_commit(interval=60)
+        assert s.commits_later()
+        monkeypatch.setattr(store_mod, "SPACE_CHECK", 0.0)
+        monkeypatch.setattr(s, "disk_free", lambda: 0)  # the next look pauses the group
+        assert not s.commits_later()
+    finally:
+        s.close()
+
+
+def test_open_with_o_trunc_clears_setid_bits_unless_privileged(fs):
+    """The kernel leaves open(O_TRUNC)'s truncation to the filesystem (atomic_o_trunc) and with
+    it the set-ID clearing that a truncate does: setuid, and setgid of a group-executable file."""
+    fh = new_file(fs, b"f", b"data")
+    ino = fs.handle_ino(fh)
+    fs.release(fh)
+    for mode, privileged, want in (
+        (0o6755, True, 0o6755),
+        (0o6755, False, 0o0755),
+        (0o2755, False, 0o0755),
+        (0o2765, False, 0o2765),  # setgid without group execute: mandatory locking, kept
+        (0o4600, lambda: False, 0o0600),
+    ):
+        fs.chmod(ino, mode)
+        fh = fs.open(ino, os.O_WRONLY | os.O_TRUNC, 0, 0, may_keep_setid=privileged)
+        fs.release(fh)
+        assert stat.S_IMODE(fs.getattr(ino).mode) == want, (oct(mode), privileged)
+    fs.chmod(ino, 0o6755)
+    fh = fs.open(ino, os.O_WRONLY, 0, 0, may_keep_setid=False)  # no O_TRUNC: nothing to clear
+    fs.release(fh)
+    assert stat.S_IMODE(fs.getattr(ino).mode) == 0o6755
+    fh = fs.create(ROOT_INO, b"f", 0o644, os.O_WRONLY | os.O_TRUNC, 0, 0, may_keep_setid=False)
+    fs.release(fh)  # create of an existing name without O_EXCL opens it
+    assert stat.S_IMODE(fs.getattr(ino).mode) == 0o0755
+
+
+def test_getxattr_by_path_in_one_snapshot(fs):
+    fh = new_file(fs, b"f", b"data")
+    ino = fs.handle_ino(fh)
+    fs.setxattr(ino, b"user.a", b"1")
+    assert fs.getxattr_path(b"/f", b"user.a") == b"1"
+    with pytest.raises(ns.NoAttribute):
+        fs.getxattr_path(b"/f", b"security.capability")
+    with pytest.raises(ns.NotFound):
+        fs.getxattr_path(b"/nope", b"user.a")
+    assert fs.getxattr_path(b"/f", b"user.llmfs.codec") == fs.getxattr(ino, b"user.llmfs.codec")
+    fs.release(fh)
