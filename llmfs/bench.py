@@ -127,13 +127,16 @@ def memfs_mount(mnt: Path):
             proc.wait()
 
 
-def source_tar(dst: Path, files: int, limit: int = 256 << 20) -> tuple[int, int]:
+def source_tar(dst: Path, files: int, limit: int = 256 << 20, largest: int = 256 << 10) -> tuple[int, int]:
     """A tar of up to `files` files (and `limit` bytes) of source and docs from this machine:
-    Python's standard library, then /usr/share/doc and /usr/share. Returns (files, bytes)."""
+    Python's standard library, the C headers of /usr/include, then /usr/share/doc and
+    /usr/share. Files over `largest` bytes are left out: a source tree's files are small, and a
+    few big data files would spend the size bound (a Debian machine then yields ~17,000 files
+    instead of 20,000). Returns (files, bytes)."""
     import tarfile
 
     n = total = 0
-    roots = [Path(os.__file__).parent, Path("/usr/share/doc"), Path("/usr/share")]
+    roots = [Path(os.__file__).parent, Path("/usr/include"), Path("/usr/share/doc"), Path("/usr/share")]
     seen = set()
     with tarfile.open(dst, "w") as tar:
         for root in roots:
@@ -144,7 +147,7 @@ def source_tar(dst: Path, files: int, limit: int = 256 << 20) -> tuple[int, int]
                     if n >= files or p in seen or not p.is_file() or p.is_symlink():
                         continue
                     size = p.stat().st_size
-                    if total + size > limit:
+                    if total + size > limit or size > largest:
                         continue
                     try:
                         tar.add(p, arcname=f"tree/{root.name}/{p.relative_to(root)}")
