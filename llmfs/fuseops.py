@@ -442,20 +442,21 @@ class Operations(mfusepy.Operations):
                 self._mark("probe", p)  # libfuse checks that a name to hide a file under is free
             raise
         attrs = self._attrs(ino, inode)
-        # libfuse's setattr replies with the getattr it makes next, on the same thread, and takes
-        # nothing off for a hidden node there: the count is given as it is.
-        exact = self._previous() == ("setattr",)
         hidden = False
         if fh is None and path is not None:
-            p = _fs(path)
-            with self._hidden_lock:
-                hidden = p in self._hidden
-                if inode.nlink > 1 and not inode.is_dir:  # the kernel may cache it per name
-                    self._names.setdefault(ino, set()).add(p)
+            linked = inode.nlink > 1 and not inode.is_dir  # the kernel may cache it per name
+            if self._hidden or linked:
+                p = _fs(path)
+                with self._hidden_lock:
+                    hidden = p in self._hidden
+                    if linked:
+                        self._names.setdefault(ino, set()).add(p)
         elif fh is not None and self._hidden:  # the kernel refreshes attributes by handle too
             with self._hidden_lock:
                 hidden = self._fh_paths.get(fh) in self._hidden
-        if hidden and not exact:  # libfuse takes one off for the hidden name (module docstring)
+        # libfuse takes one off for the hidden name (module docstring) — except in the getattr
+        # its setattr makes next on the same thread to reply with: the count is given as it is.
+        if hidden and self._previous() != ("setattr",):
             attrs["st_nlink"] += 1
         return attrs
 

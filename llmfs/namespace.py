@@ -152,7 +152,11 @@ class Filesystem:
         for part in path.split(b"/"):
             if part:
                 parent, name = ino, part
-                ino = self._lookup(t, ino, part)
+                # Only a directory has entries (an invariant fsck checks): a name found needs no
+                # look at its parent's inode; a name not found asks _lookup which error it is
+                # (as does one too long to exist: NameTooLong, not ENOENT).
+                child = t.lookup(ino, part) if len(part) <= NAME_MAX else None
+                ino = child if child is not None else self._lookup(t, ino, part)
         if parent is not None and remember:
             self.prefetch.remember(ino, parent, name)
         return ino
@@ -280,8 +284,8 @@ class Filesystem:
     ) -> int:
         with self._lock:
             with self.store.write() as t:
-                existing = t.lookup(parent, name) if t.inode(parent) else None
-                if existing is None:
+                existing = t.lookup(parent, name) if len(name) <= NAME_MAX else None
+                if existing is None:  # (_new_inode checks the parent and the name)
                     ino, inode = self._new_inode(t, parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
             if existing is not None:
                 if flags & os.O_EXCL:

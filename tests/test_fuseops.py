@@ -176,11 +176,20 @@ def test_aliases_move_with_their_directory(ops):
     assert ops._hidden == {}
 
 
-@pytest.mark.parametrize("op", ["getattr", "unlink", "rmdir", "chmod", "open", "readlink"])
+@pytest.mark.parametrize(
+    "op", ["getattr", "unlink", "rmdir", "chmod", "open", "readlink", "getxattr", "create"]
+)
 def test_long_names_are_enametoolong(ops, op):
-    path = "/" + "n" * 256
-    args = {"chmod": (0o600,), "open": (os.O_RDONLY,)}.get(op, ())
-    assert fuse_errno(lambda: getattr(ops, op)(path, *args)) == errno.ENAMETOOLONG
+    """256 bytes, and 1,000 (the kernel passes names of up to 1,024 bytes to FUSE)."""
+    args = {
+        "chmod": (0o600,),
+        "open": (os.O_RDONLY,),
+        "getxattr": ("user.a",),
+        "create": (0o644, os.O_RDWR | os.O_CREAT),
+    }.get(op, ())
+    for n in (256, 1000):
+        for path in ("/" + "n" * n, "/" + "n" * n + "/x"):
+            assert fuse_errno(lambda p=path: getattr(ops, op)(p, *args)) == errno.ENAMETOOLONG, (n, path[-2:])
 
 
 def test_rename_noreplace_onto_a_file_closed_just_before_fails_and_keeps_it(ops):
