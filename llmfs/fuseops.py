@@ -710,7 +710,7 @@ class Operations(mfusepy.Operations):
 
     @_errno_edge
     def fsyncdir(self, path, datasync, fh):
-        self.fs.store.sync()
+        self.fs.sync()
         return 0
 
     @_errno_edge

@@ -116,6 +116,9 @@ class Filesystem:
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._reported: set[tuple[int, bytes]] = set()  # damaged blocks already logged
+        # Files whose close left their data to the release (flush), until they leave _files:
+        # an fsync stores them first, so what was closed before it is durable after it.
+        self._closed: dict[int, OpenFile] = {}
         self.buffer = WriteBuffer(store, registry, self._load_block, dirty_limit)
         self.prefetch = PrefetchPolicy(store, cache, readahead, self._decode_hashes)
         # Decodes cache misses' LM blocks elsewhere when it is faster (set by the mount with
@@ -609,6 +612,7 @@ class Filesystem:
             if f.users or f.dirty or self._files.get(f.ino) is not f:
                 return
             del self._files[f.ino]
+            self._closed.pop(f.ino, None)
             self.prefetch.forget(f.ino)
             with self.store.read() as t:  # a write transaction only when there is work
                 inode = t.inode(f.ino)
@@ -731,7 +735,11 @@ class Filesystem:
         here, so that close(2) reports a full disk (ENOSPC) — in group mode a full disk is the
         group commit's failure, which a flush here could not report either."""
         f = self._files[self.handle_ino(fh)]
-        if not f.dirty and f.mtime is None or self.store.commits_later():
+        if not f.dirty and f.mtime is None:
+            return
+        if self.store.commits_later():
+            with self._lock:
+                self._closed[f.ino] = f
             return
         with f.lock:
             self.buffer.flush(f)
@@ -740,6 +748,16 @@ class Filesystem:
         ino = self.handle_ino(fh) if fh is not None else ino
         f = self._files.get(ino)
         if f is not None:
+            with f.lock:
+                self.buffer.flush(f)
+        self.sync()
+
+    def sync(self) -> None:
+        """Make every change so far durable (fsync, fsyncdir), the data of closed files whose
+        release has not come yet included: the kernel sends RELEASE after close(2) returns, so
+        an fsync right after a close may arrive first, and what was closed before an fsync was
+        durable after it before close left the storing to release (flush)."""
+        for f in list(self._closed.values()):
             with f.lock:
                 self.buffer.flush(f)
         self.store.sync()

@@ -12,7 +12,7 @@ from llmfs.cache import DecodeCache, Readahead
 
 from llmfs import fsck
 from llmfs import namespace as ns
-from llmfs.store import ROOT_INO, Store
+from llmfs.store import ROOT_INO, Store, blockmap_key
 
 BS = 4096
 
@@ -259,6 +259,16 @@ def test_close_leaves_the_data_to_release_in_group_mode(new_fs, monkeypatch):
     fs.release(fh2)
     fs.release(fh)
     assert stored(ino) == [0]
+    # an fsync (or fsyncdir) that comes before the release of a file closed earlier stores it
+    fh = new_file(fs, b"synced", b"s" * 100)
+    ino = fs.handle_ino(fh)
+    fs.flush(fh)
+    assert stored(ino) == []
+    fs.sync()
+    with fs.store.env.begin() as txn:  # what a crash would leave
+        assert txn.get(blockmap_key(ino, 0), db=fs.store.db["blockmap"]) is not None
+    fs.release(fh)
+    assert fs._closed == {}
     monkeypatch.setattr(fs.store, "commits_later", lambda: False)  # as with low disk space
     fh = new_file(fs, b"low", b"z" * 100)
     ino = fs.handle_ino(fh)
