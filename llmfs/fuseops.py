@@ -132,6 +132,19 @@ def _has_cap_fsetid(pid: int) -> bool:
     return False
 
 
+def _groups_later(pid: int):
+    """A function that reads pid's groups on its first call and remembers them (functools.cache
+    does the same, at several times the cost of building it, on every open)."""
+    found: list[tuple[int, ...]] = []
+
+    def groups() -> tuple[int, ...]:
+        if not found:
+            found.append(_groups(pid))
+        return found[0]
+
+    return groups
+
+
 def _errno_edge(method):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
@@ -670,9 +683,7 @@ class Operations(mfusepy.Operations):
         uid, gid, pid = mfusepy.fuse_get_context()  # prefetch only what the opener may read
         # Its groups are read from /proc only if a sibling's group decides (once per open).
         ino = self._ino(path)
-        fh = self.fs.open(
-            ino, flags, uid, gid, functools.cache(lambda: _groups(pid)), lambda: _has_cap_fsetid(pid)
-        )
+        fh = self.fs.open(ino, flags, uid, gid, _groups_later(pid), lambda: _has_cap_fsetid(pid))
         with self._hidden_lock:
             self._fh_paths[fh] = _fs(path)
         if flags & os.O_TRUNC:

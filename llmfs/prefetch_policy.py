@@ -131,6 +131,8 @@ class PrefetchPolicy:
         if self.readahead is None:
             return
         nblocks = -(-size // self.block_size)
+        if last + 1 >= nblocks and first == 0:
+            return  # the whole file in one read (every small file): nothing is left to read ahead
         indices = self.readahead.access(ino, first, last, nblocks)
         if self.cache is None or not indices:
             return
