@@ -4,7 +4,8 @@ of S3QL's BlockCache).
 A write lands in its file's dirty buffer of whole blocks (`OpenFile.dirty`, block index ->
 bytearray of one block). A partly written block is first loaded from the store (read-modify-write),
 a whole-block write is taken as it is. Nothing reaches the store until a flush, which happens on
-close, fsync, truncate, before a time or xattr change that must not be overwritten, and when all
+release (the last close of an open file; close itself only when the disk is nearly full), fsync,
+truncate, before a time or xattr change that must not be overwritten, and when all
 files' dirty bytes pass `dirty_limit`. One flush is one LMDB write transaction: the file's new
 blocks (content-addressed: a block already stored only gains a reference), its block map, size and
 times together, so a crash leaves a file as of some flush, never half of one. All-zero blocks are
