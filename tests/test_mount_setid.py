@@ -30,25 +30,36 @@ from .conftest import Mount, force_unmount, fuse_available, llmfs
 NOBODY = 65534
 
 
-@pytest.fixture
-def shared_mount(tmp_path):
-    """A mount other users may enter (-o allow_other), on a path they can reach."""
+@pytest.fixture(scope="module")
+def shared_mount(tmp_path_factory):
+    """A mount other users may enter (-o allow_other), on a path they can reach; one for the
+    module (each test works in a directory of its own: `mnt`)."""
     if not fuse_available() or shutil.which("setpriv") is None or os.getuid() != 0:
         pytest.skip("needs /dev/fuse, root and setpriv")
     top = Path(tempfile.mkdtemp(prefix="llmfs-setid-", dir="/tmp"))
     os.chmod(top, 0o755)  # tmp_path is 0700: other users could not reach the mount point
-    m = Mount(tmp_path / "store", top / "mnt")
+    m = Mount(tmp_path_factory.mktemp("setid") / "store", top / "mnt")
     m.mnt.mkdir()
     llmfs("mkfs", m.store)
     m.mount("-o", "allow_other")
     try:
-        os.chmod(m.mnt, 0o777)
+        os.chmod(m.mnt, 0o755)
         yield m
         m.umount()
     finally:
         force_unmount(m.mnt)
         shutil.rmtree(top, ignore_errors=True)
     assert llmfs("fsck", m.store, check=False).returncode == 0
+    bad = [line for line in m.log().splitlines() if "ERROR" in line or "Traceback" in line]
+    assert not bad, "the daemon logged errors:\n" + "\n".join(bad)
+
+
+@pytest.fixture
+def mnt(shared_mount, request) -> Path:
+    d = shared_mount.mnt / request.node.name
+    d.mkdir()
+    os.chmod(d, 0o777)
+    return d
 
 
 def as_nobody(*cmd: str) -> None:
@@ -73,8 +84,7 @@ def setid_file(p: Path, mode: int, gid: int = 0) -> Path:
     return p
 
 
-def test_an_unprivileged_write_clears_setuid_and_executable_setgid(shared_mount):
-    mnt = shared_mount.mnt
+def test_an_unprivileged_write_clears_setuid_and_executable_setgid(mnt):
     f = setid_file(mnt / "f", 0o6777)
     as_nobody("sh", "-c", f"echo more >> {f}")
     assert mode_of(f) == 0o0777
@@ -85,15 +95,14 @@ def test_an_unprivileged_write_clears_setuid_and_executable_setgid(shared_mount)
     assert mode_of(g) == 0o2766
 
 
-def test_a_privileged_write_keeps_the_bits(shared_mount):
-    f = setid_file(shared_mount.mnt / "f", 0o6755)
+def test_a_privileged_write_keeps_the_bits(mnt):
+    f = setid_file(mnt / "f", 0o6755)
     with open(f, "ab") as out:  # root: CAP_FSETID
         out.write(b"more\n")
     assert mode_of(f) == 0o6755
 
 
-def test_an_unprivileged_truncate_clears_like_a_write(shared_mount):
-    mnt = shared_mount.mnt
+def test_an_unprivileged_truncate_clears_like_a_write(mnt):
     f = setid_file(mnt / "f", 0o6777)
     as_nobody("truncate", "-s", "3", str(f))
     assert mode_of(f) == 0o0777 and f.read_bytes() == b"#!/"
@@ -102,8 +111,7 @@ def test_an_unprivileged_truncate_clears_like_a_write(shared_mount):
     assert mode_of(g) == 0o0777 and g.read_bytes() == b""
 
 
-def test_chown_clears_the_bits_of_a_file_not_of_a_directory(shared_mount):
-    mnt = shared_mount.mnt
+def test_chown_clears_the_bits_of_a_file_not_of_a_directory(mnt):
     f = setid_file(mnt / "f", 0o6755)
     os.chown(f, NOBODY, -1)  # by root, too
     assert mode_of(f) == 0o0755
