@@ -221,7 +221,12 @@ def test_store_holds_tunes_recodes_and_checks_its_dictionary(env):
     assert len(named) == len(TEXTS) and set(named.values()) == {None}  # version 3
     assert _problems(path) == []
 
-    assert "now current" in tune(path)
+    assert "kept no dictionary" in tune(path)  # from en.txt and ru.txt, measured on code.py
+    s = Store(path, lock=False, readonly=True)
+    with s.read() as t:
+        assert t.current_dictionary() is None
+    s.close()
+    assert "now current" in tune(path, force=True)
     s = Store(path)
     with s.read() as t:
         cur = t.current_dictionary()
@@ -262,3 +267,21 @@ def test_store_holds_tunes_recodes_and_checks_its_dictionary(env):
     assert _problems(path) == []
     assert "already current" in tune(path)
     assert "built in" in tune(path, default=True)
+
+
+def test_tune_holds_samples_back_and_measures_with_them():
+    """`llmfs tune` chooses from three of every four samples and keeps a dictionary only if it
+    codes the fourth ones smaller than the current state: on files that share their lines it does,
+    on unrelated ones it does not."""
+    from llmfs.tune import coded_size, split_samples
+
+    assert split_samples([b"a"]) == ([b"a"], [])
+    assert split_samples([b"a", b"b", b"c"]) == ([b"a", b"b"], [b"c"])
+    train, held = split_samples([bytes([i]) for i in range(9)])
+    assert held == [b"\x03", b"\x07"] and len(train) == 7
+    c = _codec()
+    files = [LOG[i * 40 : i * 40 + 300] for i in range(8)]
+    train, held = split_samples(files)
+    d = dictionary.choose(train, c.tokenizer, c.engine.max_seq_len)
+    assert coded_size(c, d, held) < coded_size(c, None, held)
+    assert c.dictionary is None  # coded_size puts the codec back as it was
