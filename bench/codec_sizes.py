@@ -7,8 +7,12 @@ so it fits a loaded machine — and the README's bits-per-byte plot.
 Per file (its first N bytes): bare = payload version 2 (the model's rows), mix = version 3 (the
 session 5 mixer, groups of 16 as it shipped), v5 = version 5 without a dictionary, v5+dict =
 version 5 with the dictionary dictionary.choose picks from the MATE files (the start of other
-files of the same kind, as `llmfs tune` samples a store — never the file itself). Sizes are whole
-containers (payload + header). float bpb = reference.cross_entropy_bits on the bare segments.
+files of the same kind, as `llmfs tune` samples a store — never the file itself), tuned = what
+`llmfs tune` would store: the dictionary chosen from three of every four mates, kept only if it
+codes the held-out ones smaller (llmfs.tune.split_samples, coded_size), else none. Sizes are whole
+containers (payload + header); "lm" (the full codec, what --plot draws) is the tuned one. float
+bpb = reference.cross_entropy_bits on the bare segments. `--replot ROWS.json --plot OUT.png`
+redraws a plot from saved rows.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from llmfs.codec.bench import _plot, baselines
 from llmfs.codec.container import header_size
 from llmfs.codec.lm import dictionary, open_codec, reference
 
+from llmfs.tune import coded_size, split_samples
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -29,26 +35,38 @@ def main() -> None:
     ap.add_argument("--bytes", type=int, default=0, help="first N bytes of each file (0: all)")
     ap.add_argument("--plot", default=None)
     ap.add_argument("--no-floor", action="store_true")
-    ap.add_argument("--variants", default="bare,mix,v5,v5+dict", help="comma-separated subset")
+    ap.add_argument("--variants", default="bare,mix,v5,v5+dict,tuned", help="comma-separated subset")
+    ap.add_argument("--replot", action="store_true", help="OUT is saved rows: only draw --plot")
     args = ap.parse_args()
+    if args.replot:
+        with open(args.out) as f:
+            _plot(json.load(f), args.plot)
+        return
     codec = open_codec(None, threads=2)
     rows = []
     for spec in args.files:
         path, _, mates = spec.partition(":")
         with open(path, "rb") as f:
             data = f.read(args.bytes) if args.bytes else f.read()
-        d = None
+        d = tuned = None
         if mates:
             samples = []
             for m in mates.split(","):
                 with open(m, "rb") as f:
                     samples.append(f.read(dictionary.SAMPLE_BYTES))
+            samples = [x for x in samples if x]
             d = dictionary.choose(samples, codec.tokenizer, codec.engine.max_seq_len)
+            if "tuned" in args.variants.split(","):
+                train, held = split_samples(samples)
+                tuned = dictionary.choose(train, codec.tokenizer, codec.engine.max_seq_len)
+                codec.version, codec.group = 5, 32
+                if held and coded_size(codec, tuned, held) >= coded_size(codec, None, held):
+                    tuned = None
         head = header_size(len(data), has_fingerprint=True)
         sizes, cpu = {}, {}
         variants = [("bare", 2, 32, None), ("mix", 3, 16, None), ("v5", 5, 32, None)]
         if d is not None:
-            variants.append(("v5+dict", 5, 32, d))
+            variants += [("v5+dict", 5, 32, d), ("tuned", 5, 32, tuned)]
         variants = [v for v in variants if v[0] in args.variants.split(",")]
         for name, version, group, dic in variants:
             codec.version, codec.group = version, group
@@ -62,7 +80,7 @@ def main() -> None:
             floor = reference.cross_entropy_bits(None, [[codec.engine.bos_id] + s for s in segments]) / len(
                 data
             )
-        best = sizes.get("v5+dict", sizes.get("v5", 0))
+        best = sizes.get("tuned", sizes.get("v5+dict", sizes.get("v5", 0)))
         row = {
             "file": path,
             "raw": len(data),
@@ -72,6 +90,7 @@ def main() -> None:
             "float bpb": floor,
             "tokens": sum(map(len, segments)),
             "dict tokens": len(d.tokens) if d else 0,
+            "tuned keeps a dictionary": tuned is not None,
             "enc cpu s": cpu,
         }
         rows.append(row)
