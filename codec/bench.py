@@ -3,7 +3,7 @@
 Everything in one report is measured in one run on the same bytes: raw size, xz -9e, zstd -19,
 brotli -11, the LM container of the bare model ("bare": payload version 2, the engine's rows as
 they are), of the rows mixed with the online side models of codec/lm/mixer.py ("mix": version 3)
-and of the full codec ("lm": version 4, the mixer and the codec's dictionary, codec/lm/dictionary.py:
+and of the full codec ("lm": PAYLOAD_VERSION, today 5: its mixer and the codec's dictionary, codec/lm/dictionary.py:
 the built-in default unless --dictionary names a file whose start is sampled as `llmfs tune`
 would), all in bytes and bits per byte, the float32 model's cross-entropy on the very
 segments the codec codes (codec/lm/reference.py — the bare model's floor, which the exact engine

@@ -7,6 +7,13 @@ result (content-addressed, in the store's meta table) and makes it the one new L
 Blocks already coded keep the dictionary they name (the store keeps every one a block names);
 `llmfs compact --recode` re-encodes them with the new one.
 
+A dictionary can also hurt (docs/benchmarks.md, session 6: one drawn from other Python modules
+made a module larger — the lines modules share are the ones the model predicts anyway, and 256
+tokens of someone else's code shift its guesses), so `tune` holds every fourth sample back
+(HELD_OUT), chooses from the others, codes the held-out ones with the new dictionary and with the
+store's current one (or none), and makes the new one current only if it codes them smaller;
+otherwise the store keeps what it has. `--force` skips the check.
+
 This is the adaptation step of the design: the model adapted to the user's data without touching
 its weights (docs/design.md weighs a LoRA-style weight adaptation against it). The store must be
 unmounted: a running daemon keeps coding with the dictionary it started with.
@@ -24,6 +31,28 @@ from .store import Store, StoreError, StoreLocked
 from .units import positive_int
 
 SAMPLE_FILES = 64
+HELD_OUT = 4  # every HELD_OUT-th sample measures the dictionary instead of shaping it
+
+
+def split_samples(samples: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """(samples to choose from, held-out samples to measure with): every HELD_OUT-th one held out,
+    the last one if there are fewer than HELD_OUT, none if there is only one."""
+    if len(samples) < 2:
+        return samples, []
+    held = set(range(HELD_OUT - 1, len(samples), HELD_OUT)) or {len(samples) - 1}
+    return [s for i, s in enumerate(samples) if i not in held], [
+        s for i, s in enumerate(samples) if i in held
+    ]
+
+
+def coded_size(codec, d, samples: list[bytes]) -> int:
+    """Bytes of the LM payloads of `samples` coded with dictionary `d` (None: without one)."""
+    before = codec.dictionary
+    try:
+        codec.use_dictionary(d)
+        return sum(len(codec.encode_payload(s)) for s in samples)
+    finally:
+        codec.use_dictionary(before)
 
 
 def sample_files(store: Store, registry: Registry, limit: int, nbytes: int) -> list[bytes]:
@@ -48,11 +77,15 @@ def sample_files(store: Store, registry: Registry, limit: int, nbytes: int) -> l
 
 
 def tune(
-    store_path: str, files: int = SAMPLE_FILES, threads: int | None = None, default: bool = False
+    store_path: str,
+    files: int = SAMPLE_FILES,
+    threads: int | None = None,
+    default: bool = False,
+    force: bool = False,
 ) -> str:
     """Choose and store the dictionary of the unmounted store at `store_path` (`default`: the
-    codec's built-in one instead of one from the files); what was done, in words. StoreError when
-    the store is in use or holds no file to sample."""
+    codec's built-in one instead of one from the files; `force`: without the held-out check);
+    what was done, in words. StoreError when the store is in use or holds no file to sample."""
     from llmfs.codec.lm import dictionary
 
     store = Store(store_path)
@@ -61,10 +94,11 @@ def tune(
         registry = Registry(model_resolver=models.resolve)
         codec = models.compaction_codec()
         samples = [] if default else sample_files(store, registry, files, dictionary.SAMPLE_BYTES)
+        train, held = (samples, []) if force else split_samples(samples)
         d = (
             codec.default_dictionary
             if default
-            else dictionary.choose(samples, codec.tokenizer, codec.engine.max_seq_len)
+            else dictionary.choose(train, codec.tokenizer, codec.engine.max_seq_len)
         )
         if d is None:
             raise StoreError(
@@ -76,6 +110,16 @@ def tune(
                 )
             )
         codec.add_dictionary(d)
+        current = codec.dictionary  # the store's current one (Models gave it to the codec)
+        if held and d != current:
+            new, old = coded_size(codec, d, held), coded_size(codec, current, held)
+            if new >= old:
+                return (
+                    f"dictionary {d.id.hex()} ({len(d.tokens)} tokens) codes {len(held)} held-out "
+                    f"files to {new} bytes, the store's "
+                    f"{'current dictionary' if current else 'codec without one'} to {old}: kept "
+                    f"{'the current dictionary' if current else 'no dictionary'} (--force makes it current)"
+                )
         with store.write() as t:
             old = t.current_dictionary()
             t.put_dictionary(d.id, d.blob)
@@ -101,13 +145,18 @@ def register(sub) -> None:
         action="store_true",
         help="use the built-in dictionary (generic prose, code, configuration and log lines)",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="make the chosen dictionary current without measuring it on held-out files",
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     try:
         store_path, _ = find_store(args.store)
-        print(tune(store_path, args.files, args.threads, args.default))
+        print(tune(store_path, args.files, args.threads, args.default, args.force))
     except StoreLocked:
         print(f"llmfs tune: {args.store} is mounted; unmount it first", file=sys.stderr)
         return 1

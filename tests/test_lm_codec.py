@@ -97,6 +97,10 @@ def test_payload_independent_of_batch():
 def test_segments_are_cut_at_the_configured_length():
     c = make_codec(BigramEngine(), segment_tokens=33)
     payload = c.encode_payload(b"q" * 100)  # 100 tokens -> 4 segments of <= 32, one group
+    # version 5: N << 2 | flags (shape given: 2) as a varint, S, G, no table for the one group
+    assert payload[:5] == bytes([5, (100 << 2 | 2) & 0x7F | 0x80, (100 << 2 | 2) >> 7, 32, GROUP_SEGMENTS])
+    c.version = 3
+    payload = c.encode_payload(b"q" * 100)
     assert payload[:5] == bytes([3, 100, 32, GROUP_SEGMENTS, len(payload[5:]) // 4])
     c.version = 2
     payload = c.encode_payload(b"q" * 100)
@@ -161,10 +165,12 @@ def test_streaming_encoder_codes_what_whole_tables_would(monkeypatch):
     assert c.decode_many([(payload, len(data))]) == [data]
 
 
-def test_garbled_group_size_is_a_typed_error():
+@pytest.mark.parametrize("version", [3, 5])
+def test_garbled_group_size_is_a_typed_error(version):
     c = make_codec(trained())
+    c.version = version
     payload = bytearray(c.encode_payload(TEXT))
-    at = 3 if payload[1] < 0x80 else 4  # after version, N (1 or 2 bytes) and S (63)
+    at = 3 if payload[1] < 0x80 else 4  # after version, N (version 5: N << 2 | flags) and S (63)
     assert payload[at] == GROUP_SEGMENTS
     for g in (0, 65, 127):
         payload[at] = g
@@ -182,10 +188,37 @@ def test_binary_is_skipped_quickly(codec):
 
 
 def test_truncated_payload_raises_typed_error(codec):
-    payload = codec.encode_payload(TEXT)
+    codec.version = 3  # version 3's table gives every stream's length
+    try:
+        payload = codec.encode_payload(TEXT)
+    finally:
+        codec.version = PAYLOAD_VERSION
     for cut in (0, 1, 2, 3, 5, len(payload) // 2, len(payload) - 1):
         with pytest.raises(Truncated):
             codec.decode_many([(payload[:cut], len(TEXT))])
+
+
+def test_cut_or_extended_version5_payload_never_gives_wrong_bytes(codec):
+    """Version 5's last stream is the rest of the payload: a cut inside the head is Truncated, a
+    cut or extended stream decodes to other tokens (refused by the length check or the registry's
+    checksum) or, where the change stays inside the coder's final interval, to the same bytes."""
+    from llmfs.codec import container
+
+    reg = Registry()
+    reg.add_model(codec)
+    payload = codec.encode_payload(TEXT)  # (the registry might store the tiny model's as raw)
+    blob = container.pack(LM, len(TEXT), container.checksum(TEXT), payload, codec.fingerprint)
+    start = reg.header(blob).payload_offset
+    assert blob[start] == 5 and reg.decode(blob) == TEXT
+    for cut in (0, 1, 2, 3):
+        with pytest.raises(Truncated):
+            codec.decode_many([(blob[start : start + cut], len(TEXT))])
+    for bad in [blob[:n] for n in range(len(blob) - 12, len(blob))] + [blob + b"\0", blob + b"\x01\x02"]:
+        try:
+            out = reg.decode(bad)
+        except ContainerError:
+            continue
+        assert out == TEXT
 
 
 def test_garbled_payload_never_gives_wrong_bytes():
@@ -211,14 +244,22 @@ def test_coded_words_the_model_cannot_produce_are_a_typed_error():
     """Words that no coder state yields (constriction asserts on them) are ChecksumMismatch, like
     every other corrupt payload — not an AssertionError escaping to the filesystem or fsck."""
     c, data = make_codec(trained()), TEXT[:400]
-    payload = c.encode_payload(data)
-    head = len(payload) - 4 * sum(len(g.words) for g in c._parse(payload, 0))
-    with pytest.raises(ChecksumMismatch, match="invalid for this model"):
-        c.decode_many([(payload[:head] + b"\xff" * (len(payload) - head), len(data))])
+    for version, word in ((3, 4), (5, 1)):
+        c.version = version
+        payload = c.encode_payload(data)
+        head = len(payload) - sum(word * len(g.words) for g in c._parse(payload, 0))
+        if version == 5:  # one group: its stream is the rest of the payload
+            head = len(payload) - len(c._parse(payload, 0)[0].words.astype(">u4").tobytes().rstrip(b"\0"))
+        with pytest.raises(ChecksumMismatch, match="invalid for this model"):
+            c.decode_many([(payload[:head] + b"\xff" * (len(payload) - head), len(data))])
 
 
 def test_trailing_bytes_are_an_error(codec):
-    payload = codec.encode_payload(TEXT)
+    codec.version = 3  # version 5: see test_cut_or_extended_version5_payload_never_gives_wrong_bytes
+    try:
+        payload = codec.encode_payload(TEXT)
+    finally:
+        codec.version = PAYLOAD_VERSION
     with pytest.raises(ChecksumMismatch):
         codec.decode_many([(payload + b"\0\0\0\0", len(TEXT))])
 

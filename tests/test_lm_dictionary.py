@@ -11,7 +11,7 @@ import pytest
 import torch
 from llmfs.codec.container import ContainerError, ModelMismatch
 from llmfs.codec.lm import backend, coder, dictionary, kernels
-from llmfs.codec.lm.codec import LMCodec
+from llmfs.codec.lm.codec import LMCodec, payload_dictionary
 from llmfs.codec.lm.engine import Engine
 from llmfs.codec.lm.tokenizer import ByteTokenizer
 
@@ -78,12 +78,15 @@ def _codec(engine=None, **kw) -> LMCodec:
     return LMCodec((engine or tiny_engine(), ByteTokenizer()), **kw)
 
 
-def test_version4_round_trips_beside_older_versions():
+def test_version4_and_5_round_trip_beside_older_versions():
     c = _codec(dictionary="default")
     assert c.dictionary is c.default_dictionary and len(c.dictionary.tokens) == 256 // 4
     data = TEXT * 2 + LOG
+    v5 = c.encode_payload(data)
+    assert v5[0] == 5 and payload_dictionary(v5[:16]) == c.dictionary.id
+    c.version = 4
     v4 = c.encode_payload(data)
-    assert v4[0] == 4 and v4[1:9] == c.dictionary.id
+    assert v4[0] == 4 and v4[1:9] == c.dictionary.id and payload_dictionary(v4[:16]) == c.dictionary.id
     c.version = 3
     v3 = c.encode_payload(data)
     c.version = 2
@@ -93,10 +96,16 @@ def test_version4_round_trips_beside_older_versions():
         d = _codec(batch=batch)  # decodes the built-in default without using it
         assert d.dictionary is None
         assert (
-            d.decode_many([(v2, len(data)), (v4, len(data)), (v3, len(data)), (v4, len(data))]) == [data] * 4
+            d.decode_many(
+                [(v2, len(data)), (v4, len(data)), (v3, len(data)), (v5, len(data)), (v4, len(data))]
+            )
+            == [data] * 5
         )
-    # a codec without a dictionary writes version 3
-    assert _codec().encode_payload(data)[0] == 3
+    # a codec without a dictionary writes version 5 without one; asked for 4, it writes 3
+    plain = _codec()
+    assert plain.encode_payload(data)[0] == 5 and payload_dictionary(plain.encode_payload(data)) is None
+    plain.version = 4
+    assert plain.encode_payload(data)[0] == 3 and payload_dictionary(v3) is None
 
 
 def test_version4_independent_of_batch_chunks_and_threads(monkeypatch):
@@ -212,7 +221,12 @@ def test_store_holds_tunes_recodes_and_checks_its_dictionary(env):
     assert len(named) == len(TEXTS) and set(named.values()) == {None}  # version 3
     assert _problems(path) == []
 
-    assert "now current" in tune(path)
+    assert "kept no dictionary" in tune(path)  # from en.txt and ru.txt, measured on code.py
+    s = Store(path, lock=False, readonly=True)
+    with s.read() as t:
+        assert t.current_dictionary() is None
+    s.close()
+    assert "now current" in tune(path, force=True)
     s = Store(path)
     with s.read() as t:
         cur = t.current_dictionary()
@@ -253,3 +267,21 @@ def test_store_holds_tunes_recodes_and_checks_its_dictionary(env):
     assert _problems(path) == []
     assert "already current" in tune(path)
     assert "built in" in tune(path, default=True)
+
+
+def test_tune_holds_samples_back_and_measures_with_them():
+    """`llmfs tune` chooses from three of every four samples and keeps a dictionary only if it
+    codes the fourth ones smaller than the current state: on files that share their lines it does,
+    on unrelated ones it does not."""
+    from llmfs.tune import coded_size, split_samples
+
+    assert split_samples([b"a"]) == ([b"a"], [])
+    assert split_samples([b"a", b"b", b"c"]) == ([b"a", b"b"], [b"c"])
+    train, held = split_samples([bytes([i]) for i in range(9)])
+    assert held == [b"\x03", b"\x07"] and len(train) == 7
+    c = _codec()
+    files = [LOG[i * 40 : i * 40 + 300] for i in range(8)]
+    train, held = split_samples(files)
+    d = dictionary.choose(train, c.tokenizer, c.engine.max_seq_len)
+    assert coded_size(c, d, held) < coded_size(c, None, held)
+    assert c.dictionary is None  # coded_size puts the codec back as it was

@@ -1,4 +1,4 @@
-"""The mixed LM payload (version 3, codec/lm/mixer.py): exactness and format.
+"""The mixed LM payloads (versions 3 and 5, codec/lm/mixer.py): exactness and format.
 
 The mixer's state must be the same in the encoder (rows from one parallel pass, mixed chunk by
 chunk) and the decoder (rows from engine.step, groups side by side in a batch): these tests code
@@ -61,36 +61,50 @@ def engine(request):
     return trained() if request.param == "bigram" else tiny_engine()
 
 
-def test_mixed_is_the_default_payload_and_v2_still_written_on_request(engine):
+def test_version5_is_the_default_payload_and_older_ones_still_written_on_request(engine):
     c = make_codec(engine)
+    v5 = c.encode_payload(TEXT)
+    c.version = 3
     v3 = c.encode_payload(TEXT)
     c.version = 2
     v2 = c.encode_payload(TEXT)
-    assert (v3[0], v2[0]) == (3, 2) and v3[1:4] == v2[1:4] and v3 != v2
+    assert (v5[0], v3[0], v2[0]) == (5, 3, 2) and v3[1:4] == v2[1:4] and v3 != v2
     v1 = version1(c, TEXT)
-    assert c.decode_many([(v3, len(TEXT)), (v2, len(TEXT)), (v1, len(TEXT))]) == [TEXT] * 3
+    items = [(v5, len(TEXT)), (v3, len(TEXT)), (v2, len(TEXT)), (v1, len(TEXT))]
+    assert c.decode_many(items) == [TEXT] * 4
 
 
-def test_mixed_payload_independent_of_batch_chunks_and_threads(engine, monkeypatch):
+def _codec(engine, version, batch=None):
+    c = make_codec(engine) if batch is None else make_codec(engine, batch=batch)
+    c.version = version
+    if version == 3:
+        c.group = 16  # two groups of 30 segments below, as version 3 payloads were written
+    return c
+
+
+@pytest.mark.parametrize("version", [3, 5])
+def test_mixed_payload_independent_of_batch_chunks_and_threads(engine, version, monkeypatch):
     """Same payload whatever the batch, the encoder's chunk size or the thread count; it decodes
     with any batch, alone or beside other payloads (groups interleaved in one engine batch)."""
-    data = TEXT * 2 + LOG  # 30 segments: groups of 16 and 14
+    data = TEXT * 2 + LOG + TEXT[:900]  # 49+ segments: several groups in either version
     payloads = set()
     for batch in (1, 2, 16):
-        payloads.add(make_codec(engine, batch=batch).encode_payload(data))
+        payloads.add(_codec(engine, version, batch).encode_payload(data))
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        payloads.add(make_codec(engine).encode_payload(data))
+        payloads.add(_codec(engine, version).encode_payload(data))
     finally:
         torch.set_num_threads(old)
     monkeypatch.setattr(coder, "ENCODE_CHUNK_ROWS", 7)  # mixer state crosses chunk borders
-    payloads.add(make_codec(engine).encode_payload(data))
+    payloads.add(_codec(engine, version).encode_payload(data))
     monkeypatch.undo()
     assert len(payloads) == 1
     (payload,) = payloads
-    assert payload[0] == 3
-    other = make_codec(engine).encode_payload(LOG[:200])
+    c = _codec(engine, version)
+    assert payload[0] == version
+    assert len(c._parse(payload, 0)) == -(-len(c.segments(data)) // c.group) >= 2
+    other = _codec(engine, version).encode_payload(LOG[:200])
     for batch in (1, 3, 16, 64):
         c = make_codec(engine, batch=batch)
         assert c.decode_many([(payload, len(data))]) == [data]
@@ -101,15 +115,17 @@ def test_mixed_payload_independent_of_batch_chunks_and_threads(engine, monkeypat
         ]
 
 
-def test_groups_decode_on_their_own():
+@pytest.mark.parametrize("version", [3, 5])
+def test_groups_decode_on_their_own(version):
     """A group's mixer sees only its own tokens: cutting the data at a group border gives the
     second group the same words as in the whole payload."""
     c = make_codec(trained())
+    c.group = 8
     per = c.segment_tokens - 1
     data = (TEXT * 3)[: per * c.group * 2]  # exactly two full groups (byte tokens)
-    whole = c._encode_groups(c.segments(data), mixed=True)
-    second = c._encode_groups(c.segments(data[per * c.group :]), mixed=True)
-    assert len(whole) == 2 and whole[1].tolist() == second[0].tolist()
+    whole = c._encode_streams(c.segments(data), version)
+    second = c._encode_streams(c.segments(data[per * c.group :]), version)
+    assert len(whole) == 2 and whole[1].sealed_bytes() == second[0].sealed_bytes()
 
 
 def test_mixing_learns_repeats_the_model_cannot_see():
@@ -117,22 +133,22 @@ def test_mixing_learns_repeats_the_model_cannot_see():
     repeated lines, so the mixed payload is far smaller than the bare model's — while on random
     bytes mixing costs (almost) nothing."""
     c = make_codec(tiny_engine())
-    mixed = c.encode_payload(LOG)
-    c.version = 2
-    bare = c.encode_payload(LOG)
-    assert len(mixed) < 0.5 * len(bare)
     noise = bytes((i * 7919 + (i * i) % 251) % 256 for i in range(3000))
-    c.version = 3
-    mixed_noise = c.encode_payload(noise)
-    c.version = 2
-    assert len(mixed_noise) <= 1.01 * len(c.encode_payload(noise))
+    for version in (3, 5):
+        c.version = version
+        mixed, mixed_noise = c.encode_payload(LOG), c.encode_payload(noise)
+        c.version = 2
+        assert len(mixed) < 0.5 * len(c.encode_payload(LOG))
+        assert len(mixed_noise) <= 1.01 * len(c.encode_payload(noise))
 
 
 def test_mixed_payload_bytes_are_pinned():
-    """The exact bytes of one mixed payload (bigram model: integer rows independent of the
-    engine's arithmetic), so that no change to the mixer, the coder or the layout slips through.
-    A deliberate format change needs a new payload version (and keeps this one decoding)."""
+    """The exact bytes of one mixed payload of each version (bigram model: integer rows
+    independent of the engine's arithmetic), so that no change to a mixer, the coder or the layout
+    slips through. A deliberate format change needs a new payload version (and keeps these
+    decoding)."""
     c = LMCodec((BigramEngine(seed=3, train=TEXT), ByteTokenizer()), segment_tokens=64)
+    c.version, c.group = 3, 16  # as version 3 was written
     payload = c.encode_payload(TEXT + LOG)
     assert payload[0] == 3
     assert (
@@ -142,51 +158,28 @@ def test_mixed_payload_bytes_are_pinned():
     assert len(payload) == PIN_LEN
     assert c.decode_many([(payload, len(TEXT + LOG))]) == [TEXT + LOG]
 
+    c = LMCodec((BigramEngine(seed=3, train=TEXT), ByteTokenizer()), segment_tokens=64)
+    v5 = c.encode_payload(TEXT + LOG)
+    assert v5[0] == 5
+    assert hashlib.sha256(v5).hexdigest() == PIN_V5
+    assert len(v5) == PIN_V5_LEN
+    assert c.decode_many([(v5, len(TEXT + LOG)), (payload, len(TEXT + LOG))]) == [TEXT + LOG] * 2
+
 
 PIN_LEN = 531
+PIN_V5 = "7a4cd69bc18ef526d7f5a05a0604a38505f9ac7253572f7b1b153f0109090ee3"
+PIN_V5_LEN = 464
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_mixed_payload_same_on_cuda():
-    engine = tiny_engine()
-    data = TEXT + LOG
-    cpu = make_codec(engine).encode_payload(data)
-    gpu = LMCodec((engine.to("cuda"), ByteTokenizer()), segment_tokens=64)
-    assert gpu.encode_payload(data) == cpu
-    assert gpu.decode_many([(cpu, len(data))]) == [data]
-
-
-def test_bench_codec_reports_bare_and_full_codec(tmp_path):
-    """`llmfs bench codec` with the tiny model: columns for the bare model and the full codec, and
-    both round trips checked."""
-    import subprocess
-    import sys
-
-    f = tmp_path / "log.txt"
-    f.write_bytes(LOG)
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llmfs.cli",
-            "bench",
-            "codec",
-            "-m",
-            "tiny",
-            "--no-floor",
-            "--threads",
-            "1",
-            "--segment",
-            "64",
-            str(f),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr
-    head, row = [ln for ln in res.stdout.splitlines() if "raw" in ln or str(f) in ln][-2:]
-    names = [head[i : i + 12].strip() for i in range(0, len(head.rstrip()) - 4, 12)]  # 10 + 2 wide
-    values = dict(zip(names, row.split()))
-    assert {"bare", "lm", "bare bpb", "lm bpb", "enc/bare", "dec/bare"} <= set(values)
-    assert int(values["lm"]) < 0.5 * int(values["bare"])  # the repeats, learned by the mixer
+def test_version5_mixer_learns_line_fields():
+    """GroupMixerV5's line contexts: the line breaks come from the tokenizer, and on a log whose
+    field values repeat by field (not by the tokens just before them) they make version 5 smaller
+    than it is without them."""
+    c = make_codec(tiny_engine())
+    assert mixer.line_breaks(c.tokenizer, c.tokenizer.vocab_size) == frozenset({10})
+    log = b"".join(b"id=%d host=h%d user=u%d op=%s\n" % (i, i % 3, i % 5, b"rw"[i % 2 :]) for i in range(150))
+    with_lines = c.encode_payload(log)
+    c._breaks = frozenset()  # as if no token ended a line
+    assert len(with_lines) < len(c.encode_payload(log))
+    c._breaks = None
+    assert c.decode_many([(with_lines, len(log))]) == [log]

@@ -4,22 +4,46 @@ It implements the registry's `ModelCodec` protocol (codec/registry.py): `fingerp
 `decode_many([(payload, length)])`. The container around the payload (magic, length, checksum, model
 fingerprint) is codec/container.py's; this module owns only the payload.
 
-Payload format (version PAYLOAD_VERSION = 4; varint = unsigned LEB128):
+Payload format (version PAYLOAD_VERSION = 5; varint = unsigned LEB128):
 
-    u8       payload version (4; 3, 2 and 1 are still read)
-    8 bytes  (version 4 only) the id of the dictionary every segment continues (dictionary.py)
+    u8       payload version (5; 4, 3, 2 and 1 are still read)
+    varint   N << 2 | flags: N = total token count; flags bit 0: a dictionary id follows,
+             bit 1: the segment shape follows (else the version 5 default shape)
+    8 bytes  (flags bit 0) the id of the dictionary every segment continues (dictionary.py)
+    varint   (flags bit 1) segment length S in tokens, BOS excluded
+    varint   (flags bit 1) group size G (1 <= G <= MAX_GROUP)
+    varint × (groups - 1)  byte length of each group's coded stream but the last (the last
+             stream is the rest of the payload)
+    bytes    the groups' streams, concatenated in group order; each is its 32-bit coder words
+             big-endian with the trailing zero bytes cut (coder.StreamEncoder.sealed_bytes: the
+             last word is the "roundest" point of the coder's final interval)
+
+Default shape (frozen for version 5, whatever later defaults become): S = min(V5_SEGMENT_TOKENS,
+the model's window - the dictionary's tokens) - 1, G = V5_GROUP_SEGMENTS. Version 5 exists for the
+fixed bytes of small blocks (each is ~0.1 % of an 8 KiB text's payload): against version 3/4 it
+drops S and G (3 bytes) and the last group's table entry (1-2 bytes), codes the dictionary's
+presence in a flag instead of a version, and cuts ~1.7 bytes per stream from the coder's flush. Its
+rows go through mixer.GroupMixerV5 (the version 3 mixer plus the changes its docstring lists). A
+payload whose last stream is cut short or has bytes appended still decodes (to wrong tokens, which
+the length check or the registry's checksum refuses — or, for appended zero bytes, to the same
+tokens), so "truncated" is only reported where the table itself is cut.
+
+Version 4 (still read) is version 3 with a store dictionary, named by the 8 bytes after the version
+byte: every segment continues the dictionary's tokens (BOS + dictionary is the engine prefix whose
+KV state is computed once per codec and copied into each row: engine.Engine.prefix), and each
+group's mixer is primed with them (version 5 does the same when its flag says so). Version 3 (still
+read):
+
+    u8       payload version
     varint   total token count N
     varint   segment length S in tokens, BOS excluded (every segment but the last holds S tokens)
     varint   group size G: consecutive segments that share one coded stream (1 <= G <= MAX_GROUP)
     varint × ceil(ceil(N / S) / G)   number of 32-bit words of each group's coded stream
     u32le ×  ...           the groups' words, concatenated in group order
 
-Version 4 is version 3 with a store dictionary: every segment continues the dictionary's tokens
-(BOS + dictionary is the engine prefix whose KV state is computed once per codec and copied into
-each row: engine.Engine.prefix), and each group's mixer is primed with them. A codec without a
-dictionary writes version 3. Version 3 codes each group's stream with the LM's rows mixed with online side models (mixer.py:
-a match model, token n-gram counts and a logistic mixer, learned from the group's own earlier tokens
-in coding order, exact integer arithmetic); its layout is version 2's. Version 2 is the bare LM's
+It codes each group's stream with the LM's rows mixed with online side models (mixer.GroupMixer: a
+match model, token n-gram counts and a logistic mixer, learned from the group's own earlier tokens
+in coding order, exact integer arithmetic). Version 2 is version 3's layout with the bare LM's
 rows. Version 1 (still read) is version 2 without the G field and with G = 1: one stream per
 segment.
 
@@ -35,8 +59,8 @@ Invariants:
   * the words depend only on the bytes, the model, S, G and the version — never on batch size,
     threads or device (the engine's frequency rows are bit-identical across those, and the mixer's
     state depends only on the group's tokens in coding order; tests pin it);
-  * a version 3 group's side models see only that group's tokens: groups, and blocks, decode on
-    their own;
+  * a mixed group's side models (version 3-5) see only that group's tokens (and the dictionary's):
+    groups, and blocks, decode on their own;
   * a payload that is truncated, has trailing bytes, or decodes to the wrong length raises a
     ContainerError subclass; the registry then also checks the plaintext checksum.
 
@@ -68,12 +92,17 @@ from ..container import (
 from . import DECODE_BATCH, coder
 from . import dictionary as dictionaries
 from .dictionary import Dictionary
-from .mixer import GroupMixer
+from .mixer import GroupMixer, GroupMixerV5, line_breaks
 from .tokenizer import from_json
 
-PAYLOAD_VERSION = 4
-MIXED_VERSIONS = frozenset({3, 4})  # payload versions whose rows go through a GroupMixer
-READ_VERSIONS = (1, 2, 3, 4)
+PAYLOAD_VERSION = 5
+MIXED_VERSIONS = frozenset({3, 4, 5})  # payload versions whose rows go through a mixer
+READ_VERSIONS = (1, 2, 3, 4, 5)
+# The version 5 default segment shape (flags bit 1 clear): part of the format, never changed.
+V5_SEGMENT_TOKENS = 1024  # BOS included; S = min(this, window - dictionary) - 1
+V5_GROUP_SEGMENTS = 32
+_V5_DICTIONARY = 1  # flags
+_V5_SHAPE = 2
 # Hashed into the codec fingerprint; the payload carries its own version, so readers of version 3
 # also read version 1 and 2 payloads made with the same model.
 _FINGERPRINT_TAG = b"llmfs-lm-payload-1\0"
@@ -82,11 +111,13 @@ _TABLE = "LM payload segment table"  # what read_varint's errors name
 # Segments per coded stream. A group decodes in rows that start together, so decoding takes at
 # least G rows whatever the batch (the KV cache: 23.6 MB per SmolLM2 row); encoding holds only the
 # group's hidden states (4.7 MB per segment). Each stream costs a flush (~2 bytes) and a table
-# entry (~2 bytes). Going from 1 to 4 segments per stream saved well over half a percent, 4 to 16
-# a further ~0.1 %, more would save almost nothing (docs/benchmarks.md, "LM codec parameters").
-# 16 makes a 64 KiB block (~17 segments of text) one or two streams and keeps decoding at >= 16
-# rows (378 MB of KV); more would force more rows on small machines.
-GROUP_SEGMENTS = 16
+# entry (~2 bytes): for the bare model, 1 to 4 segments per stream saved well over half a percent,
+# 4 to 16 a further ~0.1 % (docs/benchmarks.md, "LM codec parameters"). With the mixer a group is
+# also what its side models learn from: a 64 KiB block of a package list (23 segments) codes 2 %
+# smaller as one group of 32 than as 16 + 7 (docs/benchmarks.md, session 6). 32 makes every 64 KiB
+# block of text (15-32 segments) one stream; decoding it takes as many rows, within the default
+# decode batch (64) — a smaller --batch is raised to the group's segment count.
+GROUP_SEGMENTS = 32
 MAX_GROUP = 64  # a reader refuses more: a garbled G must not ask for thousands of rows
 
 # Tokens per segment, BOS included. Longer segments give the model more context (fewer bits per byte)
@@ -120,8 +151,9 @@ class _Group:
     item: int  # which payload of decode_many it belongs to
     tokens: list[int]  # each segment's token count, BOS excluded
     words: np.ndarray  # their coded stream
-    mixed: bool = False  # version 3, 4: rows go through a GroupMixer
-    dictionary: Dictionary | None = None  # version 4: the context every segment continues
+    mixed: bool = False  # version 3-5: rows go through a mixer
+    dictionary: Dictionary | None = None  # version 4, 5: the context every segment continues
+    version: int = 3  # the payload's version (which mixer)
 
 
 class LMCodec:
@@ -157,11 +189,13 @@ class LMCodec:
         if self.segment_tokens < 2:
             raise ValueError("segments need room for BOS and one token")
         self.group = GROUP_SEGMENTS
-        # what encode writes: 4 (mixed, with self.dictionary; 3 without one), 3 or 2 (bare model)
+        # what encode writes: 5 (mixed, self.dictionary if any), 4 (mixed, with self.dictionary; 3
+        # without one), 3 or 2 (bare model)
         self.version = PAYLOAD_VERSION
         self.dictionaries: dict[bytes, Dictionary] = {}  # id -> dictionary this codec decodes
         self._prefixes: dict[bytes, object] = {}  # id -> engine.Prefix, made on first use
         self.dictionary: Dictionary | None = None
+        self._breaks: frozenset[int] | None = None  # GroupMixerV5's line breaks, made on first use
         self.default_dictionary: Dictionary | None = None  # the built-in one, where the engine has prefix()
         if hasattr(self.engine, "prefix"):
             d = dictionaries.default(self.tokenizer, self.engine.max_seq_len)
@@ -223,14 +257,16 @@ class LMCodec:
 
     def encode_payload(self, data: bytes) -> bytes:
         """Always LM-code `data` (tests use it on adversarial bytes that encode() would skip)."""
-        if self.version not in (2, 3, 4):
+        if self.version not in (2, 3, 4, 5):
             raise ValueError(f"cannot write LM payload version {self.version}")
         version, d = self.version, self.dictionary
         if version == 4 and d is None:
             version = 3
-        if version != 4:
+        if version not in (4, 5):
             d = None
         segments = self.segments(data, d)
+        if version == 5:
+            return self._encode_v5(segments, d)
         streams = self._encode_groups(segments, version in MIXED_VERSIONS, d)
         head = [
             bytes([version]) + (d.id if d is not None else b""),
@@ -240,6 +276,27 @@ class LMCodec:
         ]
         head += [varint(len(words)) for words in streams]
         return b"".join(head) + b"".join(w.astype("<u4").tobytes() for w in streams)
+
+    def _encode_v5(self, segments: list[list[int]], d: Dictionary | None) -> bytes:
+        streams = [e.sealed_bytes() for e in self._encode_streams(segments, 5, d)]
+        per_seg = self._segment_len(d) - 1
+        flags = _V5_DICTIONARY if d is not None else 0
+        shape = b""
+        if (per_seg, self.group) != (self._v5_default_segment(d), V5_GROUP_SEGMENTS):
+            flags |= _V5_SHAPE
+            shape = varint(per_seg) + varint(self.group)
+        head = [
+            bytes([5]),
+            varint(sum(len(s) for s in segments) << 2 | flags),
+            d.id if d is not None else b"",
+            shape,
+        ]
+        head += [varint(len(b)) for b in streams[:-1]]
+        return b"".join(head) + b"".join(streams)
+
+    def _v5_default_segment(self, d: Dictionary | None) -> int:
+        """S (BOS excluded) of a version 5 payload whose shape flag is clear."""
+        return min(V5_SEGMENT_TOKENS, self.engine.max_seq_len - (len(d.tokens) if d else 0)) - 1
 
     def segments(self, data: bytes, d: Dictionary | None = None) -> list[list[int]]:
         """The token ids of `data` cut into the segments the payload codes (BOS not included),
@@ -251,6 +308,21 @@ class LMCodec:
     def _encode_groups(
         self, segments: list[list[int]], mixed: bool = False, d: Dictionary | None = None
     ) -> list[np.ndarray]:
+        """The words of each group's stream (versions 1-4; `mixed`: version 3's mixer)."""
+        return [e.words() for e in self._encode_streams(segments, 3 if mixed else None, d)]
+
+    def _new_mixer(self, version: int, n_segments: int, d: Dictionary | None) -> GroupMixer:
+        """The mixer of one group of a mixed payload version (3 and 4 share the first one)."""
+        primer = d.tokens if d is not None else ()
+        if version != 5:
+            return GroupMixer(n_segments, primer)
+        if self._breaks is None:
+            self._breaks = line_breaks(self.tokenizer, self.tokenizer.vocab_size)
+        return GroupMixerV5(n_segments, primer, self._breaks)
+
+    def _encode_streams(
+        self, segments: list[list[int]], mixer: int | None = None, d: Dictionary | None = None
+    ) -> list[coder.StreamEncoder]:
         """One coded stream per group of self.group consecutive segments. One parallel engine pass
         gives a group's final hidden states (engine.hidden: 4.7 MB per SmolLM2 segment); the LM
         head then runs on ENCODE_CHUNK_ROWS of them at a time, in the stream's position-major
@@ -258,7 +330,8 @@ class LMCodec:
         (201 MB per segment) — so a group can be as large as its decoder's rows allow — and reuses
         one output buffer instead of faulting in fresh pages for every segment. `mixed`: each
         chunk's rows then go through the group's GroupMixer, row by row in coding order (the
-        encoder knows every token, so the mixer learns from each as the decoder will). `d`: every
+        encoder knows every token, so the mixer learns from each as the decoder will; `mixer` is the
+        payload version whose mixer it is). `d`: every
         segment continues this dictionary (the engine's prefix; the mixer primed with it)."""
         engine, streams, out = self.engine, [], None
         first = engine.bos_id if d is None else d.tokens[-1]  # each row's input at its position 0
@@ -283,7 +356,7 @@ class LMCodec:
                 )
             order = coder.interleaved_order([len(s) for s in group])
             encoder = coder.StreamEncoder()
-            mixer = GroupMixer(len(group), d.tokens if d is not None else ()) if mixed else None
+            mixing = self._new_mixer(mixer, len(group), d) if mixer is not None else None
             for lo in range(0, len(order), coder.ENCODE_CHUNK_ROWS):
                 chunk = order[lo : lo + coder.ENCODE_CHUNK_ROWS]
                 at = torch.tensor([j * width + t for j, t in chunk], device=hidden.device)
@@ -292,16 +365,16 @@ class LMCodec:
                 rows = rows.cpu().numpy()
                 symbols = [group[j][t] for j, t in chunk]
                 patches = None
-                if mixer is not None:
+                if mixing is not None:
                     patches = []
                     totals = rows.sum(axis=1, dtype=np.int64)
                     for i, (j, _t) in enumerate(chunk):
-                        cands, masses = mixer.predict(j, rows[i], int(totals[i]))
+                        cands, masses = mixing.predict(j, rows[i], int(totals[i]))
                         if cands:
                             patches.append((i, cands, masses))
-                        mixer.update(j, symbols[i])
+                        mixing.update(j, symbols[i])
                 encoder.encode(symbols, rows, patches)
-            streams.append(encoder.words())
+            streams.append(encoder)
         return streams
 
     # -- decode ---------------------------------------------------------------------------------
@@ -334,16 +407,11 @@ class LMCodec:
                 f"LM payload version {buf[0]} is not supported (this llmfs "
                 f"reads versions {', '.join(map(str, READ_VERSIONS))})"
             )
+        if buf[0] == 5:
+            return self._parse_v5(buf, item, length)
         d, pos = None, 1
         if buf[0] == 4:
-            if len(buf) < 1 + dictionaries.ID_SIZE:
-                raise Truncated("LM payload truncated inside its dictionary id")
-            did = buf[1 : 1 + dictionaries.ID_SIZE]
-            d = self.dictionaries.get(did)
-            if d is None:  # the store lost it, or another store's block: nothing else decodes it
-                raise ModelMismatch(
-                    f"LM payload names dictionary {did.hex()}, which this store does not hold"
-                )
+            d = self._dictionary_at(buf, pos)
             pos += dictionaries.ID_SIZE
         total, pos = read_varint(buf, pos, _TABLE)
         if (
@@ -377,8 +445,57 @@ class LMCodec:
         groups, start = [], 0
         for k, n in enumerate(sizes):
             tokens = [min(per_seg, total - s * per_seg) for s in range(k * g, min(count, k * g + g))]
-            groups.append(_Group(item, tokens, words[start : start + n], buf[0] in MIXED_VERSIONS, d))
+            groups.append(_Group(item, tokens, words[start : start + n], buf[0] in MIXED_VERSIONS, d, buf[0]))
             start += n
+        return groups
+
+    def _dictionary_at(self, buf: bytes, pos: int) -> Dictionary:
+        if len(buf) < pos + dictionaries.ID_SIZE:
+            raise Truncated("LM payload truncated inside its dictionary id")
+        did = buf[pos : pos + dictionaries.ID_SIZE]
+        d = self.dictionaries.get(did)
+        if d is None:  # the store lost it, or another store's block: nothing else decodes it
+            raise ModelMismatch(f"LM payload names dictionary {did.hex()}, which this store does not hold")
+        return d
+
+    def _parse_v5(self, buf: bytes, item: int, length: int | None) -> list[_Group]:
+        head, pos = read_varint(buf, 1, _TABLE)
+        total, flags = head >> 2, head & 3
+        if length is not None and total > 3 * length:  # as in _parse
+            raise ChecksumMismatch(f"LM payload is corrupt: {total} tokens for {length} bytes")
+        d = None
+        if flags & _V5_DICTIONARY:
+            d = self._dictionary_at(buf, pos)
+            pos += dictionaries.ID_SIZE
+        if flags & _V5_SHAPE:
+            per_seg, pos = read_varint(buf, pos, _TABLE)
+            g, pos = read_varint(buf, pos, _TABLE)
+        else:
+            per_seg, g = self._v5_default_segment(d), V5_GROUP_SEGMENTS
+        if per_seg < 1 or per_seg + 1 + (len(d.tokens) if d else 0) > self.engine.max_seq_len:
+            raise ChecksumMismatch(f"LM payload is corrupt: segment length {per_seg}")
+        if not 1 <= g <= MAX_GROUP:
+            raise ChecksumMismatch(f"LM payload is corrupt: group size {g}")
+        count = -(-total // per_seg)
+        n_groups = -(-count // g)
+        if n_groups > len(buf) + 1:  # each group but the last needs at least one table byte
+            raise Truncated("LM payload truncated inside its segment table")
+        sizes = []
+        for _ in range(n_groups - 1):
+            n, pos = read_varint(buf, pos, _TABLE)
+            sizes.append(n)
+        if pos + sum(sizes) > len(buf):
+            raise Truncated(f"LM payload truncated: {len(buf)} bytes, its table needs {pos + sum(sizes)}")
+        if n_groups:
+            sizes.append(len(buf) - pos - sum(sizes))
+        elif pos < len(buf):
+            raise ChecksumMismatch(f"LM payload is corrupt: {len(buf) - pos} trailing bytes")
+        groups = []
+        for k, n in enumerate(sizes):
+            tokens = [min(per_seg, total - s * per_seg) for s in range(k * g, min(count, k * g + g))]
+            words = coder.words_from_bytes(buf[pos : pos + n])
+            groups.append(_Group(item, tokens, words, True, d, 5))
+            pos += n
         return groups
 
     def _decode_groups(self, groups: list[_Group]) -> list[list[list[int]]]:
@@ -400,7 +517,7 @@ class LMCodec:
             max(len(groups[k].tokens) for k in queue),
         )
         free = list(range(n_rows))
-        # group -> its rows, its stream's decoder, its mixer (version 3) or None
+        # group -> its rows, its stream's decoder, its mixer (versions 3-5) or None
         active: dict[int, tuple[list[int], coder.StreamDecoder, GroupMixer | None]] = {}
         feed = torch.full((n_rows,), engine.bos_id, dtype=torch.long)
 
@@ -417,7 +534,7 @@ class LMCodec:
                 active[k] = (
                     rows,
                     coder.StreamDecoder(groups[k].words),
-                    GroupMixer(need, d.tokens if d is not None else ()) if groups[k].mixed else None,
+                    self._new_mixer(groups[k].version, need, d) if groups[k].mixed else None,
                 )
                 queue.remove(k)
                 if d is not None:  # the rows continue the dictionary: its KV state, its last token
@@ -476,11 +593,21 @@ class LMCodec:
 
 
 def payload_dictionary(payload) -> bytes | None:
-    """The id of the dictionary an LM payload continues (version 4), None for older versions or
-    a payload too short to say. Reads only the first bytes (the compactor and fsck scan blocks)."""
-    if len(payload) < 1 + dictionaries.ID_SIZE or payload[0] != 4:
+    """The id of the dictionary an LM payload continues (version 4, version 5 with its flag), None
+    otherwise or for a payload too short to say. Reads only the first bytes (the compactor and fsck
+    scan blocks; 16 bytes suffice: the version byte, a varint of up to 7 bytes and the id)."""
+    payload = bytes(payload)
+    if len(payload) >= 1 + dictionaries.ID_SIZE and payload[0] == 4:
+        return payload[1 : 1 + dictionaries.ID_SIZE]
+    if len(payload) < 2 or payload[0] != 5:
         return None
-    return bytes(payload[1 : 1 + dictionaries.ID_SIZE])
+    try:
+        head, pos = read_varint(payload, 1, _TABLE)
+    except (Truncated, ChecksumMismatch):
+        return None
+    if not head & _V5_DICTIONARY or len(payload) < pos + dictionaries.ID_SIZE:
+        return None
+    return payload[pos : pos + dictionaries.ID_SIZE]
 
 
 __all__ = [

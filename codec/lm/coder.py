@@ -63,6 +63,16 @@ def interleaved_order(lengths: list[int]) -> list[tuple[int, int]]:
     return [(j, t) for t in range(max(lengths, default=0)) for j, n in enumerate(lengths) if n > t]
 
 
+_WORD = 1 << 32  # constriction's default range coder: 32-bit words, a 64-bit state
+_STATE = 1 << 64
+
+
+def words_from_bytes(buf: bytes) -> np.ndarray:
+    """The uint32 words of a stream stored by StreamEncoder.sealed_bytes (zero bytes padded)."""
+    buf = bytes(buf) + b"\0" * (-len(buf) % 4)
+    return np.frombuffer(buf, dtype=">u4").astype(np.uint32)
+
+
 class StreamEncoder:
     """One coded stream, fed symbols and their frequency rows a chunk at a time, in coding order
     (so an encoder never needs all of a stream's rows at once)."""
@@ -90,6 +100,29 @@ class StreamEncoder:
     def words(self) -> np.ndarray:
         """The compressed uint32 words of everything encoded so far."""
         return self._encoder.get_compressed()
+
+    def sealed_bytes(self) -> bytes:
+        """The stream as payload version 5 stores it: its words big-endian, the last one chosen
+        with as many trailing zero bits as the final interval allows, and the trailing zero bytes
+        cut (words_from_bytes pads them back; constriction's decoder reads missing words as zeros).
+
+        Why this is exact: constriction seals a stream by writing the smallest word-aligned point
+        of its final interval [lower, lower + range) (range >= 2^32, so one word suffices), and any
+        point of that interval decodes the same symbols. The point with the most trailing zero bits
+        in it is about range / 2^32 times "rounder": ~1.7 of the last word's 4 bytes on average.
+        When constriction's own point would carry into earlier words (lower within 2^32 of 2^64)
+        its words are kept as they are."""
+        words = self._encoder.get_compressed()
+        if len(words) == 0:
+            return b""
+        pos, (lower, span) = self._encoder.pos()
+        if lower + _WORD - 1 < _STATE:  # no carry: words[:pos] are the same for every point
+            hi = min(lower + span, _STATE) - 1
+            k = 63
+            while (hi >> k) << k < lower:
+                k -= 1
+            words = np.append(words[:pos], np.uint32(hi >> k << k >> 32))  # k >= 32: one word
+        return np.asarray(words, dtype=">u4").tobytes().rstrip(b"\0")
 
 
 def encode_interleaved(symbols: list, freq_rows: list) -> np.ndarray:
@@ -135,5 +168,6 @@ __all__ = [
     "encode_segment",
     "StreamEncoder",
     "StreamDecoder",
+    "words_from_bytes",
     "ENCODE_CHUNK_ROWS",
 ]

@@ -1,4 +1,7 @@
-"""Exact online side models mixed into the LM's frequency rows (LM payload version 3).
+"""Exact online side models mixed into the LM's frequency rows (LM payload versions 3-5).
+
+Two mixers: `GroupMixer` codes payload versions 3 and 4 and never changes again; `GroupMixerV5`
+(version 5) is the same design with the additions its docstring lists. What follows describes both.
 
 The LM sees one segment (<= 1,024 tokens) and starts cold at every segment; repeats that span
 segments (logs, package lists, licences, generated code) and the block's own vocabulary are what it
@@ -247,4 +250,212 @@ class GroupMixer:
         self._match[j] = m
 
 
-__all__ = ["GroupMixer", "ORDERS", "MATCH_MIN", "MAX_CANDIDATES"]
+# -- version 5 --------------------------------------------------------------------------------------
+V5_LR_START = 11  # weight step shift of the first updates ...
+V5_LR_END = 15  # ... growing by one every time the update count's bit length grows by 2
+V5_APM_RATE = 6  # APM entries move by 1/64 of the error
+_V5_APM_NODES = 33  # interpolation nodes over [-D_MAX, D_MAX]
+
+
+def line_breaks(tokenizer, vocab_size: int) -> frozenset[int]:
+    """The token ids whose bytes contain a newline (GroupMixerV5's line contexts). A function of
+    the tokenizer alone, which the codec fingerprint covers."""
+    out = []
+    for i in range(vocab_size):
+        try:
+            if b"\n" in tokenizer.decode([i]):
+                out.append(i)
+        except (ValueError, IndexError, KeyError):  # an escape token, an id the tokenizer lacks
+            continue
+    return frozenset(out)
+
+
+class GroupMixerV5(GroupMixer):
+    """The version 5 mixer: version 3's match model, n-grams and logistic mix, plus (each measured
+    on the five session-6 sample files, ideal code length, kept because it paid):
+
+      * line contexts: two more count tables keyed by the current line's first token and the
+        last one or two tokens (fields of logs, package lists, tables: "Maintainer:" predicts its
+        value better than the tokens just before it do). Lines end at tokens whose bytes hold a
+        newline (`breaks`, from the tokenizer: line_breaks);
+      * a determinism input per context: +1 when the context has only ever been followed by the
+        candidate, -1 when never by it (PAQ's "deterministic context" bit);
+      * a learning-rate schedule: large steps while a group's mixer knows nothing (shift
+        V5_LR_START), smaller as it has learned (up to V5_LR_END) — small groups learn fast,
+        large ones settle;
+      * an APM (adaptive probability map, PAQ's SSE) on each candidate's mixed probability, per
+        (candidate rank, match length bucket) context: 33 nodes over the stretch domain,
+        interpolated; the candidate's probability is the mean of the mixer's and the APM's.
+
+    Same exactness rules as GroupMixer: integers only, state per group, fed in coding order."""
+
+    def __init__(
+        self,
+        n_segments: int,
+        primer: tuple[int, ...] | list[int] = (),
+        breaks: frozenset[int] = frozenset(),
+    ):
+        self._sq = _squash_table()
+        self._st = _stretch_table()
+        self._breaks = breaks
+        n = n_segments + (1 if primer else 0)
+        self.hist: list[list[int]] = [[] for _ in range(n)]
+        self._line = [0] * n  # where each segment's current line starts in its history
+        k = len(ORDERS) + 2  # contexts: the orders, then the two line contexts
+        self._ngram: list[dict] = [{} for _ in range(k)]
+        self._match_at: dict[tuple, tuple[int, int]] = {}
+        self._match: list[list[int] | None] = [None] * n
+        self._hit = [_HIT_INIT] * (len(_BUCKETS) + 1)
+        # [lm, match, per context: count estimate, per context: determinism, bias]
+        self._w = [W_ONE, W_ONE // 2] + [W_ONE // 8] * k + [0] * k + [0]
+        self._apm: dict[tuple[int, int], list[int]] = {}
+        self._updates = 0
+        self._pending: tuple | None = None
+        for t in primer:  # as GroupMixer: one more segment, learned first, never predicted
+            self.update(n_segments, int(t))
+        if primer:
+            self._match[n_segments] = None
+
+    def _keys(self, j: int) -> list:
+        """The count tables' contexts for segment j's next token (None: not available yet)."""
+        h = self.hist[j]
+        n = len(h)
+        out: list = [tuple(h[n - k :]) if n >= k else None for k in ORDERS]
+        ls = self._line[j]
+        out.append((h[ls], h[-1]) if n > ls + 1 else None)
+        out.append((h[ls], h[-2], h[-1]) if n > ls + 2 else None)
+        return out
+
+    def _apm_row(self, ctx: tuple[int, int]) -> list[int]:
+        r = self._apm.get(ctx)
+        if r is None:  # starts as the identity: node i at stretch (i - 16) / 16 * D_MAX
+            sq = self._sq
+            r = self._apm[ctx] = [sq[(i - 16) * D_MAX // 16 + D_MAX] for i in range(_V5_APM_NODES)]
+        return r
+
+    def predict(self, j: int, row, total: int) -> tuple[list[int], list[int]]:
+        cands: list[int] = []
+        xm, bucket = -1, 0
+        m = self._match[j]
+        if m is not None:
+            src = self.hist[m[0]]
+            if m[1] < len(src):
+                xm, bucket = src[m[1]], _bucket(m[2])
+                cands.append(xm)
+        ctxs = [table.get(key) if key is not None else None for key, table in zip(self._keys(j), self._ngram)]
+        for e in reversed(ctxs):  # the line contexts first, then the longest order
+            if e is not None and e[0] not in cands and len(cands) < MAX_CANDIDATES:
+                cands.append(e[0])
+        if not cands:
+            self._pending = None
+            return [], []
+        sq, st, w = self._sq, self._st, self._w
+        span = 2 * D_MAX
+        rest = total
+        probs, feats = [], []
+        for r, x in enumerate(cands):
+            f = int(row[x])
+            p_lm = min(P_ONE - 1, max(1, (f << P_BITS) // max(rest, 1)))
+            rest -= f
+            s = [st[p_lm], st[self._hit[bucket]] if x == xm else 0]
+            det = []
+            for e in ctxs:
+                if e is None:
+                    s.append(0)
+                    det.append(0)
+                    continue
+                c = e[3].get(x, 0)
+                s.append(st[((2 * c + 1) << P_BITS) // (2 * e[2] + 2)])
+                det.append(D_RES if c and len(e[3]) == 1 else (-D_RES if not c else 0))
+            s += det
+            s.append(D_RES)
+            d = min(D_MAX, max(-D_MAX, sum(a * b for a, b in zip(w, s)) >> 16))
+            p_mix = sq[d + D_MAX]
+            a = self._apm_row((r, bucket if x == xm else 0))
+            at = (d + D_MAX) * (_V5_APM_NODES - 1)
+            lo, frac = at // span, at % span
+            hi = min(_V5_APM_NODES - 1, lo + 1)
+            p_apm = (a[lo] * (span - frac) + a[hi] * frac) // span
+            p = min(P_ONE - 1, max(1, (p_mix + p_apm) >> 1))
+            probs.append(p)
+            feats.append((s, p_mix, a, hi if 2 * frac >= span else lo, x == xm))
+        masses = []
+        acc = max(rest, 1)
+        for p in reversed(probs):
+            mass = max(1, min(acc * p // (P_ONE - p), MASS_CAP - acc))
+            masses.append(mass)
+            acc += mass
+        masses.reverse()
+        self._pending = (cands, feats, xm, bucket)
+        return cands, masses
+
+    def update(self, j: int, y: int) -> None:
+        if self._pending is not None:
+            cands, feats, xm, bucket = self._pending
+            shift = min(V5_LR_END, V5_LR_START + self._updates.bit_length() // 2)
+            self._updates += 1
+            w = self._w
+            for x, (s, p_mix, a, node, is_match) in zip(cands, feats):
+                target = P_ONE if x == y else 0
+                err = target - p_mix
+                for i, si in enumerate(s):
+                    if si:
+                        w[i] += (si * err) >> shift
+                a[node] = min(P_ONE - 1, max(1, a[node] + ((target - a[node]) >> V5_APM_RATE)))
+                if is_match:
+                    self._hit[bucket] += (target - self._hit[bucket]) >> HIT_SHIFT
+                    self._hit[bucket] = min(P_ONE - 1, max(1, self._hit[bucket]))
+                if x == y:
+                    break
+            self._pending = None
+        keys = self._keys(j)
+        for key, table in zip(keys, self._ngram):
+            if key is None:
+                continue
+            e = table.get(key)
+            if e is None:
+                table[key] = [y, 1, 1, {y: 1}]
+                continue
+            c = e[3].get(y, 0) + 1
+            e[3][y] = c
+            e[2] += 1
+            if c >= e[1]:
+                e[0], e[1] = y, c
+        self._learn_match(j, y)
+        if y in self._breaks:
+            self._line[j] = len(self.hist[j])
+
+    def _learn_match(self, j: int, y: int) -> None:
+        """Append y to segment j's history and move its match (GroupMixer.update's second half)."""
+        h = self.hist[j]
+        h.append(y)
+        n = len(h)
+        m = self._match[j]
+        if m is not None:
+            src = self.hist[m[0]]
+            if m[1] < len(src) and src[m[1]] == y:
+                m[1] += 1
+                m[2] = min(MATCH_MAX, m[2] + 1)
+            else:
+                m = None
+        if n >= MATCH_MIN:
+            key = tuple(h[n - MATCH_MIN :])
+            if m is None:
+                at = self._match_at.get(key)
+                if at is not None:
+                    s, q = at
+                    src = self.hist[s]
+                    length = MATCH_MIN
+                    while (
+                        length < MATCH_MAX
+                        and q - length - 1 >= 0
+                        and n - length - 1 >= 0
+                        and src[q - length - 1] == h[n - length - 1]
+                    ):
+                        length += 1
+                    m = [s, q, length]
+            self._match_at[key] = (j, n)
+        self._match[j] = m
+
+
+__all__ = ["GroupMixer", "GroupMixerV5", "line_breaks", "ORDERS", "MATCH_MIN", "MAX_CANDIDATES"]

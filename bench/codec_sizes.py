@@ -1,0 +1,110 @@
+"""Container sizes of real files under the LM codec's payload versions, against the bare model's
+float32 floor, xz and zstd — encode only (round trips are the tests' and `llmfs bench codec`'s),
+so it fits a loaded machine — and the README's bits-per-byte plot.
+
+    python bench/codec_sizes.py OUT.json [--bytes N] [--plot OUT.png] FILE[:MATE,MATE...] ...
+
+Per file (its first N bytes): bare = payload version 2 (the model's rows), mix = version 3 (the
+session 5 mixer, groups of 16 as it shipped), v5 = version 5 without a dictionary, v5+dict =
+version 5 with the dictionary dictionary.choose picks from the MATE files (the start of other
+files of the same kind, as `llmfs tune` samples a store — never the file itself), tuned = what
+`llmfs tune` would store: the dictionary chosen from three of every four mates, kept only if it
+codes the held-out ones smaller (llmfs.tune.split_samples, coded_size), else none. Sizes are whole
+containers (payload + header); "lm" (the full codec, what --plot draws) is the tuned one. float
+bpb = reference.cross_entropy_bits on the bare segments. `--replot ROWS.json --plot OUT.png`
+redraws a plot from saved rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from llmfs.codec.bench import _plot, baselines
+from llmfs.codec.container import header_size
+from llmfs.codec.lm import dictionary, open_codec, reference
+
+from llmfs.tune import coded_size, split_samples
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--bytes", type=int, default=0, help="first N bytes of each file (0: all)")
+    ap.add_argument("--plot", default=None)
+    ap.add_argument("--no-floor", action="store_true")
+    ap.add_argument("--variants", default="bare,mix,v5,v5+dict,tuned", help="comma-separated subset")
+    ap.add_argument("--replot", action="store_true", help="OUT is saved rows: only draw --plot")
+    args = ap.parse_args()
+    if args.replot:
+        with open(args.out) as f:
+            _plot(json.load(f), args.plot)
+        return
+    codec = open_codec(None, threads=2)
+    rows = []
+    for spec in args.files:
+        path, _, mates = spec.partition(":")
+        with open(path, "rb") as f:
+            data = f.read(args.bytes) if args.bytes else f.read()
+        d = tuned = None
+        if mates:
+            samples = []
+            for m in mates.split(","):
+                with open(m, "rb") as f:
+                    samples.append(f.read(dictionary.SAMPLE_BYTES))
+            samples = [x for x in samples if x]
+            d = dictionary.choose(samples, codec.tokenizer, codec.engine.max_seq_len)
+            if "tuned" in args.variants.split(","):
+                train, held = split_samples(samples)
+                tuned = dictionary.choose(train, codec.tokenizer, codec.engine.max_seq_len)
+                codec.version, codec.group = 5, 32
+                if held and coded_size(codec, tuned, held) >= coded_size(codec, None, held):
+                    tuned = None
+        head = header_size(len(data), has_fingerprint=True)
+        sizes, cpu = {}, {}
+        variants = [("bare", 2, 32, None), ("mix", 3, 16, None), ("v5", 5, 32, None)]
+        if d is not None:
+            variants += [("v5+dict", 5, 32, d), ("tuned", 5, 32, tuned)]
+        variants = [v for v in variants if v[0] in args.variants.split(",")]
+        for name, version, group, dic in variants:
+            codec.version, codec.group = version, group
+            codec.use_dictionary(dic)
+            t = time.process_time()
+            sizes[name] = len(codec.encode_payload(data)) + head
+            cpu[name] = time.process_time() - t
+        segments = codec.segments(data)
+        floor = float("nan")
+        if not args.no_floor:
+            floor = reference.cross_entropy_bits(None, [[codec.engine.bos_id] + s for s in segments]) / len(
+                data
+            )
+        best = sizes.get("tuned", sizes.get("v5+dict", sizes.get("v5", 0)))
+        row = {
+            "file": path,
+            "raw": len(data),
+            **baselines(data),
+            **sizes,
+            "lm": best,  # the full codec (what _plot draws)
+            "float bpb": floor,
+            "tokens": sum(map(len, segments)),
+            "dict tokens": len(d.tokens) if d else 0,
+            "tuned keeps a dictionary": tuned is not None,
+            "enc cpu s": cpu,
+        }
+        rows.append(row)
+        n = len(data)
+        vs = "  ".join(f"{k} {v} ({8 * v / n / floor - 1:+.2%})" for k, v in sizes.items())
+        print(
+            f"{path} [{n} B]: xz {row['xz -9e']} zstd {row['zstd -19']}  {vs}  floor {floor:.4f} bpb",
+            flush=True,
+        )
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.plot:
+        _plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
