@@ -206,8 +206,12 @@ class Operations(mfusepy.Operations):
     flag_nopath = True
     flag_nullpath_ok = True
 
-    def __init__(self, fs: ns.Filesystem, on_ready=None, on_destroy=None):
+    def __init__(self, fs: ns.Filesystem, on_ready=None, on_destroy=None, max_readahead: int | None = None):
+        """max_readahead: the most bytes the kernel may read ahead of a reader (None: the kernel's
+        offer). The kernel takes the smaller of this and its device's read_ahead_kb, which
+        on_ready may raise (llmfs/mount.py: it knows the device), before the reply to INIT."""
         self.fs = fs
+        self._max_readahead = max_readahead
         self._on_ready = on_ready
         self._on_destroy = on_destroy
         self._hidden: dict[bytes, int] = {}  # libfuse's hidden path -> inode (module docstring)
@@ -231,7 +235,9 @@ class Operations(mfusepy.Operations):
         self._kept: dict[int, tuple[int, object]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def init(self, path):
+    def init_with_config(self, conn, config):
+        if conn is not None and self._max_readahead is not None:
+            conn.max_readahead = self._max_readahead
         self.invalidator.start(mfusepy._libfuse.fuse_get_context().contents.fuse)
         if self._on_ready:
             self._on_ready()
