@@ -1,7 +1,7 @@
 """Where a MiB goes on the sequential paths, in-process (no kernel): llmfs.fuseops.Operations on
 a fresh store, set up as the mount daemon sets it up (group commit, decode cache, readahead),
 driven with the requests the kernel sends for `llmfs bench fs` (measured with `llmfs --debug
-mount`: writes of --write-request bytes, reads of --read-request bytes).
+mount`: writes of --write-request bytes, reads of --read-request bytes; both 1 MiB with the daemon's readahead).
 
 Prints wall and process CPU seconds per MiB for: write (the requests, then fsync and close) and a
 cold read on a fresh Filesystem (an empty decode cache, as after a remount), for incompressible
@@ -23,20 +23,21 @@ import time
 from llmfs.cache import DecodeCache, Readahead
 from llmfs.codec import Registry
 
+from llmfs import heap
 from llmfs.bench import text_corpus
 from llmfs.fuseops import Operations
-from llmfs.namespace import Filesystem
-from llmfs.store import Store
+from llmfs.namespace import DIRTY_LIMIT, Filesystem
+from llmfs.store import GROUP_BYTES, Store
 from llmfs.units import parse_size
 
 
-def phase(label: str, mib: float, fn, profile: bool) -> None:
+def phase(label: str, mib: float, fn, profile: bool, *args):
     prof = cProfile.Profile() if profile else None
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     c0, t0 = time.process_time(), time.perf_counter()
     if prof:
         prof.enable()
-    fn()
+    result = fn(*args)
     if prof:
         prof.disable()
     cpu, wall = time.process_time() - c0, time.perf_counter() - t0
@@ -47,58 +48,59 @@ def phase(label: str, mib: float, fn, profile: bool) -> None:
     )
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+    return result
+
+
+def open_ops(path: str) -> Operations:
+    """The daemon's set-up (llmfs/mount.py) on the store at path, without the kernel."""
+    store = Store(path)
+    store.start_group_commit()
+    return Operations(Filesystem(store, Registry(), DecodeCache(), readahead=Readahead()))
+
+
+def close_ops(ops: Operations) -> None:
+    ops.fs.cache.close()
+    ops.fs.store.close()
+
+
+def write_file(ops: Operations, name: str, data: bytes, step: int) -> None:
+    fh = ops.create("/" + name, 0o644, os.O_WRONLY)
+    view = memoryview(data)
+    for off in range(0, len(data), step):
+        ops.write(None, bytes(view[off : off + step]), off, fh)
+    ops.flush(None, fh)
+    ops.fsync(None, 0, fh)
+    ops.release(None, fh)
+
+
+def read_file(ops: Operations, name: str, size: int, step: int) -> bytes:
+    fh = ops.open("/" + name, os.O_RDONLY)
+    out = [ops.read(None, step, off, fh) for off in range(0, size, step)]
+    ops.release(None, fh)
+    return b"".join(out)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--size", type=parse_size, default=64 << 20)
     p.add_argument("--write-request", type=parse_size, default=1 << 20)
-    p.add_argument("--read-request", type=parse_size, default=128 << 10)
+    p.add_argument("--read-request", type=parse_size, default=1 << 20)
     p.add_argument("--block-size", type=parse_size, default=64 << 10)
     p.add_argument("--profile", action="store_true")
     args = p.parse_args()
     mib = args.size / (1 << 20)
+    heap.keep_freed_memory(DIRTY_LIMIT + GROUP_BYTES)  # as the daemon does
     with tempfile.TemporaryDirectory(prefix="seqio-") as tmp:
         path = os.path.join(tmp, "s")
         Store.create(path, args.block_size)
         for name, data in (("random", os.urandom(args.size)), ("text", text_corpus(args.size))):
-            store = Store(path)
-            store.start_group_commit()
-            ops = Operations(Filesystem(store, Registry(), DecodeCache(), readahead=Readahead()))
-
-            def write():
-                fh = ops.create("/" + name, 0o644, os.O_WRONLY)
-                view = memoryview(data)
-                step = args.write_request
-                for off in range(0, len(data), step):
-                    ops.write(None, bytes(view[off : off + step]), off, fh)
-                ops.flush(None, fh)
-                ops.fsync(None, 0, fh)
-                ops.release(None, fh)
-
-            phase(f"write {name}", mib, write, args.profile)
-            ops.fs.cache.close()
-            store.close()
-            store = Store(path)
-            store.start_group_commit()
-            ops = Operations(Filesystem(store, Registry(), DecodeCache(), readahead=Readahead()))
-            out = []
-
-            def read():
-                fh = ops.open("/" + name, os.O_RDONLY)
-                step = args.read_request
-                n = 0
-                for off in range(0, len(data), step):
-                    chunk = ops.read(None, step, off, fh)
-                    n += len(chunk)
-                    out.append(chunk)
-                ops.release(None, fh)
-                assert n == len(data)
-
-            phase(f"read {name}", mib, read, args.profile)
-            assert b"".join(out) == data
-            ops.fs.cache.close()
-            store.close()
+            ops = open_ops(path)
+            phase(f"write {name}", mib, write_file, args.profile, ops, name, data, args.write_request)
+            close_ops(ops)
+            ops = open_ops(path)  # a fresh decode cache, as after a remount
+            got = phase(f"read {name}", mib, read_file, args.profile, ops, name, len(data), args.read_request)
+            close_ops(ops)
+            assert got == data
 
 
 if __name__ == "__main__":
