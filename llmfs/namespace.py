@@ -4,8 +4,9 @@ holds POSIX semantics and raises typed FsError subclasses, which only the edge t
 
 File data: a file is a sequence of fixed logical blocks (the store's block size). Writes are
 buffered per file and flushed in one transaction (llmfs/writeback.py); reads take dirty blocks from
-that buffer and the rest from the store through the decode cache, in one consistent view; what to
-decode ahead of readers is llmfs/prefetch_policy.py's decision.
+that buffer and the rest from the store (LM blocks through the decode cache), in one consistent
+view, into the caller's buffer; what to decode ahead of readers is llmfs/prefetch_policy.py's
+decision.
 
 Damaged blocks: a stored block that does not decode fails the reads of its own range (CorruptData,
 EIO at the edge; logged once per file and block, with the file's path) — a read spanning it and
@@ -17,7 +18,9 @@ Threading: FUSE calls arrive on many threads. `self._lock` guards the table of o
 metadata change that must be checked and applied atomically (link counts, names). Each open file
 has its own lock for its data. Lock order: a file's lock, then `self._lock`, then the store's write
 lock; never the other way round. Decoding (zstd, raw or the LM) runs outside all locks, on
-containers read in one LMDB snapshot, so a slow decode never blocks other files or metadata.
+containers read in one LMDB snapshot, so a slow decode never blocks other files or metadata: raw and
+zstd blocks from the store's last committed snapshot, in place in its map (Store.snapshot, which
+takes no lock), LM blocks copied out and decoded through the decode cache (_read_into).
 """
 
 from __future__ import annotations
