@@ -25,7 +25,6 @@ on every block.
 
 from __future__ import annotations
 
-import os
 import struct
 import threading
 from collections.abc import Callable, Iterable
@@ -49,10 +48,6 @@ LM = 2
 DAMAGED = 3
 CODEC_NAMES = {RAW: "raw", ZSTD: "zstd", LM: "lm", DAMAGED: "damaged"}
 
-# Threads that compress one batch of blocks (encode_many): a flush of buffered writes compresses up
-# to the dirty limit's worth of blocks at once, and zstd runs them on its own threads with the GIL
-# released, so the other cores compress while the FUSE thread waits.
-COMPRESS_THREADS = max(1, min(4, os.cpu_count() or 1))
 # zstd level of the write path. Level 3 is zstd's own default: on text it is within ~10 % of level 9
 # at several times the speed, and cold data is re-encoded by the LM later anyway.
 ZSTD_LEVEL = 3
@@ -128,31 +123,6 @@ class Registry:
             if len(payload) + len(fp) < len(best_payload) + len(best_fp):
                 best_id, best_payload, best_fp = cid, payload, fp
         return container.pack(best_id, len(data), csum, best_payload, best_fp)
-
-    def encode_many(self, blocks: list, codecs: Iterable[int] = (ZSTD,)) -> list[bytes]:
-        """encode() of each of `blocks` (any buffers, read in place), the same containers, with
-        the zstd compressions of the batch run on COMPRESS_THREADS threads at once (zstd's
-        multi_compress_to_buffer writes the frames compress() writes). Batches with the LM, or
-        of one block, go block by block."""
-        codecs = tuple(codecs)
-        views = [memoryview(b) for b in blocks]
-        if (
-            ZSTD not in codecs
-            or LM in codecs
-            or len(views) < 2
-            or COMPRESS_THREADS < 2
-            or not all(len(v) for v in views)
-        ):
-            return [self.encode(v, codecs) for v in views]
-        frames = self._zstd().cctx.multi_compress_to_buffer(views, threads=COMPRESS_THREADS)
-        out = []
-        for i, v in enumerate(views):
-            frame = frames[i]
-            if len(frame) < len(v):
-                out.append(container.pack(ZSTD, len(v), container.checksum(v), frame))
-            else:
-                out.append(container.pack(RAW, len(v), container.checksum(v), v))
-        return out
 
     # -- decode ---------------------------------------------------------------------------------
     @staticmethod

@@ -178,9 +178,10 @@ class WriteBuffer:
                 for h, _ in blocks.values()  # a quarantined block is stored anew
                 if h is not None and t.refcount(h) and t.container_codec(h) != DAMAGED
             }
-        todo = {h: plain for h, plain in blocks.values() if h is not None and h not in known}
-        # compressed outside the write transaction, as one batch on several cores
-        encoded = dict(zip(todo, self.registry.encode_many(list(todo.values()), self.codecs)))
+        encoded = {}
+        for h, plain in blocks.values():  # compress outside the write transaction
+            if h is not None and h not in known and h not in encoded:
+                encoded[h] = self._encode(plain)
         try:
             with self.store.write() as t:
                 for idx, (h, plain) in sorted(blocks.items()):

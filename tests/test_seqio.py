@@ -218,13 +218,3 @@ def test_raise_readahead(tmp_path):
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_heap_settings_are_taken_by_glibc():
     assert heap.keep_freed_memory(128 << 20)
-
-
-def test_encode_many_writes_what_encode_writes():
-    """The flush compresses its blocks as one batch on several threads: the same containers."""
-    reg = Registry()
-    blocks = [os.urandom(BS), TEXT[:BS], b"x", bytearray(TEXT[BS : 2 * BS]), memoryview(TEXT)[:100]]
-    many = reg.encode_many(blocks)
-    assert many == [reg.encode(b) for b in blocks]
-    assert [reg.header(c).codec_id for c in many] == [RAW, ZSTD, RAW, ZSTD, ZSTD]
-    assert [reg.decode(c) for c in many] == [bytes(b) for b in blocks]
