@@ -22,7 +22,7 @@ files that were dirtied first (oldest first, any file, the writer's own included
 data fits; it runs with no lock held and takes each file's lock in turn, so it keeps the lock
 order (a file's lock, then the namespace lock, then the store's write lock) and cannot deadlock.
 What can pass the limit: the writes accepted at the same moment by other threads, each at most
-its size rounded up to whole blocks plus one block (a FUSE write is at most 128 KiB), so memory
+its size rounded up to whole blocks plus one block (a FUSE write is at most 1 MiB: max_write), so memory
 stays under dirty_limit + workers x (max write + 2 blocks), doubled at most by whole blocks kept as
 views of their requests (write()).
 
