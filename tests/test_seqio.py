@@ -218,3 +218,28 @@ def test_raise_readahead(tmp_path):
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_heap_settings_are_taken_by_glibc():
     assert heap.keep_freed_memory(128 << 20)
+
+
+def test_sequential_io_through_the_mount(mounted):
+    """1 MiB writes and reads through the kernel: zstd, a hole and raw blocks, read back after the
+    file's pages are dropped, from its start and at unaligned offsets; READs of up to 1 MiB when
+    the daemon runs as root (it raised the FUSE device's readahead)."""
+    mib = 1 << 20
+    data = (TEXT * 30)[: 2 * mib] + bytes(256 << 10) + os.urandom(3 * mib) + b"tail"
+    path = mounted.mnt / "f"
+    with open(path, "wb") as f:
+        for off in range(0, len(data), mib):
+            f.write(data[off : off + mib])
+        f.flush()
+        os.fsync(f.fileno())
+    with open(path, "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # read from the daemon again
+        assert b"".join(iter(lambda: f.read(mib), b"")) == data
+        for off, n in ((12345, 3 * mib), (2 * mib - 7, 300 << 10), (len(data) - 10, 100)):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            f.seek(off)
+            assert f.read(n) == data[off : off + n]
+    if os.geteuid() == 0:
+        st = os.stat(mounted.mnt)
+        bdi = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+        assert int(open(bdi).read()) >= 1024
