@@ -103,7 +103,7 @@ class Registry:
     def encode(self, data: bytes, codecs: Iterable[int] = (ZSTD,), fingerprint: bytes | None = None) -> bytes:
         """Encode with each codec in `codecs` (and raw, always) and return the smallest container.
         For LM, `fingerprint` names the model to use."""
-        data = bytes(data)
+        data = memoryview(data)  # any buffer, read in place: the write path hands over its blocks uncopied
         csum = container.checksum(data)
         best_id, best_payload, best_fp = RAW, data, b""
         for cid in codecs:
@@ -113,7 +113,7 @@ class Registry:
             elif cid == LM:
                 if fingerprint is None:
                     raise ValueError("LM encoding needs a model fingerprint")
-                payload, fp = self.model(fingerprint).encode(data), fingerprint
+                payload, fp = self.model(fingerprint).encode(bytes(data)), fingerprint
                 if payload is None:
                     continue
             elif cid == RAW:
@@ -175,6 +175,29 @@ class Registry:
         for data, h in zip(out, heads):
             verify(data, h)
         return out  # type: ignore[return-value]
+
+    def decode_into(self, blob, out: memoryview, start: int = 0, max_length: int | None = None) -> int:
+        """Decode a raw or zstd container and copy its plaintext from byte `start` on into `out`
+        (as much as fits); returns the bytes copied. The whole plaintext is checked against the
+        container's length and checksum first, as in decode_many. A raw payload is checked and
+        copied where it lies (a buffer into the store's map): one copy from the disk's pages to
+        the reader. LM and quarantined containers go through decode_many (ValueError here)."""
+        h = self.header(blob)
+        if max_length is not None and h.length > max_length:
+            raise ChecksumMismatch(f"container claims {h.length} bytes, more than a block ({max_length})")
+        payload = memoryview(blob)[h.payload_offset :]
+        if h.codec_id == RAW:
+            data = payload
+        elif h.codec_id == ZSTD:
+            data = self._unzstd(payload, h.length)
+        else:
+            raise ValueError(
+                f"decode_into decodes raw and zstd containers, not {CODEC_NAMES.get(h.codec_id)}"
+            )
+        verify(data, h)
+        n = max(0, min(len(out), h.length - start))
+        out[:n] = memoryview(data)[start : start + n]
+        return n
 
     def _unzstd(self, payload: memoryview, length: int) -> bytes:
         """The zstd frame's content, at most `length` bytes: the output buffer grows only as

@@ -235,8 +235,12 @@ class Operations(mfusepy.Operations):
     flag_nopath = True
     flag_nullpath_ok = True
 
-    def __init__(self, fs: ns.Filesystem, on_ready=None, on_destroy=None):
+    def __init__(self, fs: ns.Filesystem, on_ready=None, on_destroy=None, max_readahead: int | None = None):
+        """max_readahead: the most bytes the kernel may read ahead of a reader (None: the kernel's
+        offer). The kernel takes the smaller of this and its device's read_ahead_kb, which
+        on_ready may raise (llmfs/mount.py: it knows the device), before the reply to INIT."""
         self.fs = fs
+        self._max_readahead = max_readahead
         self._on_ready = on_ready
         self._on_destroy = on_destroy
         self._hidden: dict[bytes, int] = {}  # libfuse's hidden path -> inode (module docstring)
@@ -260,7 +264,9 @@ class Operations(mfusepy.Operations):
         self._kept: dict[int, tuple[int, object]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def init(self, path):
+    def init_with_config(self, conn, config):
+        if conn is not None and self._max_readahead is not None:
+            conn.max_readahead = self._max_readahead
         self.invalidator.start(mfusepy._libfuse.fuse_get_context().contents.fuse)
         if self._on_ready:
             self._on_ready()
@@ -695,6 +701,11 @@ class Operations(mfusepy.Operations):
         return self.fs.read(fh, size, offset)
 
     @_errno_edge
+    def read_into(self, path, out, offset, fh):
+        """read() into libfuse's reply buffer `out` (FUSE.read): no bytes object in between."""
+        return self.fs.read_into(fh, out, offset)
+
+    @_errno_edge
     def write(self, path, data, offset, fh):
         n = self.fs.write(fh, data, offset)
         if self._names:
@@ -741,7 +752,7 @@ class Operations(mfusepy.Operations):
 
 
 class FUSE(mfusepy.FUSE):
-    """mfusepy drops rename's flags under libfuse 3; RENAME_NOREPLACE and RENAME_EXCHANGE must reach
+    """Reads go into libfuse's buffer (read). mfusepy drops rename's flags under libfuse 3; RENAME_NOREPLACE and RENAME_EXCHANGE must reach
     the namespace (`mv --exchange`, `renameat2`). It also drops the file handle that libfuse 3
     gives setattr's parts (truncate, chmod, chown, utimens) for ftruncate(2): without it an open
     file reached with no path (nullpath_ok) could not be truncated."""
@@ -752,6 +763,13 @@ class FUSE(mfusepy.FUSE):
     @staticmethod
     def _fh(fip) -> int | None:
         return fip.contents.fh if fip else None
+
+    def read(self, path: bytes | None, buf, size: int, offset: int, fip) -> int:
+        """mfusepy's read takes a bytes object from the operation and copies it into libfuse's
+        buffer; the operation here writes into that buffer itself (one copy less per MiB read,
+        and none at all between the store's map and the reply for a raw block)."""
+        out = memoryview((ctypes.c_ubyte * size).from_address(ctypes.addressof(buf.contents))).cast("B")
+        return self.operations.read_into(self._path(path), out, offset, fip.contents.fh)
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(self._path(old), self._path(new), flags)

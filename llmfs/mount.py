@@ -29,13 +29,13 @@ from llmfs.cache import DecodeCache, Readahead
 from llmfs.cache.decode_cache import DEFAULT_RAM_BUDGET
 from llmfs.codec import Registry
 
-from . import config, fsck, mounts, service
+from . import config, fsck, heap, mounts, service
 from .background import Background
 from .compactor import COMPACT_AFTER
 from .fuseops import FUSE, Operations
 from .models import THREADS, Models, store_spec
 from .namespace import DIRTY_LIMIT, Filesystem
-from .store import COMMIT_INTERVAL, LOCK_FILE, Store, StoreError
+from .store import COMMIT_INTERVAL, GROUP_BYTES, LOCK_FILE, Store, StoreError
 from .units import parse_size, positive_int
 
 log = logging.getLogger("llmfs")
@@ -67,6 +67,13 @@ ATTR_TIMEOUT = 1.0
 # and no CPU. With FUSE_THREADS workers, metadata, writes and zstd/raw reads never wait behind LM
 # decodes unless more than FUSE_THREADS - 1 cold LM reads are in flight at once.
 FUSE_THREADS = 64
+# The kernel reads ahead of a sequential reader in requests of at most its readahead window, 128 KiB
+# by default: a 256 MiB file was 2,048 READ requests, each paying the way through the kernel, libfuse,
+# ctypes and Python. The kernel takes the smaller of what the daemon asks for in its reply to INIT
+# (Operations' max_readahead) and the read_ahead_kb of the mount's device (the FUSE bdi in sysfs),
+# which only root may raise: the daemon raises it when it can (READ requests are then up to 1 MiB,
+# libfuse's max_write-sized buffer) and otherwise keeps the kernel's default.
+READAHEAD = 1 << 20
 BASE_OPTIONS = {
     "use_ino": True,
     "default_permissions": True,
@@ -267,6 +274,8 @@ def serve(args, ready_fd: int | None) -> int:
         if ready_fd is not None:  # and the `llmfs mount` that started us prints it
             os.write(ready_fd, f"warning: {message}".encode().replace(b"\n", b" ") + b"\n")
 
+    # Before any thread starts: the write path's buffers stay in the heap (llmfs/heap.py).
+    heap.keep_freed_memory(args.dirty_limit + GROUP_BYTES)
     try:
         try:
             os.stat(mountpoint)
@@ -314,6 +323,7 @@ def serve(args, ready_fd: int | None) -> int:
             )
         else:
             store.describe_lock_holder(mounts.lock_text(real_mountpoint, os.getpid(), dev))
+            raise_readahead(dev, READAHEAD)
         log.info("mounted %s on %s", store.path, mountpoint)
         background.start()
         service.notify("READY=1", f"STATUS=serving {store.path} on {mountpoint}")
@@ -326,7 +336,7 @@ def serve(args, ready_fd: int | None) -> int:
         except StoreError as e:
             log.error("flush at unmount: %s", e)
 
-    ops = Operations(fs, on_ready=ready, on_destroy=destroy)
+    ops = Operations(fs, on_ready=ready, on_destroy=destroy, max_readahead=READAHEAD)
     options = dict(BASE_OPTIONS, fsname=store.path, subtype="llmfs", **user_opts)
     if args.debug:
         options["debug"] = True  # libfuse traces every request on stderr
@@ -355,6 +365,23 @@ def serve(args, ready_fd: int | None) -> int:
     service.stopped()
     log.info("unmounted %s", mountpoint)
     return status
+
+
+def raise_readahead(dev: tuple[int, int], size: int, sysfs: str = "/sys/class/bdi") -> bool:
+    """Raise the read_ahead_kb of the mount's device (major, minor) to `size` bytes when it is
+    lower (READAHEAD above). Returns whether it is at least that now; without the right to write
+    it (not root) the kernel's default stays, which costs speed, not correctness."""
+    path = os.path.join(sysfs, f"{dev[0]}:{dev[1]}", "read_ahead_kb")
+    try:
+        with open(path) as f:
+            if int(f.read()) * 1024 >= size:
+                return True
+        with open(path, "w") as f:
+            f.write(f"{size // 1024}\n")
+        return True
+    except (OSError, ValueError) as e:
+        log.debug("readahead stays the kernel's default (%s: %s)", path, e)
+        return False
 
 
 def finish(fs: Filesystem) -> int:

@@ -4,8 +4,9 @@ holds POSIX semantics and raises typed FsError subclasses, which only the edge t
 
 File data: a file is a sequence of fixed logical blocks (the store's block size). Writes are
 buffered per file and flushed in one transaction (llmfs/writeback.py); reads take dirty blocks from
-that buffer and the rest from the store through the decode cache, in one consistent view; what to
-decode ahead of readers is llmfs/prefetch_policy.py's decision.
+that buffer and the rest from the store (LM blocks through the decode cache), in one consistent
+view, into the caller's buffer; what to decode ahead of readers is llmfs/prefetch_policy.py's
+decision.
 
 Damaged blocks: a stored block that does not decode fails the reads of its own range (CorruptData,
 EIO at the edge; logged once per file and block, with the file's path) — a read spanning it and
@@ -17,7 +18,9 @@ Threading: FUSE calls arrive on many threads. `self._lock` guards the table of o
 metadata change that must be checked and applied atomically (link counts, names). Each open file
 has its own lock for its data. Lock order: a file's lock, then `self._lock`, then the store's write
 lock; never the other way round. Decoding (zstd, raw or the LM) runs outside all locks, on
-containers read in one LMDB snapshot, so a slow decode never blocks other files or metadata.
+containers read in one LMDB snapshot, so a slow decode never blocks other files or metadata: raw and
+zstd blocks from the store's last committed snapshot, in place in its map (Store.snapshot, which
+takes no lock), LM blocks copied out and decoded through the decode cache (_read_into).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from llmfs.codec import ContainerError
-from llmfs.codec.registry import CODEC_NAMES, LM, Registry, peek_header, verify
+from llmfs.codec.registry import CODEC_NAMES, LM, RAW, ZSTD, Registry, peek_header, verify
 
 from .errors import (  # noqa: F401  (re-exported: the FUSE edge maps them by class)
     CorruptData,
@@ -99,6 +102,19 @@ class RemoteDecoder(Protocol):
 
     def decode_many(self, blobs: list[bytes]) -> list[bytes | None] | None:
         """Plaintexts (None for a block it could not do), or None when it declines the batch."""
+
+
+def _place(out: memoryview, offset: int, end: int, i: int, bs: int, block) -> None:
+    """Copy the part of block i (its plaintext; shorter: zeros after it) that bytes offset..end
+    hold into out, which starts at offset."""
+    lo = max(offset, i * bs) - i * bs
+    hi = min(end, (i + 1) * bs) - i * bs
+    dst = i * bs + lo - offset
+    n = max(0, min(hi, len(block)) - lo)
+    if n:
+        out[dst : dst + n] = memoryview(block)[lo : lo + n]
+    if n < hi - lo:
+        out[dst + n : dst + hi - lo] = bytes(hi - lo - n)
 
 
 class Filesystem:
@@ -903,6 +919,12 @@ class Filesystem:
         f = self._files[self.handle_ino(fh)]
         return self._read(f, size, offset)
 
+    def read_into(self, fh: int, out: memoryview, offset: int) -> int:
+        """Read up to len(out) bytes at offset into `out` (the FUSE edge passes libfuse's reply
+        buffer); returns how many (0 at or past the end)."""
+        f = self._files[self.handle_ino(fh)]
+        return self._read_into(f, out, offset)
+
     def read_ino(self, ino: int, size: int, offset: int) -> bytes:
         f = self._pin(ino)
         try:
@@ -911,6 +933,74 @@ class Filesystem:
             self._unpin(f)
 
     def _read(self, f: OpenFile, size: int, offset: int) -> bytes:
+        out = bytearray(size)
+        n = self._read_into(f, memoryview(out), offset)
+        del out[n:]
+        return bytes(out)
+
+    def _read_into(self, f: OpenFile, out: memoryview, offset: int) -> int:
+        """The read path. Under the file's lock: its dirty blocks are copied into `out`, and the
+        containers of the others are found — in the store's last committed snapshot, as views into
+        the map, or (new in the open group) copied out of the group. Outside every lock, with the
+        snapshot still open: raw and zstd blocks are decoded from the map straight into `out` (a
+        raw block is checked and copied once); they bypass the decode cache, which would only
+        save a memcpy or a zstd decode and would push LM blocks out of its first stage, while the
+        kernel's page cache already keeps what was read. LM blocks are copied out and decoded
+        through the cache as before (single flight, batched, prefetched). A container that does
+        not decode from the snapshot sends the whole read to _read_checked, which reads every
+        block from the group and reports the damage (a block healed in the group since the
+        snapshot reads right there)."""
+        bs = self.block_size
+        views: dict[int, tuple[bytes, object]] = {}
+        lm: dict[int, tuple[bytes, bytes | None]] = {}  # LM (and quarantined) blocks: the cache's way
+        with self.store.snapshot() as snap:
+            with f.lock:
+                end = min(offset + len(out), f.size)
+                if offset >= end:
+                    return 0
+                first, last = offset // bs, (end - 1) // bs
+                stored = []
+                for i in range(first, last + 1):
+                    buf = f.dirty.get(i)
+                    if buf is None:
+                        stored.append(i)
+                    else:
+                        _place(out, offset, end, i, bs, buf)
+                if stored:
+                    with self.store.read() as t:
+                        hashes = t.block_hashes(f.ino, stored[0], stored[-1])
+                        for i in stored:
+                            h = hashes.get(i)
+                            if h is None:  # a hole
+                                _place(out, offset, end, i, bs, b"")
+                                continue
+                            view = snap.container_view(h)
+                            views[i] = (h, view if view is not None else t.container(h))
+            try:
+                for i, (h, blob) in views.items():
+                    if blob is None or peek_header(blob).codec_id not in (RAW, ZSTD):  # LM (damaged)
+                        lm[i] = (h, bytes(blob) if blob is not None else None)
+                        continue
+                    lo = max(offset, i * bs) - i * bs
+                    dst = i * bs + lo - offset
+                    want = min(end, (i + 1) * bs) - i * bs - lo
+                    n = self.registry.decode_into(blob, out[dst : dst + want], lo, bs)
+                    if n < want:  # a short last block: zeros after it
+                        out[dst + n : dst + want] = bytes(want - n)
+            except ContainerError:
+                damaged = True
+            else:
+                damaged = False
+        if damaged:
+            data = self._read_checked(f, len(out), offset)
+            out[: len(data)] = data
+            return len(data)
+        self.prefetch.on_read(f.ino, first, last, f.size)
+        for i, block in self._decode(f.ino, lm).items():
+            _place(out, offset, end, i, bs, block)
+        return end - offset
+
+    def _read_checked(self, f: OpenFile, size: int, offset: int) -> bytes:
         bs = self.block_size
         with f.lock:  # a consistent view: dirty blocks + the store snapshot for the rest
             end = min(offset + size, f.size)

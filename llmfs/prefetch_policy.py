@@ -137,6 +137,8 @@ class PrefetchPolicy:
         if self.cache is None or not indices:
             return
         with self.store.read(buffers=True) as t:  # headers only: no 64 KiB copies
+            if not t.counters.per_codec[LM][0]:
+                return  # no LM block in the store: no header to look at (in the group each is a copy)
             hashes = self._lm_hashes(t, ino, 0, indices)
         if hashes:
             self.cache.prefetch(hashes, self._decode)

@@ -451,6 +451,11 @@ class Txn:
         raw = self.txn.get(h, db=self.db["blocks"])
         return bytes(raw) if raw is not None else None
 
+    def container_view(self, h: bytes) -> memoryview | bytes | None:
+        """Block h's container as the transaction hands it out: in a snapshot() a memoryview into
+        the map, valid only inside it, not copied."""
+        return self.txn.get(h, db=self.db["blocks"])
+
     def header(self, h: bytes) -> Header | None:
         """The header of block h's container; None if h is not stored or its header is damaged."""
         raw = self.txn.get(h, db=self.db["blocks"])
@@ -845,6 +850,17 @@ class Store:
                     yield Txn(self, txn, write=False)
                     return
         with self.env.begin(buffers=buffers) as txn:
+            yield Txn(self, txn, write=False)
+
+    @contextlib.contextmanager
+    def snapshot(self):
+        """The last committed state, read-only, its values memoryviews into the map (valid only
+        inside the block). Unlike read(), never the open group: it does not see the changes the
+        group holds, and it takes no lock of ours, so its values may be decoded in place for as
+        long as the block lasts while other threads read and write. For content-addressed blocks:
+        a container found here holds its hash's plaintext whatever the group did since (a block
+        named now that is new in the group is not here; read() has it)."""
+        with self.env.begin(buffers=True) as txn:
             yield Txn(self, txn, write=False)
 
     @contextlib.contextmanager

@@ -1,9 +1,13 @@
 """Write buffering: the dirty blocks of files being written, and the flush that stores them (the role
 of S3QL's BlockCache).
 
-A write lands in its file's dirty buffer of whole blocks (`OpenFile.dirty`, block index ->
-bytearray of one block). A partly written block is first loaded from the store (read-modify-write),
-a whole-block write is taken as it is. Nothing reaches the store until a flush, which happens on
+A write lands in its file's dirty buffer of whole blocks (`OpenFile.dirty`, block index -> one
+block). A partly written block is first loaded from the store into a bytearray (read-modify-write);
+a whole-block write is taken as it is, without a copy: a memoryview of the request's own immutable
+bytes (mfusepy hands each request over as a fresh bytes object), turned into a bytearray only if a
+later write changes part of it. The flush hashes, checksums and compresses those buffers in place;
+the one copy of a block the daemon makes after the request's is its container (a raw block's
+header and payload joined), then LMDB's page. Nothing reaches the store until a flush, which happens on
 release (the last close of an open file; close itself only when the disk is nearly full), fsync,
 truncate, before a time or xattr change that must not be overwritten, and when all
 files' dirty bytes pass `dirty_limit`. One flush is one LMDB write transaction: the file's new
@@ -19,8 +23,9 @@ files that were dirtied first (oldest first, any file, the writer's own included
 data fits; it runs with no lock held and takes each file's lock in turn, so it keeps the lock
 order (a file's lock, then the namespace lock, then the store's write lock) and cannot deadlock.
 What can pass the limit: the writes accepted at the same moment by other threads, each at most
-its size rounded up to whole blocks plus one block (a FUSE write is at most 128 KiB), so memory
-stays under dirty_limit + workers x (max write + 2 blocks).
+its size rounded up to whole blocks plus one block (a FUSE write is at most 1 MiB: max_write), so memory
+stays under dirty_limit + workers x (max write + 2 blocks), doubled at most by whole blocks kept as
+views of their requests (write()).
 
 Every method here except `make_room` and `dirty_files` is called with the file's lock
 (`OpenFile.lock`) held; the namespace owns the table of open files and the locks
@@ -50,7 +55,8 @@ class OpenFile:
     ino: int
     size: int
     users: int = 0
-    dirty: dict = field(default_factory=dict)  # block index -> bytearray(block_size)
+    dirty: dict = field(default_factory=dict)  # block index -> bytearray(block_size), or a
+    # memoryview of block_size immutable bytes (a whole-block write: writeback docstring)
     mtime: int | None = None  # set when data changed since the last flush
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -76,6 +82,7 @@ class WriteBuffer:
         self.dirty_limit = dirty_limit
         self.codecs = codecs
         self._load = load
+        self._zero_hash = block_hash(bytes(self.block_size))  # a whole block of zeros: a hole
         self.dirty_bytes = 0  # all files' buffered bytes: changed only under _acct_lock
         self._acct_lock = threading.Lock()
         self._dirtied: OrderedDict[int, OpenFile] = OrderedDict()  # files with dirty blocks,
@@ -115,12 +122,19 @@ class WriteBuffer:
             # already accepted stay buffered for a later flush.
             self.flush(f)
         pos, view = offset, memoryview(data)
+        # Whole blocks are kept as views of immutable bytes, not copied, when they are at least half
+        # the request: a view holds all of its request alive, so kept views at most double the
+        # memory of the dirty blocks they stand for.
+        whole = max(0, (offset + len(data)) // bs - -(-offset // bs)) * bs
+        keep = isinstance(data, bytes) and 2 * whole >= len(data)
         while view:
             idx, lo = divmod(pos, bs)
             n = min(bs - lo, len(view))
             if n == bs and idx not in f.dirty:  # a whole block: nothing to read first
-                f.dirty[idx] = bytearray(view[:n])
+                f.dirty[idx] = view[:n] if keep else bytearray(view[:n])
                 self._account(f, 1)
+            elif n == bs and type(f.dirty[idx]) is not bytearray:  # a whole block over a kept one
+                f.dirty[idx] = view[:n] if keep else bytearray(view[:n])
             else:
                 self._block(f, idx)[lo : lo + n] = view[:n]
             pos += n
@@ -153,11 +167,12 @@ class WriteBuffer:
             n = min(bs, f.size - idx * bs)
             if n <= 0:
                 continue
-            plain = bytes(buf[:n])
-            if not plain.strip(b"\0"):
-                blocks[idx] = (None, b"")
+            plain = memoryview(buf)[:n]  # no copy: hashed, checksummed and compressed in place
+            h = block_hash(plain)
+            if h == self._zero_hash if n == bs else not bytes(plain).strip(b"\0"):
+                blocks[idx] = (None, b"")  # all zeros (a whole block: by its hash): a hole
             else:
-                blocks[idx] = (block_hash(plain), plain)
+                blocks[idx] = (h, plain)
         with self.store.read(buffers=True) as t:  # headers only
             known = {
                 h
@@ -202,6 +217,8 @@ class WriteBuffer:
     def _block(self, f: OpenFile, idx: int) -> bytearray:
         """The dirty buffer of block idx, loaded from the store on first touch."""
         buf = f.dirty.get(idx)
+        if buf is not None and type(buf) is not bytearray:  # a kept whole block, now changed in part
+            buf = f.dirty[idx] = bytearray(buf)
         if buf is None:
             buf = bytearray(self.block_size)
             if idx * self.block_size < f.size:

@@ -1,0 +1,245 @@
+"""The sequential read and write paths in-process: whole blocks kept as views of the request
+(writeback.py), reads into a caller's buffer straight from the store's map (namespace.py
+_read_into, Registry.decode_into, fuseops.FUSE.read), the daemon's readahead and heap settings
+(mount.py, heap.py). The mounted tests (test_mount_posix.py, test_mount_random.py) show the same
+paths through the kernel."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+import mfusepy
+import pytest
+from llmfs.cache import DecodeCache, Readahead
+from llmfs.codec import Registry
+from llmfs.codec.container import ChecksumMismatch
+from llmfs.codec.registry import RAW, ZSTD
+
+from llmfs import fsck, heap
+from llmfs import namespace as ns
+from llmfs.fuseops import FUSE, Operations
+from llmfs.mount import raise_readahead
+from llmfs.store import ROOT_INO
+
+BS = 4096
+TEXT = b"".join(b"line %d of a text that compresses well\n" % i for i in range(2000))
+
+
+@pytest.fixture
+def fs(new_fs):
+    f = new_fs(BS, cache=DecodeCache(1 << 20), dirty_limit=64 * BS, readahead=Readahead())
+    yield f
+    f.flush_all()
+    problems, _ = fsck.run_checks(f.store)
+    assert not problems, [p.message for p in problems]
+    f.cache.close()
+
+
+def codecs(fs, ino) -> list[int]:
+    with fs.store.read() as t:
+        return [t.container_codec(h) for _, h in sorted(t.block_hashes(ino, 0, 1 << 30).items())]
+
+
+def test_a_callers_bytearray_is_copied_and_whole_blocks_of_bytes_are_not(fs):
+    fh = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, 0, 0)
+    ino = fs.handle_ino(fh)
+    mutable = bytearray(b"m" * (2 * BS))
+    fs.write(fh, mutable, 0)
+    mutable[:] = b"x" * (2 * BS)  # the caller reuses its buffer: the file must not change
+    kept = b"k" * (2 * BS)
+    fs.write(fh, kept, 2 * BS)
+    f = fs._files[ino]
+    assert type(f.dirty[0]) is bytearray
+    assert type(f.dirty[2]) is memoryview and f.dirty[2].obj is kept  # a view, not a copy
+    fs.write(fh, b"PART", 2 * BS + 10)  # a part of a kept block: it becomes a bytearray
+    assert type(f.dirty[2]) is bytearray
+    want = b"m" * (2 * BS) + b"k" * 10 + b"PART" + b"k" * (2 * BS - 14)
+    assert fs.read(fh, 4 * BS, 0) == want
+    fs.flush(fh)
+    assert fs.read(fh, 4 * BS, 0) == want
+    fs.release(fh)
+
+
+def test_views_are_kept_only_when_whole_blocks_are_most_of_the_request(fs):
+    fh = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, 0, 0)
+    f = fs._files[fs.handle_ino(fh)]
+    fs.write(fh, b"a" * (3 * BS - 2), 1)  # one whole block (1) in a request of almost 3
+    assert type(f.dirty[1]) is bytearray
+    fs.write(fh, b"b" * (3 * BS), 4 * BS)
+    assert all(type(f.dirty[i]) is memoryview for i in (4, 5, 6))
+    fs.release(fh)
+
+
+def test_whole_zero_blocks_are_holes_and_a_short_zero_tail_too(fs):
+    fh = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, 0, 0)
+    ino = fs.handle_ino(fh)
+    data = b"x" * BS + bytes(2 * BS) + b"y" * BS + bytes(100)
+    fs.write(fh, data, 0)
+    fs.release(fh)
+    with fs.store.read() as t:
+        assert sorted(t.block_hashes(ino, 0, 10)) == [0, 3]
+    fh = fs.open(ino, os.O_RDONLY, 0, 0)
+    assert fs.read(fh, len(data) + 10, 0) == data
+    fs.release(fh)
+
+
+def test_read_into_a_buffer_mixes_dirty_stored_holes_and_the_short_tail(fs):
+    text = TEXT[: 3 * BS]
+    noise = os.urandom(2 * BS)
+    fh = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, 0, 0)
+    ino = fs.handle_ino(fh)
+    fs.write(fh, text, 0)  # blocks 0-2: zstd
+    fs.write(fh, noise, 5 * BS)  # blocks 5-6: raw; 3-4 a hole
+    fs.write(fh, b"tail", 7 * BS)  # block 7: 4 bytes
+    fs.flush(fh)
+    assert codecs(fs, ino) == [ZSTD, ZSTD, ZSTD, RAW, RAW, RAW]  # 4 bytes: raw is smaller
+    fs.write(fh, b"DIRTY", BS + 7)  # block 1 dirty again, over a stored one
+    want = bytearray(7 * BS + 4)
+    want[: 3 * BS] = text
+    want[BS + 7 : BS + 12] = b"DIRTY"
+    want[5 * BS : 7 * BS] = noise
+    want[7 * BS :] = b"tail"
+    out = bytearray(b"\xee" * (8 * BS))  # garbage where nothing is written: must not show
+    assert fs.read_into(fh, memoryview(out), 0) == len(want)
+    assert out[: len(want)] == want
+    for offset, size in ((BS - 3, 2 * BS + 5), (5 * BS + 1, 2 * BS), (3 * BS + 9, 5), (7 * BS + 2, 100)):
+        out = bytearray(b"\xee" * size)
+        n = fs.read_into(fh, memoryview(out), offset)
+        assert out[:n] == want[offset : offset + size]
+    assert fs.read_into(fh, memoryview(bytearray(10)), len(want)) == 0
+    fs.release(fh)
+
+
+def test_raw_and_zstd_reads_bypass_the_decode_cache(fs):
+    fh = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, 0, 0)
+    fs.write(fh, TEXT[: 4 * BS] + os.urandom(4 * BS), 0)
+    fs.release(fh)
+    ino = fs.lookup(ROOT_INO, b"f")
+    fh = fs.open(ino, os.O_RDONLY, 0, 0)
+    assert fs.read(fh, 8 * BS, 0)[: 4 * BS] == TEXT[: 4 * BS]
+    m = fs.cache.metrics()
+    assert m["misses"] == m["hits"] == m["decoded_blocks"] == 0 and len(fs.cache) == 0
+    fs.release(fh)
+
+
+def test_blocks_new_in_the_open_group_are_read_from_the_group(fs):
+    """The committed snapshot does not have what the open group holds: those containers come
+    from the group (and, once committed, from the map)."""
+    fs.store.start_group_commit(interval=3600)
+    try:
+        data = TEXT[: 3 * BS] + os.urandom(2 * BS)
+        fh = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, 0, 0)
+        fs.write(fh, data, 0)
+        fs.flush(fh)  # into the group, not committed
+        ino = fs.handle_ino(fh)
+        with fs.store.snapshot() as snap, fs.store.read() as t:
+            hashes = t.block_hashes(ino, 0, 10)
+            assert hashes and all(snap.container_view(h) is None for h in hashes.values())
+        assert fs.read(fh, len(data), 0) == data
+        fs.store.sync()
+        with fs.store.snapshot() as snap:
+            assert all(isinstance(snap.container_view(h), memoryview) for h in hashes.values())
+        assert fs.read(fh, len(data), 0) == data
+        fs.release(fh)
+    finally:
+        fs.store.stop_group_commit()
+
+
+def test_a_block_damaged_in_the_map_fails_its_read_and_is_reported(fs, caplog):
+    fh = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, 0, 0)
+    fs.write(fh, os.urandom(3 * BS), 0)
+    fs.release(fh)
+    ino = fs.lookup(ROOT_INO, b"f")
+    with fs.store.write() as t:
+        h = t.block_hashes(ino, 1, 1)[1]
+        blob = bytearray(t.container(h))
+        blob[-1] ^= 1  # a raw payload's last byte: only the checksum can tell
+        t.txn.put(h, bytes(blob), db=t.db["blocks"])
+    fh = fs.open(ino, os.O_RDONLY, 0, 0)
+    with pytest.raises(ns.CorruptData):
+        fs.read_into(fh, memoryview(bytearray(3 * BS)), 0)
+    assert "block 1" in caplog.text
+    out = bytearray(BS)
+    assert fs.read_into(fh, memoryview(out), 2 * BS) == BS  # the good blocks alone read
+    fs.release(fh)
+    with fs.store.write() as t:  # put it back for the fixture's fsck
+        blob[-1] ^= 1
+        t.txn.put(h, bytes(blob), db=t.db["blocks"])
+
+
+@pytest.mark.parametrize("codec", [RAW, 1])
+def test_decode_into_checks_before_it_copies(codec):
+    reg = Registry()
+    data = TEXT[:BS] if codec else os.urandom(BS)
+    blob = reg.encode(data, (ZSTD,))
+    assert reg.header(blob).codec_id == codec
+    out = bytearray(100)
+    assert reg.decode_into(blob, memoryview(out), 50) == 100
+    assert out == data[50:150]
+    assert reg.decode_into(blob, memoryview(bytearray(100)), BS - 30) == 30
+    bad = bytearray(blob)
+    bad[-1] ^= 1
+    out = bytearray(b"\xee" * 100)
+    with pytest.raises(ChecksumMismatch):
+        reg.decode_into(bytes(bad), memoryview(out), 0)
+    assert out == b"\xee" * 100  # nothing copied from a block that does not check
+
+
+def test_fuse_read_writes_into_libfuses_buffer(fs):
+    data = TEXT[: 2 * BS + 17]
+    fh = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, 0, 0)
+    fs.write(fh, data, 0)
+    fs.flush(fh)
+    fuse = object.__new__(FUSE)  # the callback alone, no mount
+    fuse.operations, fuse.encoding, fuse.errors = Operations(fs), "utf-8", "surrogateescape"
+    fi = mfusepy.fuse_file_info()
+    fi.fh = fh
+    buf = ctypes.create_string_buffer(3 * BS)
+    ptr = ctypes.cast(buf, ctypes.POINTER(ctypes.c_byte))
+    assert fuse.read(None, ptr, 3 * BS, 5, ctypes.pointer(fi)) == len(data) - 5
+    assert buf.raw[: len(data) - 5] == data[5:]
+    fs.release(fh)
+
+
+def test_raise_readahead(tmp_path):
+    bdi = tmp_path / "0:99"
+    bdi.mkdir()
+    (bdi / "read_ahead_kb").write_text("128\n")
+    assert raise_readahead((0, 99), 1 << 20, str(tmp_path))
+    assert (bdi / "read_ahead_kb").read_text() == "1024\n"
+    (bdi / "read_ahead_kb").write_text("4096\n")
+    assert raise_readahead((0, 99), 1 << 20, str(tmp_path))  # higher already: left alone
+    assert (bdi / "read_ahead_kb").read_text() == "4096\n"
+    assert not raise_readahead((0, 98), 1 << 20, str(tmp_path))  # no such device: the default stays
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_heap_settings_are_taken_by_glibc():
+    assert heap.keep_freed_memory(128 << 20)
+
+
+def test_sequential_io_through_the_mount(mounted):
+    """1 MiB writes and reads through the kernel: zstd, a hole and raw blocks, read back after the
+    file's pages are dropped, from its start and at unaligned offsets; READs of up to 1 MiB when
+    the daemon runs as root (it raised the FUSE device's readahead)."""
+    mib = 1 << 20
+    data = (TEXT * 30)[: 2 * mib] + bytes(256 << 10) + os.urandom(3 * mib) + b"tail"
+    path = mounted.mnt / "f"
+    with open(path, "wb") as f:
+        for off in range(0, len(data), mib):
+            f.write(data[off : off + mib])
+        f.flush()
+        os.fsync(f.fileno())
+    with open(path, "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # read from the daemon again
+        assert b"".join(iter(lambda: f.read(mib), b"")) == data
+        for off, n in ((12345, 3 * mib), (2 * mib - 7, 300 << 10), (len(data) - 10, 100)):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            f.seek(off)
+            assert f.read(n) == data[off : off + n]
+    if os.geteuid() == 0:
+        st = os.stat(mounted.mnt)
+        bdi = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+        assert int(open(bdi).read()) >= 1024
