@@ -130,10 +130,11 @@ def test_blocks_new_in_the_open_group_are_read_from_the_group(fs):
     fs.store.start_group_commit(interval=3600)
     try:
         data = TEXT[: 3 * BS] + os.urandom(2 * BS)
-        fh = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, 0, 0)
-        fs.write(fh, data, 0)
-        fs.flush(fh)  # into the group, not committed
-        ino = fs.handle_ino(fh)
+        w = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, 0, 0)
+        fs.write(w, data, 0)
+        ino = fs.handle_ino(w)
+        fh = fs.open(ino, os.O_RDONLY, 0, 0)
+        fs.release(w)  # stores the data into the group, not committed (a close leaves it to this)
         with fs.store.snapshot() as snap, fs.store.read() as t:
             hashes = t.block_hashes(ino, 0, 10)
             assert hashes and all(snap.container_view(h) is None for h in hashes.values())
