@@ -1064,55 +1064,125 @@ VNNI_TARGET static void gemm_range_vnni(const int8_t *restrict A, int64_t M, int
  * (vpmaddubsw, the byte form, saturates its pair sums at int16 and would not be exact.)
  * 16 bytes of a panel's k-quad row are 4 columns x 4 consecutive k; widened to 16 int16 lanes and
  * multiplied with the row's 4 A values broadcast (one 64-bit load), lane 2c holds column c's
- * products of k, k+1 and lane 2c+1 those of k+2, k+3. Each lane sums over K: |lane| <=
- * 255 * 128 * K / 2, and the final pairwise add (hadd) gives acc, |acc| <= 255 * 128 * K < 2^31
- * (K < 65,793), exact in wrapping int32 like the VNNI form; then C = acc - 128 * rowsum(A). */
-#define MR2 3   /* rows per block: 3 x 4 accumulators + 3 broadcasts + 1 weight = 16 ymm */
+ * products of k, k+1 and lane 2c+1 those of k+2, k+3. Each lane sums K / 4 pairs: |lane| <=
+ * 2 * 255 * 128 * K / 4, and the final pairwise add (hadd) gives acc, |acc| <= 255 * 128 * K <
+ * 2^31 (K < 65,793), exact in wrapping int32 like the VNNI form; then C = acc - 128 * rowsum(A).
+ *
+ * Register blocking: a block is MR2 rows x 8 columns (half a panel: two 4-column groups), 12 int32
+ * accumulators in ymm registers; per k-quad the two widened weight vectors are each used for MR2
+ * rows and each row's broadcast for both groups, so the only port-5 shuffles are the two
+ * widenings per 2 * MR2 vpmaddwd (vpbroadcastq from memory is a load). 12 accumulators + 2
+ * weights + 1 broadcast + 1 product = the 16 ymm registers: a block of 3 rows x 16 columns (the
+ * form before) needed 19 and the compiler kept 8 accumulators on the stack, loaded and stored on
+ * every k-quad. The half panel's 32 bytes of each k-quad row are read in order (the other half on
+ * the next pass, from L1: a panel is 16 x K bytes). */
+#define MR2 6      /* rows per block */
+#define ROWS_AVX2 48  /* rows of A16 per pass over the panels: 48 x K int16 stay in L2 */
+
+/* A block's k loop, mr <= MR2 rows x 8 columns over nq k-quads: a rows at stride s int16 (already
+ * at the first k), w the half panel (at the first k-quad); out[r][g] the 8 int32 lanes of group g.
+ * In assembly because gcc 12 hoists all of an iteration's broadcasts and products ahead of their
+ * adds and then keeps accumulators on the stack (measured: 8 of 12 spilled and reloaded every
+ * k-quad, also for the 5-row tail); here ymm0-11 hold the accumulators for the whole loop (row r in
+ * ymm 2r, 2r+1), ymm12-13 the widened weights, ymm14 the broadcast row quad, ymm15 the product (the
+ * reused temporaries are renamed by the CPU, so they serialise nothing). One asm statement per row
+ * count, from the same pieces. */
+#define K_ZERO(x, y) "vpxor %%xmm" #x ", %%xmm" #x ", %%xmm" #x "\n\tvpxor %%xmm" #y ", %%xmm" #y ", %%xmm" #y "\n\t"
+#define K_ROW(mem, x, y)                                                                           \
+    "vpbroadcastq " mem ", %%ymm14\n\t"                                                            \
+    "vpmaddwd %%ymm14, %%ymm12, %%ymm15\n\t"                                                       \
+    "vpaddd %%ymm15, %%ymm" #x ", %%ymm" #x "\n\t"                                                 \
+    "vpmaddwd %%ymm14, %%ymm13, %%ymm15\n\t"                                                       \
+    "vpaddd %%ymm15, %%ymm" #y ", %%ymm" #y "\n\t"
+#define K_STORE(x, y, off) "vmovdqu %%ymm" #x ", " #off "(%[o])\n\tvmovdqu %%ymm" #y ", " #off "+32(%[o])\n\t"
+/* rows 0-2 at a, a + s, a + 2s; rows 3-5 at a3 = a + 3s, a3 + s, a3 + 2s */
+#define K_Z1 K_ZERO(0, 1)
+#define K_Z2 K_Z1 K_ZERO(2, 3)
+#define K_Z3 K_Z2 K_ZERO(4, 5)
+#define K_Z4 K_Z3 K_ZERO(6, 7)
+#define K_Z5 K_Z4 K_ZERO(8, 9)
+#define K_Z6 K_Z5 K_ZERO(10, 11)
+#define K_R1 K_ROW("(%[a])", 0, 1)
+#define K_R2 K_R1 K_ROW("(%[a],%[sb])", 2, 3)
+#define K_R3 K_R2 K_ROW("(%[a],%[sb],2)", 4, 5)
+#define K_R4 K_R3 K_ROW("(%[a3])", 6, 7)
+#define K_R5 K_R4 K_ROW("(%[a3],%[sb])", 8, 9)
+#define K_R6 K_R5 K_ROW("(%[a3],%[sb],2)", 10, 11)
+#define K_S1 K_STORE(0, 1, 0)
+#define K_S2 K_S1 K_STORE(2, 3, 64)
+#define K_S3 K_S2 K_STORE(4, 5, 128)
+#define K_S4 K_S3 K_STORE(6, 7, 192)
+#define K_S5 K_S4 K_STORE(8, 9, 256)
+#define K_S6 K_S5 K_STORE(10, 11, 320)
+#define K_LOOP(Z, R, S)                                                                            \
+    __asm__ volatile("lea (%[a],%[sb],2), %[a3]\n\t"                                               \
+                     "add %[sb], %[a3]\n\t" Z ".p2align 4\n"                                       \
+                     "1:\n\t"                                                                      \
+                     "vpmovzxbw (%[w]), %%ymm12\n\t"                                               \
+                     "vpmovzxbw 16(%[w]), %%ymm13\n\t" R "add $64, %[w]\n\t"                       \
+                     "add $8, %[a]\n\t"                                                            \
+                     "add $8, %[a3]\n\t"                                                           \
+                     "dec %[nq]\n\t"                                                               \
+                     "jnz 1b\n\t" S                                                                \
+                     : [a] "+r"(a), [a3] "=&r"(a3), [w] "+r"(w), [nq] "+r"(nq)                     \
+                     : [sb] "r"(sb), [o] "r"(&out[0][0][0])                                        \
+                     : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",      \
+                       "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory", "cc")
+AVX2_TARGET static void kloop(const int16_t *a, int64_t s, const uint8_t *w, int64_t nq,
+                              int32_t out[MR2][2][8], int mr) {
+    if (nq <= 0) {
+        memset(out, 0, sizeof(int32_t) * MR2 * 2 * 8);
+        return;
+    }
+    const int16_t *a3;
+    int64_t sb = 2 * s; /* row stride in bytes */
+    switch (mr) {
+    case 6: K_LOOP(K_Z6, K_R6, K_S6); break;
+    case 5: K_LOOP(K_Z5, K_R5, K_S5); break;
+    case 4: K_LOOP(K_Z4, K_R4, K_S4); break;
+    case 3: K_LOOP(K_Z3, K_R3, K_S3); break;
+    case 2: K_LOOP(K_Z2, K_R2, K_S2); break;
+    default: K_LOOP(K_Z1, K_R1, K_S1); break;
+    }
+}
+
 AVX2_TARGET static inline __attribute__((always_inline)) void
 gemm_block_avx2(const int16_t *restrict A16, int64_t K, const uint8_t *restrict w,
                 int32_t *restrict C, int64_t N, const int32_t *restrict corr, int64_t m0,
                 int64_t col0, const int mr) {
-    __m256i acc[MR2][4];
-    for (int r = 0; r < mr; r++)
-        for (int g = 0; g < 4; g++) acc[r][g] = _mm256_setzero_si256();
-    const int16_t *a = A16 + m0 * K;
-    for (int64_t k = 0; k < K; k += 4) {
-        __m256i av[MR2];
-        for (int r = 0; r < mr; r++) {
-            int64_t x;
-            __builtin_memcpy(&x, a + r * K + k, 8);
-            av[r] = _mm256_set1_epi64x(x);
-        }
-        for (int g = 0; g < 4; g++) {
-            __m256i wv = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w + 16 * k + 4 * 4 * g)));
-            for (int r = 0; r < mr; r++)
-                acc[r][g] = _mm256_add_epi32(acc[r][g], _mm256_madd_epi16(wv, av[r]));
-        }
-    }
+    int32_t out[MR2][2][8];
+    kloop(A16 + m0 * K, K, w, K / 4, out, mr);
     for (int r = 0; r < mr; r++) {
-        __m256i c = _mm256_set1_epi32(corr[m0 + r]);
+        __m256i x = _mm256_loadu_si256((const __m256i *)out[r][0]);
+        __m256i y = _mm256_loadu_si256((const __m256i *)out[r][1]);
         /* hadd: [c0 c1 c4 c5 | c2 c3 c6 c7]; qwords (0, 2, 1, 3): columns in order */
-        __m256i lo = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][0], acc[r][1]), 0xD8);
-        __m256i hi = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][2], acc[r][3]), 0xD8);
-        _mm256_storeu_si256((__m256i *)(C + (m0 + r) * N + col0), _mm256_sub_epi32(lo, c));
-        _mm256_storeu_si256((__m256i *)(C + (m0 + r) * N + col0 + 8), _mm256_sub_epi32(hi, c));
+        __m256i v = _mm256_permute4x64_epi64(_mm256_hadd_epi32(x, y), 0xD8);
+        _mm256_storeu_si256((__m256i *)(C + (m0 + r) * N + col0),
+                            _mm256_sub_epi32(v, _mm256_set1_epi32(corr[m0 + r])));
     }
 }
 
-/* rows in blocks that stay in L1/L2 (48 rows x K int16), each against panels [p_begin, p_end) */
-#define ROWS_AVX2 48
+/* rows in blocks of ROWS_AVX2, each against panels [p_begin, p_end), each panel in two halves */
 AVX2_TARGET static void gemm_range_avx2(const int16_t *restrict A16, int64_t M, int64_t K,
                                         const uint8_t *restrict Wp, int64_t N,
                                         int32_t *restrict C, const int32_t *restrict corr,
                                         int64_t p_begin, int64_t p_end) {
     for (int64_t mb = 0; mb < M; mb += ROWS_AVX2) {
         int64_t me = MIN(M, mb + ROWS_AVX2);
-        for (int64_t p = p_begin; p < p_end; p++) {
-            const uint8_t *w = Wp + p * 16 * K;
-            int64_t m0 = mb;
-            for (; m0 + MR2 <= me; m0 += MR2) gemm_block_avx2(A16, K, w, C, N, corr, m0, 16 * p, MR2);
-            for (; m0 < me; m0++) gemm_block_avx2(A16, K, w, C, N, corr, m0, 16 * p, 1);
-        }
+        for (int64_t p = p_begin; p < p_end; p++)
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *w = Wp + p * 16 * K + 32 * h;
+                int64_t m0 = mb, c0 = 16 * p + 8 * h;
+                for (; m0 + MR2 <= me; m0 += MR2) gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, MR2);
+                switch (me - m0) {   /* the row tail, each with its own unrolled block */
+                case 5: gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, 5); break;
+                case 4: gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, 4); break;
+                case 3: gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, 3); break;
+                case 2: gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, 2); break;
+                case 1: gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, 1); break;
+                default: break;
+                }
+            }
     }
 }
 
@@ -1120,57 +1190,46 @@ AVX2_TARGET static void gemm_range_avx2(const int16_t *restrict A16, int64_t M, 
  * The engine splits such a row xq (|xq| <= ACT_MAX) into int8 halves hi and lo (xq = 128 hi + lo)
  * and stacks them, (2M, K), because int8 is what VNNI, BLAS-free int8 GEMMs and CUDA multiply; but
  * vpmaddwd multiplies int16 anyway, so here the row is rebuilt, a = 128 hi + lo (|a| <= 128 * 128
- * + 128 = 16512: never -32768, vpmaddwd's one wrapping case), and multiplied once. A pair sum is
- * at most 2 * 16512 * 255 and a lane sums at most KC16 / 2 pairs: |lane| <= 16512 * 255 * KC16 <
- * 2^31, so every KC16 k the lanes are added into int64 (the value needs up to ~2^34). The result is
+ * + 128 = 16512: never -32768, vpmaddwd's one wrapping case), and multiplied once, with the int8
+ * form's register blocking. A pair sum is at most 2 * 16512 * 255 = 8,421,120 and a lane sums
+ * KC16 / 4 pairs per K chunk: |lane| <= 128 * 8,421,120 = 1,077,903,360 < 2^31 for KC16 = 512, so
+ * after every chunk the lanes are added into int64 (the value needs up to ~2^34). The result is
  * the exact value v = a @ W^T, written as the stacked accumulators every consumer reads (combine,
  * swiglu_quant, head_freqs take 128 hi + lo): hi = floor(v / 128), lo = v - 128 hi in [0, 127].
  * The value is the one the two int8 passes give, so are all the engine's outputs. */
-#define KC16 256
+#define KC16 512
 AVX2_TARGET static inline __attribute__((always_inline)) void
 gemm_block16_avx2(const int16_t *restrict A16, int64_t K, const uint8_t *restrict w,
                   int32_t *restrict C, int64_t M, int64_t N, const int64_t *restrict corr,
                   int64_t m0, int64_t col0, const int mr) {
-    int64_t tot[MR2][32];
+    __m256i tot[MR2][4];   /* int64 sums: [2g + q] holds int32 lanes 4q..4q+3 of group g */
     for (int r = 0; r < mr; r++)
-        for (int i = 0; i < 32; i++) tot[r][i] = 0;
-    const int16_t *a = A16 + m0 * K;
+        for (int i = 0; i < 4; i++) tot[r][i] = _mm256_setzero_si256();
     for (int64_t k0 = 0; k0 < K; k0 += KC16) {
-        const int64_t k1 = MIN(K, k0 + KC16);
-        __m256i acc[MR2][4];
+        int32_t out[MR2][2][8];
+        kloop(A16 + m0 * K + k0, K, w + 16 * k0, (MIN(K, k0 + KC16) - k0) / 4, out, mr);
         for (int r = 0; r < mr; r++)
-            for (int g = 0; g < 4; g++) acc[r][g] = _mm256_setzero_si256();
-        for (int64_t k = k0; k < k1; k += 4) {
-            __m256i av[MR2];
-            for (int r = 0; r < mr; r++) {
-                int64_t x;
-                __builtin_memcpy(&x, a + r * K + k, 8);
-                av[r] = _mm256_set1_epi64x(x);
-            }
-            for (int g = 0; g < 4; g++) {
-                __m256i wv = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w + 16 * k + 4 * 4 * g)));
-                for (int r = 0; r < mr; r++)
-                    acc[r][g] = _mm256_add_epi32(acc[r][g], _mm256_madd_epi16(wv, av[r]));
-            }
-        }
-        for (int r = 0; r < mr; r++)
-            for (int g = 0; g < 4; g++) {
-                __m256i lo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(acc[r][g]));
-                __m256i hi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(acc[r][g], 1));
-                int64_t *t = tot[r] + 8 * g;
-                _mm256_storeu_si256((__m256i *)t, _mm256_add_epi64(_mm256_loadu_si256((__m256i *)t), lo));
-                _mm256_storeu_si256((__m256i *)(t + 4),
-                                    _mm256_add_epi64(_mm256_loadu_si256((__m256i *)(t + 4)), hi));
+            for (int g = 0; g < 2; g++) {
+                __m256i acc = _mm256_loadu_si256((const __m256i *)out[r][g]);
+                tot[r][2 * g] = _mm256_add_epi64(tot[r][2 * g],
+                                                 _mm256_cvtepi32_epi64(_mm256_castsi256_si128(acc)));
+                tot[r][2 * g + 1] = _mm256_add_epi64(
+                    tot[r][2 * g + 1], _mm256_cvtepi32_epi64(_mm256_extracti128_si256(acc, 1)));
             }
     }
-    /* lane j of group g: column 4g + j / 2 (k, k+1 in even lanes, k+2, k+3 in odd ones) */
-    for (int r = 0; r < mr; r++)
-        for (int c = 0; c < 16; c++) {
-            int64_t v = tot[r][2 * c] + tot[r][2 * c + 1] - corr[m0 + r];
+    /* int64 lane j of tot[r][2g + q]: int32 lane 4q + j of group g, i.e. column 4g + 2q + j / 2
+     * (k, k+1 in even lanes, k+2, k+3 in odd ones), so the 16 int64 in order are columns 0..7's
+     * two lanes each */
+    for (int r = 0; r < mr; r++) {
+        int64_t t[16];
+        __builtin_memcpy(t, tot[r], sizeof(t));
+        for (int c = 0; c < 8; c++) {
+            int64_t v = t[2 * c] + t[2 * c + 1] - corr[m0 + r];
             int64_t h = v >> 7;                         /* floor(v / 128): arithmetic shift */
             C[(m0 + r) * N + col0 + c] = (int32_t)h;
             C[(M + m0 + r) * N + col0 + c] = (int32_t)(v - h * 128);
         }
+    }
 }
 
 AVX2_TARGET static void gemm_range16_avx2(const int16_t *restrict A16, int64_t M, int64_t K,
@@ -1179,13 +1238,21 @@ AVX2_TARGET static void gemm_range16_avx2(const int16_t *restrict A16, int64_t M
                                           int64_t p_begin, int64_t p_end) {
     for (int64_t mb = 0; mb < M; mb += ROWS_AVX2) {
         int64_t me = MIN(M, mb + ROWS_AVX2);
-        for (int64_t p = p_begin; p < p_end; p++) {
-            const uint8_t *w = Wp + p * 16 * K;
-            int64_t m0 = mb;
-            for (; m0 + MR2 <= me; m0 += MR2)
-                gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, 16 * p, MR2);
-            for (; m0 < me; m0++) gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, 16 * p, 1);
-        }
+        for (int64_t p = p_begin; p < p_end; p++)
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *w = Wp + p * 16 * K + 32 * h;
+                int64_t m0 = mb, c0 = 16 * p + 8 * h;
+                for (; m0 + MR2 <= me; m0 += MR2)
+                    gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, MR2);
+                switch (me - m0) {
+                case 5: gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, 5); break;
+                case 4: gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, 4); break;
+                case 3: gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, 3); break;
+                case 2: gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, 2); break;
+                case 1: gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, 1); break;
+                default: break;
+                }
+            }
     }
 }
 #endif
