@@ -995,6 +995,195 @@ VNNI_TARGET static void attend_step_vnni(const double *restrict qi, const double
 }
 #endif
 
+#ifdef HAVE_AVX2_KERNELS
+/* The AVX2 form of attend_step (CPUs without AVX-512 VNNI), as attend_group_vnni with 8 int32
+ * lanes: the g query heads of a KV group share one pass over the keys' scores and one over the
+ * values per 16 channels, and 8-key blocks that no head weighs are not read.
+ *   scores: per key, hs/16 vpmaddwd + vpaddd per head (|q| <= 127, |k| <= 2^14: pair sums and
+ *     |s| <= 2^27 in int32), then 8 keys' vectors summed across lanes in a tree (hsum8x8);
+ *   weights: the portable form's operations 8 keys at a time ((double)(m - s) * f, min(., last),
+ *     round_even, an index into the int32 table, gathered for the visible keys whose index is not
+ *     `last` and table[last] for the others: the portable form's p[k] in every case), into int16
+ *     (p <= 2^13) with keys past Tk 0, and per 8 keys their sum (<= 8 * 2^13 = 65536);
+ *   P.V: keys in pairs (unpacklo/hi_epi16 interleaves two value rows), the pair's weights as one
+ *     int32 broadcast per head, one vpmaddwd + vpaddd per 8 channels; before an 8-key block that
+ *     could take some head's chunk weight sum past PV_CHUNK_P the int32 lanes are added into
+ *     int64, so |lane| <= 2^14 * 131071 < 2^31 (the portable form's bound; a block's sum alone is
+ *     below PV_CHUNK_P). unpack works within 128-bit lanes: lane 4L + i of the lo (hi) accumulator
+ *     of channels 16c.. is channel 16c + 8L + i (+ 4).
+ * Integer sums are exact in any order and the float steps are the portable form's IEEE operations
+ * in its order: the same bits (tests/test_engine.py compares them). */
+#define GMAX2 4
+#define NYMAX 8   /* hs <= 128: 8 ymm of 16 int16 */
+
+AVX2_TARGET static inline __m256i hsum8x8(const __m256i *v) {
+    __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    /* u0: [v0..v3 lanes 0-3 | v0..v3 lanes 4-7], u1 the same for v4..v7 */
+    return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20),
+                            _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+AVX2_TARGET static inline int32_t hsum_epi32(__m256i v) {
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    t = _mm_hadd_epi32(t, t);
+    t = _mm_hadd_epi32(t, t);
+    return _mm_cvtsi128_si32(t);
+}
+
+/* One (row, KV head) group: g heads, hs = 16 ny channels; qi, f, out at the group's first head.
+ * Scratch s: g * Lr int32, p16: g * Lr int16, bsum: g * Lr / 8 int32, any: Lr / 8 (Lr = L rounded
+ * up to 8). Inlined with constant g, ny for the model's shape. */
+AVX2_TARGET static inline __attribute__((always_inline)) void
+attend_group_avx2(const double *restrict qi, const double *restrict f,
+                  const int16_t *restrict Kb, const int16_t *restrict Vb, int64_t Tk, int64_t Lr,
+                  const int g, const int ny, const int32_t *restrict table, int64_t ntab,
+                  const double *restrict vs, double *restrict out, int32_t *restrict s,
+                  int16_t *restrict p16, int32_t *restrict bsum, uint8_t *restrict any) {
+    const int64_t hs = 16 * ny, nb = Lr / 8;
+    int16_t qb[GMAX2 * 16 * NYMAX];
+    for (int64_t i = 0; i < g * hs; i++) qb[i] = (int16_t)qi[i];
+
+    /* scores, 8 keys per block; keys past Tk score 0 and are masked below */
+    const int64_t nblk = (Tk + 7) / 8;
+    for (int64_t k0 = 0; k0 < Tk; k0 += 8) {
+        int64_t n = MIN(8, Tk - k0);
+        for (int j = 0; j < g; j++) {
+            __m256i a[8];
+            for (int64_t i = 0; i < 8; i++) {
+                __m256i acc = _mm256_setzero_si256();
+                if (i < n)
+                    for (int c = 0; c < ny; c++)
+                        acc = _mm256_add_epi32(
+                            acc, _mm256_madd_epi16(
+                                     _mm256_loadu_si256((const __m256i *)(qb + j * hs + 16 * c)),
+                                     _mm256_loadu_si256((const __m256i *)(Kb + (k0 + i) * hs + 16 * c))));
+                a[i] = acc;
+            }
+            _mm256_storeu_si256((__m256i *)(s + j * Lr + k0), hsum8x8(a));
+        }
+    }
+
+    /* weights */
+    for (int64_t bl = 0; bl < nblk; bl++) any[bl] = 0;
+    int64_t l[GMAX2];
+    const double last = (double)(ntab - 1);
+    const __m256d lastv = _mm256_set1_pd(last), magic = _mm256_set1_pd(6755399441055744.0);
+    const __m256i lasti = _mm256_set1_epi32((int32_t)last), tlast = _mm256_set1_epi32(table[ntab - 1]);
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int j = 0; j < g; j++) {
+        const int32_t *sj = s + j * Lr;
+        int32_t m = INT32_MIN;
+        for (int64_t k = 0; k < Tk; k++) m = MAX(m, sj[k]);
+        const __m256i mv = _mm256_set1_epi32(m);
+        const __m256d fr = _mm256_set1_pd(f[j]);
+        __m256i lsum = _mm256_setzero_si256();
+        for (int64_t bl = 0; bl < nblk; bl++) {
+            const int64_t k0 = 8 * bl;
+            __m256i vis = _mm256_cmpgt_epi32(_mm256_set1_epi32((int32_t)MIN(8, Tk - k0)), iota);
+            __m256i d = _mm256_sub_epi32(mv, _mm256_loadu_si256((const __m256i *)(sj + k0)));
+            __m256d v0 = _mm256_cvtepi32_pd(_mm256_castsi256_si128(d));
+            __m256d v1 = _mm256_cvtepi32_pd(_mm256_extracti128_si256(d, 1));
+            v0 = _mm256_min_pd(_mm256_mul_pd(v0, fr), lastv);   /* MIN(v, last): v is no NaN */
+            v1 = _mm256_min_pd(_mm256_mul_pd(v1, fr), lastv);
+            v0 = _mm256_sub_pd(_mm256_add_pd(v0, magic), magic); /* round_even */
+            v1 = _mm256_sub_pd(_mm256_add_pd(v1, magic), magic);
+            __m256i ix = _mm256_set_m128i(_mm256_cvtpd_epi32(v1), _mm256_cvtpd_epi32(v0)); /* exact */
+            __m256i nz = _mm256_andnot_si256(_mm256_cmpeq_epi32(ix, lasti), vis);
+            __m256i pv = _mm256_and_si256(vis, tlast);
+            if (!_mm256_testz_si256(nz, nz))
+                pv = _mm256_mask_i32gather_epi32(pv, (const int *)table, ix, nz, 4);
+            __m256i p2 = _mm256_permute4x64_epi64(_mm256_packs_epi32(pv, pv), 0x08); /* <= 2^13 */
+            _mm_storeu_si128((__m128i *)(p16 + j * Lr + k0), _mm256_castsi256_si128(p2));
+            lsum = _mm256_add_epi32(lsum, pv);   /* <= 2^13 * Tk / 8 per lane */
+            bsum[j * nb + bl] = hsum_epi32(pv);
+            any[bl] |= !_mm256_testz_si256(pv, pv);
+        }
+        l[j] = hsum_epi32(lsum);
+    }
+
+    /* P.V, 16 channels per pass over the weighed blocks. In the last block a pair's second row
+     * past Tk (weight 0) is read as the first, so no row past the cache is touched. */
+    for (int c = 0; c < ny; c++) {
+        __m256i acc[GMAX2][2];
+        int64_t o64[GMAX2][2][8];
+        int32_t chunk[GMAX2];
+        for (int j = 0; j < g; j++) {
+            chunk[j] = 0;
+            acc[j][0] = acc[j][1] = _mm256_setzero_si256();
+            for (int i = 0; i < 8; i++) o64[j][0][i] = o64[j][1][i] = 0;
+        }
+#define FLUSH8()                                                                                   \
+    for (int j = 0; j < g; j++)                                                                    \
+        for (int h = 0; h < 2; h++) {                                                              \
+            int32_t t[8];                                                                          \
+            _mm256_storeu_si256((__m256i *)t, acc[j][h]);                                          \
+            for (int i = 0; i < 8; i++) o64[j][h][i] += t[i];                                      \
+            acc[j][h] = _mm256_setzero_si256();                                                    \
+        }
+        for (int64_t bl = 0; bl < nblk; bl++) {
+            if (!any[bl]) continue;
+            int full = 0;
+            for (int j = 0; j < g; j++) full |= chunk[j] > PV_CHUNK_P - bsum[j * nb + bl];
+            if (full) {
+                FLUSH8();
+                for (int j = 0; j < g; j++) chunk[j] = 0;
+            }
+            int64_t kend = MIN(8 * bl + 8, Tk);
+            for (int64_t ka = 8 * bl; ka < kend; ka += 2) {
+                int64_t kb = ka + 1 < Tk ? ka + 1 : ka;
+                __m256i va = _mm256_loadu_si256((const __m256i *)(Vb + ka * hs + 16 * c));
+                __m256i vb = _mm256_loadu_si256((const __m256i *)(Vb + kb * hs + 16 * c));
+                __m256i lo = _mm256_unpacklo_epi16(va, vb), hi = _mm256_unpackhi_epi16(va, vb);
+                for (int j = 0; j < g; j++) {
+                    int32_t w;
+                    __builtin_memcpy(&w, p16 + j * Lr + ka, 4);   /* p[ka] | p[ka + 1] << 16 */
+                    __m256i wj = _mm256_set1_epi32(w);
+                    acc[j][0] = _mm256_add_epi32(acc[j][0], _mm256_madd_epi16(lo, wj));
+                    acc[j][1] = _mm256_add_epi32(acc[j][1], _mm256_madd_epi16(hi, wj));
+                }
+            }
+            for (int j = 0; j < g; j++) chunk[j] += bsum[j * nb + bl];
+        }
+        FLUSH8();
+#undef FLUSH8
+        for (int j = 0; j < g; j++) {
+            double *dst = out + j * hs, dl = (double)l[j];
+            for (int h = 0; h < 2; h++)
+                for (int i = 0; i < 8; i++) {
+                    int64_t ch = 16 * c + 8 * (i / 4) + 4 * h + i % 4;
+                    dst[ch] = (double)o64[j][h][i] * vs[ch] / dl;
+                }
+        }
+    }
+}
+
+AVX2_TARGET static void attend_step_avx2(const double *restrict qi, const double *restrict f,
+                                         const int16_t *restrict K, const int16_t *restrict V,
+                                         int64_t B, int64_t nkv, int64_t g, int64_t L, int64_t hs,
+                                         const int64_t *restrict pos,
+                                         const int32_t *restrict table, int64_t ntab,
+                                         const double *restrict vscale, double *restrict out) {
+    int64_t Lr = (L + 7) / 8 * 8;
+    int32_t *s = malloc(sizeof(int32_t) * g * Lr), *bsum = malloc(sizeof(int32_t) * g * (Lr / 8));
+    int16_t *p16 = malloc(sizeof(int16_t) * g * Lr);
+    uint8_t *any = malloc(Lr / 8);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t kv = 0; kv < nkv; kv++) {
+            const int16_t *Kb = K + (b * nkv + kv) * L * hs, *Vb = V + (b * nkv + kv) * L * hs;
+            int64_t Tk = MIN(pos[b] + 1, L), r = (b * nkv + kv) * g;
+            const double *q = qi + r * hs, *fr = f + r, *vs = vscale + kv * hs;
+            double *o = out + r * hs;
+            if (g == 3 && hs == 64)
+                attend_group_avx2(q, fr, Kb, Vb, Tk, Lr, 3, 4, table, ntab, vs, o, s, p16, bsum, any);
+            else
+                attend_group_avx2(q, fr, Kb, Vb, Tk, Lr, (int)g, (int)(hs / 16), table, ntab, vs, o,
+                                  s, p16, bsum, any);
+        }
+    free(s); free(bsum); free(p16); free(any);
+}
+#endif
+
 #ifdef HAVE_VNNI
 /* ---- int8 GEMM for decoding's few rows (engine.Engine._matmul) ------------------------------------
  * C (M, N) int32 = A (M, K) int8 @ W (N, K)^T, exact, with W packed once (engine: pack_weight) as
@@ -1559,6 +1748,14 @@ static void attend_step_rows(const void *ctx, int64_t b0, int64_t b1) {
                 continue;
             }
 #endif
+#ifdef HAVE_AVX2_KERNELS
+            if (j->form == 3) {
+                attend_step_avx2(j->qi + b * nh * j->hs, j->f + b * nh, K, V, 1, j->nkv, j->g,
+                                 j->L, j->hs, j->pos + b, j->table, j->ntab, j->vscale,
+                                 j->out + b * nh * j->hs);
+                continue;
+            }
+#endif
             attend_step_portable(j->qi + b * nh * j->hs, j->f + b * nh, K, V, 1, j->nkv, j->g,
                                  j->L, j->hs, j->pos + b, j->table, j->ntab, j->vscale,
                                  j->out + b * nh * j->hs);
@@ -1568,6 +1765,14 @@ static void attend_step_rows(const void *ctx, int64_t b0, int64_t b1) {
 #ifdef HAVE_VNNI
     if (j->form == 2) {
         attend_step_vnni(j->qi + b0 * nh * j->hs, j->f + b0 * nh, j->K + b0 * kvrow,
+                         j->V + b0 * kvrow, b1 - b0, j->nkv, j->g, j->L, j->hs, j->pos + b0,
+                         j->table, j->ntab, j->vscale, j->out + b0 * nh * j->hs);
+        return;
+    }
+#endif
+#ifdef HAVE_AVX2_KERNELS
+    if (j->form == 3) {
+        attend_step_avx2(j->qi + b0 * nh * j->hs, j->f + b0 * nh, j->K + b0 * kvrow,
                          j->V + b0 * kvrow, b1 - b0, j->nkv, j->g, j->L, j->hs, j->pos + b0,
                          j->table, j->ntab, j->vscale, j->out + b0 * nh * j->hs);
         return;
@@ -1584,8 +1789,13 @@ int attend_step(const double *qi, const double *f, const int16_t *K, const int16
                 int64_t impl, int64_t nthreads, int64_t per) {
     int form = 1;
 #ifdef HAVE_VNNI
-    if (impl != 1 && have_vnni() && hs % 32 == 0 && hs <= 32 * NCMAX && g <= GMAX)
+    if ((impl == 0 || impl == 2) && have_vnni() && hs % 32 == 0 && hs <= 32 * NCMAX && g <= GMAX)
         form = 2;
+#endif
+#ifdef HAVE_AVX2_KERNELS
+    if (form == 1 && (impl == 0 || impl == 3) && have_avx2() && hs % 16 == 0 && hs <= 16 * NYMAX &&
+        g <= GMAX2)
+        form = 3;
 #endif
     struct step_job job = {form, MAX(1, per), qi, f, K, V, nkv, g, L, hs, pos, table, ntab,
                            vscale, out};
