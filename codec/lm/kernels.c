@@ -1381,12 +1381,14 @@ AVX2_TARGET static void gemm_range_avx2(const int16_t *restrict A16, int64_t M, 
  * vpmaddwd multiplies int16 anyway, so here the row is rebuilt, a = 128 hi + lo (|a| <= 128 * 128
  * + 128 = 16512: never -32768, vpmaddwd's one wrapping case), and multiplied once, with the int8
  * form's register blocking. A pair sum is at most 2 * 16512 * 255 = 8,421,120 and a lane sums
- * KC16 / 4 pairs per K chunk: |lane| <= 128 * 8,421,120 = 1,077,903,360 < 2^31 for KC16 = 512, so
- * after every chunk the lanes are added into int64 (the value needs up to ~2^34). The result is
+ * KC16 / 4 pairs per K chunk: |lane| <= 255 * 8,421,120 = 2,147,385,600 < 2^31 - 1 for KC16 =
+ * 1020, so after every chunk the lanes are added into int64 (the value needs up to ~2^34). The
+ * largest chunk the bound allows: the model's K = 576 is one chunk, 1536 two (a short chunk
+ * costs its k loop's setup and flush: with 512, K = 576 ran 10-25 % slower). The result is
  * the exact value v = a @ W^T, written as the stacked accumulators every consumer reads (combine,
  * swiglu_quant, head_freqs take 128 hi + lo): hi = floor(v / 128), lo = v - 128 hi in [0, 127].
  * The value is the one the two int8 passes give, so are all the engine's outputs. */
-#define KC16 512
+#define KC16 1020
 AVX2_TARGET static inline __attribute__((always_inline)) void
 gemm_block16_avx2(const int16_t *restrict A16, int64_t K, const uint8_t *restrict w,
                   int32_t *restrict C, int64_t M, int64_t N, const int64_t *restrict corr,
