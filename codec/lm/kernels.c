@@ -1308,17 +1308,18 @@ VNNI_TARGET static void gemm_range_vnni(const int8_t *restrict A, int64_t M, int
                      "add %[sb], %[a3]\n\t" Z ".p2align 4\n"                                       \
                      "1:\n\t"                                                                      \
                      "vpmovzxbw (%[w]), %%ymm12\n\t"                                               \
-                     "vpmovzxbw 16(%[w]), %%ymm13\n\t" R "add $64, %[w]\n\t"                       \
+                     "vpmovzxbw 16(%[w]), %%ymm13\n\t"                                           \
+                     "prefetcht0 (%[w],%[pf])\n\t" R "add $64, %[w]\n\t"                           \
                      "add $8, %[a]\n\t"                                                            \
                      "add $8, %[a3]\n\t"                                                           \
                      "dec %[nq]\n\t"                                                               \
                      "jnz 1b\n\t" S                                                                \
                      : [a] "+r"(a), [a3] "=&r"(a3), [w] "+r"(w), [nq] "+r"(nq)                     \
-                     : [sb] "r"(sb), [o] "r"(&out[0][0][0])                                        \
+                     : [sb] "r"(sb), [o] "r"(&out[0][0][0]), [pf] "r"(pf)                          \
                      : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",      \
                        "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory", "cc")
 AVX2_TARGET static void kloop(const int16_t *a, int64_t s, const uint8_t *w, int64_t nq,
-                              int32_t out[MR2][2][8], int mr) {
+                              int32_t out[MR2][2][8], int mr, int64_t pf) {
     if (nq <= 0) {
         memset(out, 0, sizeof(int32_t) * MR2 * 2 * 8);
         return;
@@ -1338,9 +1339,9 @@ AVX2_TARGET static void kloop(const int16_t *a, int64_t s, const uint8_t *w, int
 AVX2_TARGET static inline __attribute__((always_inline)) void
 gemm_block_avx2(const int16_t *restrict A16, int64_t K, const uint8_t *restrict w,
                 int32_t *restrict C, int64_t N, const int32_t *restrict corr, int64_t m0,
-                int64_t col0, const int mr) {
+                int64_t col0, const int mr, int64_t pf) {
     int32_t out[MR2][2][8];
-    kloop(A16 + m0 * K, K, w, K / 4, out, mr);
+    kloop(A16 + m0 * K, K, w, K / 4, out, mr, pf);
     for (int r = 0; r < mr; r++) {
         __m256i x = _mm256_loadu_si256((const __m256i *)out[r][0]);
         __m256i y = _mm256_loadu_si256((const __m256i *)out[r][1]);
@@ -1362,13 +1363,16 @@ AVX2_TARGET static void gemm_range_avx2(const int16_t *restrict A16, int64_t M, 
             for (int h = 0; h < 2; h++) {
                 const uint8_t *w = Wp + p * 16 * K + 32 * h;
                 int64_t m0 = mb, c0 = 16 * p + 8 * h;
-                for (; m0 + MR2 <= me; m0 += MR2) gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, MR2);
+                /* the first rows' pass over a panel asks for the next panel's lines: with
+                 * few rows (decoding) the weights come from memory, once per call */
+                const int64_t pfd = h == 0 ? 16 * K : 0;
+                for (; m0 + MR2 <= me; m0 += MR2) gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, MR2, m0 == 0 ? pfd : 0);
                 switch (me - m0) {   /* the row tail, each with its own unrolled block */
-                case 5: gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, 5); break;
-                case 4: gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, 4); break;
-                case 3: gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, 3); break;
-                case 2: gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, 2); break;
-                case 1: gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, 1); break;
+                case 5: gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, 5, m0 == 0 ? pfd : 0); break;
+                case 4: gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, 4, m0 == 0 ? pfd : 0); break;
+                case 3: gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, 3, m0 == 0 ? pfd : 0); break;
+                case 2: gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, 2, m0 == 0 ? pfd : 0); break;
+                case 1: gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, 1, m0 == 0 ? pfd : 0); break;
                 default: break;
                 }
             }
@@ -1392,13 +1396,13 @@ AVX2_TARGET static void gemm_range_avx2(const int16_t *restrict A16, int64_t M, 
 AVX2_TARGET static inline __attribute__((always_inline)) void
 gemm_block16_avx2(const int16_t *restrict A16, int64_t K, const uint8_t *restrict w,
                   int32_t *restrict C, int64_t M, int64_t N, const int64_t *restrict corr,
-                  int64_t m0, int64_t col0, const int mr) {
+                  int64_t m0, int64_t col0, const int mr, int64_t pf) {
     __m256i tot[MR2][4];   /* int64 sums: [2g + q] holds int32 lanes 4q..4q+3 of group g */
     for (int r = 0; r < mr; r++)
         for (int i = 0; i < 4; i++) tot[r][i] = _mm256_setzero_si256();
     for (int64_t k0 = 0; k0 < K; k0 += KC16) {
         int32_t out[MR2][2][8];
-        kloop(A16 + m0 * K + k0, K, w + 16 * k0, (MIN(K, k0 + KC16) - k0) / 4, out, mr);
+        kloop(A16 + m0 * K + k0, K, w + 16 * k0, (MIN(K, k0 + KC16) - k0) / 4, out, mr, pf);
         for (int r = 0; r < mr; r++)
             for (int g = 0; g < 2; g++) {
                 __m256i acc = _mm256_loadu_si256((const __m256i *)out[r][g]);
@@ -1433,14 +1437,17 @@ AVX2_TARGET static void gemm_range16_avx2(const int16_t *restrict A16, int64_t M
             for (int h = 0; h < 2; h++) {
                 const uint8_t *w = Wp + p * 16 * K + 32 * h;
                 int64_t m0 = mb, c0 = 16 * p + 8 * h;
+                /* the first rows' pass over a panel asks for the next panel's lines: with
+                 * few rows (decoding) the weights come from memory, once per call */
+                const int64_t pfd = h == 0 ? 16 * K : 0;
                 for (; m0 + MR2 <= me; m0 += MR2)
-                    gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, MR2);
+                    gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, MR2, m0 == 0 ? pfd : 0);
                 switch (me - m0) {
-                case 5: gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, 5); break;
-                case 4: gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, 4); break;
-                case 3: gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, 3); break;
-                case 2: gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, 2); break;
-                case 1: gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, 1); break;
+                case 5: gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, 5, m0 == 0 ? pfd : 0); break;
+                case 4: gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, 4, m0 == 0 ? pfd : 0); break;
+                case 3: gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, 3, m0 == 0 ? pfd : 0); break;
+                case 2: gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, 2, m0 == 0 ? pfd : 0); break;
+                case 1: gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, 1, m0 == 0 ? pfd : 0); break;
                 default: break;
                 }
             }
