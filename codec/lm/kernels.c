@@ -85,6 +85,10 @@ static int have_avx512(void) {
 #define MULTIVERSION
 #endif
 
+/* Decoding attention (attend_step's VNNI and AVX2 forms) asks for the cache PF_DIST keys ahead
+ * (VNNI: 32 and 64 measured alike, 128 slower) */
+#define PF_DIST 64
+
 /* Round half to even, as torch.round: for |x| < 2^51, x + 1.5*2^52 lies in [2^52, 2^53) where the
  * spacing of doubles is 1, so the addition itself rounds to the nearest integer (ties to even, the
  * default mode); subtracting the constant back is exact. Callers keep |x| < 2^51 (bounds at each
@@ -771,7 +775,6 @@ static void attend_step_portable(const double *restrict qi, const double *restri
  * Every integer equals the portable form's (integer sums are exact in any order), and the float
  * steps are the same IEEE operations in the same order: the outputs are the same bits
  * (tests/test_engine.py compares the two on random inputs at the bounds). */
-#define PF_DIST 64  /* keys; 32 and 64 measured alike, 128 slower */
 /* acc + pairwise products in place. gcc 12 compiles _mm512_dpwssd_epi32 in unrolled loops with a
  * register copy and a stack store per accumulator and instruction (per 1024
  * tokens: encoding attention 0.30 -> 0.23 s); the asm keeps the accumulator in its register.
@@ -1044,10 +1047,15 @@ attend_group_avx2(const double *restrict qi, const double *restrict f,
     int16_t qb[GMAX2 * 16 * NYMAX];
     for (int64_t i = 0; i < g * hs; i++) qb[i] = (int16_t)qi[i];
 
-    /* scores, 8 keys per block; keys past Tk score 0 and are masked below */
+    /* scores, 8 keys per block; keys past Tk score 0 and are masked below. The cache comes from
+     * memory (decoding reads all of it every step): keys are asked for PF_DIST ahead, as in the
+     * VNNI form, and the first PF_DIST keys' values before the weights */
     const int64_t nblk = (Tk + 7) / 8;
     for (int64_t k0 = 0; k0 < Tk; k0 += 8) {
         int64_t n = MIN(8, Tk - k0);
+        if (k0 + PF_DIST < Tk)
+            for (int64_t i = 0; i < 8 * hs; i += 32)
+                _mm_prefetch((const char *)(Kb + (k0 + PF_DIST) * hs + i), _MM_HINT_T0);
         for (int j = 0; j < g; j++) {
             __m256i a[8];
             for (int64_t i = 0; i < 8; i++) {
@@ -1063,6 +1071,9 @@ attend_group_avx2(const double *restrict qi, const double *restrict f,
             _mm256_storeu_si256((__m256i *)(s + j * Lr + k0), hsum8x8(a));
         }
     }
+
+    for (int64_t i = 0; i < MIN(PF_DIST, Tk) * hs; i += 32)
+        _mm_prefetch((const char *)(Vb + i), _MM_HINT_T0);
 
     /* weights */
     for (int64_t bl = 0; bl < nblk; bl++) any[bl] = 0;
@@ -1122,6 +1133,9 @@ attend_group_avx2(const double *restrict qi, const double *restrict f,
             acc[j][h] = _mm256_setzero_si256();                                                    \
         }
         for (int64_t bl = 0; bl < nblk; bl++) {
+            if (c == 0 && 8 * bl + 8 + PF_DIST <= Tk)   /* the first pass reads the rows' lines */
+                for (int64_t i = 0; i < 8 * hs; i += 32)
+                    _mm_prefetch((const char *)(Vb + (8 * bl + PF_DIST) * hs + i), _MM_HINT_T0);
             if (!any[bl]) continue;
             int full = 0;
             for (int j = 0; j < g; j++) full |= chunk[j] > PV_CHUNK_P - bsum[j * nb + bl];
