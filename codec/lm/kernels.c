@@ -1283,7 +1283,8 @@ VNNI_TARGET static void gemm_range_vnni(const int8_t *restrict A, int64_t M, int
 #define ROWS_AVX2 48  /* rows of A16 per pass over the panels: 48 x K int16 stay in L2 */
 
 /* A block's k loop, mr <= MR2 rows x 8 columns over nq k-quads: a rows at stride s int16 (already
- * at the first k), w the half panel (at the first k-quad); out[r][g] the 8 int32 lanes of group g.
+ * at the first k), w the half panel (at the first k-quad); out[r][g] the 8 int32 lanes of group g;
+ * each k-quad also prefetches the line pf bytes past its weights (the next panel's; 0: a no-op).
  * In assembly because gcc 12 hoists all of an iteration's broadcasts and products ahead of their
  * adds and then keeps accumulators on the stack (measured: 8 of 12 spilled and reloaded every
  * k-quad, also for the 5-row tail); here ymm0-11 hold the accumulators for the whole loop (row r in
@@ -1401,8 +1402,8 @@ AVX2_TARGET static void gemm_range_avx2(const int16_t *restrict A16, int64_t M, 
  * form's register blocking. A pair sum is at most 2 * 16512 * 255 = 8,421,120 and a lane sums
  * KC16 / 4 pairs per K chunk: |lane| <= 255 * 8,421,120 = 2,147,385,600 < 2^31 - 1 for KC16 =
  * 1020, so after every chunk the lanes are added into int64 (the value needs up to ~2^34). The
- * largest chunk the bound allows: the model's K = 576 is one chunk, 1536 two (a short chunk
- * costs its k loop's setup and flush: with 512, K = 576 ran 10-25 % slower). The result is
+ * largest chunk the bound allows: the model's K = 576 is one chunk, 1536 two (each chunk costs
+ * its k loop's setup and flush). The result is
  * the exact value v = a @ W^T, written as the stacked accumulators every consumer reads (combine,
  * swiglu_quant, head_freqs take 128 hi + lo): hi = floor(v / 128), lo = v - 128 hi in [0, 127].
  * The value is the one the two int8 passes give, so are all the engine's outputs. */
