@@ -51,12 +51,25 @@ def _extremes(M: int, K: int, N: int, seed: int) -> tuple[torch.Tensor, torch.Te
 @pytest.mark.parametrize("form", backend.FORMS)
 @pytest.mark.parametrize(
     "M, K, N",
-    [(1, 4, 16), (2, 576, 1536), (7, 1536, 576), (65, 64, 80), (300, 576, 96), (3, 2048, 32), (2, 65532, 16)],
+    [
+        (1, 4, 16),
+        (2, 576, 1536),
+        (7, 1536, 576),
+        (65, 64, 80),
+        (300, 576, 96),
+        (3, 2048, 32),
+        (2, 65532, 16),
+        (6, 576, 16),
+        (17, 1028, 48),
+        (4, 1020, 112),
+    ],
 )
 def test_backend_equals_int64_reference(form, M, K, N):
-    """Every form against the int64 product: row/column tails, the int8 extremes, K past one float32
-    chunk (2048: two chunks of partial sums exactly 2^24 for the -128 row) and the largest K the
-    packed kernels take (65,532: 255 * 128 * K < 2^31), on 1 and 3 threads."""
+    """Every form against the int64 product: row/column tails (avx2's blocks are 6 rows x 8
+    columns: rows 1-5 past the last full block, panels of 16 columns in odd counts), the int8
+    extremes, K past one float32 chunk (2048: two chunks of partial sums exactly 2^24 for the -128
+    row) and the largest K the packed kernels take (65,532: 255 * 128 * K < 2^31), on 1 and 3
+    threads."""
     _runnable(form)
     a, w = _extremes(M, K, N, M * 7 + K + N)
     ref = a.to(torch.int64) @ w.to(torch.int64).t()
@@ -69,12 +82,25 @@ def test_backend_equals_int64_reference(form, M, K, N):
 @needs_kernels
 @pytest.mark.parametrize("variant", ["full", "noavx512"])
 @pytest.mark.parametrize(
-    "M, K, N", [(1, 4, 16), (5, 576, 1536), (7, 1536, 576), (50, 260, 48), (2, 65532, 16)]
+    "M, K, N",
+    [
+        (1, 4, 16),
+        (5, 576, 1536),
+        (7, 1536, 576),
+        (50, 260, 48),
+        (2, 65532, 16),
+        (3, 1020, 80),
+        (17, 1028, 48),
+        (6, 2044, 16),
+    ],
 )
 def test_int16_pass_equals_two_int8_passes(variant, M, K, N):
     """avx2's one pass over an int16 input's rebuilt rows (gemm_packed16) gives accumulator halves
     whose value 128 hi + lo is the int64 product, lo in [0, 127], at the extremes: hi = lo = -128
-    (a = -16512) against -128 weights, over K chunks and up to the largest K, on 1 and 3 threads."""
+    (a = -16512) against -128 weights (packed 0) and against 127 (packed 255: int32 lanes at their
+    bound, 255 pairs of 2 * 16512 * 255 per K chunk of 1020), over one full chunk, a chunk and a
+    short tail (1028), two full chunks (2044) and up to the largest K, row tails 1-5 past the
+    6-row blocks, on 1 and 3 threads."""
     if "avx2" not in backend.cpu_flags():
         pytest.skip("no AVX2 on this CPU")
     g = torch.Generator().manual_seed(M + K + N)

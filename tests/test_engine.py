@@ -443,6 +443,40 @@ def test_attend_step_vnni_equals_portable(shape):
 
 
 @needs_kernels
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (8, 3, 3, 700, 64),
+        (8, 2, 2, 33, 32),
+        (8, 1, 4, 129, 128),
+        (8, 2, 3, 16, 96),
+        (8, 1, 1, 9, 16),
+        (8, 3, 3, 4096, 64),
+    ],
+)
+@pytest.mark.parametrize("variant", ["full", "noavx512"])
+def test_attend_step_avx2_equals_portable(shape, variant):
+    """The AVX2 decoding kernel (impl 3; what auto runs on a CPU without VNNI, and in the build
+    without AVX-512 code) gives the portable one's bits: the model's shape g=3, hs=64 as the
+    specialised instance, the others (hs 16-128, 1-4 heads per group, positions around its 8-key
+    blocks, rows at the weight and value bounds) the generic one, up to the longest cache."""
+    if "avx2" not in open("/proc/cpuinfo").read().split():
+        pytest.skip("no AVX2 on this CPU")
+    B, nkv, grp, L, hs = shape
+    args = _attend_step_inputs(sum(shape) + 1, B, nkv, grp, L, hs)
+    lib = kernels.lib(variant)
+    ref, ran = _attend_step(lib, 1, *args)
+    assert ran == 1
+    out, ran = _attend_step(lib, 3, *args)
+    assert ran == 3
+    assert torch.equal(out, ref)
+    if variant == "noavx512":  # auto without VNNI: the AVX2 form
+        auto, ran = _attend_step(lib, 0, *args)
+        assert ran == 3 and torch.equal(auto, ref)
+    assert torch.equal(_attend_step(lib, 3, *args, threads=3)[0], ref)
+
+
+@needs_kernels
 def test_kernels_without_clones_or_vnni_agree():
     """kernels.c built for the baseline ISA only, without target clones or the VNNI kernels, gives
     the same bits as the library in use (decoding attention and the whole engine)."""

@@ -35,7 +35,8 @@ per tile of query rows on the int16 integers: its VNNI tile where the backend lo
 on a VNNI CPU, else its AVX2 tile (vpmaddwd + vpaddd, the same int32 sums), every backend alike, on
 the engine's threads. Only a CPU without AVX2 falls back to kernels.c attend_step once per query on
 the segment's int16 keys, or for intmm to the int8 digit GEMMs of the operands by torch._int_mm.
-When decoding, kernels.c attend_step: VNNI or its portable loops (compiled with an AVX2 clone).
+When decoding, kernels.c attend_step: its VNNI form, else its AVX2 form (the heads of a KV group
+share the passes over keys and values), else its portable loops.
 """
 
 from __future__ import annotations

@@ -85,6 +85,10 @@ static int have_avx512(void) {
 #define MULTIVERSION
 #endif
 
+/* Decoding attention (attend_step's VNNI and AVX2 forms) asks for the cache PF_DIST keys ahead
+ * (VNNI: 32 and 64 measured alike, 128 slower) */
+#define PF_DIST 64
+
 /* Round half to even, as torch.round: for |x| < 2^51, x + 1.5*2^52 lies in [2^52, 2^53) where the
  * spacing of doubles is 1, so the addition itself rounds to the nearest integer (ties to even, the
  * default mode); subtracting the constant back is exact. Callers keep |x| < 2^51 (bounds at each
@@ -771,7 +775,6 @@ static void attend_step_portable(const double *restrict qi, const double *restri
  * Every integer equals the portable form's (integer sums are exact in any order), and the float
  * steps are the same IEEE operations in the same order: the outputs are the same bits
  * (tests/test_engine.py compares the two on random inputs at the bounds). */
-#define PF_DIST 64  /* keys; 32 and 64 measured alike, 128 slower */
 /* acc + pairwise products in place. gcc 12 compiles _mm512_dpwssd_epi32 in unrolled loops with a
  * register copy and a stack store per accumulator and instruction (per 1024
  * tokens: encoding attention 0.30 -> 0.23 s); the asm keeps the accumulator in its register.
@@ -995,6 +998,206 @@ VNNI_TARGET static void attend_step_vnni(const double *restrict qi, const double
 }
 #endif
 
+#ifdef HAVE_AVX2_KERNELS
+/* The AVX2 form of attend_step (CPUs without AVX-512 VNNI), as attend_group_vnni with 8 int32
+ * lanes: the g query heads of a KV group share one pass over the keys' scores and one over the
+ * values per 16 channels, and 8-key blocks that no head weighs are not read.
+ *   scores: per key, hs/16 vpmaddwd + vpaddd per head (|q| <= 127, |k| <= 2^14: pair sums and
+ *     |s| <= 2^27 in int32), then 8 keys' vectors summed across lanes in a tree (hsum8x8);
+ *   weights: the portable form's operations 8 keys at a time ((double)(m - s) * f, min(., last),
+ *     round_even, an index into the int32 table, gathered for the visible keys whose index is not
+ *     `last` and table[last] for the others: the portable form's p[k] in every case), into int16
+ *     (p <= 2^13) with keys past Tk 0, and per 8 keys their sum (<= 8 * 2^13 = 65536);
+ *   P.V: keys in pairs (unpacklo/hi_epi16 interleaves two value rows), the pair's weights as one
+ *     int32 broadcast per head, one vpmaddwd + vpaddd per 8 channels; before an 8-key block that
+ *     could take some head's chunk weight sum past PV_CHUNK_P the int32 lanes are added into
+ *     int64, so |lane| <= 2^14 * 131071 < 2^31 (the portable form's bound; a block's sum alone is
+ *     below PV_CHUNK_P). unpack works within 128-bit lanes: lane 4L + i of the lo (hi) accumulator
+ *     of channels 16c.. is channel 16c + 8L + i (+ 4).
+ * Integer sums are exact in any order and the float steps are the portable form's IEEE operations
+ * in its order: the same bits (tests/test_engine.py compares them). */
+#define GMAX2 4
+#define NYMAX 8   /* hs <= 128: 8 ymm of 16 int16 */
+
+AVX2_TARGET static inline __m256i hsum8x8(const __m256i *v) {
+    __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    /* u0: [v0..v3 lanes 0-3 | v0..v3 lanes 4-7], u1 the same for v4..v7 */
+    return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20),
+                            _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+AVX2_TARGET static inline int32_t hsum_epi32(__m256i v) {
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    t = _mm_hadd_epi32(t, t);
+    t = _mm_hadd_epi32(t, t);
+    return _mm_cvtsi128_si32(t);
+}
+
+/* One (row, KV head) group: g heads, hs = 16 ny channels; qi, f, out at the group's first head.
+ * Scratch s: g * Lr int32, p16: g * Lr int16, bsum: g * Lr / 8 int32, any: Lr / 8 (Lr = L rounded
+ * up to 8). Inlined with constant g, ny for the model's shape. */
+AVX2_TARGET static inline __attribute__((always_inline)) void
+attend_group_avx2(const double *restrict qi, const double *restrict f,
+                  const int16_t *restrict Kb, const int16_t *restrict Vb, int64_t Tk, int64_t Lr,
+                  const int g, const int ny, const int32_t *restrict table, int64_t ntab,
+                  const double *restrict vs, double *restrict out, int32_t *restrict s,
+                  int16_t *restrict p16, int32_t *restrict bsum, uint8_t *restrict any) {
+    const int64_t hs = 16 * ny, nb = Lr / 8;
+    int16_t qb[GMAX2 * 16 * NYMAX];
+    for (int64_t i = 0; i < g * hs; i++) qb[i] = (int16_t)qi[i];
+
+    /* scores, 8 keys per block; keys past Tk score 0 and are masked below. The cache comes from
+     * memory (decoding reads all of it every step): keys are asked for PF_DIST ahead, as in the
+     * VNNI form, and the first PF_DIST keys' values before the weights */
+    const int64_t nblk = (Tk + 7) / 8;
+    for (int64_t k0 = 0; k0 < Tk; k0 += 8) {
+        int64_t n = MIN(8, Tk - k0);
+        if (k0 + PF_DIST < Tk)
+            for (int64_t i = 0; i < 8 * hs; i += 32)
+                _mm_prefetch((const char *)(Kb + (k0 + PF_DIST) * hs + i), _MM_HINT_T0);
+        for (int j = 0; j < g; j++) {
+            __m256i a[8];
+            for (int64_t i = 0; i < 8; i++) {
+                __m256i acc = _mm256_setzero_si256();
+                if (i < n)
+                    for (int c = 0; c < ny; c++)
+                        acc = _mm256_add_epi32(
+                            acc, _mm256_madd_epi16(
+                                     _mm256_loadu_si256((const __m256i *)(qb + j * hs + 16 * c)),
+                                     _mm256_loadu_si256((const __m256i *)(Kb + (k0 + i) * hs + 16 * c))));
+                a[i] = acc;
+            }
+            _mm256_storeu_si256((__m256i *)(s + j * Lr + k0), hsum8x8(a));
+        }
+    }
+
+    for (int64_t i = 0; i < MIN(PF_DIST, Tk) * hs; i += 32)
+        _mm_prefetch((const char *)(Vb + i), _MM_HINT_T0);
+
+    /* weights */
+    for (int64_t bl = 0; bl < nblk; bl++) any[bl] = 0;
+    int64_t l[GMAX2];
+    const double last = (double)(ntab - 1);
+    const __m256d lastv = _mm256_set1_pd(last), magic = _mm256_set1_pd(6755399441055744.0);
+    const __m256i lasti = _mm256_set1_epi32((int32_t)last), tlast = _mm256_set1_epi32(table[ntab - 1]);
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int j = 0; j < g; j++) {
+        const int32_t *sj = s + j * Lr;
+        int32_t m = INT32_MIN;
+        for (int64_t k = 0; k < Tk; k++) m = MAX(m, sj[k]);
+        const __m256i mv = _mm256_set1_epi32(m);
+        const __m256d fr = _mm256_set1_pd(f[j]);
+        __m256i lsum = _mm256_setzero_si256();
+        for (int64_t bl = 0; bl < nblk; bl++) {
+            const int64_t k0 = 8 * bl;
+            __m256i vis = _mm256_cmpgt_epi32(_mm256_set1_epi32((int32_t)MIN(8, Tk - k0)), iota);
+            __m256i d = _mm256_sub_epi32(mv, _mm256_loadu_si256((const __m256i *)(sj + k0)));
+            __m256d v0 = _mm256_cvtepi32_pd(_mm256_castsi256_si128(d));
+            __m256d v1 = _mm256_cvtepi32_pd(_mm256_extracti128_si256(d, 1));
+            v0 = _mm256_min_pd(_mm256_mul_pd(v0, fr), lastv);   /* MIN(v, last): v is no NaN */
+            v1 = _mm256_min_pd(_mm256_mul_pd(v1, fr), lastv);
+            v0 = _mm256_sub_pd(_mm256_add_pd(v0, magic), magic); /* round_even */
+            v1 = _mm256_sub_pd(_mm256_add_pd(v1, magic), magic);
+            __m256i ix = _mm256_set_m128i(_mm256_cvtpd_epi32(v1), _mm256_cvtpd_epi32(v0)); /* exact */
+            __m256i nz = _mm256_andnot_si256(_mm256_cmpeq_epi32(ix, lasti), vis);
+            __m256i pv = _mm256_and_si256(vis, tlast);
+            if (!_mm256_testz_si256(nz, nz))
+                pv = _mm256_mask_i32gather_epi32(pv, (const int *)table, ix, nz, 4);
+            __m256i p2 = _mm256_permute4x64_epi64(_mm256_packs_epi32(pv, pv), 0x08); /* <= 2^13 */
+            _mm_storeu_si128((__m128i *)(p16 + j * Lr + k0), _mm256_castsi256_si128(p2));
+            lsum = _mm256_add_epi32(lsum, pv);   /* <= 2^13 * Tk / 8 per lane */
+            bsum[j * nb + bl] = hsum_epi32(pv);
+            any[bl] |= !_mm256_testz_si256(pv, pv);
+        }
+        l[j] = hsum_epi32(lsum);
+    }
+
+    /* P.V, 16 channels per pass over the weighed blocks. In the last block a pair's second row
+     * past Tk (weight 0) is read as the first, so no row past the cache is touched. */
+    for (int c = 0; c < ny; c++) {
+        __m256i acc[GMAX2][2];
+        int64_t o64[GMAX2][2][8];
+        int32_t chunk[GMAX2];
+        for (int j = 0; j < g; j++) {
+            chunk[j] = 0;
+            acc[j][0] = acc[j][1] = _mm256_setzero_si256();
+            for (int i = 0; i < 8; i++) o64[j][0][i] = o64[j][1][i] = 0;
+        }
+#define FLUSH8()                                                                                   \
+    for (int j = 0; j < g; j++)                                                                    \
+        for (int h = 0; h < 2; h++) {                                                              \
+            int32_t t[8];                                                                          \
+            _mm256_storeu_si256((__m256i *)t, acc[j][h]);                                          \
+            for (int i = 0; i < 8; i++) o64[j][h][i] += t[i];                                      \
+            acc[j][h] = _mm256_setzero_si256();                                                    \
+        }
+        for (int64_t bl = 0; bl < nblk; bl++) {
+            if (c == 0 && 8 * bl + 8 + PF_DIST <= Tk)   /* the first pass reads the rows' lines */
+                for (int64_t i = 0; i < 8 * hs; i += 32)
+                    _mm_prefetch((const char *)(Vb + (8 * bl + PF_DIST) * hs + i), _MM_HINT_T0);
+            if (!any[bl]) continue;
+            int full = 0;
+            for (int j = 0; j < g; j++) full |= chunk[j] > PV_CHUNK_P - bsum[j * nb + bl];
+            if (full) {
+                FLUSH8();
+                for (int j = 0; j < g; j++) chunk[j] = 0;
+            }
+            int64_t kend = MIN(8 * bl + 8, Tk);
+            for (int64_t ka = 8 * bl; ka < kend; ka += 2) {
+                int64_t kb = ka + 1 < Tk ? ka + 1 : ka;
+                __m256i va = _mm256_loadu_si256((const __m256i *)(Vb + ka * hs + 16 * c));
+                __m256i vb = _mm256_loadu_si256((const __m256i *)(Vb + kb * hs + 16 * c));
+                __m256i lo = _mm256_unpacklo_epi16(va, vb), hi = _mm256_unpackhi_epi16(va, vb);
+                for (int j = 0; j < g; j++) {
+                    int32_t w;
+                    __builtin_memcpy(&w, p16 + j * Lr + ka, 4);   /* p[ka] | p[ka + 1] << 16 */
+                    __m256i wj = _mm256_set1_epi32(w);
+                    acc[j][0] = _mm256_add_epi32(acc[j][0], _mm256_madd_epi16(lo, wj));
+                    acc[j][1] = _mm256_add_epi32(acc[j][1], _mm256_madd_epi16(hi, wj));
+                }
+            }
+            for (int j = 0; j < g; j++) chunk[j] += bsum[j * nb + bl];
+        }
+        FLUSH8();
+#undef FLUSH8
+        for (int j = 0; j < g; j++) {
+            double *dst = out + j * hs, dl = (double)l[j];
+            for (int h = 0; h < 2; h++)
+                for (int i = 0; i < 8; i++) {
+                    int64_t ch = 16 * c + 8 * (i / 4) + 4 * h + i % 4;
+                    dst[ch] = (double)o64[j][h][i] * vs[ch] / dl;
+                }
+        }
+    }
+}
+
+AVX2_TARGET static void attend_step_avx2(const double *restrict qi, const double *restrict f,
+                                         const int16_t *restrict K, const int16_t *restrict V,
+                                         int64_t B, int64_t nkv, int64_t g, int64_t L, int64_t hs,
+                                         const int64_t *restrict pos,
+                                         const int32_t *restrict table, int64_t ntab,
+                                         const double *restrict vscale, double *restrict out) {
+    int64_t Lr = (L + 7) / 8 * 8;
+    int32_t *s = malloc(sizeof(int32_t) * g * Lr), *bsum = malloc(sizeof(int32_t) * g * (Lr / 8));
+    int16_t *p16 = malloc(sizeof(int16_t) * g * Lr);
+    uint8_t *any = malloc(Lr / 8);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t kv = 0; kv < nkv; kv++) {
+            const int16_t *Kb = K + (b * nkv + kv) * L * hs, *Vb = V + (b * nkv + kv) * L * hs;
+            int64_t Tk = MIN(pos[b] + 1, L), r = (b * nkv + kv) * g;
+            const double *q = qi + r * hs, *fr = f + r, *vs = vscale + kv * hs;
+            double *o = out + r * hs;
+            if (g == 3 && hs == 64)
+                attend_group_avx2(q, fr, Kb, Vb, Tk, Lr, 3, 4, table, ntab, vs, o, s, p16, bsum, any);
+            else
+                attend_group_avx2(q, fr, Kb, Vb, Tk, Lr, (int)g, (int)(hs / 16), table, ntab, vs, o,
+                                  s, p16, bsum, any);
+        }
+    free(s); free(bsum); free(p16); free(any);
+}
+#endif
+
 #ifdef HAVE_VNNI
 /* ---- int8 GEMM for decoding's few rows (engine.Engine._matmul) ------------------------------------
  * C (M, N) int32 = A (M, K) int8 @ W (N, K)^T, exact, with W packed once (engine: pack_weight) as
@@ -1064,55 +1267,130 @@ VNNI_TARGET static void gemm_range_vnni(const int8_t *restrict A, int64_t M, int
  * (vpmaddubsw, the byte form, saturates its pair sums at int16 and would not be exact.)
  * 16 bytes of a panel's k-quad row are 4 columns x 4 consecutive k; widened to 16 int16 lanes and
  * multiplied with the row's 4 A values broadcast (one 64-bit load), lane 2c holds column c's
- * products of k, k+1 and lane 2c+1 those of k+2, k+3. Each lane sums over K: |lane| <=
- * 255 * 128 * K / 2, and the final pairwise add (hadd) gives acc, |acc| <= 255 * 128 * K < 2^31
- * (K < 65,793), exact in wrapping int32 like the VNNI form; then C = acc - 128 * rowsum(A). */
-#define MR2 3   /* rows per block: 3 x 4 accumulators + 3 broadcasts + 1 weight = 16 ymm */
-AVX2_TARGET static inline __attribute__((always_inline)) void
-gemm_block_avx2(const int16_t *restrict A16, int64_t K, const uint8_t *restrict w,
-                int32_t *restrict C, int64_t N, const int32_t *restrict corr, int64_t m0,
-                int64_t col0, const int mr) {
-    __m256i acc[MR2][4];
-    for (int r = 0; r < mr; r++)
-        for (int g = 0; g < 4; g++) acc[r][g] = _mm256_setzero_si256();
-    const int16_t *a = A16 + m0 * K;
-    for (int64_t k = 0; k < K; k += 4) {
-        __m256i av[MR2];
-        for (int r = 0; r < mr; r++) {
-            int64_t x;
-            __builtin_memcpy(&x, a + r * K + k, 8);
-            av[r] = _mm256_set1_epi64x(x);
-        }
-        for (int g = 0; g < 4; g++) {
-            __m256i wv = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w + 16 * k + 4 * 4 * g)));
-            for (int r = 0; r < mr; r++)
-                acc[r][g] = _mm256_add_epi32(acc[r][g], _mm256_madd_epi16(wv, av[r]));
-        }
+ * products of k, k+1 and lane 2c+1 those of k+2, k+3. Each lane sums K / 4 pairs: |lane| <=
+ * 2 * 255 * 128 * K / 4, and the final pairwise add (hadd) gives acc, |acc| <= 255 * 128 * K <
+ * 2^31 (K < 65,793), exact in wrapping int32 like the VNNI form; then C = acc - 128 * rowsum(A).
+ *
+ * Register blocking: a block is MR2 rows x 8 columns (half a panel: two 4-column groups), 12 int32
+ * accumulators in ymm registers; per k-quad the two widened weight vectors are each used for MR2
+ * rows and each row's broadcast for both groups, so the only port-5 shuffles are the two
+ * widenings per 2 * MR2 vpmaddwd (vpbroadcastq from memory is a load). 12 accumulators + 2
+ * weights + 1 broadcast + 1 product = the 16 ymm registers: a block of 3 rows x 16 columns (the
+ * form before) needed 19 and the compiler kept 8 accumulators on the stack, loaded and stored on
+ * every k-quad. The half panel's 32 bytes of each k-quad row are read in order (the other half on
+ * the next pass, from L1: a panel is 16 x K bytes). */
+#define MR2 6      /* rows per block */
+#define ROWS_AVX2 48  /* rows of A16 per pass over the panels: 48 x K int16 stay in L2 */
+
+/* A block's k loop, mr <= MR2 rows x 8 columns over nq k-quads: a rows at stride s int16 (already
+ * at the first k), w the half panel (at the first k-quad); out[r][g] the 8 int32 lanes of group g;
+ * each k-quad also prefetches the line pf bytes past its weights (the next panel's; 0: a no-op).
+ * In assembly because gcc 12 hoists all of an iteration's broadcasts and products ahead of their
+ * adds and then keeps accumulators on the stack (measured: 8 of 12 spilled and reloaded every
+ * k-quad, also for the 5-row tail); here ymm0-11 hold the accumulators for the whole loop (row r in
+ * ymm 2r, 2r+1), ymm12-13 the widened weights, ymm14 the broadcast row quad, ymm15 the product (the
+ * reused temporaries are renamed by the CPU, so they serialise nothing). One asm statement per row
+ * count, from the same pieces. */
+#define K_ZERO(x, y) "vpxor %%xmm" #x ", %%xmm" #x ", %%xmm" #x "\n\tvpxor %%xmm" #y ", %%xmm" #y ", %%xmm" #y "\n\t"
+#define K_ROW(mem, x, y)                                                                           \
+    "vpbroadcastq " mem ", %%ymm14\n\t"                                                            \
+    "vpmaddwd %%ymm14, %%ymm12, %%ymm15\n\t"                                                       \
+    "vpaddd %%ymm15, %%ymm" #x ", %%ymm" #x "\n\t"                                                 \
+    "vpmaddwd %%ymm14, %%ymm13, %%ymm15\n\t"                                                       \
+    "vpaddd %%ymm15, %%ymm" #y ", %%ymm" #y "\n\t"
+#define K_STORE(x, y, off) "vmovdqu %%ymm" #x ", " #off "(%[o])\n\tvmovdqu %%ymm" #y ", " #off "+32(%[o])\n\t"
+/* rows 0-2 at a, a + s, a + 2s; rows 3-5 at a3 = a + 3s, a3 + s, a3 + 2s */
+#define K_Z1 K_ZERO(0, 1)
+#define K_Z2 K_Z1 K_ZERO(2, 3)
+#define K_Z3 K_Z2 K_ZERO(4, 5)
+#define K_Z4 K_Z3 K_ZERO(6, 7)
+#define K_Z5 K_Z4 K_ZERO(8, 9)
+#define K_Z6 K_Z5 K_ZERO(10, 11)
+#define K_R1 K_ROW("(%[a])", 0, 1)
+#define K_R2 K_R1 K_ROW("(%[a],%[sb])", 2, 3)
+#define K_R3 K_R2 K_ROW("(%[a],%[sb],2)", 4, 5)
+#define K_R4 K_R3 K_ROW("(%[a3])", 6, 7)
+#define K_R5 K_R4 K_ROW("(%[a3],%[sb])", 8, 9)
+#define K_R6 K_R5 K_ROW("(%[a3],%[sb],2)", 10, 11)
+#define K_S1 K_STORE(0, 1, 0)
+#define K_S2 K_S1 K_STORE(2, 3, 64)
+#define K_S3 K_S2 K_STORE(4, 5, 128)
+#define K_S4 K_S3 K_STORE(6, 7, 192)
+#define K_S5 K_S4 K_STORE(8, 9, 256)
+#define K_S6 K_S5 K_STORE(10, 11, 320)
+#define K_LOOP(Z, R, S)                                                                            \
+    __asm__ volatile("lea (%[a],%[sb],2), %[a3]\n\t"                                               \
+                     "add %[sb], %[a3]\n\t" Z ".p2align 4\n"                                       \
+                     "1:\n\t"                                                                      \
+                     "vpmovzxbw (%[w]), %%ymm12\n\t"                                               \
+                     "vpmovzxbw 16(%[w]), %%ymm13\n\t"                                           \
+                     "prefetcht0 (%[w],%[pf])\n\t" R "add $64, %[w]\n\t"                           \
+                     "add $8, %[a]\n\t"                                                            \
+                     "add $8, %[a3]\n\t"                                                           \
+                     "dec %[nq]\n\t"                                                               \
+                     "jnz 1b\n\t" S                                                                \
+                     : [a] "+r"(a), [a3] "=&r"(a3), [w] "+r"(w), [nq] "+r"(nq)                     \
+                     : [sb] "r"(sb), [o] "r"(&out[0][0][0]), [pf] "r"(pf)                          \
+                     : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",      \
+                       "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory", "cc")
+AVX2_TARGET static void kloop(const int16_t *a, int64_t s, const uint8_t *w, int64_t nq,
+                              int32_t out[MR2][2][8], int mr, int64_t pf) {
+    if (nq <= 0) {
+        memset(out, 0, sizeof(int32_t) * MR2 * 2 * 8);
+        return;
     }
-    for (int r = 0; r < mr; r++) {
-        __m256i c = _mm256_set1_epi32(corr[m0 + r]);
-        /* hadd: [c0 c1 c4 c5 | c2 c3 c6 c7]; qwords (0, 2, 1, 3): columns in order */
-        __m256i lo = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][0], acc[r][1]), 0xD8);
-        __m256i hi = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][2], acc[r][3]), 0xD8);
-        _mm256_storeu_si256((__m256i *)(C + (m0 + r) * N + col0), _mm256_sub_epi32(lo, c));
-        _mm256_storeu_si256((__m256i *)(C + (m0 + r) * N + col0 + 8), _mm256_sub_epi32(hi, c));
+    const int16_t *a3;
+    int64_t sb = 2 * s; /* row stride in bytes */
+    switch (mr) {
+    case 6: K_LOOP(K_Z6, K_R6, K_S6); break;
+    case 5: K_LOOP(K_Z5, K_R5, K_S5); break;
+    case 4: K_LOOP(K_Z4, K_R4, K_S4); break;
+    case 3: K_LOOP(K_Z3, K_R3, K_S3); break;
+    case 2: K_LOOP(K_Z2, K_R2, K_S2); break;
+    default: K_LOOP(K_Z1, K_R1, K_S1); break;
     }
 }
 
-/* rows in blocks that stay in L1/L2 (48 rows x K int16), each against panels [p_begin, p_end) */
-#define ROWS_AVX2 48
+AVX2_TARGET static inline __attribute__((always_inline)) void
+gemm_block_avx2(const int16_t *restrict A16, int64_t K, const uint8_t *restrict w,
+                int32_t *restrict C, int64_t N, const int32_t *restrict corr, int64_t m0,
+                int64_t col0, const int mr, int64_t pf) {
+    int32_t out[MR2][2][8];
+    kloop(A16 + m0 * K, K, w, K / 4, out, mr, pf);
+    for (int r = 0; r < mr; r++) {
+        __m256i x = _mm256_loadu_si256((const __m256i *)out[r][0]);
+        __m256i y = _mm256_loadu_si256((const __m256i *)out[r][1]);
+        /* hadd: [c0 c1 c4 c5 | c2 c3 c6 c7]; qwords (0, 2, 1, 3): columns in order */
+        __m256i v = _mm256_permute4x64_epi64(_mm256_hadd_epi32(x, y), 0xD8);
+        _mm256_storeu_si256((__m256i *)(C + (m0 + r) * N + col0),
+                            _mm256_sub_epi32(v, _mm256_set1_epi32(corr[m0 + r])));
+    }
+}
+
+/* rows in blocks of ROWS_AVX2, each against panels [p_begin, p_end), each panel in two halves */
 AVX2_TARGET static void gemm_range_avx2(const int16_t *restrict A16, int64_t M, int64_t K,
                                         const uint8_t *restrict Wp, int64_t N,
                                         int32_t *restrict C, const int32_t *restrict corr,
                                         int64_t p_begin, int64_t p_end) {
     for (int64_t mb = 0; mb < M; mb += ROWS_AVX2) {
         int64_t me = MIN(M, mb + ROWS_AVX2);
-        for (int64_t p = p_begin; p < p_end; p++) {
-            const uint8_t *w = Wp + p * 16 * K;
-            int64_t m0 = mb;
-            for (; m0 + MR2 <= me; m0 += MR2) gemm_block_avx2(A16, K, w, C, N, corr, m0, 16 * p, MR2);
-            for (; m0 < me; m0++) gemm_block_avx2(A16, K, w, C, N, corr, m0, 16 * p, 1);
-        }
+        for (int64_t p = p_begin; p < p_end; p++)
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *w = Wp + p * 16 * K + 32 * h;
+                int64_t m0 = mb, c0 = 16 * p + 8 * h;
+                /* the first rows' pass over a panel asks for the next panel's lines: with
+                 * few rows (decoding) the weights come from memory, once per call */
+                const int64_t pfd = h == 0 ? 16 * K : 0;
+                for (; m0 + MR2 <= me; m0 += MR2) gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, MR2, m0 == 0 ? pfd : 0);
+                switch (me - m0) {   /* the row tail, each with its own unrolled block */
+                case 5: gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, 5, m0 == 0 ? pfd : 0); break;
+                case 4: gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, 4, m0 == 0 ? pfd : 0); break;
+                case 3: gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, 3, m0 == 0 ? pfd : 0); break;
+                case 2: gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, 2, m0 == 0 ? pfd : 0); break;
+                case 1: gemm_block_avx2(A16, K, w, C, N, corr, m0, c0, 1, m0 == 0 ? pfd : 0); break;
+                default: break;
+                }
+            }
     }
 }
 
@@ -1120,57 +1398,48 @@ AVX2_TARGET static void gemm_range_avx2(const int16_t *restrict A16, int64_t M, 
  * The engine splits such a row xq (|xq| <= ACT_MAX) into int8 halves hi and lo (xq = 128 hi + lo)
  * and stacks them, (2M, K), because int8 is what VNNI, BLAS-free int8 GEMMs and CUDA multiply; but
  * vpmaddwd multiplies int16 anyway, so here the row is rebuilt, a = 128 hi + lo (|a| <= 128 * 128
- * + 128 = 16512: never -32768, vpmaddwd's one wrapping case), and multiplied once. A pair sum is
- * at most 2 * 16512 * 255 and a lane sums at most KC16 / 2 pairs: |lane| <= 16512 * 255 * KC16 <
- * 2^31, so every KC16 k the lanes are added into int64 (the value needs up to ~2^34). The result is
+ * + 128 = 16512: never -32768, vpmaddwd's one wrapping case), and multiplied once, with the int8
+ * form's register blocking. A pair sum is at most 2 * 16512 * 255 = 8,421,120 and a lane sums
+ * KC16 / 4 pairs per K chunk: |lane| <= 255 * 8,421,120 = 2,147,385,600 < 2^31 - 1 for KC16 =
+ * 1020, so after every chunk the lanes are added into int64 (the value needs up to ~2^34). The
+ * largest chunk the bound allows: the model's K = 576 is one chunk, 1536 two (each chunk costs
+ * its k loop's setup and flush). The result is
  * the exact value v = a @ W^T, written as the stacked accumulators every consumer reads (combine,
  * swiglu_quant, head_freqs take 128 hi + lo): hi = floor(v / 128), lo = v - 128 hi in [0, 127].
  * The value is the one the two int8 passes give, so are all the engine's outputs. */
-#define KC16 256
+#define KC16 1020
 AVX2_TARGET static inline __attribute__((always_inline)) void
 gemm_block16_avx2(const int16_t *restrict A16, int64_t K, const uint8_t *restrict w,
                   int32_t *restrict C, int64_t M, int64_t N, const int64_t *restrict corr,
-                  int64_t m0, int64_t col0, const int mr) {
-    int64_t tot[MR2][32];
+                  int64_t m0, int64_t col0, const int mr, int64_t pf) {
+    __m256i tot[MR2][4];   /* int64 sums: [2g + q] holds int32 lanes 4q..4q+3 of group g */
     for (int r = 0; r < mr; r++)
-        for (int i = 0; i < 32; i++) tot[r][i] = 0;
-    const int16_t *a = A16 + m0 * K;
+        for (int i = 0; i < 4; i++) tot[r][i] = _mm256_setzero_si256();
     for (int64_t k0 = 0; k0 < K; k0 += KC16) {
-        const int64_t k1 = MIN(K, k0 + KC16);
-        __m256i acc[MR2][4];
+        int32_t out[MR2][2][8];
+        kloop(A16 + m0 * K + k0, K, w + 16 * k0, (MIN(K, k0 + KC16) - k0) / 4, out, mr, pf);
         for (int r = 0; r < mr; r++)
-            for (int g = 0; g < 4; g++) acc[r][g] = _mm256_setzero_si256();
-        for (int64_t k = k0; k < k1; k += 4) {
-            __m256i av[MR2];
-            for (int r = 0; r < mr; r++) {
-                int64_t x;
-                __builtin_memcpy(&x, a + r * K + k, 8);
-                av[r] = _mm256_set1_epi64x(x);
-            }
-            for (int g = 0; g < 4; g++) {
-                __m256i wv = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w + 16 * k + 4 * 4 * g)));
-                for (int r = 0; r < mr; r++)
-                    acc[r][g] = _mm256_add_epi32(acc[r][g], _mm256_madd_epi16(wv, av[r]));
-            }
-        }
-        for (int r = 0; r < mr; r++)
-            for (int g = 0; g < 4; g++) {
-                __m256i lo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(acc[r][g]));
-                __m256i hi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(acc[r][g], 1));
-                int64_t *t = tot[r] + 8 * g;
-                _mm256_storeu_si256((__m256i *)t, _mm256_add_epi64(_mm256_loadu_si256((__m256i *)t), lo));
-                _mm256_storeu_si256((__m256i *)(t + 4),
-                                    _mm256_add_epi64(_mm256_loadu_si256((__m256i *)(t + 4)), hi));
+            for (int g = 0; g < 2; g++) {
+                __m256i acc = _mm256_loadu_si256((const __m256i *)out[r][g]);
+                tot[r][2 * g] = _mm256_add_epi64(tot[r][2 * g],
+                                                 _mm256_cvtepi32_epi64(_mm256_castsi256_si128(acc)));
+                tot[r][2 * g + 1] = _mm256_add_epi64(
+                    tot[r][2 * g + 1], _mm256_cvtepi32_epi64(_mm256_extracti128_si256(acc, 1)));
             }
     }
-    /* lane j of group g: column 4g + j / 2 (k, k+1 in even lanes, k+2, k+3 in odd ones) */
-    for (int r = 0; r < mr; r++)
-        for (int c = 0; c < 16; c++) {
-            int64_t v = tot[r][2 * c] + tot[r][2 * c + 1] - corr[m0 + r];
+    /* int64 lane j of tot[r][2g + q]: int32 lane 4q + j of group g, i.e. column 4g + 2q + j / 2
+     * (k, k+1 in even lanes, k+2, k+3 in odd ones), so the 16 int64 in order are columns 0..7's
+     * two lanes each */
+    for (int r = 0; r < mr; r++) {
+        int64_t t[16];
+        __builtin_memcpy(t, tot[r], sizeof(t));
+        for (int c = 0; c < 8; c++) {
+            int64_t v = t[2 * c] + t[2 * c + 1] - corr[m0 + r];
             int64_t h = v >> 7;                         /* floor(v / 128): arithmetic shift */
             C[(m0 + r) * N + col0 + c] = (int32_t)h;
             C[(M + m0 + r) * N + col0 + c] = (int32_t)(v - h * 128);
         }
+    }
 }
 
 AVX2_TARGET static void gemm_range16_avx2(const int16_t *restrict A16, int64_t M, int64_t K,
@@ -1179,13 +1448,24 @@ AVX2_TARGET static void gemm_range16_avx2(const int16_t *restrict A16, int64_t M
                                           int64_t p_begin, int64_t p_end) {
     for (int64_t mb = 0; mb < M; mb += ROWS_AVX2) {
         int64_t me = MIN(M, mb + ROWS_AVX2);
-        for (int64_t p = p_begin; p < p_end; p++) {
-            const uint8_t *w = Wp + p * 16 * K;
-            int64_t m0 = mb;
-            for (; m0 + MR2 <= me; m0 += MR2)
-                gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, 16 * p, MR2);
-            for (; m0 < me; m0++) gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, 16 * p, 1);
-        }
+        for (int64_t p = p_begin; p < p_end; p++)
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *w = Wp + p * 16 * K + 32 * h;
+                int64_t m0 = mb, c0 = 16 * p + 8 * h;
+                /* the first rows' pass over a panel asks for the next panel's lines: with
+                 * few rows (decoding) the weights come from memory, once per call */
+                const int64_t pfd = h == 0 ? 16 * K : 0;
+                for (; m0 + MR2 <= me; m0 += MR2)
+                    gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, MR2, m0 == 0 ? pfd : 0);
+                switch (me - m0) {
+                case 5: gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, 5, m0 == 0 ? pfd : 0); break;
+                case 4: gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, 4, m0 == 0 ? pfd : 0); break;
+                case 3: gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, 3, m0 == 0 ? pfd : 0); break;
+                case 2: gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, 2, m0 == 0 ? pfd : 0); break;
+                case 1: gemm_block16_avx2(A16, K, w, C, M, N, corr, m0, c0, 1, m0 == 0 ? pfd : 0); break;
+                default: break;
+                }
+            }
     }
 }
 #endif
@@ -1492,6 +1772,14 @@ static void attend_step_rows(const void *ctx, int64_t b0, int64_t b1) {
                 continue;
             }
 #endif
+#ifdef HAVE_AVX2_KERNELS
+            if (j->form == 3) {
+                attend_step_avx2(j->qi + b * nh * j->hs, j->f + b * nh, K, V, 1, j->nkv, j->g,
+                                 j->L, j->hs, j->pos + b, j->table, j->ntab, j->vscale,
+                                 j->out + b * nh * j->hs);
+                continue;
+            }
+#endif
             attend_step_portable(j->qi + b * nh * j->hs, j->f + b * nh, K, V, 1, j->nkv, j->g,
                                  j->L, j->hs, j->pos + b, j->table, j->ntab, j->vscale,
                                  j->out + b * nh * j->hs);
@@ -1501,6 +1789,14 @@ static void attend_step_rows(const void *ctx, int64_t b0, int64_t b1) {
 #ifdef HAVE_VNNI
     if (j->form == 2) {
         attend_step_vnni(j->qi + b0 * nh * j->hs, j->f + b0 * nh, j->K + b0 * kvrow,
+                         j->V + b0 * kvrow, b1 - b0, j->nkv, j->g, j->L, j->hs, j->pos + b0,
+                         j->table, j->ntab, j->vscale, j->out + b0 * nh * j->hs);
+        return;
+    }
+#endif
+#ifdef HAVE_AVX2_KERNELS
+    if (j->form == 3) {
+        attend_step_avx2(j->qi + b0 * nh * j->hs, j->f + b0 * nh, j->K + b0 * kvrow,
                          j->V + b0 * kvrow, b1 - b0, j->nkv, j->g, j->L, j->hs, j->pos + b0,
                          j->table, j->ntab, j->vscale, j->out + b0 * nh * j->hs);
         return;
@@ -1517,8 +1813,13 @@ int attend_step(const double *qi, const double *f, const int16_t *K, const int16
                 int64_t impl, int64_t nthreads, int64_t per) {
     int form = 1;
 #ifdef HAVE_VNNI
-    if (impl != 1 && have_vnni() && hs % 32 == 0 && hs <= 32 * NCMAX && g <= GMAX)
+    if ((impl == 0 || impl == 2) && have_vnni() && hs % 32 == 0 && hs <= 32 * NCMAX && g <= GMAX)
         form = 2;
+#endif
+#ifdef HAVE_AVX2_KERNELS
+    if (form == 1 && (impl == 0 || impl == 3) && have_avx2() && hs % 16 == 0 && hs <= 16 * NYMAX &&
+        g <= GMAX2)
+        form = 3;
 #endif
     struct step_job job = {form, MAX(1, per), qi, f, K, V, nkv, g, L, hs, pos, table, ntab,
                            vscale, out};

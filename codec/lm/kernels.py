@@ -97,7 +97,8 @@ _SIGNATURES = {
     "head_freqs": [_p, _i64, _i64, _p, _p, _p, _i64, _i64, _p, _i64],
 }
 
-# functions that return something: attend_step returns the form that ran (1 portable, 2 VNNI);
+# functions that return something: attend_step returns the form that ran (1 portable, 2 VNNI,
+# 3 AVX2);
 # gemm_packed the form that ran (2 VNNI, 3 AVX2) or 0 when none could, gemm_packed16 3 or 0
 # attend_fwd the form that ran (2 VNNI, 3 AVX2) or 0 when the CPU or shape needs another; head_freqs,
 # quant_rows, rmsnorm_quant and swiglu_quant take impl like attend_step and return the form that ran
