@@ -397,3 +397,28 @@ def test_inexact_intmm_is_refused(monkeypatch):
     finally:
         monkeypatch.setattr(backend, "mm_intmm", exact)
         backend._intmm_inexact.cache_clear()
+
+
+def test_reference_form_is_exact_where_intmm_saturates(monkeypatch):
+    """The torch reference form (no kernels: no C compiler, or the tables tests compare against)
+    multiplies with torch._int_mm only where the probe found it exact; where oneDNN saturates it
+    takes the float32 chunks, so its tables stay those of every other machine."""
+    t = Engine.tiny(seed=5, dim=64, n_head=4, n_kv_head=2, ffn_dim=128, vocab_size=272, max_seq_len=40)
+    x = torch.randint(0, 272, (2, 30), generator=torch.Generator().manual_seed(1))
+    want = Engine(t.config, t.tensors, fused=False).freqs(x)
+
+    def saturating(q, w):  # pair sums clamped to int16, as vpmaddubsw does
+        p = (q.to(torch.int32).unsqueeze(1) * w.to(torch.int32).unsqueeze(0)).view(
+            q.shape[0], w.shape[0], -1, 2
+        )
+        return p.sum(-1).clamp(-32768, 32767).sum(-1).to(torch.int32)
+
+    exact = backend.mm_intmm
+    try:
+        backend._intmm_inexact.cache_clear()
+        monkeypatch.setattr(backend, "mm_intmm", saturating)
+        assert backend._intmm_inexact()
+        assert torch.equal(Engine(t.config, t.tensors, fused=False).freqs(x), want)
+    finally:
+        monkeypatch.setattr(backend, "mm_intmm", exact)
+        backend._intmm_inexact.cache_clear()

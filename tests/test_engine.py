@@ -377,7 +377,8 @@ def test_gemm_packed_equals_int_mm(M, K, N):
     a[0], w[0], w[-1] = -128, -128, 127
     a[-1] = 127
     ref = a.to(torch.int64) @ w.to(torch.int64).t()
-    assert torch.equal(torch._int_mm(torch.cat([a, a.new_zeros(17, K)]), w.t())[:M].long(), ref)
+    if not backend._intmm_inexact():  # (oneDNN limited to AVX2 saturates: not a backend there)
+        assert torch.equal(torch._int_mm(torch.cat([a, a.new_zeros(17, K)]), w.t())[:M].long(), ref)
     wp = pack_weight(w)  # held: the call only sees its address
     for impl, ok in ((2, _has_vnni()), (3, "avx2" in open("/proc/cpuinfo").read().split())):
         out = torch.full((M, N), 7, dtype=torch.int32)

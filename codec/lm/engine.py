@@ -332,7 +332,16 @@ def det_sqrt(d: torch.Tensor) -> torch.Tensor:
     return y
 
 
-_mm = backends.mm_intmm  # int8 (M, K) @ int8 (N, K).T -> int32 by torch._int_mm: exact
+def _mm(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """int8 (M, K) @ int8 (N, K).T -> int32, exact: torch._int_mm (CUDA; CPUs whose oneDNN has
+    VNNI/AMX, or torch's own loop), else float32 K-chunks (mm_f32, the same integers). oneDNN's int8
+    GEMM limited to AVX2 saturates (backend._intmm_inexact): the reference form, which runs where
+    the kernels cannot be built, must not depend on that."""
+    if q.device.type == "cpu" and backends._intmm_inexact():
+        return backends.mm_f32(q, backends.f32_weight(w))
+    return backends.mm_intmm(q, w)
+
+
 pack_weight = backends.pack_weight
 
 _UNPACKED = object()
