@@ -220,8 +220,13 @@ class GroupMixer:
             e[2] += 1
             if c >= e[1]:
                 e[0], e[1] = y, c
+        self._learn_match(j, y)
+
+    def _learn_match(self, j: int, y: int) -> None:
+        """Append y to segment j's history and move its match (the second half of update, both versions)."""
+        h = self.hist[j]
         h.append(y)
-        n += 1
+        n = len(h)
         m = self._match[j]
         if m is not None:
             src = self.hist[m[0]]
@@ -424,38 +429,6 @@ class GroupMixerV5(GroupMixer):
         self._learn_match(j, y)
         if y in self._breaks:
             self._line[j] = len(self.hist[j])
-
-    def _learn_match(self, j: int, y: int) -> None:
-        """Append y to segment j's history and move its match (GroupMixer.update's second half)."""
-        h = self.hist[j]
-        h.append(y)
-        n = len(h)
-        m = self._match[j]
-        if m is not None:
-            src = self.hist[m[0]]
-            if m[1] < len(src) and src[m[1]] == y:
-                m[1] += 1
-                m[2] = min(MATCH_MAX, m[2] + 1)
-            else:
-                m = None
-        if n >= MATCH_MIN:
-            key = tuple(h[n - MATCH_MIN :])
-            if m is None:
-                at = self._match_at.get(key)
-                if at is not None:
-                    s, q = at
-                    src = self.hist[s]
-                    length = MATCH_MIN
-                    while (
-                        length < MATCH_MAX
-                        and q - length - 1 >= 0
-                        and n - length - 1 >= 0
-                        and src[q - length - 1] == h[n - length - 1]
-                    ):
-                        length += 1
-                    m = [s, q, length]
-            self._match_at[key] = (j, n)
-        self._match[j] = m
 
 
 __all__ = ["GroupMixer", "GroupMixerV5", "line_breaks", "ORDERS", "MATCH_MIN", "MAX_CANDIDATES"]
