@@ -214,6 +214,13 @@ def run_codec(args) -> int:
 
     from .lm import PAYLOAD_VERSION, SEGMENT_TOKENS, open_codec
 
+    for path in args.files:  # before the model loads: a wrong name fails at once, in words
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            print(f"llmfs bench codec: cannot read {path}: {e.strerror or e}", file=sys.stderr)
+            return 2
     codec = open_codec(
         args.model,
         batch=args.batch,

@@ -27,3 +27,12 @@ def test_closed_pipe_is_quiet(tmp_path, args):
     res = closed_pipe([a.format(store=store) for a in args])
     assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
     assert res.returncode in (0, 141), (res.returncode, res.stderr)
+
+
+def test_bench_codec_names_a_file_it_cannot_read(tmp_path):
+    """A wrong file name is an error in words, before the model loads, not a traceback."""
+    res = subprocess.run(
+        LLMFS + ["bench", "codec", str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 2
+    assert "cannot read" in res.stderr and "missing.txt" in res.stderr and "Traceback" not in res.stderr
