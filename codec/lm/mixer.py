@@ -111,6 +111,20 @@ def _bucket(length: int) -> int:
     return b
 
 
+def _count(table: dict, key: tuple, y: int) -> None:
+    """One more y after context `key`: the entry is [most frequent successor, its count, total,
+    {successor: count}] (ties go to the latest)."""
+    e = table.get(key)
+    if e is None:
+        table[key] = [y, 1, 1, {y: 1}]
+        return
+    c = e[3].get(y, 0) + 1
+    e[3][y] = c
+    e[2] += 1
+    if c >= e[1]:
+        e[0], e[1] = y, c
+
+
 class GroupMixer:
     """Side models and mixer of one segment group. Per position: `predict(j, row, total)` gives the
     candidates' tokens and integer masses for segment j's next token; `update(j, token)` then
@@ -210,16 +224,7 @@ class GroupMixer:
         for k, table in zip(ORDERS, self._ngram):
             if n < k:
                 break
-            key = tuple(h[n - k :])
-            e = table.get(key)
-            if e is None:
-                table[key] = [y, 1, 1, {y: 1}]
-                continue
-            c = e[3].get(y, 0) + 1
-            e[3][y] = c
-            e[2] += 1
-            if c >= e[1]:
-                e[0], e[1] = y, c
+            _count(table, tuple(h[n - k :]), y)
         self._learn_match(j, y)
 
     def _learn_match(self, j: int, y: int) -> None:
@@ -415,17 +420,8 @@ class GroupMixerV5(GroupMixer):
             self._pending = None
         keys = self._keys(j)
         for key, table in zip(keys, self._ngram):
-            if key is None:
-                continue
-            e = table.get(key)
-            if e is None:
-                table[key] = [y, 1, 1, {y: 1}]
-                continue
-            c = e[3].get(y, 0) + 1
-            e[3][y] = c
-            e[2] += 1
-            if c >= e[1]:
-                e[0], e[1] = y, c
+            if key is not None:
+                _count(table, key, y)
         self._learn_match(j, y)
         if y in self._breaks:
             self._line[j] = len(self.hist[j])
