@@ -34,7 +34,7 @@ from llmfs.codec.container import pack
 from llmfs.codec.registry import DAMAGED
 
 from .models import Models, model_report
-from .store import ROOT_INO, Counters, Store, StoreError, Txn, block_hash, header_of
+from .store import ROOT_INO, Counters, Store, StoreError, Txn, block_hash, header_of, now_ns
 
 log = logging.getLogger("llmfs")
 
@@ -60,6 +60,7 @@ class Snapshot:
         self.refs = dict(t.refs())
         self.block_keys = {h for h, _ in t.blocks()}
         self.orphans = set(t.orphans())
+        self.unstored = set(t.unstored())
         self.pending = {h for h, _ in t.pending()}
         self.block_size = t.store.block_size
         self.counters = t.counters
@@ -134,6 +135,49 @@ def check_link_counts(s: Snapshot, t: Txn) -> list[Problem]:
             out.append(
                 Problem("link_counts", f"{s.path(ino)}: link count {inode.nlink}, {want} names", repair)
             )
+    return out
+
+
+def check_unstored(s: Snapshot, t: Txn) -> list[Problem]:
+    """Files created and never stored when the store was last used (store.py: unstored): the
+    session ended without a clean unmount between their create and their data. Repair deletes
+    each one that is still an empty regular file with every name it has (links and renames
+    included): a crash finds a new file absent or whole, never created-but-empty. A mark whose
+    inode is gone or holds data is only dropped."""
+    if not s.unstored:
+        return []
+    names: dict[int, list[tuple[int, bytes]]] = {}
+    for parent, name, ino in s.dirents:
+        if ino in s.unstored:
+            names.setdefault(ino, []).append((parent, name))
+    mapped = {ino for ino, _, _ in s.blockmap if ino in s.unstored}
+    out = []
+    for ino in sorted(s.unstored):
+        inode = s.inodes.get(ino)
+        empty = inode is not None and inode.is_reg and inode.size == 0 and ino not in mapped
+        links = tuple(names.get(ino, ()))
+        where = ", ".join(s.path(p).rstrip("/") + "/" + n.decode(errors="replace") for p, n in links)
+
+        def repair(t, ino=ino, empty=empty, links=links):
+            if empty:
+                now = now_ns()
+                for parent, name in links:
+                    t.unlink(parent, name)
+                    pinode = t.inode(parent)
+                    if pinode is not None:
+                        t.put_inode(parent, pinode.evolve(mtime=now, ctime=now))
+                t.delete_inode(ino)
+            else:
+                t.remove_unstored(ino)
+
+        what = (
+            f"{where or f'inode {ino}'} was created and never stored before the store was "
+            "last left uncleanly; repair deletes it"
+            if empty
+            else f"inode {ino} is marked unstored but {'is gone' if inode is None else 'holds data'}; "
+            "repair drops the mark"
+        )
+        out.append(Problem("unstored", what, repair))
     return out
 
 
@@ -504,6 +548,7 @@ CHECKS = [
     check_dirents,
     check_link_counts,
     check_orphans,
+    check_unstored,
     check_blockmap,
     check_refcounts,
     check_pending,

@@ -732,7 +732,7 @@ class Operations(mfusepy.Operations):
 
     @_errno_edge
     def fsyncdir(self, path, datasync, fh):
-        self.fs.sync()
+        self.fs.fsyncdir(self._ino(path, fh))
         return 0
 
     @_errno_edge

@@ -7,7 +7,7 @@ returns once the mount answers, or prints why it failed. The daemon's log goes t
 Lifecycle of a mount (the daemon):
   1. open the store and take its lock (a second mount is refused with who holds it);
   2. if the last session did not end cleanly (meta "clean" is 0): purge files unlinked while open
-     and run fsck's quick checks; anything else wrong refuses the mount and asks for fsck;
+     and files created but never stored (store.py: unstored), and run fsck's quick checks; anything else wrong refuses the mount and asks for fsck;
   3. mark the store unclean, start the store's group commit (llmfs/store.py: what is not fsync'ed
      is committed within COMMIT_INTERVAL, 5 s), serve FUSE (multithreaded), tell the caller we are ready (and systemd:
      READY=1, from FUSE's init callback);
@@ -225,6 +225,9 @@ def open_filesystem(
             problems, _ = fsck.run_checks(store, [fsck.check_orphans], repair=True)
             if problems:
                 log.warning("removed %d file(s) that were deleted while open", len(problems))
+            problems, _ = fsck.run_checks(store, [fsck.check_unstored], repair=True)
+            for p in problems:  # a crash between a file's create and its data: absent, not empty
+                log.warning("after the crash: %s", p.message.replace("; repair deletes it", ": deleted"))
             # Counters are derived: recount them (damaged blocks leave them off). A damaged block
             # is its files' problem (their reads of it fail), never a reason to refuse the mount.
             fsck.run_checks(store, [fsck.check_counters], repair=True)
@@ -405,6 +408,7 @@ def finish(fs: Filesystem) -> int:
         log.error("unmount: lost %s", line)
         print(f"llmfs: unmount: lost {line}", file=sys.stderr)
     try:
+        fs.end_session()  # no file is left marked created-but-not-stored (store.py: unstored)
         fs.store.set_clean(True)
     except StoreError as e:
         log.error("unmount: the store could not be marked clean (%s); the next mount checks it", e)

@@ -73,6 +73,7 @@ class Handle:
     ino: int
     flags: int
     held: bool = False  # open for writing: holds the store's group commit (Store.hold)
+    created: bool = False  # the create that made the file: its release ends the unstored mark
 
 
 def _writes(flags: int) -> bool:
@@ -289,8 +290,15 @@ class Filesystem:
         may_keep_setid: Callable[[], bool] | bool = True,
     ) -> int:
         """Create (or with no O_EXCL, open an existing) regular file; returns a file handle.
-        From here to the handle's release the store's group commit is held (a timed commit
-        waits briefly for the close), so a crash finds a small file absent or whole.
+        A new file is marked unstored in its creating transaction (store.py's schema: a group
+        commit may land before its data, which is stored at release; after a crash the next
+        mount deletes it while still marked), so a crash finds it absent or whole, never
+        created-but-empty. The mark ends with the flush that stores its data, the release of
+        this handle (an empty file, closed, is what the user made), an fsync of it or an
+        fsyncdir of its directory, or a clean unmount. From here to the release the group
+        commit is also held (a timed commit waits briefly for the close), which keeps a commit
+        out of the middle of a small file rewritten in place (open with O_TRUNC: a truncate and
+        then writes, as on ext4, with no mark: the file existed before).
         may_keep_setid: as for open (an existing file opened with O_TRUNC)."""
         self.store.hold()
         try:
@@ -306,13 +314,14 @@ class Filesystem:
                 existing = t.lookup(parent, name) if len(name) <= NAME_MAX else None
                 if existing is None:  # (_new_inode checks the parent and the name)
                     ino, inode = self._new_inode(t, parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
+                    t.add_unstored(ino)
             if existing is not None:
                 if flags & os.O_EXCL:
                     raise Exists(name)
                 return self.open(existing, flags, uid, gid, may_keep_setid=may_keep_setid)
             # A new file is empty and its times are now: O_TRUNC has nothing to do (and would
             # cost a transaction of its own on every `>` redirection, tar x and cp).
-            return self._open_handle(ino, flags & ~os.O_TRUNC, inode)
+            return self._open_handle(ino, flags & ~os.O_TRUNC, inode, created=True)
 
     def link(self, ino: int, parent: int, name: bytes) -> None:
         with self._lock, self.store.write() as t:
@@ -610,16 +619,27 @@ class Filesystem:
             f.users += 1
             return f
 
-    def _unpin(self, f: OpenFile) -> None:
+    def _unpin(self, f: OpenFile, settle: bool = False) -> None:
         """One user less. The flush's error (ENOSPC, EIO) is raised to this user, but the user
         is gone all the same; a file whose dirty blocks could not be stored stays in the table
         of open files with no user, so a later flush (another open, fsync, unmount) stores or
-        reports them — its data is never dropped without a word."""
+        reports them — its data is never dropped without a word. settle: the user is the
+        handle that created the file, whose release ends its unstored mark (once stored)."""
         try:
             with f.lock:
                 self.buffer.flush(f)
+                if settle:
+                    self._settle(f)
         finally:
             self._drop_user(f, 1)
+
+    def _settle(self, f: OpenFile) -> None:
+        """End f's unstored mark: its state in the store, even empty, is what the user made or
+        was promised. Called with f's lock held, after a flush (nothing of f is buffered)."""
+        if f.unstored:
+            with self.store.write() as t:
+                t.remove_unstored(f.ino)
+            f.unstored = False
 
     def _drop_user(self, f: OpenFile, users: int) -> None:
         """`users` users of f are gone; forget f if it has none left and nothing to store."""
@@ -638,18 +658,26 @@ class Filesystem:
                         t.delete_inode(f.ino)  # the last user of an unlinked file is gone
 
     def _open_handle(
-        self, ino: int, flags: int, inode: Inode | None = None, f: OpenFile | None = None
+        self,
+        ino: int,
+        flags: int,
+        inode: Inode | None = None,
+        f: OpenFile | None = None,
+        created: bool = False,
     ) -> int:
-        """A handle of ino, pinned (inode: as for _pin; f: ino already pinned for it)."""
+        """A handle of ino, pinned (inode: as for _pin; f: ino already pinned for it; created:
+        by create, which marked it unstored in the store)."""
         if f is None:
             f = self._pin(ino, inode)
+        if created:
+            f.unstored = True  # (under the namespace lock that create holds)
         held = _writes(flags)
         if held:
             self.store.hold()  # released with the handle (see create)
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1
-            self._handles[fh] = Handle(ino, flags, held)
+            self._handles[fh] = Handle(ino, flags, held, created)
         if flags & os.O_TRUNC:
             # Linux truncates even with O_RDONLY (the kernel checked write permission), and with
             # atomic_o_trunc (libfuse 3's default) it leaves the truncation to open.
@@ -734,7 +762,7 @@ class Filesystem:
             h = self._handles.pop(fh, None)
         if h is not None:
             try:
-                self._unpin(self._files[h.ino])
+                self._unpin(self._files[h.ino], settle=h.created)
             finally:
                 if h.held:
                     self.store.unhold()
@@ -766,7 +794,32 @@ class Filesystem:
         if f is not None:
             with f.lock:
                 self.buffer.flush(f)
+                self._settle(f)  # an fsync'ed file survives a crash, even empty
         self.sync()
+
+    def fsyncdir(self, ino: int) -> None:
+        """fsync of directory ino: its entries are durable when it returns — those of new files
+        not yet stored included, whose unstored marks end here (a crash must not delete a name
+        an fsyncdir acknowledged)."""
+        with self._lock:
+            fresh = {f.ino: f for f in self._files.values() if f.unstored}
+        if fresh:
+            with self.store.read() as t:
+                named = [fresh[child] for _, child in t.listdir(ino) if child in fresh]
+            for f in named:
+                with f.lock:
+                    self._settle(f)
+        self.sync()
+
+    def end_session(self) -> None:
+        """A clean unmount (after flush_all): every file's state is what the user gets back, so
+        no unstored mark may outlive the session (an empty table is the clean state)."""
+        with self.store.write() as t:
+            for ino in t.unstored():
+                t.remove_unstored(ino)
+        with self._lock:
+            for f in self._files.values():
+                f.unstored = False
 
     def sync(self) -> None:
         """Make every change so far durable (fsync, fsyncdir), the data of closed files whose

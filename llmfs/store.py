@@ -31,6 +31,19 @@ big-endian so keys sort numerically. Named sub-databases:
   xattrs    u64 ino + name bytes → value bytes
   orphans   u64 ino → b"" : inodes whose last name is gone while a process still has them open; their
             data lives until the last close; after a crash they are purged at the next mount
+  unstored  u64 ino → b"" : regular files created by this session that nothing has stored yet and
+            whose creator has not closed them: the mark is put in the transaction that creates the
+            file and removed in the transaction that first stores data into it (a flush leaving it
+            non-empty), or by the release of the handle that created it (an empty file, closed:
+            what the user made), by an fsync of it, by an fsyncdir of a directory naming it, and
+            at a clean unmount. A group commit can land between a file's create and its data
+            (they are separate requests, and the data is stored at release); after a crash the
+            next mount deletes every marked inode that is still empty together with all its
+            names (hard links and renames included), so a burst of small files comes back absent
+            or whole, never created-but-empty. Created at open when missing (stores made before
+            it): no format bump, because an older release only ignores the table — it would keep
+            such files empty after a crash, as it always did — and this release drops a mark
+            whose inode has data or is gone.
   pending   32-byte hash → i64 ns when the block was stored by the fast path (zstd/raw): the queue of
             blocks background compaction re-encodes with the LM
   models    model fingerprint (8 bytes: codec/container.py; 16 in stores made before container
@@ -65,6 +78,8 @@ INVARIANTS (fsck.py checks each one by name)
     exactly inodes[ino].nlink dirents (directories: by one dirent, nlink = 2 + subdirectories).
   * the root inode is ROOT_INO and is a directory; inode numbers are never reused.
   * pending ⊆ blocks; counters equal the sums over inodes and blocks.
+  * every unstored key names an existing regular file of size 0 with no block map entries; after
+    a clean unmount the table is empty.
   * every "dict:" entry's id is the content id of its value, and every LM block of payload
     version 4 names a dictionary the meta table holds (it is stored before its first block).
   * blake3(modelfiles[d]) == d; every modelkeys value is a key of modelfiles, and the model file
@@ -174,6 +189,9 @@ DB_NAMES_V1 = (
     "models",
 )
 DB_NAMES = DB_NAMES_V1 + ("modelfiles", "modelkeys")  # format 2
+# Tables a store of the current format may lack (made before they existed): created when the
+# store is opened for writing, read as empty otherwise (see the schema above).
+LATER_DBS = ("unstored",)
 
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
@@ -384,6 +402,7 @@ class Txn:
             self.txn.delete(key, db=xdb)
         self.txn.delete(ino_key(ino), db=self.db["inodes"])
         self.remove_orphan(ino)
+        self.remove_unstored(ino)
 
     def inodes(self):
         with self.txn.cursor(db=self.db["inodes"]) as cur:
@@ -431,6 +450,22 @@ class Txn:
 
     def orphans(self) -> list[int]:
         with self.txn.cursor(db=self.db["orphans"]) as cur:
+            return [_U64.unpack(k)[0] for k in cur.iternext(values=False)]
+
+    # -- files created and not yet stored (schema: unstored) -----------------------------------
+    def add_unstored(self, ino: int) -> None:
+        self.txn.put(ino_key(ino), b"", db=self.db["unstored"])
+
+    def remove_unstored(self, ino: int) -> None:
+        db = self.db.get("unstored")
+        if db is not None:
+            self.txn.delete(ino_key(ino), db=db)
+
+    def unstored(self) -> list[int]:
+        db = self.db.get("unstored")
+        if db is None:
+            return []
+        with self.txn.cursor(db=db) as cur:
             return [_U64.unpack(k)[0] for k in cur.iternext(values=False)]
 
     # -- blocks --------------------------------------------------------------------------------
@@ -726,7 +761,7 @@ class Store:
             self.env = lmdb.open(
                 self.path,
                 map_size=MAP_SIZE,
-                max_dbs=len(DB_NAMES),
+                max_dbs=len(DB_NAMES + LATER_DBS),
                 subdir=True,
                 sync=True,
                 metasync=False,
@@ -761,8 +796,21 @@ class Store:
         except lmdb.Error as e:
             self.close()
             raise NotAStore(f"{path}: format {version} store lacks its tables ({e})") from None
+        self._open_later_tables(create=lock and not readonly and self.format == FORMAT_VERSION)
         self.block_size = _U32.unpack(block_size)[0]
         self.model_spec = (model or b"").decode()
+
+    def _open_later_tables(self, create: bool) -> None:
+        """Open LATER_DBS; a missing one is created when this process may write (a store made
+        before it existed), else left out (its Txn methods read it as empty)."""
+        for n in LATER_DBS:
+            try:
+                self.db[n] = self.env.open_db(n.encode(), create=False)
+            except lmdb.NotFoundError:
+                if create:
+                    with self.env.begin(write=True) as txn:
+                        self.db[n] = self.env.open_db(n.encode(), txn=txn, create=True)
+                    self.env.sync(True)
 
     def _open_format(self, version: int, upgrade: bool) -> None:
         """Open the format's tables; upgrade a format 1 store to 2 in one transaction when this
@@ -792,8 +840,8 @@ class Store:
         # mount's mode checks do not guard (`llmfs mount` refuses or fixes a store others can read).
         os.makedirs(path, mode=0o700, exist_ok=True)
         os.chmod(path, 0o700)
-        env = lmdb.open(path, map_size=MAP_SIZE, max_dbs=len(DB_NAMES), subdir=True, mode=0o600)
-        dbs = {n: env.open_db(n.encode()) for n in DB_NAMES}
+        env = lmdb.open(path, map_size=MAP_SIZE, max_dbs=len(DB_NAMES + LATER_DBS), subdir=True, mode=0o600)
+        dbs = {n: env.open_db(n.encode()) for n in DB_NAMES + LATER_DBS}
         t = now_ns()
         root = Inode(stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), 2, 0, t, t, t)
         with env.begin(write=True) as txn:

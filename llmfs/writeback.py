@@ -59,6 +59,8 @@ class OpenFile:
     # memoryview of block_size immutable bytes (a whole-block write: writeback docstring)
     mtime: int | None = None  # set when data changed since the last flush
     lock: threading.Lock = field(default_factory=threading.Lock)
+    unstored: bool = False  # the store marks it created-but-not-stored (schema: unstored);
+    # the flush that first stores it non-empty removes the mark in its own transaction
 
 
 class WriteBuffer:
@@ -207,11 +209,16 @@ class WriteBuffer:
                 if f.mtime is not None:
                     changes.update(mtime=f.mtime, ctime=max(f.mtime, inode.ctime))
                 t.put_inode(f.ino, inode.evolve(**changes), inode)
+                settled = f.unstored and f.size > 0
+                if settled:  # the data and the end of the mark commit together
+                    t.remove_unstored(f.ino)
         except StoreFull as e:
             raise NoSpace(str(e)) from None  # the dirty data stays buffered: nothing is lost
         n = len(f.dirty)
         f.dirty.clear()
         f.mtime = None
+        if settled:
+            f.unstored = False
         self._account(f, -n)
 
     def _block(self, f: OpenFile, idx: int) -> bytearray:
