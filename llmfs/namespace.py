@@ -54,7 +54,7 @@ from .errors import (  # noqa: F401  (re-exported: the FUSE edge maps them by cl
     TooBig,
 )
 from .prefetch_policy import Credentials, PrefetchPolicy
-from .store import ROOT_INO, Inode, Store, StoreError, now_ns
+from .store import ROOT_INO, Inode, Store, StoreError, codec_of, now_ns
 from .writeback import DIRTY_LIMIT, OpenFile, WriteBuffer
 
 log = logging.getLogger("llmfs")
@@ -295,20 +295,11 @@ class Filesystem:
         mount deletes it while still marked), so a crash finds it absent or whole, never
         created-but-empty. The mark ends with the flush that stores its data, the release of
         this handle (an empty file, closed, is what the user made), an fsync of it or an
-        fsyncdir of its directory, or a clean unmount. From here to the release the group
-        commit is also held (a timed commit waits briefly for the close), which keeps a commit
-        out of the middle of a small file rewritten in place (open with O_TRUNC: a truncate and
-        then writes, as on ext4, with no mark: the file existed before).
+        fsyncdir of its directory, or a clean unmount. A handle open for writing also holds the
+        group commit (a timed commit waits briefly for its release), which keeps a commit out
+        of the middle of a small file rewritten in place (open with O_TRUNC: a truncate, then
+        writes, as on ext4; no mark: the file existed before).
         may_keep_setid: as for open (an existing file opened with O_TRUNC)."""
-        self.store.hold()
-        try:
-            return self._create(parent, name, mode, flags, uid, gid, may_keep_setid)
-        finally:
-            self.store.unhold()
-
-    def _create(
-        self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int, may_keep_setid
-    ) -> int:
         with self._lock:
             with self.store.write() as t:
                 existing = t.lookup(parent, name) if len(name) <= NAME_MAX else None
@@ -324,7 +315,15 @@ class Filesystem:
             return self._open_handle(ino, flags & ~os.O_TRUNC, inode, created=True)
 
     def link(self, ino: int, parent: int, name: bytes) -> None:
-        with self._lock, self.store.write() as t:
+        with self._lock:
+            if self._link(ino, parent, name):
+                f = self._files.get(ino)
+                if f is not None:
+                    f.unlinked = False  # named again, committed: its last user keeps it
+
+    def _link(self, ino: int, parent: int, name: bytes) -> bool:
+        """link(); returns whether the file had no name before (an open, unlinked one)."""
+        with self.store.write() as t:
             inode = t.inode(ino)
             if inode is None:
                 raise NotFound(ino)
@@ -344,6 +343,7 @@ class Filesystem:
                 t.remove_orphan(ino)
             t.put_inode(ino, inode.evolve(nlink=inode.nlink + 1, ctime=now), inode)
             t.put_inode(parent, pinode.evolve(mtime=now, ctime=now))
+        return inode.nlink == 0
 
     # ------------------------------------------------------------------ removing names
     def _drop_link(self, t, ino: int, inode: Inode, now: int) -> None:
@@ -354,6 +354,7 @@ class Filesystem:
         elif ino in self._files:
             t.put_inode(ino, inode.evolve(nlink=0, ctime=now), inode)
             t.add_orphan(ino)
+            self._files[ino].unlinked = True  # (if this transaction fails, the last user only looks)
         else:
             t.delete_inode(ino)
 
@@ -615,7 +616,7 @@ class Filesystem:
                         inode = t.inode(ino)
                 if inode is None:
                     raise NotFound(ino)
-                f = self._files[ino] = OpenFile(ino, inode.size)
+                f = self._files[ino] = OpenFile(ino, inode.size, unlinked=inode.nlink == 0)
             f.users += 1
             return f
 
@@ -650,11 +651,10 @@ class Filesystem:
             del self._files[f.ino]
             self._closed.pop(f.ino, None)
             self.prefetch.forget(f.ino)
-            with self.store.read() as t:  # a write transaction only when there is work
-                inode = t.inode(f.ino)
-            if inode is not None and inode.nlink == 0:
+            if f.unlinked:  # (set by _drop_link and _pin: no look into the store on every close)
                 with self.store.write() as t:
-                    if t.inode(f.ino) is not None:
+                    inode = t.inode(f.ino)
+                    if inode is not None and inode.nlink == 0:
                         t.delete_inode(f.ino)  # the last user of an unlinked file is gone
 
     def _open_handle(
@@ -1031,7 +1031,7 @@ class Filesystem:
                             views[i] = (h, view if view is not None else t.container(h))
             try:
                 for i, (h, blob) in views.items():
-                    if blob is None or peek_header(blob).codec_id not in (RAW, ZSTD):  # LM (damaged)
+                    if blob is None or codec_of(blob) not in (RAW, ZSTD):  # LM (damaged)
                         lm[i] = (h, bytes(blob) if blob is not None else None)
                         continue
                     lo = max(offset, i * bs) - i * bs

@@ -102,7 +102,7 @@ class PrefetchPolicy:
             where = self._found.get(ino)
         small = min(hot, DIR_PREFETCH_BLOCKS * self.block_size)  # siblings: small files only
         with self.store.read(buffers=True) as t:  # headers only: no 64 KiB copies
-            if not t.counters.per_codec[LM][0]:
+            if not t.codec_blocks(LM):
                 return  # no LM block in the store: nothing to prefetch, no sibling scan to pay
             start = None
             if where is not None and self.readahead is not None:
@@ -137,7 +137,7 @@ class PrefetchPolicy:
         if self.cache is None or not indices:
             return
         with self.store.read(buffers=True) as t:  # headers only: no 64 KiB copies
-            if not t.counters.per_codec[LM][0]:
+            if not t.codec_blocks(LM):
                 return  # no LM block in the store: no header to look at (in the group each is a copy)
             hashes = self._lm_hashes(t, ino, 0, indices)
         if hashes:

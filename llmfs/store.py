@@ -154,6 +154,8 @@ import blake3
 import lmdb
 
 from llmfs.codec.container import FINGERPRINT_SIZE, ContainerError, Header
+from llmfs.codec.container import FORMAT_VERSION as CONTAINER_FORMAT
+from llmfs.codec.container import MAGIC as CONTAINER_MAGIC
 from llmfs.codec.registry import DAMAGED, peek_header
 
 log = logging.getLogger("llmfs")
@@ -315,12 +317,25 @@ class Counters:
         return cls(0, [[0, 0, 0] for _ in range(_N_CODECS)])
 
     def pack(self) -> bytes:
-        return _COUNTERS.pack(self.logical, *(v for row in self.per_codec for v in row))
+        r = self.per_codec  # (spelled out: every write of a file's data packs them)
+        return _COUNTERS.pack(self.logical, *r[0], *r[1], *r[2], *r[3], *r[4], *r[5], *r[6], *r[7])
 
     @classmethod
     def unpack(cls, buf) -> Counters:
-        vals = _COUNTERS.unpack(buf)
-        return cls(vals[0], [list(vals[1 + 3 * i : 4 + 3 * i]) for i in range(_N_CODECS)])
+        v = _COUNTERS.unpack(buf)
+        return cls(
+            v[0],
+            [
+                [v[1], v[2], v[3]],
+                [v[4], v[5], v[6]],
+                [v[7], v[8], v[9]],
+                [v[10], v[11], v[12]],
+                [v[13], v[14], v[15]],
+                [v[16], v[17], v[18]],
+                [v[19], v[20], v[21]],
+                [v[22], v[23], v[24]],
+            ],
+        )
 
     @property
     def stored(self) -> int:
@@ -363,6 +378,14 @@ class Txn:
             raw = self.meta("counters")
             self._counters = Counters.unpack(raw) if raw else Counters.zero()
         return self._counters
+
+    def codec_blocks(self, codec_id: int) -> int:
+        """How many unique blocks of this codec the store holds (one counter, read without
+        unpacking them all: asked on every open)."""
+        if self._counters is not None:
+            return self._counters.per_codec[codec_id][0]
+        raw = self.meta("counters")
+        return _I64.unpack_from(raw, 8 + 24 * codec_id)[0] if raw else 0
 
     def set_counters(self, counters: Counters) -> None:
         """Replace the usage counters (fsck's repair after recounting)."""
@@ -733,6 +756,15 @@ class Txn:
             self.set_meta("counters", self._counters.pack())
 
 
+def codec_of(blob) -> int:
+    """The codec id of a container of the current format, from its fixed prefix (magic, format
+    version, codec id), without parsing the rest of the header; anything else is parsed whole
+    (ContainerError if it is damaged)."""
+    if len(blob) > 5 and blob[4] == CONTAINER_FORMAT and blob[:4] == CONTAINER_MAGIC:
+        return blob[5]
+    return peek_header(blob).codec_id
+
+
 def header_of(blob) -> Header | None:
     """The container's header, or None if it is damaged (or names a codec counters cannot hold)."""
     try:
@@ -740,6 +772,42 @@ def header_of(blob) -> Header | None:
     except ContainerError:
         return None
     return head if head.codec_id < _N_CODECS else None
+
+
+class _Reading:
+    """The context of Store.read(): a class rather than a generator-based context manager,
+    because a small file's requests enter it about ten times each, where contextlib's generator
+    machinery cost more than the LMDB lookups inside. With a group, the group's transaction
+    under the store's lock (g.txn is None only while paused or stopped: then a plain read)."""
+
+    __slots__ = ("_store", "_buffers", "_txn", "_locked")
+
+    def __init__(self, store: Store, buffers: bool):
+        self._store = store
+        self._buffers = buffers
+        self._txn: lmdb.Transaction | None = None
+        self._locked = False
+
+    def __enter__(self) -> Txn:
+        store = self._store
+        if store._group is not None:
+            store._lock.acquire()
+            g = store._group
+            txn = store._active or (g.txn if g is not None else None)
+            if txn is not None:
+                self._locked = True
+                return Txn(store, txn, write=False)
+            store._lock.release()
+        txn = self._txn = store.env.begin(buffers=self._buffers)
+        return Txn(store, txn, write=False)
+
+    def __exit__(self, *exc) -> None:
+        if self._locked:
+            self._locked = False
+            self._store._lock.release()
+        elif self._txn is not None:
+            txn, self._txn = self._txn, None
+            txn.abort()  # a read-only transaction: nothing to commit
 
 
 class Store:
@@ -885,20 +953,12 @@ class Store:
             self._lock_fd = None
 
     # -- transactions --------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def read(self, buffers: bool = False):
-        """A read snapshot. buffers=True hands out values as memoryviews into the map, valid only
-        inside the transaction: for callers that look at a few bytes of large values (headers).
-        With a group, the group's transaction (it sees the changes not yet committed)."""
-        if self._group is not None:
-            with self._lock:  # (g.txn is None only while paused or stopped: then plain reads)
-                g = self._group
-                txn = self._active or (g.txn if g is not None else None)
-                if txn is not None:
-                    yield Txn(self, txn, write=False)
-                    return
-        with self.env.begin(buffers=buffers) as txn:
-            yield Txn(self, txn, write=False)
+    def read(self, buffers: bool = False) -> _Reading:
+        """A read snapshot (`with store.read() as t:`). buffers=True hands out values as
+        memoryviews into the map, valid only inside the transaction: for callers that look at a
+        few bytes of large values (headers). With a group, the group's transaction (it sees the
+        changes not yet committed)."""
+        return _Reading(self, buffers)
 
     @contextlib.contextmanager
     def snapshot(self):

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from llmfs.codec.registry import DAMAGED, RAW, ZSTD, Registry
 
 from .errors import NoSpace, NotFound
-from .store import Store, StoreFull, block_hash, now_ns
+from .store import Store, StoreFull, block_hash, codec_of, now_ns
 
 # Flush a file once all files' dirty bytes pass this: bounds the daemon's memory for buffered writes.
 DIRTY_LIMIT = 64 << 20
@@ -61,6 +61,7 @@ class OpenFile:
     lock: threading.Lock = field(default_factory=threading.Lock)
     unstored: bool = False  # the store marks it created-but-not-stored (schema: unstored);
     # the flush that first stores it non-empty removes the mark in its own transaction
+    unlinked: bool = False  # may have lost its last name (nlink 0): its last user deletes it
 
 
 class WriteBuffer:
@@ -191,7 +192,7 @@ class WriteBuffer:
                     blob = encoded.get(h)
                     if h is not None and blob is None and not t.refcount(h):
                         blob = encoded[h] = self._encode(plain)  # deleted since we looked
-                    codec_id = self.registry.header(blob).codec_id if blob else RAW
+                    codec_id = codec_of(blob) if blob else RAW  # (encoded here: current format)
                     t.set_block(
                         f.ino,
                         idx,
