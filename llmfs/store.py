@@ -521,9 +521,16 @@ class Txn:
 
     def container_codec(self, h: bytes) -> int | None:
         """The codec id of block h's container, read from its header only (None: not stored, or
-        a damaged header)."""
-        head = self.header(h)
-        return head.codec_id if head is not None else None
+        a damaged header). Asked of every block a flush finds already stored (codec_of: the
+        fixed prefix of a current container is enough)."""
+        raw = self.txn.get(h, db=self.db["blocks"])
+        if raw is None:
+            return None
+        try:
+            codec_id = codec_of(raw)
+        except ContainerError:
+            return None
+        return codec_id if codec_id < _N_CODECS else None
 
     def plain_length(self, h: bytes) -> int | None:
         """The plaintext length of block h, read from its container's header only (None: not
