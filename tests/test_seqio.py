@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import threading
 
 import mfusepy
 import pytest
@@ -244,3 +245,120 @@ def test_sequential_io_through_the_mount(mounted):
         st = os.stat(mounted.mnt)
         bdi = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
         assert int(open(bdi).read()) >= 1024
+
+
+class GatedRegistry(Registry):
+    """A registry whose encodes wait for `gate` (to hold blocks in the encoder pool) and are
+    counted by thread: 'pool' or 'flush'."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.calls = {"pool": 0, "flush": 0}
+
+    def encode(self, data, codecs=(ZSTD,), fingerprint=None):
+        pooled = threading.current_thread().name.startswith("llmfs-encode")
+        if pooled:
+            assert self.gate.wait(30)
+        self.calls["pool" if pooled else "flush"] += 1
+        return super().encode(data, codecs, fingerprint)
+
+
+@pytest.fixture
+def gated(new_fs):
+    reg = GatedRegistry()
+    f = new_fs(BS, registry=reg, cache=DecodeCache(1 << 20), dirty_limit=64 * BS)
+    f.buffer.encoders = 2
+    yield f, reg
+    reg.gate.set()
+    f.flush_all()
+    f.buffer.close()
+    problems, _ = fsck.run_checks(f.store)
+    assert not problems, [p.message for p in problems]
+
+
+def stored(fs, ino) -> list[bytes]:
+    with fs.store.read() as t:
+        return [t.container(h) for _, h in sorted(t.block_hashes(ino, 0, 1 << 30).items())]
+
+
+def test_whole_blocks_are_encoded_ahead_and_the_flush_stores_the_same_containers(new_fs):
+    data = (TEXT * 3)[: 6 * BS] + bytes(BS) + os.urandom(2 * BS) + b"tail"
+    files = []
+    for encoders in (0, 2):
+        reg = GatedRegistry()
+        fs = new_fs(BS, registry=reg, dirty_limit=64 * BS)
+        fs.buffer.encoders = encoders
+        fh = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, 0, 0)
+        ino = fs.handle_ino(fh)
+        fs.write(fh, bytes(data[: 5 * BS]), 0)
+        fs.write(fh, bytes(data[5 * BS :]), 5 * BS)
+        f = fs._files[ino]
+        assert len(f.encoding) == (9 if encoders else 0)  # the whole blocks; never the tail
+        fs.fsync(fh)
+        assert not f.encoding
+        assert reg.calls == ({"pool": 8, "flush": 1} if encoders else {"pool": 0, "flush": 9})  # no zeros
+        assert fs.read(fh, len(data) + 1, 0) == data
+        fs.release(fh)
+        files.append(stored(fs, ino))
+        fs.buffer.close()
+        problems, _ = fsck.run_checks(fs.store)
+        assert not problems, [p.message for p in problems]
+    assert files[0] == files[1]  # the hole (all zeros) too: found by its hash on the pool
+    assert len(files[1]) == 9 and codecs_of(files[1]) == [ZSTD] * 6 + [RAW] * 3
+
+
+def codecs_of(blobs: list[bytes]) -> list[int]:
+    return [Registry().header(b).codec_id for b in blobs]
+
+
+def test_a_block_changed_while_its_encoding_is_queued_stores_the_new_bytes(gated):
+    fs, reg = gated
+    reg.gate.clear()  # the pool's encodes wait: every change below races a queued encoding
+    fh = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, 0, 0)
+    ino = fs.handle_ino(fh)
+    fs.write(fh, b"a" * (4 * BS), 0)
+    fs.write(fh, b"b" * BS, BS)  # a whole block over a queued one
+    fs.write(fh, b"PART", 2 * BS + 7)  # a part of a queued block: a bytearray now
+    assert sorted(fs._files[ino].encoding) == [0, 1, 3]
+    threading.Timer(0.3, reg.gate.set).start()  # the truncate's flush waits for the queue
+    fs.truncate(ino, 3 * BS + 5, fh)  # drops block 3's queued whole form before it flushes
+    want = b"a" * BS + b"b" * BS + b"a" * 7 + b"PART" + b"a" * (BS - 11) + b"a" * 5
+    fs.fsync(fh)
+    assert fs.read(fh, 4 * BS, 0) == want
+    fs.release(fh)
+    fs.flush_all()
+    again = ns.Filesystem(fs.store, Registry())  # what the store holds, not the write buffer
+    fh2 = again.open(ino, os.O_RDONLY)
+    assert again.read(fh2, 4 * BS, 0) == want
+    again.release(fh2)
+
+
+def test_the_work_queued_for_encoding_stays_under_the_dirty_limit(gated):
+    fs, reg = gated
+    reg.gate.clear()
+    fh = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, 0, 0)
+    ino = fs.handle_ino(fh)
+    for i in range(3):  # the same 30 blocks three times: superseded encodings stay in flight
+        fs.write(fh, bytes([i + 1]) * (30 * BS), 0)
+    assert fs.buffer._in_flight <= fs.buffer.dirty_limit
+    assert fs.buffer._in_flight == 60 * BS  # two requests: the third did not fit
+    assert not fs._files[ino].encoding  # the blocks now dirty are left to the flush
+    reg.gate.set()
+    fs.fsync(fh)
+    assert reg.calls["flush"] == 1  # 30 equal blocks: one container
+    assert fs.read(fh, 30 * BS, 0) == bytes([3]) * (30 * BS)
+    fs.release(fh)
+    fs.buffer.close()  # waits for the pool: what it held is released
+    assert fs.buffer._in_flight == 0
+
+
+def test_after_close_the_flush_encodes_in_place(gated):
+    fs, reg = gated
+    fs.buffer.close()
+    fh = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, 0, 0)
+    fs.write(fh, TEXT[: 4 * BS], 0)
+    assert not fs._files[fs.handle_ino(fh)].encoding and fs.buffer._pool is None
+    fs.release(fh)
+    assert reg.calls == {"pool": 0, "flush": 4}
