@@ -32,6 +32,16 @@ blocks are queued or being encoded (beyond that a block is left to its flush), s
 most one dirty limit of requests alive (those views are counted below) plus the containers of the
 dirty blocks, which the flush made all at once before the pool existed.
 
+The write-time codec stays zstd level 3 (Registry's level, raw when that does not shrink the block).
+Compaction recodes cold text with the LM from the plaintext, so for text the level only decides
+what the block costs until then (`--compact-after`, or for ever in a store that is never
+compacted); but blocks the LM codec calls binary are skipped by compaction and keep their
+write-time container for good. Measured on 64 KiB blocks (docs/benchmarks.md, session 7), level 1
+stores text and source 4-5 % larger and shared libraries 4 % larger than level 3, for 10-35 % less
+compression CPU; with compression on the encoder threads, that CPU is no longer on the path a
+WRITE waits for, so the permanent 4 % is not worth it. Random data costs level 3 about 0.5 ms per
+MiB (zstd gives up early on incompressible input) — below what a sampling test would save.
+
 The dirty limit is one bound over all files. `dirty_bytes` counts whole dirty blocks of every file
 and changes only under `_acct_lock`, a leaf lock (nothing is taken while it is held), so it is
 exact however many files are written at once. Before a write is accepted, `make_room` flushes the
