@@ -17,7 +17,7 @@ stored as holes. Blocks are compressed (zstd or raw) before the write transactio
 store's single writer is never held by compression.
 
 Encoding ahead of the flush. Hashing (blake3), the plaintext checksum (xxh3) and compression (zstd)
-are most of the CPU a written MiB costs, and all three release the GIL on a block. A whole block
+are most of the CPU a written MiB costs; zstd and blake3 release the GIL on a block. A whole block
 kept as a view of its request's immutable bytes cannot change any more (a later write replaces it
 or turns it into a bytearray first), so `write` hands it at once to a small pool of encoder threads
 (`encoders`, one per core up to two) and returns: the FUSE thread takes the next WRITE while another
@@ -36,11 +36,12 @@ The write-time codec stays zstd level 3 (Registry's level, raw when that does no
 Compaction recodes cold text with the LM from the plaintext, so for text the level only decides
 what the block costs until then (`--compact-after`, or for ever in a store that is never
 compacted); but blocks the LM codec calls binary are skipped by compaction and keep their
-write-time container for good. Measured on 64 KiB blocks (docs/benchmarks.md, session 7), level 1
-stores text and source 4-5 % larger and shared libraries 4 % larger than level 3, for 10-35 % less
-compression CPU; with compression on the encoder threads, that CPU is no longer on the path a
-WRITE waits for, so the permanent 4 % is not worth it. Random data costs level 3 about 0.5 ms per
-MiB (zstd gives up early on incompressible input) — below what a sampling test would save.
+write-time container for good. A faster level stores text, source and shared libraries a few per
+cent larger for a CPU saving that varies with the data (docs/benchmarks.md, session 7); with
+compression on the encoder threads that CPU is no longer on the path a WRITE waits for, so a
+permanent loss of size is not worth it. Incompressible data is not sampled first: zstd gives up
+early on it, and a wrong guess would store a compressible block raw, which compaction never
+revisits.
 
 The dirty limit is one bound over all files. `dirty_bytes` counts whole dirty blocks of every file
 and changes only under `_acct_lock`, a leaf lock (nothing is taken while it is held), so it is
