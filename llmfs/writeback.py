@@ -227,11 +227,13 @@ class WriteBuffer:
                 continue
             ahead = f.encoding.get(idx)
             if ahead is not None and ahead[0] is buf and n == bs and not ahead[1].cancelled():
-                h, blob = ahead[1].result()[ahead[2]]  # encoded ahead (docstring)
-                blocks[idx] = (h, b"" if h is None else buf)
-                if h is not None:
-                    encoded[h] = blob
-                continue
+                fut = ahead[1]
+                if fut.exception() is None:  # waits; a task that failed is done again below
+                    h, blob = fut.result()[ahead[2]]  # encoded ahead (docstring)
+                    blocks[idx] = (h, b"" if h is None else buf)
+                    if h is not None:
+                        encoded[h] = blob
+                    continue
             plain = memoryview(buf)[:n]  # no copy: hashed, checksummed and compressed in place
             h = block_hash(plain)
             if h == self._zero_hash if n == bs else not bytes(plain).strip(b"\0"):

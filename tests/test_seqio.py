@@ -410,3 +410,22 @@ def test_kill9_while_blocks_are_encoded_ahead_keeps_every_fsynced_file(mounted, 
     mounted.umount()
     assert "clean" in llmfs("fsck", mounted.store).stdout
     mounted.mount()
+
+
+def test_an_encoding_that_failed_on_the_pool_is_done_again_by_the_flush(gated):
+    fs, reg = gated
+    real = reg.encode
+    failed = []
+
+    def flaky(data, codecs=(ZSTD,), fingerprint=None):
+        if threading.current_thread().name.startswith("llmfs-encode") and not failed:
+            failed.append(1)
+            raise MemoryError("no room for this container")
+        return real(data, codecs, fingerprint)
+
+    reg.encode = flaky
+    fh = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, 0, 0)
+    fs.write(fh, TEXT[: 3 * BS], 0)
+    fs.fsync(fh)  # the pool's task failed: the flush encodes its blocks itself
+    assert failed and fs.read(fh, 3 * BS, 0) == TEXT[: 3 * BS]
+    fs.release(fh)
