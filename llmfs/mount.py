@@ -363,6 +363,7 @@ def serve(args, ready_fd: int | None) -> int:
         try:
             status = finish(fs)
         finally:
+            fs.buffer.close()
             fs.cache.close()
             store.close()
     service.stopped()

@@ -16,6 +16,33 @@ times together, so a crash leaves a file as of some flush, never half of one. Al
 stored as holes. Blocks are compressed (zstd or raw) before the write transaction opens, so the
 store's single writer is never held by compression.
 
+Encoding ahead of the flush. Hashing (blake3), the plaintext checksum (xxh3) and compression (zstd)
+are most of the CPU a written MiB costs; zstd and blake3 release the GIL on a block. A whole block
+kept as a view of its request's immutable bytes cannot change any more (a later write replaces it
+or turns it into a bytearray first), so `write` hands it at once to a small pool of encoder threads
+(`encoders`, one per core up to two) and returns: the FUSE thread takes the next WRITE while another
+core hashes and compresses, and the flush finds most blocks' hash and container ready and only
+waits for the rest and makes the LMDB puts (in its one transaction, as before: the store keeps one
+writer, and nothing about when or how data is stored changes — fsync, close and the dirty limit
+behave as without the pool). A block whose content is already stored is encoded all the same (the
+flush drops the container): asking the store first would take its lock from the encoder threads
+while a flush holds it. Partly written blocks (bytearrays, which later writes may change) are
+encoded by the flush as before. The work in flight is bounded: at most `dirty_limit` bytes of
+blocks are queued or being encoded (beyond that a block is left to its flush), so the pool holds at
+most one dirty limit of requests alive (those views are counted below) plus the containers of the
+dirty blocks, which the flush made all at once before the pool existed.
+
+The write-time codec stays zstd level 3 (Registry's level, raw when that does not shrink the block).
+Compaction recodes cold text with the LM from the plaintext, so for text the level only decides
+what the block costs until then (`--compact-after`, or for ever in a store that is never
+compacted); but blocks the LM codec calls binary are skipped by compaction and keep their
+write-time container for good. A faster level stores text, source and shared libraries a few per
+cent larger for a CPU saving that varies with the data (docs/benchmarks.md, session 7); with
+compression on the encoder threads that CPU is no longer on the path a WRITE waits for, so a
+permanent loss of size is not worth it. Incompressible data is not sampled first: zstd gives up
+early on it, and a wrong guess would store a compressible block raw, which compaction never
+revisits.
+
 The dirty limit is one bound over all files. `dirty_bytes` counts whole dirty blocks of every file
 and changes only under `_acct_lock`, a leaf lock (nothing is taken while it is held), so it is
 exact however many files are written at once. Before a write is accepted, `make_room` flushes the
@@ -34,9 +61,12 @@ Every method here except `make_room` and `dirty_files` is called with the file's
 
 from __future__ import annotations
 
+import ctypes
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from llmfs.codec.registry import DAMAGED, RAW, ZSTD, Registry
@@ -46,6 +76,17 @@ from .store import Store, StoreFull, block_hash, codec_of, now_ns
 
 # Flush a file once all files' dirty bytes pass this: bounds the daemon's memory for buffered writes.
 DIRTY_LIMIT = 64 << 20
+# Encoder threads beside the FUSE threads (docstring): hashing and zstd release the GIL, so each
+# uses a core; more than two only queue for the GIL's Python parts.
+ENCODERS = min(2, os.cpu_count() or 1)
+
+
+def _name_thread() -> None:
+    """Name the calling thread llmfs-encode for the OS (top -H, perf, the benchmark's CPU split)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(15, b"llmfs-encode", 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass  # not Linux: only the name is missing
 
 
 @dataclass
@@ -62,6 +103,8 @@ class OpenFile:
     unstored: bool = False  # the store marks it created-but-not-stored (schema: unstored);
     # the flush that first stores it non-empty removes the mark in its own transaction
     unlinked: bool = False  # may have lost its last name (nlink 0): its last user deletes it
+    encoding: dict = field(default_factory=dict)  # block index -> (the dirty view, Future of a
+    # list of (hash or None for a hole, container), position in it): encoded ahead (docstring)
 
 
 class WriteBuffer:
@@ -78,6 +121,7 @@ class WriteBuffer:
         load: Callable[[int, int], bytes | None],
         dirty_limit: int = DIRTY_LIMIT,
         codecs: tuple[int, ...] = (ZSTD,),
+        encoders: int = ENCODERS,
     ):
         self.store = store
         self.registry = registry
@@ -90,6 +134,10 @@ class WriteBuffer:
         self._acct_lock = threading.Lock()
         self._dirtied: OrderedDict[int, OpenFile] = OrderedDict()  # files with dirty blocks,
         # the first dirtied first
+        self.encoders = encoders
+        self._pool: ThreadPoolExecutor | None = None  # made on first use: after the daemon forks
+        self._pool_lock = threading.Lock()
+        self._in_flight = 0  # bytes of blocks queued or being encoded: under _acct_lock
 
     def _account(self, f: OpenFile, blocks: int) -> None:
         """f gained (or lost, if negative) `blocks` dirty blocks: the only place dirty_bytes changes."""
@@ -125,6 +173,7 @@ class WriteBuffer:
             # already accepted stay buffered for a later flush.
             self.flush(f)
         pos, view = offset, memoryview(data)
+        ahead = []  # whole blocks kept as views: encoded ahead, one task per request
         # Whole blocks are kept as views of immutable bytes, not copied, when they are at least half
         # the request: a view holds all of its request alive, so kept views at most double the
         # memory of the dirty blocks they stand for.
@@ -136,12 +185,19 @@ class WriteBuffer:
             if n == bs and idx not in f.dirty:  # a whole block: nothing to read first
                 f.dirty[idx] = view[:n] if keep else bytearray(view[:n])
                 self._account(f, 1)
+                if keep:
+                    ahead.append(idx)
             elif n == bs and type(f.dirty[idx]) is not bytearray:  # a whole block over a kept one
                 f.dirty[idx] = view[:n] if keep else bytearray(view[:n])
+                f.encoding.pop(idx, None)
+                if keep:
+                    ahead.append(idx)
             else:
                 self._block(f, idx)[lo : lo + n] = view[:n]
             pos += n
             view = view[n:]
+        if ahead:
+            self._encode_ahead(f, ahead)
         f.size = max(f.size, offset + len(data))
         f.mtime = now_ns()
 
@@ -155,6 +211,7 @@ class WriteBuffer:
             doomed = [i for i in f.dirty if i * bs >= length]
             for i in doomed:
                 del f.dirty[i]
+                f.encoding.pop(i, None)
             self._account(f, -len(doomed))
         f.size = length
         f.mtime = now_ns()
@@ -166,10 +223,20 @@ class WriteBuffer:
             return
         bs = self.block_size
         blocks = {}  # idx -> (hash, plain) ; hash None = hole
+        encoded = {}  # hash -> container
         for idx, buf in f.dirty.items():
             n = min(bs, f.size - idx * bs)
             if n <= 0:
                 continue
+            ahead = f.encoding.get(idx)
+            if ahead is not None and ahead[0] is buf and n == bs and not ahead[1].cancelled():
+                fut = ahead[1]
+                if fut.exception() is None:  # waits; a task that failed is done again below
+                    h, blob = fut.result()[ahead[2]]  # encoded ahead (docstring)
+                    blocks[idx] = (h, b"" if h is None else buf)
+                    if h is not None:
+                        encoded[h] = blob
+                    continue
             plain = memoryview(buf)[:n]  # no copy: hashed, checksummed and compressed in place
             h = block_hash(plain)
             if h == self._zero_hash if n == bs else not bytes(plain).strip(b"\0"):
@@ -182,7 +249,8 @@ class WriteBuffer:
                 for h, _ in blocks.values()  # a quarantined block is stored anew
                 if h is not None and t.refcount(h) and t.container_codec(h) != DAMAGED
             }
-        encoded = {}
+        for h in known:
+            encoded.pop(h, None)  # stored already: it only gains a reference
         for h, plain in blocks.values():  # compress outside the write transaction
             if h is not None and h not in known and h not in encoded:
                 encoded[h] = self._encode(plain)
@@ -217,6 +285,7 @@ class WriteBuffer:
             raise NoSpace(str(e)) from None  # the dirty data stays buffered: nothing is lost
         n = len(f.dirty)
         f.dirty.clear()
+        f.encoding.clear()
         f.mtime = None
         if settled:
             f.unstored = False
@@ -227,6 +296,7 @@ class WriteBuffer:
         buf = f.dirty.get(idx)
         if buf is not None and type(buf) is not bytearray:  # a kept whole block, now changed in part
             buf = f.dirty[idx] = bytearray(buf)
+            f.encoding.pop(idx, None)
         if buf is None:
             buf = bytearray(self.block_size)
             if idx * self.block_size < f.size:
@@ -239,3 +309,48 @@ class WriteBuffer:
 
     def _encode(self, plain: bytes) -> bytes:
         return self.registry.encode(plain, self.codecs)
+
+    # -- encoding ahead (docstring) ---------------------------------------------------------------
+    def _prepare(self, bufs: list[memoryview]) -> list[tuple[bytes | None, bytes]]:
+        """(hash, container) of whole blocks, (None, b"") for zeros: a pool thread's work."""
+        out = []
+        for plain in bufs:
+            h = block_hash(plain)
+            out.append((None, b"") if h == self._zero_hash else (h, self._encode(plain)))
+        return out
+
+    def _encode_ahead(self, f: OpenFile, idxs: list[int]) -> None:
+        """Queue f's whole, immutable dirty blocks idxs for encoding as one task (one hand-over per
+        request, not per block), if the work in flight stays under the dirty limit."""
+        size = len(idxs) * self.block_size
+        with self._acct_lock:
+            if self.encoders <= 0 or self._in_flight + size > self.dirty_limit:
+                return  # the flush encodes them
+            self._in_flight += size
+        if self._pool is None:
+            with self._pool_lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(
+                        self.encoders, thread_name_prefix="llmfs-encode", initializer=_name_thread
+                    )
+        bufs = [f.dirty[i] for i in idxs]
+        try:
+            fut = self._pool.submit(self._prepare, bufs)
+        except RuntimeError:  # shut down (unmount): the flush encodes them
+            self._done(size)
+            return
+        fut.add_done_callback(lambda _: self._done(size))  # also when cancelled
+        for k, (i, buf) in enumerate(zip(idxs, bufs)):
+            f.encoding[i] = (buf, fut, k)
+
+    def _done(self, size: int) -> None:
+        with self._acct_lock:
+            self._in_flight -= size
+
+    def close(self) -> None:
+        """Stop the encoder threads (unmount, after the last flush)."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+            self.encoders = 0  # later flushes (none are expected) encode in place
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)

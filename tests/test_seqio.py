@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import threading
 
 import mfusepy
 import pytest
@@ -244,3 +245,187 @@ def test_sequential_io_through_the_mount(mounted):
         st = os.stat(mounted.mnt)
         bdi = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
         assert int(open(bdi).read()) >= 1024
+
+
+class GatedRegistry(Registry):
+    """A registry whose encodes wait for `gate` (to hold blocks in the encoder pool) and are
+    counted by thread: 'pool' or 'flush'."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.calls = {"pool": 0, "flush": 0}
+
+    def encode(self, data, codecs=(ZSTD,), fingerprint=None):
+        pooled = threading.current_thread().name.startswith("llmfs-encode")
+        if pooled:
+            assert self.gate.wait(30)
+        self.calls["pool" if pooled else "flush"] += 1
+        return super().encode(data, codecs, fingerprint)
+
+
+@pytest.fixture
+def gated(new_fs):
+    reg = GatedRegistry()
+    f = new_fs(BS, registry=reg, cache=DecodeCache(1 << 20), dirty_limit=64 * BS)
+    f.buffer.encoders = 2
+    yield f, reg
+    reg.gate.set()
+    f.flush_all()
+    f.buffer.close()
+    problems, _ = fsck.run_checks(f.store)
+    assert not problems, [p.message for p in problems]
+
+
+def stored(fs, ino) -> list[bytes]:
+    with fs.store.read() as t:
+        return [t.container(h) for _, h in sorted(t.block_hashes(ino, 0, 1 << 30).items())]
+
+
+def test_whole_blocks_are_encoded_ahead_and_the_flush_stores_the_same_containers(new_fs):
+    data = (TEXT * 3)[: 6 * BS] + bytes(BS) + os.urandom(2 * BS) + b"tail"
+    files = []
+    for encoders in (0, 2):
+        reg = GatedRegistry()
+        fs = new_fs(BS, registry=reg, dirty_limit=64 * BS)
+        fs.buffer.encoders = encoders
+        fh = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, 0, 0)
+        ino = fs.handle_ino(fh)
+        fs.write(fh, bytes(data[: 5 * BS]), 0)
+        fs.write(fh, bytes(data[5 * BS :]), 5 * BS)
+        f = fs._files[ino]
+        assert len(f.encoding) == (9 if encoders else 0)  # the whole blocks; never the tail
+        fs.fsync(fh)
+        assert not f.encoding
+        assert reg.calls == ({"pool": 8, "flush": 1} if encoders else {"pool": 0, "flush": 9})  # no zeros
+        assert fs.read(fh, len(data) + 1, 0) == data
+        fs.release(fh)
+        files.append(stored(fs, ino))
+        fs.buffer.close()
+        problems, _ = fsck.run_checks(fs.store)
+        assert not problems, [p.message for p in problems]
+    assert files[0] == files[1]  # the hole (all zeros) too: found by its hash on the pool
+    assert len(files[1]) == 9 and codecs_of(files[1]) == [ZSTD] * 6 + [RAW] * 3
+
+
+def codecs_of(blobs: list[bytes]) -> list[int]:
+    return [Registry().header(b).codec_id for b in blobs]
+
+
+def test_a_block_changed_while_its_encoding_is_queued_stores_the_new_bytes(gated):
+    fs, reg = gated
+    reg.gate.clear()  # the pool's encodes wait: every change below races a queued encoding
+    fh = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, 0, 0)
+    ino = fs.handle_ino(fh)
+    fs.write(fh, b"a" * (4 * BS), 0)
+    fs.write(fh, b"b" * BS, BS)  # a whole block over a queued one
+    fs.write(fh, b"PART", 2 * BS + 7)  # a part of a queued block: a bytearray now
+    assert sorted(fs._files[ino].encoding) == [0, 1, 3]
+    threading.Timer(0.3, reg.gate.set).start()  # the truncate's flush waits for the queue
+    fs.truncate(ino, 3 * BS + 5, fh)  # drops block 3's queued whole form before it flushes
+    want = b"a" * BS + b"b" * BS + b"a" * 7 + b"PART" + b"a" * (BS - 11) + b"a" * 5
+    fs.fsync(fh)
+    assert fs.read(fh, 4 * BS, 0) == want
+    fs.release(fh)
+    fs.flush_all()
+    again = ns.Filesystem(fs.store, Registry())  # what the store holds, not the write buffer
+    fh2 = again.open(ino, os.O_RDONLY)
+    assert again.read(fh2, 4 * BS, 0) == want
+    again.release(fh2)
+
+
+def test_the_work_queued_for_encoding_stays_under_the_dirty_limit(gated):
+    fs, reg = gated
+    reg.gate.clear()
+    fh = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, 0, 0)
+    ino = fs.handle_ino(fh)
+    for i in range(3):  # the same 30 blocks three times: superseded encodings stay in flight
+        fs.write(fh, bytes([i + 1]) * (30 * BS), 0)
+    assert fs.buffer._in_flight <= fs.buffer.dirty_limit
+    assert fs.buffer._in_flight == 60 * BS  # two requests: the third did not fit
+    assert not fs._files[ino].encoding  # the blocks now dirty are left to the flush
+    reg.gate.set()
+    fs.fsync(fh)
+    assert reg.calls["flush"] == 1  # 30 equal blocks: one container
+    assert fs.read(fh, 30 * BS, 0) == bytes([3]) * (30 * BS)
+    fs.release(fh)
+    fs.buffer.close()  # waits for the pool: what it held is released
+    assert fs.buffer._in_flight == 0
+
+
+def test_after_close_the_flush_encodes_in_place(gated):
+    fs, reg = gated
+    fs.buffer.close()
+    fh = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, 0, 0)
+    fs.write(fh, TEXT[: 4 * BS], 0)
+    assert not fs._files[fs.handle_ino(fh)].encoding and fs.buffer._pool is None
+    fs.release(fh)
+    assert reg.calls == {"pool": 0, "flush": 4}
+
+
+LARGE_WRITER = """
+import os, sys
+root, text = sys.argv[1], open(sys.argv[2], "rb").read()
+i = 0
+while True:
+    data = text[i % 7 * 4096 :][: (1 + i % 3) << 20] + b"%d" % i  # 1-3 MiB, zstd blocks
+    try:
+        with open(os.path.join(root, f"f{i}"), "wb") as f:
+            for off in range(0, len(data), 1 << 20):
+                f.write(data[off : off + (1 << 20)])
+            f.flush()
+            os.fsync(f.fileno())
+        print(i, flush=True)
+    except OSError:
+        break
+    i += 1
+"""
+
+
+def test_kill9_while_blocks_are_encoded_ahead_keeps_every_fsynced_file(mounted, tmp_path):
+    """Files of whole 1 MiB writes go through the encoder pool; kill -9 in the middle of the
+    stream: every file whose fsync returned reads back whole after the next mount, fsck is clean."""
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import llmfs
+
+    src = tmp_path / "text"
+    src.write_bytes((TEXT * 60)[: 4 << 20])
+    text = src.read_bytes()
+    writer = subprocess.Popen(
+        [sys.executable, "-c", LARGE_WRITER, str(mounted.mnt), str(src)], stdout=subprocess.PIPE, text=True
+    )
+    time.sleep(4)
+    mounted.kill9()
+    out, _ = writer.communicate(timeout=60)
+    synced = [int(x) for x in out.split()]
+    assert len(synced) > 3, "the writer made too little progress to test anything"
+    mounted.mount()
+    for i in synced:
+        want = text[i % 7 * 4096 :][: (1 + i % 3) << 20] + b"%d" % i
+        assert (mounted.mnt / f"f{i}").read_bytes() == want, f"fsync'ed file f{i} damaged"
+    mounted.umount()
+    assert "clean" in llmfs("fsck", mounted.store).stdout
+    mounted.mount()
+
+
+def test_an_encoding_that_failed_on_the_pool_is_done_again_by_the_flush(gated):
+    fs, reg = gated
+    real = reg.encode
+    failed = []
+
+    def flaky(data, codecs=(ZSTD,), fingerprint=None):
+        if threading.current_thread().name.startswith("llmfs-encode") and not failed:
+            failed.append(1)
+            raise MemoryError("no room for this container")
+        return real(data, codecs, fingerprint)
+
+    reg.encode = flaky
+    fh = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, 0, 0)
+    fs.write(fh, TEXT[: 3 * BS], 0)
+    fs.fsync(fh)  # the pool's task failed: the flush encodes its blocks itself
+    assert failed and fs.read(fh, 3 * BS, 0) == TEXT[: 3 * BS]
+    fs.release(fh)
