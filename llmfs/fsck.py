@@ -208,14 +208,13 @@ def check_pending(s: Snapshot, t: Txn) -> list[Problem]:
 def _count(t: Txn) -> Counters:
     want = Counters.zero()
     want.logical = sum(i.size for _, i in t.inodes() if i.is_reg)
-    for h, blob in t.blocks():
-        head = t.header(h)
+    for _h, head, size in t.block_headers():
         if head is None:  # damaged: not counted (check_block_headers names it)
             continue
         row = want.per_codec[head.codec_id]
         row[0] += 1
         row[1] += head.length
-        row[2] += len(blob)
+        row[2] += size  # the bytes kept at rest (a compact LM block's, not its expanded form's)
     return want
 
 
