@@ -212,7 +212,8 @@ def read_header(buf: bytes | memoryview, has_fingerprint) -> Header:
     buf = memoryview(buf)
     if len(buf) and buf[0] == COMPACT_TAG:
         raise CompactOutsideStore(
-            "a store's compact container read without its store (its key and model table)"
+            "a store's compact container its store could not expand (a damaged header or a "
+            "model number the store does not know), or read without its store"
         )
     if bytes(buf[:4]) != MAGIC[: len(buf[:4])]:
         raise BadMagic("not an llmfs container (bad magic)")

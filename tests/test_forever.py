@@ -27,7 +27,7 @@ from llmfs.codec.registry import LM, peek_header
 from llmfs import fsck
 from llmfs import namespace as ns
 from llmfs.models import Models, UndecodableStore, model_report
-from llmfs.store import DB_NAMES, DB_NAMES_V1, ROOT_INO, Store, UnsupportedFormat
+from llmfs.store import DB_NAMES_V1, DB_NAMES_V2, ROOT_INO, Store, UnsupportedFormat
 
 BS = 4096
 TEXTS = {
@@ -190,8 +190,8 @@ def lm_store(tmp_path, spec: str, legacy: bool = False, format_2: bool = False):
             )
         t.add_model(fp, spec)
         if legacy:
-            for n in DB_NAMES[len(DB_NAMES_V1) :]:
-                t.txn.drop(t.db[n], delete=True)
+            for n in DB_NAMES_V2[len(DB_NAMES_V1) :]:
+                t.txn.drop(t.db.pop(n), delete=True)
             t.set_meta("format", (1).to_bytes(4, "big"))
         elif format_2:
             t.set_meta("format", (2).to_bytes(4, "big"))
