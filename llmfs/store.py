@@ -546,6 +546,21 @@ class Txn:
         with self.txn.cursor(db=self.db["modelnums"]) as cur:
             return {_U32.unpack(k)[0]: bytes(v) for k, v in cur}
 
+    def lost_model_number(self, h: bytes) -> int | None:
+        """The model number of compact block h if modelnums lacks it although the store handed
+        it out (numbers are given densely from 0 and never deleted: one below the highest given
+        was lost from the table, so the table is damaged, not the block); else None."""
+        raw = self.txn.get(h, db=self.db["blocks"])
+        if raw is None or not len(raw) or raw[0] != ct.COMPACT_TAG:
+            return None
+        try:
+            number, _length, _pos = ct.compact_head(raw)
+        except ContainerError:
+            return None
+        if self.model_number_fingerprint(number) is not None:
+            return None
+        return number if number < max(self.model_numbers(), default=-1) else None
+
     def model_number(self, fingerprint: bytes) -> int:
         """The store-local number of the model `fingerprint`, handed out (the next free number)
         if it has none yet."""

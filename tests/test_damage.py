@@ -334,3 +334,27 @@ def test_damaged_compact_block_costs_only_its_reads_and_fsck_quarantines_it(fs, 
     assert _problems(fs) == []
     with pytest.raises(ns.CorruptData):
         fs.read_ino(ino, 10, BS)
+
+
+def test_a_lost_model_number_is_reported_never_quarantined(fs):
+    """A compact block naming a model number the store handed out but its modelnums table lost:
+    the table is damaged, not the block — fsck reports it and --repair leaves the block alone
+    (restoring the entry makes it read again)."""
+    model = SlowZlibModel()
+    compact_all(fs.store, fs.registry, model)
+    with fs.store.write() as t:
+        assert t.model_number(b"another!") == 1
+        t.txn.delete((0).to_bytes(4, "big"), db=t.db["modelnums"])
+    ino = victim(fs)
+    with pytest.raises(ns.CorruptData):
+        fs.read_ino(ino, 10, 0)
+    problems = _problems(fs)
+    assert any("model number 0" in p.message and "/dir/victim" in p.message for p in problems)
+    assert all(p.repair is None for p in problems if "model number" in p.message)
+    fsck.run_checks(fs.store, repair=True, registry=fs.registry)
+    with fs.store.write() as t:
+        assert t.txn.get(t.block_hashes(ino, 0, 0)[0], db=t.db["blocks"])[0] == COMPACT_TAG
+        t.txn.put((0).to_bytes(4, "big"), model.fingerprint, db=t.db["modelnums"])
+    assert fs.read_ino(ino, len(DATA), 0) == DATA
+    fsck.run_checks(fs.store, repair=True, registry=fs.registry)  # the counters left them out
+    assert _problems(fs) == []
