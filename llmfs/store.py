@@ -504,7 +504,9 @@ class Txn:
         except ContainerError:
             return raw
         fp = self.model_number_fingerprint(number)
-        return raw if fp is None else ct.expand(raw, bytes(h), fp)
+        if fp is None or len(h) != ct.KEY_SIZE:
+            return raw
+        return ct.expand(raw, bytes(h), fp)
 
     def _header(self, h: bytes, raw) -> Header | None:
         """header_of the expanded container, without copying a compact block's payload."""
@@ -515,7 +517,9 @@ class Txn:
         except ContainerError:
             return None
         fp = self.model_number_fingerprint(number)
-        return None if fp is None else header_of(ct.keyed_header(length, bytes(h), fp))
+        if fp is None or len(h) != ct.KEY_SIZE:
+            return None
+        return header_of(ct.keyed_header(length, bytes(h), fp))
 
     def _at_rest(self, h: bytes, blob):
         """What the blocks table keeps for container `blob` of block h: an LM container compact
