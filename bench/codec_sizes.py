@@ -10,7 +10,9 @@ version 5 with the dictionary dictionary.choose picks from the MATE files (the s
 files of the same kind, as `llmfs tune` samples a store — never the file itself), tuned = what
 `llmfs tune` would store: the dictionary chosen from three of every four mates, kept only if it
 codes the held-out ones smaller (llmfs.tune.split_samples, coded_size), else none. Sizes are whole
-containers (payload + header); "lm" (the full codec, what --plot draws) is the tuned one. float
+containers (payload + header); "lm" (the full codec, what --plot draws) is the tuned one; "store"
+is that container as a store keeps it (the compact form, codec/container.py: a 4-byte header for
+the 24 of a standalone container; the block's key is its check). float
 bpb = reference.cross_entropy_bits on the bare segments. `--replot ROWS.json --plot OUT.png`
 redraws a plot from saved rows.
 """
@@ -22,7 +24,7 @@ import json
 import time
 
 from llmfs.codec.bench import _plot, baselines
-from llmfs.codec.container import header_size
+from llmfs.codec.container import compact_size, header_size
 from llmfs.codec.lm import dictionary, open_codec, reference
 
 from llmfs.tune import coded_size, split_samples
@@ -81,12 +83,14 @@ def main() -> None:
                 data
             )
         best = sizes.get("tuned", sizes.get("v5+dict", sizes.get("v5", 0)))
+        store = best - head + compact_size(len(data), 0)
         row = {
             "file": path,
             "raw": len(data),
             **baselines(data),
             **sizes,
             "lm": best,  # the full codec (what _plot draws)
+            "store": store,  # the same, kept compact in a store
             "float bpb": floor,
             "tokens": sum(map(len, segments)),
             "dict tokens": len(d.tokens) if d else 0,
@@ -95,7 +99,9 @@ def main() -> None:
         }
         rows.append(row)
         n = len(data)
-        vs = "  ".join(f"{k} {v} ({8 * v / n / floor - 1:+.2%})" for k, v in sizes.items())
+        vs = "  ".join(
+            f"{k} {v} ({8 * v / n / floor - 1:+.2%})" for k, v in {**sizes, "store": store}.items()
+        )
         print(
             f"{path} [{n} B]: xz {row['xz -9e']} zstd {row['zstd -19']}  {vs}  floor {floor:.4f} bpb",
             flush=True,

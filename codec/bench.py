@@ -5,7 +5,9 @@ brotli -11, the LM container of the bare model ("bare": payload version 2, the e
 they are), of the rows mixed with the online side models of codec/lm/mixer.py ("mix": version 3)
 and of the full codec ("lm": PAYLOAD_VERSION, today 5: its mixer and the codec's dictionary, codec/lm/dictionary.py:
 the built-in default unless --dictionary names a file whose start is sampled as `llmfs tune`
-would), all in bytes and bits per byte, the float32 model's cross-entropy on the very
+would), all in bytes and bits per byte, the full codec's container as a store keeps it ("store":
+the compact form of codec/container.py, whose 4-byte header replaces the 24-byte one of a
+standalone container; the store's block key is the check), the float32 model's cross-entropy on the very
 segments the codec codes (codec/lm/reference.py — the bare model's floor, which the exact engine
 should stay within ~1 % of and the full codec should go below), the full codec's encode and decode
 speed in tokens/s, those speeds against the bare model's measured in the same run ("enc/bare"), and
@@ -40,7 +42,7 @@ from dataclasses import dataclass
 
 import zstandard
 
-from .container import header_size
+from .container import compact_size, header_size
 
 # int8 GEMM shape for the peak: SmolLM2's 576 → 1536 MLP projection with 1024 activation rows.
 PEAK_SHAPE = (1024, 576, 1536)
@@ -255,13 +257,16 @@ def run_codec(args) -> int:
         "bare",
         "mix",
         "lm",
+        "store",
         "bare bpb",
         "mix bpb",
         "lm bpb",
+        "store bpb",
         "float bpb",
         "bare/float",
         "mix/float",
         "lm/float",
+        "store/float",
         "lm/xz",
         "enc tok/s",
         "dec tok/s",
@@ -300,6 +305,7 @@ def run_codec(args) -> int:
         bare, bare_enc_s, bare_dec_s, _, _ = timed[2]
         lm, enc_s, dec_s, enc_cpu, dec_cpu = timed[PAYLOAD_VERSION]
         mix = timed[3][0] + head
+        store = lm + compact_size(len(data), 0)  # the full codec's container as a store keeps it
         bare, lm = bare + head, lm + head  # the whole containers
         n = max(1, len(data))
         floor = float("nan")
@@ -317,13 +323,16 @@ def run_codec(args) -> int:
             "bare": bare,
             "lm": lm,
             "mix": mix,
+            "store": store,
             "bare bpb": 8 * bare / n,
+            "store bpb": 8 * store / n,
             "mix bpb": 8 * mix / n,
             "lm bpb": 8 * lm / n,
             "float bpb": floor,
             "bare/float": 8 * bare / n / floor,
             "lm/float": 8 * lm / n / floor,
             "mix/float": 8 * mix / n / floor,
+            "store/float": 8 * store / n / floor,
             "lm/xz": lm / max(1, base["xz -9e"]),
             "enc tok/s": enc_tps,
             "dec tok/s": dec_tps,
@@ -355,7 +364,7 @@ def run_codec(args) -> int:
         print(
             f"mean over {len(rows)} files: bare/float {mean('bare/float'):.4f}  mix/float "
             f"{mean('mix/float'):.4f}  lm/float "
-            f"{mean('lm/float'):.4f}  lm/bare {sum(r['lm'] / r['bare'] for r in rows) / len(rows):.4f}"
+            f"{mean('lm/float'):.4f}  store/float {mean('store/float'):.4f}  lm/bare {sum(r['lm'] / r['bare'] for r in rows) / len(rows):.4f}"
             f"  enc/bare {mean('enc/bare'):.3f}  dec/bare {mean('dec/bare'):.3f}"
         )
     if args.plot:

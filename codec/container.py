@@ -13,6 +13,43 @@ other integers big-endian):
            fingerprint, FINGERPRINT_SIZE bytes; absent for raw and zstd
     ...    payload, codec-specific (the LM codec's payload starts with its segment table)
 
+Version 3, the keyed form (what a store hands its readers for a compact block, below; never
+written to a file or a store): the version 2 layout with the checksum replaced by the 32-byte
+blake3 digest of the plaintext (the block's key in the store):
+
+    4      magic  b"LMFZ"
+    1      format version 3
+    1      codec id
+    1-10   varint: plaintext length
+    32     key: blake3-256 of the plaintext (a stronger check than xxh3: a decode is verified
+           against it exactly as against a version 2 checksum, by registry.verify)
+    8      model fingerprint (codec id LM only)
+    ...    payload
+
+The compact form (COMPACT_TAG; at rest in a store's `blocks` table only, llmfs/store.py format 3,
+never in an `llmfs compress` file): an LM container less everything the store already knows:
+
+    1      COMPACT_TAG (0x01; a full container starts with b"L": the two never collide)
+    1-10   varint: the store-local model number (the store's `modelnums` table maps it to the
+           8-byte fingerprint)
+    1-10   varint: plaintext length
+    ...    payload, exactly as in the version 2 container it was made from
+
+4 bytes for an 8 KiB block where version 2 has 24. What is dropped and why it is safe:
+  * the magic and version: the store knows it holds containers; the tag is the version;
+  * the codec id: only LM containers are made compact (raw and zstd blocks are large, their
+    header is under 1 % of them, and a raw block is read in place from the store's map);
+  * the xxh3 checksum: the block's key is blake3 of its plaintext, and `expand(blob, key,
+    fingerprint)` puts the key into the keyed form that every reader decodes — the FUSE read path,
+    the decode cache, readahead/prefetch, compaction's verify, fsck, the cluster workers all get
+    their blobs from the store's read methods, which expand. A compact blob that reaches a reader
+    unexpanded fails read_header (CompactOutsideStore), so a path that forgot to expand gets an
+    error, never unverified bytes;
+  * the fingerprint: a store holds a handful of models; the number is mapped back by the store,
+    and a number the store does not know is an error (ModelMismatch), never a guess.
+The length stays: a decode needs it before the first token (the payload's token count does not
+give the byte length), and it bounds the work a damaged block can cause.
+
 Version 1 (read, never written again): magic, version 1, codec id, u16 flags (0), u64 length,
 u64 checksum, then for LM a 16-byte fingerprint whose first 8 bytes are the codec's fingerprint
 of today (codec/lm: the first 8 bytes of the same blake2b-128 digest), then the payload — 40 header
@@ -32,7 +69,10 @@ Invariants:
     compress can suffer;
   * Header.fingerprint is FINGERPRINT_SIZE bytes for LM containers of either version, b"" for
     raw and zstd;
-  * readers refuse versions they do not know with UnsupportedVersion (we never guess a format).
+  * readers refuse versions they do not know with UnsupportedVersion (we never guess a format);
+  * a keyed (version 3) container decodes to `length` bytes whose blake3 is `key`, or raises;
+  * expand(compact(c, n), blake3(plaintext of c), fingerprint of n) has c's codec, length,
+    fingerprint and payload: compacting loses nothing a store cannot give back.
 """
 
 from __future__ import annotations
@@ -40,18 +80,24 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import blake3
 import xxhash
 
 MAGIC = b"LMFZ"
 FORMAT_VERSION = 2
 FINGERPRINT_SIZE = 8
+KEYED_VERSION = 3  # in memory only: a store's compact block handed to its readers
+KEY_SIZE = 32  # blake3-256, the store's block key
+COMPACT_TAG = 0x01  # first byte of a compact (store, at rest) container
+_LM = 2  # registry.LM: the one codec whose containers are made compact
 _CHECKSUM = struct.Struct(">Q")
 _V1_HEAD = struct.Struct(">4sBBHQQ")  # version 1: magic, version, codec, flags, length, checksum
 _V1_FINGERPRINT_SIZE = 16
 _MAX_VARINT = 10  # 64 bits in 7-bit groups
 MAX_HEADER_SIZE = 4 + 1 + 1 + _MAX_VARINT + _CHECKSUM.size + FINGERPRINT_SIZE  # 32 (version 2)
 # Enough bytes for the header of every readable version (version 1 LM: 40): what peek_header reads.
-HEADER_PEEK_SIZE = max(MAX_HEADER_SIZE, _V1_HEAD.size + _V1_FINGERPRINT_SIZE)
+KEYED_HEADER_SIZE = 4 + 1 + 1 + _MAX_VARINT + KEY_SIZE + FINGERPRINT_SIZE  # 56 (version 3)
+HEADER_PEEK_SIZE = max(MAX_HEADER_SIZE, _V1_HEAD.size + _V1_FINGERPRINT_SIZE, KEYED_HEADER_SIZE)
 
 
 class ContainerError(Exception):
@@ -82,12 +128,21 @@ class ChecksumMismatch(ContainerError):
     pass
 
 
+class CompactOutsideStore(ContainerError):
+    """A store's compact container read without its store (which must expand it first)."""
+
+
 class Quarantined(ContainerError):
     """The block was found damaged and quarantined (fsck --repair): it reads as an error for good."""
 
 
 def checksum(data: bytes) -> int:
     return xxhash.xxh3_64_intdigest(data)
+
+
+def key(data) -> bytes:
+    """blake3-256 of the plaintext: a store's block key, and the check of a keyed container."""
+    return blake3.blake3(data).digest()
 
 
 @dataclass(frozen=True)
@@ -97,6 +152,7 @@ class Header:
     checksum: int
     fingerprint: bytes  # FINGERPRINT_SIZE bytes for codecs with a model, b"" for the others
     payload_offset: int
+    key: bytes = b""  # keyed containers (version 3): blake3 of the plaintext; checksum is then 0
 
 
 def varint(value: int) -> bytes:
@@ -154,6 +210,11 @@ def read_header(buf: bytes | memoryview, has_fingerprint) -> Header:
     `has_fingerprint(codec_id) -> bool` comes from the registry; it raises UnknownCodec for ids it does
     not know."""
     buf = memoryview(buf)
+    if len(buf) and buf[0] == COMPACT_TAG:
+        raise CompactOutsideStore(
+            "a store's compact container its store could not expand (a damaged header or a "
+            "model number the store does not know), or read without its store"
+        )
     if bytes(buf[:4]) != MAGIC[: len(buf[:4])]:
         raise BadMagic("not an llmfs container (bad magic)")
     if len(buf) < 6:
@@ -161,18 +222,22 @@ def read_header(buf: bytes | memoryview, has_fingerprint) -> Header:
     version, codec_id = buf[4], buf[5]
     if version == 1:
         return _read_v1(buf, has_fingerprint)
-    if version != FORMAT_VERSION:
+    if version not in (FORMAT_VERSION, KEYED_VERSION):
         raise UnsupportedVersion(
             f"container format version {version} is not supported (this llmfs reads versions 1 "
-            f"and {FORMAT_VERSION}); upgrade llmfs"
+            f"to {KEYED_VERSION}); upgrade llmfs"
         )
     length, pos = read_varint(buf, 6, "container length field")
     model = FINGERPRINT_SIZE if has_fingerprint(codec_id) else 0
-    end = pos + _CHECKSUM.size + model
+    check = KEY_SIZE if version == KEYED_VERSION else _CHECKSUM.size
+    end = pos + check + model
     if len(buf) < end:
         raise Truncated(f"container truncated: {len(buf)} bytes, the header needs {end}")
+    fingerprint = bytes(buf[end - model : end])
+    if version == KEYED_VERSION:
+        return Header(codec_id, length, 0, fingerprint, end, bytes(buf[pos : pos + KEY_SIZE]))
     (csum,) = _CHECKSUM.unpack_from(buf, pos)
-    return Header(codec_id, length, csum, bytes(buf[end - model : end]), end)
+    return Header(codec_id, length, csum, fingerprint, end)
 
 
 def _read_v1(buf: memoryview, has_fingerprint) -> Header:
@@ -188,3 +253,52 @@ def _read_v1(buf: memoryview, has_fingerprint) -> Header:
         fingerprint = bytes(buf[offset : offset + FINGERPRINT_SIZE])
         offset += _V1_FINGERPRINT_SIZE
     return Header(codec_id, length, csum, fingerprint, offset)
+
+
+# -- the store's compact form -------------------------------------------------------------------
+
+
+def compact_size(length: int, model_number: int) -> int:
+    """Header bytes of a compact container (the payload follows them)."""
+    return 1 + len(varint(model_number)) + len(varint(length))
+
+
+def compact(head: Header, blob, model_number: int) -> bytes:
+    """The compact form of the LM container `blob` (whose parsed header is `head`), naming its
+    model by the store-local `model_number`. The caller (the store) guarantees that the block's
+    key is blake3 of the plaintext this container encodes: that is what replaces the checksum."""
+    if head.codec_id != _LM or not head.fingerprint:
+        raise ValueError("only LM containers have a compact form")
+    return b"".join(
+        (
+            bytes((COMPACT_TAG,)),
+            varint(model_number),
+            varint(head.length),
+            memoryview(blob)[head.payload_offset :],
+        )
+    )
+
+
+def compact_head(blob) -> tuple[int, int, int]:
+    """(model number, plaintext length, payload offset) of a compact container; Truncated or
+    ChecksumMismatch if those fields are damaged."""
+    buf = memoryview(blob)[: 1 + 2 * _MAX_VARINT]
+    if not len(buf) or buf[0] != COMPACT_TAG:
+        raise BadMagic("not a compact store container")
+    number, pos = read_varint(buf, 1, "compact container's model number")
+    length, pos = read_varint(buf, pos, "compact container's length field")
+    return number, length, pos
+
+
+def keyed_header(length: int, block_key: bytes, fingerprint: bytes, codec_id: int = _LM) -> bytes:
+    """The header of a keyed (version 3) container."""
+    if len(block_key) != KEY_SIZE or len(fingerprint) != FINGERPRINT_SIZE:
+        raise ValueError("a keyed LM container needs a 32-byte key and an 8-byte fingerprint")
+    return b"".join((MAGIC, bytes((KEYED_VERSION, codec_id)), varint(length), block_key, fingerprint))
+
+
+def expand(blob, block_key: bytes, fingerprint: bytes) -> bytes:
+    """The keyed (version 3) container of the compact container `blob`, stored under
+    `block_key`, whose model number maps to `fingerprint`: what every reader decodes."""
+    _number, length, pos = compact_head(blob)
+    return keyed_header(length, block_key, fingerprint) + bytes(memoryview(blob)[pos:])

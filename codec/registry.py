@@ -228,9 +228,14 @@ def peek_header(blob: bytes | memoryview) -> Header:
 
 
 def verify(data: bytes, h: Header) -> None:
+    """The decoded bytes against the container: its length, and its xxh3 checksum or (a keyed
+    container: a store's compact block) the blake3 key of the block."""
     if len(data) != h.length:
         raise ChecksumMismatch(f"decoded {len(data)} bytes, container says {h.length}")
-    if container.checksum(data) != h.checksum:
+    if h.key:
+        if container.key(data) != h.key:
+            raise ChecksumMismatch("decoded bytes do not match the block's key (blake3)")
+    elif container.checksum(data) != h.checksum:
         raise ChecksumMismatch("decoded bytes do not match the stored checksum")
 
 

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from llmfs.codec import ContainerError, Registry
 from llmfs.codec.registry import LM, RAW, ZSTD, peek_header
 
-from .store import FULL_DISK_SLACK, Store, StoreError, StoreFull, header_of, now_ns
+from .store import FULL_DISK_SLACK, Store, StoreError, StoreFull, now_ns
 
 log = logging.getLogger("llmfs")
 
@@ -173,16 +173,14 @@ class Compactor:
                 for ino in inos:
                     wanted.update(t.block_hashes(ino, 0, (1 << 64) - 1).values())
             out = []
-            with t.txn.cursor(db=t.db["blocks"]) as cur:
-                for h, blob in cur:
-                    head = header_of(blob)  # None: damaged (fsck reports it)
-                    if (
-                        head is not None
-                        and head.codec_id == LM
-                        and not self._is_current(blob, head, current, keep)
-                        and (wanted is None or bytes(h) in wanted)
-                    ):
-                        out.append(bytes(h))
+            for h, head, _size in t.block_headers():  # head None: damaged (fsck reports it)
+                if (
+                    head is not None
+                    and head.codec_id == LM
+                    and (wanted is None or h in wanted)
+                    and not self._is_current(t.container_view(h), head, current, keep)
+                ):
+                    out.append(h)
         return out
 
     # -- compacting ------------------------------------------------------------------------------
@@ -338,14 +336,14 @@ class Compactor:
                     res.changed += 1
                     continue
                 res.blocks += 1
-                res.before += len(current)
+                res.before += t.stored_size(h)  # at rest, as the counters count it
                 if h in new:
                     t.replace_container(h, new[h])
                     res.lm_blocks += peek_header(new[h]).codec_id == LM
-                    res.after += len(new[h])
+                    res.after += t.stored_size(h)  # as kept: an LM container compact
                     res.plain += len(plain[h])
                 else:
-                    res.after += len(current)
+                    res.after += t.stored_size(h)
                 t.remove_pending(h)
             if any(peek_header(b).codec_id == LM for b in new.values()):
                 t.add_model(fingerprint, self.model_spec)

@@ -252,14 +252,13 @@ def check_pending(s: Snapshot, t: Txn) -> list[Problem]:
 def _count(t: Txn) -> Counters:
     want = Counters.zero()
     want.logical = sum(i.size for _, i in t.inodes() if i.is_reg)
-    for h, blob in t.blocks():
-        head = t.header(h)
+    for _h, head, size in t.block_headers():
         if head is None:  # damaged: not counted (check_block_headers names it)
             continue
         row = want.per_codec[head.codec_id]
         row[0] += 1
         row[1] += head.length
-        row[2] += len(blob)
+        row[2] += size  # the bytes kept at rest (a compact LM block's, not its expanded form's)
     return want
 
 
@@ -462,11 +461,21 @@ def quarantine(t: Txn, h: bytes, users: list[tuple[int, int]]) -> None:
 
 def check_block_headers(s: Snapshot, t: Txn) -> list[Problem]:
     """Every stored container's header is readable (without decoding: quick). A damaged one names
-    its files; repair quarantines it."""
+    its files; repair quarantines it. A compact block whose model number the store handed out but
+    its modelnums table lost is the table's damage, not the block's: reported, never quarantined."""
     users = _users(s)
     out = []
     for h in s.block_keys:
-        if t.header(h) is None:
+        if t.header(h) is None and (n := t.lost_model_number(h)) is not None:
+            out.append(
+                Problem(
+                    "block_headers",
+                    f"block {h.hex()[:16]} names store-local model number {n}, which the store's "
+                    f"modelnums table has lost: it cannot be decoded until the entry is restored; "
+                    f"affected: {_files(s, users[h])}",
+                )
+            )
+        elif t.header(h) is None:
 
             def repair(t, h=h):
                 quarantine(t, h, users[h])

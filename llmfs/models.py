@@ -35,7 +35,7 @@ from llmfs.codec.container import ModelMismatch
 from llmfs.codec.lm import DECODE_BATCH, DEFAULT_MODEL  # plain values: importing them loads no torch
 from llmfs.codec.registry import LM
 
-from .store import Store, StoreError, header_of
+from .store import Store, StoreError
 
 log = logging.getLogger("llmfs")
 
@@ -127,11 +127,9 @@ class Models:
 
         counts: Counter = Counter()
         with self.store.read(buffers=True) as t:
-            with t.txn.cursor(db=t.db["blocks"]) as cur:
-                for _h, blob in cur:
-                    head = header_of(blob)  # None: damaged (fsck reports it)
-                    if head is not None and head.codec_id == LM:
-                        counts[head.fingerprint] += 1
+            for _h, head, _size in t.block_headers():  # head None: damaged (fsck reports it)
+                if head is not None and head.codec_id == LM:
+                    counts[head.fingerprint] += 1
             keys, specs = t.model_keys(), t.models()
         manifests = self.manifests()
         used = {keys.get(fp) for fp in counts}
@@ -312,11 +310,9 @@ class Models:
         with self.store.read(buffers=True) as t:
             keys = t.model_keys()
             needed = {current.digest} if current is not None else set()
-            with t.txn.cursor(db=t.db["blocks"]) as cur:
-                for _h, blob in cur:
-                    head = header_of(blob)  # None: damaged (fsck reports it)
-                    if head is not None and head.codec_id == LM and head.fingerprint in keys:
-                        needed.add(keys[head.fingerprint])
+            for _h, head, _size in t.block_headers():  # head None: damaged (fsck reports it)
+                if head is not None and head.codec_id == LM and head.fingerprint in keys:
+                    needed.add(keys[head.fingerprint])
         with self.store.write() as t:
             doomed = [d for d in t.model_file_digests() if d not in needed]
             for d in doomed:

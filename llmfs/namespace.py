@@ -529,8 +529,7 @@ class Filesystem:
             counts: dict[str, int] = {}
             stored = 0
             for h in t.block_hashes(ino, 0, (1 << 64) - 1).values():
-                blob = t.container(h)
-                stored += len(blob)
+                stored += t.stored_size(h) or 0
                 head = t.header(h)
                 cname = CODEC_NAMES[head.codec_id] if head is not None else "damaged"
                 counts[cname] = counts.get(cname, 0) + 1

@@ -84,11 +84,10 @@ def file_report(store: Store, path: str) -> list[tuple[str, str]]:
         per_codec: dict[int, list[int]] = {}
         hashes = t.block_hashes(ino, 0, (1 << 64) - 1)
         for h in hashes.values():
-            blob = t.container(h) or b""
             head = t.header(h)  # None: a damaged header, shown as such
             row = per_codec.setdefault(head.codec_id if head else DAMAGED, [0, 0])
             row[0] += 1
-            row[1] += len(blob)
+            row[1] += t.stored_size(h) or 0  # at rest (a compact LM block's bytes)
     stored = sum(r[1] for r in per_codec.values())
     rows = [("file", path), ("inode", str(ino)), ("logical bytes", str(inode.size))]
     for cid, (n, size) in sorted(per_codec.items()):

@@ -26,7 +26,17 @@ big-endian so keys sort numerically. Named sub-databases:
             integer nanoseconds) followed, for symlinks only, by the target bytes
   dirents   u64 parent ino + name bytes → u64 child ino
   blockmap  u64 ino + u64 block index → 32-byte block hash (blake3 of the plaintext block)
-  blocks    32-byte hash → container bytes (codec/container.py)
+  blocks    32-byte hash → container bytes (codec/container.py): a full container (version 1 or 2)
+            or, from format 3 on, for LM blocks, the compact form (container.py, COMPACT_TAG): the
+            LM container less its magic, version, codec id, xxh3 checksum and fingerprint, with a
+            store-local model number (table modelnums) — 4 header bytes where version 2 has 24.
+            Readers never see the compact form: every Txn method that hands out a block
+            (container, container_view, header, blocks, block_headers) expands it into the keyed
+            container (version 3) whose check is the key itself, blake3 of the plaintext, so
+            every decode (reads, the decode cache, readahead, compaction, fsck, the cluster's
+            workers) is verified against the key. Writers hand in full containers; set_block and
+            replace_container store an LM one compact (numbering its model on first use, in the
+            same transaction), and the counters count the bytes kept at rest.
   refs      32-byte hash → u64 reference count
   xattrs    u64 ino + name bytes → value bytes
   orphans   u64 ino → b"" : inodes whose last name is gone while a process still has them open; their
@@ -56,6 +66,9 @@ big-endian so keys sort numerically. Named sub-databases:
             int8 weights)
   modelkeys   (format 2) model fingerprint (8 bytes) → 32-byte digest of the modelfiles entry that
             decodes it: the model's own fingerprint and each alias its manifest lists
+  modelnums   (format 3) u32 store-local model number → 8-byte model fingerprint: the number a
+            compact LM block names its model by. Numbers are handed out from 0 up, never reused,
+            renumbered or deleted (a dozen bytes per model)
 
 FORMAT VERSIONS (which llmfs reads which store)
   1  the tables above without modelfiles/modelkeys; written by releases up to main 2fa6d7d, which
@@ -67,6 +80,13 @@ FORMAT VERSIONS (which llmfs reads which store)
      before, its model loaded by spec until it is embedded); opened without the lock (stat) or
      read-only it is read as it is. A store of a format above 2 is refused with a message to
      install a newer llmfs. Each later format keeps reading every earlier one, upgrading in place.
+  3  this release: adds modelnums and compact LM blocks (a release that reads only formats 1-2
+     refuses it as above: it would take a compact block for a damaged one, and its fsck --repair
+     would quarantine it). Reads formats 1 to 3; a format 1 or 2 store opened with the lock is
+     upgraded in place in one transaction (the missing tables created, "format" set to 3); its
+     blocks stay as they are (full containers keep decoding; `llmfs compact --recode`, or any
+     re-encoding, stores them compact). Opened without the lock it is read as it is, and
+     nothing is written compact into a store without modelnums.
 
 INVARIANTS (fsck.py checks each one by name)
   * refs[h] == number of blockmap entries naming h, and refs[h] >= 1 for every h in refs;
@@ -74,6 +94,7 @@ INVARIANTS (fsck.py checks each one by name)
   * every blockmap value names a key of blocks; blockmap entries of ino exist only for block
     indices < ceil(inodes[ino].size / block_size), and never for a block of all zeros (a hole).
   * a block's container decodes to block_size bytes or fewer, whose blake3 is its key.
+  * a compact block's model number is a key of modelnums; modelnums values are distinct.
   * every dirent names an existing inode; every inode except ROOT_INO and orphans is named by
     exactly inodes[ino].nlink dirents (directories: by one dirent, nlink = 2 + subdirectories).
   * the root inode is ROOT_INO and is a directory; inode numbers are never reused.
@@ -153,15 +174,16 @@ from typing import NamedTuple
 import blake3
 import lmdb
 
+from llmfs.codec import container as ct
 from llmfs.codec.container import FINGERPRINT_SIZE, ContainerError, Header
 from llmfs.codec.container import FORMAT_VERSION as CONTAINER_FORMAT
 from llmfs.codec.container import MAGIC as CONTAINER_MAGIC
-from llmfs.codec.registry import DAMAGED, peek_header
+from llmfs.codec.registry import DAMAGED, LM, peek_header
 
 log = logging.getLogger("llmfs")
 
-FORMAT_VERSION = 2
-READS_FORMATS = (1, 2)
+FORMAT_VERSION = 3
+READS_FORMATS = (1, 2, 3)
 MAGIC = b"llmfs-store"
 ROOT_INO = 1
 HASH_SIZE = 32
@@ -190,7 +212,8 @@ DB_NAMES_V1 = (
     "pending",
     "models",
 )
-DB_NAMES = DB_NAMES_V1 + ("modelfiles", "modelkeys")  # format 2
+DB_NAMES_V2 = DB_NAMES_V1 + ("modelfiles", "modelkeys")
+DB_NAMES = DB_NAMES_V2 + ("modelnums",)  # format 3
 # Tables a store of the current format may lack (made before they existed): created when the
 # store is opened for writing, read as empty otherwise (see the schema above).
 LATER_DBS = ("unstored",)
@@ -364,6 +387,7 @@ class Txn:
         self.db = store.db
         self._counters: Counters | None = None
         self.new_bytes = 0  # container bytes this transaction stored (the group's memory bound)
+        self._numbers: dict[int, bytes | None] = {}  # model number -> fingerprint, looked up
 
     # -- meta ----------------------------------------------------------------------------------
     def meta(self, key: str) -> bytes | None:
@@ -506,18 +530,110 @@ class Txn:
         return out
 
     def container(self, h: bytes) -> bytes | None:
+        """Block h's container, a compact one expanded (see the schema's `blocks`)."""
         raw = self.txn.get(h, db=self.db["blocks"])
-        return bytes(raw) if raw is not None else None
+        return bytes(self._expand(h, raw)) if raw is not None else None
 
     def container_view(self, h: bytes) -> memoryview | bytes | None:
         """Block h's container as the transaction hands it out: in a snapshot() a memoryview into
-        the map, valid only inside it, not copied."""
-        return self.txn.get(h, db=self.db["blocks"])
+        the map, valid only inside it, not copied (a compact one: expanded, so a copy)."""
+        raw = self.txn.get(h, db=self.db["blocks"])
+        return self._expand(h, raw) if raw is not None else None
 
     def header(self, h: bytes) -> Header | None:
         """The header of block h's container; None if h is not stored or its header is damaged."""
         raw = self.txn.get(h, db=self.db["blocks"])
-        return header_of(raw) if raw is not None else None
+        return self._header(h, raw) if raw is not None else None
+
+    def stored_size(self, h: bytes) -> int | None:
+        """The bytes block h's container takes at rest (what the counters count)."""
+        raw = self.txn.get(h, db=self.db["blocks"])
+        return len(raw) if raw is not None else None
+
+    def _expand(self, h: bytes, raw):
+        """A compact container as its keyed (version 3) form; any other as it is. A compact one
+        that cannot be expanded (damaged fields, a model number the store does not know) is
+        handed out as it is: reading its header then fails (CompactOutsideStore), as a damaged
+        block's does."""
+        if not len(raw) or raw[0] != ct.COMPACT_TAG:
+            return raw
+        try:
+            number, _length, _pos = ct.compact_head(raw)
+        except ContainerError:
+            return raw
+        fp = self.model_number_fingerprint(number)
+        if fp is None or len(h) != ct.KEY_SIZE:
+            return raw
+        return ct.expand(raw, bytes(h), fp)
+
+    def _header(self, h: bytes, raw) -> Header | None:
+        """header_of the expanded container, without copying a compact block's payload."""
+        if not len(raw) or raw[0] != ct.COMPACT_TAG:
+            return header_of(raw)
+        try:
+            number, length, _pos = ct.compact_head(raw)
+        except ContainerError:
+            return None
+        fp = self.model_number_fingerprint(number)
+        if fp is None or len(h) != ct.KEY_SIZE:
+            return None
+        return header_of(ct.keyed_header(length, bytes(h), fp))
+
+    def _at_rest(self, h: bytes, blob):
+        """What the blocks table keeps for container `blob` of block h: an LM container compact
+        (format 3), anything else as it is. A keyed container is taken only under its own key."""
+        if "modelnums" not in self.db or not len(blob) or blob[0] == ct.COMPACT_TAG:
+            return blob
+        head = header_of(blob)
+        if head is None or head.codec_id != LM or not head.fingerprint:
+            return blob
+        if head.key and head.key != bytes(h):
+            raise ValueError("a keyed container stored under another block's key")
+        return ct.compact(head, blob, self.model_number(head.fingerprint))
+
+    def model_number_fingerprint(self, number: int) -> bytes | None:
+        """The fingerprint the store-local model `number` stands for (None: not in modelnums)."""
+        if number not in self._numbers:
+            raw = None
+            if "modelnums" in self.db and number < (1 << 32):
+                raw = self.txn.get(_U32.pack(number), db=self.db["modelnums"])
+            ok = raw is not None and len(raw) == FINGERPRINT_SIZE
+            self._numbers[number] = bytes(raw) if ok else None
+        return self._numbers[number]
+
+    def model_numbers(self) -> dict[int, bytes]:
+        """store-local model number -> fingerprint (format 3; {} before)"""
+        if "modelnums" not in self.db:
+            return {}
+        with self.txn.cursor(db=self.db["modelnums"]) as cur:
+            return {_U32.unpack(k)[0]: bytes(v) for k, v in cur}
+
+    def lost_model_number(self, h: bytes) -> int | None:
+        """The model number of compact block h if modelnums lacks it although the store handed
+        it out (numbers are given densely from 0 and never deleted: one below the highest given
+        was lost from the table, so the table is damaged, not the block); else None."""
+        raw = self.txn.get(h, db=self.db["blocks"])
+        if raw is None or not len(raw) or raw[0] != ct.COMPACT_TAG:
+            return None
+        try:
+            number, _length, _pos = ct.compact_head(raw)
+        except ContainerError:
+            return None
+        if self.model_number_fingerprint(number) is not None:
+            return None
+        return number if number < max(self.model_numbers(), default=-1) else None
+
+    def model_number(self, fingerprint: bytes) -> int:
+        """The store-local number of the model `fingerprint`, handed out (the next free number)
+        if it has none yet."""
+        numbers = self.model_numbers()
+        for n, fp in numbers.items():
+            if fp == fingerprint:
+                return n
+        n = max(numbers, default=-1) + 1
+        self.txn.put(_U32.pack(n), bytes(fingerprint), db=self.db["modelnums"])
+        self._numbers[n] = bytes(fingerprint)
+        return n
 
     def container_codec(self, h: bytes) -> int | None:
         """The codec id of block h's container, read from its header only (None: not stored, or
@@ -572,6 +688,7 @@ class Txn:
             if n == 0:
                 if container is None:
                     raise ValueError("new block without its container")
+                container = self._at_rest(h, container)
                 self.txn.put(h, container, db=self.db["blocks"])
                 self.new_bytes += len(container)
                 row = self.counters.per_codec[codec_id]
@@ -598,7 +715,7 @@ class Txn:
         self.txn.delete(h, db=self.db["refs"])
         blob = self.txn.get(h, db=self.db["blocks"])
         if blob is not None:
-            self._count(blob, -1)
+            self._count(h, blob, -1)
             self.txn.delete(h, db=self.db["blocks"])
         self.txn.delete(h, db=self.db["pending"])
 
@@ -607,15 +724,17 @@ class Txn:
         old = self.txn.get(h, db=self.db["blocks"])
         if old is None:
             raise KeyError(h.hex())
-        self._count(old, -1)
-        self._count(blob, 1)
+        blob = self._at_rest(h, blob)
+        self._count(h, old, -1)
+        self._count(h, blob, 1)
         self.txn.put(h, blob, db=self.db["blocks"])
         self.new_bytes += len(blob)
 
-    def _count(self, blob, sign: int) -> None:
-        """Add (sign 1) or remove (-1) a container in the counters. A damaged header does not say
-        how the block was counted: it is left out, and the counters stay off until recounted."""
-        head = header_of(blob)
+    def _count(self, h: bytes, blob, sign: int) -> None:
+        """Add (sign 1) or remove (-1) a container, as kept at rest, in the counters. A damaged
+        header does not say how the block was counted: it is left out, and the counters stay off
+        until recounted."""
+        head = self._header(h, blob)
         if head is None:
             return
         row = self.counters.per_codec[head.codec_id]
@@ -717,9 +836,16 @@ class Txn:
                 yield ino, idx, bytes(val)
 
     def blocks(self):
+        """(hash, container) of every block, compact ones expanded (see the schema's `blocks`)."""
         with self.txn.cursor(db=self.db["blocks"]) as cur:
             for key, val in cur:
-                yield bytes(key), bytes(val)
+                yield bytes(key), bytes(self._expand(key, val))
+
+    def block_headers(self):
+        """(hash, header or None if damaged, bytes at rest) of every block, no payload copied."""
+        with self.txn.cursor(db=self.db["blocks"]) as cur:
+            for key, val in cur:
+                yield bytes(key), self._header(key, val), len(val)
 
     def refs(self):
         with self.txn.cursor(db=self.db["refs"]) as cur:
@@ -888,21 +1014,20 @@ class Store:
                     self.env.sync(True)
 
     def _open_format(self, version: int, upgrade: bool) -> None:
-        """Open the format's tables; upgrade a format 1 store to 2 in one transaction when this
+        """Open the format's tables; upgrade a format 1 or 2 store to 3 in one transaction when this
         process holds the lock (see FORMAT VERSIONS above), else read it as it is."""
         self.format = version
-        if version == 1:
-            if not upgrade:
-                return
-            with self.env.begin(write=True) as txn:
-                for n in DB_NAMES[len(DB_NAMES_V1) :]:
-                    self.db[n] = self.env.open_db(n.encode(), txn=txn, create=True)
-                txn.put(b"format", _U32.pack(FORMAT_VERSION), db=self.db["meta"])
-            self.env.sync(True)
-            self.format = FORMAT_VERSION
-            return
-        for n in DB_NAMES[len(DB_NAMES_V1) :]:
+        have = {1: DB_NAMES_V1, 2: DB_NAMES_V2}.get(version, DB_NAMES)
+        for n in have[len(DB_NAMES_V1) :]:
             self.db[n] = self.env.open_db(n.encode(), create=False)
+        if version == FORMAT_VERSION or not upgrade:
+            return
+        with self.env.begin(write=True) as txn:
+            for n in DB_NAMES[len(have) :]:
+                self.db[n] = self.env.open_db(n.encode(), txn=txn, create=True)
+            txn.put(b"format", _U32.pack(FORMAT_VERSION), db=self.db["meta"])
+        self.env.sync(True)
+        self.format = FORMAT_VERSION
 
     @classmethod
     def create(cls, path: str, block_size: int, model_spec: str = "") -> None:

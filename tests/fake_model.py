@@ -27,7 +27,10 @@ class SlowZlibModel:
         with self.engine_lock:
             time.sleep(self.delay)
             self.decoded.append(len(items))
-            return [zlib.decompress(p) for p, _n in items]
+            try:
+                return [zlib.decompress(p) for p, _n in items]
+            except zlib.error as e:  # a damaged payload, as the LM codec reports one
+                raise ValueError(f"zlib: {e}") from None
 
 
 def compact_all(store, registry, model) -> None:

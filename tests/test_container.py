@@ -71,8 +71,8 @@ def test_every_truncated_header_is_a_typed_error(blob):
 def test_garbage_is_a_typed_error():
     with pytest.raises(BadMagic):
         peek_header(b"PK\x03\x04" + bytes(40))
-    with pytest.raises(UnsupportedVersion, match="version 3"):
-        peek_header(b"LMFZ\x03\x00" + bytes(30))
+    with pytest.raises(UnsupportedVersion, match="version 4"):
+        peek_header(b"LMFZ\x04\x00" + bytes(30))
     with pytest.raises(UnknownCodec):
         peek_header(b"LMFZ\x02\xee\x01" + bytes(30))
     with pytest.raises(ChecksumMismatch, match="length"):
@@ -98,3 +98,101 @@ def test_registry_round_trip_and_wrong_checksum():
     assert peek_header(blob).codec_id == RAW
     assert len(blob) == len(incompressible) + container.header_size(256)
     assert issubclass(ChecksumMismatch, ContainerError) and FINGERPRINT_SIZE == 8
+
+
+# ---------------------------------------------------------------- the store's compact form
+class _ZlibModel:
+    """A model codec stand-in (registry ModelCodec): zlib payloads, decode errors as ValueError
+    (what the registry turns into ChecksumMismatch, as for the real LM codec's payload errors)."""
+
+    def __init__(self, fingerprint: bytes, salt: int = 0):
+        self.fingerprint, self.salt = fingerprint, salt
+
+    def encode(self, data: bytes) -> bytes:
+        import zlib
+
+        return zlib.compress(bytes(b ^ self.salt for b in data), 9)
+
+    def decode_many(self, items):
+        import zlib
+
+        try:
+            return [bytes(b ^ self.salt for b in zlib.decompress(p)) for p, _n in items]
+        except zlib.error as e:
+            raise ValueError(str(e)) from None
+
+
+TEXT = b"compact containers drop what the store knows\n" * 40
+OTHER_FP = b"otherfp!"
+
+
+def _lm_registry():
+    reg = Registry()
+    reg.add_model(_ZlibModel(FP))
+    reg.add_model(_ZlibModel(OTHER_FP, salt=0x20))  # decodes FP's payloads to other bytes
+    return reg
+
+
+def test_compact_round_trip_and_pinned_layout():
+    reg = _lm_registry()
+    full = reg.encode(TEXT, (LM,), FP)
+    head = peek_header(full)
+    small = container.compact(head, full, 0)
+    assert small[:3] == bytes((container.COMPACT_TAG, 0)) + container.varint(len(TEXT))[:1]
+    assert len(small) == len(full) - container.header_size(len(TEXT), True) + 4
+    assert container.compact_head(small) == (0, len(TEXT), 4)
+    assert container.compact_size(len(TEXT), 0) == 4
+    key = container.key(TEXT)
+    keyed = container.expand(small, key, FP)
+    kh = peek_header(keyed)
+    assert (kh.codec_id, kh.length, kh.fingerprint, kh.key) == (LM, len(TEXT), FP, key)
+    assert reg.decode(keyed) == TEXT
+    assert container.compact(kh, keyed, 7)[1] == 7  # a keyed container compacts the same way
+    with pytest.raises(ValueError):
+        container.compact(peek_header(V2_RAW), V2_RAW, 0)  # only LM containers
+
+
+def test_compact_container_outside_its_store_is_an_error():
+    reg = _lm_registry()
+    full = reg.encode(TEXT, (LM,), FP)
+    small = container.compact(peek_header(full), full, 0)
+    with pytest.raises(container.CompactOutsideStore):
+        peek_header(small)
+    with pytest.raises(container.CompactOutsideStore):
+        reg.decode(small)
+
+
+def test_keyed_container_checks_the_key():
+    reg = _lm_registry()
+    full = reg.encode(TEXT, (LM,), FP)
+    small = container.compact(peek_header(full), full, 0)
+    wrong_key = container.key(TEXT + b"x")
+    with pytest.raises(ChecksumMismatch, match="key"):
+        reg.decode(container.expand(small, wrong_key, FP))
+    # a wrong store-local model number mapped to another model: its bytes fail the key
+    with pytest.raises(ChecksumMismatch):
+        reg.decode(container.expand(small, container.key(TEXT), OTHER_FP))
+    with pytest.raises(container.ModelMismatch):  # ... or to a model not loaded here
+        reg.decode(container.expand(small, container.key(TEXT), b"unknown!"))
+
+
+def test_every_damaged_byte_of_a_compact_container_is_an_error():
+    """Each byte of a compact container flipped (as the store would expand it: its key and the
+    model its number names, 0 -> FP, 1 -> OTHER_FP, else unknown): a ContainerError, never bytes
+    other than the plaintext."""
+    reg = _lm_registry()
+    full = reg.encode(TEXT, (LM,), FP)
+    small = container.compact(peek_header(full), full, 0)
+    key, models = container.key(TEXT), {0: FP, 1: OTHER_FP}
+    for i in range(len(small)):
+        for flip in (0x01, 0x80, 0xFF):
+            bad = bytearray(small)
+            bad[i] ^= flip
+            try:
+                number, _length, _pos = container.compact_head(bad)
+                if number not in models:
+                    raise container.ModelMismatch(f"no model number {number}")
+                got = reg.decode_many([container.expand(bad, key, models[number])], 1 << 16)[0]
+            except ContainerError:
+                continue
+            assert got == TEXT, (i, flip)

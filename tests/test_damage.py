@@ -13,7 +13,7 @@ import struct
 import pytest
 import zstandard
 from llmfs.codec import ChecksumMismatch, ContainerError, Quarantined, Registry
-from llmfs.codec.container import pack
+from llmfs.codec.container import COMPACT_TAG, pack
 from llmfs.codec.registry import DAMAGED, LM, ZSTD
 
 from llmfs import fsck
@@ -277,3 +277,84 @@ def test_compaction_skips_and_reports_a_damaged_block_once(fs, caplog):
     fh = fs.open(fs.lookup(fs.lookup(ROOT_INO, b"dir"), b"other"), os.O_RDONLY)
     assert fs.read(fh, len(OTHER), 0) == OTHER
     fs.release(fh)
+
+
+# ---------------------------------------------------------------- compact LM blocks (format 3)
+def damage_at_rest(store: Store, ino: int, idx: int, offset: int) -> bytes:
+    """Flip one byte at `offset` of block idx's container as the store keeps it (compact)."""
+    with store.write() as t:
+        h = t.block_hashes(ino, idx, idx)[idx]
+        blob = bytearray(t.txn.get(h, db=t.db["blocks"]))
+        assert blob[0] == COMPACT_TAG
+        blob[offset] ^= 0x5A
+        t.txn.put(h, bytes(blob), db=t.db["blocks"])
+    return h
+
+
+def _problems(fs) -> list:
+    """fsck's findings with the fake model loaded, less the one it always has (the fake model
+    cannot be embedded in the store: model_embedding)."""
+    problems, _ = fsck.run_checks(fs.store, registry=fs.registry)
+    return [p for p in problems if p.check != "model_embedding"]
+
+
+# tag, model number, length varint (2 bytes), inside the payload
+COMPACT_POSITIONS = [0, 1, 2, 3, -20]
+
+
+@pytest.mark.parametrize("offset", COMPACT_POSITIONS)
+def test_damaged_compact_block_costs_only_its_reads_and_fsck_quarantines_it(fs, offset):
+    """The blocks kept compact (store format 3): a damaged byte anywhere in one of them, its
+    model number included, reads as CorruptData for that block's range only, fsck names the
+    file, --repair quarantines it, and the store then checks clean; the other blocks, compact
+    too, read back exactly (checked against their keys)."""
+    model = SlowZlibModel()
+    compact_all(fs.store, fs.registry, model)
+    ino = victim(fs)
+    with fs.store.read() as t:
+        assert t.model_numbers() == {0: model.fingerprint}
+        h = t.block_hashes(ino, 0, 0)[0]
+        assert t.txn.get(h, db=t.db["blocks"])[0] == COMPACT_TAG
+        assert t.stored_size(h) == len(t.container(h)) - 44  # 48-byte keyed header, 4 at rest
+    assert _problems(fs) == []
+    damage_at_rest(fs.store, ino, 1, offset)
+    fh = fs.open(ino, os.O_RDONLY)
+    assert fs.read(fh, BS, 0) == DATA[:BS]
+    assert fs.read(fh, BS, 2 * BS) == DATA[2 * BS :]
+    with pytest.raises(ns.CorruptData):
+        fs.read(fh, 100, BS + 10)
+    fs.release(fh)
+    fh = fs.open(fs.lookup(fs.lookup(ROOT_INO, b"dir"), b"other"), os.O_RDONLY)
+    assert fs.read(fh, len(OTHER), 0) == OTHER
+    fs.release(fh)
+    problems = _problems(fs)
+    assert any("/dir/victim (block 1)" in p.message for p in problems), problems
+    assert all(p.repair for p in problems)
+    fsck.run_checks(fs.store, repair=True, registry=fs.registry)
+    assert _problems(fs) == []
+    with pytest.raises(ns.CorruptData):
+        fs.read_ino(ino, 10, BS)
+
+
+def test_a_lost_model_number_is_reported_never_quarantined(fs):
+    """A compact block naming a model number the store handed out but its modelnums table lost:
+    the table is damaged, not the block — fsck reports it and --repair leaves the block alone
+    (restoring the entry makes it read again)."""
+    model = SlowZlibModel()
+    compact_all(fs.store, fs.registry, model)
+    with fs.store.write() as t:
+        assert t.model_number(b"another!") == 1
+        t.txn.delete((0).to_bytes(4, "big"), db=t.db["modelnums"])
+    ino = victim(fs)
+    with pytest.raises(ns.CorruptData):
+        fs.read_ino(ino, 10, 0)
+    problems = _problems(fs)
+    assert any("model number 0" in p.message and "/dir/victim" in p.message for p in problems)
+    assert all(p.repair is None for p in problems if "model number" in p.message)
+    fsck.run_checks(fs.store, repair=True, registry=fs.registry)
+    with fs.store.write() as t:
+        assert t.txn.get(t.block_hashes(ino, 0, 0)[0], db=t.db["blocks"])[0] == COMPACT_TAG
+        t.txn.put((0).to_bytes(4, "big"), model.fingerprint, db=t.db["modelnums"])
+    assert fs.read_ino(ino, len(DATA), 0) == DATA
+    fsck.run_checks(fs.store, repair=True, registry=fs.registry)  # the counters left them out
+    assert _problems(fs) == []

@@ -27,7 +27,7 @@ from llmfs.codec.registry import LM, peek_header
 from llmfs import fsck
 from llmfs import namespace as ns
 from llmfs.models import Models, UndecodableStore, model_report
-from llmfs.store import DB_NAMES, DB_NAMES_V1, ROOT_INO, Store, UnsupportedFormat
+from llmfs.store import DB_NAMES_V1, DB_NAMES_V2, ROOT_INO, Store, UnsupportedFormat
 
 BS = 4096
 TEXTS = {
@@ -158,11 +158,12 @@ def env(tmp_path, monkeypatch):
     return tmp_path
 
 
-def lm_store(tmp_path, spec: str, legacy: bool = False):
+def lm_store(tmp_path, spec: str, legacy: bool = False, format_2: bool = False):
     """A store whose files' blocks are LM containers of `spec` (the test model codes nothing
     smaller than zstd, so the containers are swapped in directly, as compaction would). legacy:
     a format 1 store (no model files) whose blocks carry the fingerprint releases up to 16af6cc
-    gave the model, as main at 16af6cc left it."""
+    gave the model, as main at 16af6cc left it. format_2: a format 2 store, as the releases
+    before compact LM blocks left it (full version 2 containers, no modelnums table)."""
     Store.create(str(tmp_path / "s"), BS, spec)
     s = Store(str(tmp_path / "s"))
     fs = ns.Filesystem(s, Registry())
@@ -180,6 +181,8 @@ def lm_store(tmp_path, spec: str, legacy: bool = False):
         codec.use_dictionary(None)
     reg = Registry()
     with s.write() as t:
+        if legacy or format_2:  # blocks as the older release stored them: full containers
+            t.txn.drop(t.db.pop("modelnums"), delete=True)
         for h, blob in list(t.blocks()):
             data = reg.decode(blob)
             t.replace_container(
@@ -187,9 +190,11 @@ def lm_store(tmp_path, spec: str, legacy: bool = False):
             )
         t.add_model(fp, spec)
         if legacy:
-            for n in DB_NAMES[len(DB_NAMES_V1) :]:
-                t.txn.drop(t.db[n], delete=True)
+            for n in DB_NAMES_V2[len(DB_NAMES_V1) :]:
+                t.txn.drop(t.db.pop(n), delete=True)
             t.set_meta("format", (1).to_bytes(4, "big"))
+        elif format_2:
+            t.set_meta("format", (2).to_bytes(4, "big"))
     s.close()
     return str(tmp_path / "s"), fp
 
@@ -266,7 +271,7 @@ def test_format_1_store_opens_upgrades_and_embeds(env):
     assert ro.format == 1
     ro.close()
     s = Store(path)
-    assert s.format == 2
+    assert s.format == 3
     problems, _ = fsck.run_checks(s, fsck.QUICK_CHECKS)
     assert problems == []  # a mount after a crash is not refused for an unembedded model
     problems, _ = fsck.run_checks(s)
@@ -280,11 +285,43 @@ def test_format_1_store_opens_upgrades_and_embeds(env):
     assert read_all(path) == TEXTS
 
 
+def test_format_2_store_opens_upgrades_and_compacts(env):
+    """A store the previous release made (format 2, full version 2 LM containers): read as is
+    without the lock; upgraded to format 3 with it, its blocks unchanged and fsck clean; a block
+    re-stored then is kept compact (20 bytes smaller here: magic, version, codec id, checksum and
+    fingerprint against a one-byte tag and a one-byte model number), and everything still reads,
+    verified against the key, with fsck clean."""
+    model = write_model_dir(env / "model")
+    path, fp = lm_store(env, str(model), format_2=True)
+    ro = Store(path, lock=False, readonly=True)
+    assert ro.format == 2 and "modelnums" not in ro.db
+    ro.close()
+    assert read_all(path, lock=False) == TEXTS
+    s = Store(path)
+    assert s.format == 3
+    with s.read() as t:
+        full = {h: (blob, t.stored_size(h)) for h, blob in t.blocks()}
+    assert all(len(blob) == size and blob[:5] == b"LMFZ\x02" for blob, size in full.values())
+    assert fsck.run_checks(s)[0] == []
+    with s.write() as t:
+        for h, (blob, _size) in full.items():
+            t.replace_container(h, blob)
+        assert t.model_numbers() == {0: fp}
+    with s.read() as t:
+        for h, (_blob, size) in full.items():
+            assert t.stored_size(h) == size - 20
+            keyed = t.container(h)
+            assert keyed[:5] == b"LMFZ\x03" and peek_header(keyed).key == h
+    assert fsck.run_checks(s)[0] == []
+    s.close()
+    assert read_all(path) == TEXTS
+
+
 def test_newer_store_format_is_refused(env):
     Store.create(str(env / "s"), BS)
     s = Store(str(env / "s"))
     with s.write() as t:
-        t.set_meta("format", (3).to_bytes(4, "big"))
+        t.set_meta("format", (4).to_bytes(4, "big"))
     s.close()
     with pytest.raises(UnsupportedFormat, match="install a newer llmfs"):
         Store(str(env / "s"))
