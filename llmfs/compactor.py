@@ -151,9 +151,17 @@ class Compactor:
     @staticmethod
     def _is_current(blob, head, codec, keep) -> bool:
         """Whether LM block `blob` (header `head`) is coded as `codec` codes now: one of its
-        fingerprints `keep` and, where the codec continues a dictionary, that dictionary."""
+        fingerprints `keep` and, where the codec continues a dictionary, that dictionary (one of
+        its classes' dictionaries, where it has several)."""
         if head.fingerprint not in keep:
             return False
+        classes = getattr(codec, "classes", None)
+        if classes is not None:  # several: any of them (a block without one is recoded: the
+            # compactor does not tokenize to learn whether none is this block's pick)
+            from llmfs.codec.lm.codec import payload_dictionary
+
+            did = payload_dictionary(bytes(blob[head.payload_offset : head.payload_offset + 16]))
+            return did is not None and did in {d.id for d in classes.dictionaries if d is not None}
         d = getattr(codec, "dictionary", None)
         if d is None:
             return True

@@ -333,6 +333,16 @@ def check_dictionaries(s: Snapshot, t: Txn) -> list[Problem]:
     cur = t.current_dictionary()
     if cur is not None and cur not in held:
         out.append(Problem("dictionaries", f"the store's current dictionary {cur.hex()} is missing"))
+    classes = t.dictionary_classes()
+    if classes is not None:
+        try:
+            parsed = {did: dictionary.parse(blob) for did, blob in held.items()}
+        except ContainerError:
+            parsed = {}
+        try:
+            dictionary.parse_classes(classes, parsed)
+        except ContainerError as e:
+            out.append(Problem("dictionaries", f"the store's dictionary classes are unusable: {e}"))
     missing: dict[bytes, int] = {}
     for _h, blob in t.blocks():
         head = header_of(blob)

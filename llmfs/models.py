@@ -270,11 +270,12 @@ class Models:
 
     def _use_store_dictionary(self, codec) -> None:
         """Make `codec` encode with the store's current dictionary (`llmfs tune`; none until one
-        is set), and store that dictionary before any block names it."""
+        is set), or with its classes of dictionaries where tune stored several, and store that
+        dictionary before any block names it."""
         if not hasattr(codec, "use_dictionary"):
             return
         with self.store.read() as t:
-            cur, held = t.current_dictionary(), t.dictionaries()
+            cur, held, blob = t.current_dictionary(), t.dictionaries(), t.dictionary_classes()
         d = None
         if cur is not None:
             d = codec.dictionaries.get(cur)
@@ -284,6 +285,18 @@ class Models:
         if d is not None and d.id not in held:
             with self.store.write() as t:
                 t.put_dictionary(d.id, d.blob)
+        if blob is not None and hasattr(codec, "use_classes"):
+            from llmfs.codec.container import ContainerError
+            from llmfs.codec.lm import dictionary
+
+            try:  # several dictionaries: each block continues its class's (tune stored them all)
+                codec.use_classes(dictionary.parse_classes(blob, codec.dictionaries))
+            except ContainerError as e:
+                log.error(
+                    "the store's dictionary classes are unusable (%s); new blocks use %s",
+                    e,
+                    "its current dictionary" if d is not None else "none",
+                )
 
     def _embed(self, codec, spec: str) -> None:
         mf = codec.model_file

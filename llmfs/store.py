@@ -22,6 +22,10 @@ big-endian so keys sort numerically. Named sub-databases:
                                under its content id; never deleted (a few hundred bytes each)
               "dictionary"     8-byte id of the dictionary new LM blocks continue (absent: none,
                                blocks are written as payload version 3); set by `llmfs tune`
+              "dictclasses"    the store's classes of text (dictionary.Classes' serialized form:
+                               per class a bigram profile and its dictionary's id or none): when
+                               present, each new LM block continues the dictionary of the class it
+                               matches, or none; set by `llmfs tune` when its samples form several
   inodes    u64 ino → INODE struct (mode, uid, gid, nlink, size, atime, mtime, ctime, rdev: times are
             integer nanoseconds) followed, for symlinks only, by the target bytes
   dirents   u64 parent ino + name bytes → u64 child ino
@@ -822,6 +826,18 @@ class Txn:
 
     def set_current_dictionary(self, did: bytes) -> None:
         self.set_meta("dictionary", bytes(did))
+
+    def dictionary_classes(self) -> bytes | None:
+        """The serialized classes new LM blocks pick their dictionary from (None: the current
+        dictionary alone)."""
+        v = self.meta("dictclasses")
+        return bytes(v) if v else None
+
+    def set_dictionary_classes(self, blob: bytes | None) -> None:
+        if blob is None:
+            self.txn.delete(b"dictclasses", db=self.db["meta"])
+        else:
+            self.set_meta("dictclasses", bytes(blob))
 
     def truncate_blocks(self, ino: int, n_blocks: int) -> None:
         """Drop the block map entries of `ino` at index >= n_blocks."""

@@ -14,6 +14,12 @@ tokens of someone else's code shift its guesses), so `tune` holds every fourth s
 store's current one (or none), and makes the new one current only if it codes them smaller;
 otherwise the store keeps what it has. `--force` skips the check.
 
+A store of several kinds of text (code, prose, lists, other languages) gets a dictionary per kind:
+`tune` sorts the samples into classes by their token bigrams (dictionary.classes), runs the choice
+and the held-out check per class, and stores the classes (dictionary.Classes: each class's profile
+and its dictionary, or none where it did not pay); the encoder then picks per block. Samples that
+form one class (or none) get the single dictionary as before.
+
 This is the adaptation step of the design: the model adapted to the user's data without touching
 its weights (docs/design.md weighs a LoRA-style weight adaptation against it). The store must be
 unmounted: a running daemon keeps coding with the dictionary it started with.
@@ -47,12 +53,39 @@ def split_samples(samples: list[bytes]) -> tuple[list[bytes], list[bytes]]:
 
 def coded_size(codec, d, samples: list[bytes]) -> int:
     """Bytes of the LM payloads of `samples` coded with dictionary `d` (None: without one)."""
-    before = codec.dictionary
+    before, classes = codec.dictionary, getattr(codec, "classes", None)
     try:
         codec.use_dictionary(d)
         return sum(len(codec.encode_payload(s)) for s in samples)
     finally:
         codec.use_dictionary(before)
+        if classes is not None:
+            codec.use_classes(classes)
+
+
+def tune_classes(codec, samples: list[bytes], groups: list[list[int]], force: bool = False):
+    """One dictionary per class of samples (`groups`: dictionary.classes' index lists): chosen
+    from three of every four of the class's samples and kept only if it codes the class's
+    held-out ones smaller than no dictionary (`force`: from all, unmeasured). The Classes (each
+    class's profile and kept dictionary or None) and a line per class saying what was measured."""
+    from llmfs.codec.lm import dictionary
+
+    tokens = [codec.tokenizer.encode(s) for s in samples]
+    profiles, kept, lines = [], [], []
+    for n, group in enumerate(groups, 1):
+        mine = [samples[i] for i in group]
+        train, held = (mine, []) if force else split_samples(mine)
+        d = dictionary.choose(train, codec.tokenizer, codec.engine.max_seq_len)
+        what = f"class {n} ({len(group)} files)"
+        if d is not None and held:
+            new, old = coded_size(codec, d, held), coded_size(codec, None, held)
+            what += f": {len(held)} held-out files {new} bytes with its dictionary, {old} without"
+            if new >= old:
+                d = None
+        lines.append(what + (f": dictionary {d.id.hex()} ({len(d.tokens)} tokens)" if d else ": none"))
+        profiles.append(dictionary.profile([tokens[i] for i in group]))
+        kept.append(d)
+    return dictionary.Classes(tuple(profiles), tuple(kept)), lines
 
 
 def sample_files(store: Store, registry: Registry, limit: int, nbytes: int) -> list[bytes]:
@@ -94,6 +127,9 @@ def tune(
         registry = Registry(model_resolver=models.resolve)
         codec = models.compaction_codec()
         samples = [] if default else sample_files(store, registry, files, dictionary.SAMPLE_BYTES)
+        groups = dictionary.classes([codec.tokenizer.encode(x) for x in samples]) if samples else []
+        if len(groups) >= 2:  # several kinds of text: a dictionary per kind
+            return _tune_classes(store, codec, samples, groups, force, store_path)
         train, held = (samples, []) if force else split_samples(samples)
         d = (
             codec.default_dictionary
@@ -121,9 +157,10 @@ def tune(
                     f"{'the current dictionary' if current else 'no dictionary'} (--force makes it current)"
                 )
         with store.write() as t:
-            old = t.current_dictionary()
+            old = t.current_dictionary() if t.dictionary_classes() is None else None
             t.put_dictionary(d.id, d.blob)
             t.set_current_dictionary(d.id)
+            t.set_dictionary_classes(None)
         if old == d.id:
             return f"dictionary {d.id.hex()} ({len(d.tokens)} tokens) is already current"
         return (
@@ -133,6 +170,23 @@ def tune(
         )
     finally:
         store.close()
+
+
+def _tune_classes(store: Store, codec, samples, groups, force: bool, store_path: str) -> str:
+    classes, lines = tune_classes(codec, samples, groups, force)
+    head = f"{len(groups)} classes of text in {len(samples)} files:\n  " + "\n  ".join(lines)
+    kept = [d for d in classes.dictionaries if d is not None]
+    if not kept:
+        return head + "\nno class's dictionary codes its held-out files smaller: kept what the store has"
+    with store.write() as t:
+        for d in kept:
+            t.put_dictionary(d.id, d.blob)
+        t.set_current_dictionary(kept[0].id)  # what a release without classes continues
+        t.set_dictionary_classes(classes.blob)
+    return (
+        head + f"\n{len(kept)} dictionaries are now current, each block continuing its class's; "
+        f"`llmfs compact --recode {store_path}` re-encodes the blocks coded before"
+    )
 
 
 def register(sub) -> None:

@@ -7,6 +7,9 @@ decoder (reset_rows(prefix=)). All on the tiny models (seconds)."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 import pytest
 import torch
 from llmfs.codec.container import ContainerError, ModelMismatch
@@ -285,3 +288,182 @@ def test_tune_holds_samples_back_and_measures_with_them():
     d = dictionary.choose(train, c.tokenizer, c.engine.max_seq_len)
     assert coded_size(c, d, held) < coded_size(c, None, held)
     assert c.dictionary is None  # coded_size puts the codec back as it was
+
+
+# -- several dictionaries per store: classes, the encoder's pick, the decoder following ----------
+
+RU = (
+    "Съешь же ещё этих мягких французских булок, да выпей чаю. В чащах юга жил бы цитрус? Да, "
+    "но фальшивый экземпляр! Широкая электрификация южных губерний даст мощный толчок подъёму "
+    "сельского хозяйства. Любя, съешь щипцы, — вздохнёт мэр, — кайф жгуч. "
+).encode()
+ZH = (
+    "我能吞下玻璃而不伤身体。天地玄黄，宇宙洪荒。日月盈昃，辰宿列张。寒来暑往，秋收冬藏。"
+    "闰余成岁，律吕调阳。云腾致雨，露结为霜。金生丽水，玉出昆冈。剑号巨阙，珠称夜光。"
+).encode()
+KINDS = {  # three kinds of text (their bytes share few pairs), five 300-byte samples each
+    "log": [LOG[i * 97 : i * 97 + 300] for i in range(5)],
+    "ru": [(RU * 3)[i * 61 : i * 61 + 300] for i in range(5)],
+    "zh": [(ZH * 3)[i * 45 : i * 45 + 300] for i in range(5)],
+}
+
+
+def _kind_classes(c: LMCodec) -> tuple[dictionary.Classes, list[str]]:
+    """Classes of the first four samples of each kind (mixed in one list, as a store's files
+    come), each class's dictionary chosen from all its samples; and the kind of each class."""
+    order = [(k, s) for i in range(4) for k, v in KINDS.items() for s in v[i : i + 1]]
+    samples = [s for _, s in order]
+    tokens = [c.tokenizer.encode(s) for s in samples]
+    groups = dictionary.classes(tokens)
+    kinds = []
+    for g in groups:
+        assert len({order[i][0] for i in g}) == 1  # a class holds one kind of text
+        kinds.append(order[g[0]][0])
+    assert sorted(kinds) == sorted(KINDS) and groups == dictionary.classes(tokens)  # deterministic
+    return (
+        dictionary.Classes(
+            tuple(dictionary.profile([tokens[i] for i in g]) for g in groups),
+            tuple(
+                dictionary.choose([samples[i] for i in g], c.tokenizer, c.engine.max_seq_len) for g in groups
+            ),
+        ),
+        kinds,
+    )
+
+
+def test_classes_separate_kinds_and_blocks_pick_their_own():
+    """tune's classes keep kinds apart; a new block of each kind picks its kind's dictionary, a
+    block like none of them (or of a class whose dictionary did not pay) picks none; the classes'
+    blob round-trips and a damaged one, or one naming a dictionary not held, is refused."""
+    c = _codec()
+    classes, kinds = _kind_classes(c)
+    for i, kind in enumerate(kinds):
+        assert classes.pick(c.tokenizer.encode(KINDS[kind][4])) is classes.dictionaries[i]
+    noise = bytes(torch.randint(0, 256, (400,), generator=torch.Generator().manual_seed(1)).tolist())
+    assert classes.pick(c.tokenizer.encode(noise)) is None
+    assert classes.pick([]) is None
+    held = {d.id: d for d in classes.dictionaries}
+    assert dictionary.parse_classes(classes.blob, held) == classes
+    without = dictionary.Classes(classes.profiles, (None,) + classes.dictionaries[1:])
+    assert without.pick(c.tokenizer.encode(KINDS[kinds[0]][4])) is None
+    assert dictionary.parse_classes(without.blob, held) == without
+    blob = classes.blob
+    for bad in (b"", b"\x02" + blob[1:], blob + b"\x00", blob[:-1], b"\x01\x09"):
+        with pytest.raises(ContainerError):
+            dictionary.parse_classes(bad, held)
+    with pytest.raises(ContainerError):
+        dictionary.parse_classes(blob, {})
+
+
+def test_blocks_continue_their_class_dictionary_and_decode_together():
+    """With classes the encoder names each block's pick; the words are exactly those of a codec
+    given that one dictionary (the pick only chooses), whatever the batch; one decode_many call
+    decodes blocks of different dictionaries and of none side by side. The bytes are pinned."""
+    c = _codec()
+    classes, kinds = _kind_classes(c)
+    c.use_classes(classes)
+    noise = bytes(torch.randint(0, 256, (400,), generator=torch.Generator().manual_seed(1)).tolist())
+    blocks = [KINDS[k][4] * 2 for k in kinds] + [noise]
+    payloads = [c.encode_payload(b) for b in blocks]
+    for i, p in enumerate(payloads[:-1]):
+        d = classes.dictionaries[i]
+        assert payload_dictionary(p) == d.id
+        assert _codec(dictionary=d, batch=1).encode_payload(blocks[i]) == p
+    assert payload_dictionary(payloads[-1]) is None
+    assert payloads[-1] == _codec().encode_payload(noise)
+    c.use_dictionary(None)  # drops the classes
+    assert c.classes is None and payload_dictionary(c.encode_payload(blocks[0])) is None
+    items = [(p, len(b)) for p, b in zip(payloads, blocks)]
+    for batch in (1, 4, 64):
+        reader = _codec(batch=batch)
+        for d in classes.dictionaries:
+            reader.add_dictionary(dictionary.parse(d.blob))
+        assert reader.decode_many(items + items[::-1]) == blocks + blocks[::-1]
+    digest = hashlib.sha256(b"".join(payloads)).hexdigest()
+    assert digest == PINNED_CLASSES, digest
+
+
+PINNED_CLASSES = "8d2b7b77cda9620c5561cf8315c104a0fa04f3eb9cd0ee049cbd329da0b38208"
+
+
+def test_store_tunes_one_dictionary_per_class(env):
+    """A store of three kinds of files: `tune` finds three classes and stores a dictionary for
+    each (forced: the random test model cannot make one pay), the compaction codec picks per
+    block, the LM blocks coded before are recode candidates, blocks coded with the classes name
+    their class's dictionary and are not, the files read back,
+    fsck is clean; damaged classes are reported by fsck and a mount falls back to the current
+    dictionary; a single-dictionary tune drops the classes."""
+    import blake3
+    from llmfs.codec import Registry, container
+    from llmfs.codec.registry import LM
+
+    from llmfs import namespace as ns
+    from llmfs.compactor import Compactor
+    from llmfs.models import Models, store_spec
+    from llmfs.namespace import ROOT_INO
+    from llmfs.store import Store
+    from llmfs.tune import tune
+
+    model = write_model_dir(env / "model")
+    path, fp = lm_store(env, str(model))
+    s = Store(path)
+    fs = ns.Filesystem(s, Registry())
+    files = {}
+    for kind, samples in KINDS.items():
+        for i, data in enumerate(samples):
+            files[f"{kind}{i}".encode()] = data
+    for name, data in files.items():
+        fh = fs.create(ROOT_INO, name, 0o644, os.O_RDWR, 0, 0)
+        fs.write(fh, data, 0)
+        fs.release(fh)
+    fs.flush_all()
+    s.close()
+    said = tune(path, force=True)
+    assert "classes of text" in said and "dictionaries are now current" in said, said
+    lm_blocks = sorted(_lm_dictionaries(path))  # lm_store's, coded before
+    s = Store(path)
+    with s.read() as t:
+        blob, held = t.dictionary_classes(), t.dictionaries()
+    models = Models(s)
+    codec = models.compaction_codec()
+    assert codec.classes is not None and codec.classes.blob == blob
+    ids = {d.id for d in codec.classes.dictionaries if d is not None}
+    assert len(ids) >= 3 and ids <= set(held)
+    compactor = Compactor(s, Registry(model_resolver=models.resolve), models.compaction_codec, store_spec(s))
+    assert sorted(compactor.recode_candidates()) == lm_blocks  # none names a class's dictionary
+    reg = Registry(model_resolver=models.resolve)
+    with s.write() as t:  # every block as compaction writes it (the random model loses to zstd)
+        for h, blob in list(t.blocks()):
+            data = reg.decode(blob)
+            payload = codec.encode_payload(data)
+            t.replace_container(h, container.pack(LM, len(data), container.checksum(data), payload, fp))
+    s.close()
+    named = _lm_dictionaries(path)
+    for data in files.values():  # each file's block continues its own kind's dictionary
+        want = codec.classes.pick(codec.tokenizer.encode(data))
+        assert want is not None and named[blake3.blake3(data).digest()] == want.id
+    assert set(named.values()) == ids
+    assert read_all(path) == TEXTS
+    s = Store(path)
+    models = Models(s)
+    compactor = Compactor(s, Registry(model_resolver=models.resolve), models.compaction_codec, store_spec(s))
+    assert [h for h in compactor.recode_candidates() if named[h] is not None] == []
+    fs = ns.Filesystem(s, Registry(model_resolver=models.resolve))
+    assert {n: fs.read_ino(fs.lookup(ROOT_INO, n), 1 << 20, 0) for n in files} == files
+    s.close()
+    assert _problems(path) == []
+    s = Store(path)
+    with s.write() as t:
+        t.set_dictionary_classes(blob[:-3])
+    s.close()
+    assert _problems(path) == ["dictionaries"]
+    s = Store(path)
+    codec = Models(s).compaction_codec()  # unusable classes: logged, the current dictionary instead
+    assert codec.classes is None and codec.dictionary is not None
+    s.close()
+    assert "built in" in tune(path, default=True)
+    s = Store(path)
+    with s.read() as t:
+        assert t.dictionary_classes() is None
+    s.close()
+    assert _problems(path) == []

@@ -31,8 +31,10 @@ tokens), so "truncated" is only reported where the table itself is cut.
 Version 4 (still read) is version 3 with a store dictionary, named by the 8 bytes after the version
 byte: every segment continues the dictionary's tokens (BOS + dictionary is the engine prefix whose
 KV state is computed once per codec and copied into each row: engine.Engine.prefix), and each
-group's mixer is primed with them (version 5 does the same when its flag says so). Version 3 (still
-read):
+group's mixer is primed with them (version 5 does the same when its flag says so). A store may
+hold several dictionaries (dictionary.Classes, `llmfs tune`): the encoder then picks one per block
+from its tokens, or none, and the payload names the one it picked; decoding is the same. Version 3
+(still read):
 
     u8       payload version
     varint   total token count N
@@ -195,6 +197,7 @@ class LMCodec:
         self.dictionaries: dict[bytes, Dictionary] = {}  # id -> dictionary this codec decodes
         self._prefixes: dict[bytes, object] = {}  # id -> engine.Prefix, made on first use
         self.dictionary: Dictionary | None = None
+        self.classes: dictionaries.Classes | None = None  # several dictionaries, picked per block
         self._breaks: frozenset[int] | None = None  # GroupMixerV5's line breaks, made on first use
         self.default_dictionary: Dictionary | None = None  # the built-in one, where the engine has prefix()
         if hasattr(self.engine, "prefix"):
@@ -225,10 +228,22 @@ class LMCodec:
         self.dictionaries.setdefault(d.id, d)
 
     def use_dictionary(self, d: Dictionary | None) -> None:
-        """What encode continues from now on (None: no dictionary, version 3 payloads)."""
+        """What encode continues from now on (None: no dictionary, version 3 payloads); drops the
+        classes use_classes gave."""
         if d is not None:
             self.add_dictionary(d)
         self.dictionary = d
+        self.classes = None
+
+    def use_classes(self, classes: dictionaries.Classes | None) -> None:
+        """Several dictionaries: from now on encode continues, per block, the dictionary of the
+        class the block's start matches (dictionary.Classes.pick; none where no class matches or
+        the class has none). None: back to the single dictionary of use_dictionary."""
+        if classes is not None:
+            for d in classes.dictionaries:
+                if d is not None:
+                    self.add_dictionary(d)
+        self.classes = classes
 
     def _prefix(self, d: Dictionary):
         """The engine prefix of `d`: BOS + its tokens but the last (the last is each row's first
@@ -260,11 +275,14 @@ class LMCodec:
         if self.version not in (2, 3, 4, 5):
             raise ValueError(f"cannot write LM payload version {self.version}")
         version, d = self.version, self.dictionary
+        tokens = self.tokenizer.encode(bytes(data))
+        if self.classes is not None:  # several dictionaries: this block's pick (or none)
+            d = self.classes.pick(tokens)
         if version == 4 and d is None:
             version = 3
         if version not in (4, 5):
             d = None
-        segments = self.segments(data, d)
+        segments = self._cut(tokens, d)
         if version == 5:
             return self._encode_v5(segments, d)
         streams = self._encode_groups(segments, version in MIXED_VERSIONS, d)
@@ -301,7 +319,9 @@ class LMCodec:
     def segments(self, data: bytes, d: Dictionary | None = None) -> list[list[int]]:
         """The token ids of `data` cut into the segments the payload codes (BOS not included),
         after dictionary `d`."""
-        tokens = self.tokenizer.encode(bytes(data))
+        return self._cut(self.tokenizer.encode(bytes(data)), d)
+
+    def _cut(self, tokens: list[int], d: Dictionary | None) -> list[list[int]]:
         per_seg = self._segment_len(d) - 1
         return [tokens[i : i + per_seg] for i in range(0, len(tokens), per_seg)]
 

@@ -34,6 +34,7 @@ per tune), where a dictionary is data the unchanged engine reads.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -145,4 +146,175 @@ def choose(samples: list[bytes], tokenizer, max_seq_len: int, limit: int = TUNED
     return Dictionary(tuple(toks)) if toks else None
 
 
-__all__ = ["Dictionary", "parse", "default", "choose", "fit", "DEFAULT_TOKENS", "TUNED_TOKENS", "ID_SIZE"]
+# -- several dictionaries per store: classes of samples, and the encoder's pick per block ----------
+#
+# One dictionary cannot fit a store of code, prose, lists and other languages: context from another
+# kind of text shifts the model's guesses (a prose-heavy one made a Python module 6 % larger,
+# docs/benchmarks.md session 6). So `llmfs tune` sorts its samples into classes of similar text
+# (`classes`), chooses one dictionary per class and measures it on that class's held-out samples
+# (a class whose dictionary does not pay keeps none), and stores the classes (`Classes`: each
+# class's profile and its dictionary or none). The encoder then picks per block (`Classes.pick`):
+# the class whose profile the block's start matches best, if any matches well enough, gives the
+# dictionary. The payload names the chosen dictionary by its id exactly as with a single one, so
+# the decoder follows without a rule of its own and old payloads are untouched; the pick is the
+# encoder's business and may change between releases.
+#
+# The statistic is the set of token bigrams: cheap (no model pass; ~1 ms per block), independent
+# of the text's script, and it separates the kinds that matter (on this machine's licences, Python
+# modules, man pages, dpkg lists and Chinese text, 4 KiB samples of one kind share 0.1-0.4 of
+# their bigrams, of two kinds under 0.05). A class's profile is its samples' most widespread
+# bigrams; a block is scored against each profile by the share of its own bigrams the profile
+# holds, each bigram weighted by how few profiles hold it (so that the punctuation and spacing
+# every kind shares does not decide).
+MAX_CLASSES = 8  # classes (dictionaries) a store keeps at once
+CLASS_SIMILARITY = 0.05  # average-linkage clusters merge while their mean similarity is above this
+PROFILE_BIGRAMS = 4096  # a class's profile: its samples' most widespread bigrams
+PICK_TOKENS = 512  # what the encoder compares of a block's start
+MIN_SCORE = 0.05  # a block matching no profile better than this continues no dictionary
+CLASSES_FORMAT = 1
+
+
+def bigrams(tokens) -> frozenset[tuple[int, int]]:
+    """The set of adjacent token pairs of `tokens`."""
+    return frozenset(zip(tokens, tokens[1:]))
+
+
+def similarity(a: frozenset, b: frozenset) -> float:
+    """Cosine similarity of two bigram sets (0 when either is empty)."""
+    return len(a & b) / math.sqrt(len(a) * len(b)) if a and b else 0.0
+
+
+def classes(token_lists: list[list[int]], limit: int = MAX_CLASSES) -> list[list[int]]:
+    """The samples (given as token lists) sorted into classes of similar text: average-linkage
+    agglomerative clustering of their bigram sets, merging while the best pair of clusters is
+    more similar than CLASS_SIMILARITY. The `limit` largest classes of at least two samples, as
+    lists of sample indices, largest first (ties: lowest first index); the other samples belong
+    to no class. Deterministic: same samples, same classes."""
+    sets = [bigrams(t) for t in token_lists]
+    n = len(sets)
+    clusters = [[i] for i in range(n)]
+    # (a, b), a < b -> the sum of pairwise similarities between clusters a and b
+    link = {(a, b): similarity(sets[a], sets[b]) for a in range(n) for b in range(a + 1, n)}
+    while link:
+        best, pair = -1.0, (0, 0)
+        for (a, b), total in link.items():
+            avg = total / (len(clusters[a]) * len(clusters[b]))
+            if avg > best:
+                best, pair = avg, (a, b)
+        if best < CLASS_SIMILARITY:
+            break
+        a, b = pair
+        clusters[a] += clusters[b]
+        clusters[b] = []
+        for c in range(n):
+            if c not in (a, b) and clusters[c]:
+                ka, kb = (min(a, c), max(a, c)), (min(b, c), max(b, c))
+                link[ka] += link[kb]
+        link = {k: v for k, v in link.items() if b not in k}
+    found = [sorted(c) for c in clusters if len(c) >= 2]
+    found.sort(key=lambda c: (-len(c), c[0]))
+    return found[:limit]
+
+
+def profile(token_lists: list[list[int]]) -> frozenset[tuple[int, int]]:
+    """A class's profile: the PROFILE_BIGRAMS bigrams found in the most of its samples."""
+    df: Counter[tuple[int, int]] = Counter()
+    for t in token_lists:
+        df.update(bigrams(t))
+    ranked = sorted(df.items(), key=lambda kv: (-kv[1], kv[0]))
+    return frozenset(g for g, _ in ranked[:PROFILE_BIGRAMS])
+
+
+@dataclass(frozen=True)
+class Classes:
+    """A store's classes of text: per class its profile (bigram set) and the dictionary its blocks
+    continue (None: the class's dictionary did not pay on its held-out samples)."""
+
+    profiles: tuple[frozenset, ...]
+    dictionaries: tuple[Dictionary | None, ...]
+
+    def scores(self, tokens) -> list[float]:
+        """How well the start of a block (`tokens`) matches each class: the share of its distinct
+        bigrams the class's profile holds, each weighted by log((K + 1) / (1 + the number of the K
+        profiles that hold it))."""
+        mine = bigrams(tokens[:PICK_TOKENS])
+        if not mine:
+            return [0.0] * len(self.profiles)
+        k = len(self.profiles)
+        weight = {g: math.log((k + 1) / (1 + sum(g in p for p in self.profiles))) for g in mine}
+        whole = len(mine) * math.log(k + 1)
+        return [sum(weight[g] for g in mine & p) / whole for p in self.profiles]
+
+    def pick(self, tokens) -> Dictionary | None:
+        """The dictionary a block of these tokens continues: the best-matching class's (the first
+        on ties), if its score reaches MIN_SCORE; else None."""
+        scores = self.scores(tokens)
+        if not scores:
+            return None
+        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+        return self.dictionaries[best] if scores[best] >= MIN_SCORE else None
+
+    @property
+    def blob(self) -> bytes:
+        """u8 CLASSES_FORMAT, varint K, K × (u8 has dictionary, [8-byte id], varint M, M × (varint
+        first token, varint second token), pairs sorted)."""
+        out = [bytes([CLASSES_FORMAT]), varint(len(self.profiles))]
+        for p, d in zip(self.profiles, self.dictionaries):
+            out.append(b"\1" + d.id if d is not None else b"\0")
+            out.append(varint(len(p)))
+            out += [varint(a) + varint(b) for a, b in sorted(p)]
+        return b"".join(out)
+
+
+def parse_classes(blob: bytes, held: dict[bytes, Dictionary]) -> Classes:
+    """Classes from their serialized form; `held`: id -> dictionary (the store's). ChecksumMismatch
+    if the blob is not one or names a dictionary not held."""
+    buf = bytes(blob)
+    what = "LM dictionary classes"
+    if not buf or buf[0] != CLASSES_FORMAT:
+        raise ChecksumMismatch(f"{what}: unknown format")
+    k, pos = read_varint(buf, 1, what)
+    if k > MAX_CLASSES:
+        raise ChecksumMismatch(f"{what}: {k} classes")
+    profiles, dicts = [], []
+    for _ in range(k):
+        if pos >= len(buf) or buf[pos] > 1:
+            raise ChecksumMismatch(f"{what}: corrupt")
+        d = None
+        if buf[pos] == 1:
+            did = buf[pos + 1 : pos + 1 + ID_SIZE]
+            d = held.get(did)
+            if d is None:
+                raise ChecksumMismatch(f"{what}: dictionary {did.hex()} is not held")
+            pos += ID_SIZE
+        pos += 1
+        m, pos = read_varint(buf, pos, what)
+        if m > PROFILE_BIGRAMS:
+            raise ChecksumMismatch(f"{what}: profile of {m} bigrams")
+        pairs = []
+        for _ in range(m):
+            a, pos = read_varint(buf, pos, what)
+            b, pos = read_varint(buf, pos, what)
+            pairs.append((a, b))
+        profiles.append(frozenset(pairs))
+        dicts.append(d)
+    if pos != len(buf):
+        raise ChecksumMismatch(f"{what}: trailing bytes")
+    return Classes(tuple(profiles), tuple(dicts))
+
+
+__all__ = [
+    "Classes",
+    "Dictionary",
+    "parse",
+    "parse_classes",
+    "default",
+    "choose",
+    "classes",
+    "profile",
+    "fit",
+    "DEFAULT_TOKENS",
+    "TUNED_TOKENS",
+    "ID_SIZE",
+    "MAX_CLASSES",
+]

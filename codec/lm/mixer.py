@@ -150,19 +150,23 @@ class GroupMixer:
             self._match[n_segments] = None
 
     # -- prediction ---------------------------------------------------------------------------------
+    def _match_prediction(self, j: int) -> tuple[int, int]:
+        """(the token segment j's match model predicts, its match-length bucket), or (-1, 0) when
+        it has no match or the match has reached the end of its source's history."""
+        m = self._match[j]
+        if m is not None:
+            src = self.hist[m[0]]
+            if m[1] < len(src):
+                return src[m[1]], _bucket(m[2])
+        return -1, 0
+
     def predict(self, j: int, row, total: int) -> tuple[list[int], list[int]]:
         """Candidates for segment j's next token and the masses that replace their entries of
         `row` (an int frequency row whose entries sum to `total`); ([], []) leaves the row as is."""
         h = self.hist[j]
         ctxs = []  # per order: the context's entry, or None
-        cands: list[int] = []
-        xm, bucket = -1, 0
-        m = self._match[j]
-        if m is not None:
-            src = self.hist[m[0]]
-            if m[1] < len(src):
-                xm, bucket = src[m[1]], _bucket(m[2])
-                cands.append(xm)
+        xm, bucket = self._match_prediction(j)
+        cands: list[int] = [xm] if xm >= 0 else []
         n = len(h)
         for k, table in zip(ORDERS, self._ngram):
             ctxs.append(table.get(tuple(h[n - k :])) if n >= k else None)
@@ -344,14 +348,8 @@ class GroupMixerV5(GroupMixer):
         return r
 
     def predict(self, j: int, row, total: int) -> tuple[list[int], list[int]]:
-        cands: list[int] = []
-        xm, bucket = -1, 0
-        m = self._match[j]
-        if m is not None:
-            src = self.hist[m[0]]
-            if m[1] < len(src):
-                xm, bucket = src[m[1]], _bucket(m[2])
-                cands.append(xm)
+        xm, bucket = self._match_prediction(j)
+        cands: list[int] = [xm] if xm >= 0 else []
         ctxs = [table.get(key) if key is not None else None for key, table in zip(self._keys(j), self._ngram)]
         for e in reversed(ctxs):  # the line contexts first, then the longest order
             if e is not None and e[0] not in cands and len(cands) < MAX_CANDIDATES:
