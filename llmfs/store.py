@@ -906,11 +906,13 @@ class Txn:
 
 
 def codec_of(blob) -> int:
-    """The codec id of a container of the current format, from its fixed prefix (magic, format
-    version, codec id), without parsing the rest of the header; anything else is parsed whole
-    (ContainerError if it is damaged)."""
+    """The codec id of a stored container, from its fixed prefix (magic, format version, codec
+    id; a compact block's tag), without parsing the rest of the header; anything else is parsed
+    whole (ContainerError if it is damaged)."""
     if len(blob) > 5 and blob[4] == CONTAINER_FORMAT and blob[:4] == CONTAINER_MAGIC:
         return blob[5]
+    if len(blob) and blob[0] == ct.COMPACT_TAG:
+        return LM  # a compact block (format 3): only LM containers are made compact
     return peek_header(blob).codec_id
 
 

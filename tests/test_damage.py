@@ -315,6 +315,7 @@ def test_damaged_compact_block_costs_only_its_reads_and_fsck_quarantines_it(fs, 
         assert t.model_numbers() == {0: model.fingerprint}
         h = t.block_hashes(ino, 0, 0)[0]
         assert t.txn.get(h, db=t.db["blocks"])[0] == COMPACT_TAG
+        assert t.container_codec(h) == LM  # from the tag alone (prefetch asks it of every block)
         assert t.stored_size(h) == len(t.container(h)) - 44  # 48-byte keyed header, 4 at rest
     assert _problems(fs) == []
     damage_at_rest(fs.store, ino, 1, offset)
