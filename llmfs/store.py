@@ -147,8 +147,10 @@ GROUP COMMIT (the mount daemon: `start_group_commit()`)
       or kill -9 can lose of changes nobody fsync'ed, like ext4's 5 s commit interval;
     * when the group holds GROUP_BYTES of new block containers (bounds the daemon's memory).
   A timed commit waits up to DRAIN seconds for a moment with no `hold()` (the namespace holds
-  while a file is open for writing), so a crash finds a small file as of its close — absent or
-  whole — rather than created but not yet written; a file open for longer is committed as it is.
+  while a file is open for writing), so a crash tends to find a file as of its close; a file open
+  for longer is committed as it is. That wait is no guarantee (in a continuous burst the holds
+  overlap): what guarantees that a new file comes back absent or whole after a crash, never
+  created-but-empty, is the `unstored` table above.
   A group is one LMDB transaction: a crash leaves the state after some group, never part of one.
   With less than LOW_SPACE free on the disk the group mode pauses and each write() commits
   itself: a full disk then fails the one operation (ENOSPC) instead of a whole group. A group
