@@ -168,10 +168,14 @@ def choose(samples: list[bytes], tokenizer, max_seq_len: int, limit: int = TUNED
 # every kind shares does not decide).
 MAX_CLASSES = 8  # classes (dictionaries) a store keeps at once
 CLASS_SIMILARITY = 0.05  # average-linkage clusters merge while their mean similarity is above this
-PROFILE_BIGRAMS = 4096  # a class's profile: its samples' most widespread bigrams
+# A class's profile: its samples' most widespread bigrams. The profiles are stored with the classes
+# (~4 bytes per bigram, delta-coded): 1024 of them keep a class's entry near 4 KiB, which matters
+# for a small store, and still separate the kinds measured (docs/benchmarks.md, session 7).
+PROFILE_BIGRAMS = 1024
 PICK_TOKENS = 512  # what the encoder compares of a block's start
 MIN_SCORE = 0.05  # a block matching no profile better than this continues no dictionary
 CLASSES_FORMAT = 1
+_KEY_BITS = 20  # a profile bigram's key: first token << 20 | second token
 
 
 def bigrams(tokens) -> frozenset[tuple[int, int]]:
@@ -256,13 +260,17 @@ class Classes:
 
     @property
     def blob(self) -> bytes:
-        """u8 CLASSES_FORMAT, varint K, K × (u8 has dictionary, [8-byte id], varint M, M × (varint
-        first token, varint second token), pairs sorted)."""
+        """u8 CLASSES_FORMAT, varint K, K × (u8 has dictionary, [8-byte id], varint M, M × varint
+        gap): the profile's bigrams (a, b) as keys a << 20 | b in increasing order (token ids are
+        below 2^20), each coded as its difference from the previous key (the first from 0)."""
         out = [bytes([CLASSES_FORMAT]), varint(len(self.profiles))]
         for p, d in zip(self.profiles, self.dictionaries):
             out.append(b"\1" + d.id if d is not None else b"\0")
             out.append(varint(len(p)))
-            out += [varint(a) + varint(b) for a, b in sorted(p)]
+            last = 0
+            for key in sorted(a << _KEY_BITS | b for a, b in p):
+                out.append(varint(key - last))
+                last = key
         return b"".join(out)
 
 
@@ -291,11 +299,13 @@ def parse_classes(blob: bytes, held: dict[bytes, Dictionary]) -> Classes:
         m, pos = read_varint(buf, pos, what)
         if m > PROFILE_BIGRAMS:
             raise ChecksumMismatch(f"{what}: profile of {m} bigrams")
-        pairs = []
-        for _ in range(m):
-            a, pos = read_varint(buf, pos, what)
-            b, pos = read_varint(buf, pos, what)
-            pairs.append((a, b))
+        pairs, key = [], 0
+        for n in range(m):
+            gap, pos = read_varint(buf, pos, what)
+            if n and not gap:
+                raise ChecksumMismatch(f"{what}: corrupt profile")
+            key += gap
+            pairs.append((key >> _KEY_BITS, key & ((1 << _KEY_BITS) - 1)))
         profiles.append(frozenset(pairs))
         dicts.append(d)
     if pos != len(buf):
