@@ -185,8 +185,24 @@ def tools_rows(mnt: Path, disk: Path, work: Path, files: int, repo: str | None) 
     return rows
 
 
+def work_dir(args, what: str) -> Path | None:
+    """A fresh directory for one bench run under --dir (default $TMPDIR), or None after saying
+    in words why it cannot be made (a --dir that does not exist or is not writable: rc 2)."""
+    try:
+        return Path(tempfile.mkdtemp(prefix="llmfs-bench-", dir=args.dir))
+    except OSError as e:
+        print(
+            f"llmfs bench {what}: cannot make a directory in {args.dir or tempfile.gettempdir()}: "
+            f"{e.strerror or e}",
+            file=sys.stderr,
+        )
+        return None
+
+
 def run_fs(args) -> int:
-    work = Path(tempfile.mkdtemp(prefix="llmfs-bench-", dir=args.dir))
+    work = work_dir(args, "fs")
+    if work is None:
+        return 2
     store, mnt, disk, floor = work / "store", work / "mnt", work / "disk", work / "memfs"
     for d in (mnt, disk, floor):
         d.mkdir()
@@ -314,7 +330,9 @@ def run_compaction(args) -> int:
     from llmfs.codec.bench import baselines, int8_peak_ops, ops_per_token
     from llmfs.codec.lm import open_codec
 
-    work = Path(tempfile.mkdtemp(prefix="llmfs-bench-", dir=args.dir))
+    work = work_dir(args, "compaction")
+    if work is None:
+        return 2
     store, mnt = work / "store", work / "mnt"
     mnt.mkdir()
     size = text_tree(work / "tree", args.size)
@@ -487,7 +505,9 @@ def timed_read_ttfb(path: Path) -> tuple[float, float]:
 
 def run_cache(args) -> int:
     """Cold and hot reads of an LM-compacted text file against the same file in the zstd tier."""
-    work = Path(tempfile.mkdtemp(prefix="llmfs-bench-", dir=args.dir))
+    work = work_dir(args, "cache")
+    if work is None:
+        return 2
     text = text_corpus(args.size)
     mounts = {}
     threads = ["--threads", args.threads] if args.threads else []

@@ -36,3 +36,14 @@ def test_bench_codec_names_a_file_it_cannot_read(tmp_path):
     )
     assert res.returncode == 2
     assert "cannot read" in res.stderr and "missing.txt" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("bench", ["fs", "compaction", "cache"])
+def test_bench_names_a_dir_it_cannot_use(tmp_path, bench):
+    """`--dir` that does not exist: an error in words (rc 2) before anything is mounted."""
+    where = tmp_path / "no" / "such"
+    res = subprocess.run(
+        LLMFS + ["bench", bench, "--dir", str(where)], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 2, res.stderr
+    assert f"cannot make a directory in {where}" in res.stderr and "Traceback" not in res.stderr
