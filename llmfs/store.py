@@ -563,19 +563,20 @@ class Txn:
         block's does."""
         if not len(raw) or raw[0] != ct.COMPACT_TAG:
             return raw
-        try:
-            number, _length, _pos = ct.compact_head(raw)
-        except ContainerError:
-            return raw
-        fp = self.model_number_fingerprint(number)
-        if fp is None or len(h) != ct.KEY_SIZE:
-            return raw
-        return ct.expand(raw, bytes(h), fp)
+        fields = self._compact_fields(h, raw)
+        return raw if fields is None else ct.expand(raw, bytes(h), fields[1])
 
     def _header(self, h: bytes, raw) -> Header | None:
         """header_of the expanded container, without copying a compact block's payload."""
         if not len(raw) or raw[0] != ct.COMPACT_TAG:
             return header_of(raw)
+        fields = self._compact_fields(h, raw)
+        return None if fields is None else header_of(ct.keyed_header(fields[0], bytes(h), fields[1]))
+
+    def _compact_fields(self, h: bytes, raw) -> tuple[int, bytes] | None:
+        """(plaintext length, model fingerprint) of the compact container `raw` kept under key h;
+        None if it cannot be expanded (damaged fields, a model number the store does not know, a
+        key that is not a blake3 digest)."""
         try:
             number, length, _pos = ct.compact_head(raw)
         except ContainerError:
@@ -583,7 +584,7 @@ class Txn:
         fp = self.model_number_fingerprint(number)
         if fp is None or len(h) != ct.KEY_SIZE:
             return None
-        return header_of(ct.keyed_header(length, bytes(h), fp))
+        return length, fp
 
     def _at_rest(self, h: bytes, blob):
         """What the blocks table keeps for container `blob` of block h: an LM container compact
