@@ -17,8 +17,11 @@ otherwise the store keeps what it has. `--force` skips the check.
 A store of several kinds of text (code, prose, lists, other languages) gets a dictionary per kind:
 `tune` sorts the samples into classes by their token bigrams (dictionary.classes), runs the choice
 and the held-out check per class, and stores the classes (dictionary.Classes: each class's profile
-and its dictionary, or none where it did not pay); the encoder then picks per block. Samples that
-form one class (or none) get the single dictionary as before.
+and its dictionary, or none where it did not pay); the encoder then picks per block. The classes
+are stored only if the saving measured on the held-out files, projected onto the store's bytes,
+exceeds what their profiles and dictionaries take in the store (`classes_pay`: a small store can
+lose more to them than they save). Samples that form one class (or none) get the single
+dictionary as before.
 
 This is the adaptation step of the design: the model adapted to the user's data without touching
 its weights (docs/design.md weighs a LoRA-style weight adaptation against it). The store must be
@@ -67,11 +70,14 @@ def tune_classes(codec, samples: list[bytes], groups: list[list[int]], force: bo
     """One dictionary per class of samples (`groups`: dictionary.classes' index lists): chosen
     from three of every four of the class's samples and kept only if it codes the class's
     held-out ones smaller than no dictionary (`force`: from all, unmeasured). The Classes (each
-    class's profile and kept dictionary or None) and a line per class saying what was measured."""
+    class's profile and kept dictionary or None), a line per class saying what was measured, and
+    the held-out bytes measured with the bytes the kept dictionaries saved on them (0, 0 with
+    `force`): what `_tune_classes` weighs against the classes' own stored bytes."""
     from llmfs.codec.lm import dictionary
 
     tokens = [codec.tokenizer.encode(s) for s in samples]
     profiles, kept, lines = [], [], []
+    held_bytes = saved = 0
     for n, group in enumerate(groups, 1):
         mine = [samples[i] for i in group]
         train, held = (mine, []) if force else split_samples(mine)
@@ -80,12 +86,26 @@ def tune_classes(codec, samples: list[bytes], groups: list[list[int]], force: bo
         if d is not None and held:
             new, old = coded_size(codec, d, held), coded_size(codec, None, held)
             what += f": {len(held)} held-out files {new} bytes with its dictionary, {old} without"
+            held_bytes += sum(map(len, held))
             if new >= old:
                 d = None
+            else:
+                saved += old - new
         lines.append(what + (f": dictionary {d.id.hex()} ({len(d.tokens)} tokens)" if d else ": none"))
         profiles.append(dictionary.profile([tokens[i] for i in group]))
         kept.append(d)
-    return dictionary.Classes(tuple(profiles), tuple(kept)), lines
+    return dictionary.Classes(tuple(profiles), tuple(kept)), lines, held_bytes, saved
+
+
+def classes_pay(saved: int, held_bytes: int, store_bytes: int, cost: int) -> tuple[bool, int]:
+    """Whether dictionaries that saved `saved` bytes on `held_bytes` of held-out samples are
+    worth `cost` stored bytes (the classes' profiles and the dictionaries) in a store of
+    `store_bytes` file bytes, and the saving projected onto the whole store. The projection is
+    proportional: a dictionary saves at the start of every segment, so a store's saving grows
+    with its bytes, while the classes cost the same in a store of 256 KiB as in one of 1 TiB —
+    in a small store they can cost more than they save."""
+    projected = saved * store_bytes // max(1, held_bytes)
+    return projected > cost, projected
 
 
 def sample_files(store: Store, registry: Registry, limit: int, nbytes: int) -> list[bytes]:
@@ -173,11 +193,21 @@ def tune(
 
 
 def _tune_classes(store: Store, codec, samples, groups, force: bool, store_path: str) -> str:
-    classes, lines = tune_classes(codec, samples, groups, force)
+    classes, lines, held_bytes, saved = tune_classes(codec, samples, groups, force)
     head = f"{len(groups)} classes of text in {len(samples)} files:\n  " + "\n  ".join(lines)
     kept = [d for d in classes.dictionaries if d is not None]
     if not kept:
         return head + "\nno class's dictionary codes its held-out files smaller: kept what the store has"
+    if not force:
+        with store.read() as t:
+            store_bytes = t.counters.logical
+        cost = len(classes.blob) + sum(len(d.blob) for d in kept)
+        pays, projected = classes_pay(saved, held_bytes, store_bytes, cost)
+        if not pays:
+            return head + (
+                f"\nthe dictionaries would save about {projected} bytes on this store's {store_bytes} "
+                f"but take {cost} bytes to store: kept what the store has (--force stores them)"
+            )
     with store.write() as t:
         for d in kept:
             t.put_dictionary(d.id, d.blob)

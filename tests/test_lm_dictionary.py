@@ -386,6 +386,64 @@ def test_blocks_continue_their_class_dictionary_and_decode_together():
 PINNED_CLASSES = "8d2b7b77cda9620c5561cf8315c104a0fa04f3eb9cd0ee049cbd329da0b38208"
 
 
+def _kinds_store(env) -> tuple[str, bytes, dict[bytes, bytes]]:
+    """An LM store (the random test model) holding a file of each sample of KINDS: its path,
+    the model's fingerprint, and the files by name."""
+    from llmfs.codec import Registry
+
+    from llmfs import namespace as ns
+    from llmfs.namespace import ROOT_INO
+    from llmfs.store import Store
+
+    model = write_model_dir(env / "model")
+    path, fp = lm_store(env, str(model))
+    s = Store(path)
+    fs = ns.Filesystem(s, Registry())
+    files = {f"{kind}{i}".encode(): data for kind, samples in KINDS.items() for i, data in enumerate(samples)}
+    for name, data in files.items():
+        fh = fs.create(ROOT_INO, name, 0o644, os.O_RDWR, 0, 0)
+        fs.write(fh, data, 0)
+        fs.release(fh)
+    fs.flush_all()
+    s.close()
+    return path, fp, files
+
+
+def test_tune_keeps_classes_only_where_they_pay_for_their_bytes(env, monkeypatch):
+    """Classes cost their profiles and dictionaries in the store whatever its size: `tune`
+    stores them only if the saving measured on held-out files, projected onto the store's bytes,
+    exceeds that cost (the saving is set here: the random test model cannot make one pay)."""
+    from llmfs import tune as tune_mod
+    from llmfs.store import Store
+
+    path, _fp, _files = _kinds_store(env)
+    real = tune_mod.tune_classes
+
+    def measured(saved, held):
+        def fake(codec, samples, groups, force=False):
+            classes, lines, _held, _saved = real(codec, samples, groups, force=True)
+            return classes, lines, held, saved
+
+        return fake
+
+    monkeypatch.setattr(tune_mod, "tune_classes", measured(saved=1, held=1 << 20))
+    said = tune_mod.tune(path)
+    assert "take" in said and "kept what the store has" in said, said
+    s = Store(path)
+    with s.read() as t:
+        assert t.dictionary_classes() is None and t.current_dictionary() is None
+    s.close()
+    monkeypatch.setattr(tune_mod, "tune_classes", measured(saved=1 << 20, held=1))
+    said = tune_mod.tune(path)
+    assert "dictionaries are now current" in said, said
+    s = Store(path)
+    with s.read() as t:
+        assert t.dictionary_classes() is not None
+    s.close()
+    assert tune_mod.classes_pay(100, 1000, 10**6, 5000) == (True, 100000)
+    assert tune_mod.classes_pay(100, 1000, 10**4, 5000) == (False, 1000)
+
+
 def test_store_tunes_one_dictionary_per_class(env):
     """A store of three kinds of files: `tune` finds three classes and stores a dictionary for
     each (forced: the random test model cannot make one pay), the compaction codec picks per
@@ -404,20 +462,7 @@ def test_store_tunes_one_dictionary_per_class(env):
     from llmfs.store import Store
     from llmfs.tune import tune
 
-    model = write_model_dir(env / "model")
-    path, fp = lm_store(env, str(model))
-    s = Store(path)
-    fs = ns.Filesystem(s, Registry())
-    files = {}
-    for kind, samples in KINDS.items():
-        for i, data in enumerate(samples):
-            files[f"{kind}{i}".encode()] = data
-    for name, data in files.items():
-        fh = fs.create(ROOT_INO, name, 0o644, os.O_RDWR, 0, 0)
-        fs.write(fh, data, 0)
-        fs.release(fh)
-    fs.flush_all()
-    s.close()
+    path, fp, files = _kinds_store(env)
     said = tune(path, force=True)
     assert "classes of text" in said and "dictionaries are now current" in said, said
     lm_blocks = sorted(_lm_dictionaries(path))  # lm_store's, coded before
