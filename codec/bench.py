@@ -387,10 +387,22 @@ def _plot(rows: list[dict], out: str) -> None:
     except ImportError:
         print("llmfs bench: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
         return
-    names = ["xz -9e", "zstd -19", "bare", "lm", "float"]
+    names = [
+        "xz -9e",
+        "zstd -19",
+        "bare",
+        "lm",
+        *(["store"] if all("store" in r for r in rows) else []),
+        "float",
+    ]
     fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(rows)), 4))
     width = 0.8 / len(names)
-    labels = {"bare": "bare model", "lm": "full codec", "float": "float32 floor (bare)"}
+    labels = {
+        "bare": "bare model",
+        "lm": "full codec",
+        "store": "full codec, as a store keeps it",
+        "float": "float32 floor (bare)",
+    }
     for j, name in enumerate(names):
         vals = [r["float bpb"] if name == "float" else 8 * r[name] / max(1, r["raw"]) for r in rows]
         ax.bar([i + j * width for i in range(len(rows))], vals, width, label=labels.get(name, name))
