@@ -395,7 +395,7 @@ def _plot(rows: list[dict], out: str) -> None:
         *(["store"] if all("store" in r for r in rows) else []),
         "float",
     ]
-    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(rows)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(rows)) + 2.5, 4))
     width = 0.8 / len(names)
     labels = {
         "bare": "bare model",
@@ -409,7 +409,7 @@ def _plot(rows: list[dict], out: str) -> None:
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
     ax.set_xticklabels([r["file"].rsplit("/", 1)[-1] for r in rows], rotation=15)
     ax.set_ylabel("bits per byte")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")  # beside the bars
     fig.tight_layout()
     fig.savefig(out)
     print(f"wrote {out}")
