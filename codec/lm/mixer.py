@@ -111,6 +111,22 @@ def _bucket(length: int) -> int:
     return b
 
 
+def _masses(probs: list[int], rest: int) -> list[int]:
+    """The integer masses that give the candidates their mixed probabilities, last first: each
+    candidate's probability p (in P_ONE units) of being the next token given that the ones
+    before it were not is turned into a mass against the mass `acc` of everything after it,
+    mass / (acc + mass) = p, with `rest` (the row's mass left to the other tokens) at the
+    bottom. Integer arithmetic: the same masses on every CPU; capped by MASS_CAP."""
+    masses = []
+    acc = max(rest, 1)
+    for p in reversed(probs):
+        mass = max(1, min(acc * p // (P_ONE - p), MASS_CAP - acc))
+        masses.append(mass)
+        acc += mass
+    masses.reverse()
+    return masses
+
+
 def _count(table: dict, key: tuple, y: int) -> None:
     """One more y after context `key`: the entry is [most frequent successor, its count, total,
     {successor: count}] (ties go to the latest)."""
@@ -196,13 +212,7 @@ class GroupMixer:
             p = sq[min(D_MAX, max(-D_MAX, d)) + D_MAX]
             probs.append(p)
             feats.append((s, w))
-        masses = []
-        acc = max(rest, 1)
-        for p in reversed(probs):
-            mass = max(1, min(acc * p // (P_ONE - p), MASS_CAP - acc))
-            masses.append(mass)
-            acc += mass
-        masses.reverse()
+        masses = _masses(probs, rest)
         self._pending = (cands, probs, feats, xm, bucket)
         return cands, masses
 
@@ -387,13 +397,7 @@ class GroupMixerV5(GroupMixer):
             p = min(P_ONE - 1, max(1, (p_mix + p_apm) >> 1))
             probs.append(p)
             feats.append((s, p_mix, a, hi if 2 * frac >= span else lo, x == xm))
-        masses = []
-        acc = max(rest, 1)
-        for p in reversed(probs):
-            mass = max(1, min(acc * p // (P_ONE - p), MASS_CAP - acc))
-            masses.append(mass)
-            acc += mass
-        masses.reverse()
+        masses = _masses(probs, rest)
         self._pending = (cands, feats, xm, bucket)
         return cands, masses
 
