@@ -277,6 +277,8 @@ class Operations(mfusepy.Operations):
 
     def destroy(self, path):
         self.invalidator.stop()
+        for tid, (_, kept) in list(self._kept.items()):
+            self._let_go(tid, kept)  # now, not by a timer that would find the store closed
         if self._on_destroy:
             self._on_destroy()
 

@@ -812,10 +812,14 @@ class Filesystem:
 
     def end_session(self) -> None:
         """A clean unmount (after flush_all): every file's state is what the user gets back, so
-        no unstored mark may outlive the session (an empty table is the clean state)."""
+        no unstored mark may outlive the session (an empty table is the clean state); and every
+        user of the session is gone, so a file unlinked while open (a handle the kernel never
+        released, or one the FUSE edge kept for a moment: Filesystem.keep) is deleted now — a
+        clean store has no orphans (fsck: check_orphans)."""
         with self.store.write() as t:
             for ino in t.unstored():
                 t.remove_unstored(ino)
+            _delete_orphans(t)
         with self._lock:
             for f in self._files.values():
                 f.unstored = False
@@ -1132,11 +1136,17 @@ class Filesystem:
     def recover_orphans(self) -> int:
         """Delete inodes that were unlinked while open when the last session ended. Returns how many."""
         with self.store.write() as t:
-            orphans = t.orphans()
-            for ino in orphans:
-                inode = t.inode(ino)
-                if inode is None or inode.nlink == 0:
-                    t.delete_inode(ino)
-                else:
-                    t.remove_orphan(ino)
-        return len(orphans)
+            return _delete_orphans(t)
+
+
+def _delete_orphans(t) -> int:
+    """Delete the inodes unlinked while open (none of their users is left); one named again
+    keeps its data and loses only the mark. Returns how many were marked."""
+    orphans = t.orphans()
+    for ino in orphans:
+        inode = t.inode(ino)
+        if inode is None or inode.nlink == 0:
+            t.delete_inode(ino)
+        else:
+            t.remove_orphan(ino)
+    return len(orphans)

@@ -244,3 +244,26 @@ def test_a_kept_file_is_let_go_after_a_while_without_a_next_call(ops, monkeypatc
     assert ops._kept == {}
     with ops.fs.store.read() as t:
         assert t.inode(ino) is None and not t.orphans()
+
+
+def test_an_unmount_right_after_a_hide_leaves_no_orphan(ops):
+    """`rm f && umount` within KEEP_SECONDS of f's close: the kept file is let go at destroy (not
+    by a timer firing after the store is closed), and the clean end of the session deletes what
+    was unlinked while open — fsck --quick of a cleanly unmounted store finds no orphan."""
+    from llmfs.mount import finish
+
+    fh = ops.create("/f", 0o644, os.O_RDWR)
+    ops.write(None, b"x" * 10, 0, fh)
+    ino = ops.getattr(None, fh)["st_ino"]
+    ops.release(None, fh)
+    hide(ops, "/f")  # kept: libfuse still counted it open
+    fh2 = ops.create("/g", 0o644, os.O_RDWR)  # open, unlinked, never released (lazy unmount)
+    ino2 = ops.getattr(None, fh2)["st_ino"]
+    hide(ops, "/g")
+    ops.destroy(None)
+    assert ops._kept == {}
+    assert finish(ops.fs) == 0
+    with ops.fs.store.read() as t:
+        assert t.inode(ino) is None and t.inode(ino2) is None and not t.orphans()
+    problems, _ = fsck.run_checks(ops.fs.store, fsck.QUICK_CHECKS)
+    assert problems == []
