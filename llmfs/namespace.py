@@ -136,6 +136,11 @@ class Filesystem:
         # Files whose close left their data to the release (flush), until they leave _files:
         # an fsync stores them first, so what was closed before it is durable after it.
         self._closed: dict[int, OpenFile] = {}
+        # False only while no file has an extended attribute (read at start, set before the
+        # first setxattr commits, never cleared: "maybe" is always safe): getxattr_path then
+        # answers ENODATA without a walk (the kernel's security.capability before each write).
+        with store.read() as t:
+            self._xattrs_may_exist = t.any_xattrs()
         self.buffer = WriteBuffer(store, registry, self._load_block, dirty_limit)
         self.prefetch = PrefetchPolicy(store, cache, readahead, self._decode_hashes)
         # Decodes cache misses' LM blocks elsewhere when it is faster (set by the mount with
@@ -557,9 +562,18 @@ class Filesystem:
         asks for security.capability before a write to a file whose attributes it has just
         refreshed (the first write after a create or an open, and more: Linux clears setuid
         bits and capabilities itself, and libfuse 3.14 cannot hand that to us), so a small-file
-        copy pays this once per file: one walk, no second transaction."""
+        copy pays this once per file: one walk, no second transaction.
+
+        While no file has any extended attribute (_xattrs_may_exist) the answer is ENODATA
+        without a walk: the kernel asks only for a path whose every name it has looked up (a
+        file removed meanwhile has no attributes either, as by inode on a local filesystem);
+        a name too long to exist still says so."""
         if name.startswith(VIRTUAL_XATTR):
             return self._virtual_xattr(self.resolve(path), name)
+        if not self._xattrs_may_exist:
+            if any(len(part) > NAME_MAX for part in path.split(b"/")):
+                raise NameTooLong(path)
+            raise NoAttribute(name)
         with self.store.read() as t:
             value = t.xattr(self._walk(t, path, remember=False), name)
         if value is None:
@@ -581,6 +595,7 @@ class Filesystem:
             raise NameTooLong(name) if name else InvalidArgument(name)
         if len(value) > XATTR_SIZE_MAX:
             raise TooBig(name)
+        self._xattrs_may_exist = True  # before the attribute can be seen (getxattr_path)
         with self._lock, self.store.write() as t:
             inode = t.inode(ino)
             if inode is None:

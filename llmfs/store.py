@@ -887,6 +887,11 @@ class Txn:
     def remove_xattr(self, ino: int, name: bytes) -> bool:
         return self.txn.delete(ino_key(ino) + name, db=self.db["xattrs"])
 
+    def any_xattrs(self) -> bool:
+        """Whether any file has an extended attribute (the namespace's hint: llmfs/namespace.py)."""
+        with self.txn.cursor(db=self.db["xattrs"]) as cur:
+            return cur.first()
+
     def xattr_names(self, ino: int) -> list[bytes]:
         prefix = ino_key(ino)
         return [bytes(k[8:]) for k in self._prefix_keys(self.db["xattrs"], prefix)]
