@@ -30,6 +30,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -157,6 +158,7 @@ class Filesystem:
         self._released_cond = threading.Condition(threading.Lock())
         self._batcher: threading.Thread | None = None
         self._batcher_stop = False
+        self._batch_started = 0.0  # monotonic time of the first file of the batch
         # False only while no file has an extended attribute (read at start, set before the
         # first setxattr commits, never cleared: "maybe" is always safe): getxattr_path then
         # answers ENODATA without a walk (the kernel's security.capability before each write).
@@ -822,6 +824,7 @@ class Filesystem:
                 and (f.mtime is not None or f.dirty or (h.created and f.unstored))  # work to do
                 and len(f.dirty) <= 1
                 and not f.unlinked
+                and not self._batcher_stop
                 and self.store.commits_later()
             ):
                 self._drop_user(f, 1)  # it stays in the table while it has dirty data
@@ -830,8 +833,9 @@ class Filesystem:
                     self._released[f.ino] = (f, h.created or (prev is not None and prev[1]))
                     n = len(self._released)
                     if n == 1:
+                        self._batch_started = time.monotonic()  # the batch's clock starts
                         self._start_batcher()
-                        self._released_cond.notify()  # the batch's clock starts
+                        self._released_cond.notify()
                 if n >= RELEASE_BATCH:
                     self.store_released()
             else:
@@ -848,13 +852,20 @@ class Filesystem:
             self._batcher.start()
 
     def _batch_loop(self) -> None:
+        cond = self._released_cond
         while True:
-            with self._released_cond:
+            with cond:
                 while not self._released and not self._batcher_stop:
-                    self._released_cond.wait()
+                    cond.wait()
+                # More files join until RELEASE_WAIT after the first of the batch there is now
+                # (a full batch stored by a release meanwhile starts another's clock).
+                while self._released and not self._batcher_stop:
+                    left = self._batch_started + RELEASE_WAIT - time.monotonic()
+                    if left <= 0:
+                        break
+                    cond.wait(left)
                 if self._batcher_stop:
-                    return
-                self._released_cond.wait(RELEASE_WAIT)  # more files join; stop_batches wakes it
+                    return  # stop_batches stores what is left
             try:
                 self.store_released()
             except Exception:  # the files keep their data buffered: a later flush stores them
