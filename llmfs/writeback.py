@@ -8,7 +8,8 @@ bytes (mfusepy hands each request over as a fresh bytes object), turned into a b
 later write changes part of it. The flush hashes, checksums and compresses those buffers in place;
 the one copy of a block the daemon makes after the request's is its container (a raw block's
 header and payload joined), then LMDB's page. Nothing reaches the store until a flush, which happens on
-release (the last close of an open file; close itself only when the disk is nearly full), fsync,
+release (the last close of an open file, or a batch of released small files: flush_many and
+llmfs/namespace.py's release; close itself only when the disk is nearly full), fsync,
 truncate, before a time or xattr change that must not be overwritten, and when all
 files' dirty bytes pass `dirty_limit`. One flush is one LMDB write transaction: the file's new
 blocks (content-addressed: a block already stored only gains a reference), its block map, size and
