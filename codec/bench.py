@@ -215,6 +215,7 @@ def run_codec(args) -> int:
     import torch
 
     from .lm import PAYLOAD_VERSION, SEGMENT_TOKENS, open_codec
+    from .lm.codec import payload_dictionary
 
     for path in args.files:  # before the model loads: a wrong name fails at once, in words
         try:
@@ -295,6 +296,8 @@ def run_codec(args) -> int:
             (back,) = codec.decode_many([(payload, len(data))])
             dec, dec_cpu = time.perf_counter() - t, time.process_time() - c
             timed[version] = (len(payload), enc, dec, enc_cpu, dec_cpu)
+            if version == PAYLOAD_VERSION:  # a store keeps a dictionary id as its number
+                numbered = 0 if payload_dictionary(payload) is not None else None
             if back != data:
                 print(
                     f"llmfs bench: error: {path}: LM round trip (payload version {version}) FAILED",
@@ -305,7 +308,7 @@ def run_codec(args) -> int:
         bare, bare_enc_s, bare_dec_s, _, _ = timed[2]
         lm, enc_s, dec_s, enc_cpu, dec_cpu = timed[PAYLOAD_VERSION]
         mix = timed[3][0] + head
-        store = lm + compact_size(len(data), 0)  # the full codec's container as a store keeps it
+        store = lm + compact_size(len(data), 0, numbered)  # the full codec's container as a store keeps it
         bare, lm = bare + head, lm + head  # the whole containers
         n = max(1, len(data))
         floor = float("nan")

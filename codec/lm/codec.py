@@ -105,7 +105,7 @@ from ..container import (
 )
 from . import DECODE_BATCH, coder
 from . import dictionary as dictionaries
-from .dictionary import Dictionary
+from .dictionary import Dictionary, dictionary_offset
 from .mixer import GroupMixer, GroupMixerV5, line_breaks
 from .tokenizer import from_json
 
@@ -115,7 +115,7 @@ READ_VERSIONS = (1, 2, 3, 4, 5, 6)
 # The version 5 default segment shape (flags bit 1 clear): part of the format, never changed.
 V5_SEGMENT_TOKENS = 1024  # BOS included; S = min(this, window - dictionary) - 1
 V5_GROUP_SEGMENTS = 32
-_V5_DICTIONARY = 1  # flags
+_V5_DICTIONARY = 1  # flags (dictionary.dictionary_offset reads this bit too: the store asks it)
 _V5_SHAPE = 2
 # Hashed into the codec fingerprint; the payload carries its own version, so readers of version 3
 # also read version 1 and 2 payloads made with the same model.
@@ -669,24 +669,19 @@ def _bitmap(flags: list[bool]) -> bytes:
 
 
 def payload_dictionary(payload) -> bytes | None:
-    """The id of the dictionary an LM payload continues (version 4, versions 5-6 with its flag), None
-    otherwise or for a payload too short to say. Reads only the first bytes (the compactor and fsck
-    scan blocks; 16 bytes suffice: the version byte, a varint of up to 7 bytes and the id)."""
+    """The id of the dictionary an LM payload continues (version 4, versions 5-6 with its flag),
+    None otherwise or for a payload too short to say. Reads only the first bytes (the compactor
+    and fsck scan blocks; 16 bytes suffice: the version byte, a varint of up to 7 bytes and the
+    id)."""
     payload = bytes(payload)
-    if len(payload) >= 1 + dictionaries.ID_SIZE and payload[0] == 4:
-        return payload[1 : 1 + dictionaries.ID_SIZE]
-    if len(payload) < 2 or payload[0] not in (5, 6):
+    at = dictionary_offset(payload)
+    if at is None or len(payload) < at + dictionaries.ID_SIZE:
         return None
-    try:
-        head, pos = read_varint(payload, 1, _TABLE)
-    except (Truncated, ChecksumMismatch):
-        return None
-    if not head & _V5_DICTIONARY or len(payload) < pos + dictionaries.ID_SIZE:
-        return None
-    return payload[pos : pos + dictionaries.ID_SIZE]
+    return payload[at : at + dictionaries.ID_SIZE]
 
 
 __all__ = [
+    "dictionary_offset",
     "payload_dictionary",
     "DECODE_BATCH",
     "LMCodec",
