@@ -41,7 +41,7 @@ from llmfs.tune import coded_size, split_samples
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("files", nargs="+")
+    ap.add_argument("files", nargs="*")
     ap.add_argument("--bytes", type=int, default=0, help="first N bytes of each file (0: all)")
     ap.add_argument("--plot", default=None)
     ap.add_argument("--no-floor", action="store_true")
