@@ -3,11 +3,13 @@
 Everything in one report is measured in one run on the same bytes: raw size, xz -9e, zstd -19,
 brotli -11, the LM container of the bare model ("bare": payload version 2, the engine's rows as
 they are), of the rows mixed with the online side models of codec/lm/mixer.py ("mix": version 3)
-and of the full codec ("lm": PAYLOAD_VERSION, today 5: its mixer and the codec's dictionary, codec/lm/dictionary.py:
+and of the full codec ("lm": PAYLOAD_VERSION, today 6: its mixer, each group also coded bare and
+the smaller kept, and the codec's dictionary, codec/lm/dictionary.py:
 the built-in default unless --dictionary names a file whose start is sampled as `llmfs tune`
 would), all in bytes and bits per byte, the full codec's container as a store keeps it ("store":
 the compact form of codec/container.py, whose 4-byte header replaces the 24-byte one of a
-standalone container; the store's block key is the check), the float32 model's cross-entropy on the very
+standalone container, the store's block key the check, and a dictionary's 8-byte id a one-byte
+store-local number), the float32 model's cross-entropy on the very
 segments the codec codes (codec/lm/reference.py — the bare model's floor, which the exact engine
 should stay within ~1 % of and the full codec should go below), the full codec's encode and decode
 speed in tokens/s, those speeds against the bare model's measured in the same run ("enc/bare"), and
@@ -215,6 +217,7 @@ def run_codec(args) -> int:
     import torch
 
     from .lm import PAYLOAD_VERSION, SEGMENT_TOKENS, open_codec
+    from .lm.codec import payload_dictionary
 
     for path in args.files:  # before the model loads: a wrong name fails at once, in words
         try:
@@ -295,6 +298,8 @@ def run_codec(args) -> int:
             (back,) = codec.decode_many([(payload, len(data))])
             dec, dec_cpu = time.perf_counter() - t, time.process_time() - c
             timed[version] = (len(payload), enc, dec, enc_cpu, dec_cpu)
+            if version == PAYLOAD_VERSION:  # a store keeps a dictionary id as its number
+                numbered = 0 if payload_dictionary(payload) is not None else None
             if back != data:
                 print(
                     f"llmfs bench: error: {path}: LM round trip (payload version {version}) FAILED",
@@ -305,7 +310,7 @@ def run_codec(args) -> int:
         bare, bare_enc_s, bare_dec_s, _, _ = timed[2]
         lm, enc_s, dec_s, enc_cpu, dec_cpu = timed[PAYLOAD_VERSION]
         mix = timed[3][0] + head
-        store = lm + compact_size(len(data), 0)  # the full codec's container as a store keeps it
+        store = lm + compact_size(len(data), 0, numbered)  # the full codec's container as a store keeps it
         bare, lm = bare + head, lm + head  # the whole containers
         n = max(1, len(data))
         floor = float("nan")

@@ -35,7 +35,25 @@ never in an `llmfs compress` file): an LM container less everything the store al
     1-10   varint: plaintext length
     ...    payload, exactly as in the version 2 container it was made from
 
-4 bytes for an 8 KiB block where version 2 has 24. What is dropped and why it is safe:
+4 bytes for an 8 KiB block where version 2 has 24. The compact form of a block whose payload
+names a store dictionary (COMPACT_DICT_TAG; store format 4) also drops the dictionary's 8-byte id
+from the payload, for a store-local dictionary number:
+
+    1      COMPACT_DICT_TAG (0x02)
+    1-10   varint: the store-local model number
+    1-10   varint: the store-local dictionary number (the store's `dictnums` table maps it to the
+           8-byte dictionary id)
+    1-10   varint: plaintext length
+    ...    payload less the 8 bytes of the dictionary id (the LM codec says where they stood:
+           codec/lm/codec.py, dictionary_offset — the same offset in the payload with or without
+           them, since only the bytes before the id decide it)
+
+5 bytes for 12: 7 bytes less on each block that continues a dictionary. Where the id lives: in
+the payload, as the codec writes it — the store only keeps it as a number at rest, and `expand`
+puts the id back, so the keyed container every reader gets (and any block copied out of the
+store, through its read methods) names its dictionary by id, exactly as a standalone container
+does, and decodes wherever that dictionary is known. A number names nothing outside its store;
+an id does: that is why the number never reaches a reader. What is dropped and why it is safe:
   * the magic and version: the store knows it holds containers; the tag is the version;
   * the codec id: only LM containers are made compact (raw and zstd blocks are large, their
     header is under 1 % of them, and a raw block is read in place from the store's map);
@@ -46,7 +64,9 @@ never in an `llmfs compress` file): an LM container less everything the store al
     unexpanded fails read_header (CompactOutsideStore), so a path that forgot to expand gets an
     error, never unverified bytes;
   * the fingerprint: a store holds a handful of models; the number is mapped back by the store,
-    and a number the store does not know is an error (ModelMismatch), never a guess.
+    and a number the store does not know is an error (ModelMismatch), never a guess;
+  * (COMPACT_DICT_TAG) the dictionary id: likewise, through the store's `dictnums`; a number the
+    store does not know leaves the block unexpandable (read as damaged), never guessed.
 The length stays: a decode needs it before the first token (the payload's token count does not
 give the byte length), and it bounds the work a damaged block can cause.
 
@@ -89,6 +109,9 @@ FINGERPRINT_SIZE = 8
 KEYED_VERSION = 3  # in memory only: a store's compact block handed to its readers
 KEY_SIZE = 32  # blake3-256, the store's block key
 COMPACT_TAG = 0x01  # first byte of a compact (store, at rest) container
+COMPACT_DICT_TAG = 0x02  # the same, with a store-local dictionary number (store format 4)
+COMPACT_TAGS = (COMPACT_TAG, COMPACT_DICT_TAG)
+DICTIONARY_ID_SIZE = 8  # codec/lm/dictionary.py's ID_SIZE: the bytes a dictionary number replaces
 _LM = 2  # registry.LM: the one codec whose containers are made compact
 _CHECKSUM = struct.Struct(">Q")
 _V1_HEAD = struct.Struct(">4sBBHQQ")  # version 1: magic, version, codec, flags, length, checksum
@@ -210,7 +233,7 @@ def read_header(buf: bytes | memoryview, has_fingerprint) -> Header:
     `has_fingerprint(codec_id) -> bool` comes from the registry; it raises UnknownCodec for ids it does
     not know."""
     buf = memoryview(buf)
-    if len(buf) and buf[0] == COMPACT_TAG:
+    if len(buf) and buf[0] in COMPACT_TAGS:
         raise CompactOutsideStore(
             "a store's compact container its store could not expand (a damaged header or a "
             "model number the store does not know), or read without its store"
@@ -258,35 +281,58 @@ def _read_v1(buf: memoryview, has_fingerprint) -> Header:
 # -- the store's compact form -------------------------------------------------------------------
 
 
-def compact_size(length: int, model_number: int) -> int:
-    """Header bytes of a compact container (the payload follows them)."""
-    return 1 + len(varint(model_number)) + len(varint(length))
+def compact_size(length: int, model_number: int, dictionary_number: int | None = None) -> int:
+    """Header bytes of a compact container (the payload follows them); with a dictionary number,
+    less the DICTIONARY_ID_SIZE bytes it takes out of the payload (the net change)."""
+    size = 1 + len(varint(model_number)) + len(varint(length))
+    if dictionary_number is not None:
+        size += len(varint(dictionary_number)) - DICTIONARY_ID_SIZE
+    return size
 
 
-def compact(head: Header, blob, model_number: int) -> bytes:
+def compact(head: Header, blob, model_number: int, dictionary: tuple[int, int] | None = None) -> bytes:
     """The compact form of the LM container `blob` (whose parsed header is `head`), naming its
     model by the store-local `model_number`. The caller (the store) guarantees that the block's
-    key is blake3 of the plaintext this container encodes: that is what replaces the checksum."""
+    key is blake3 of the plaintext this container encodes: that is what replaces the checksum.
+    `dictionary`: (store-local dictionary number, offset of the dictionary id in the payload):
+    the id is cut out of the payload and the number written (COMPACT_DICT_TAG)."""
     if head.codec_id != _LM or not head.fingerprint:
         raise ValueError("only LM containers have a compact form")
+    payload = memoryview(blob)[head.payload_offset :]
+    if dictionary is None:
+        return b"".join((bytes((COMPACT_TAG,)), varint(model_number), varint(head.length), payload))
+    number, at = dictionary
+    if not 0 < at <= len(payload) - DICTIONARY_ID_SIZE:
+        raise ValueError("the dictionary id is not inside the payload")
     return b"".join(
         (
-            bytes((COMPACT_TAG,)),
+            bytes((COMPACT_DICT_TAG,)),
             varint(model_number),
+            varint(number),
             varint(head.length),
-            memoryview(blob)[head.payload_offset :],
+            payload[:at],
+            payload[at + DICTIONARY_ID_SIZE :],
         )
     )
 
 
-def compact_head(blob) -> tuple[int, int, int]:
-    """(model number, plaintext length, payload offset) of a compact container; Truncated or
-    ChecksumMismatch if those fields are damaged."""
-    buf = memoryview(blob)[: 1 + 2 * _MAX_VARINT]
-    if not len(buf) or buf[0] != COMPACT_TAG:
+def compact_fields(blob) -> tuple[int, int | None, int, int]:
+    """(model number, dictionary number or None, plaintext length, payload offset) of a compact
+    container; BadMagic, Truncated or ChecksumMismatch if those fields are damaged."""
+    buf = memoryview(blob)[: 1 + 3 * _MAX_VARINT]
+    if not len(buf) or buf[0] not in COMPACT_TAGS:
         raise BadMagic("not a compact store container")
     number, pos = read_varint(buf, 1, "compact container's model number")
+    dictionary = None
+    if buf[0] == COMPACT_DICT_TAG:
+        dictionary, pos = read_varint(buf, pos, "compact container's dictionary number")
     length, pos = read_varint(buf, pos, "compact container's length field")
+    return number, dictionary, length, pos
+
+
+def compact_head(blob) -> tuple[int, int, int]:
+    """(model number, plaintext length, payload offset) of a compact container (either tag)."""
+    number, _dictionary, length, pos = compact_fields(blob)
     return number, length, pos
 
 
@@ -297,8 +343,19 @@ def keyed_header(length: int, block_key: bytes, fingerprint: bytes, codec_id: in
     return b"".join((MAGIC, bytes((KEYED_VERSION, codec_id)), varint(length), block_key, fingerprint))
 
 
-def expand(blob, block_key: bytes, fingerprint: bytes) -> bytes:
+def expand(blob, block_key: bytes, fingerprint: bytes, dictionary: tuple[bytes, int] | None = None) -> bytes:
     """The keyed (version 3) container of the compact container `blob`, stored under
-    `block_key`, whose model number maps to `fingerprint`: what every reader decodes."""
-    _number, length, pos = compact_head(blob)
-    return keyed_header(length, block_key, fingerprint) + bytes(memoryview(blob)[pos:])
+    `block_key`, whose model number maps to `fingerprint`: what every reader decodes.
+    `dictionary` (COMPACT_DICT_TAG): (the id its dictionary number maps to, the offset in the
+    payload where the id goes back)."""
+    _number, number, length, pos = compact_fields(blob)
+    payload = memoryview(blob)[pos:]
+    head = keyed_header(length, block_key, fingerprint)
+    if number is None:
+        return head + bytes(payload)
+    if dictionary is None or len(dictionary[0]) != DICTIONARY_ID_SIZE:
+        raise ModelMismatch("a compact container's dictionary number needs its dictionary id")
+    did, at = dictionary
+    if not 0 < at <= len(payload):
+        raise Truncated("a compact container's payload ends before its dictionary id")
+    return b"".join((head, payload[:at], did, payload[at:]))

@@ -472,7 +472,8 @@ def quarantine(t: Txn, h: bytes, users: list[tuple[int, int]]) -> None:
 def check_block_headers(s: Snapshot, t: Txn) -> list[Problem]:
     """Every stored container's header is readable (without decoding: quick). A damaged one names
     its files; repair quarantines it. A compact block whose model number the store handed out but
-    its modelnums table lost is the table's damage, not the block's: reported, never quarantined."""
+    its modelnums table lost is the table's damage, not the block's: reported, never quarantined
+    (the same for a dictionary number its dictnums table lost)."""
     users = _users(s)
     out = []
     for h in s.block_keys:
@@ -483,6 +484,15 @@ def check_block_headers(s: Snapshot, t: Txn) -> list[Problem]:
                     f"block {h.hex()[:16]} names store-local model number {n}, which the store's "
                     f"modelnums table has lost: it cannot be decoded until the entry is restored; "
                     f"affected: {_files(s, users[h])}",
+                )
+            )
+        elif t.header(h) is None and (n := t.lost_dictionary_number(h)) is not None:
+            out.append(
+                Problem(
+                    "block_headers",
+                    f"block {h.hex()[:16]} names store-local dictionary number {n}, which the "
+                    f"store's dictnums table has lost: it cannot be decoded until the entry is "
+                    f"restored; affected: {_files(s, users[h])}",
                 )
             )
         elif t.header(h) is None:

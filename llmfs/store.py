@@ -33,7 +33,12 @@ big-endian so keys sort numerically. Named sub-databases:
   blocks    32-byte hash → container bytes (codec/container.py): a full container (version 1 or 2)
             or, from format 3 on, for LM blocks, the compact form (container.py, COMPACT_TAG): the
             LM container less its magic, version, codec id, xxh3 checksum and fingerprint, with a
-            store-local model number (table modelnums) — 4 header bytes where version 2 has 24.
+            store-local model number (table modelnums) — 4 header bytes where version 2 has 24;
+            from format 4 on, an LM block whose payload names a dictionary is kept with the
+            dictionary's store-local number (table dictnums) in place of the payload's 8-byte
+            id (container.py, COMPACT_DICT_TAG: 7 bytes less). The id lives in the payload: a
+            reader gets it back in the keyed container (expanded), so a block copied out of the
+            store names its dictionary as a standalone container does.
             Readers never see the compact form: every Txn method that hands out a block
             (container, container_view, header, blocks, block_headers) expands it into the keyed
             container (version 3) whose check is the key itself, blake3 of the plaintext, so
@@ -74,6 +79,10 @@ big-endian so keys sort numerically. Named sub-databases:
   modelnums   (format 3) u32 store-local model number → 8-byte model fingerprint: the number a
             compact LM block names its model by. Numbers are handed out from 0 up, never reused,
             renumbered or deleted (a dozen bytes per model)
+  dictnums    (format 4) u32 store-local dictionary number → 8-byte dictionary id: the number a
+            compact LM block (COMPACT_DICT_TAG) names its dictionary by, handed out as modelnums'
+            (from 0 up, on the first block that continues the dictionary, in its transaction;
+            never reused, renumbered or deleted)
 
 FORMAT VERSIONS (which llmfs reads which store)
   1  the tables above without modelfiles/modelkeys; written by releases up to main 2fa6d7d, which
@@ -92,6 +101,11 @@ FORMAT VERSIONS (which llmfs reads which store)
      blocks stay as they are (full containers keep decoding; `llmfs compact --recode`, or any
      re-encoding, stores them compact). Opened without the lock it is read as it is, and
      nothing is written compact into a store without modelnums.
+  4  this release: adds dictnums and compact LM blocks with a dictionary number (a release that
+     reads only formats 1-3 refuses it as above: it would take such a block for a damaged one).
+     Reads formats 1 to 4; a format 1-3 store opened with the lock is upgraded in place as
+     above (the missing tables created, "format" set to 4); its blocks stay as they are (a block
+     stored with its dictionary id keeps it until it is re-encoded or recoded).
 
 INVARIANTS (fsck.py checks each one by name)
   * refs[h] == number of blockmap entries naming h, and refs[h] >= 1 for every h in refs;
@@ -99,7 +113,8 @@ INVARIANTS (fsck.py checks each one by name)
   * every blockmap value names a key of blocks; blockmap entries of ino exist only for block
     indices < ceil(inodes[ino].size / block_size), and never for a block of all zeros (a hole).
   * a block's container decodes to block_size bytes or fewer, whose blake3 is its key.
-  * a compact block's model number is a key of modelnums; modelnums values are distinct.
+  * a compact block's model number is a key of modelnums; modelnums values are distinct; the
+    same for a compact block's dictionary number and dictnums.
   * every dirent names an existing inode; every inode except ROOT_INO and orphans is named by
     exactly inodes[ino].nlink dirents (directories: by one dirent, nlink = 2 + subdirectories).
   * the root inode is ROOT_INO and is a directory; inode numbers are never reused.
@@ -185,12 +200,13 @@ from llmfs.codec import container as ct
 from llmfs.codec.container import FINGERPRINT_SIZE, ContainerError, Header
 from llmfs.codec.container import FORMAT_VERSION as CONTAINER_FORMAT
 from llmfs.codec.container import MAGIC as CONTAINER_MAGIC
+from llmfs.codec.lm.dictionary import dictionary_offset
 from llmfs.codec.registry import DAMAGED, LM, peek_header
 
 log = logging.getLogger("llmfs")
 
-FORMAT_VERSION = 3
-READS_FORMATS = (1, 2, 3)
+FORMAT_VERSION = 4
+READS_FORMATS = (1, 2, 3, 4)
 MAGIC = b"llmfs-store"
 ROOT_INO = 1
 HASH_SIZE = 32
@@ -220,7 +236,8 @@ DB_NAMES_V1 = (
     "models",
 )
 DB_NAMES_V2 = DB_NAMES_V1 + ("modelfiles", "modelkeys")
-DB_NAMES = DB_NAMES_V2 + ("modelnums",)  # format 3
+DB_NAMES_V3 = DB_NAMES_V2 + ("modelnums",)
+DB_NAMES = DB_NAMES_V3 + ("dictnums",)  # format 4
 # Tables a store of the current format may lack (made before they existed): created when the
 # store is opened for writing, read as empty otherwise (see the schema above).
 LATER_DBS = ("unstored",)
@@ -394,7 +411,8 @@ class Txn:
         self.db = store.db
         self._counters: Counters | None = None
         self.new_bytes = 0  # container bytes this transaction stored (the group's memory bound)
-        self._numbers: dict[int, bytes | None] = {}  # model number -> fingerprint, looked up
+        # model number -> fingerprint and ("d", dictionary number) -> dictionary id, looked up
+        self._numbers: dict[int | tuple[str, int], bytes | None] = {}
 
     # -- meta ----------------------------------------------------------------------------------
     def meta(self, key: str) -> bytes | None:
@@ -562,42 +580,56 @@ class Txn:
         that cannot be expanded (damaged fields, a model number the store does not know) is
         handed out as it is: reading its header then fails (CompactOutsideStore), as a damaged
         block's does."""
-        if not len(raw) or raw[0] != ct.COMPACT_TAG:
+        if not len(raw) or raw[0] not in ct.COMPACT_TAGS:
             return raw
         fields = self._compact_fields(h, raw)
-        return raw if fields is None else ct.expand(raw, bytes(h), fields[1])
+        return raw if fields is None else ct.expand(raw, bytes(h), fields[1], fields[2])
 
     def _header(self, h: bytes, raw) -> Header | None:
         """header_of the expanded container, without copying a compact block's payload."""
-        if not len(raw) or raw[0] != ct.COMPACT_TAG:
+        if not len(raw) or raw[0] not in ct.COMPACT_TAGS:
             return header_of(raw)
         fields = self._compact_fields(h, raw)
         return None if fields is None else header_of(ct.keyed_header(fields[0], bytes(h), fields[1]))
 
-    def _compact_fields(self, h: bytes, raw) -> tuple[int, bytes] | None:
-        """(plaintext length, model fingerprint) of the compact container `raw` kept under key h;
-        None if it cannot be expanded (damaged fields, a model number the store does not know, a
-        key that is not a blake3 digest)."""
+    def _compact_fields(self, h: bytes, raw) -> tuple[int, bytes, tuple[bytes, int] | None] | None:
+        """(plaintext length, model fingerprint, (dictionary id, its offset in the payload) or
+        None) of the compact container `raw` kept under key h; None if it cannot be expanded
+        (damaged fields, a model or dictionary number the store does not know, a payload that
+        does not say where its dictionary id goes, a key that is not a blake3 digest)."""
         try:
-            number, length, _pos = ct.compact_head(raw)
+            number, dnum, length, pos = ct.compact_fields(raw)
         except ContainerError:
             return None
         fp = self.model_number_fingerprint(number)
         if fp is None or len(h) != ct.KEY_SIZE:
             return None
-        return length, fp
+        if dnum is None:
+            return length, fp, None
+        did = self.dictionary_number_id(dnum)
+        at = dictionary_offset(memoryview(raw)[pos:])
+        if did is None or at is None:
+            return None
+        return length, fp, (did, at)
 
     def _at_rest(self, h: bytes, blob):
         """What the blocks table keeps for container `blob` of block h: an LM container compact
         (format 3), anything else as it is. A keyed container is taken only under its own key."""
-        if "modelnums" not in self.db or not len(blob) or blob[0] == ct.COMPACT_TAG:
+        if "modelnums" not in self.db or not len(blob) or blob[0] in ct.COMPACT_TAGS:
             return blob
         head = header_of(blob)
         if head is None or head.codec_id != LM or not head.fingerprint:
             return blob
         if head.key and head.key != bytes(h):
             raise ValueError("a keyed container stored under another block's key")
-        return ct.compact(head, blob, self.model_number(head.fingerprint))
+        dictionary = None
+        if "dictnums" in self.db:  # format 4: a dictionary id at rest becomes its number
+            payload = memoryview(blob)[head.payload_offset :]
+            at = dictionary_offset(payload)
+            if at is not None and len(payload) >= at + ct.DICTIONARY_ID_SIZE:
+                did = bytes(payload[at : at + ct.DICTIONARY_ID_SIZE])
+                dictionary = (self.dictionary_number(did), at)
+        return ct.compact(head, blob, self.model_number(head.fingerprint), dictionary)
 
     def model_number_fingerprint(self, number: int) -> bytes | None:
         """The fingerprint the store-local model `number` stands for (None: not in modelnums)."""
@@ -621,15 +653,60 @@ class Txn:
         it out (numbers are given densely from 0 and never deleted: one below the highest given
         was lost from the table, so the table is damaged, not the block); else None."""
         raw = self.txn.get(h, db=self.db["blocks"])
-        if raw is None or not len(raw) or raw[0] != ct.COMPACT_TAG:
+        if raw is None or not len(raw) or raw[0] not in ct.COMPACT_TAGS:
             return None
         try:
-            number, _length, _pos = ct.compact_head(raw)
+            number, _dnum, _length, _pos = ct.compact_fields(raw)
         except ContainerError:
             return None
         if self.model_number_fingerprint(number) is not None:
             return None
         return number if number < max(self.model_numbers(), default=-1) else None
+
+    def lost_dictionary_number(self, h: bytes) -> int | None:
+        """The dictionary number of compact block h if dictnums lacks it although the store
+        handed it out (below the highest given, as lost_model_number); else None."""
+        raw = self.txn.get(h, db=self.db["blocks"])
+        if raw is None or not len(raw) or raw[0] != ct.COMPACT_DICT_TAG:
+            return None
+        try:
+            _number, dnum, _length, _pos = ct.compact_fields(raw)
+        except ContainerError:
+            return None
+        if dnum is None or self.dictionary_number_id(dnum) is not None:
+            return None
+        return dnum if dnum < max(self.dictionary_numbers(), default=-1) else None
+
+    def dictionary_number_id(self, number: int) -> bytes | None:
+        """The dictionary id the store-local dictionary `number` stands for (None: not in
+        dictnums)."""
+        key = ("d", number)
+        if key not in self._numbers:
+            raw = None
+            if "dictnums" in self.db and number < (1 << 32):
+                raw = self.txn.get(_U32.pack(number), db=self.db["dictnums"])
+            ok = raw is not None and len(raw) == ct.DICTIONARY_ID_SIZE
+            self._numbers[key] = bytes(raw) if ok else None
+        return self._numbers[key]
+
+    def dictionary_numbers(self) -> dict[int, bytes]:
+        """store-local dictionary number -> dictionary id (format 4; {} before)"""
+        if "dictnums" not in self.db:
+            return {}
+        with self.txn.cursor(db=self.db["dictnums"]) as cur:
+            return {_U32.unpack(k)[0]: bytes(v) for k, v in cur}
+
+    def dictionary_number(self, did: bytes) -> int:
+        """The store-local number of dictionary `did`, handed out (the next free number) if it
+        has none yet."""
+        numbers = self.dictionary_numbers()
+        for n, d in numbers.items():
+            if d == did:
+                return n
+        n = max(numbers, default=-1) + 1
+        self.txn.put(_U32.pack(n), bytes(did), db=self.db["dictnums"])
+        self._numbers[("d", n)] = bytes(did)
+        return n
 
     def model_number(self, fingerprint: bytes) -> int:
         """The store-local number of the model `fingerprint`, handed out (the next free number)
@@ -920,8 +997,8 @@ def codec_of(blob) -> int:
     whole (ContainerError if it is damaged)."""
     if len(blob) > 5 and blob[4] == CONTAINER_FORMAT and blob[:4] == CONTAINER_MAGIC:
         return blob[5]
-    if len(blob) and blob[0] == ct.COMPACT_TAG:
-        return LM  # a compact block (format 3): only LM containers are made compact
+    if len(blob) and blob[0] in ct.COMPACT_TAGS:
+        return LM  # a compact block (format 3-4): only LM containers are made compact
     return peek_header(blob).codec_id
 
 
@@ -1041,10 +1118,10 @@ class Store:
                     self.env.sync(True)
 
     def _open_format(self, version: int, upgrade: bool) -> None:
-        """Open the format's tables; upgrade a format 1 or 2 store to 3 in one transaction when this
+        """Open the format's tables; upgrade a format 1-3 store to 4 in one transaction when this
         process holds the lock (see FORMAT VERSIONS above), else read it as it is."""
         self.format = version
-        have = {1: DB_NAMES_V1, 2: DB_NAMES_V2}.get(version, DB_NAMES)
+        have = {1: DB_NAMES_V1, 2: DB_NAMES_V2, 3: DB_NAMES_V3}.get(version, DB_NAMES)
         for n in have[len(DB_NAMES_V1) :]:
             self.db[n] = self.env.open_db(n.encode(), create=False)
         if version == FORMAT_VERSION or not upgrade:

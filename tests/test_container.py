@@ -152,6 +152,32 @@ def test_compact_round_trip_and_pinned_layout():
         container.compact(peek_header(V2_RAW), V2_RAW, 0)  # only LM containers
 
 
+def test_compact_with_a_dictionary_number_round_trip_and_pinned_layout():
+    """COMPACT_DICT_TAG: the 8 bytes at the given payload offset become a store-local number,
+    and expand puts the id back there: the keyed container holds the payload as written."""
+    did = b"DICTIDXX"
+    payload = b"\x05\x81\x01" + did + b"coded words"  # as an LM payload names its dictionary
+    full = container.pack(LM, 99, 0, payload, FP)
+    head = peek_header(full)
+    small = container.compact(head, full, 0, (3, 3))
+    assert small == bytes((container.COMPACT_DICT_TAG, 0, 3, 99)) + b"\x05\x81\x01coded words"
+    assert len(small) == len(container.compact(head, full, 0)) - 7
+    assert container.compact_size(99, 0, 3) == container.compact_size(99, 0) - 7  # net of the id
+    assert container.compact_fields(small) == (0, 3, 99, 4)
+    assert container.compact_head(small) == (0, 99, 4)
+    key = container.key(b"x")
+    keyed = container.expand(small, key, FP, (did, 3))
+    assert keyed == container.keyed_header(99, key, FP) + payload
+    with pytest.raises(container.ModelMismatch):  # the number needs its id
+        container.expand(small, key, FP)
+    with pytest.raises(container.Truncated):
+        container.expand(small, key, FP, (did, 20))
+    with pytest.raises(container.CompactOutsideStore):
+        peek_header(small)
+    with pytest.raises(ValueError):
+        container.compact(head, full, 0, (3, len(payload) - 7))  # the id must be inside
+
+
 def test_compact_container_outside_its_store_is_an_error():
     reg = _lm_registry()
     full = reg.encode(TEXT, (LM,), FP)

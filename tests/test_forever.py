@@ -27,7 +27,7 @@ from llmfs.codec.registry import LM, peek_header
 from llmfs import fsck
 from llmfs import namespace as ns
 from llmfs.models import Models, UndecodableStore, model_report
-from llmfs.store import DB_NAMES_V1, DB_NAMES_V2, ROOT_INO, Store, UnsupportedFormat
+from llmfs.store import DB_NAMES_V1, DB_NAMES_V2, FORMAT_VERSION, ROOT_INO, Store, UnsupportedFormat
 
 BS = 4096
 TEXTS = {
@@ -158,12 +158,16 @@ def env(tmp_path, monkeypatch):
     return tmp_path
 
 
-def lm_store(tmp_path, spec: str, legacy: bool = False, format_2: bool = False):
+def lm_store(
+    tmp_path, spec: str, legacy: bool = False, format_2: bool = False, format_3: bool = False, dictionary=None
+):
     """A store whose files' blocks are LM containers of `spec` (the test model codes nothing
     smaller than zstd, so the containers are swapped in directly, as compaction would). legacy:
     a format 1 store (no model files) whose blocks carry the fingerprint releases up to 16af6cc
     gave the model, as main at 16af6cc left it. format_2: a format 2 store, as the releases
-    before compact LM blocks left it (full version 2 containers, no modelnums table)."""
+    before compact LM blocks left it (full version 2 containers, no modelnums table). format_3:
+    a format 3 store (compact LM blocks, no dictnums table). dictionary: what the blocks continue
+    (stored in the meta table, as `tune` does)."""
     Store.create(str(tmp_path / "s"), BS, spec)
     s = Store(str(tmp_path / "s"))
     fs = ns.Filesystem(s, Registry())
@@ -179,10 +183,17 @@ def lm_store(tmp_path, spec: str, legacy: bool = False, format_2: bool = False):
         fp = sorted(codec.fingerprints - {codec.fingerprint})[0]
     if legacy:  # releases before LM payload version 4 named no dictionary
         codec.use_dictionary(None)
+    elif dictionary is not None:  # "default": the codec's built-in one
+        dictionary = codec.default_dictionary if dictionary == "default" else dictionary
+        codec.use_dictionary(dictionary)
     reg = Registry()
     with s.write() as t:
+        if legacy or format_2 or format_3:  # tables the older releases did not have
+            t.txn.drop(t.db.pop("dictnums"), delete=True)
         if legacy or format_2:  # blocks as the older release stored them: full containers
             t.txn.drop(t.db.pop("modelnums"), delete=True)
+        if dictionary is not None:
+            t.put_dictionary(dictionary.id, dictionary.blob)
         for h, blob in list(t.blocks()):
             data = reg.decode(blob)
             t.replace_container(
@@ -195,6 +206,8 @@ def lm_store(tmp_path, spec: str, legacy: bool = False, format_2: bool = False):
             t.set_meta("format", (1).to_bytes(4, "big"))
         elif format_2:
             t.set_meta("format", (2).to_bytes(4, "big"))
+        elif format_3:
+            t.set_meta("format", (3).to_bytes(4, "big"))
     s.close()
     return str(tmp_path / "s"), fp
 
@@ -271,7 +284,7 @@ def test_format_1_store_opens_upgrades_and_embeds(env):
     assert ro.format == 1
     ro.close()
     s = Store(path)
-    assert s.format == 3
+    assert s.format == FORMAT_VERSION
     problems, _ = fsck.run_checks(s, fsck.QUICK_CHECKS)
     assert problems == []  # a mount after a crash is not refused for an unembedded model
     problems, _ = fsck.run_checks(s)
@@ -298,7 +311,7 @@ def test_format_2_store_opens_upgrades_and_compacts(env):
     ro.close()
     assert read_all(path, lock=False) == TEXTS
     s = Store(path)
-    assert s.format == 3
+    assert s.format == FORMAT_VERSION
     with s.read() as t:
         full = {h: (blob, t.stored_size(h)) for h, blob in t.blocks()}
     assert all(len(blob) == size and blob[:5] == b"LMFZ\x02" for blob, size in full.values())
@@ -317,11 +330,66 @@ def test_format_2_store_opens_upgrades_and_compacts(env):
     assert read_all(path) == TEXTS
 
 
+def test_format_3_store_upgrades_and_numbers_its_dictionary(env):
+    """A store the previous release made (format 3: compact LM blocks that carry their
+    dictionary's 8-byte id, no dictnums table): read as is without the lock; upgraded to format 4
+    with it, its blocks unchanged and fsck clean; a block re-stored then keeps a store-local
+    dictionary number instead of the id (7 bytes smaller: a one-byte number for eight), and every
+    reader still gets the id back in the keyed container — the payload as the codec wrote it,
+    decodable outside the store — verified against the key, fsck clean. A lost dictnums entry is
+    the table's damage: fsck reports it and never quarantines the block."""
+    from llmfs.codec.lm.codec import payload_dictionary
+
+    model = write_model_dir(env / "model")
+    path, fp = lm_store(env, str(model), format_3=True, dictionary="default")
+    ro = Store(path, lock=False, readonly=True)
+    assert ro.format == 3 and "dictnums" not in ro.db
+    with ro.read() as t:
+        (did,) = t.dictionaries()
+        at_rest = {bytes(h): bytes(t.txn.get(h, db=t.db["blocks"])) for h, _blob in t.blocks()}
+    ro.close()
+    assert len(at_rest) == len(TEXTS)
+    assert {b[0] for b in at_rest.values()} == {container.COMPACT_TAG}
+    assert read_all(path, lock=False) == TEXTS
+    s = Store(path)
+    assert s.format == FORMAT_VERSION
+    with s.read() as t:
+        keyed = {h: bytes(blob) for h, blob in t.blocks()}
+        assert {h: t.stored_size(h) for h in keyed} == {h: len(b) for h, b in at_rest.items()}
+    assert fsck.run_checks(s)[0] == []
+    with s.write() as t:
+        for h, blob in keyed.items():
+            t.replace_container(h, blob)
+        assert t.dictionary_numbers() == {0: did}
+    with s.read() as t:
+        for h, blob in keyed.items():
+            assert t.stored_size(h) == len(at_rest[h]) - 7
+            assert t.txn.get(h, db=t.db["blocks"])[0] == container.COMPACT_DICT_TAG
+            again = t.container(h)
+            assert again == blob and peek_header(again).key == h
+            assert payload_dictionary(again[peek_header(again).payload_offset :]) == did
+    assert fsck.run_checks(s)[0] == []
+    with s.write() as t:
+        t.txn.delete((0).to_bytes(4, "big"), db=t.db["dictnums"])
+        t.txn.put((1).to_bytes(4, "big"), b"\xff" * 8, db=t.db["dictnums"])  # 0: lost, not unused
+    problems = fsck.run_checks(s, repair=True)[0]
+    lost = [p for p in problems if "dictnums table has lost" in p.message]
+    assert len(lost) == len(TEXTS) and all(p.repair is None for p in lost)
+    with s.read() as t:  # repair left the blocks as they were
+        assert {h: bytes(t.txn.get(h, db=t.db["blocks"]))[0] for h in keyed} == dict.fromkeys(keyed, 2)
+    with s.write() as t:
+        t.txn.put((0).to_bytes(4, "big"), did, db=t.db["dictnums"])
+    fsck.run_checks(s, repair=True)  # the counters left them out
+    assert fsck.run_checks(s)[0] == []
+    s.close()
+    assert read_all(path) == TEXTS
+
+
 def test_newer_store_format_is_refused(env):
     Store.create(str(env / "s"), BS)
     s = Store(str(env / "s"))
     with s.write() as t:
-        t.set_meta("format", (4).to_bytes(4, "big"))
+        t.set_meta("format", (FORMAT_VERSION + 1).to_bytes(4, "big"))
     s.close()
     with pytest.raises(UnsupportedFormat, match="install a newer llmfs"):
         Store(str(env / "s"))

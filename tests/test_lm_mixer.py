@@ -11,6 +11,7 @@ import hashlib
 
 import pytest
 import torch
+from llmfs.codec.container import ContainerError, Truncated, varint
 from llmfs.codec.lm import coder, mixer
 from llmfs.codec.lm.codec import LMCodec
 from llmfs.codec.lm.tokenizer import ByteTokenizer
@@ -166,6 +167,99 @@ def test_mixed_payload_bytes_are_pinned():
     assert c.decode_many([(v5, len(TEXT + LOG)), (payload, len(TEXT + LOG))]) == [TEXT + LOG] * 2
 
 
+def _own_chain(eng, n: int, seed: int = 1) -> bytes:
+    """Bytes drawn from the bigram model's own distribution: the model is the truth, so the side
+    models can only cost bits on average — where version 6 codes groups bare."""
+    import numpy as np
+
+    t = eng.table.numpy().astype(np.float64)[:, :256]
+    rng, prev, out = np.random.default_rng(seed), eng.bos_id, []
+    for _ in range(n):
+        prev = int(rng.choice(256, p=t[prev] / t[prev].sum()))
+        out.append(prev)
+    return bytes(out)
+
+
+def _v6_codec(batch: int = 64, group: int = 4) -> LMCodec:
+    c = LMCodec((BigramEngine(seed=3, train=TEXT), ByteTokenizer()), segment_tokens=64, batch=batch)
+    c.group = group
+    return c
+
+
+def test_version6_codes_a_group_bare_where_that_is_smaller(monkeypatch):
+    """Each group coded both ways from the same rows; the smaller kept per group, the choice in the
+    payload's bits. The payload is the same whatever the batch or the encoder's chunk size, decodes
+    at batch 1/4/64 alone or beside others, is never larger than version 5, and its bare groups'
+    streams are those of the bare model (the same rows, no patches)."""
+    c = _v6_codec()
+    data = _own_chain(c.engine, 1500)
+    payloads = {_v6_codec(batch).encode_payload(data) for batch in (1, 4, 64)}
+    monkeypatch.setattr(coder, "ENCODE_CHUNK_ROWS", 7)  # the shared float64 copy crosses chunks
+    payloads.add(_v6_codec().encode_payload(data))
+    monkeypatch.undo()
+    assert len(payloads) == 1
+    (v6,) = payloads
+    c.version = 5
+    v5 = c.encode_payload(data)
+    assert v6[0] == 6 and v5[0] == 5 and len(v6) < len(v5)
+    groups = c._parse(v6, 0)
+    kinds = [g.mixed for g in groups]
+    assert len(groups) == 6 and True in kinds and False in kinds  # a mix of both choices
+    segs = c.segments(data)
+    bare = [e.sealed_bytes() for e in c._encode_streams(segs, None)]
+    mixed = [e.sealed_bytes() for e in c._encode_streams(segs, 5)]
+    for k, g in enumerate(groups):
+        want = mixed[k] if g.mixed else bare[k]
+        assert (g.words == coder.words_from_bytes(want)).all()
+        assert len(want) == min(len(mixed[k]), len(bare[k]))
+    other = _v6_codec().encode_payload(TEXT)  # a version 5 payload beside it
+    assert other[0] == 5
+    for batch in (1, 4, 64):
+        d = _v6_codec(batch)
+        assert d.decode_many([(v6, len(data))]) == [data]
+        assert d.decode_many([(other, len(TEXT)), (v6, len(data)), (v5, len(data))]) == [TEXT, data, data]
+    assert hashlib.sha256(v6).hexdigest() == PIN_V6
+
+
+def test_version6_one_group_spends_no_byte_on_the_choice():
+    """One group: the version byte says it is bare; version 6 is version 5's layout byte for byte
+    but for the version and the stream."""
+    c = _v6_codec(group=32)
+    data = _own_chain(c.engine, 1500)
+    v6 = c.encode_payload(data)
+    (g,) = c._parse(v6, 0)
+    assert v6[0] == 6 and not g.mixed
+    (bare,) = c._encode_streams(c.segments(data), None)
+    c.version = 5
+    v5 = c.encode_payload(data)
+    head = len(v5) - len(c._encode_streams(c.segments(data), 5)[0].sealed_bytes())
+    assert v6[1:head] == v5[1:head] and v6[head:] == bare.sealed_bytes()
+    assert c.decode_many([(v6, len(data))]) == [data]
+
+
+def test_version6_damaged_bits_never_give_wrong_bytes():
+    """A cut inside the bare-group bits is Truncated; a flipped bit decodes a group with the wrong
+    rows, which the length check or the registry's checksum refuses (never the same bytes)."""
+    c = _v6_codec()
+    data = _own_chain(c.engine, 1500)
+    v6 = c.encode_payload(data)
+    # version, head (token count and flags), shape (S, G): then the bits
+    pos = 1 + len(varint_of(c, data)) + len(varint(c.segment_tokens - 1)) + len(varint(c.group))
+    with pytest.raises(Truncated):
+        c._parse(v6[:pos], 0)
+    flipped = v6[:pos] + bytes([v6[pos] ^ 1]) + v6[pos + 1 :]
+    try:
+        out = c.decode_many([(flipped, len(data))])
+    except ContainerError:
+        return
+    assert out != [data]
+
+
+def varint_of(c, data: bytes) -> bytes:
+    return varint(sum(map(len, c.segments(data))) << 2 | 2)
+
+
+PIN_V6 = "d0d43dab7dcd6e5351b7ab83eef038c37508fe3bd0e242dd33eb5395fab39048"
 PIN_LEN = 531
 PIN_V5 = "7a4cd69bc18ef526d7f5a05a0604a38505f9ac7253572f7b1b153f0109090ee3"
 PIN_V5_LEN = 464

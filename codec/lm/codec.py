@@ -4,14 +4,16 @@ It implements the registry's `ModelCodec` protocol (codec/registry.py): `fingerp
 `decode_many([(payload, length)])`. The container around the payload (magic, length, checksum, model
 fingerprint) is codec/container.py's; this module owns only the payload.
 
-Payload format (version PAYLOAD_VERSION = 5; varint = unsigned LEB128):
+Payload format (versions 5 and 6, what encode writes; varint = unsigned LEB128):
 
-    u8       payload version (5; 4, 3, 2 and 1 are still read)
+    u8       payload version (5 or 6; 4, 3, 2 and 1 are still read)
     varint   N << 2 | flags: N = total token count; flags bit 0: a dictionary id follows,
              bit 1: the segment shape follows (else the version 5 default shape)
     8 bytes  (flags bit 0) the id of the dictionary every segment continues (dictionary.py)
     varint   (flags bit 1) segment length S in tokens, BOS excluded
     varint   (flags bit 1) group size G (1 <= G <= MAX_GROUP)
+    bytes    (version 6, more than one group) ceil(groups / 8) bytes of bits, little-endian from
+             the first byte's lowest bit: bit k set = group k is coded bare
     varint × (groups - 1)  byte length of each group's coded stream but the last (the last
              stream is the rest of the payload)
     bytes    the groups' streams, concatenated in group order; each is its 32-bit coder words
@@ -27,6 +29,16 @@ rows go through mixer.GroupMixerV5 (the version 3 mixer plus the changes its doc
 payload whose last stream is cut short or has bytes appended still decodes (to wrong tokens, which
 the length check or the registry's checksum refuses — or, for appended zero bytes, to the same
 tokens), so "truncated" is only reported where the table itself is cut.
+
+Version 6 is version 5 in which some groups are coded with the LM's rows alone (no mixer): the
+side models cost bits on text they cannot predict (a Python module whose repeats the LM already
+sees), and the rows are the same for both codings, so the encoder codes each group both ways from
+the one forward pass (coder.StreamEncoder.encode's `unpatched` stream: constriction's work twice,
+the engine's once) and keeps the shorter stream; the payload is version 5 when every group's mixed
+stream is the shorter, else version 6 when that is smaller. A one-group payload (every block of up
+to G segments: a 64 KiB block of text) spends no byte on the choice — its version says it. The
+decoder runs a bare group's rows with no mixer, exactly as a version 2 segment's. So the full
+codec is never above the bare model's coding by more than the choice's bits.
 
 Version 4 (still read) is version 3 with a store dictionary, named by the 8 bytes after the version
 byte: every segment continues the dictionary's tokens (BOS + dictionary is the engine prefix whose
@@ -93,17 +105,17 @@ from ..container import (
 )
 from . import DECODE_BATCH, coder
 from . import dictionary as dictionaries
-from .dictionary import Dictionary
+from .dictionary import Dictionary, dictionary_offset
 from .mixer import GroupMixer, GroupMixerV5, line_breaks
 from .tokenizer import from_json
 
-PAYLOAD_VERSION = 5
-MIXED_VERSIONS = frozenset({3, 4, 5})  # payload versions whose rows go through a mixer
-READ_VERSIONS = (1, 2, 3, 4, 5)
+PAYLOAD_VERSION = 6  # what encode writes: version 5, or version 6 where a group codes smaller bare
+MIXED_VERSIONS = frozenset({3, 4, 5})  # payload versions whose rows all go through a mixer
+READ_VERSIONS = (1, 2, 3, 4, 5, 6)
 # The version 5 default segment shape (flags bit 1 clear): part of the format, never changed.
 V5_SEGMENT_TOKENS = 1024  # BOS included; S = min(this, window - dictionary) - 1
 V5_GROUP_SEGMENTS = 32
-_V5_DICTIONARY = 1  # flags
+_V5_DICTIONARY = 1  # flags (dictionary.dictionary_offset reads this bit too: the store asks it)
 _V5_SHAPE = 2
 # Hashed into the codec fingerprint; the payload carries its own version, so readers of version 3
 # also read version 1 and 2 payloads made with the same model.
@@ -191,8 +203,9 @@ class LMCodec:
         if self.segment_tokens < 2:
             raise ValueError("segments need room for BOS and one token")
         self.group = GROUP_SEGMENTS
-        # what encode writes: 5 (mixed, self.dictionary if any), 4 (mixed, with self.dictionary; 3
-        # without one), 3 or 2 (bare model)
+        # what encode writes: 6 (version 5 or 6, whichever is smaller: mixed, and bare where that
+        # codes a group smaller; self.dictionary if any), 5 (every group mixed), 4 (mixed, with
+        # self.dictionary; 3 without one), 3 or 2 (bare model)
         self.version = PAYLOAD_VERSION
         self.dictionaries: dict[bytes, Dictionary] = {}  # id -> dictionary this codec decodes
         self._prefixes: dict[bytes, object] = {}  # id -> engine.Prefix, made on first use
@@ -272,7 +285,7 @@ class LMCodec:
 
     def encode_payload(self, data: bytes) -> bytes:
         """Always LM-code `data` (tests use it on adversarial bytes that encode() would skip)."""
-        if self.version not in (2, 3, 4, 5):
+        if self.version not in (2, 3, 4, 5, 6):
             raise ValueError(f"cannot write LM payload version {self.version}")
         version, d = self.version, self.dictionary
         tokens = self.tokenizer.encode(bytes(data))
@@ -280,11 +293,11 @@ class LMCodec:
             d = self.classes.pick(tokens)
         if version == 4 and d is None:
             version = 3
-        if version not in (4, 5):
+        if version not in (4, 5, 6):
             d = None
         segments = self._cut(tokens, d)
-        if version == 5:
-            return self._encode_v5(segments, d)
+        if version in (5, 6):
+            return self._encode_v5(segments, d, choose=version == 6)
         streams = self._encode_groups(segments, version in MIXED_VERSIONS, d)
         head = [
             bytes([version]) + (d.id if d is not None else b""),
@@ -295,8 +308,28 @@ class LMCodec:
         head += [varint(len(words)) for words in streams]
         return b"".join(head) + b"".join(w.astype("<u4").tobytes() for w in streams)
 
-    def _encode_v5(self, segments: list[list[int]], d: Dictionary | None) -> bytes:
-        streams = [e.sealed_bytes() for e in self._encode_streams(segments, 5, d)]
+    def _encode_v5(self, segments: list[list[int]], d: Dictionary | None, choose: bool = False) -> bytes:
+        """A version 5 payload; `choose`: each group also coded bare (from the same rows) and the
+        payload written as version 6 if that is smaller (see the module docstring)."""
+        pairs = self._encode_streams(segments, 5, d, bare_too=choose)
+        total = sum(len(s) for s in segments)
+        if not choose:
+            return self._v5_layout(5, [e.sealed_bytes() for e in pairs], d, [], total)
+        mixed = [m.sealed_bytes() for m, _ in pairs]
+        bare = [b.sealed_bytes() for _, b in pairs]
+        flags = [len(b) < len(m) for m, b in zip(mixed, bare)]
+        best = self._v5_layout(5, mixed, d, [], total)
+        if any(flags):
+            v6 = self._v5_layout(6, [b if f else m for m, b, f in zip(mixed, bare, flags)], d, flags, total)
+            if len(v6) < len(best):
+                best = v6
+        return best
+
+    def _v5_layout(
+        self, version: int, streams: list[bytes], d: Dictionary | None, bare: list[bool], total: int
+    ) -> bytes:
+        """Version 5 (or 6: `bare` = which groups are coded with the LM's rows alone) around the
+        groups' sealed streams."""
         per_seg = self._segment_len(d) - 1
         flags = _V5_DICTIONARY if d is not None else 0
         shape = b""
@@ -304,10 +337,11 @@ class LMCodec:
             flags |= _V5_SHAPE
             shape = varint(per_seg) + varint(self.group)
         head = [
-            bytes([5]),
-            varint(sum(len(s) for s in segments) << 2 | flags),
+            bytes([version]),
+            varint(total << 2 | flags),
             d.id if d is not None else b"",
             shape,
+            _bitmap(bare) if version == 6 and len(bare) > 1 else b"",
         ]
         head += [varint(len(b)) for b in streams[:-1]]
         return b"".join(head) + b"".join(streams)
@@ -341,8 +375,12 @@ class LMCodec:
         return GroupMixerV5(n_segments, primer, self._breaks)
 
     def _encode_streams(
-        self, segments: list[list[int]], mixer: int | None = None, d: Dictionary | None = None
-    ) -> list[coder.StreamEncoder]:
+        self,
+        segments: list[list[int]],
+        mixer: int | None = None,
+        d: Dictionary | None = None,
+        bare_too: bool = False,
+    ) -> list:
         """One coded stream per group of self.group consecutive segments. One parallel engine pass
         gives a group's final hidden states (engine.hidden: 4.7 MB per SmolLM2 segment); the LM
         head then runs on ENCODE_CHUNK_ROWS of them at a time, in the stream's position-major
@@ -352,7 +390,9 @@ class LMCodec:
         chunk's rows then go through the group's GroupMixer, row by row in coding order (the
         encoder knows every token, so the mixer learns from each as the decoder will; `mixer` is the
         payload version whose mixer it is). `d`: every
-        segment continues this dictionary (the engine's prefix; the mixer primed with it)."""
+        segment continues this dictionary (the engine's prefix; the mixer primed with it).
+        `bare_too` (with a mixer): each group is also coded with the LM's rows alone, from the same
+        rows, and each item of the list is the pair (mixed stream, bare stream)."""
         engine, streams, out = self.engine, [], None
         first = engine.bos_id if d is None else d.tokens[-1]  # each row's input at its position 0
         for a in range(0, len(segments), self.group):
@@ -376,6 +416,7 @@ class LMCodec:
                 )
             order = coder.interleaved_order([len(s) for s in group])
             encoder = coder.StreamEncoder()
+            bare = coder.StreamEncoder() if bare_too and mixer is not None else None
             mixing = self._new_mixer(mixer, len(group), d) if mixer is not None else None
             for lo in range(0, len(order), coder.ENCODE_CHUNK_ROWS):
                 chunk = order[lo : lo + coder.ENCODE_CHUNK_ROWS]
@@ -393,8 +434,8 @@ class LMCodec:
                         if cands:
                             patches.append((i, cands, masses))
                         mixing.update(j, symbols[i])
-                encoder.encode(symbols, rows, patches)
-            streams.append(encoder)
+                encoder.encode(symbols, rows, patches, unpatched=bare)
+            streams.append(encoder if bare is None else (encoder, bare))
         return streams
 
     # -- decode ---------------------------------------------------------------------------------
@@ -427,7 +468,7 @@ class LMCodec:
                 f"LM payload version {buf[0]} is not supported (this llmfs "
                 f"reads versions {', '.join(map(str, READ_VERSIONS))})"
             )
-        if buf[0] == 5:
+        if buf[0] in (5, 6):
             return self._parse_v5(buf, item, length)
         d, pos = None, 1
         if buf[0] == 4:
@@ -500,6 +541,16 @@ class LMCodec:
         n_groups = -(-count // g)
         if n_groups > len(buf) + 1:  # each group but the last needs at least one table byte
             raise Truncated("LM payload truncated inside its segment table")
+        bare = [False] * n_groups
+        if buf[0] == 6:  # which groups are coded bare: one group needs no bit (it is)
+            bare = [True] * n_groups
+            if n_groups > 1:
+                nbytes = -(-n_groups // 8)
+                if pos + nbytes > len(buf):
+                    raise Truncated("LM payload truncated inside its bare-group bits")
+                bits = int.from_bytes(buf[pos : pos + nbytes], "little")
+                bare = [bool(bits >> k & 1) for k in range(n_groups)]
+                pos += nbytes
         sizes = []
         for _ in range(n_groups - 1):
             n, pos = read_varint(buf, pos, _TABLE)
@@ -514,7 +565,7 @@ class LMCodec:
         for k, n in enumerate(sizes):
             tokens = [min(per_seg, total - s * per_seg) for s in range(k * g, min(count, k * g + g))]
             words = coder.words_from_bytes(buf[pos : pos + n])
-            groups.append(_Group(item, tokens, words, True, d, 5))
+            groups.append(_Group(item, tokens, words, not bare[k], d, 5))
             pos += n
         return groups
 
@@ -612,25 +663,25 @@ class LMCodec:
         return out
 
 
+def _bitmap(flags: list[bool]) -> bytes:
+    """Version 6's bare-group bits: bit k (little-endian, from the first byte's lowest) = group k."""
+    return sum(1 << k for k, f in enumerate(flags) if f).to_bytes(-(-len(flags) // 8), "little")
+
+
 def payload_dictionary(payload) -> bytes | None:
-    """The id of the dictionary an LM payload continues (version 4, version 5 with its flag), None
-    otherwise or for a payload too short to say. Reads only the first bytes (the compactor and fsck
-    scan blocks; 16 bytes suffice: the version byte, a varint of up to 7 bytes and the id)."""
+    """The id of the dictionary an LM payload continues (version 4, versions 5-6 with its flag),
+    None otherwise or for a payload too short to say. Reads only the first bytes (the compactor
+    and fsck scan blocks; 16 bytes suffice: the version byte, a varint of up to 7 bytes and the
+    id)."""
     payload = bytes(payload)
-    if len(payload) >= 1 + dictionaries.ID_SIZE and payload[0] == 4:
-        return payload[1 : 1 + dictionaries.ID_SIZE]
-    if len(payload) < 2 or payload[0] != 5:
+    at = dictionary_offset(payload)
+    if at is None or len(payload) < at + dictionaries.ID_SIZE:
         return None
-    try:
-        head, pos = read_varint(payload, 1, _TABLE)
-    except (Truncated, ChecksumMismatch):
-        return None
-    if not head & _V5_DICTIONARY or len(payload) < pos + dictionaries.ID_SIZE:
-        return None
-    return payload[pos : pos + dictionaries.ID_SIZE]
+    return payload[at : at + dictionaries.ID_SIZE]
 
 
 __all__ = [
+    "dictionary_offset",
     "payload_dictionary",
     "DECODE_BATCH",
     "LMCodec",

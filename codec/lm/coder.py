@@ -82,9 +82,17 @@ class StreamEncoder:
         self._buf: np.ndarray | None = None
 
     def encode(
-        self, symbols, freq_rows, patches: list[tuple[int, list[int], list[int]]] | None = None
+        self,
+        symbols,
+        freq_rows,
+        patches: list[tuple[int, list[int], list[int]]] | None = None,
+        unpatched: StreamEncoder | None = None,
     ) -> None:
-        """`patches`: (row index into freq_rows, symbols, masses), as coding_probabilities."""
+        """`patches`: (row index into freq_rows, symbols, masses), as coding_probabilities.
+        `unpatched`: a second stream that codes the same symbols with the rows as they are (the
+        bare model beside the mixed one): it shares this stream's float64 copy of each chunk —
+        coded before the patches are written into it — so the second coding costs only
+        constriction's own work, not a second 100 MB copy."""
         symbols = np.asarray(symbols, dtype=np.int32)
         if len(symbols) != len(freq_rows):
             raise ValueError(f"{len(symbols)} symbols but {len(freq_rows)} frequency rows")
@@ -93,9 +101,14 @@ class StreamEncoder:
             if self._buf is None or self._buf.shape[1] != rows.shape[1]:
                 self._buf = np.empty((ENCODE_CHUNK_ROWS, rows.shape[1]), dtype=np.float64)
             mine = [(r - lo, s, m) for r, s, m in patches or () if lo <= r < lo + len(rows)]
-            self._encoder.encode(
-                symbols[lo : lo + ENCODE_CHUNK_ROWS], _FAMILY, coding_probabilities(rows, self._buf, mine)
-            )
+            chunk = symbols[lo : lo + ENCODE_CHUNK_ROWS]
+            if unpatched is not None:
+                unpatched._encoder.encode(chunk, _FAMILY, coding_probabilities(rows, self._buf))
+                for r, s, m in mine:  # the same result as coding_probabilities(rows, buf, mine)
+                    self._buf[r, s] = m
+                self._encoder.encode(chunk, _FAMILY, self._buf[: len(rows)])
+            else:
+                self._encoder.encode(chunk, _FAMILY, coding_probabilities(rows, self._buf, mine))
 
     def words(self) -> np.ndarray:
         """The compressed uint32 words of everything encoded so far."""

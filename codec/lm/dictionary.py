@@ -38,7 +38,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from ..container import ChecksumMismatch, read_varint, varint
+from ..container import ChecksumMismatch, ContainerError, read_varint, varint
 
 DICT_FORMAT = 1
 ID_SIZE = 8
@@ -314,6 +314,7 @@ def parse_classes(blob: bytes, held: dict[bytes, Dictionary]) -> Classes:
 
 
 __all__ = [
+    "dictionary_offset",
     "Classes",
     "Dictionary",
     "parse",
@@ -328,3 +329,23 @@ __all__ = [
     "ID_SIZE",
     "MAX_CLASSES",
 ]
+
+
+def dictionary_offset(payload) -> int | None:
+    """Where the dictionary id of an LM payload stands (codec.py's layout: version 4 right after
+    the version byte; versions 5-6, when their head's flag bit 0 says one is named, right after
+    the head varint), None if it names none or is too short to say. Only the bytes before the id
+    decide it, so it is the same offset in a payload whose id a store has cut out (container.py's
+    compact form with a dictionary number): the store cuts the id out and puts it back there.
+    Here, not in codec.py, because the store asks it of every LM block it keeps and must not
+    import the engine for that."""
+    payload = bytes(memoryview(payload)[:8])
+    if payload[:1] == b"\x04":
+        return 1
+    if len(payload) < 2 or payload[0] not in (5, 6):
+        return None
+    try:
+        head, pos = read_varint(payload, 1, "LM payload head")
+    except ContainerError:
+        return None
+    return pos if head & 1 else None
