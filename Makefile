@@ -68,7 +68,7 @@ test: setup
 	@$(PY) -c "from llmfs.codec.lm import backend; print('engine', backend.current().describe())"
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=15 tests
 
 # Filesystem throughput through a mount against the disk under it (llmfs/bench.py). The other
 # benchmarks, and what each measures: docs/benchmarks.md.

@@ -70,7 +70,13 @@ class Registry:
         self, zstd_level: int = ZSTD_LEVEL, model_resolver: Callable[[bytes], ModelCodec] | None = None
     ):
         self.zstd_level = zstd_level
-        self._local = threading.local()
+        # zstd contexts not in use, taken for one call and given back (list.pop and append are
+        # atomic): not thread-local, because libfuse's worker threads are foreign to Python and
+        # ctypes gives each callback a fresh thread state, so a thread-local context was made
+        # anew (two contexts, ~15 µs, and the compressor's workspace) on every READ. At most as
+        # many as calls ran at once.
+        self._cctxs: list = []
+        self._dctxs: list = []
         self._models: dict[bytes, ModelCodec] = {}
         self._resolver = model_resolver
         self._models_lock = threading.Lock()
@@ -93,12 +99,15 @@ class Registry:
         return codec
 
     # -- encode ---------------------------------------------------------------------------------
-    def _zstd(self):
-        local = self._local
-        if not hasattr(local, "cctx"):
-            local.cctx = zstandard.ZstdCompressor(level=self.zstd_level)
-            local.dctx = zstandard.ZstdDecompressor()
-        return local
+    def _compress(self, data) -> bytes:
+        try:
+            cctx = self._cctxs.pop()
+        except IndexError:
+            cctx = zstandard.ZstdCompressor(level=self.zstd_level)
+        try:
+            return cctx.compress(data)
+        finally:
+            self._cctxs.append(cctx)
 
     def encode(self, data: bytes, codecs: Iterable[int] = (ZSTD,), fingerprint: bytes | None = None) -> bytes:
         """Encode with each codec in `codecs` (and raw, always) and return the smallest container.
@@ -109,7 +118,7 @@ class Registry:
         for cid in codecs:
             fp = b""
             if cid == ZSTD:
-                payload = self._zstd().cctx.compress(data)
+                payload = self._compress(data)
             elif cid == LM:
                 if fingerprint is None:
                     raise ValueError("LM encoding needs a model fingerprint")
@@ -200,13 +209,21 @@ class Registry:
         return n
 
     def _unzstd(self, payload: memoryview, length: int) -> bytes:
-        """The zstd frame's content, at most `length` bytes: the output buffer grows only as
-        output is produced and never past length + 1, whatever the frame header claims."""
+        """The zstd frame's content, at most `length` bytes: a frame that states its size (every
+        frame llmfs writes) is decoded in one call into a buffer of that size, which zstd does not
+        write past (a frame decoding to another size fails); one that does not is read in steps,
+        the output growing only as it is produced and never past length + 1."""
+        try:
+            dctx = self._dctxs.pop()
+        except IndexError:
+            dctx = zstandard.ZstdDecompressor()
         try:
             claimed = zstandard.frame_content_size(payload)
             if claimed > length:  # -1: the frame does not say
                 raise ChecksumMismatch(f"zstd frame claims {claimed} bytes, the container {length}")
-            reader = self._zstd().dctx.stream_reader(payload, read_size=1 << 16)
+            if claimed >= 0:
+                return dctx.decompress(payload)
+            reader = dctx.stream_reader(payload, read_size=1 << 16)
             parts, n = [], 0
             while n <= length:
                 chunk = reader.read(length + 1 - n)
@@ -216,6 +233,8 @@ class Registry:
                 n += len(chunk)
         except zstandard.ZstdError as e:
             raise ChecksumMismatch(f"zstd payload is corrupt: {e}") from None
+        finally:
+            self._dctxs.append(dctx)
         if n > length:
             raise ChecksumMismatch(f"zstd payload holds more than the container's {length} bytes")
         return b"".join(parts)

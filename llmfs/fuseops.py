@@ -184,6 +184,7 @@ KEEP_SECONDS = 5.0
 # How long a request by file handle waits for the invalidation of its file's other names.
 HANDLE_INVALIDATION_WAIT = 0.1
 
+_STAT_SIZE = ctypes.sizeof(mfusepy.c_stat)
 _invalidate_path = mfusepy._libfuse.fuse_invalidate_path  # libfuse >= 3.1
 _invalidate_path.argtypes = (ctypes.c_void_p, ctypes.c_char_p)
 _invalidate_path.restype = ctypes.c_int
@@ -761,7 +762,38 @@ class FUSE(mfusepy.FUSE):
     """Reads go into libfuse's buffer (read). mfusepy drops rename's flags under libfuse 3; RENAME_NOREPLACE and RENAME_EXCHANGE must reach
     the namespace (`mv --exchange`, `renameat2`). It also drops the file handle that libfuse 3
     gives setattr's parts (truncate, chmod, chown, utimens) for ftruncate(2): without it an open
-    file reached with no path (nullpath_ok) could not be truncated."""
+    file reached with no path (nullpath_ok) could not be truncated.
+
+    Two of mfusepy's wrappers cost more than the request they carry, on every small file:
+    create asks inspect.signature of the operation on every call (which of two signatures it
+    has: ours is known), and getattr copies the attributes into the stat buffer by name lookups
+    and string building per field; both are spelled out here for our one Operations."""
+
+    def create(self, path: bytes, mode: int, fip) -> int:
+        fi = fip.contents
+        fi.fh = self.operations.create(path.decode(self.encoding, self.errors), mode, fi.flags)
+        return 0
+
+    def fgetattr(self, path: bytes | None, buf, fip) -> int:
+        a = self.operations.getattr(self._path(path), fip.contents.fh if fip else None)
+        ctypes.memset(buf, 0, _STAT_SIZE)
+        st = buf.contents
+        st.st_ino = a["st_ino"]
+        st.st_mode = a["st_mode"]
+        st.st_nlink = a["st_nlink"]
+        st.st_uid = a["st_uid"]
+        st.st_gid = a["st_gid"]
+        st.st_size = a["st_size"]
+        st.st_rdev = a["st_rdev"]
+        st.st_blocks = a["st_blocks"]
+        st.st_blksize = a["st_blksize"]
+        for spec, t in (
+            (st.st_atimespec, a["st_atime"]),
+            (st.st_mtimespec, a["st_mtime"]),
+            (st.st_ctimespec, a["st_ctime"]),
+        ):
+            spec.tv_sec, spec.tv_nsec = divmod(t, 1_000_000_000)
+        return 0
 
     def _path(self, path: bytes | None) -> str | None:
         return None if path is None else path.decode(self.encoding, self.errors)

@@ -258,7 +258,9 @@ def open_filesystem(
         cache = DecodeCache(
             cache_size if cache_size is not None else DEFAULT_RAM_BUDGET, device_budget=gpu_cache_size or 0
         )
-        fs = Filesystem(store, registry, cache, dirty_limit=dirty_limit, readahead=Readahead())
+        fs = Filesystem(
+            store, registry, cache, dirty_limit=dirty_limit, readahead=Readahead(), batch_releases=True
+        )
         return fs, models
     except BaseException:
         store.close()
@@ -340,6 +342,7 @@ def serve(args, ready_fd: int | None) -> int:
     def destroy():
         service.on_stop(mountpoint)
         try:
+            fs.stop_batches()  # released files still waiting in a batch are stored first
             fs.flush_all()  # what is lost is logged; the final flush below says it again
         except StoreError as e:
             log.error("flush at unmount: %s", e)
@@ -401,6 +404,7 @@ def finish(fs: Filesystem) -> int:
     log and on stderr (the daemon's stderr is the log unless it runs in the foreground).
     Returns the exit status: 0, or 1 if data was lost or the store could not be marked."""
     try:
+        fs.stop_batches()  # (destroy did, unless libfuse ended without it)
         lost = fs.flush_all()
     except StoreError as e:
         log.error(

@@ -30,6 +30,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -64,6 +65,10 @@ XATTR_SIZE_MAX = 65536
 XATTR_CREATE, XATTR_REPLACE = 1, 2
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 VIRTUAL_XATTR = b"user.llmfs."
+# Released small files (at most one dirty block) are stored together: a batch is stored once it
+# holds RELEASE_BATCH files, or RELEASE_WAIT seconds after its first file (Filesystem.release).
+RELEASE_BATCH = 64
+RELEASE_WAIT = 0.05
 # Damaged blocks remembered as logged (so each is logged once); forgotten all at once past this.
 DAMAGE_REPORTS_KEPT = 4096
 
@@ -120,10 +125,19 @@ def _place(out: memoryview, offset: int, end: int, i: int, bs: int, block) -> No
 
 class Filesystem:
     def __init__(
-        self, store: Store, registry: Registry, cache=None, dirty_limit: int = DIRTY_LIMIT, readahead=None
+        self,
+        store: Store,
+        registry: Registry,
+        cache=None,
+        dirty_limit: int = DIRTY_LIMIT,
+        readahead=None,
+        batch_releases: bool = False,
     ):
         """cache: decoded blocks by hash (cache.DecodeCache), None = no cache; readahead:
-        cache.Readahead, which blocks a sequential reader wants next, None = off."""
+        cache.Readahead, which blocks a sequential reader wants next, None = off;
+        batch_releases: store released small files in batches (release(); the mount does,
+        with the store's group commit) — whoever sets it calls stop_batches() before closing
+        the store."""
         self.store = store
         self.registry = registry
         self.cache = cache
@@ -136,6 +150,20 @@ class Filesystem:
         # Files whose close left their data to the release (flush), until they leave _files:
         # an fsync stores them first, so what was closed before it is durable after it.
         self._closed: dict[int, OpenFile] = {}
+        # Released small files not stored yet (release()): ino -> (file, its creating handle
+        # was released: its unstored mark ends with the batch), under _released_cond's lock (a
+        # leaf: nothing else is taken while it is held).
+        self.batch_releases = batch_releases
+        self._released: dict[int, tuple[OpenFile, bool]] = {}
+        self._released_cond = threading.Condition(threading.Lock())
+        self._batcher: threading.Thread | None = None
+        self._batcher_stop = False
+        self._batch_started = 0.0  # monotonic time of the first file of the batch
+        # False only while no file has an extended attribute (read at start, set before the
+        # first setxattr commits, never cleared: "maybe" is always safe): getxattr_path then
+        # answers ENODATA without a walk (the kernel's security.capability before each write).
+        with store.read() as t:
+            self._xattrs_may_exist = t.any_xattrs()
         self.buffer = WriteBuffer(store, registry, self._load_block, dirty_limit)
         self.prefetch = PrefetchPolicy(store, cache, readahead, self._decode_hashes)
         # Decodes cache misses' LM blocks elsewhere when it is faster (set by the mount with
@@ -557,9 +585,18 @@ class Filesystem:
         asks for security.capability before a write to a file whose attributes it has just
         refreshed (the first write after a create or an open, and more: Linux clears setuid
         bits and capabilities itself, and libfuse 3.14 cannot hand that to us), so a small-file
-        copy pays this once per file: one walk, no second transaction."""
+        copy pays this once per file: one walk, no second transaction.
+
+        While no file has any extended attribute (_xattrs_may_exist) the answer is ENODATA
+        without a walk: the kernel asks only for a path whose every name it has looked up (a
+        file removed meanwhile has no attributes either, as by inode on a local filesystem);
+        a name too long to exist still says so."""
         if name.startswith(VIRTUAL_XATTR):
             return self._virtual_xattr(self.resolve(path), name)
+        if not self._xattrs_may_exist:
+            if any(len(part) > NAME_MAX for part in path.split(b"/")):
+                raise NameTooLong(path)
+            raise NoAttribute(name)
         with self.store.read() as t:
             value = t.xattr(self._walk(t, path, remember=False), name)
         if value is None:
@@ -581,6 +618,7 @@ class Filesystem:
             raise NameTooLong(name) if name else InvalidArgument(name)
         if len(value) > XATTR_SIZE_MAX:
             raise TooBig(name)
+        self._xattrs_may_exist = True  # before the attribute can be seen (getxattr_path)
         with self._lock, self.store.write() as t:
             inode = t.inode(ino)
             if inode is None:
@@ -757,14 +795,127 @@ class Filesystem:
             raise InvalidArgument(f"bad file handle {fh}") from None
 
     def release(self, fh: int) -> None:
+        """The last close of a handle (FUSE RELEASE, sent after close(2) returned): its file's
+        buffered data is stored, and the release of the handle that created it ends its
+        unstored mark.
+
+        With batch_releases and the group commit (Store.commits_later), a small file (at most
+        one dirty block) and not unlinked is not stored here but in a batch with the files
+        released around it: one transaction, one deduplication read and one counters update
+        for up to RELEASE_BATCH files, stored by the release that fills the batch or by a
+        thread of its own RELEASE_WAIT seconds after the batch's first file. Nothing promised
+        changes: until then the file stays in the table of open files with its dirty data, so
+        reads, stat and a new open see it as before; a sync (fsync, fsyncdir, unmount) stores
+        the batch first; a crash before the batch is stored finds the file as a crash before
+        its release did (its create may be committed, still marked unstored: the next mount
+        deletes it — absent, never empty or torn); what a crash can lose grows by at most
+        RELEASE_WAIT beyond the commit interval. A full disk is the group commit's failure in
+        this mode, as for a release stored at once (ENOSPC reaches close(2) only when changes
+        commit by themselves, which stores at close: flush()). The batch's dirty blocks count
+        against the dirty limit as before, and make_room may store them first."""
         with self._lock:
             h = self._handles.pop(fh, None)
-        if h is not None:
+        if h is None:
+            return
+        f = self._files[h.ino]
+        try:
+            if (
+                self.batch_releases
+                and (f.mtime is not None or f.dirty or (h.created and f.unstored))  # work to do
+                and len(f.dirty) <= 1
+                and not f.unlinked
+                and not self._batcher_stop
+                and self.store.commits_later()
+            ):
+                self._drop_user(f, 1)  # it stays in the table while it has dirty data
+                with self._released_cond:
+                    prev = self._released.get(f.ino)
+                    self._released[f.ino] = (f, h.created or (prev is not None and prev[1]))
+                    n = len(self._released)
+                    if n == 1:
+                        self._batch_started = time.monotonic()  # the batch's clock starts
+                        self._start_batcher()
+                        self._released_cond.notify()
+                if n >= RELEASE_BATCH:
+                    self.store_released()
+            else:
+                self._unpin(f, settle=h.created)
+        finally:
+            if h.held:
+                self.store.unhold()
+
+    def _start_batcher(self) -> None:
+        """Start the thread that stores a batch RELEASE_WAIT seconds after its first file
+        (under _released_cond's lock)."""
+        if self._batcher is None and not self._batcher_stop:
+            self._batcher = threading.Thread(target=self._batch_loop, name="llmfs-release", daemon=True)
+            self._batcher.start()
+
+    def _batch_loop(self) -> None:
+        cond = self._released_cond
+        while True:
+            with cond:
+                while not self._released and not self._batcher_stop:
+                    cond.wait()
+                # More files join until RELEASE_WAIT after the first of the batch there is now
+                # (a full batch stored by a release meanwhile starts another's clock).
+                while self._released and not self._batcher_stop:
+                    left = self._batch_started + RELEASE_WAIT - time.monotonic()
+                    if left <= 0:
+                        break
+                    cond.wait(left)
+                if self._batcher_stop:
+                    return  # stop_batches stores what is left
             try:
-                self._unpin(self._files[h.ino], settle=h.created)
-            finally:
-                if h.held:
-                    self.store.unhold()
+                self.store_released()
+            except Exception:  # the files keep their data buffered: a later flush stores them
+                log.exception("storing released files failed")
+
+    def stop_batches(self) -> None:
+        """Store what the batch holds and stop its thread (unmount, before the final flush)."""
+        with self._released_cond:
+            self._batcher_stop = True
+            self._released_cond.notify_all()
+            thread = self._batcher
+        if thread is not None:
+            thread.join()
+        self.store_released()
+
+    def store_released(self) -> None:
+        """Store the batch of released files in one transaction (release()); if that fails,
+        each file alone, so that one file's failure (a full disk, a deleted inode) stays its
+        own: such a file keeps its dirty data for a later flush, which reports it."""
+        with self._released_cond:
+            batch, self._released = self._released, {}
+        if not batch:
+            return
+        files = [batch[ino][0] for ino in sorted(batch)]  # locks in one order: no deadlock
+        settle = frozenset(ino for ino, (_, s) in batch.items() if s)
+        taken = []
+        try:
+            for f in files:
+                f.lock.acquire()
+                taken.append(f)
+            self.buffer.flush_many(files, settle)
+        except (FsError, StoreError):
+            for f in reversed(taken):
+                f.lock.release()
+            taken = []
+            for f in files:
+                try:
+                    with f.lock:
+                        self.buffer.flush(f)
+                        if f.ino in settle:
+                            self._settle(f)
+                except (FsError, StoreError) as e:
+                    log.warning(
+                        "storing %s at its release: %s", self.path_of(f.ino).decode(errors="replace"), e
+                    )
+        finally:
+            for f in reversed(taken):
+                f.lock.release()
+        for f in files:
+            self._drop_user(f, 0)  # forget it (or delete it, unlinked meanwhile)
 
     def flush(self, fh: int) -> None:
         """close(2) of a descriptor (FUSE FLUSH). The file's buffered data is stored by the
@@ -828,7 +979,9 @@ class Filesystem:
         """Make every change so far durable (fsync, fsyncdir), the data of closed files whose
         release has not come yet included: the kernel sends RELEASE after close(2) returns, so
         an fsync right after a close may arrive first, and what was closed before an fsync was
-        durable after it before close left the storing to release (flush)."""
+        durable after it before close left the storing to release (flush). Released files
+        waiting in a batch (release()) are stored first, their unstored marks ended."""
+        self.store_released()
         for f in list(self._closed.values()):
             with f.lock:
                 self.buffer.flush(f)

@@ -49,9 +49,10 @@ big-endian so keys sort numerically. Named sub-databases:
             whose creator has not closed them: the mark is put in the transaction that creates the
             file and removed in the transaction that first stores data into it (a flush leaving it
             non-empty), or by the release of the handle that created it (an empty file, closed:
-            what the user made), by an fsync of it, by an fsyncdir of a directory naming it, and
+            what the user made; with release batches, in the batch's transaction), by an fsync of it, by an fsyncdir of a directory naming it, and
             at a clean unmount. A group commit can land between a file's create and its data
-            (they are separate requests, and the data is stored at release); after a crash the
+            (they are separate requests, and the data is stored at release, or for a small file in
+            the batch stored after it: llmfs/namespace.py's release); after a crash the
             next mount deletes every marked inode that is still empty together with all its
             names (hard links and renames included), so a burst of small files comes back absent
             or whole, never created-but-empty. Created at open when missing (stores made before
@@ -888,6 +889,11 @@ class Txn:
 
     def remove_xattr(self, ino: int, name: bytes) -> bool:
         return self.txn.delete(ino_key(ino) + name, db=self.db["xattrs"])
+
+    def any_xattrs(self) -> bool:
+        """Whether any file has an extended attribute (the namespace's hint: llmfs/namespace.py)."""
+        with self.txn.cursor(db=self.db["xattrs"]) as cur:
+            return cur.first()
 
     def xattr_names(self, ino: int) -> list[bytes]:
         prefix = ino_key(ino)

@@ -8,7 +8,8 @@ bytes (mfusepy hands each request over as a fresh bytes object), turned into a b
 later write changes part of it. The flush hashes, checksums and compresses those buffers in place;
 the one copy of a block the daemon makes after the request's is its container (a raw block's
 header and payload joined), then LMDB's page. Nothing reaches the store until a flush, which happens on
-release (the last close of an open file; close itself only when the disk is nearly full), fsync,
+release (the last close of an open file, or a batch of released small files: flush_many and
+llmfs/namespace.py's release; close itself only when the disk is nearly full), fsync,
 truncate, before a time or xattr change that must not be overwritten, and when all
 files' dirty bytes pass `dirty_limit`. One flush is one LMDB write transaction: the file's new
 blocks (content-addressed: a block already stored only gains a reference), its block map, size and
@@ -219,11 +220,64 @@ class WriteBuffer:
 
     def flush(self, f: OpenFile) -> None:
         """Write f's dirty blocks, its size and mtime in one transaction."""
-        if not f.dirty and f.mtime is None:
-            return
-        bs = self.block_size
-        blocks = {}  # idx -> (hash, plain) ; hash None = hole
+        self.flush_many([f])
+
+    def flush_many(self, files: list[OpenFile], settle: frozenset[int] = frozenset()) -> None:
+        """flush() of several files in one transaction (the namespace's batch of released small
+        files: one read for deduplication, one child transaction, one counters update for all;
+        a block shared by several is encoded once). settle: inodes whose unstored mark ends in
+        that transaction even if they stay empty (the release of their creating handle). All or
+        nothing: on failure every file keeps its dirty data (the caller may retry them one by
+        one). Called with every file's lock held."""
+        work = []  # (f, {idx: (hash, plain)}) ; hash None = hole
         encoded = {}  # hash -> container
+        for f in files:
+            if f.dirty or f.mtime is not None:
+                work.append((f, self._hash_blocks(f, encoded)))
+        marks = [f for f in files if f.ino in settle and f.unstored]
+        if not work and not marks:
+            return
+        with self.store.read(buffers=True) as t:  # headers only
+            known = {
+                h
+                for _, blocks in work
+                for h, _ in blocks.values()  # a quarantined block is stored anew
+                if h is not None and t.refcount(h) and t.container_codec(h) != DAMAGED
+            }
+        for h in known:
+            encoded.pop(h, None)  # stored already: it only gains a reference
+        for _, blocks in work:  # compress outside the write transaction
+            for h, plain in blocks.values():
+                if h is not None and h not in known and h not in encoded:
+                    encoded[h] = self._encode(plain)
+        settled = {}  # ino -> f whose mark ends
+        try:
+            with self.store.write() as t:
+                for f, blocks in work:
+                    self._put(t, f, blocks, encoded)
+                    if f.unstored and f.size > 0:  # the data and the end of the mark commit together
+                        t.remove_unstored(f.ino)
+                        settled[f.ino] = f
+                for f in marks:
+                    if f.ino not in settled:
+                        t.remove_unstored(f.ino)
+                        settled[f.ino] = f
+        except StoreFull as e:
+            raise NoSpace(str(e)) from None  # the dirty data stays buffered: nothing is lost
+        for f, _ in work:
+            n = len(f.dirty)
+            f.dirty.clear()
+            f.encoding.clear()
+            f.mtime = None
+            self._account(f, -n)
+        for f in settled.values():
+            f.unstored = False
+
+    def _hash_blocks(self, f: OpenFile, encoded: dict) -> dict:
+        """{idx: (hash or None for a hole, plaintext)} of f's dirty blocks within its size; the
+        containers of blocks encoded ahead go into `encoded`."""
+        bs = self.block_size
+        blocks = {}
         for idx, buf in f.dirty.items():
             n = min(bs, f.size - idx * bs)
             if n <= 0:
@@ -243,53 +297,33 @@ class WriteBuffer:
                 blocks[idx] = (None, b"")  # all zeros (a whole block: by its hash): a hole
             else:
                 blocks[idx] = (h, plain)
-        with self.store.read(buffers=True) as t:  # headers only
-            known = {
-                h
-                for h, _ in blocks.values()  # a quarantined block is stored anew
-                if h is not None and t.refcount(h) and t.container_codec(h) != DAMAGED
-            }
-        for h in known:
-            encoded.pop(h, None)  # stored already: it only gains a reference
-        for h, plain in blocks.values():  # compress outside the write transaction
-            if h is not None and h not in known and h not in encoded:
-                encoded[h] = self._encode(plain)
-        try:
-            with self.store.write() as t:
-                for idx, (h, plain) in sorted(blocks.items()):
-                    blob = encoded.get(h)
-                    if h is not None and blob is None and not t.refcount(h):
-                        blob = encoded[h] = self._encode(plain)  # deleted since we looked
-                    codec_id = codec_of(blob) if blob else RAW  # (encoded here: current format)
-                    t.set_block(
-                        f.ino,
-                        idx,
-                        h,
-                        blob,
-                        codec_id,
-                        len(plain),
-                        pending=blob is not None and codec_id != RAW,
-                    )
-                t.truncate_blocks(f.ino, -(-f.size // bs))
-                inode = t.inode(f.ino)
-                if inode is None:
-                    raise NotFound(f.ino)
-                changes = {"size": f.size}
-                if f.mtime is not None:
-                    changes.update(mtime=f.mtime, ctime=max(f.mtime, inode.ctime))
-                t.put_inode(f.ino, inode.evolve(**changes), inode)
-                settled = f.unstored and f.size > 0
-                if settled:  # the data and the end of the mark commit together
-                    t.remove_unstored(f.ino)
-        except StoreFull as e:
-            raise NoSpace(str(e)) from None  # the dirty data stays buffered: nothing is lost
-        n = len(f.dirty)
-        f.dirty.clear()
-        f.encoding.clear()
-        f.mtime = None
-        if settled:
-            f.unstored = False
-        self._account(f, -n)
+        return blocks
+
+    def _put(self, t, f: OpenFile, blocks: dict, encoded: dict) -> None:
+        """f's blocks, block map, size and times into write transaction t."""
+        bs = self.block_size
+        for idx, (h, plain) in sorted(blocks.items()):
+            blob = encoded.get(h)
+            if h is not None and blob is None and not t.refcount(h):
+                blob = encoded[h] = self._encode(plain)  # deleted since we looked
+            codec_id = codec_of(blob) if blob else RAW  # (encoded here: current format)
+            t.set_block(
+                f.ino,
+                idx,
+                h,
+                blob,
+                codec_id,
+                len(plain),
+                pending=blob is not None and codec_id != RAW,
+            )
+        t.truncate_blocks(f.ino, -(-f.size // bs))
+        inode = t.inode(f.ino)
+        if inode is None:
+            raise NotFound(f.ino)
+        changes = {"size": f.size}
+        if f.mtime is not None:
+            changes.update(mtime=f.mtime, ctime=max(f.mtime, inode.ctime))
+        t.put_inode(f.ino, inode.evolve(**changes), inode)
 
     def _block(self, f: OpenFile, idx: int) -> bytearray:
         """The dirty buffer of block idx, loaded from the store on first touch."""

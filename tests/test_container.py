@@ -196,3 +196,35 @@ def test_every_damaged_byte_of_a_compact_container_is_an_error():
             except ContainerError:
                 continue
             assert got == TEXT, (i, flip)
+
+
+def test_zstd_contexts_are_reused_across_threads_and_sizeless_frames_decode():
+    """The registry keeps its zstd contexts in a pool, not per thread: FUSE's worker threads get
+    a fresh Python thread state per request, so thread-local contexts were made on every READ."""
+    import threading
+
+    import zstandard
+    from llmfs.codec.registry import ChecksumMismatch
+
+    r = Registry()
+    data = b"small file contents\n" * 60
+    blob = r.encode(data, (ZSTD,))
+    assert peek_header(blob).codec_id == ZSTD
+
+    def one() -> None:
+        assert r.decode(blob) == data
+        assert r.encode(data, (ZSTD,)) == blob
+
+    for _ in range(5):  # one thread after another: one context of each kind serves them all
+        t = threading.Thread(target=one)
+        t.start()
+        t.join()
+    assert len(r._dctxs) == 1 and len(r._cctxs) == 1
+    h = peek_header(blob)
+    # a frame that does not state its size is read in steps, and bounded by the container's length
+    sizeless = zstandard.ZstdCompressor(write_content_size=False).compress(data)
+    assert r._unzstd(memoryview(sizeless), len(data)) == data
+    with pytest.raises(ChecksumMismatch):
+        r._unzstd(memoryview(sizeless), len(data) - 1)
+    with pytest.raises(ChecksumMismatch):  # a frame that claims more than the container
+        r._unzstd(memoryview(blob)[h.payload_offset :], h.length - 1)
