@@ -2,7 +2,10 @@
 the same kernel options as an llmfs mount): the floor that `llmfs bench fs` measures llmfs's
 small-file rates against in the same run. No store, no blocks: a dict of paths.
 
-It answers the same requests llmfs answers, trivially: flush and fsync (which llmfs needs to
+It mounts with llmfs's kernel options and readahead window (the INIT reply's max_readahead and,
+as root, the mount's read_ahead_kb: llmfs/mount.py, READAHEAD), so that sequential reads through
+it are the binding's floor for llmfs's reads too. It answers the same requests llmfs answers,
+trivially: flush and fsync (which llmfs needs to
 report a full disk at close), getxattr (the kernel asks for security.capability before every
 write to a filesystem with xattrs). An operation left out would make the kernel stop sending that
 request after its first ENOSYS, and the floor would then measure fewer round trips, not a faster
@@ -27,7 +30,9 @@ import mfusepy  # noqa: E402
 class MemFS(mfusepy.Operations):
     use_ns = True
 
-    def __init__(self) -> None:
+    def __init__(self, mountpoint: str | None = None) -> None:
+        """mountpoint: its real path, resolved before mounting (for raising its readahead)."""
+        self.mountpoint = mountpoint
         now = time.time_ns()
         self.attrs = {
             "/": dict(
@@ -59,6 +64,18 @@ class MemFS(mfusepy.Operations):
                 st_ctime=now,
             )
             self.next_ino += 1
+
+    def init_with_config(self, conn, config):
+        from .mount import READAHEAD, raise_readahead
+        from .mounts import read_mountinfo
+
+        if conn is not None:
+            conn.max_readahead = READAHEAD
+        if self.mountpoint is not None:  # the mount is listed by now (no stat of it: INIT is
+            # not answered yet, so a request to this mount would wait for ever)
+            devs = [e.dev for e in read_mountinfo() if e.target == self.mountpoint and e.source == "memfs"]
+            if devs:
+                raise_readahead(devs[-1], READAHEAD)
 
     def getattr(self, path, fh=None):
         try:
@@ -138,7 +155,14 @@ class MemFS(mfusepy.Operations):
 def main() -> None:
     from .mount import BASE_OPTIONS
 
-    mfusepy.FUSE(MemFS(), sys.argv[1], foreground=True, nothreads=False, fsname="memfs", **BASE_OPTIONS)
+    mfusepy.FUSE(
+        MemFS(os.path.realpath(sys.argv[1])),
+        sys.argv[1],
+        foreground=True,
+        nothreads=False,
+        fsname="memfs",
+        **BASE_OPTIONS,
+    )
 
 
 if __name__ == "__main__":

@@ -71,9 +71,14 @@ FUSE_THREADS = 64
 # by default: a 256 MiB file was 2,048 READ requests, each paying the way through the kernel, libfuse,
 # ctypes and Python. The kernel takes the smaller of what the daemon asks for in its reply to INIT
 # (Operations' max_readahead) and the read_ahead_kb of the mount's device (the FUSE bdi in sysfs),
-# which only root may raise: the daemon raises it when it can (READ requests are then up to 1 MiB,
-# libfuse's max_write-sized buffer) and otherwise keeps the kernel's default.
-READAHEAD = 1 << 20
+# which only root may raise: the daemon raises it when it can and otherwise keeps the kernel's
+# default. A READ request is at most 1 MiB (max_pages, libfuse's max_write-sized buffer) whatever
+# the window; a window of several MiB keeps several of them in flight at once, so that reads of
+# zstd blocks, whose decoding releases the GIL, run on more than one libfuse worker (and core)
+# while the reader copies the last reply: with a 1 MiB window the kernel asked for the next MiB
+# only when the reader reached the current one. The window is the kernel's page cache, not the
+# daemon's memory; a reader that is not sequential never grows it that far.
+READAHEAD = 4 << 20
 BASE_OPTIONS = {
     "use_ino": True,
     "default_permissions": True,

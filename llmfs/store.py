@@ -617,6 +617,8 @@ class Txn:
         (format 3), anything else as it is. A keyed container is taken only under its own key."""
         if "modelnums" not in self.db or not len(blob) or blob[0] in ct.COMPACT_TAGS:
             return blob
+        if len(blob) > 5 and blob[4] == CONTAINER_FORMAT and blob[:4] == CONTAINER_MAGIC and blob[5] != LM:
+            return blob  # its fixed prefix says zstd or raw: every block of a write, unparsed
         head = header_of(blob)
         if head is None or head.codec_id != LM or not head.fingerprint:
             return blob

@@ -153,6 +153,23 @@ def test_a_block_named_twice_is_stored_once_and_lives_until_its_last_name_goes(s
         assert t.refcount(h) == 0 and t.container(h) is None and t.counters.stored == 0
 
 
+def test_zstd_and_raw_containers_are_kept_byte_for_byte(store):
+    """The write path's containers (zstd, raw) go into the blocks table as handed in: the
+    fixed prefix says they are not LM, so only an LM container is rewritten compact."""
+    with store.write() as t:
+        ino = new_file(t, 2 * BS)
+        blobs = {}
+        for idx, data in enumerate((b"text that compresses " * 200, os.urandom(BS))):
+            h, blob, cid = block(data)
+            t.set_block(ino, idx, h, blob, cid, len(data))
+            blobs[h] = (blob, cid)
+    with store.read() as t:
+        assert {t.container_codec(h) for h in blobs} == {ZSTD, RAW}
+        for h, (blob, _) in blobs.items():
+            assert bytes(t.txn.get(h, db=t.db["blocks"])) == blob
+    check_invariants(store)
+
+
 def test_pointing_a_block_at_new_content_releases_the_old(store):
     with store.write() as t:
         ino = new_file(t, BS)
