@@ -412,7 +412,7 @@ class Txn:
         self._counters: Counters | None = None
         self.new_bytes = 0  # container bytes this transaction stored (the group's memory bound)
         # model number -> fingerprint and ("d", dictionary number) -> dictionary id, looked up
-        self._numbers: dict[int | tuple[str, int], bytes | None] = {}
+        self._numbers: dict[tuple[str, int], bytes | None] = {}
 
     # -- meta ----------------------------------------------------------------------------------
     def meta(self, key: str) -> bytes | None:
@@ -635,91 +635,84 @@ class Txn:
 
     def model_number_fingerprint(self, number: int) -> bytes | None:
         """The fingerprint the store-local model `number` stands for (None: not in modelnums)."""
-        if number not in self._numbers:
-            raw = None
-            if "modelnums" in self.db and number < (1 << 32):
-                raw = self.txn.get(_U32.pack(number), db=self.db["modelnums"])
-            ok = raw is not None and len(raw) == FINGERPRINT_SIZE
-            self._numbers[number] = bytes(raw) if ok else None
-        return self._numbers[number]
+        return self._numbered("modelnums", number, FINGERPRINT_SIZE)
 
     def model_numbers(self) -> dict[int, bytes]:
         """store-local model number -> fingerprint (format 3; {} before)"""
-        if "modelnums" not in self.db:
-            return {}
-        with self.txn.cursor(db=self.db["modelnums"]) as cur:
-            return {_U32.unpack(k)[0]: bytes(v) for k, v in cur}
+        return self._numbering("modelnums")
+
+    def model_number(self, fingerprint: bytes) -> int:
+        """The store-local number of the model `fingerprint`, handed out (the next free number)
+        if it has none yet."""
+        return self._number_of("modelnums", fingerprint)
+
+    def dictionary_number_id(self, number: int) -> bytes | None:
+        """The dictionary id the store-local dictionary `number` stands for (None: not in
+        dictnums)."""
+        return self._numbered("dictnums", number, ct.DICTIONARY_ID_SIZE)
+
+    def dictionary_numbers(self) -> dict[int, bytes]:
+        """store-local dictionary number -> dictionary id (format 4; {} before)"""
+        return self._numbering("dictnums")
+
+    def dictionary_number(self, did: bytes) -> int:
+        """The store-local number of dictionary `did`, handed out (the next free number) if it
+        has none yet."""
+        return self._number_of("dictnums", did)
 
     def lost_model_number(self, h: bytes) -> int | None:
         """The model number of compact block h if modelnums lacks it although the store handed
         it out (numbers are given densely from 0 and never deleted: one below the highest given
         was lost from the table, so the table is damaged, not the block); else None."""
-        raw = self.txn.get(h, db=self.db["blocks"])
-        if raw is None or not len(raw) or raw[0] not in ct.COMPACT_TAGS:
+        fields = self._raw_compact_fields(h, ct.COMPACT_TAGS)
+        if fields is None or self.model_number_fingerprint(fields[0]) is not None:
             return None
-        try:
-            number, _dnum, _length, _pos = ct.compact_fields(raw)
-        except ContainerError:
-            return None
-        if self.model_number_fingerprint(number) is not None:
-            return None
-        return number if number < max(self.model_numbers(), default=-1) else None
+        return fields[0] if fields[0] < max(self.model_numbers(), default=-1) else None
 
     def lost_dictionary_number(self, h: bytes) -> int | None:
         """The dictionary number of compact block h if dictnums lacks it although the store
         handed it out (below the highest given, as lost_model_number); else None."""
+        fields = self._raw_compact_fields(h, (ct.COMPACT_DICT_TAG,))
+        if fields is None or fields[1] is None or self.dictionary_number_id(fields[1]) is not None:
+            return None
+        return fields[1] if fields[1] < max(self.dictionary_numbers(), default=-1) else None
+
+    def _raw_compact_fields(self, h: bytes, tags) -> tuple | None:
+        """compact_fields of block h as stored, if it is a compact block with one of `tags` whose
+        fields parse; else None."""
         raw = self.txn.get(h, db=self.db["blocks"])
-        if raw is None or not len(raw) or raw[0] != ct.COMPACT_DICT_TAG:
+        if raw is None or not len(raw) or raw[0] not in tags:
             return None
         try:
-            _number, dnum, _length, _pos = ct.compact_fields(raw)
+            return ct.compact_fields(raw)
         except ContainerError:
             return None
-        if dnum is None or self.dictionary_number_id(dnum) is not None:
-            return None
-        return dnum if dnum < max(self.dictionary_numbers(), default=-1) else None
 
-    def dictionary_number_id(self, number: int) -> bytes | None:
-        """The dictionary id the store-local dictionary `number` stands for (None: not in
-        dictnums)."""
-        key = ("d", number)
+    # The store-local numbering tables (modelnums, dictnums: u32 number -> a fixed-size value;
+    # numbers given densely from 0, never deleted), cached per transaction in self._numbers.
+    def _numbered(self, table: str, number: int, size: int) -> bytes | None:
+        key = (table, number)
         if key not in self._numbers:
             raw = None
-            if "dictnums" in self.db and number < (1 << 32):
-                raw = self.txn.get(_U32.pack(number), db=self.db["dictnums"])
-            ok = raw is not None and len(raw) == ct.DICTIONARY_ID_SIZE
-            self._numbers[key] = bytes(raw) if ok else None
+            if table in self.db and number < (1 << 32):
+                raw = self.txn.get(_U32.pack(number), db=self.db[table])
+            self._numbers[key] = bytes(raw) if raw is not None and len(raw) == size else None
         return self._numbers[key]
 
-    def dictionary_numbers(self) -> dict[int, bytes]:
-        """store-local dictionary number -> dictionary id (format 4; {} before)"""
-        if "dictnums" not in self.db:
+    def _numbering(self, table: str) -> dict[int, bytes]:
+        if table not in self.db:
             return {}
-        with self.txn.cursor(db=self.db["dictnums"]) as cur:
+        with self.txn.cursor(db=self.db[table]) as cur:
             return {_U32.unpack(k)[0]: bytes(v) for k, v in cur}
 
-    def dictionary_number(self, did: bytes) -> int:
-        """The store-local number of dictionary `did`, handed out (the next free number) if it
-        has none yet."""
-        numbers = self.dictionary_numbers()
-        for n, d in numbers.items():
-            if d == did:
+    def _number_of(self, table: str, value: bytes) -> int:
+        numbers = self._numbering(table)
+        for n, v in numbers.items():
+            if v == value:
                 return n
         n = max(numbers, default=-1) + 1
-        self.txn.put(_U32.pack(n), bytes(did), db=self.db["dictnums"])
-        self._numbers[("d", n)] = bytes(did)
-        return n
-
-    def model_number(self, fingerprint: bytes) -> int:
-        """The store-local number of the model `fingerprint`, handed out (the next free number)
-        if it has none yet."""
-        numbers = self.model_numbers()
-        for n, fp in numbers.items():
-            if fp == fingerprint:
-                return n
-        n = max(numbers, default=-1) + 1
-        self.txn.put(_U32.pack(n), bytes(fingerprint), db=self.db["modelnums"])
-        self._numbers[n] = bytes(fingerprint)
+        self.txn.put(_U32.pack(n), bytes(value), db=self.db[table])
+        self._numbers[(table, n)] = bytes(value)
         return n
 
     def container_codec(self, h: bytes) -> int | None:
