@@ -25,6 +25,7 @@ takes no lock), LM blocks copied out and decoded through the decode cache (_read
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from llmfs.codec import ContainerError
+from llmfs.codec.container import ModelMismatch
 from llmfs.codec.registry import CODEC_NAMES, LM, RAW, ZSTD, Registry, peek_header, verify
 
 from .errors import (  # noqa: F401  (re-exported: the FUSE edge maps them by class)
@@ -147,6 +149,14 @@ class Filesystem:
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._reported: set[tuple[int, bytes]] = set()  # damaged blocks already logged
+        # Blocks whose container failed its decode: hash -> (digest of the container's bytes,
+        # the error's message). Decoding is deterministic, so the same bytes fail the same way: a reader
+        # that retries (the kernel's readahead, then its single-page read, a backup tool) gets
+        # EIO at once instead of another full decode — minutes for an LM block on a CPU. Keyed
+        # by the bytes too: a container that changes (quarantine, a rewrite) is decoded anew.
+        # Not remembered: ModelMismatch (a model or dictionary that could not be had is not
+        # damage). Forgotten all at once past DAMAGE_REPORTS_KEPT.
+        self._failed: dict[bytes, tuple[bytes, str]] = {}
         # Files whose close left their data to the release (flush), until they leave _files:
         # an fsync stores them first, so what was closed before it is durable after it.
         self._closed: dict[int, OpenFile] = {}
@@ -1027,6 +1037,10 @@ class Filesystem:
         def decode(hashes: list[bytes]) -> list[bytes]:
             if any(by_hash[h] is None for h in hashes):
                 raise ContainerError("block map names a block that is not in the store")
+            for h in hashes:
+                failed = self._failed.get(h)
+                if failed is not None and failed[0] == _digest(by_hash[h]):
+                    raise ContainerError(failed[1])
             return self._decode_blobs([by_hash[h] for h in hashes])
 
         order = sorted(blocks)
@@ -1041,7 +1055,13 @@ class Filesystem:
                 for i in order:
                     out.update(self._decode(ino, {i: blocks[i]}))
                 return out
-            self._report_damage(ino, order[0], blocks[order[0]][0], e)
+            h, blob = blocks[order[0]]
+            if blob is not None and not isinstance(e, ModelMismatch):
+                with self._lock:
+                    if len(self._failed) >= DAMAGE_REPORTS_KEPT:
+                        self._failed.clear()
+                    self._failed[h] = (_digest(blob), str(e))
+            self._report_damage(ino, order[0], h, e)
             raise CorruptData(str(e)) from None
         return dict(zip(order, plain))
 
@@ -1290,6 +1310,11 @@ class Filesystem:
         """Delete inodes that were unlinked while open when the last session ended. Returns how many."""
         with self.store.write() as t:
             return _delete_orphans(t)
+
+
+def _digest(blob) -> bytes:
+    """A digest of a container's bytes (Filesystem._failed: the same bytes fail the same way)."""
+    return hashlib.blake2b(blob, digest_size=16).digest()
 
 
 def _delete_orphans(t) -> int:

@@ -359,3 +359,31 @@ def test_a_lost_model_number_is_reported_never_quarantined(fs):
     assert fs.read_ino(ino, len(DATA), 0) == DATA
     fsck.run_checks(fs.store, repair=True, registry=fs.registry)  # the counters left them out
     assert _problems(fs) == []
+
+
+def test_a_damaged_block_is_not_decoded_again_until_its_bytes_change(fs, monkeypatch):
+    """Readers retry (readahead, then the kernel's single-page read, backup tools): the same
+    container bytes fail the same way, so the second read of a damaged block is EIO without a
+    second decode (an LM block's decode takes minutes on a CPU); once its bytes are what they
+    were, it decodes again."""
+    ino = victim(fs)
+    with fs.store.read() as t:
+        h = t.block_hashes(ino, 1, 1)[1]
+        good = t.container(h)
+    damage(fs.store, ino, 1, -20)
+    decoded = []
+    real = fs._decode_blobs
+    monkeypatch.setattr(fs, "_decode_blobs", lambda blobs: decoded.append(len(blobs)) or real(blobs))
+    fh = fs.open(ino, os.O_RDONLY)
+    with pytest.raises(ns.CorruptData):
+        fs.read(fh, 100, BS + 10)
+    assert decoded == [1]
+    for _ in range(3):
+        with pytest.raises(ns.CorruptData):
+            fs.read(fh, 100, BS + 10)
+    assert decoded == [1]  # EIO at once
+    assert fs.read(fh, BS, 2 * BS) == DATA[2 * BS :]  # its neighbours decode as before
+    with fs.store.write() as t:
+        t.txn.put(h, good, db=t.db["blocks"])  # the container's bytes change back
+    assert fs.read(fh, 100, BS + 10) == DATA[BS + 10 : BS + 110]
+    fs.release(fh)
