@@ -86,7 +86,7 @@ class Background:
             threading.Thread(target=tick, name="llmfs-compact-progress", daemon=True).start()
         try:
             if req.get("recode"):  # llmfs compact --recode: see compactor.py
-                res = self.compactor.compact(self.compactor.recode_candidates(inos), progress, recode=True)
+                res = self.compactor.recode(inos, progress)
                 if inos is None:
                     self.models.retire_unused()
             else:

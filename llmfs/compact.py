@@ -1,6 +1,7 @@
 """`llmfs compact MOUNTPOINT|STORE [--now] [--path P] [--recode]`: compact cold blocks with the
 language model now, with a progress bar, and print what it saved. `--recode` instead re-encodes LM
-blocks coded by older engine versions or other models with the current model and retires the model
+blocks coded by older engine versions or other models with the current model, rewrites the LM blocks
+an older store format kept longer in this one's short form (no model needed), and retires the model
 files no block needs any more (compactor.py). On a mounted store the daemon does the work
 (asked through its control socket); on an unmounted one this process does, holding the store's lock.
 """
@@ -65,7 +66,7 @@ def compact_offline(
         inos = inodes_under(store, path) if path is not None else None
         if not recode:
             return compactor.compact(compactor.candidates(0 if now else None, inos), progress)
-        res = compactor.compact(compactor.recode_candidates(inos), progress, recode=True)
+        res = compactor.recode(inos, progress)
         if path is None:
             models.retire_unused()
         return res
@@ -156,7 +157,7 @@ def run(args) -> int:
     secs = time.monotonic() - t0
     if not res.blocks:
         print(
-            "nothing to recode: every LM block uses the current model"
+            "nothing to recode: every LM block uses the current model, kept in its shortest form"
             if args.recode
             else "nothing to compact" + ("" if args.now else " (use --now for recent writes)")
         )

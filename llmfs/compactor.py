@@ -191,6 +191,51 @@ class Compactor:
                     out.append(h)
         return out
 
+    def recode(self, inos=None, progress: Callable[[int, int], None] | None = None) -> Result:
+        """`llmfs compact --recode`: LM blocks not coded as the current codec codes are encoded
+        again (recode_candidates, compact), then every LM block kept in a longer form than the
+        store keeps one now is rewritten short (shorten)."""
+        res = self.compact(self.recode_candidates(inos), progress, recode=True)
+        if not self._stop.is_set():
+            res.add(self.shorten(inos))
+        return res
+
+    def shorten(self, inos=None, batch: int = 256) -> Result:
+        """Rewrite, without the model, the LM blocks (of inodes `inos` if given) that an older
+        store format keeps longer than this one would (Txn.kept_longer: a full container from
+        before format 3, a dictionary's 8-byte id from before format 4): the same container to
+        every reader, fewer bytes at rest. In write transactions of `batch` blocks; a block
+        rewritten or deleted meanwhile is left alone (restore_shorter looks again)."""
+        res = Result()
+        t0 = time.perf_counter()
+        with self.store.read(buffers=True) as t:
+            wanted = None
+            if inos is not None:
+                wanted = set()
+                for ino in inos:
+                    wanted.update(t.block_hashes(ino, 0, (1 << 64) - 1).values())
+            todo = [
+                h
+                for h, raw in t.blocks_at_rest()
+                if (wanted is None or h in wanted) and t.kept_longer(h, raw)
+            ]
+        with self._turn:
+            for i in range(0, len(todo), batch):
+                with self.shutdown_lock:  # the daemon closes the store only under this lock
+                    if self._stop.is_set():
+                        break
+                    with self.store.write() as t:
+                        for h in todo[i : i + batch]:
+                            before = t.stored_size(h)
+                            saved = t.restore_shorter(h)
+                            if saved:
+                                res.blocks += 1
+                                res.lm_blocks += 1
+                                res.before += before
+                                res.after += before - saved
+        res.seconds = time.perf_counter() - t0
+        return res
+
     # -- compacting ------------------------------------------------------------------------------
     def compact(
         self, hashes: list[bytes], progress: Callable[[int, int], None] | None = None, recode: bool = False

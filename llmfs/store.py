@@ -98,14 +98,16 @@ FORMAT VERSIONS (which llmfs reads which store)
      refuses it as above: it would take a compact block for a damaged one, and its fsck --repair
      would quarantine it). Reads formats 1 to 3; a format 1 or 2 store opened with the lock is
      upgraded in place in one transaction (the missing tables created, "format" set to 3); its
-     blocks stay as they are (full containers keep decoding; `llmfs compact --recode`, or any
-     re-encoding, stores them compact). Opened without the lock it is read as it is, and
+     blocks stay as they are (full containers keep decoding; any re-encoding stores them
+     compact, and `llmfs compact --recode` rewrites them compact without the model:
+     Txn.kept_longer, restore_shorter). Opened without the lock it is read as it is, and
      nothing is written compact into a store without modelnums.
   4  this release: adds dictnums and compact LM blocks with a dictionary number (a release that
      reads only formats 1-3 refuses it as above: it would take such a block for a damaged one).
      Reads formats 1 to 4; a format 1-3 store opened with the lock is upgraded in place as
      above (the missing tables created, "format" set to 4); its blocks stay as they are (a block
-     stored with its dictionary id keeps it until it is re-encoded or recoded).
+     stored with its dictionary id keeps it until it is re-encoded, or `llmfs compact --recode`
+     rewrites it with the number, 7 bytes shorter, without the model).
 
 INVARIANTS (fsck.py checks each one by name)
   * refs[h] == number of blockmap entries naming h, and refs[h] >= 1 for every h in refs;
@@ -810,6 +812,51 @@ class Txn:
         self.txn.put(h, blob, db=self.db["blocks"])
         self.new_bytes += len(blob)
 
+    def kept_longer(self, h: bytes, raw=None) -> bool:
+        """Whether LM block h is kept in a longer form than this store keeps one now: a full
+        container from before format 3, or a compact one that still carries its dictionary's
+        8-byte id from before format 4 (`restore_shorter` rewrites it). Reads the header and
+        the payload's first bytes only; `raw`: the block as stored, when the caller has it."""
+        if raw is None:
+            raw = self.txn.get(h, db=self.db["blocks"])
+        if raw is None or not len(raw) or "modelnums" not in self.db:
+            return False
+        if raw[0] == ct.COMPACT_TAG:
+            if "dictnums" not in self.db:
+                return False
+            try:
+                pos = ct.compact_fields(raw)[3]
+            except ContainerError:
+                return False
+            return dictionary_offset(memoryview(raw)[pos:]) is not None
+        if raw[0] in ct.COMPACT_TAGS:
+            return False
+        head = header_of(raw)
+        return head is not None and head.codec_id == LM and bool(head.fingerprint)
+
+    def restore_shorter(self, h: bytes) -> int:
+        """Keep block h in the shortest form this store keeps it in (kept_longer): the same
+        container to every reader, fewer bytes at rest; the counters follow. Returns the bytes
+        saved (0: already as short, or a block that cannot be expanded — damaged — left alone)."""
+        raw = self.txn.get(h, db=self.db["blocks"])
+        if raw is None or not self.kept_longer(h, raw):
+            return 0
+        full = bytes(self._expand(h, raw))
+        if len(full) and full[0] in ct.COMPACT_TAGS:
+            return 0  # fields that do not expand: fsck's to report
+        try:
+            short = self._at_rest(h, full)
+        except ValueError:  # a keyed container under another key: fsck's to report
+            return 0
+        if len(short) >= len(raw):
+            return 0
+        self._count(h, raw, -1)
+        self._count(h, short, 1)
+        saved = len(raw) - len(short)
+        self.txn.put(h, short, db=self.db["blocks"])
+        self.new_bytes += len(short)
+        return saved
+
     def _count(self, h: bytes, blob, sign: int) -> None:
         """Add (sign 1) or remove (-1) a container, as kept at rest, in the counters. A damaged
         header does not say how the block was counted: it is left out, and the counters stay off
@@ -932,6 +979,13 @@ class Txn:
         with self.txn.cursor(db=self.db["blocks"]) as cur:
             for key, val in cur:
                 yield bytes(key), bytes(self._expand(key, val))
+
+    def blocks_at_rest(self):
+        """(hash, the block as the blocks table keeps it: compact ones not expanded) of every
+        block; no copies in a read(buffers=True) transaction."""
+        with self.txn.cursor(db=self.db["blocks"]) as cur:
+            for key, val in cur:
+                yield bytes(key), val
 
     def block_headers(self):
         """(hash, header or None if damaged, bytes at rest) of every block, no payload copied."""

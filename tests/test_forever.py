@@ -385,6 +385,45 @@ def test_format_3_store_upgrades_and_numbers_its_dictionary(env):
     assert read_all(path) == TEXTS
 
 
+@pytest.mark.parametrize("made_by", ["format_2", "format_3"])
+def test_recode_keeps_blocks_of_an_upgraded_store_short(env, made_by):
+    """`llmfs compact --recode` on a store an older release made, whose LM blocks are already
+    coded by the current model (nothing to re-encode): every block the older format kept longer —
+    format 2's full containers, format 3's compact blocks that carry the dictionary's 8-byte id —
+    is rewritten in this format's short form without the model (27 bytes less each for format 2:
+    20 of header and the id's 7; 7 for format 3);
+    the counters follow (fsck clean), every reader gets the same container, and a second recode
+    finds nothing left."""
+    from llmfs.compact import recode_offline
+
+    model = write_model_dir(env / "model")
+    path, _fp = lm_store(env, str(model), dictionary="default", **{made_by: True})
+    s = Store(path)  # upgraded in place, its blocks as they were
+    with s.read() as t:
+        before = {h: (blob, t.stored_size(h)) for h, blob in t.blocks()}
+        stored = t.counters.stored
+    s.close()
+    res = recode_offline(path, None, lambda done, total: None)
+    saved = 27 if made_by == "format_2" else 7
+    assert res.blocks == len(before) == len(TEXTS) and res.changed == 0
+    assert res.saved == saved * len(before)
+    s = Store(path)
+    with s.read() as t:
+        for h, (blob, size) in before.items():
+            assert t.stored_size(h) == size - saved
+            assert t.txn.get(h, db=t.db["blocks"])[0] == container.COMPACT_DICT_TAG
+            again = t.container(h)
+            assert (
+                peek_header(again).key == h
+                and again[peek_header(again).payload_offset :] == (blob[peek_header(blob).payload_offset :])
+            )
+        assert t.counters.stored == stored - res.saved
+    assert fsck.run_checks(s)[0] == []
+    s.close()
+    assert read_all(path) == TEXTS
+    assert recode_offline(path, None, lambda done, total: None).blocks == 0
+
+
 def test_newer_store_format_is_refused(env):
     Store.create(str(env / "s"), BS)
     s = Store(str(env / "s"))
