@@ -50,7 +50,7 @@ def main() -> None:
     )
     ap.add_argument("--segment", type=int, default=0, help="tokens per segment, BOS included (0: default)")
     ap.add_argument("--replot", action="store_true", help="OUT is saved rows: only draw --plot")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # OUT, options, then FILEs, as the usage above writes it
     if args.replot:
         with open(args.out) as f:
             _plot(json.load(f), args.plot)

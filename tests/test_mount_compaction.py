@@ -161,6 +161,7 @@ def test_bench_compaction_checks_its_own_result(tmp_path):
         assert res.returncode == 0, res.stdout + res.stderr
         assert "after unmount and mount: 0 of" in res.stdout
         assert "fsck --quick: exit 0" in res.stdout
+        assert "each block alone, xz -9e" in res.stdout  # the baseline of independent blocks
         assert not mounts_below()
     finally:
         for m in mounts_below():
