@@ -73,6 +73,16 @@ ROOM_POLL = 5.0
 READY_KEPT = 256
 
 
+def _blocks_of(t, inos) -> set[bytes] | None:
+    """The hashes of every block of inodes `inos` (None: no restriction, all blocks)."""
+    if inos is None:
+        return None
+    wanted = set()
+    for ino in inos:
+        wanted.update(t.block_hashes(ino, 0, (1 << 64) - 1).values())
+    return wanted
+
+
 def lower_priority() -> None:
     """Run the calling thread at the lowest CPU priority (Linux applies it to that thread alone;
     with one torch thread the model's work runs on it)."""
@@ -141,10 +151,8 @@ class Compactor:
         cutoff = now_ns() - int(age * 1e9)
         with self.store.read() as t:
             pending = sorted((ts, h) for h, ts in t.pending() if ts <= cutoff)
-            if inos is not None:
-                wanted = set()
-                for ino in inos:
-                    wanted.update(t.block_hashes(ino, 0, (1 << 64) - 1).values())
+            wanted = _blocks_of(t, inos)
+            if wanted is not None:
                 pending = [(ts, h) for ts, h in pending if h in wanted]
         return [h for _, h in pending]
 
@@ -175,11 +183,7 @@ class Compactor:
         current = self._lm_codec()
         keep = getattr(current, "fingerprints", {current.fingerprint})
         with self.store.read(buffers=True) as t:
-            wanted = None
-            if inos is not None:
-                wanted = set()
-                for ino in inos:
-                    wanted.update(t.block_hashes(ino, 0, (1 << 64) - 1).values())
+            wanted = _blocks_of(t, inos)
             out = []
             for h, head, _size in t.block_headers():  # head None: damaged (fsck reports it)
                 if (
@@ -209,11 +213,7 @@ class Compactor:
         res = Result()
         t0 = time.perf_counter()
         with self.store.read(buffers=True) as t:
-            wanted = None
-            if inos is not None:
-                wanted = set()
-                for ino in inos:
-                    wanted.update(t.block_hashes(ino, 0, (1 << 64) - 1).values())
+            wanted = _blocks_of(t, inos)
             todo = [
                 h
                 for h, raw in t.blocks_at_rest()
