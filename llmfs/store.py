@@ -108,6 +108,11 @@ FORMAT VERSIONS (which llmfs reads which store)
      above (the missing tables created, "format" set to 4); its blocks stay as they are (a block
      stored with its dictionary id keeps it until it is re-encoded, or `llmfs compact --recode`
      rewrites it with the number, 7 bytes shorter, without the model).
+  5  this release: dictionaries ("dict:" entries) may be of DICT_FORMAT 2, with a mixer-only
+     extension (codec/lm/dictionary.py; a release that reads only formats 1-4 refuses it as
+     above: it would take such a dictionary, and every block that continues it, for damaged
+     ones). No new table. Reads formats 1 to 5; a format 1-4 store opened with the lock is
+     upgraded in place as above ("format" set to 5, the missing tables created).
 
 INVARIANTS (fsck.py checks each one by name)
   * refs[h] == number of blockmap entries naming h, and refs[h] >= 1 for every h in refs;
@@ -207,8 +212,8 @@ from llmfs.codec.registry import DAMAGED, LM, peek_header
 
 log = logging.getLogger("llmfs")
 
-FORMAT_VERSION = 4
-READS_FORMATS = (1, 2, 3, 4)
+FORMAT_VERSION = 5
+READS_FORMATS = (1, 2, 3, 4, 5)
 MAGIC = b"llmfs-store"
 ROOT_INO = 1
 HASH_SIZE = 32
@@ -1167,10 +1172,10 @@ class Store:
                     self.env.sync(True)
 
     def _open_format(self, version: int, upgrade: bool) -> None:
-        """Open the format's tables; upgrade a format 1-3 store to 4 in one transaction when this
+        """Open the format's tables; upgrade a format 1-4 store to 5 in one transaction when this
         process holds the lock (see FORMAT VERSIONS above), else read it as it is."""
         self.format = version
-        have = {1: DB_NAMES_V1, 2: DB_NAMES_V2, 3: DB_NAMES_V3}.get(version, DB_NAMES)
+        have = {1: DB_NAMES_V1, 2: DB_NAMES_V2, 3: DB_NAMES_V3}.get(version, DB_NAMES)  # 4, 5: all
         for n in have[len(DB_NAMES_V1) :]:
             self.db[n] = self.env.open_db(n.encode(), create=False)
         if version == FORMAT_VERSION or not upgrade:

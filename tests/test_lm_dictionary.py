@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from llmfs.codec.container import ContainerError, ModelMismatch
+from llmfs.codec.container import ChecksumMismatch, ContainerError, ModelMismatch
 from llmfs.codec.lm import backend, coder, dictionary, kernels
 from llmfs.codec.lm.codec import LMCodec, payload_dictionary
 from llmfs.codec.lm.engine import Engine
@@ -125,6 +125,34 @@ def test_version4_independent_of_batch_chunks_and_threads(monkeypatch):
         reader.decode_many([(payload, len(data))])
     reader.add_dictionary(dictionary.parse(d.blob))
     assert reader.decode_many([(payload, len(data))]) == [data]
+
+
+def test_a_dictionary_extension_primes_the_mixer_with_the_store_text():
+    """DICT_FORMAT 2: `choose` adds the samples' last tokens as an extension that only the mixer
+    learns (before the dictionary's tokens): text that repeats a sample beyond what the
+    dictionary's own tokens hold then codes smaller than with the same dictionary without it.
+    The extension is part of the dictionary's bytes and id (a dictionary without one serializes
+    as format 1, as before); payloads round-trip at any batch, and their bytes are pinned."""
+    samples = [LOG[i * 150 : i * 150 + 300] for i in range(6)]
+    d = dictionary.choose(samples, ByteTokenizer(), 256, limit=32)
+    assert len(d.tokens) == 32 and d.extension == tuple(b"".join(samples)[-dictionary.EXTENSION_TOKENS :])
+    assert d.primer == d.extension + d.tokens
+    assert d.blob[0] == dictionary.DICT_FORMAT_EXTENDED and dictionary.parse(d.blob) == d
+    bare = dictionary.Dictionary(d.tokens)
+    assert bare.blob[0] == dictionary.DICT_FORMAT and bare.id != d.id
+    with pytest.raises(ChecksumMismatch):  # a reader refuses an extension longer than it accepts
+        dictionary.parse(dictionary.Dictionary((1,), (2,) * (dictionary.MAX_EXTENSION + 1)).blob)
+    data = samples[2] + samples[4]  # the store's text again, beyond the dictionary's 32 tokens
+    extended = _codec(dictionary=d).encode_payload(data)
+    assert len(extended) < 0.6 * len(_codec(dictionary=bare).encode_payload(data))
+    for batch in (1, 4, 64):
+        reader = _codec(batch=batch)
+        reader.add_dictionary(dictionary.parse(d.blob))
+        assert reader.decode_many([(extended, len(data)), (extended, len(data))]) == [data, data]
+    assert hashlib.sha256(extended).hexdigest() == PINNED_EXTENDED, hashlib.sha256(extended).hexdigest()
+
+
+PINNED_EXTENDED = "3582158cc9ca832e0435b9c99d82c1caab5d146ce62aafc3cb1e2d2754c78667"
 
 
 def test_store_dictionary_makes_repeats_cheaper_from_the_first_token():
@@ -268,7 +296,7 @@ def test_store_holds_tunes_recodes_and_checks_its_dictionary(env):
         t.put_dictionary(cur, held[cur])
     s.close()
     assert _problems(path) == []
-    assert "already current" in tune(path)
+    assert "already current" in tune(path, force=True)  # the same files choose the same one
     assert "built in" in tune(path, default=True)
 
 
@@ -310,7 +338,9 @@ KINDS = {  # three kinds of text (their bytes share few pairs), five 300-byte sa
 
 def _kind_classes(c: LMCodec) -> tuple[dictionary.Classes, list[str]]:
     """Classes of the first four samples of each kind (mixed in one list, as a store's files
-    come), each class's dictionary chosen from all its samples; and the kind of each class."""
+    come), each class's dictionary chosen from all its samples — without an extension (format 1
+    dictionaries: the bytes PINNED_CLASSES pins are what releases before extensions wrote); and
+    the kind of each class."""
     order = [(k, s) for i in range(4) for k, v in KINDS.items() for s in v[i : i + 1]]
     samples = [s for _, s in order]
     tokens = [c.tokenizer.encode(s) for s in samples]
@@ -324,7 +354,8 @@ def _kind_classes(c: LMCodec) -> tuple[dictionary.Classes, list[str]]:
         dictionary.Classes(
             tuple(dictionary.profile([tokens[i] for i in g]) for g in groups),
             tuple(
-                dictionary.choose([samples[i] for i in g], c.tokenizer, c.engine.max_seq_len) for g in groups
+                dictionary.choose([samples[i] for i in g], c.tokenizer, c.engine.max_seq_len, extension=0)
+                for g in groups
             ),
         ),
         kinds,

@@ -238,6 +238,11 @@ class LMCodec:
             raise ValueError("dictionary tokens out of range for this model")
         if len(d.tokens) + 2 > self.engine.max_seq_len:
             raise ValueError("dictionary longer than this model's window")
+        if (
+            len(d.extension) > dictionaries.MAX_EXTENSION
+            or max(d.extension, default=0) >= self.engine.vocab_size
+        ):
+            raise ValueError("dictionary extension out of range for this model")
         self.dictionaries.setdefault(d.id, d)
 
     def use_dictionary(self, d: Dictionary | None) -> None:
@@ -367,7 +372,7 @@ class LMCodec:
 
     def _new_mixer(self, version: int, n_segments: int, d: Dictionary | None) -> GroupMixer:
         """The mixer of one group of a mixed payload version (3 and 4 share the first one)."""
-        primer = d.tokens if d is not None else ()
+        primer = d.primer if d is not None else ()
         if version != 5:
             return GroupMixer(n_segments, primer)
         if self._breaks is None:

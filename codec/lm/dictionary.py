@@ -24,7 +24,19 @@ payload records; the store keeps every dictionary a block names (store meta "dic
 its blocks decode whatever the built-in default becomes in later releases. The built-in default's
 text must never change without a new name: tests pin its id for the default model's tokenizer.
 
-Serialized form (`blob`): u8 DICT_FORMAT (1), varint count, count × varint token id.
+A dictionary may also carry an *extension* (DICT_FORMAT 2): more tokens of the store's text that
+only the mixer is primed with, before the dictionary's own tokens — the engine never sees them, so
+they cost no attention and no KV memory, only the mixer's learning of them once per group
+(~0.1 CPU-s for 8,192 tokens, against seconds of engine work per group). The match model then
+finds a block's passages in the store's other files (licences that share paragraphs, the same
+package in a log and a status list, a configuration's recurring stanzas) from the first token on;
+a block whose text is not there loses almost nothing (docs/benchmarks.md, session 9). `choose`
+takes the extension from the samples' starts (the last EXTENSION_TOKENS tokens of them, in
+order).
+
+Serialized form (`blob`): u8 DICT_FORMAT, varint count, count × varint token id; with an
+extension (format 2), then varint count, count × varint token id of the extension. A dictionary
+without one is serialized as format 1, byte for byte as before (so its id is unchanged).
 
 The heavier alternative, adapting the weights to the store's data (LoRA-style), is weighed in
 docs/design.md: it would change the engine's integer tables per store (a model file per store and
@@ -41,6 +53,7 @@ from dataclasses import dataclass
 from ..container import ChecksumMismatch, ContainerError, read_varint, varint
 
 DICT_FORMAT = 1
+DICT_FORMAT_EXTENDED = 2  # with a mixer-only extension
 ID_SIZE = 8
 # Dictionary tokens for the built-in default and for tune. Each costs every segment one attended
 # key per layer and position (KV memory and decoding attention grow by len/segment length), and
@@ -48,6 +61,10 @@ ID_SIZE = 8
 DEFAULT_TOKENS = 192
 TUNED_TOKENS = 256
 MAX_TOKENS = 1024  # a reader refuses more
+# The extension: what `choose` takes, and what a reader accepts. Its cost is the mixer's priming,
+# once per group, linear in its length.
+EXTENSION_TOKENS = 8192
+MAX_EXTENSION = 16384
 SAMPLE_BYTES = 4096  # what `choose` reads of each sampled file
 _TAG = b"llmfs-lm-dictionary-1\0"
 
@@ -80,10 +97,20 @@ DEFAULT_TEXT = (
 @dataclass(frozen=True)
 class Dictionary:
     tokens: tuple[int, ...]
+    extension: tuple[int, ...] = ()  # mixer-only tokens, learned before `tokens`
 
     @property
     def blob(self) -> bytes:
-        return bytes([DICT_FORMAT]) + varint(len(self.tokens)) + b"".join(varint(t) for t in self.tokens)
+        out = varint(len(self.tokens)) + b"".join(varint(t) for t in self.tokens)
+        if not self.extension:
+            return bytes([DICT_FORMAT]) + out
+        ext = varint(len(self.extension)) + b"".join(varint(t) for t in self.extension)
+        return bytes([DICT_FORMAT_EXTENDED]) + out + ext
+
+    @property
+    def primer(self) -> tuple[int, ...]:
+        """What a group's mixer learns first: the extension, then the tokens."""
+        return self.extension + self.tokens
 
     @property
     def id(self) -> bytes:
@@ -93,18 +120,26 @@ class Dictionary:
 def parse(blob: bytes) -> Dictionary:
     """A serialized dictionary; ChecksumMismatch if it is not one."""
     buf = bytes(blob)
-    if not buf or buf[0] != DICT_FORMAT:
+    if not buf or buf[0] not in (DICT_FORMAT, DICT_FORMAT_EXTENDED):
         raise ChecksumMismatch("LM dictionary: unknown format")
-    n, pos = read_varint(buf, 1, "LM dictionary")
-    if not 1 <= n <= MAX_TOKENS:
+    toks, pos = _read_tokens(buf, 1, 1, MAX_TOKENS)
+    ext: tuple[int, ...] = ()
+    if buf[0] == DICT_FORMAT_EXTENDED:
+        ext, pos = _read_tokens(buf, pos, 1, MAX_EXTENSION)
+    if pos != len(buf):
+        raise ChecksumMismatch("LM dictionary: trailing bytes")
+    return Dictionary(toks, ext)
+
+
+def _read_tokens(buf: bytes, pos: int, least: int, most: int) -> tuple[tuple[int, ...], int]:
+    n, pos = read_varint(buf, pos, "LM dictionary")
+    if not least <= n <= most:
         raise ChecksumMismatch(f"LM dictionary: {n} tokens")
     toks = []
     for _ in range(n):
         t, pos = read_varint(buf, pos, "LM dictionary")
         toks.append(t)
-    if pos != len(buf):
-        raise ChecksumMismatch("LM dictionary: trailing bytes")
-    return Dictionary(tuple(toks))
+    return tuple(toks), pos
 
 
 def fit(tokens: list[int], max_seq_len: int, limit: int) -> int:
@@ -119,11 +154,18 @@ def default(tokenizer, max_seq_len: int) -> Dictionary:
     return Dictionary(tuple(toks[: fit(toks, max_seq_len, DEFAULT_TOKENS)]))
 
 
-def choose(samples: list[bytes], tokenizer, max_seq_len: int, limit: int = TUNED_TOKENS) -> Dictionary | None:
+def choose(
+    samples: list[bytes],
+    tokenizer,
+    max_seq_len: int,
+    limit: int = TUNED_TOKENS,
+    extension: int = EXTENSION_TOKENS,
+) -> Dictionary | None:
     """A dictionary from a store's data (`samples`: the start of some of its files): the lines
     found in the most samples (at least two), most widespread first, then the start of the
-    sample that shares the most of those lines, until the token budget is spent. None when the
-    samples are empty."""
+    sample that shares the most of those lines, until the token budget is spent; and, for the
+    mixer alone, the last `extension` tokens of the samples one after another (0: none). None
+    when the samples are empty."""
     samples = [s for s in samples if s]
     if not samples:
         return None
@@ -143,7 +185,14 @@ def choose(samples: list[bytes], tokenizer, max_seq_len: int, limit: int = TUNED
     best = max(samples, key=lambda s: (sum(ln in shared for ln in s.splitlines(keepends=True)), -len(s)))
     toks = tokenizer.encode(b"".join(chosen) + b"\n" + best) if chosen else tokenizer.encode(best)
     toks = toks[:budget]
-    return Dictionary(tuple(toks)) if toks else None
+    if not toks:
+        return None
+    ext: list[int] = []
+    for s in reversed(samples):  # the last samples' tokens, as far as the budget goes
+        if len(ext) >= extension:
+            break
+        ext[:0] = tokenizer.encode(s)
+    return Dictionary(tuple(toks), tuple(ext[max(0, len(ext) - extension) :]))
 
 
 # -- several dictionaries per store: classes of samples, and the encoder's pick per block ----------
