@@ -20,7 +20,8 @@ and the held-out check per class, and stores the classes (dictionary.Classes: ea
 and its dictionary, or none where it did not pay); the encoder then picks per block. The classes
 are stored only if the saving measured on the held-out files, projected onto the store's bytes,
 exceeds what their profiles and dictionaries take in the store (`classes_pay`: a small store can
-lose more to them than they save). Samples that form one class (or none) get the single
+lose more to them than they save). A single dictionary is weighed the same way against its own
+bytes (with its mixer extension, several KB). Samples that form one class (or none) get the single
 dictionary as before.
 
 This is the adaptation step of the design: the model adapted to the user's data without touching
@@ -174,6 +175,18 @@ def tune(
                     f"dictionary {d.id.hex()} ({len(d.tokens)} tokens) codes {len(held)} held-out "
                     f"files to {new} bytes, the store's "
                     f"{'current dictionary' if current else 'codec without one'} to {old}: kept "
+                    f"{'the current dictionary' if current else 'no dictionary'} (--force makes it current)"
+                )
+            with store.read() as t:  # a dictionary costs its bytes once; the saving grows with the data
+                store_bytes = t.counters.logical
+                known = d.id in t.dictionaries()
+            pays, projected = classes_pay(
+                old - new, sum(map(len, held)), store_bytes, 0 if known else len(d.blob)
+            )
+            if not pays:
+                return (
+                    f"dictionary {d.id.hex()} ({len(d.tokens)} tokens) would save about {projected} "
+                    f"bytes on this store's {store_bytes} but takes {len(d.blob)} bytes to store: kept "
                     f"{'the current dictionary' if current else 'no dictionary'} (--force makes it current)"
                 )
         with store.write() as t:

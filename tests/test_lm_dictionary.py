@@ -232,6 +232,35 @@ def env(tmp_path, monkeypatch):
     return tmp_path
 
 
+def test_tune_weighs_a_dictionary_against_its_stored_bytes(env):
+    """A dictionary that codes the held-out files smaller is still not worth it in a store too
+    small to repay its own bytes (its extension makes it several KB): `tune` keeps what the store
+    has and says why; --force stores it."""
+    from llmfs.codec import Registry
+
+    from llmfs import namespace as ns
+    from llmfs.store import ROOT_INO, Store
+    from llmfs.tune import tune
+
+    model = write_model_dir(env / "model")
+    Store.create(str(env / "s"), 4096, str(model))
+    s = Store(str(env / "s"))
+    fs = ns.Filesystem(s, Registry())
+    for i in range(8):  # 4,800 bytes of log lines: the dictionary saves, but less than it takes
+        fh = fs.create(ROOT_INO, f"log{i}".encode(), 0o644, os.O_RDWR, 0, 0)
+        fs.write(fh, (LOG * 3)[i * 97 : i * 97 + 600], 0)
+        fs.release(fh)
+    fs.flush_all()
+    s.close()
+    said = tune(str(env / "s"))
+    assert "would save about" in said and "kept no dictionary" in said, said
+    s = Store(str(env / "s"), lock=False, readonly=True)
+    with s.read() as t:
+        assert t.current_dictionary() is None and t.dictionaries() == {}
+    s.close()
+    assert "now current" in tune(str(env / "s"), force=True)
+
+
 def test_store_holds_tunes_recodes_and_checks_its_dictionary(env):
     """Blocks of an untuned store name no dictionary; `tune` stores one chosen from the files and
     makes it current, every LM block becomes a recode candidate and `compact --recode` recodes
