@@ -27,7 +27,8 @@ text must never change without a new name: tests pin its id for the default mode
 A dictionary may also carry an *extension* (DICT_FORMAT 2): more tokens of the store's text that
 only the mixer is primed with, before the dictionary's own tokens — the engine never sees them, so
 they cost no attention and no KV memory, only the mixer's learning of them once per group
-(~0.1 CPU-s for 8,192 tokens, against seconds of engine work per group). The match model then
+(~0.1 CPU-s for 8,192 tokens, against seconds of engine work per group) and its tables (~16 MB
+for a group in flight instead of ~3). The match model then
 finds a block's passages in the store's other files (licences that share paragraphs, the same
 package in a log and a status list, a configuration's recurring stanzas) from the first token on;
 a block whose text is not there loses almost nothing (docs/benchmarks.md, session 9). `choose`
